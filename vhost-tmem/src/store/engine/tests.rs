@@ -1,0 +1,385 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+use super::*;
+
+const EPH: PoolSpec = PoolSpec {
+    persistent: false,
+    shared: None,
+};
+const PERS: PoolSpec = PoolSpec {
+    persistent: true,
+    shared: None,
+};
+
+/// A page that lz4 compresses to roughly a third, distinct per (seed).
+fn page(seed: u64) -> Vec<u8> {
+    let mut p = Vec::with_capacity(PAGE_SIZE);
+    let mut i = 0u64;
+    while p.len() < PAGE_SIZE {
+        p.extend_from_slice(format!("{seed:016x} row {i:05} lorem ipsum dolor\n").as_bytes());
+        i += 1;
+    }
+    p.truncate(PAGE_SIZE);
+    p
+}
+
+fn random_page(mut x: u64) -> Vec<u8> {
+    (0..PAGE_SIZE)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn engine(limit: u64) -> Engine {
+    Engine::new(EngineConfig {
+        memory_limit: limit,
+        ..EngineConfig::default()
+    })
+}
+
+const OID: Oid = [1, 2, 3];
+
+#[test]
+fn persistent_put_get_flush() {
+    let e = engine(1 << 30);
+    let c = e.add_client(ClientConfig::named("a"));
+    let mut w = e.new_worker().unwrap();
+    let p = e.create_pool(&c, PERS).unwrap();
+    let mut out = vec![0u8; PAGE_SIZE];
+    for i in 0..100 {
+        e.put(&mut w, &c, p, &OID, i, &page(i)).unwrap();
+    }
+    // Non-exclusive gets keep the page: it must come back every time until flushed.
+    for _ in 0..2 {
+        for i in 0..100 {
+            let hit = e.get(&mut w, &c, p, &OID, i, &mut out, false).unwrap();
+            assert!(!hit.dropped);
+            assert_eq!(out, page(i));
+        }
+    }
+    e.flush_page(&c, p, &OID, 5).unwrap();
+    assert!(matches!(e.get(&mut w, &c, p, &OID, 5, &mut out, false), Err(Error::Miss)));
+    assert!(matches!(e.flush_page(&c, p, &OID, 5), Err(Error::Miss)));
+    // Exclusive get on a persistent pool drops the copy.
+    assert!(e.get(&mut w, &c, p, &OID, 6, &mut out, true).unwrap().dropped);
+    assert!(matches!(e.get(&mut w, &c, p, &OID, 6, &mut out, false), Err(Error::Miss)));
+    assert_eq!(e.flush_object(&c, p, &OID).unwrap(), 98);
+    assert_eq!(e.memory_used(), 0);
+    let s = e.stats();
+    assert_eq!(s.clients[0].counters.puts, 100);
+    assert_eq!(s.clients[0].counters.get_hits, 201);
+    assert_eq!(s.clients[0].counters.stored_pages, 0);
+}
+
+#[test]
+fn replacing_put_and_same_filled_pages() {
+    let e = engine(1 << 30);
+    let c = e.add_client(ClientConfig::named("a"));
+    let mut w = e.new_worker().unwrap();
+    let p = e.create_pool(&c, PERS).unwrap();
+    let mut out = vec![0u8; PAGE_SIZE];
+    e.put(&mut w, &c, p, &OID, 0, &page(1)).unwrap();
+    e.put(&mut w, &c, p, &OID, 0, &page(2)).unwrap();
+    e.get(&mut w, &c, p, &OID, 0, &mut out, false).unwrap();
+    assert_eq!(out, page(2));
+    let mut same = vec![0u8; PAGE_SIZE];
+    codec::fill_same(&mut same, 0xabab_abab_1234_5678);
+    e.put(&mut w, &c, p, &OID, 1, &same).unwrap();
+    e.put(&mut w, &c, p, &OID, 2, &[0u8; PAGE_SIZE]).unwrap();
+    e.get(&mut w, &c, p, &OID, 1, &mut out, false).unwrap();
+    assert_eq!(out, same);
+    e.get(&mut w, &c, p, &OID, 2, &mut out, false).unwrap();
+    assert_eq!(out, vec![0u8; PAGE_SIZE]);
+    let s = e.stats();
+    let k = &s.clients[0].counters;
+    assert_eq!((k.stored_pages, k.same_filled_pages), (3, 2));
+    // Same-filled pages cost metadata only.
+    assert_eq!(
+        e.memory_used(),
+        3 * ENTRY_META + payload_cost(&Payload::Stored(Encoding::Lz4, vec![0; k.compressed_bytes as usize].into()))
+    );
+}
+
+#[test]
+fn private_ephemeral_get_is_exclusive() {
+    let e = engine(1 << 30);
+    let c = e.add_client(ClientConfig::named("a"));
+    let mut w = e.new_worker().unwrap();
+    let p = e.create_pool(&c, EPH).unwrap();
+    let mut out = vec![0u8; PAGE_SIZE];
+    e.put(&mut w, &c, p, &OID, 7, &page(7)).unwrap();
+    let hit = e.get(&mut w, &c, p, &OID, 7, &mut out, false).unwrap();
+    assert!(hit.dropped);
+    assert_eq!(out, page(7));
+    assert!(matches!(e.get(&mut w, &c, p, &OID, 7, &mut out, false), Err(Error::Miss)));
+    assert_eq!(e.memory_used(), 0);
+}
+
+#[test]
+fn failed_put_drops_older_copy() {
+    let e = engine(1 << 30);
+    let c = e.add_client(ClientConfig::named("a"));
+    let mut w = e.new_worker().unwrap();
+    let p = e.create_pool(&c, EPH).unwrap();
+    let mut out = vec![0u8; PAGE_SIZE];
+    e.put(&mut w, &c, p, &OID, 1, &page(1)).unwrap();
+    // Incompressible ephemeral page: refused, and the old copy must be gone.
+    let r = e.put(&mut w, &c, p, &OID, 1, &random_page(9));
+    assert!(matches!(r, Err(Error::Refused(_))), "{r:?}");
+    assert!(matches!(e.get(&mut w, &c, p, &OID, 1, &mut out, false), Err(Error::Miss)));
+
+    // Same through a quota: a persistent put over an existing key that no longer fits.
+    let q = e.create_pool(&c, PERS).unwrap();
+    e.put(&mut w, &c, q, &OID, 1, &page(1)).unwrap();
+    e.set_quota(&c, e.memory_used());
+    let r = e.put(&mut w, &c, q, &OID, 1, &random_page(3));
+    assert!(matches!(r, Err(Error::NoSpace)), "{r:?}");
+    assert!(matches!(e.get(&mut w, &c, q, &OID, 1, &mut out, false), Err(Error::Miss)));
+    assert_eq!(e.memory_used(), 0);
+
+    // And through a frozen client.
+    e.set_quota(&c, 0);
+    e.put(&mut w, &c, q, &OID, 2, &page(2)).unwrap();
+    e.set_frozen(&c, true);
+    assert!(matches!(e.put(&mut w, &c, q, &OID, 2, &page(3)), Err(Error::Refused(_))));
+    assert!(matches!(e.get(&mut w, &c, q, &OID, 2, &mut out, false), Err(Error::Miss)));
+}
+
+#[test]
+fn persistent_stored_raw_when_incompressible() {
+    let e = engine(1 << 30);
+    let c = e.add_client(ClientConfig::named("a"));
+    let mut w = e.new_worker().unwrap();
+    let p = e.create_pool(&c, PERS).unwrap();
+    let mut out = vec![0u8; PAGE_SIZE];
+    e.put(&mut w, &c, p, &OID, 1, &random_page(5)).unwrap();
+    e.get(&mut w, &c, p, &OID, 1, &mut out, false).unwrap();
+    assert_eq!(out, random_page(5));
+    assert_eq!(e.stats().clients[0].counters.raw_pages, 1);
+}
+
+#[test]
+fn ephemeral_eviction_under_limit_persistent_never_evicted() {
+    // Room for roughly 40 compressed pages.
+    let one = {
+        let e = engine(1 << 30);
+        let c = e.add_client(ClientConfig::named("x"));
+        let mut w = e.new_worker().unwrap();
+        let p = e.create_pool(&c, EPH).unwrap();
+        e.put(&mut w, &c, p, &OID, 0, &page(0)).unwrap();
+        e.memory_used()
+    };
+    let e = engine(one * 40);
+    let c = e.add_client(ClientConfig::named("a"));
+    let mut w = e.new_worker().unwrap();
+    let eph = e.create_pool(&c, EPH).unwrap();
+    let pers = e.create_pool(&c, PERS).unwrap();
+    for i in 0..20 {
+        e.put(&mut w, &c, pers, &OID, i, &page(1000 + i)).unwrap();
+    }
+    for i in 0..200 {
+        e.put(&mut w, &c, eph, &OID, i, &page(i)).unwrap();
+        assert!(e.memory_used() <= one * 40);
+    }
+    let s = e.stats();
+    assert!(s.clients[0].counters.evictions >= 150, "{:?}", s.clients[0].counters);
+    // Every persistent page is still there, byte for byte.
+    let mut out = vec![0u8; PAGE_SIZE];
+    for i in 0..20 {
+        e.get(&mut w, &c, pers, &OID, i, &mut out, false).unwrap();
+        assert_eq!(out, page(1000 + i));
+    }
+    // The newest ephemeral pages survived (LRU), the oldest were evicted.
+    assert!(e.get(&mut w, &c, eph, &OID, 199, &mut out, false).is_ok());
+    assert_eq!(out, page(199));
+    assert!(matches!(e.get(&mut w, &c, eph, &OID, 0, &mut out, false), Err(Error::Miss)));
+    // Fill the rest with persistent pages: they are refused once nothing is left to evict.
+    let mut refused = 0;
+    for i in 0..200 {
+        match e.put(&mut w, &c, pers, &OID, 100 + i, &page(5000 + i)) {
+            Ok(()) => {}
+            Err(Error::NoSpace) => refused += 1,
+            Err(x) => panic!("{x}"),
+        }
+    }
+    assert!(refused > 100);
+    assert!(e.memory_used() <= one * 40);
+    for i in 0..20 {
+        e.get(&mut w, &c, pers, &OID, i, &mut out, false).unwrap();
+        assert_eq!(out, page(1000 + i));
+    }
+}
+
+#[test]
+fn weighted_eviction_prefers_client_over_its_share() {
+    let e = engine(200 * 1024);
+    let heavy = e.add_client(ClientConfig::named("heavy"));
+    let light = e.add_client(ClientConfig {
+        weight: 300,
+        ..ClientConfig::named("light")
+    });
+    let mut w = e.new_worker().unwrap();
+    let ph = e.create_pool(&heavy, EPH).unwrap();
+    let pl = e.create_pool(&light, EPH).unwrap();
+    // Both want far more than the limit: the weights decide who keeps what.
+    for i in 0..1000 {
+        e.put(&mut w, &light, pl, &OID, i, &page(i)).unwrap();
+        e.put(&mut w, &heavy, ph, &OID, i, &page(i + 7)).unwrap();
+    }
+    let s = e.stats();
+    let (h, l) = (&s.clients[0].counters, &s.clients[1].counters);
+    // light (weight 300) keeps about three times heavy's (weight 100) memory.
+    let ratio = l.memory_used as f64 / h.memory_used as f64;
+    assert!((2.5..3.5).contains(&ratio), "{ratio}: heavy {h:?} light {l:?}");
+    assert!(h.evictions > l.evictions);
+
+    // A client below its share loses nothing while another is over it.
+    let e = engine(200 * 1024);
+    let big = e.add_client(ClientConfig::named("big"));
+    let small = e.add_client(ClientConfig::named("small"));
+    let pb = e.create_pool(&big, EPH).unwrap();
+    let ps = e.create_pool(&small, EPH).unwrap();
+    for i in 0..40 {
+        e.put(&mut w, &small, ps, &OID, i, &page(i)).unwrap();
+    }
+    for i in 0..1000 {
+        e.put(&mut w, &big, pb, &OID, i, &page(i)).unwrap();
+    }
+    let s = e.stats();
+    assert_eq!(s.clients[1].counters.evictions, 0);
+    assert_eq!(s.clients[1].counters.stored_pages, 40);
+    assert!(s.clients[0].counters.evictions > 500);
+}
+
+#[test]
+fn quota_evicts_own_pages_only() {
+    let e = engine(1 << 30);
+    let a = e.add_client(ClientConfig::named("a"));
+    let b = e.add_client(ClientConfig {
+        quota: 30 * 1024,
+        ..ClientConfig::named("b")
+    });
+    let mut w = e.new_worker().unwrap();
+    let pa = e.create_pool(&a, EPH).unwrap();
+    let pb = e.create_pool(&b, EPH).unwrap();
+    for i in 0..50 {
+        e.put(&mut w, &a, pa, &OID, i, &page(i)).unwrap();
+    }
+    for i in 0..200 {
+        e.put(&mut w, &b, pb, &OID, i, &page(i)).unwrap();
+    }
+    let s = e.stats();
+    assert_eq!(s.clients[0].counters.stored_pages, 50);
+    assert_eq!(s.clients[0].counters.evictions, 0);
+    assert!(s.clients[1].counters.memory_used <= 30 * 1024);
+}
+
+#[test]
+fn shared_pools_need_authorization() {
+    let e = engine(1 << 30);
+    let uuid = [9u8; 16];
+    let a = e.add_client(ClientConfig {
+        shared: vec![uuid],
+        ..ClientConfig::named("a")
+    });
+    let b = e.add_client(ClientConfig {
+        shared: vec![uuid],
+        ..ClientConfig::named("b")
+    });
+    let m = e.add_client(ClientConfig::named("mallory"));
+    let spec = PoolSpec {
+        persistent: false,
+        shared: Some(uuid),
+    };
+    let mut w = e.new_worker().unwrap();
+    let pa = e.create_pool(&a, spec).unwrap();
+    let pb = e.create_pool(&b, spec).unwrap();
+    assert!(matches!(e.create_pool(&m, spec), Err(Error::Denied(_))));
+    assert!(matches!(
+        e.create_pool(&a, PoolSpec { persistent: true, shared: Some(uuid) }),
+        Err(Error::InvalidPool(_))
+    ));
+    e.put(&mut w, &a, pa, &OID, 1, &page(1)).unwrap();
+    let mut out = vec![0u8; PAGE_SIZE];
+    // Shared ephemeral gets are not exclusive by default: both members can read it.
+    assert!(!e.get(&mut w, &b, pb, &OID, 1, &mut out, false).unwrap().dropped);
+    assert_eq!(out, page(1));
+    e.get(&mut w, &a, pa, &OID, 1, &mut out, false).unwrap();
+    // Mallory cannot reach it through her own pool ids.
+    let pm = e.create_pool(&m, EPH).unwrap();
+    assert!(matches!(e.get(&mut w, &m, pm, &OID, 1, &mut out, false), Err(Error::Miss)));
+    // Revoking authorization stops new joins.
+    e.set_shared_auth(&b, uuid, false);
+    assert!(matches!(e.create_pool(&b, spec), Err(Error::Denied(_))));
+    // The pool lives while a member remains; the last one leaving frees it.
+    e.reset_client(&a);
+    e.get(&mut w, &b, pb, &OID, 1, &mut out, false).unwrap();
+    assert_eq!(e.stats().shared_pools.len(), 1);
+    e.destroy_pool(&b, pb).unwrap();
+    assert_eq!(e.stats().shared_pools.len(), 0);
+    assert_eq!(e.memory_used(), 0);
+}
+
+#[test]
+fn pool_ids_limits_and_reset() {
+    let e = Engine::new(EngineConfig {
+        max_pools: 2,
+        ..EngineConfig::default()
+    });
+    let a = e.add_client(ClientConfig::named("a"));
+    let b = e.add_client(ClientConfig::named("b"));
+    let mut w = e.new_worker().unwrap();
+    let p0 = e.create_pool(&a, PERS).unwrap();
+    let p1 = e.create_pool(&a, EPH).unwrap();
+    assert!(matches!(e.create_pool(&a, EPH), Err(Error::TooManyPools(2))));
+    let mut out = vec![0u8; PAGE_SIZE];
+    e.put(&mut w, &a, p0, &OID, 0, &page(0)).unwrap();
+    // Another client's pool ids are its own namespace.
+    assert!(matches!(e.get(&mut w, &b, p0, &OID, 0, &mut out, false), Err(Error::BadPool(_))));
+    assert!(matches!(e.put(&mut w, &a, 99, &OID, 0, &page(0)), Err(Error::BadPool(99))));
+    e.destroy_pool(&a, p1).unwrap();
+    assert!(matches!(e.destroy_pool(&a, p1), Err(Error::BadPool(_))));
+    assert_eq!(e.create_pool(&a, EPH).unwrap(), p1);
+    e.reset_client(&a);
+    assert_eq!(e.memory_used(), 0);
+    assert!(matches!(e.get(&mut w, &a, p0, &OID, 0, &mut out, false), Err(Error::BadPool(_))));
+}
+
+#[test]
+fn concurrent_clients_and_lru_compaction() {
+    let e = Arc::new(engine(1 << 30));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let e = e.clone();
+            std::thread::spawn(move || {
+                let c = e.add_client(ClientConfig::named(&format!("c{t}")));
+                let mut w = e.new_worker().unwrap();
+                let p = e.create_pool(&c, PERS).unwrap();
+                let q = e.create_pool(&c, EPH).unwrap();
+                let mut out = vec![0u8; PAGE_SIZE];
+                for round in 0..3u64 {
+                    for i in 0..500u64 {
+                        let v = i * 31 + round + t * 1_000_000;
+                        e.put(&mut w, &c, p, &OID, i, &page(v)).unwrap();
+                        e.put(&mut w, &c, q, &OID, i, &page(v)).unwrap();
+                    }
+                    for i in 0..500u64 {
+                        let v = i * 31 + round + t * 1_000_000;
+                        e.get(&mut w, &c, p, &OID, i, &mut out, false).unwrap();
+                        assert_eq!(out, page(v));
+                        e.get(&mut w, &c, q, &OID, i, &mut out, false).unwrap();
+                        assert_eq!(out, page(v));
+                    }
+                }
+                e.reset_client(&c);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(e.memory_used(), 0);
+}

@@ -1,0 +1,181 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The tmem store: clients, pools, objects and pages, independent of any transport.
+//!
+//! The vhost-user glue talks to the store only through the [`Tmem`] trait, so the store can be
+//! tested and benchmarked in-process and replaced without touching the device code.
+
+pub mod codec;
+mod engine;
+pub mod stats;
+
+use shared_proto::{Oid, Status};
+
+pub use engine::{Client, ClientConfig, Engine, EngineConfig, IncompressiblePolicy};
+
+/// A pool id as the guest sees it (per client).
+pub type PoolId = u32;
+
+/// A shared pool's 128-bit name.
+pub type Uuid = [u8; 16];
+
+/// Formats a UUID in the usual 8-4-4-4-12 form.
+pub fn format_uuid(u: &Uuid) -> String {
+    let mut s = String::with_capacity(36);
+    for (i, b) in u.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// Parses a UUID written as 32 hex digits, with or without the dashes.
+pub fn parse_uuid(s: &str) -> Option<Uuid> {
+    let hex: Vec<u8> = s.bytes().filter(|b| *b != b'-').collect();
+    if hex.len() != 32 || s.len() - hex.len() > 4 {
+        return None;
+    }
+    let mut u = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let txt = std::str::from_utf8(pair).ok()?;
+        u[i] = u8::from_str_radix(txt, 16).ok()?;
+    }
+    Some(u)
+}
+
+/// Errors of store operations; each maps to a wire status.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The pool id names no pool of this client.
+    #[error("no pool with id {0}")]
+    BadPool(PoolId),
+    /// GET/FLUSH of a page the store does not hold.
+    #[error("page not found")]
+    Miss,
+    /// No room within the global limit or the client's quota.
+    #[error("no room left within the memory limit or the client's quota")]
+    NoSpace,
+    /// Refused by policy (frozen client, incompressible ephemeral page).
+    #[error("put refused: {0}")]
+    Refused(&'static str),
+    /// Shared pool the client is not authorized for.
+    #[error("client is not authorized for shared pool {}", format_uuid(.0))]
+    Denied(Uuid),
+    /// The client has its maximum number of pools.
+    #[error("client has the maximum number of pools ({0})")]
+    TooManyPools(usize),
+    /// Pool flags this store does not accept.
+    #[error("invalid pool: {0}")]
+    InvalidPool(&'static str),
+    /// A stored page failed to decompress.
+    #[error(transparent)]
+    Codec(#[from] codec::Error),
+}
+
+impl Error {
+    /// The wire status for this error.
+    pub fn status(&self) -> Status {
+        match self {
+            Error::BadPool(_) => Status::BadPool,
+            Error::Miss => Status::Miss,
+            Error::NoSpace => Status::NoSpace,
+            Error::Refused(_) => Status::Refused,
+            Error::Denied(_) => Status::Denied,
+            Error::TooManyPools(_) => Status::TooManyPools,
+            Error::InvalidPool(_) => Status::Invalid,
+            Error::Codec(_) => Status::IoError,
+        }
+    }
+}
+
+/// Result of store operations.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What a pool is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolSpec {
+    /// Persistent (kept until flushed) or ephemeral (may be dropped at any time).
+    pub persistent: bool,
+    /// Shared pools are named by a UUID; `None` for a private pool.
+    pub shared: Option<Uuid>,
+}
+
+/// Outcome of a GET hit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GetHit {
+    /// The store dropped its copy (exclusive get).
+    pub dropped: bool,
+}
+
+/// The tmem operations, as the device glue uses them.
+///
+/// Every method is called concurrently from several worker threads. `page` and `out` may point
+/// straight into guest memory: implementations read `page` once and write `out` once.
+pub trait Tmem: Send + Sync + 'static {
+    /// A connected client.
+    type Client: Send + Sync;
+    /// Per-worker-thread state (compressor contexts, scratch buffers), reused for every page.
+    type Worker: Send;
+
+    /// Builds the state one worker thread reuses for every request.
+    fn new_worker(&self) -> Result<Self::Worker>;
+
+    /// Creates a pool, or joins a shared one; returns the client's id for it.
+    fn create_pool(&self, client: &Self::Client, spec: PoolSpec) -> Result<PoolId>;
+
+    /// Destroys a private pool with its pages, or leaves a shared one.
+    fn destroy_pool(&self, client: &Self::Client, pool: PoolId) -> Result<()>;
+
+    /// Stores one page. On any error no copy of the key remains (an older one is dropped too).
+    fn put(
+        &self,
+        worker: &mut Self::Worker,
+        client: &Self::Client,
+        pool: PoolId,
+        oid: &Oid,
+        index: u64,
+        page: &[u8],
+    ) -> Result<()>;
+
+    /// Loads one page into `out`. Private ephemeral pools always drop their copy on a hit;
+    /// other pools when `exclusive` is set.
+    #[allow(clippy::too_many_arguments)]
+    fn get(
+        &self,
+        worker: &mut Self::Worker,
+        client: &Self::Client,
+        pool: PoolId,
+        oid: &Oid,
+        index: u64,
+        out: &mut [u8],
+        exclusive: bool,
+    ) -> Result<GetHit>;
+
+    /// Drops one page; `Err(Miss)` if it was not there.
+    fn flush_page(&self, client: &Self::Client, pool: PoolId, oid: &Oid, index: u64) -> Result<()>;
+
+    /// Drops every page of an object; returns how many there were.
+    fn flush_object(&self, client: &Self::Client, pool: PoolId, oid: &Oid) -> Result<u64>;
+
+    /// The client's driver went away: free its private pools and leave its shared ones.
+    fn reset_client(&self, client: &Self::Client);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_round_trip() {
+        let u = [
+            0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0, 1, 2, 3, 4, 5, 6, 0xff,
+        ];
+        let s = format_uuid(&u);
+        assert_eq!(s, "12345678-9abc-def0-0001-0203040506ff");
+        assert_eq!(parse_uuid(&s), Some(u));
+        assert_eq!(parse_uuid(&s.replace('-', "")), Some(u));
+        assert_eq!(parse_uuid("1234"), None);
+        assert_eq!(parse_uuid(&s.replace('f', "g")), None);
+    }
+}
