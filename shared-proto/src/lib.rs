@@ -463,7 +463,10 @@ mod tests {
         let b = h.encode();
         assert_eq!(&b[0..4], &[3, 0, 0, 0]);
         assert_eq!(&b[8..12], &[4, 3, 2, 1]);
-        assert_eq!(&b[24..32], &[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]);
+        assert_eq!(
+            &b[24..32],
+            &[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]
+        );
         assert_eq!(ReqHeader::decode(&b), h);
     }
 

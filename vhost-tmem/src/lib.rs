@@ -2,3 +2,4 @@
 //! vhost-tmem: a transcendent memory (tmem) backend for virtio guests over vhost-user.
 
 pub mod store;
+pub mod vhu_tmem;

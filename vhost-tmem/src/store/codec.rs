@@ -244,7 +244,12 @@ impl Codecs {
     }
 
     /// Decompresses `payload` into `out`, which must be exactly one page.
-    pub fn decompress(&mut self, enc: Encoding, payload: &[u8], out: &mut [u8]) -> Result<(), Error> {
+    pub fn decompress(
+        &mut self,
+        enc: Encoding,
+        payload: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), Error> {
         debug_assert_eq!(out.len(), PAGE_SIZE);
         let n = match enc {
             Encoding::Raw => {
@@ -309,7 +314,10 @@ mod tests {
     fn parse_compressor() {
         assert_eq!("lz4".parse::<Compressor>().unwrap(), Compressor::Lz4);
         assert_eq!("zstd".parse::<Compressor>().unwrap(), Compressor::Zstd(1));
-        assert_eq!("zstd:-1".parse::<Compressor>().unwrap(), Compressor::Zstd(-1));
+        assert_eq!(
+            "zstd:-1".parse::<Compressor>().unwrap(),
+            Compressor::Zstd(-1)
+        );
         assert_eq!("none".parse::<Compressor>().unwrap(), Compressor::None);
         for bad in ["", "lz5", "zstd:", "zstd:x", "zstd:99", "zstd:0"] {
             let e = bad.parse::<Compressor>().unwrap_err().to_string();
@@ -354,11 +362,23 @@ mod tests {
             assert!(c.compress(with, &page, PAGE_SIZE - 512).unwrap().is_none());
         }
         let mut out = vec![0u8; PAGE_SIZE];
-        let (enc, payload) = c.compress(Compressor::Lz4, &text_page(1), PAGE_SIZE).unwrap().unwrap();
+        let (enc, payload) = c
+            .compress(Compressor::Lz4, &text_page(1), PAGE_SIZE)
+            .unwrap()
+            .unwrap();
         let mut bad = payload.to_vec();
         bad.truncate(bad.len() / 2);
-        assert!(matches!(c.decompress(enc, &bad, &mut out), Err(Error::Corrupt)));
-        assert!(matches!(c.decompress(Encoding::Zstd, &bad, &mut out), Err(Error::Corrupt)));
-        assert!(matches!(c.decompress(Encoding::Raw, &bad, &mut out), Err(Error::Corrupt)));
+        assert!(matches!(
+            c.decompress(enc, &bad, &mut out),
+            Err(Error::Corrupt)
+        ));
+        assert!(matches!(
+            c.decompress(Encoding::Zstd, &bad, &mut out),
+            Err(Error::Corrupt)
+        ));
+        assert!(matches!(
+            c.decompress(Encoding::Raw, &bad, &mut out),
+            Err(Error::Corrupt)
+        ));
     }
 }

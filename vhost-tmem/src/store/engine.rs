@@ -27,7 +27,9 @@ use parking_lot::{Mutex, RwLock};
 use shared_proto::{Oid, PAGE_SIZE};
 
 use super::codec::{self, Codecs, Compressor, Encoding};
-use super::stats::{ClientStats, CounterSnapshot, Counters, PoolStats, SharedPoolStats, StoreStats};
+use super::stats::{
+    ClientStats, CounterSnapshot, Counters, PoolStats, SharedPoolStats, StoreStats,
+};
 use super::{format_uuid, Error, GetHit, PoolId, PoolSpec, Result, Tmem, Uuid};
 
 /// Shards per pool: a power of two, a few times the number of worker threads.
@@ -570,7 +572,12 @@ impl Engine {
                 .filter_map(|(id, p)| p.as_ref().map(|p| (id, p)))
                 .map(|(id, p)| PoolStats {
                     id: id as u32,
-                    kind: if p.persistent { "persistent" } else { "ephemeral" }.into(),
+                    kind: if p.persistent {
+                        "persistent"
+                    } else {
+                        "ephemeral"
+                    }
+                    .into(),
                     shared: p.shared.as_ref().map(format_uuid),
                     compressor: p.compressor.to_string(),
                     counters: p.counters.snapshot(),
@@ -891,7 +898,13 @@ impl Tmem for Engine {
         result
     }
 
-    fn flush_page(&self, client: &Arc<Client>, pool_id: PoolId, oid: &Oid, index: u64) -> Result<()> {
+    fn flush_page(
+        &self,
+        client: &Arc<Client>,
+        pool_id: PoolId,
+        oid: &Oid,
+        index: u64,
+    ) -> Result<()> {
         let pool = client.pool(pool_id)?;
         Counters::inc(&client.counters.flushes);
         Counters::inc(&pool.counters.flushes);

@@ -61,11 +61,21 @@ fn persistent_put_get_flush() {
         }
     }
     e.flush_page(&c, p, &OID, 5).unwrap();
-    assert!(matches!(e.get(&mut w, &c, p, &OID, 5, &mut out, false), Err(Error::Miss)));
+    assert!(matches!(
+        e.get(&mut w, &c, p, &OID, 5, &mut out, false),
+        Err(Error::Miss)
+    ));
     assert!(matches!(e.flush_page(&c, p, &OID, 5), Err(Error::Miss)));
     // Exclusive get on a persistent pool drops the copy.
-    assert!(e.get(&mut w, &c, p, &OID, 6, &mut out, true).unwrap().dropped);
-    assert!(matches!(e.get(&mut w, &c, p, &OID, 6, &mut out, false), Err(Error::Miss)));
+    assert!(
+        e.get(&mut w, &c, p, &OID, 6, &mut out, true)
+            .unwrap()
+            .dropped
+    );
+    assert!(matches!(
+        e.get(&mut w, &c, p, &OID, 6, &mut out, false),
+        Err(Error::Miss)
+    ));
     assert_eq!(e.flush_object(&c, p, &OID).unwrap(), 98);
     assert_eq!(e.memory_used(), 0);
     let s = e.stats();
@@ -99,7 +109,11 @@ fn replacing_put_and_same_filled_pages() {
     // Same-filled pages cost metadata only.
     assert_eq!(
         e.memory_used(),
-        3 * ENTRY_META + payload_cost(&Payload::Stored(Encoding::Lz4, vec![0; k.compressed_bytes as usize].into()))
+        3 * ENTRY_META
+            + payload_cost(&Payload::Stored(
+                Encoding::Lz4,
+                vec![0; k.compressed_bytes as usize].into()
+            ))
     );
 }
 
@@ -114,7 +128,10 @@ fn private_ephemeral_get_is_exclusive() {
     let hit = e.get(&mut w, &c, p, &OID, 7, &mut out, false).unwrap();
     assert!(hit.dropped);
     assert_eq!(out, page(7));
-    assert!(matches!(e.get(&mut w, &c, p, &OID, 7, &mut out, false), Err(Error::Miss)));
+    assert!(matches!(
+        e.get(&mut w, &c, p, &OID, 7, &mut out, false),
+        Err(Error::Miss)
+    ));
     assert_eq!(e.memory_used(), 0);
 }
 
@@ -129,7 +146,10 @@ fn failed_put_drops_older_copy() {
     // Incompressible ephemeral page: refused, and the old copy must be gone.
     let r = e.put(&mut w, &c, p, &OID, 1, &random_page(9));
     assert!(matches!(r, Err(Error::Refused(_))), "{r:?}");
-    assert!(matches!(e.get(&mut w, &c, p, &OID, 1, &mut out, false), Err(Error::Miss)));
+    assert!(matches!(
+        e.get(&mut w, &c, p, &OID, 1, &mut out, false),
+        Err(Error::Miss)
+    ));
 
     // Same through a quota: a persistent put over an existing key that no longer fits.
     let q = e.create_pool(&c, PERS).unwrap();
@@ -137,15 +157,24 @@ fn failed_put_drops_older_copy() {
     e.set_quota(&c, e.memory_used());
     let r = e.put(&mut w, &c, q, &OID, 1, &random_page(3));
     assert!(matches!(r, Err(Error::NoSpace)), "{r:?}");
-    assert!(matches!(e.get(&mut w, &c, q, &OID, 1, &mut out, false), Err(Error::Miss)));
+    assert!(matches!(
+        e.get(&mut w, &c, q, &OID, 1, &mut out, false),
+        Err(Error::Miss)
+    ));
     assert_eq!(e.memory_used(), 0);
 
     // And through a frozen client.
     e.set_quota(&c, 0);
     e.put(&mut w, &c, q, &OID, 2, &page(2)).unwrap();
     e.set_frozen(&c, true);
-    assert!(matches!(e.put(&mut w, &c, q, &OID, 2, &page(3)), Err(Error::Refused(_))));
-    assert!(matches!(e.get(&mut w, &c, q, &OID, 2, &mut out, false), Err(Error::Miss)));
+    assert!(matches!(
+        e.put(&mut w, &c, q, &OID, 2, &page(3)),
+        Err(Error::Refused(_))
+    ));
+    assert!(matches!(
+        e.get(&mut w, &c, q, &OID, 2, &mut out, false),
+        Err(Error::Miss)
+    ));
 }
 
 #[test]
@@ -185,7 +214,11 @@ fn ephemeral_eviction_under_limit_persistent_never_evicted() {
         assert!(e.memory_used() <= one * 40);
     }
     let s = e.stats();
-    assert!(s.clients[0].counters.evictions >= 150, "{:?}", s.clients[0].counters);
+    assert!(
+        s.clients[0].counters.evictions >= 150,
+        "{:?}",
+        s.clients[0].counters
+    );
     // Every persistent page is still there, byte for byte.
     let mut out = vec![0u8; PAGE_SIZE];
     for i in 0..20 {
@@ -195,7 +228,10 @@ fn ephemeral_eviction_under_limit_persistent_never_evicted() {
     // The newest ephemeral pages survived (LRU), the oldest were evicted.
     assert!(e.get(&mut w, &c, eph, &OID, 199, &mut out, false).is_ok());
     assert_eq!(out, page(199));
-    assert!(matches!(e.get(&mut w, &c, eph, &OID, 0, &mut out, false), Err(Error::Miss)));
+    assert!(matches!(
+        e.get(&mut w, &c, eph, &OID, 0, &mut out, false),
+        Err(Error::Miss)
+    ));
     // Fill the rest with persistent pages: they are refused once nothing is left to evict.
     let mut refused = 0;
     for i in 0..200 {
@@ -233,7 +269,10 @@ fn weighted_eviction_prefers_client_over_its_share() {
     let (h, l) = (&s.clients[0].counters, &s.clients[1].counters);
     // light (weight 300) keeps about three times heavy's (weight 100) memory.
     let ratio = l.memory_used as f64 / h.memory_used as f64;
-    assert!((2.5..3.5).contains(&ratio), "{ratio}: heavy {h:?} light {l:?}");
+    assert!(
+        (2.5..3.5).contains(&ratio),
+        "{ratio}: heavy {h:?} light {l:?}"
+    );
     assert!(h.evictions > l.evictions);
 
     // A client below its share loses nothing while another is over it.
@@ -299,18 +338,31 @@ fn shared_pools_need_authorization() {
     let pb = e.create_pool(&b, spec).unwrap();
     assert!(matches!(e.create_pool(&m, spec), Err(Error::Denied(_))));
     assert!(matches!(
-        e.create_pool(&a, PoolSpec { persistent: true, shared: Some(uuid) }),
+        e.create_pool(
+            &a,
+            PoolSpec {
+                persistent: true,
+                shared: Some(uuid)
+            }
+        ),
         Err(Error::InvalidPool(_))
     ));
     e.put(&mut w, &a, pa, &OID, 1, &page(1)).unwrap();
     let mut out = vec![0u8; PAGE_SIZE];
     // Shared ephemeral gets are not exclusive by default: both members can read it.
-    assert!(!e.get(&mut w, &b, pb, &OID, 1, &mut out, false).unwrap().dropped);
+    assert!(
+        !e.get(&mut w, &b, pb, &OID, 1, &mut out, false)
+            .unwrap()
+            .dropped
+    );
     assert_eq!(out, page(1));
     e.get(&mut w, &a, pa, &OID, 1, &mut out, false).unwrap();
     // Mallory cannot reach it through her own pool ids.
     let pm = e.create_pool(&m, EPH).unwrap();
-    assert!(matches!(e.get(&mut w, &m, pm, &OID, 1, &mut out, false), Err(Error::Miss)));
+    assert!(matches!(
+        e.get(&mut w, &m, pm, &OID, 1, &mut out, false),
+        Err(Error::Miss)
+    ));
     // Revoking authorization stops new joins.
     e.set_shared_auth(&b, uuid, false);
     assert!(matches!(e.create_pool(&b, spec), Err(Error::Denied(_))));
@@ -334,18 +386,30 @@ fn pool_ids_limits_and_reset() {
     let mut w = e.new_worker().unwrap();
     let p0 = e.create_pool(&a, PERS).unwrap();
     let p1 = e.create_pool(&a, EPH).unwrap();
-    assert!(matches!(e.create_pool(&a, EPH), Err(Error::TooManyPools(2))));
+    assert!(matches!(
+        e.create_pool(&a, EPH),
+        Err(Error::TooManyPools(2))
+    ));
     let mut out = vec![0u8; PAGE_SIZE];
     e.put(&mut w, &a, p0, &OID, 0, &page(0)).unwrap();
     // Another client's pool ids are its own namespace.
-    assert!(matches!(e.get(&mut w, &b, p0, &OID, 0, &mut out, false), Err(Error::BadPool(_))));
-    assert!(matches!(e.put(&mut w, &a, 99, &OID, 0, &page(0)), Err(Error::BadPool(99))));
+    assert!(matches!(
+        e.get(&mut w, &b, p0, &OID, 0, &mut out, false),
+        Err(Error::BadPool(_))
+    ));
+    assert!(matches!(
+        e.put(&mut w, &a, 99, &OID, 0, &page(0)),
+        Err(Error::BadPool(99))
+    ));
     e.destroy_pool(&a, p1).unwrap();
     assert!(matches!(e.destroy_pool(&a, p1), Err(Error::BadPool(_))));
     assert_eq!(e.create_pool(&a, EPH).unwrap(), p1);
     e.reset_client(&a);
     assert_eq!(e.memory_used(), 0);
-    assert!(matches!(e.get(&mut w, &a, p0, &OID, 0, &mut out, false), Err(Error::BadPool(_))));
+    assert!(matches!(
+        e.get(&mut w, &a, p0, &OID, 0, &mut out, false),
+        Err(Error::BadPool(_))
+    ));
 }
 
 #[test]

@@ -1,0 +1,806 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The virtio-tmem device as a vhost-user backend: queues, request parsing, responses.
+//!
+//! Requests are parsed straight out of guest memory with no allocation: the chain's
+//! descriptors go into a fixed array, the small header is copied, and the page of a PUT or GET
+//! is handed to the store as a slice of guest memory when it is contiguous in one region (the
+//! normal case), so a page is copied at most once: by the compressor or decompressor itself.
+//! A page split across descriptors or regions goes through the worker's bounce buffer.
+//!
+//! Everything here treats the guest as hostile: any malformed chain gets an INVALID status when
+//! there is room to write one, or is returned unused with a rate-limited log line.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use shared_proto::{
+    feature, readable_len, req_flags, resp_flags, writable_len, BatchEntry, Config, CreatePool, Op,
+    ReqHeader, RespHeader, Status, MAX_BATCH, MAX_REQUEST_QUEUES, PAGE_SHIFT, PAGE_SIZE,
+};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
+    GuestMemoryBackend, GuestMemoryMmap,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::store::{PoolSpec, Tmem};
+
+type Mem = GuestMemoryMmap<()>;
+
+/// Most descriptors in one request chain; longer chains are INVALID.
+pub const MAX_SEGMENTS: usize = 16;
+/// Largest queue the device accepts.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An option out of range.
+    #[error("request queues must be 1..={MAX_REQUEST_QUEUES}, got {0}")]
+    BadQueueCount(u16),
+    /// An option out of range.
+    #[error("queue size must be a power of two in 2..={MAX_QUEUE_SIZE}, got {0}")]
+    BadQueueSize(usize),
+    /// The exit event could not be created.
+    #[error("cannot create the worker exit event")]
+    ExitEvent(#[source] io::Error),
+    /// The store could not build a worker's state.
+    #[error("cannot create worker state")]
+    Worker(#[source] crate::store::Error),
+    /// Event set other than IN on a queue.
+    #[error("unexpected event set {0:?} on queue {1}")]
+    UnexpectedEvent(EventSet, u16),
+    /// Event for a queue this device does not have.
+    #[error("event for unknown queue {0}")]
+    UnknownQueue(u16),
+    /// A virtqueue operation failed (the ring itself is unusable).
+    #[error("virtqueue failure")]
+    Queue(#[source] virtio_queue::Error),
+    /// Signalling the guest failed.
+    #[error("cannot signal the used queue")]
+    Signal(#[source] io::Error),
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> Self {
+        io::Error::other(e)
+    }
+}
+
+/// Device settings that do not depend on the client.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceConfig {
+    /// Request queues (the control queue comes on top).
+    pub request_queues: u16,
+    /// Largest queue size offered.
+    pub queue_size: usize,
+    /// Pools per client, advertised in config space.
+    pub max_pools: u16,
+    /// Quota advertised in config space, in pages (0: none).
+    pub limit_pages: u64,
+}
+
+impl DeviceConfig {
+    /// Checks the ranges.
+    pub fn validate(&self) -> Result<(), Error> {
+        if !(1..=MAX_REQUEST_QUEUES).contains(&self.request_queues) {
+            return Err(Error::BadQueueCount(self.request_queues));
+        }
+        if !(2..=MAX_QUEUE_SIZE).contains(&self.queue_size) || !self.queue_size.is_power_of_two() {
+            return Err(Error::BadQueueSize(self.queue_size));
+        }
+        Ok(())
+    }
+}
+
+/// Allows a few log lines per second per device, so that a guest cannot flood the host log.
+#[derive(Debug, Default)]
+pub struct LogLimiter {
+    second: AtomicU64,
+    count: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogLimiter {
+    const PER_SECOND: u64 = 10;
+
+    /// Whether a line may be logged now; if some were suppressed before, how many.
+    pub fn allow(&self) -> Option<u64> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.second.swap(now, Relaxed) != now {
+            self.count.store(0, Relaxed);
+        }
+        if self.count.fetch_add(1, Relaxed) < Self::PER_SECOND {
+            Some(self.suppressed.swap(0, Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
+/// One descriptor of a parsed chain.
+#[derive(Clone, Copy, Debug, Default)]
+struct Seg {
+    addr: u64,
+    len: u32,
+}
+
+/// A chain split into its device-readable and device-writable parts, without allocation.
+#[derive(Debug)]
+struct Chain {
+    segs: [Seg; MAX_SEGMENTS],
+    /// `segs[..n_read]` are readable, `segs[n_read..n]` writable.
+    n_read: usize,
+    n: usize,
+    read_len: usize,
+    write_len: usize,
+}
+
+/// Why a chain could not be parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChainError {
+    TooLong,
+    ReadableAfterWritable,
+}
+
+impl Chain {
+    fn parse<M>(chain: DescriptorChain<M>) -> Result<Chain, ChainError>
+    where
+        M: std::ops::Deref,
+        M::Target: GuestMemory,
+    {
+        let mut c = Chain {
+            segs: [Seg::default(); MAX_SEGMENTS],
+            n_read: 0,
+            n: 0,
+            read_len: 0,
+            write_len: 0,
+        };
+        for d in chain {
+            if c.n == MAX_SEGMENTS {
+                return Err(ChainError::TooLong);
+            }
+            if d.is_write_only() {
+                c.write_len += d.len() as usize;
+            } else {
+                if c.n != c.n_read {
+                    return Err(ChainError::ReadableAfterWritable);
+                }
+                c.n_read += 1;
+                c.read_len += d.len() as usize;
+            }
+            c.segs[c.n] = Seg {
+                addr: d.addr().0,
+                len: d.len(),
+            };
+            c.n += 1;
+        }
+        Ok(c)
+    }
+
+    fn readable(&self) -> &[Seg] {
+        &self.segs[..self.n_read]
+    }
+
+    fn writable(&self) -> &[Seg] {
+        &self.segs[self.n_read..self.n]
+    }
+}
+
+/// Where `[offset, offset + len)` of a part lies, if within one descriptor.
+fn contiguous(segs: &[Seg], mut offset: usize, len: usize) -> Option<GuestAddress> {
+    for s in segs {
+        let l = s.len as usize;
+        if offset < l {
+            return (offset + len <= l).then(|| GuestAddress(s.addr + offset as u64));
+        }
+        offset -= l;
+    }
+    None
+}
+
+/// Copies `buf.len()` bytes from offset `offset` of a part into `buf`.
+fn read_part(mem: &Mem, segs: &[Seg], mut offset: usize, buf: &mut [u8]) -> Result<(), ()> {
+    let mut done = 0;
+    for s in segs {
+        let l = s.len as usize;
+        if offset >= l {
+            offset -= l;
+            continue;
+        }
+        let n = (l - offset).min(buf.len() - done);
+        let addr = GuestAddress(s.addr).checked_add(offset as u64).ok_or(())?;
+        mem.read_slice(&mut buf[done..done + n], addr)
+            .map_err(|_| ())?;
+        done += n;
+        offset = 0;
+        if done == buf.len() {
+            return Ok(());
+        }
+    }
+    if done == buf.len() {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// Copies `buf` to offset `offset` of a part.
+fn write_part(mem: &Mem, segs: &[Seg], mut offset: usize, buf: &[u8]) -> Result<(), ()> {
+    let mut done = 0;
+    for s in segs {
+        let l = s.len as usize;
+        if offset >= l {
+            offset -= l;
+            continue;
+        }
+        let n = (l - offset).min(buf.len() - done);
+        let addr = GuestAddress(s.addr).checked_add(offset as u64).ok_or(())?;
+        mem.write_slice(&buf[done..done + n], addr)
+            .map_err(|_| ())?;
+        done += n;
+        offset = 0;
+        if done == buf.len() {
+            return Ok(());
+        }
+    }
+    if done == buf.len() {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// A worker thread's state: the store's per-worker state and a bounce page.
+struct WorkerState<W> {
+    store: W,
+    bounce: Box<[u8; PAGE_SIZE]>,
+}
+
+/// The device, one per connected client.
+pub struct TmemDevice<S: Tmem> {
+    store: Arc<S>,
+    client: S::Client,
+    cfg: DeviceConfig,
+    mem: parking_lot::RwLock<GuestMemoryAtomic<Mem>>,
+    event_idx: AtomicBool,
+    acked_features: AtomicU64,
+    /// One per worker thread; each thread only ever locks its own, so these never contend.
+    workers: Vec<Mutex<WorkerState<S::Worker>>>,
+    exit: (EventConsumer, EventNotifier),
+    shrink_target: AtomicU64,
+    log: LogLimiter,
+    name: String,
+}
+
+impl<S: Tmem> std::fmt::Debug for TmemDevice<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TmemDevice")
+            .field("name", &self.name)
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Tmem> TmemDevice<S> {
+    /// A device serving `client` from `store`.
+    pub fn new(
+        store: Arc<S>,
+        client: S::Client,
+        name: &str,
+        cfg: DeviceConfig,
+    ) -> Result<Self, Error> {
+        cfg.validate()?;
+        // Thread 0 serves the control queue and request queue 1; each further request queue
+        // has a thread of its own.
+        let threads = cfg.request_queues as usize;
+        let workers = (0..threads)
+            .map(|_| {
+                Ok(Mutex::new(WorkerState {
+                    store: store.new_worker().map_err(Error::Worker)?,
+                    bounce: Box::new([0u8; PAGE_SIZE]),
+                }))
+            })
+            .collect::<Result<_, Error>>()?;
+        let exit =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(Error::ExitEvent)?;
+        Ok(TmemDevice {
+            store,
+            client,
+            cfg,
+            mem: parking_lot::RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+            event_idx: AtomicBool::new(false),
+            acked_features: AtomicU64::new(0),
+            workers,
+            exit,
+            shrink_target: AtomicU64::new(u64::MAX),
+            log: LogLimiter::default(),
+            name: name.to_string(),
+        })
+    }
+
+    /// Wakes every worker thread so that it exits.
+    pub fn stop_workers(&self) {
+        if let Err(e) = self.exit.1.notify() {
+            tracing::warn!(client = %self.name, "cannot wake worker threads: {e}");
+        }
+    }
+
+    /// Sets the shrink request advertised in config space (`u64::MAX`: none).
+    pub fn set_shrink_target(&self, pages: u64) {
+        self.shrink_target.store(pages, Relaxed);
+    }
+
+    fn config(&self) -> Config {
+        Config {
+            num_request_queues: self.cfg.request_queues,
+            max_pools: self.cfg.max_pools,
+            page_shift: PAGE_SHIFT as u8,
+            reserved: 0,
+            max_batch: MAX_BATCH as u16,
+            limit_pages: self.cfg.limit_pages,
+            shrink_target_pages: self.shrink_target.load(Relaxed),
+        }
+    }
+
+    fn warn(&self, what: std::fmt::Arguments<'_>) {
+        if let Some(suppressed) = self.log.allow() {
+            if suppressed > 0 {
+                tracing::warn!(client = %self.name, suppressed, "dropped a malformed request: {what}");
+            } else {
+                tracing::warn!(client = %self.name, "dropped a malformed request: {what}");
+            }
+        }
+    }
+
+    /// Serves every available chain of one queue; returns whether any was used.
+    fn process_queue(
+        &self,
+        vring: &VringRwLock<GuestMemoryAtomic<Mem>>,
+        control: bool,
+        w: &mut WorkerState<S::Worker>,
+    ) -> Result<bool, Error> {
+        let mem = self.mem.read().memory();
+        let mut used_any = false;
+        loop {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else {
+                break;
+            };
+            let head = chain.head_index();
+            let len = self.serve_chain(&mem, chain, control, w);
+            vring.add_used(head, len).map_err(Error::Queue)?;
+            used_any = true;
+        }
+        Ok(used_any)
+    }
+
+    /// Serves one chain; returns the used length.
+    fn serve_chain<M: std::ops::Deref<Target = Mem>>(
+        &self,
+        mem: &Mem,
+        chain: DescriptorChain<M>,
+        control: bool,
+        w: &mut WorkerState<S::Worker>,
+    ) -> u32 {
+        let chain = match Chain::parse(chain) {
+            Ok(c) => c,
+            Err(e) => {
+                self.warn(format_args!("{e:?}"));
+                return 0;
+            }
+        };
+        let mut hdr = [0u8; ReqHeader::SIZE];
+        let parsed = if chain.read_len >= ReqHeader::SIZE {
+            read_part(mem, chain.readable(), 0, &mut hdr)
+                .map(|()| ReqHeader::decode(&hdr))
+                .map_err(|()| "header outside guest memory")
+        } else {
+            Err("request shorter than its header")
+        };
+        let hdr = match parsed {
+            Ok(h) => h,
+            Err(why) => return self.fail(mem, &chain, None, Status::Invalid, why),
+        };
+        let Some(op) = Op::from_u32(hdr.op) else {
+            return self.fail(mem, &chain, None, Status::Unsupported, "unknown operation");
+        };
+        if op.is_control() != control {
+            return self.fail(
+                mem,
+                &chain,
+                Some(op),
+                Status::Unsupported,
+                "operation on the wrong queue",
+            );
+        }
+        let count = if op == Op::Batch { hdr.count } else { 0 };
+        if (op != Op::Batch && hdr.count != 0) || count > MAX_BATCH {
+            return self.fail(mem, &chain, Some(op), Status::Invalid, "bad count");
+        }
+        if chain.read_len != readable_len(op, count) || chain.write_len != writable_len(op, count) {
+            return self.fail(mem, &chain, Some(op), Status::Invalid, "wrong buffer sizes");
+        }
+        let allowed_flags = match op {
+            Op::CreatePool => req_flags::POOL_PERSISTENT | req_flags::POOL_SHARED,
+            Op::Get => req_flags::GET_EXCLUSIVE,
+            _ => 0,
+        };
+        if hdr.flags & !allowed_flags != 0 {
+            return self.fail(mem, &chain, Some(op), Status::Invalid, "unknown flags");
+        }
+
+        let mut resp = RespHeader::status(Status::Ok);
+        let store = &*self.store;
+        let client = &self.client;
+        let result: Result<(), Status> = match op {
+            Op::CreatePool => {
+                let mut b = [0u8; CreatePool::SIZE];
+                if read_part(mem, chain.readable(), ReqHeader::SIZE, &mut b).is_err() {
+                    return self.fail(
+                        mem,
+                        &chain,
+                        Some(op),
+                        Status::Invalid,
+                        "payload outside guest memory",
+                    );
+                }
+                let cp = CreatePool::decode(&b);
+                let shared = hdr.flags & req_flags::POOL_SHARED != 0;
+                if cp.page_size as usize != PAGE_SIZE
+                    || cp.reserved != 0
+                    || (!shared && cp.uuid != [0; 16])
+                {
+                    return self.fail(
+                        mem,
+                        &chain,
+                        Some(op),
+                        Status::Invalid,
+                        "bad CREATE_POOL payload",
+                    );
+                }
+                let spec = PoolSpec {
+                    persistent: hdr.flags & req_flags::POOL_PERSISTENT != 0,
+                    shared: shared.then_some(cp.uuid),
+                };
+                store
+                    .create_pool(client, spec)
+                    .map(|id| resp.value = id as u64)
+                    .map_err(|e| e.status())
+            }
+            Op::DestroyPool => store
+                .destroy_pool(client, hdr.pool_id)
+                .map_err(|e| e.status()),
+            Op::FlushPage => store
+                .flush_page(client, hdr.pool_id, &hdr.oid, hdr.index)
+                .map_err(|e| e.status()),
+            Op::FlushObject => store
+                .flush_object(client, hdr.pool_id, &hdr.oid)
+                .map(|_| ())
+                .map_err(|e| e.status()),
+            Op::Put => self.put(mem, &chain, &hdr, w),
+            Op::Get => self.get(mem, &chain, &hdr, w).map(|hit| {
+                if hit.dropped {
+                    resp.flags |= resp_flags::DROPPED;
+                }
+            }),
+            Op::Batch => {
+                return self.batch(mem, &chain, count);
+            }
+        };
+        if let Err(status) = result {
+            resp = RespHeader::status(status);
+        }
+        let at = if op == Op::Get { PAGE_SIZE } else { 0 };
+        self.respond(mem, &chain, at, &resp)
+    }
+
+    fn put(
+        &self,
+        mem: &Mem,
+        chain: &Chain,
+        hdr: &ReqHeader,
+        w: &mut WorkerState<S::Worker>,
+    ) -> Result<(), Status> {
+        let WorkerState { store: sw, bounce } = w;
+        let direct = contiguous(chain.readable(), ReqHeader::SIZE, PAGE_SIZE)
+            .and_then(|a| mem.get_slice(a, PAGE_SIZE).ok());
+        match direct {
+            Some(vs) => {
+                let guard = vs.ptr_guard();
+                // SAFETY: the slice is PAGE_SIZE bytes of mapped guest memory, kept mapped by the
+                // memory guard `mem` for this call. The guest may change it concurrently; that
+                // only changes what is stored for the guest's own key, and the store reads it as
+                // plain bytes (no length or offset is derived from it).
+                let page = unsafe { std::slice::from_raw_parts(guard.as_ptr(), PAGE_SIZE) };
+                self.store
+                    .put(sw, &self.client, hdr.pool_id, &hdr.oid, hdr.index, page)
+                    .map_err(|e| e.status())
+            }
+            None => {
+                if read_part(mem, chain.readable(), ReqHeader::SIZE, &mut bounce[..]).is_err() {
+                    self.warn(format_args!("PUT page outside guest memory"));
+                    return Err(Status::Invalid);
+                }
+                self.store
+                    .put(
+                        sw,
+                        &self.client,
+                        hdr.pool_id,
+                        &hdr.oid,
+                        hdr.index,
+                        &bounce[..],
+                    )
+                    .map_err(|e| e.status())
+            }
+        }
+    }
+
+    fn get(
+        &self,
+        mem: &Mem,
+        chain: &Chain,
+        hdr: &ReqHeader,
+        w: &mut WorkerState<S::Worker>,
+    ) -> Result<crate::store::GetHit, Status> {
+        let WorkerState { store: sw, bounce } = w;
+        let exclusive = hdr.flags & req_flags::GET_EXCLUSIVE != 0;
+        let direct = contiguous(chain.writable(), 0, PAGE_SIZE)
+            .and_then(|a| mem.get_slice(a, PAGE_SIZE).ok());
+        match direct {
+            Some(vs) => {
+                let guard = vs.ptr_guard_mut();
+                // SAFETY: PAGE_SIZE bytes of mapped, device-writable guest memory kept mapped by
+                // `mem` for this call; no other reference to it is live here (the header was
+                // copied out). Concurrent guest writes can only garble the guest's own page:
+                // the decompressors bound every access by the buffer lengths, not its contents.
+                let out = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), PAGE_SIZE) };
+                self.store
+                    .get(
+                        sw,
+                        &self.client,
+                        hdr.pool_id,
+                        &hdr.oid,
+                        hdr.index,
+                        out,
+                        exclusive,
+                    )
+                    .map_err(|e| e.status())
+            }
+            None => {
+                let hit = self
+                    .store
+                    .get(
+                        sw,
+                        &self.client,
+                        hdr.pool_id,
+                        &hdr.oid,
+                        hdr.index,
+                        &mut bounce[..],
+                        exclusive,
+                    )
+                    .map_err(|e| e.status())?;
+                if write_part(mem, chain.writable(), 0, &bounce[..]).is_err() {
+                    // A page we cannot deliver is an error, never a silent success.
+                    self.warn(format_args!("GET page buffer outside guest memory"));
+                    return Err(Status::Invalid);
+                }
+                Ok(hit)
+            }
+        }
+    }
+
+    fn batch(&self, mem: &Mem, chain: &Chain, count: u32) -> u32 {
+        let mut statuses = [0u8; MAX_BATCH as usize];
+        let mut ok = 0u64;
+        for i in 0..count as usize {
+            let mut b = [0u8; BatchEntry::SIZE];
+            let st = if read_part(
+                mem,
+                chain.readable(),
+                ReqHeader::SIZE + i * BatchEntry::SIZE,
+                &mut b,
+            )
+            .is_err()
+            {
+                Status::Invalid
+            } else {
+                let e = BatchEntry::decode(&b);
+                let r = match Op::from_u32(e.op) {
+                    Some(Op::FlushPage) => {
+                        self.store
+                            .flush_page(&self.client, e.pool_id, &e.oid, e.index)
+                    }
+                    Some(Op::FlushObject) => self
+                        .store
+                        .flush_object(&self.client, e.pool_id, &e.oid)
+                        .map(|_| ()),
+                    _ => {
+                        statuses[i] = Status::Unsupported as u8;
+                        continue;
+                    }
+                };
+                match r {
+                    Ok(()) => Status::Ok,
+                    Err(e) => e.status(),
+                }
+            };
+            ok += (st == Status::Ok) as u64;
+            statuses[i] = st as u8;
+        }
+        let resp = RespHeader {
+            status: Status::Ok as u32,
+            flags: 0,
+            value: ok,
+        };
+        let n = count as usize;
+        if write_part(mem, chain.writable(), RespHeader::SIZE, &statuses[..n]).is_err() {
+            self.warn(format_args!("batch statuses outside guest memory"));
+            return 0;
+        }
+        self.respond(mem, chain, 0, &resp) + n as u32
+    }
+
+    /// Writes the response at offset `at` of the writable part; returns the used length.
+    fn respond(&self, mem: &Mem, chain: &Chain, at: usize, resp: &RespHeader) -> u32 {
+        match write_part(mem, chain.writable(), at, &resp.encode()) {
+            Ok(()) => (at + RespHeader::SIZE) as u32,
+            Err(()) => {
+                self.warn(format_args!("response buffer outside guest memory"));
+                0
+            }
+        }
+    }
+
+    /// Answers a malformed request: at the response's place for `op` if there is room, else
+    /// at the start of the writable part, else not at all.
+    fn fail(&self, mem: &Mem, chain: &Chain, op: Option<Op>, status: Status, why: &str) -> u32 {
+        self.warn(format_args!(
+            "{why} (op {op:?}, {} readable / {} writable bytes)",
+            chain.read_len, chain.write_len
+        ));
+        let at = if op == Some(Op::Get) && chain.write_len >= PAGE_SIZE + RespHeader::SIZE {
+            PAGE_SIZE
+        } else {
+            0
+        };
+        if chain.write_len < at + RespHeader::SIZE {
+            return 0;
+        }
+        self.respond(mem, chain, at, &RespHeader::status(status))
+    }
+
+    /// Position of queue `queue` within the slice of vrings thread `thread` is handed.
+    fn thread_slot(&self, queue: u16, thread: usize) -> Option<usize> {
+        let mask = *self.queues_per_thread_masks().get(thread)?;
+        if (mask >> queue) & 1 == 0 {
+            return None;
+        }
+        Some((mask & ((1u64 << queue) - 1)).count_ones() as usize)
+    }
+
+    fn queues_per_thread_masks(&self) -> Vec<u64> {
+        let mut masks = vec![0b11u64];
+        for q in 2..=self.cfg.request_queues as u64 {
+            masks.push(1 << q);
+        }
+        masks
+    }
+}
+
+impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
+    type Bitmap = ();
+    type Vring = VringRwLock<GuestMemoryAtomic<Mem>>;
+
+    fn num_queues(&self) -> usize {
+        1 + self.cfg.request_queues as usize
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.cfg.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << feature::SHARED_POOLS
+            | 1 << feature::BATCH
+            | 1 << feature::SHRINK
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.cfg.request_queues > 1 {
+            f |= 1 << feature::MQ;
+        }
+        f
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let cfg = self.config().encode();
+        let (start, end) = (offset as usize, offset as usize + size as usize);
+        cfg.get(start..end).map(<[u8]>::to_vec).unwrap_or_default()
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
+        // The handler passes the atomic it shares with the vrings; keep a handle to it.
+        *self.mem.write() = mem;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        self.queues_per_thread_masks()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(Error::UnexpectedEvent(evset, device_event).into());
+        }
+        let slot = self
+            .thread_slot(device_event, thread_id)
+            .ok_or(Error::UnknownQueue(device_event))?;
+        let vring = vrings.get(slot).ok_or(Error::UnknownQueue(device_event))?;
+        let control = device_event == shared_proto::CONTROL_QUEUE;
+        let mut w = self.workers[thread_id].lock();
+        let event_idx = self.event_idx.load(Relaxed);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(Error::Queue)?;
+            }
+            let used = self.process_queue(vring, control, &mut w)?;
+            if used && vring.needs_notification().map_err(Error::Queue)? {
+                vring.signal_used_queue().map_err(Error::Signal)?;
+            }
+            // With EVENT_IDX, re-enable notifications and go again if the guest added more
+            // meanwhile; without it, one pass is enough (the guest kicks for new work).
+            if !event_idx || !vring.enable_notification().map_err(Error::Queue)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,531 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Device tests: requests built as descriptor chains with virtio-queue's mock split queue.
+
+use super::*;
+use crate::store::{ClientConfig, Engine, EngineConfig};
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+
+const MEM_SIZE: u64 = 0x40_0000;
+const HDR: u64 = 0x10_0000;
+const DATA: u64 = 0x20_0000;
+const RESP: u64 = 0x30_0000;
+
+struct Env {
+    mem: Mem,
+    dev: TmemDevice<Engine>,
+    engine: Arc<Engine>,
+}
+
+fn env_with(engine: Arc<Engine>, name: &str) -> Env {
+    let client = engine
+        .client(name)
+        .unwrap_or_else(|| engine.add_client(ClientConfig::named(name)));
+    let dev = TmemDevice::new(
+        engine.clone(),
+        client,
+        name,
+        DeviceConfig {
+            request_queues: 2,
+            queue_size: 256,
+            max_pools: 16,
+            limit_pages: 0,
+        },
+    )
+    .unwrap();
+    Env {
+        mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap(),
+        dev,
+        engine,
+    }
+}
+
+fn env() -> Env {
+    env_with(Arc::new(Engine::new(EngineConfig::default())), "guest")
+}
+
+/// A descriptor: (address, length, device-writable).
+type D = (u64, u32, bool);
+
+impl Env {
+    /// Serves one chain; returns the used length.
+    fn run(&self, descs: &[D], control: bool) -> u32 {
+        let q = MockSplitQueue::new(&self.mem, 64);
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .map(|&(a, l, w)| {
+                let f = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
+                RawDescriptor::from(SplitDescriptor::new(a, l, f, 0))
+            })
+            .collect();
+        let chain = q.build_desc_chain(&raw).unwrap();
+        let mut w = self.dev.workers[0].lock();
+        self.dev.serve_chain(&self.mem, chain, control, &mut w)
+    }
+
+    fn write(&self, addr: u64, b: &[u8]) {
+        self.mem.write_slice(b, GuestAddress(addr)).unwrap();
+    }
+
+    fn resp(&self, addr: u64) -> RespHeader {
+        let mut b = [0u8; RespHeader::SIZE];
+        self.mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
+        RespHeader::decode(&b)
+    }
+
+    fn status(&self, addr: u64) -> Option<Status> {
+        Status::from_u32(self.resp(addr).status)
+    }
+
+    fn header(&self, op: Op, flags: u32, pool: u32, index: u64) {
+        let h = ReqHeader {
+            op: op as u32,
+            flags,
+            pool_id: pool,
+            count: 0,
+            oid: [1, 2, 3],
+            index,
+        };
+        self.write(HDR, &h.encode());
+    }
+
+    fn create_pool(&self, flags: u32, uuid: [u8; 16]) -> RespHeader {
+        self.header(Op::CreatePool, flags, 0, 0);
+        let cp = CreatePool {
+            uuid,
+            page_size: PAGE_SIZE as u32,
+            reserved: 0,
+        };
+        self.write(HDR + 48, &cp.encode());
+        self.write(RESP, &[0xff; 16]);
+        assert_eq!(self.run(&[(HDR, 72, false), (RESP, 16, true)], true), 16);
+        self.resp(RESP)
+    }
+
+    fn put(&self, pool: u32, index: u64, page: &[u8]) -> Option<Status> {
+        self.header(Op::Put, 0, pool, index);
+        self.write(DATA, page);
+        self.write(RESP, &[0xff; 16]);
+        self.run(
+            &[(HDR, 48, false), (DATA, 4096, false), (RESP, 16, true)],
+            false,
+        );
+        self.status(RESP)
+    }
+
+    fn get(&self, pool: u32, index: u64, flags: u32) -> (RespHeader, Vec<u8>) {
+        self.header(Op::Get, flags, pool, index);
+        self.write(DATA, &[0xee; PAGE_SIZE]);
+        self.write(RESP, &[0xff; 16]);
+        self.run(
+            &[(HDR, 48, false), (DATA, 4096, true), (RESP, 16, true)],
+            false,
+        );
+        let mut page = vec![0u8; PAGE_SIZE];
+        self.mem.read_slice(&mut page, GuestAddress(DATA)).unwrap();
+        (self.resp(RESP), page)
+    }
+}
+
+fn page(seed: u8) -> Vec<u8> {
+    (0..PAGE_SIZE).map(|i| (i / 64) as u8 ^ seed).collect()
+}
+
+#[test]
+fn create_put_get_round_trip() {
+    let e = env();
+    let r = e.create_pool(req_flags::POOL_PERSISTENT, [0; 16]);
+    assert_eq!(Status::from_u32(r.status), Some(Status::Ok));
+    let pool = r.value as u32;
+    assert_eq!(e.put(pool, 9, &page(1)), Some(Status::Ok));
+    let (r, got) = e.get(pool, 9, 0);
+    assert_eq!(Status::from_u32(r.status), Some(Status::Ok));
+    assert_eq!(r.flags & resp_flags::DROPPED, 0);
+    assert_eq!(got, page(1));
+    let (r, _) = e.get(pool, 9, req_flags::GET_EXCLUSIVE);
+    assert_eq!(r.flags & resp_flags::DROPPED, resp_flags::DROPPED);
+    let (r, got) = e.get(pool, 9, 0);
+    assert_eq!(Status::from_u32(r.status), Some(Status::Miss));
+    // A miss leaves the guest's page buffer alone.
+    assert_eq!(got, vec![0xee; PAGE_SIZE]);
+}
+
+#[test]
+fn page_split_across_descriptors_uses_bounce_buffer() {
+    let e = env();
+    let pool = e.create_pool(0, [0; 16]).value as u32;
+    let p = page(7);
+    e.header(Op::Put, 0, pool, 1);
+    // Header and the first 100 page bytes in one descriptor, the rest in two more.
+    e.write(HDR + 48, &p[..100]);
+    e.write(DATA, &p[100..2000]);
+    e.write(DATA + 0x2000, &p[2000..]);
+    e.run(
+        &[
+            (HDR, 148, false),
+            (DATA, 1900, false),
+            (DATA + 0x2000, 2096, false),
+            (RESP, 16, true),
+        ],
+        false,
+    );
+    assert_eq!(e.status(RESP), Some(Status::Ok));
+    // And back into a split buffer, response sharing the last descriptor.
+    e.header(Op::Get, 0, pool, 1);
+    let used = e.run(
+        &[
+            (HDR, 48, false),
+            (DATA, 3000, true),
+            (DATA + 0x2000, 1096 + 16, true),
+        ],
+        false,
+    );
+    assert_eq!(used, 4096 + 16);
+    let mut got = vec![0u8; PAGE_SIZE];
+    e.mem
+        .read_slice(&mut got[..3000], GuestAddress(DATA))
+        .unwrap();
+    e.mem
+        .read_slice(&mut got[3000..], GuestAddress(DATA + 0x2000))
+        .unwrap();
+    assert_eq!(got, p);
+    assert_eq!(e.status(DATA + 0x2000 + 1096), Some(Status::Ok));
+}
+
+#[test]
+fn malformed_requests_get_statuses() {
+    let e = env();
+    let pool = e.create_pool(req_flags::POOL_PERSISTENT, [0; 16]).value as u32;
+
+    // Header too short.
+    e.write(RESP, &[0xff; 16]);
+    assert_eq!(e.run(&[(HDR, 20, false), (RESP, 16, true)], false), 16);
+    assert_eq!(e.status(RESP), Some(Status::Invalid));
+
+    // Unknown operation.
+    let mut h = ReqHeader {
+        op: 99,
+        ..ReqHeader::default()
+    };
+    e.write(HDR, &h.encode());
+    e.run(&[(HDR, 48, false), (RESP, 16, true)], false);
+    assert_eq!(e.status(RESP), Some(Status::Unsupported));
+
+    // Control operation on a request queue, page operation on the control queue.
+    h.op = Op::DestroyPool as u32;
+    e.write(HDR, &h.encode());
+    e.run(&[(HDR, 48, false), (RESP, 16, true)], false);
+    assert_eq!(e.status(RESP), Some(Status::Unsupported));
+    e.header(Op::FlushPage, 0, pool, 0);
+    e.run(&[(HDR, 48, false), (RESP, 16, true)], true);
+    assert_eq!(e.status(RESP), Some(Status::Unsupported));
+
+    // PUT with a short page.
+    e.header(Op::Put, 0, pool, 0);
+    e.run(
+        &[(HDR, 48, false), (DATA, 4000, false), (RESP, 16, true)],
+        false,
+    );
+    assert_eq!(e.status(RESP), Some(Status::Invalid));
+    // PUT whose page is device-writable (wrong direction).
+    e.run(
+        &[(HDR, 48, false), (DATA, 4096, true), (RESP, 16, true)],
+        false,
+    );
+    assert_eq!(e.status(RESP), Some(Status::Invalid));
+    // GET with a page buffer the device may not write: wrong sizes.
+    e.header(Op::Get, 0, pool, 0);
+    e.run(
+        &[(HDR, 48, false), (DATA, 4096, false), (RESP, 16, true)],
+        false,
+    );
+    assert_eq!(e.status(RESP), Some(Status::Invalid));
+    // GET with too large a buffer.
+    e.write(DATA + 4096, &[0xff; 16]);
+    e.run(&[(HDR, 48, false), (DATA, 4096 + 64, true)], false);
+    assert_eq!(e.status(DATA + 4096), Some(Status::Invalid));
+
+    // Unknown flags.
+    e.header(Op::Get, 1 << 20, pool, 0);
+    e.run(
+        &[(HDR, 48, false), (DATA, 4096, true), (RESP, 16, true)],
+        false,
+    );
+    assert_eq!(e.status(RESP), Some(Status::Invalid));
+    // Nonzero count on a non-batch request.
+    e.write(
+        HDR,
+        &ReqHeader {
+            op: Op::FlushPage as u32,
+            count: 3,
+            ..ReqHeader::default()
+        }
+        .encode(),
+    );
+    e.run(&[(HDR, 48, false), (RESP, 16, true)], false);
+    assert_eq!(e.status(RESP), Some(Status::Invalid));
+
+    // Bad pool ids.
+    for bad in [pool + 1, 16, u32::MAX] {
+        assert_eq!(e.put(bad, 0, &page(0)), Some(Status::BadPool));
+        assert_eq!(
+            Status::from_u32(e.get(bad, 0, 0).0.status),
+            Some(Status::BadPool)
+        );
+    }
+
+    // CREATE_POOL with a bad page size, reserved bits, a UUID on a private pool.
+    for cp in [
+        CreatePool {
+            uuid: [0; 16],
+            page_size: 8192,
+            reserved: 0,
+        },
+        CreatePool {
+            uuid: [0; 16],
+            page_size: 4096,
+            reserved: 1,
+        },
+        CreatePool {
+            uuid: [1; 16],
+            page_size: 4096,
+            reserved: 0,
+        },
+    ] {
+        e.header(Op::CreatePool, 0, 0, 0);
+        e.write(HDR + 48, &cp.encode());
+        e.run(&[(HDR, 72, false), (RESP, 16, true)], true);
+        assert_eq!(e.status(RESP), Some(Status::Invalid));
+    }
+    // Unauthorized shared pool; shared + persistent.
+    assert_eq!(
+        Status::from_u32(e.create_pool(req_flags::POOL_SHARED, [5; 16]).status),
+        Some(Status::Denied)
+    );
+
+    // Nothing was stored by any of this.
+    assert_eq!(e.engine.stats().clients[0].counters.stored_pages, 0);
+}
+
+#[test]
+fn chains_without_room_for_a_status_are_dropped() {
+    let e = env();
+    // No writable part at all.
+    e.header(Op::FlushPage, 0, 0, 0);
+    assert_eq!(e.run(&[(HDR, 48, false)], false), 0);
+    // Writable part smaller than a response.
+    assert_eq!(e.run(&[(HDR, 48, false), (RESP, 8, true)], false), 0);
+    // Readable descriptor after a writable one.
+    assert_eq!(
+        e.run(
+            &[(HDR, 48, false), (RESP, 16, true), (DATA, 16, false)],
+            false
+        ),
+        0
+    );
+    // Too many descriptors.
+    let long: Vec<D> = (0..MAX_SEGMENTS as u64 + 1)
+        .map(|i| (HDR + i * 4, 4, false))
+        .collect();
+    assert_eq!(e.run(&long, false), 0);
+}
+
+#[test]
+fn addresses_outside_guest_memory() {
+    let e = env();
+    let pool = e.create_pool(req_flags::POOL_PERSISTENT, [0; 16]).value as u32;
+    // Header outside memory.
+    e.write(RESP, &[0xff; 16]);
+    e.run(&[(MEM_SIZE + 0x1000, 48, false), (RESP, 16, true)], false);
+    assert_eq!(e.status(RESP), Some(Status::Invalid));
+    // Page straddling the end of memory.
+    e.header(Op::Put, 0, pool, 0);
+    e.run(
+        &[
+            (HDR, 48, false),
+            (MEM_SIZE - 100, 4096, false),
+            (RESP, 16, true),
+        ],
+        false,
+    );
+    assert_eq!(e.status(RESP), Some(Status::Invalid));
+    // Response outside memory: nothing to write, chain returned with length 0.
+    e.header(Op::FlushPage, 0, pool, 0);
+    assert_eq!(
+        e.run(&[(HDR, 48, false), (u64::MAX - 8, 16, true)], false),
+        0
+    );
+    // GET into a page buffer outside memory after a real hit: error status, and the page
+    // must still be retrievable afterwards (a non-exclusive get).
+    assert_eq!(e.put(pool, 3, &page(3)), Some(Status::Ok));
+    e.header(Op::Get, 0, pool, 3);
+    e.run(
+        &[
+            (HDR, 48, false),
+            (MEM_SIZE - 10, 4096, true),
+            (RESP, 16, true),
+        ],
+        false,
+    );
+    assert_eq!(e.status(RESP), Some(Status::Invalid));
+    assert_eq!(e.get(pool, 3, 0).1, page(3));
+    // Address arithmetic overflow in a descriptor.
+    e.run(&[(u64::MAX - 4, 48, false), (RESP, 16, true)], false);
+    assert_eq!(e.status(RESP), Some(Status::Invalid));
+}
+
+#[test]
+fn batch_flushes() {
+    let e = env();
+    let pool = e.create_pool(req_flags::POOL_PERSISTENT, [0; 16]).value as u32;
+    for i in 0..4 {
+        assert_eq!(e.put(pool, i, &page(i as u8)), Some(Status::Ok));
+    }
+    let entries = [
+        BatchEntry {
+            op: Op::FlushPage as u32,
+            pool_id: pool,
+            oid: [1, 2, 3],
+            index: 0,
+        },
+        BatchEntry {
+            op: Op::FlushPage as u32,
+            pool_id: pool,
+            oid: [1, 2, 3],
+            index: 0,
+        },
+        BatchEntry {
+            op: Op::Put as u32,
+            pool_id: pool,
+            oid: [1, 2, 3],
+            index: 1,
+        },
+        BatchEntry {
+            op: Op::FlushObject as u32,
+            pool_id: pool,
+            oid: [1, 2, 3],
+            index: 0,
+        },
+        BatchEntry {
+            op: Op::FlushPage as u32,
+            pool_id: 77,
+            oid: [1, 2, 3],
+            index: 0,
+        },
+    ];
+    e.write(
+        HDR,
+        &ReqHeader {
+            op: Op::Batch as u32,
+            count: 5,
+            ..ReqHeader::default()
+        }
+        .encode(),
+    );
+    for (i, en) in entries.iter().enumerate() {
+        e.write(HDR + 48 + 40 * i as u64, &en.encode());
+    }
+    let used = e.run(&[(HDR, 48 + 200, false), (RESP, 16 + 5, true)], false);
+    assert_eq!(used, 21);
+    let r = e.resp(RESP);
+    assert_eq!((r.status, r.value), (0, 2));
+    let mut st = [0u8; 5];
+    e.mem.read_slice(&mut st, GuestAddress(RESP + 16)).unwrap();
+    assert_eq!(
+        st,
+        [
+            Status::Ok,
+            Status::Miss,
+            Status::Unsupported,
+            Status::Ok,
+            Status::BadPool
+        ]
+        .map(|s| s as u8)
+    );
+    assert_eq!(e.engine.stats().clients[0].counters.stored_pages, 0);
+    // Too many entries.
+    e.write(
+        HDR,
+        &ReqHeader {
+            op: Op::Batch as u32,
+            count: MAX_BATCH + 1,
+            ..ReqHeader::default()
+        }
+        .encode(),
+    );
+    e.run(&[(HDR, 48, false), (RESP, 16, true)], false);
+    assert_eq!(e.status(RESP), Some(Status::Invalid));
+}
+
+#[test]
+fn clients_cannot_reach_each_other() {
+    let engine = Arc::new(Engine::new(EngineConfig::default()));
+    let a = env_with(engine.clone(), "a");
+    let b = env_with(engine, "b");
+    let pa = a.create_pool(req_flags::POOL_PERSISTENT, [0; 16]).value as u32;
+    assert_eq!(a.put(pa, 1, &page(1)), Some(Status::Ok));
+    // b has no pool with that id.
+    assert_eq!(
+        Status::from_u32(b.get(pa, 1, 0).0.status),
+        Some(Status::BadPool)
+    );
+    // b's own pool with the same id and key is a different pool.
+    let pb = b.create_pool(req_flags::POOL_PERSISTENT, [0; 16]).value as u32;
+    assert_eq!(pb, pa);
+    assert_eq!(
+        Status::from_u32(b.get(pb, 1, 0).0.status),
+        Some(Status::Miss)
+    );
+    assert_eq!(a.get(pa, 1, 0).1, page(1));
+}
+
+#[test]
+fn config_space_and_features() {
+    let e = env();
+    let cfg = e.dev.get_config(0, Config::SIZE as u32);
+    let c = Config::decode(cfg.as_slice().try_into().unwrap());
+    assert_eq!(
+        (c.num_request_queues, c.page_shift, c.max_pools),
+        (2, 12, 16)
+    );
+    assert_eq!(c.shrink_target_pages, u64::MAX);
+    e.dev.set_shrink_target(1000);
+    assert_eq!(e.dev.get_config(16, 8), 1000u64.to_le_bytes());
+    assert!(e.dev.get_config(20, 8).is_empty());
+    assert!(e.dev.get_config(u32::MAX, 8).is_empty());
+    assert_ne!(e.dev.features() & (1 << feature::MQ), 0);
+    assert_eq!(e.dev.num_queues(), 3);
+    assert_eq!(e.dev.queues_per_thread(), vec![0b11, 0b100]);
+    assert_eq!(e.dev.thread_slot(1, 0), Some(1));
+    assert_eq!(e.dev.thread_slot(2, 1), Some(0));
+    assert_eq!(e.dev.thread_slot(2, 0), None);
+    assert_eq!(e.dev.thread_slot(40, 0), None);
+}
+
+#[test]
+fn log_limiter_bounds_lines() {
+    let l = LogLimiter::default();
+    let allowed = (0..1000).filter(|_| l.allow().is_some()).count();
+    assert!(allowed <= 2 * LogLimiter::PER_SECOND as usize, "{allowed}");
+}
+
+#[test]
+fn bad_device_config_is_rejected() {
+    let engine = Arc::new(Engine::new(EngineConfig::default()));
+    let c = engine.add_client(ClientConfig::named("x"));
+    for (q, s) in [(0, 256), (17, 256), (1, 0), (1, 100), (1, 4096)] {
+        let r = TmemDevice::new(
+            engine.clone(),
+            c.clone(),
+            "x",
+            DeviceConfig {
+                request_queues: q,
+                queue_size: s,
+                max_pools: 16,
+                limit_pages: 0,
+            },
+        );
+        assert!(r.is_err(), "{q} {s}");
+    }
+}
