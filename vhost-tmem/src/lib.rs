@@ -1,5 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-tmem: a transcendent memory (tmem) backend for virtio guests over vhost-user.
+//!
+//! - [`store`]: the tmem engine (clients, pools, pages, compression, eviction), behind a trait.
+//! - [`vhu_tmem`]: the virtio-tmem device as a vhost-user backend.
+//! - [`daemon`]: sockets, one serving thread per client.
+//! - [`config`], [`control`]: command line, configuration file, control socket, metrics.
 
+pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod store;
 pub mod vhu_tmem;

@@ -284,7 +284,7 @@ pub struct TmemDevice<S: Tmem> {
     /// One per worker thread; each thread only ever locks its own, so these never contend.
     workers: Vec<Mutex<WorkerState<S::Worker>>>,
     exit: (EventConsumer, EventNotifier),
-    shrink_target: AtomicU64,
+    shrink_target: Arc<AtomicU64>,
     log: LogLimiter,
     name: String,
 }
@@ -329,7 +329,7 @@ impl<S: Tmem> TmemDevice<S> {
             acked_features: AtomicU64::new(0),
             workers,
             exit,
-            shrink_target: AtomicU64::new(u64::MAX),
+            shrink_target: Arc::new(AtomicU64::new(u64::MAX)),
             log: LogLimiter::default(),
             name: name.to_string(),
         })
@@ -340,6 +340,12 @@ impl<S: Tmem> TmemDevice<S> {
         if let Err(e) = self.exit.1.notify() {
             tracing::warn!(client = %self.name, "cannot wake worker threads: {e}");
         }
+    }
+
+    /// Shares the shrink request advertised in config space with the control interface.
+    pub fn with_shrink_target(mut self, target: Arc<AtomicU64>) -> Self {
+        self.shrink_target = target;
+        self
     }
 
     /// Sets the shrink request advertised in config space (`u64::MAX`: none).
@@ -612,7 +618,7 @@ impl<S: Tmem> TmemDevice<S> {
     fn batch(&self, mem: &Mem, chain: &Chain, count: u32) -> u32 {
         let mut statuses = [0u8; MAX_BATCH as usize];
         let mut ok = 0u64;
-        for i in 0..count as usize {
+        for (i, status) in statuses.iter_mut().enumerate().take(count as usize) {
             let mut b = [0u8; BatchEntry::SIZE];
             let st = if read_part(
                 mem,
@@ -635,7 +641,7 @@ impl<S: Tmem> TmemDevice<S> {
                         .flush_object(&self.client, e.pool_id, &e.oid)
                         .map(|_| ()),
                     _ => {
-                        statuses[i] = Status::Unsupported as u8;
+                        *status = Status::Unsupported as u8;
                         continue;
                     }
                 };
@@ -645,7 +651,7 @@ impl<S: Tmem> TmemDevice<S> {
                 }
             };
             ok += (st == Status::Ok) as u64;
-            statuses[i] = st as u8;
+            *status = st as u8;
         }
         let resp = RespHeader {
             status: Status::Ok as u32,

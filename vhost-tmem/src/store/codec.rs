@@ -28,20 +28,15 @@ pub enum Error {
 }
 
 /// Which compressor stores a pool's pages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Compressor {
     /// Store pages raw.
     None,
     /// lz4 block format, default acceleration.
+    #[default]
     Lz4,
     /// zstd at a level (negative levels are the fast ones).
     Zstd(i32),
-}
-
-impl Default for Compressor {
-    fn default() -> Self {
-        Compressor::Lz4
-    }
 }
 
 impl FromStr for Compressor {

@@ -1,0 +1,663 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Command line and configuration file, validated into one [`DaemonConfig`].
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+use crate::store::codec::Compressor;
+use crate::store::{parse_uuid, ClientConfig, EngineConfig, IncompressiblePolicy, Uuid};
+use crate::vhu_tmem::{DeviceConfig, MAX_QUEUE_SIZE};
+use shared_proto::{MAX_REQUEST_QUEUES, PAGE_SIZE};
+
+/// Errors in options or the configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no client to serve: give --socket-path, --fd, --client or a config file with [[client]] entries")]
+    NoClients,
+    #[error("--socket-path and --fd are for a single client; use --client for more")]
+    SingleAndMulti,
+    #[error("invalid --client \"{spec}\": {why}")]
+    ClientSpec { spec: String, why: String },
+    #[error("client \"{0}\": give exactly one of socket= or fd=")]
+    ClientSocket(String),
+    #[error("two clients are named \"{0}\"")]
+    DuplicateName(String),
+    #[error("two clients use the socket {0}")]
+    DuplicateSocket(PathBuf),
+    #[error("invalid client name \"{0}\": use 1 to 64 letters, digits, '.', '_' or '-'")]
+    BadName(String),
+    #[error("invalid size \"{0}\": expected a number with an optional K, M, G or T suffix (KiB, MiB, ... also accepted)")]
+    BadSize(String),
+    #[error("--memory-limit must be at least one page plus metadata, got {0} bytes")]
+    LimitTooSmall(u64),
+    #[error("invalid weight {0}: must be 1..=10000")]
+    BadWeight(u32),
+    #[error("invalid shared pool UUID \"{0}\"")]
+    BadUuid(String),
+    #[error("--raw-threshold must be 64..={PAGE_SIZE}, got {0}")]
+    BadRawThreshold(usize),
+    #[error("--max-pools must be 1..=1024, got {0}")]
+    BadMaxPools(usize),
+    #[error(transparent)]
+    Compressor(#[from] crate::store::codec::Error),
+    #[error(transparent)]
+    Device(#[from] crate::vhu_tmem::Error),
+    #[error("invalid --metrics-listen \"{0}\": expected PORT or ADDRESS:PORT")]
+    BadListen(String),
+    #[error("cannot read the configuration file {path}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration file {path}")]
+    ParseFile {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+}
+
+/// vhost-tmem: transcendent memory for virtio guests, as a vhost-user backend.
+#[derive(Debug, Parser)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Subcommands that talk to a running daemon.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the daemon's statistics (JSON, or Prometheus text with --prometheus).
+    Stats {
+        /// The daemon's control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        /// Print the Prometheus text exposition instead of JSON.
+        #[arg(long)]
+        prometheus: bool,
+    },
+    /// Change a running daemon's settings.
+    Ctl {
+        /// The daemon's control socket.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
+}
+
+/// Control actions.
+#[derive(Debug, Clone, Subcommand)]
+pub enum CtlAction {
+    /// Refuse the client's puts (gets and flushes still work).
+    Freeze { client: String },
+    /// Accept the client's puts again.
+    Thaw { client: String },
+    /// Drop the client's ephemeral pages (persistent pages are never dropped).
+    Flush { client: String },
+    /// Set the client's eviction weight.
+    Weight { client: String, weight: u32 },
+    /// Set the client's memory quota (0: none).
+    Quota { client: String, size: String },
+    /// Allow the client to join a shared pool.
+    Authorize { client: String, uuid: String },
+    /// Stop allowing the client to join a shared pool (members stay members).
+    Revoke { client: String, uuid: String },
+    /// Set the global memory limit.
+    Limit { size: String },
+    /// Ask the client's driver to keep at most PAGES pages (config space); "none" clears it.
+    Shrink { client: String, pages: String },
+}
+
+/// Options of the daemon itself.
+#[derive(Debug, Default, Args)]
+pub struct ServeArgs {
+    /// Listen for one frontend on this Unix socket (single client; see --client).
+    #[arg(long, value_name = "PATH")]
+    pub socket_path: Option<PathBuf>,
+    /// Serve one frontend on this inherited, listening Unix socket fd (single client).
+    #[arg(long, value_name = "FD", conflicts_with = "socket_path")]
+    pub fd: Option<RawFd>,
+    /// Name of the single client of --socket-path/--fd.
+    #[arg(long, default_value = "guest")]
+    pub name: String,
+    /// A client: name=N,socket=PATH|fd=FD[,quota=SIZE][,weight=W][,compressor=C][,shared=UUID+UUID]
+    #[arg(long = "client", value_name = "SPEC")]
+    pub clients: Vec<String>,
+    /// TOML configuration file (options given here override it; clients add up).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Global memory limit for stored pages, payload and metadata [default: 1G].
+    #[arg(long, value_name = "SIZE")]
+    pub memory_limit: Option<String>,
+    /// Compressor: lz4, zstd, zstd:LEVEL (-7..=19) or none [default: lz4].
+    #[arg(long)]
+    pub compressor: Option<String>,
+    /// Pages that compress to this many bytes or more count as incompressible [default: 3584].
+    #[arg(long, value_name = "BYTES")]
+    pub raw_threshold: Option<usize>,
+    /// What to do with incompressible ephemeral pages (persistent ones are stored raw).
+    #[arg(long, value_enum)]
+    pub ephemeral_incompressible: Option<Incompressible>,
+    /// Most pools per client [default: 16].
+    #[arg(long)]
+    pub max_pools: Option<usize>,
+    /// Request queues per device, each served by its own thread [default: 1].
+    #[arg(long)]
+    pub queues: Option<u16>,
+    /// Largest virtqueue size offered [default: 256].
+    #[arg(long)]
+    pub queue_size: Option<usize>,
+    /// Control socket for `vhost-tmem stats` and `vhost-tmem ctl`.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP on PORT (loopback) or ADDRESS:PORT.
+    #[arg(long, value_name = "[ADDR:]PORT")]
+    pub metrics_listen: Option<String>,
+    /// Print the vhost-user backend capabilities as JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+}
+
+/// `--ephemeral-incompressible` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Incompressible {
+    /// Refuse them (the guest rereads clean pages from disk).
+    Refuse,
+    /// Store them raw.
+    Store,
+}
+
+/// The configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub memory_limit: Option<SizeValue>,
+    pub compressor: Option<String>,
+    pub raw_threshold: Option<usize>,
+    pub ephemeral_incompressible: Option<Incompressible>,
+    pub max_pools: Option<usize>,
+    pub queues: Option<u16>,
+    pub queue_size: Option<usize>,
+    pub control_socket: Option<PathBuf>,
+    pub metrics_listen: Option<String>,
+    #[serde(default, rename = "client")]
+    pub clients: Vec<FileClient>,
+}
+
+/// A size written as a number of bytes or a string with a suffix.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeValue {
+    fn bytes(&self) -> Result<u64, Error> {
+        match self {
+            SizeValue::Bytes(b) => Ok(*b),
+            SizeValue::Text(t) => parse_size(t),
+        }
+    }
+}
+
+/// A `[[client]]` of the configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileClient {
+    pub name: String,
+    pub socket: Option<PathBuf>,
+    pub fd: Option<RawFd>,
+    pub quota: Option<SizeValue>,
+    pub weight: Option<u32>,
+    pub compressor: Option<String>,
+    #[serde(default)]
+    pub shared: Vec<String>,
+}
+
+/// Where a client's frontend connects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A socket path the daemon binds.
+    Path(PathBuf),
+    /// A listening socket inherited as a file descriptor.
+    Fd(RawFd),
+}
+
+/// One client: engine settings and endpoint.
+#[derive(Clone, Debug)]
+pub struct ClientSpec {
+    pub config: ClientConfig,
+    pub endpoint: Endpoint,
+}
+
+/// Everything the daemon needs, validated.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub engine: EngineConfig,
+    pub device: DeviceConfig,
+    pub clients: Vec<ClientSpec>,
+    pub control_socket: Option<PathBuf>,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Parses `4096`, `64K`, `512M`, `1G`, `2T`, also with `iB`/`B` suffixes (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, Error> {
+    let bad = || Error::BadSize(s.to_string());
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, Error> {
+    if let Ok(port) = s.parse::<u16>() {
+        // A bare port binds loopback only: statistics are not for the network by default.
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse().map_err(|_| Error::BadListen(s.to_string()))
+}
+
+fn check_name(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadName(name.to_string()))
+    }
+}
+
+fn check_weight(w: u32) -> Result<u32, Error> {
+    if (1..=10_000).contains(&w) {
+        Ok(w)
+    } else {
+        Err(Error::BadWeight(w))
+    }
+}
+
+fn parse_uuids<'a>(it: impl Iterator<Item = &'a str>) -> Result<Vec<Uuid>, Error> {
+    it.filter(|s| !s.is_empty())
+        .map(|s| parse_uuid(s).ok_or_else(|| Error::BadUuid(s.to_string())))
+        .collect()
+}
+
+/// Parses one `--client` value.
+pub fn parse_client_spec(spec: &str) -> Result<ClientSpec, Error> {
+    let err = |why: String| Error::ClientSpec {
+        spec: spec.to_string(),
+        why,
+    };
+    let mut cfg = ClientConfig::named("");
+    let (mut socket, mut fd) = (None, None);
+    for kv in spec.split(',') {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| err(format!("\"{kv}\" is not key=value")))?;
+        match k {
+            "name" => cfg.name = v.to_string(),
+            "socket" => socket = Some(PathBuf::from(v)),
+            "fd" => fd = Some(v.parse().map_err(|_| err(format!("bad fd \"{v}\"")))?),
+            "quota" => cfg.quota = parse_size(v)?,
+            "weight" => {
+                cfg.weight =
+                    check_weight(v.parse().map_err(|_| err(format!("bad weight \"{v}\"")))?)?
+            }
+            "compressor" => cfg.compressor = Some(v.parse()?),
+            "shared" => cfg.shared = parse_uuids(v.split('+'))?,
+            _ => return Err(err(format!("unknown key \"{k}\""))),
+        }
+    }
+    if cfg.name.is_empty() {
+        return Err(err("name= is missing".into()));
+    }
+    check_name(&cfg.name)?;
+    let endpoint = match (socket, fd) {
+        (Some(p), None) => Endpoint::Path(p),
+        (None, Some(f)) => Endpoint::Fd(f),
+        _ => return Err(Error::ClientSocket(cfg.name)),
+    };
+    Ok(ClientSpec {
+        config: cfg,
+        endpoint,
+    })
+}
+
+fn file_client(c: &FileClient) -> Result<ClientSpec, Error> {
+    check_name(&c.name)?;
+    let endpoint = match (&c.socket, c.fd) {
+        (Some(p), None) => Endpoint::Path(p.clone()),
+        (None, Some(f)) => Endpoint::Fd(f),
+        _ => return Err(Error::ClientSocket(c.name.clone())),
+    };
+    Ok(ClientSpec {
+        config: ClientConfig {
+            name: c.name.clone(),
+            quota: c
+                .quota
+                .as_ref()
+                .map(SizeValue::bytes)
+                .transpose()?
+                .unwrap_or(0),
+            weight: check_weight(c.weight.unwrap_or(100))?,
+            compressor: c.compressor.as_deref().map(str::parse).transpose()?,
+            shared: parse_uuids(c.shared.iter().map(String::as_str))?,
+        },
+        endpoint,
+    })
+}
+
+/// Reads and parses a configuration file.
+pub fn read_file(path: &Path) -> Result<FileConfig, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| Error::ParseFile {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+impl TryFrom<ServeArgs> for DaemonConfig {
+    type Error = Error;
+
+    fn try_from(a: ServeArgs) -> Result<Self, Error> {
+        let file = match &a.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        let memory_limit = match (&a.memory_limit, &file.memory_limit) {
+            (Some(s), _) => parse_size(s)?,
+            (None, Some(v)) => v.bytes()?,
+            (None, None) => 1 << 30,
+        };
+        if memory_limit < 2 * PAGE_SIZE as u64 {
+            return Err(Error::LimitTooSmall(memory_limit));
+        }
+        let compressor: Compressor = a
+            .compressor
+            .as_deref()
+            .or(file.compressor.as_deref())
+            .unwrap_or("lz4")
+            .parse()?;
+        let raw_threshold = a
+            .raw_threshold
+            .or(file.raw_threshold)
+            .unwrap_or(PAGE_SIZE * 7 / 8);
+        if !(64..=PAGE_SIZE).contains(&raw_threshold) {
+            return Err(Error::BadRawThreshold(raw_threshold));
+        }
+        let max_pools = a.max_pools.or(file.max_pools).unwrap_or(16);
+        if !(1..=1024).contains(&max_pools) {
+            return Err(Error::BadMaxPools(max_pools));
+        }
+        let incompressible = match a.ephemeral_incompressible.or(file.ephemeral_incompressible) {
+            Some(Incompressible::Store) => IncompressiblePolicy::Store,
+            _ => IncompressiblePolicy::Refuse,
+        };
+        let device = DeviceConfig {
+            request_queues: a.queues.or(file.queues).unwrap_or(1),
+            queue_size: a.queue_size.or(file.queue_size).unwrap_or(256),
+            max_pools: max_pools as u16,
+            limit_pages: 0,
+        };
+        device.validate()?;
+        debug_assert!(
+            device.request_queues <= MAX_REQUEST_QUEUES && device.queue_size <= MAX_QUEUE_SIZE
+        );
+
+        let mut clients = Vec::new();
+        if a.socket_path.is_some() || a.fd.is_some() {
+            if !a.clients.is_empty() {
+                return Err(Error::SingleAndMulti);
+            }
+            check_name(&a.name)?;
+            let endpoint = match (a.socket_path, a.fd) {
+                (Some(p), _) => Endpoint::Path(p),
+                (None, Some(f)) => Endpoint::Fd(f),
+                (None, None) => unreachable!("checked above"),
+            };
+            clients.push(ClientSpec {
+                config: ClientConfig::named(&a.name),
+                endpoint,
+            });
+        }
+        for c in &file.clients {
+            clients.push(file_client(c)?);
+        }
+        for s in &a.clients {
+            clients.push(parse_client_spec(s)?);
+        }
+        if clients.is_empty() {
+            return Err(Error::NoClients);
+        }
+        let mut names = HashSet::new();
+        let mut paths = HashSet::new();
+        for c in &clients {
+            if !names.insert(c.config.name.clone()) {
+                return Err(Error::DuplicateName(c.config.name.clone()));
+            }
+            if let Endpoint::Path(p) = &c.endpoint {
+                if !paths.insert(p.clone()) {
+                    return Err(Error::DuplicateSocket(p.clone()));
+                }
+            }
+        }
+        let metrics_listen = a
+            .metrics_listen
+            .as_deref()
+            .or(file.metrics_listen.as_deref())
+            .map(parse_listen)
+            .transpose()?;
+        Ok(DaemonConfig {
+            engine: EngineConfig {
+                memory_limit,
+                compressor,
+                raw_threshold,
+                ephemeral_incompressible: incompressible,
+                max_pools,
+            },
+            device,
+            clients,
+            control_socket: a.control_socket.or(file.control_socket),
+            metrics_listen,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(args: &[&str]) -> Result<DaemonConfig, Error> {
+        let mut v = vec!["vhost-tmem"];
+        v.extend_from_slice(args);
+        let cli = Cli::try_parse_from(v).unwrap();
+        DaemonConfig::try_from(cli.serve)
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64K").unwrap(), 64 << 10);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("2TB").unwrap(), 2 << 40);
+        for bad in ["", "G", "1X", "-1", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn single_client_defaults() {
+        let c = cfg(&["--socket-path", "/tmp/x.sock"]).unwrap();
+        assert_eq!(c.clients.len(), 1);
+        assert_eq!(c.clients[0].config.name, "guest");
+        assert_eq!(c.engine.memory_limit, 1 << 30);
+        assert_eq!(c.engine.compressor, Compressor::Lz4);
+        assert_eq!(c.device.request_queues, 1);
+        assert!(c.metrics_listen.is_none());
+    }
+
+    #[test]
+    fn multi_client() {
+        let u = "12345678-9abc-def0-0001-0203040506ff";
+        let c = cfg(&[
+            "--client",
+            &format!("name=a,socket=/tmp/a,quota=64M,weight=300,compressor=zstd:3,shared={u}"),
+            "--client",
+            "name=b,fd=7",
+            "--memory-limit",
+            "256M",
+            "--queues",
+            "2",
+            "--metrics-listen",
+            "9187",
+        ])
+        .unwrap();
+        assert_eq!(c.clients[0].config.quota, 64 << 20);
+        assert_eq!(c.clients[0].config.weight, 300);
+        assert_eq!(c.clients[0].config.compressor, Some(Compressor::Zstd(3)));
+        assert_eq!(c.clients[0].config.shared, vec![parse_uuid(u).unwrap()]);
+        assert_eq!(c.clients[1].endpoint, Endpoint::Fd(7));
+        assert_eq!(c.metrics_listen.unwrap().to_string(), "127.0.0.1:9187");
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "no client"),
+            (
+                &["--socket-path", "/x", "--client", "name=a,socket=/y"],
+                "single client",
+            ),
+            (&["--client", "name=a"], "exactly one of socket= or fd="),
+            (&["--client", "socket=/a"], "name= is missing"),
+            (
+                &["--client", "name=a,socket=/a,colour=red"],
+                "unknown key \"colour\"",
+            ),
+            (&["--client", "name=a b,socket=/a"], "invalid client name"),
+            (
+                &[
+                    "--client",
+                    "name=a,socket=/a",
+                    "--client",
+                    "name=a,socket=/b",
+                ],
+                "two clients are named",
+            ),
+            (
+                &[
+                    "--client",
+                    "name=a,socket=/a",
+                    "--client",
+                    "name=b,socket=/a",
+                ],
+                "two clients use the socket",
+            ),
+            (&["--client", "name=a,socket=/a,weight=0"], "invalid weight"),
+            (
+                &["--client", "name=a,socket=/a,shared=xyz"],
+                "invalid shared pool UUID",
+            ),
+            (
+                &["--socket-path", "/x", "--memory-limit", "lots"],
+                "invalid size \"lots\"",
+            ),
+            (
+                &["--socket-path", "/x", "--memory-limit", "100"],
+                "at least one page",
+            ),
+            (
+                &["--socket-path", "/x", "--compressor", "brotli"],
+                "unknown compressor \"brotli\"",
+            ),
+            (
+                &["--socket-path", "/x", "--queues", "0"],
+                "request queues must be",
+            ),
+            (
+                &["--socket-path", "/x", "--queue-size", "100"],
+                "queue size must be",
+            ),
+            (
+                &["--socket-path", "/x", "--raw-threshold", "9000"],
+                "--raw-threshold",
+            ),
+            (&["--socket-path", "/x", "--max-pools", "0"], "--max-pools"),
+            (
+                &["--socket-path", "/x", "--metrics-listen", "here"],
+                "--metrics-listen",
+            ),
+            (
+                &["--socket-path", "/x", "--config", "/nonexistent.toml"],
+                "cannot read the configuration file",
+            ),
+        ];
+        for (args, want) in cases {
+            let e = cfg(args).unwrap_err().to_string();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.toml");
+        std::fs::write(
+            &p,
+            r#"
+memory_limit = "2G"
+compressor = "zstd"
+queues = 2
+[[client]]
+name = "vm1"
+socket = "/run/vm1.sock"
+quota = "512M"
+weight = 200
+[[client]]
+name = "vm2"
+socket = "/run/vm2.sock"
+quota = 1048576
+"#,
+        )
+        .unwrap();
+        let c = cfg(&["--config", p.to_str().unwrap(), "--memory-limit", "3G"]).unwrap();
+        assert_eq!(c.engine.memory_limit, 3 << 30);
+        assert_eq!(c.engine.compressor, Compressor::Zstd(1));
+        assert_eq!(c.clients.len(), 2);
+        assert_eq!(c.clients[0].config.quota, 512 << 20);
+        assert_eq!(c.clients[1].config.quota, 1 << 20);
+        std::fs::write(&p, "memory_limit = \"2G\"\nbogus = 1\n").unwrap();
+        let e = cfg(&["--config", p.to_str().unwrap()]).unwrap_err();
+        assert!(e.to_string().contains("invalid configuration file"));
+        let src = std::error::Error::source(&e).unwrap().to_string();
+        assert!(src.contains("bogus"), "{src}");
+    }
+}
