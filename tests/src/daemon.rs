@@ -1,0 +1,206 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Starts the real `vhost-tmem` binary for tests, the demo and benchmarks.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Errors starting or querying the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("vhost-tmem binary not found at {0} (set VHOST_TMEM_BIN or build it first)")]
+    NoBinary(PathBuf),
+    #[error("cannot build vhost-tmem")]
+    Build(#[source] std::io::Error),
+    #[error("cannot start vhost-tmem")]
+    Spawn(#[source] std::io::Error),
+    #[error("vhost-tmem exited early ({status}); log:\n{log}")]
+    Exited { status: String, log: String },
+    #[error("vhost-tmem did not create {0} in time")]
+    NoSocket(PathBuf),
+    #[error("control socket: {0}")]
+    Control(String),
+}
+
+/// The daemon binary: `$VHOST_TMEM_BIN`, else the workspace's target directory for the
+/// profile the caller was built with (building it there if missing).
+pub fn binary() -> Result<PathBuf, Error> {
+    if let Some(p) = std::env::var_os("VHOST_TMEM_BIN") {
+        let p = PathBuf::from(p);
+        return if p.exists() {
+            Ok(p)
+        } else {
+            Err(Error::NoBinary(p))
+        };
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let release = !cfg!(debug_assertions);
+    let p = root
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("vhost-tmem");
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(&root)
+        .args(["build", "-q", "-p", "vhost-tmem", "--bin", "vhost-tmem"]);
+    if release {
+        cmd.arg("--release");
+    }
+    // Cheap when up to date; makes sure tests never run a stale daemon.
+    let st = cmd.status().map_err(Error::Build)?;
+    if !st.success() || !p.exists() {
+        return Err(Error::NoBinary(p));
+    }
+    Ok(p)
+}
+
+/// A running daemon; killed (and its temporary directory removed) on drop.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Child,
+    dir: PathBuf,
+    keep: bool,
+}
+
+impl Daemon {
+    /// Starts `vhost-tmem` with `args` plus `--control-socket DIR/control.sock`, in a fresh
+    /// directory, and waits until the control socket and every `socket=`/`--socket-path` exist.
+    /// `{dir}` in an argument is replaced by that directory.
+    pub fn start(args: &[&str]) -> Result<Daemon, Error> {
+        let bin = binary()?;
+        let dir = std::env::temp_dir().join(format!(
+            "vhost-tmem-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        std::fs::create_dir_all(&dir).map_err(Error::Spawn)?;
+        let d = dir.display().to_string();
+        let args: Vec<String> = args.iter().map(|a| a.replace("{dir}", &d)).collect();
+        let mut wait_for = vec![dir.join("control.sock")];
+        for (i, a) in args.iter().enumerate() {
+            if a == "--socket-path" {
+                if let Some(p) = args.get(i + 1) {
+                    wait_for.push(PathBuf::from(p));
+                }
+            }
+            for kv in a.split(',') {
+                if let Some(p) = kv.strip_prefix("socket=") {
+                    wait_for.push(PathBuf::from(p));
+                }
+            }
+        }
+        let log = std::fs::File::create(dir.join("daemon.log")).map_err(Error::Spawn)?;
+        let child = Command::new(bin)
+            .args(&args)
+            .arg("--control-socket")
+            .arg(dir.join("control.sock"))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(Error::Spawn)?;
+        let mut d = Daemon {
+            child,
+            dir,
+            keep: false,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for p in &wait_for {
+            while !p.exists() {
+                if let Ok(Some(st)) = d.child.try_wait() {
+                    d.keep = true;
+                    return Err(Error::Exited {
+                        status: st.to_string(),
+                        log: d.log(),
+                    });
+                }
+                if Instant::now() > deadline {
+                    return Err(Error::NoSocket(p.clone()));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(d)
+    }
+
+    /// The daemon's working directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A path inside the daemon's directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Keeps the directory (and log) after drop, e.g. when a test fails.
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+
+    /// Sends one control request (a JSON object) and returns the answer.
+    pub fn control(&self, req: &serde_json::Value) -> Result<serde_json::Value, Error> {
+        let mut s = UnixStream::connect(self.dir.join("control.sock"))
+            .map_err(|e| Error::Control(e.to_string()))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| Error::Control(e.to_string()))?;
+        writeln!(s, "{req}").map_err(|e| Error::Control(e.to_string()))?;
+        let mut line = String::new();
+        BufReader::new(s)
+            .read_line(&mut line)
+            .map_err(|e| Error::Control(e.to_string()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| Error::Control(e.to_string()))?;
+        if v["ok"] != serde_json::Value::Bool(true) {
+            return Err(Error::Control(v["error"].to_string()));
+        }
+        Ok(v)
+    }
+
+    /// The daemon's statistics.
+    pub fn stats(&self) -> Result<serde_json::Value, Error> {
+        Ok(self.control(&serde_json::json!({"cmd": "stats"}))?["stats"].take())
+    }
+
+    /// One client's statistics.
+    pub fn client_stats(&self, name: &str) -> Result<serde_json::Value, Error> {
+        let s = self.stats()?;
+        s["clients"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == name).cloned())
+            .ok_or_else(|| Error::Control(format!("no client {name} in stats")))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() || self.keep {
+            eprintln!(
+                "vhost-tmem log kept in {}:\n{}",
+                self.dir.display(),
+                self.log()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
