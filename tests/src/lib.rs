@@ -869,7 +869,7 @@ pub mod pages {
                 let mut line = 0u64;
                 while i < PAGE_SIZE {
                     x = mix(x);
-                    let w = if x % 9 == 0 {
+                    let w = if x.is_multiple_of(9) {
                         line += 1;
                         format!("\n{seed}:{line} ")
                     } else {

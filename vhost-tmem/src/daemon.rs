@@ -114,8 +114,13 @@ fn serve_client(
         dev.stop_workers();
         client.set_connected(false);
         engine.reset_client(&client);
+        use vhost::vhost_user::Error as VuError;
         match result {
-            Ok(()) => tracing::info!(client = %name, "frontend disconnected"),
+            // wait() reports a peer that closed the socket as an error; it is the normal end.
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                VuError::Disconnected | VuError::PartialMessage,
+            )) => tracing::info!(client = %name, "frontend disconnected"),
             // A frontend that breaks the protocol loses its connection, not the daemon.
             Err(e) => tracing::warn!(client = %name, "connection ended: {e}"),
         }

@@ -695,13 +695,13 @@ impl<S: Tmem> TmemDevice<S> {
         self.respond(mem, chain, at, &RespHeader::status(status))
     }
 
-    /// Position of queue `queue` within the slice of vrings thread `thread` is handed.
-    fn thread_slot(&self, queue: u16, thread: usize) -> Option<usize> {
+    /// The device queue behind event `slot` of thread `thread`: vhost-user-backend numbers a
+    /// thread's events by the queue's position among that thread's queues, not globally.
+    fn queue_of(&self, thread: usize, slot: u16) -> Option<u16> {
         let mask = *self.queues_per_thread_masks().get(thread)?;
-        if (mask >> queue) & 1 == 0 {
-            return None;
-        }
-        Some((mask & ((1u64 << queue) - 1)).count_ones() as usize)
+        (0..64u16)
+            .filter(|q| (mask >> q) & 1 == 1)
+            .nth(slot as usize)
     }
 
     fn queues_per_thread_masks(&self) -> Vec<u64> {
@@ -783,11 +783,13 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
         if evset != EventSet::IN {
             return Err(Error::UnexpectedEvent(evset, device_event).into());
         }
-        let slot = self
-            .thread_slot(device_event, thread_id)
+        let queue = self
+            .queue_of(thread_id, device_event)
             .ok_or(Error::UnknownQueue(device_event))?;
-        let vring = vrings.get(slot).ok_or(Error::UnknownQueue(device_event))?;
-        let control = device_event == shared_proto::CONTROL_QUEUE;
+        let vring = vrings
+            .get(device_event as usize)
+            .ok_or(Error::UnknownQueue(device_event))?;
+        let control = queue == shared_proto::CONTROL_QUEUE;
         let mut w = self.workers[thread_id].lock();
         let event_idx = self.event_idx.load(Relaxed);
         loop {

@@ -497,10 +497,12 @@ fn config_space_and_features() {
     assert_ne!(e.dev.features() & (1 << feature::MQ), 0);
     assert_eq!(e.dev.num_queues(), 3);
     assert_eq!(e.dev.queues_per_thread(), vec![0b11, 0b100]);
-    assert_eq!(e.dev.thread_slot(1, 0), Some(1));
-    assert_eq!(e.dev.thread_slot(2, 1), Some(0));
-    assert_eq!(e.dev.thread_slot(2, 0), None);
-    assert_eq!(e.dev.thread_slot(40, 0), None);
+    // (thread, event) -> device queue: thread 0 has queues 0 and 1, thread 1 has queue 2.
+    assert_eq!(e.dev.queue_of(0, 0), Some(0));
+    assert_eq!(e.dev.queue_of(0, 1), Some(1));
+    assert_eq!(e.dev.queue_of(1, 0), Some(2));
+    assert_eq!(e.dev.queue_of(1, 1), None);
+    assert_eq!(e.dev.queue_of(2, 0), None);
 }
 
 #[test]

@@ -1,0 +1,793 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! End-to-end tests: the real `vhost-tmem` binary, real Unix sockets, the vhost-user protocol
+//! and split virtqueues in shared memfd memory, driven by the userspace guest.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use shared_proto::{resp_flags, BatchEntry, Op, ReqHeader, RespHeader, Status, PAGE_SIZE};
+use tmem_testguest::daemon::{self, Daemon};
+use tmem_testguest::{pages, Error, Guest, GuestOptions, Req, Seg};
+
+fn connect(d: &Daemon, sock: &str) -> Guest {
+    Guest::connect(d.path(sock), GuestOptions::default()).unwrap()
+}
+
+fn status_of(r: Result<(), Error>) -> Option<Status> {
+    match r {
+        Ok(()) => Some(Status::Ok),
+        Err(Error::Status(s)) => Some(s),
+        Err(e) => panic!("transport error: {e}"),
+    }
+}
+
+fn n(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// Puts `count` pages (seeds `base..`) into `pool` at depth 32, then gets each back and checks
+/// it byte for byte. Persistent pools must hit every time; ephemeral misses are legal.
+fn put_get_verify(
+    g: &mut Guest,
+    queue: usize,
+    pool: u32,
+    oid: [u64; 3],
+    base: u64,
+    count: u64,
+    persistent: bool,
+) -> (u64, u64) {
+    let store: Vec<Vec<u8>> = (0..count).map(|i| pages::page(base + i)).collect();
+    let reqs = (0..count as usize).map(|i| {
+        (
+            i,
+            Req::Put {
+                pool,
+                oid,
+                index: i as u64,
+                page: &store[i],
+            },
+        )
+    });
+    let mut refused = 0;
+    g.pipeline(queue, 32, reqs, |d| match d.status {
+        Status::Ok => {}
+        Status::Refused | Status::NoSpace if !persistent => refused += 1,
+        s => panic!("put {} failed: {s:?}", d.tag),
+    })
+    .unwrap();
+    let reqs = (0..count as usize).map(|i| {
+        (
+            i,
+            Req::Get {
+                pool,
+                oid,
+                index: i as u64,
+                exclusive: false,
+            },
+        )
+    });
+    let (mut hits, mut misses) = (0, 0);
+    g.pipeline(queue, 32, reqs, |d| match d.status {
+        Status::Ok => {
+            assert!(d.page == store[d.tag].as_slice(), "page {} differs", d.tag);
+            hits += 1;
+        }
+        Status::Miss if !persistent => misses += 1,
+        s => panic!("get {} failed: {s:?}", d.tag),
+    })
+    .unwrap();
+    assert_eq!(hits + misses, count);
+    let _ = refused;
+    (hits, misses)
+}
+
+#[test]
+fn four_clients_in_parallel_120k_pages() {
+    let names = ["c0", "c1", "c2", "c3"];
+    let specs: Vec<String> = names
+        .iter()
+        .map(|n| format!("name={n},socket={{dir}}/{n}.sock"))
+        .collect();
+    let mut args: Vec<&str> = vec!["--memory-limit", "2G", "--queues", "2"];
+    for s in &specs {
+        args.extend(["--client", s]);
+    }
+    let d = Arc::new(Daemon::start(&args).unwrap());
+    let per_client = 30_000u64;
+    let threads: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(t, name)| {
+            let d = d.clone();
+            let name = name.to_string();
+            std::thread::spawn(move || {
+                let mut g = Guest::connect(
+                    d.path(&format!("{name}.sock")),
+                    GuestOptions {
+                        request_queues: 2,
+                        ..GuestOptions::default()
+                    },
+                )
+                .unwrap();
+                let pers = g.create_pool(true, None).unwrap();
+                let eph = g.create_pool(false, None).unwrap();
+                let base = t as u64 * 1_000_000;
+                // Persistent on queue 0, ephemeral on queue 1, two objects each.
+                let half = per_client / 2;
+                for (k, oid) in [[t as u64, 1, 0], [t as u64, 2, 0]].into_iter().enumerate() {
+                    let (hits, _) =
+                        put_get_verify(&mut g, 0, pers, oid, base + k as u64 * half, half, true);
+                    assert_eq!(hits, half);
+                }
+                let (hits, _) = put_get_verify(
+                    &mut g,
+                    1,
+                    eph,
+                    [t as u64, 3, 0],
+                    base + 500_000,
+                    5_000,
+                    false,
+                );
+                // Nothing evicts under a 2G limit: every compressible ephemeral page is there.
+                assert!(hits > 4_000, "{hits}");
+                // Private ephemeral gets were exclusive: the pool is now empty of those pages.
+                let mut out = vec![0u8; PAGE_SIZE];
+                assert!(matches!(
+                    g.get(eph, [t as u64, 3, 0], 0, false, &mut out),
+                    Err(Error::Status(Status::Miss))
+                ));
+                // Flushes: one page, then a whole object.
+                g.flush_page(pers, [t as u64, 1, 0], 7).unwrap();
+                assert!(matches!(
+                    g.get(pers, [t as u64, 1, 0], 7, false, &mut out),
+                    Err(Error::Status(Status::Miss))
+                ));
+                g.flush_object(pers, [t as u64, 2, 0]).unwrap();
+                assert!(matches!(
+                    g.get(pers, [t as u64, 2, 0], 9, false, &mut out),
+                    Err(Error::Status(Status::Miss))
+                ));
+                g.get(pers, [t as u64, 1, 0], 8, false, &mut out).unwrap();
+                assert_eq!(out, pages::page(base + 8));
+                // Hand the connection back: dropping it would reset the client.
+                (g, half - 1)
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let s = d.stats().unwrap();
+    for (i, name) in names.iter().enumerate() {
+        let c = s["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == *name)
+            .unwrap();
+        assert_eq!(n(&c["puts"]), per_client + 5_000, "{name}");
+        assert_eq!(n(&c["get_errors"]), 0);
+        // What is left: the first object minus one flushed page.
+        assert_eq!(n(&c["stored_pages"]), results[i].1, "{name}");
+        assert!(n(&c["same_filled_pages"]) > 0 && n(&c["compressed_bytes"]) > 0);
+    }
+    let total: u64 = s["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| n(&c["puts"]))
+        .sum();
+    assert!(total >= 100_000);
+}
+
+#[test]
+fn ephemeral_eviction_under_a_small_limit() {
+    let d = Daemon::start(&["--socket-path", "{dir}/vm.sock", "--memory-limit", "4M"]).unwrap();
+    let mut g = connect(&d, "vm.sock");
+    let eph = g.create_pool(false, None).unwrap();
+    let (hits, misses) = put_get_verify(&mut g, 0, eph, [1, 0, 0], 0, 10_000, false);
+    let c = d.client_stats("guest").unwrap();
+    let s = d.stats().unwrap();
+    assert!(n(&c["evictions"]) > 1_000, "{c}");
+    assert!(misses > 1_000 && hits > 500, "hits {hits} misses {misses}");
+    assert!(n(&s["memory_used_bytes"]) <= 4 << 20);
+}
+
+#[test]
+fn persistent_puts_refused_at_quota_and_never_lost() {
+    let d = Daemon::start(&["--client", "name=vm,socket={dir}/vm.sock,quota=2M"]).unwrap();
+    let mut g = connect(&d, "vm.sock");
+    let pool = g.create_pool(true, None).unwrap();
+    let mut stored = Vec::new();
+    let mut refused = 0;
+    for i in 0..5_000u64 {
+        match status_of(g.put(pool, [2, 0, 0], i, &pages::page(i))) {
+            Some(Status::Ok) => stored.push(i),
+            Some(Status::NoSpace) => refused += 1,
+            s => panic!("{s:?}"),
+        }
+    }
+    assert!(
+        refused > 0 && stored.len() > 500,
+        "stored {} refused {refused}",
+        stored.len()
+    );
+    // Every accepted page comes back, byte for byte, and again (gets are not exclusive).
+    let mut out = vec![0u8; PAGE_SIZE];
+    for _ in 0..2 {
+        for &i in &stored {
+            g.get(pool, [2, 0, 0], i, false, &mut out).unwrap();
+            assert_eq!(out, pages::page(i), "page {i}");
+        }
+    }
+    // A refused put over an existing key leaves no stale copy behind.
+    let victim = *stored
+        .iter()
+        .find(|&&i| pages::page(i) != vec![0u8; PAGE_SIZE])
+        .unwrap();
+    let big: Vec<u8> = (0..PAGE_SIZE)
+        .map(|i| (i * 7919 % 251) as u8 ^ (i >> 3) as u8)
+        .collect();
+    let mut tries = 0;
+    loop {
+        // Fill to the brim with incompressible pages, then overwrite the victim.
+        let r = status_of(g.put(
+            pool,
+            [2, 0, 0],
+            1_000_000 + tries,
+            &pages::page(9 + 10 * tries),
+        ));
+        tries += 1;
+        if r == Some(Status::NoSpace) || tries > 10_000 {
+            break;
+        }
+    }
+    let r = status_of(g.put(pool, [2, 0, 0], victim, &big));
+    if r == Some(Status::NoSpace) {
+        assert!(matches!(
+            g.get(pool, [2, 0, 0], victim, false, &mut out),
+            Err(Error::Status(Status::Miss))
+        ));
+    } else {
+        g.get(pool, [2, 0, 0], victim, false, &mut out).unwrap();
+        assert_eq!(out, big);
+    }
+    let c = d.client_stats("vm").unwrap();
+    assert!(n(&c["memory_used"]) <= 2 << 20);
+    assert_eq!(n(&c["evictions"]), 0);
+}
+
+#[test]
+fn exclusive_gets() {
+    let d = Daemon::start(&["--socket-path", "{dir}/vm.sock"]).unwrap();
+    let mut g = connect(&d, "vm.sock");
+    let eph = g.create_pool(false, None).unwrap();
+    let pers = g.create_pool(true, None).unwrap();
+    let mut out = vec![0u8; PAGE_SIZE];
+    let p = pages::page(3);
+    g.put(eph, [1, 1, 1], 5, &p).unwrap();
+    g.put(pers, [1, 1, 1], 5, &p).unwrap();
+    // Private ephemeral: always exclusive.
+    let flags = g.get(eph, [1, 1, 1], 5, false, &mut out).unwrap();
+    assert_eq!(
+        (flags & resp_flags::DROPPED, &out),
+        (resp_flags::DROPPED, &p)
+    );
+    assert!(matches!(
+        g.get(eph, [1, 1, 1], 5, false, &mut out),
+        Err(Error::Status(Status::Miss))
+    ));
+    // Persistent: kept unless asked.
+    assert_eq!(
+        g.get(pers, [1, 1, 1], 5, false, &mut out).unwrap() & resp_flags::DROPPED,
+        0
+    );
+    assert_eq!(
+        g.get(pers, [1, 1, 1], 5, true, &mut out).unwrap() & resp_flags::DROPPED,
+        resp_flags::DROPPED
+    );
+    assert_eq!(out, p);
+    assert!(matches!(
+        g.get(pers, [1, 1, 1], 5, false, &mut out),
+        Err(Error::Status(Status::Miss))
+    ));
+}
+
+#[test]
+fn flush_object_and_batched_flushes() {
+    let d = Daemon::start(&["--socket-path", "{dir}/vm.sock"]).unwrap();
+    let mut g = connect(&d, "vm.sock");
+    let pool = g.create_pool(true, None).unwrap();
+    for obj in 0..3u64 {
+        for i in 0..40u64 {
+            g.put(pool, [obj, 9, 9], i, &pages::page(obj * 100 + i))
+                .unwrap();
+        }
+    }
+    g.flush_object(pool, [1, 9, 9]).unwrap();
+    let mut entries: Vec<BatchEntry> = (0..20u64)
+        .map(|i| BatchEntry {
+            op: Op::FlushPage as u32,
+            pool_id: pool,
+            oid: [0, 9, 9],
+            index: i,
+        })
+        .collect();
+    entries.push(BatchEntry {
+        op: Op::FlushObject as u32,
+        pool_id: pool,
+        oid: [2, 9, 9],
+        index: 0,
+    });
+    entries.push(BatchEntry {
+        op: Op::FlushPage as u32,
+        pool_id: pool,
+        oid: [1, 9, 9],
+        index: 0,
+    });
+    entries.push(BatchEntry {
+        op: Op::FlushPage as u32,
+        pool_id: 99,
+        oid: [0, 9, 9],
+        index: 30,
+    });
+    let st = g.batch(&entries).unwrap();
+    assert!(st[..21].iter().all(|s| *s == Status::Ok), "{st:?}");
+    assert_eq!(st[21], Status::Miss);
+    assert_eq!(st[22], Status::BadPool);
+    let mut out = vec![0u8; PAGE_SIZE];
+    for obj in 0..3u64 {
+        for i in 0..40u64 {
+            let r = g.get(pool, [obj, 9, 9], i, false, &mut out);
+            if obj == 0 && i >= 20 {
+                r.unwrap();
+                assert_eq!(out, pages::page(i));
+            } else {
+                assert!(matches!(r, Err(Error::Status(Status::Miss))), "{obj} {i}");
+            }
+        }
+    }
+    assert_eq!(n(&d.client_stats("guest").unwrap()["stored_pages"]), 20);
+}
+
+#[test]
+fn shared_pool_authorization() {
+    let u = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+    let uuid: [u8; 16] = [
+        0x0f, 0x1e, 0x2d, 0x3c, 0x4b, 0x5a, 0x69, 0x78, 0x87, 0x96, 0xa5, 0xb4, 0xc3, 0xd2, 0xe1,
+        0xf0,
+    ];
+    let a = format!("name=a,socket={{dir}}/a.sock,shared={u}");
+    let b = format!("name=b,socket={{dir}}/b.sock,shared={u}");
+    let d = Daemon::start(&[
+        "--client",
+        &a,
+        "--client",
+        &b,
+        "--client",
+        "name=c,socket={dir}/c.sock",
+    ])
+    .unwrap();
+    let (mut ga, mut gb, mut gc) = (
+        connect(&d, "a.sock"),
+        connect(&d, "b.sock"),
+        connect(&d, "c.sock"),
+    );
+    let pa = ga.create_pool(false, Some(uuid)).unwrap();
+    let pb = gb.create_pool(false, Some(uuid)).unwrap();
+    // Knowing the UUID is not enough.
+    assert!(matches!(
+        gc.create_pool(false, Some(uuid)),
+        Err(Error::Status(Status::Denied))
+    ));
+    // Shared pools must be ephemeral.
+    assert!(matches!(
+        ga.create_pool(true, Some(uuid)),
+        Err(Error::Status(Status::Invalid))
+    ));
+    let p = pages::page(42);
+    ga.put(pa, [7, 7, 7], 1, &p).unwrap();
+    let mut out = vec![0u8; PAGE_SIZE];
+    gb.get(pb, [7, 7, 7], 1, false, &mut out).unwrap();
+    assert_eq!(out, p);
+    // c's own pools never see it.
+    let pc = gc.create_pool(false, None).unwrap();
+    assert!(matches!(
+        gc.get(pc, [7, 7, 7], 1, false, &mut out),
+        Err(Error::Status(Status::Miss))
+    ));
+    // Authorization granted at run time through the control socket.
+    d.control(&json!({"cmd": "authorize", "client": "c", "uuid": u}))
+        .unwrap();
+    let pc2 = gc.create_pool(false, Some(uuid)).unwrap();
+    gc.get(pc2, [7, 7, 7], 1, false, &mut out).unwrap();
+    assert_eq!(out, p);
+    let s = d.stats().unwrap();
+    assert_eq!(n(&s["shared_pools"][0]["members"]), 3);
+}
+
+#[test]
+fn disconnect_and_reconnect_while_others_work() {
+    let d = Arc::new(
+        Daemon::start(&[
+            "--client",
+            "name=a,socket={dir}/a.sock",
+            "--client",
+            "name=b,socket={dir}/b.sock",
+        ])
+        .unwrap(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (d, stop) = (d.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut g = connect(&d, "b.sock");
+            let pool = g.create_pool(true, None).unwrap();
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) || round < 3 {
+                let (hits, _) =
+                    put_get_verify(&mut g, 0, pool, [round, 0, 0], round * 10_000, 1_000, true);
+                assert_eq!(hits, 1_000);
+                round += 1;
+            }
+            round
+        })
+    };
+    for cycle in 0..5u64 {
+        let mut g = connect(&d, "a.sock");
+        let pool = g.create_pool(true, None).unwrap();
+        // A new connection starts clean: earlier pools are gone.
+        assert_eq!(pool, 0, "cycle {cycle}");
+        for i in 0..300 {
+            g.put(pool, [cycle, 0, 0], i, &pages::page(i + cycle))
+                .unwrap();
+        }
+        let mut out = vec![0u8; PAGE_SIZE];
+        g.get(pool, [cycle, 0, 0], 17, false, &mut out).unwrap();
+        assert_eq!(out, pages::page(17 + cycle));
+        drop(g);
+        // The daemon notices the disconnect and frees a's pages.
+        let mut freed = false;
+        for _ in 0..200 {
+            let c = d.client_stats("a").unwrap();
+            if c["connected"] == false && n(&c["stored_pages"]) == 0 {
+                freed = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(freed, "client a not reset after disconnect");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let rounds = worker.join().unwrap();
+    assert!(rounds >= 3);
+    assert!(d.log().contains("frontend disconnected"));
+}
+
+#[test]
+fn malformed_requests_over_the_socket() {
+    let d = Daemon::start(&[
+        "--client",
+        "name=bad,socket={dir}/bad.sock",
+        "--client",
+        "name=good,socket={dir}/good.sock",
+    ])
+    .unwrap();
+    let mut good = connect(&d, "good.sock");
+    let gp = good.create_pool(true, None).unwrap();
+    good.put(gp, [1, 0, 0], 0, &pages::page(1)).unwrap();
+
+    let mut g = connect(&d, "bad.sock");
+    let pool = g.create_pool(true, None).unwrap();
+    let hdr = |op: u32, pool: u32, count: u32| {
+        ReqHeader {
+            op,
+            pool_id: pool,
+            count,
+            ..ReqHeader::default()
+        }
+        .encode()
+        .to_vec()
+    };
+    let status =
+        |w: &[u8]| Status::from_u32(RespHeader::decode(w[..16].try_into().unwrap()).status);
+    let put = Op::Put as u32;
+    let cases: Vec<(usize, Vec<Seg>, Option<Status>)> = vec![
+        // Too short for a header.
+        (
+            1,
+            vec![Seg::Read(vec![1, 2, 3]), Seg::Write(16)],
+            Some(Status::Invalid),
+        ),
+        // Unknown operation.
+        (
+            1,
+            vec![Seg::Read(hdr(77, pool, 0)), Seg::Write(16)],
+            Some(Status::Unsupported),
+        ),
+        // Wrong queue.
+        (
+            1,
+            vec![
+                Seg::Read(hdr(Op::DestroyPool as u32, pool, 0)),
+                Seg::Write(16),
+            ],
+            Some(Status::Unsupported),
+        ),
+        (
+            0,
+            vec![Seg::Read(hdr(put, pool, 0)), Seg::Write(16)],
+            Some(Status::Unsupported),
+        ),
+        // PUT without a page, with half a page, with the page device-writable.
+        (
+            1,
+            vec![Seg::Read(hdr(put, pool, 0)), Seg::Write(16)],
+            Some(Status::Invalid),
+        ),
+        (
+            1,
+            vec![
+                Seg::Read(hdr(put, pool, 0)),
+                Seg::Read(vec![0; 2048]),
+                Seg::Write(16),
+            ],
+            Some(Status::Invalid),
+        ),
+        (
+            1,
+            vec![Seg::Read(hdr(put, pool, 0)), Seg::Write(4096 + 16)],
+            Some(Status::Invalid),
+        ),
+        // Unknown pool ids.
+        (
+            1,
+            vec![
+                Seg::Read(hdr(put, 12345, 0)),
+                Seg::Read(vec![1; 4096]),
+                Seg::Write(16),
+            ],
+            Some(Status::BadPool),
+        ),
+        (
+            1,
+            vec![
+                Seg::Read(hdr(Op::Get as u32, u32::MAX, 0)),
+                Seg::Write(4096 + 16),
+            ],
+            Some(Status::BadPool),
+        ),
+        // A batch claiming more entries than it carries.
+        (
+            1,
+            vec![
+                Seg::Read(hdr(Op::Batch as u32, pool, 10)),
+                Seg::Write(16 + 10),
+            ],
+            Some(Status::Invalid),
+        ),
+        // Page address outside guest memory.
+        (
+            1,
+            vec![
+                Seg::Read(hdr(put, pool, 0)),
+                Seg::Raw {
+                    addr: g.ram_size() + 4096,
+                    len: 4096,
+                    write: false,
+                },
+                Seg::Write(16),
+            ],
+            Some(Status::Invalid),
+        ),
+        (
+            1,
+            vec![
+                Seg::Read(hdr(put, pool, 0)),
+                Seg::Raw {
+                    addr: u64::MAX - 100,
+                    len: 4096,
+                    write: false,
+                },
+                Seg::Write(16),
+            ],
+            Some(Status::Invalid),
+        ),
+        // No room for a status at all: returned unused.
+        (1, vec![Seg::Read(hdr(Op::FlushPage as u32, pool, 0))], None),
+        // Readable after writable.
+        (
+            1,
+            vec![
+                Seg::Read(hdr(Op::FlushPage as u32, pool, 0)),
+                Seg::Write(16),
+                Seg::Read(vec![0; 8]),
+            ],
+            None,
+        ),
+    ];
+    for (i, (q, segs, want)) in cases.iter().enumerate() {
+        let (used, written) = g
+            .raw_chain(*q, segs)
+            .unwrap_or_else(|e| panic!("case {i}: {e}"));
+        match want {
+            Some(s) => {
+                // The response sits after the page for GET, at the start otherwise.
+                let w = written.last().unwrap();
+                let is_get =
+                    matches!(&segs[0], Seg::Read(b) if b.len() >= 4 && b[0] == Op::Get as u8);
+                let at = if is_get { 4096 } else { 0 };
+                assert_eq!(used as usize, at + 16, "case {i}");
+                assert_eq!(status(&w[at..]), Some(*s), "case {i}");
+            }
+            None => assert_eq!(used, 0, "case {i}"),
+        }
+    }
+    // A flood of garbage: bounded log lines, and the device keeps serving.
+    for _ in 0..2_000 {
+        g.raw_chain(1, &[Seg::Read(vec![0xff; 48]), Seg::Write(16)])
+            .unwrap();
+    }
+    g.put(pool, [5, 0, 0], 1, &pages::page(5)).unwrap();
+    let mut out = vec![0u8; PAGE_SIZE];
+    g.get(pool, [5, 0, 0], 1, false, &mut out).unwrap();
+    assert_eq!(out, pages::page(5));
+    // The other client is untouched.
+    good.get(gp, [1, 0, 0], 0, false, &mut out).unwrap();
+    assert_eq!(out, pages::page(1));
+    let warnings = d.log().matches("malformed request").count();
+    assert!(warnings > 0 && warnings < 200, "{warnings} warning lines");
+    assert_eq!(n(&d.client_stats("good").unwrap()["stored_pages"]), 1);
+}
+
+#[test]
+fn multiqueue_without_event_idx() {
+    let d = Daemon::start(&[
+        "--socket-path",
+        "{dir}/vm.sock",
+        "--queues",
+        "4",
+        "--compressor",
+        "zstd:3",
+    ])
+    .unwrap();
+    let mut g = Guest::connect(
+        d.path("vm.sock"),
+        GuestOptions {
+            request_queues: 4,
+            event_idx: false,
+            queue_size: 128,
+            ..GuestOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(g.config().num_request_queues, 4);
+    let pool = g.create_pool(true, None).unwrap();
+    for q in 0..4 {
+        let (hits, _) = put_get_verify(
+            &mut g,
+            q,
+            pool,
+            [q as u64, 0, 0],
+            q as u64 * 1000,
+            500,
+            true,
+        );
+        assert_eq!(hits, 500);
+    }
+    let c = d.client_stats("guest").unwrap();
+    assert_eq!(c["compressor"], "zstd:3");
+    assert_eq!(n(&c["stored_pages"]), 2000);
+}
+
+#[test]
+fn stats_cli_prometheus_and_control() {
+    // A free loopback port for the metrics endpoint.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let port_s = port.to_string();
+    let d = Daemon::start(&[
+        "--socket-path",
+        "{dir}/vm.sock",
+        "--metrics-listen",
+        &port_s,
+    ])
+    .unwrap();
+    let mut g = connect(&d, "vm.sock");
+    let pool = g.create_pool(true, None).unwrap();
+    for i in 0..50 {
+        g.put(pool, [1, 0, 0], i, &pages::page(i)).unwrap();
+    }
+    let bin = daemon::binary().unwrap();
+    let out = Command::new(&bin)
+        .args(["stats", "--control"])
+        .arg(d.path("control.sock"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(n(&v["clients"][0]["puts"]), 50);
+    assert_eq!(v["clients"][0]["pools"][0]["kind"], "persistent");
+    let out = Command::new(&bin)
+        .args(["stats", "--prometheus", "--control"])
+        .arg(d.path("control.sock"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("vhost_tmem_client_puts_total{client=\"guest\"} 50"),
+        "{text}"
+    );
+    // The HTTP endpoint serves the same.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.0 200"), "{body}");
+    assert!(body.contains(
+        "vhost_tmem_pool_stored_pages{client=\"guest\",pool=\"0\",kind=\"persistent\"} 50"
+    ));
+    // ctl: freeze refuses puts (and drops the old copy), thaw accepts again.
+    let ctl = |args: &[&str]| {
+        Command::new(&bin)
+            .arg("ctl")
+            .arg("--control")
+            .arg(d.path("control.sock"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(ctl(&["freeze", "guest"]).status.success());
+    assert!(matches!(
+        g.put(pool, [1, 0, 0], 3, &pages::page(3)),
+        Err(Error::Status(Status::Refused))
+    ));
+    assert!(ctl(&["thaw", "guest"]).status.success());
+    g.put(pool, [1, 0, 0], 3, &pages::page(3)).unwrap();
+    let bad = ctl(&["weight", "nobody", "5"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no client named \"nobody\""));
+    // Shrink request shows in config space.
+    assert!(ctl(&["shrink", "guest", "1234"]).status.success());
+    assert_eq!(g.read_config().unwrap().shrink_target_pages, 1234);
+}
+
+#[test]
+fn command_line_errors_exit_1_with_a_message() {
+    let bin = daemon::binary().unwrap();
+    let cases: HashMap<&[&str], &str> = HashMap::from([
+        (&[][..], "no client to serve"),
+        (
+            &["--socket-path", "/tmp/x.sock", "--compressor", "lzma"][..],
+            "unknown compressor \"lzma\"",
+        ),
+        (
+            &["--socket-path", "/tmp/x.sock", "--memory-limit", "ten"][..],
+            "invalid size \"ten\"",
+        ),
+        (&["--client", "name=a"][..], "exactly one of socket= or fd="),
+        (&["--fd", "987"][..], "fd 987 is not an open socket"),
+        (
+            &["--socket-path", "/nonexistent-dir/x.sock"][..],
+            "cannot listen on /nonexistent-dir/x.sock",
+        ),
+        (&["--no-such-option"][..], "unexpected argument"),
+    ]);
+    for (args, want) in cases {
+        let out = Command::new(&bin).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let out = Command::new(&bin)
+        .arg("--print-capabilities")
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["type"], "tmem");
+}
