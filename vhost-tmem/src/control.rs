@@ -144,7 +144,10 @@ impl Controls {
 
     /// Serves the control socket until the process exits.
     pub fn serve(self, path: &Path) -> Result<std::thread::JoinHandle<()>, Error> {
-        let _ = std::fs::remove_file(path);
+        crate::daemon::remove_stale_socket(path).map_err(|source| Error::Bind {
+            path: path.to_owned(),
+            source,
+        })?;
         let listener = UnixListener::bind(path).map_err(|source| Error::Bind {
             path: path.to_owned(),
             source,

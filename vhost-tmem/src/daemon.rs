@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{FromRawFd, RawFd};
+use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::{mpsc, Arc};
 
@@ -25,6 +26,13 @@ pub enum Error {
         path: String,
         #[source]
         source: vhost::vhost_user::Error,
+    },
+    #[error("client \"{name}\": cannot use {path}")]
+    SocketPath {
+        name: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
     },
     #[error("client \"{name}\": fd {fd} is not an open socket")]
     NotASocket { name: String, fd: RawFd },
@@ -56,13 +64,35 @@ fn is_socket(fd: RawFd) -> bool {
     }
 }
 
+/// Removes a stale socket at `path` so that it can be bound again, but never anything else:
+/// a mistyped path must not delete a file.
+pub fn remove_stale_socket(path: &Path) -> Result<(), std::io::Error> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "exists and is not a socket",
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 fn listen(name: &str, ep: &Endpoint) -> Result<Listener, Error> {
     match ep {
-        Endpoint::Path(p) => Listener::new(p, true).map_err(|source| Error::Listen {
-            name: name.to_string(),
-            path: p.display().to_string(),
-            source,
-        }),
+        Endpoint::Path(p) => {
+            remove_stale_socket(p).map_err(|source| Error::SocketPath {
+                name: name.to_string(),
+                path: p.display().to_string(),
+                source,
+            })?;
+            Listener::new(p, false).map_err(|source| Error::Listen {
+                name: name.to_string(),
+                path: p.display().to_string(),
+                source,
+            })
+        }
         Endpoint::Fd(fd) => {
             if !is_socket(*fd) {
                 return Err(Error::NotASocket {

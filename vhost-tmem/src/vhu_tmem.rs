@@ -134,6 +134,14 @@ impl LogLimiter {
     }
 }
 
+/// Thread 0 serves the control queue and request queue 1; each further request queue has a
+/// thread of its own.
+fn thread_masks(request_queues: u16) -> Vec<u64> {
+    let mut masks = vec![0b11u64];
+    masks.extend((2..=request_queues as u64).map(|q| 1 << q));
+    masks
+}
+
 /// One descriptor of a parsed chain.
 #[derive(Clone, Copy, Debug, Default)]
 struct Seg {
@@ -215,56 +223,49 @@ fn contiguous(segs: &[Seg], mut offset: usize, len: usize) -> Option<GuestAddres
     None
 }
 
-/// Copies `buf.len()` bytes from offset `offset` of a part into `buf`.
-fn read_part(mem: &Mem, segs: &[Seg], mut offset: usize, buf: &mut [u8]) -> Result<(), ()> {
+/// Calls `f(address, range of the caller's buffer)` for each piece of bytes
+/// `[offset, offset + len)` of a part, in order; fails if the part is shorter or `f` fails.
+fn for_each_piece(
+    segs: &[Seg],
+    mut offset: usize,
+    len: usize,
+    mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), ()>,
+) -> Result<(), ()> {
     let mut done = 0;
     for s in segs {
+        if done == len {
+            break;
+        }
         let l = s.len as usize;
         if offset >= l {
             offset -= l;
             continue;
         }
-        let n = (l - offset).min(buf.len() - done);
+        let n = (l - offset).min(len - done);
         let addr = GuestAddress(s.addr).checked_add(offset as u64).ok_or(())?;
-        mem.read_slice(&mut buf[done..done + n], addr)
-            .map_err(|_| ())?;
+        f(addr, done..done + n)?;
         done += n;
         offset = 0;
-        if done == buf.len() {
-            return Ok(());
-        }
     }
-    if done == buf.len() {
+    if done == len {
         Ok(())
     } else {
         Err(())
     }
 }
 
+/// Copies `buf.len()` bytes from offset `offset` of a part into `buf`.
+fn read_part(mem: &Mem, segs: &[Seg], offset: usize, buf: &mut [u8]) -> Result<(), ()> {
+    for_each_piece(segs, offset, buf.len(), |a, r| {
+        mem.read_slice(&mut buf[r], a).map_err(|_| ())
+    })
+}
+
 /// Copies `buf` to offset `offset` of a part.
-fn write_part(mem: &Mem, segs: &[Seg], mut offset: usize, buf: &[u8]) -> Result<(), ()> {
-    let mut done = 0;
-    for s in segs {
-        let l = s.len as usize;
-        if offset >= l {
-            offset -= l;
-            continue;
-        }
-        let n = (l - offset).min(buf.len() - done);
-        let addr = GuestAddress(s.addr).checked_add(offset as u64).ok_or(())?;
-        mem.write_slice(&buf[done..done + n], addr)
-            .map_err(|_| ())?;
-        done += n;
-        offset = 0;
-        if done == buf.len() {
-            return Ok(());
-        }
-    }
-    if done == buf.len() {
-        Ok(())
-    } else {
-        Err(())
-    }
+fn write_part(mem: &Mem, segs: &[Seg], offset: usize, buf: &[u8]) -> Result<(), ()> {
+    for_each_piece(segs, offset, buf.len(), |a, r| {
+        mem.write_slice(&buf[r], a).map_err(|_| ())
+    })
 }
 
 /// A worker thread's state: the store's per-worker state and a bounce page.
@@ -285,6 +286,8 @@ pub struct TmemDevice<S: Tmem> {
     workers: Vec<Mutex<WorkerState<S::Worker>>>,
     exit: (EventConsumer, EventNotifier),
     shrink_target: Arc<AtomicU64>,
+    /// Queues served by each worker thread, as bit masks (computed once).
+    thread_masks: Vec<u64>,
     log: LogLimiter,
     name: String,
 }
@@ -330,6 +333,7 @@ impl<S: Tmem> TmemDevice<S> {
             workers,
             exit,
             shrink_target: Arc::new(AtomicU64::new(u64::MAX)),
+            thread_masks: thread_masks(cfg.request_queues),
             log: LogLimiter::default(),
             name: name.to_string(),
         })
@@ -698,18 +702,10 @@ impl<S: Tmem> TmemDevice<S> {
     /// The device queue behind event `slot` of thread `thread`: vhost-user-backend numbers a
     /// thread's events by the queue's position among that thread's queues, not globally.
     fn queue_of(&self, thread: usize, slot: u16) -> Option<u16> {
-        let mask = *self.queues_per_thread_masks().get(thread)?;
+        let mask = *self.thread_masks.get(thread)?;
         (0..64u16)
             .filter(|q| (mask >> q) & 1 == 1)
             .nth(slot as usize)
-    }
-
-    fn queues_per_thread_masks(&self) -> Vec<u64> {
-        let mut masks = vec![0b11u64];
-        for q in 2..=self.cfg.request_queues as u64 {
-            masks.push(1 << q);
-        }
-        masks
     }
 }
 
@@ -766,7 +762,7 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        self.queues_per_thread_masks()
+        self.thread_masks.clone()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

@@ -282,6 +282,7 @@ impl Codecs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::testutil::random_page;
 
     fn text_page(seed: u32) -> Vec<u8> {
         let mut p = Vec::with_capacity(PAGE_SIZE);
@@ -292,17 +293,6 @@ mod tests {
         }
         p.truncate(PAGE_SIZE);
         p
-    }
-
-    fn random_page(mut x: u64) -> Vec<u8> {
-        (0..PAGE_SIZE)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
     }
 
     #[test]

@@ -378,6 +378,13 @@ impl Engine {
         self.used.fetch_sub(cost, Relaxed);
     }
 
+    /// Bookkeeping for a page that left `pool`: its charge is released, gauges go down.
+    fn forget(&self, pool: &Pool, p: &Payload) {
+        let cost = pool.cost(p);
+        self.release(&pool.account, cost);
+        pool.gauge(p, cost, false);
+    }
+
     /// Charges `cost` to `account` and the global total, evicting ephemeral pages if needed.
     fn reserve(&self, account: &Arc<Account>, cost: u64) -> Result<()> {
         for _ in 0..RESERVE_ROUNDS {
@@ -473,9 +480,7 @@ impl Engine {
         let Some(e) = removed else {
             return false;
         };
-        let cost = pool.cost(&e.payload);
-        self.release(&pool.account, cost);
-        pool.gauge(&e.payload, cost, false);
+        self.forget(pool, &e.payload);
         Counters::inc(&pool.account.counters.evictions);
         Counters::inc(&pool.counters.evictions);
         true
@@ -493,9 +498,7 @@ impl Engine {
             };
             for (_, obj) in taken {
                 for (_, e) in obj {
-                    let cost = pool.cost(&e.payload);
-                    self.release(&pool.account, cost);
-                    pool.gauge(&e.payload, cost, false);
+                    self.forget(pool, &e.payload);
                     n += 1;
                 }
             }
@@ -652,9 +655,7 @@ impl Engine {
         };
         match e {
             Some(e) => {
-                let cost = pool.cost(&e.payload);
-                self.release(&pool.account, cost);
-                pool.gauge(&e.payload, cost, false);
+                self.forget(pool, &e.payload);
                 true
             }
             None => false,
@@ -814,9 +815,7 @@ impl Tmem for Engine {
             old
         };
         if let Some(old) = old {
-            let old_cost = pool.cost(&old.payload);
-            self.release(&pool.account, old_cost);
-            pool.gauge(&old.payload, old_cost, false);
+            self.forget(&pool, &old.payload);
         }
         Ok(())
     }
@@ -851,9 +850,7 @@ impl Tmem for Engine {
                 None => Err(Error::Miss),
                 Some(e) => {
                     let r = decode(worker, &e.payload, out);
-                    let cost = pool.cost(&e.payload);
-                    self.release(&pool.account, cost);
-                    pool.gauge(&e.payload, cost, false);
+                    self.forget(&pool, &e.payload);
                     r.map(|()| GetHit { dropped: true })
                 }
             }
@@ -933,9 +930,7 @@ impl Tmem for Engine {
                 continue;
             };
             for (_, e) in obj {
-                let cost = pool.cost(&e.payload);
-                self.release(&pool.account, cost);
-                pool.gauge(&e.payload, cost, false);
+                self.forget(&pool, &e.payload);
                 n += 1;
             }
         }

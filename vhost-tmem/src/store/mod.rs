@@ -162,6 +162,24 @@ pub trait Tmem: Send + Sync + 'static {
     fn reset_client(&self, client: &Self::Client);
 }
 
+/// Helpers shared by the store's tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use shared_proto::PAGE_SIZE;
+
+    /// An incompressible page: xorshift bytes from `x`.
+    pub fn random_page(mut x: u64) -> Vec<u8> {
+        (0..PAGE_SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 use super::*;
+use crate::store::testutil::random_page;
 
 const EPH: PoolSpec = PoolSpec {
     persistent: false,
@@ -20,17 +21,6 @@ fn page(seed: u64) -> Vec<u8> {
     }
     p.truncate(PAGE_SIZE);
     p
-}
-
-fn random_page(mut x: u64) -> Vec<u8> {
-    (0..PAGE_SIZE)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn engine(limit: u64) -> Engine {
