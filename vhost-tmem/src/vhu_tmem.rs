@@ -216,7 +216,11 @@ fn contiguous(segs: &[Seg], mut offset: usize, len: usize) -> Option<GuestAddres
     for s in segs {
         let l = s.len as usize;
         if offset < l {
-            return (offset + len <= l).then(|| GuestAddress(s.addr + offset as u64));
+            if offset + len > l {
+                return None;
+            }
+            // Checked: descriptor addresses come from the guest.
+            return s.addr.checked_add(offset as u64).map(GuestAddress);
         }
         offset -= l;
     }

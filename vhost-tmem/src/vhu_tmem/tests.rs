@@ -370,9 +370,28 @@ fn addresses_outside_guest_memory() {
     );
     assert_eq!(e.status(RESP), Some(Status::Invalid));
     assert_eq!(e.get(pool, 3, 0).1, page(3));
-    // Address arithmetic overflow in a descriptor.
+    // Address arithmetic overflow in a descriptor: header, page, and a page whose start only
+    // overflows once the header's offset is added.
     e.run(&[(u64::MAX - 4, 48, false), (RESP, 16, true)], false);
     assert_eq!(e.status(RESP), Some(Status::Invalid));
+    e.header(Op::Put, 0, pool, 0);
+    e.run(
+        &[
+            (HDR, 48, false),
+            (u64::MAX - 10, 4096, false),
+            (RESP, 16, true),
+        ],
+        false,
+    );
+    assert_eq!(e.status(RESP), Some(Status::Invalid));
+    e.write(HDR + 48, &[0u8; 8]);
+    e.run(
+        &[(u64::MAX - 20, 48 + 4096, false), (RESP, 16, true)],
+        false,
+    );
+    assert_eq!(e.status(RESP), Some(Status::Invalid));
+    e.header(Op::Get, 0, pool, 3);
+    e.run(&[(HDR, 48, false), (u64::MAX - 10, 4096 + 16, true)], false);
 }
 
 #[test]
