@@ -145,16 +145,6 @@ impl Daemon {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
 
-    /// Whether the process is still running.
-    pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Keeps the directory (and log) after drop, e.g. when a test fails.
-    pub fn keep(&mut self) {
-        self.keep = true;
-    }
-
     /// Sends one control request (a JSON object) and returns the answer.
     pub fn control(&self, req: &serde_json::Value) -> Result<serde_json::Value, Error> {
         let mut s = UnixStream::connect(self.dir.join("control.sock"))

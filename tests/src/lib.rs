@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use shared_proto::{
     feature, req_flags, BatchEntry, Config, CreatePool, Oid, Op, ReqHeader, RespHeader, Status,
-    CONTROL_QUEUE, PAGE_SIZE,
+    PAGE_SIZE,
 };
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -344,11 +344,6 @@ impl Guest {
     /// Number of request queues in use.
     pub fn request_queues(&self) -> usize {
         self.queues.len() - 1
-    }
-
-    /// Most requests in flight per queue.
-    pub fn max_depth(&self) -> usize {
-        self.queues[0].nslots
     }
 
     fn write(&self, addr: u64, b: &[u8]) -> Result<()> {
@@ -828,9 +823,6 @@ impl Guest {
     pub fn ram_size(&self) -> u64 {
         self.mem.last_addr().0 + 1
     }
-
-    /// Index of the control queue (for [`Guest::raw_chain`]).
-    pub const CONTROL: usize = CONTROL_QUEUE as usize;
 }
 
 /// Deterministic page contents of several kinds, for tests that must verify every byte.

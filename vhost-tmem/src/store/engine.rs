@@ -27,9 +27,7 @@ use parking_lot::{Mutex, RwLock};
 use shared_proto::{Oid, PAGE_SIZE};
 
 use super::codec::{self, Codecs, Compressor, Encoding};
-use super::stats::{
-    ClientStats, CounterSnapshot, Counters, PoolStats, SharedPoolStats, StoreStats,
-};
+use super::stats::{ClientStats, Counters, PoolStats, SharedPoolStats, StoreStats};
 use super::{format_uuid, Error, GetHit, PoolId, PoolSpec, Result, Tmem, Uuid};
 
 /// Shards per pool: a power of two, a few times the number of worker threads.
@@ -552,17 +550,6 @@ impl Engine {
         pool
     }
 
-    fn encode<'w>(
-        &self,
-        worker: &'w mut Worker,
-        pool: &Pool,
-        page: &[u8],
-    ) -> Result<Option<(Encoding, &'w [u8])>> {
-        Ok(worker
-            .codecs
-            .compress(pool.compressor, page, self.cfg.raw_threshold)?)
-    }
-
     /// A snapshot of every counter.
     pub fn stats(&self) -> StoreStats {
         let clients = self.clients.read().clone();
@@ -618,23 +605,10 @@ impl Engine {
             memory_limit_bytes: self.limit.load(Relaxed),
             memory_used_bytes: self.used.load(Relaxed),
             metadata_bytes_per_page: ENTRY_META,
+            ephemeral_extra_metadata_bytes_per_page: LRU_META,
             clients: out,
             shared_pools,
         }
-    }
-
-    /// Totals over every client (events) and pool (gauges).
-    pub fn totals(&self) -> CounterSnapshot {
-        let s = self.stats();
-        let mut t = CounterSnapshot::default();
-        for c in &s.clients {
-            t.add_events(&c.counters);
-            t.add_gauges(&c.counters);
-        }
-        for p in &s.shared_pools {
-            t.add_gauges(&p.counters);
-        }
-        t
     }
 }
 
@@ -763,7 +737,10 @@ impl Tmem for Engine {
         // Zero and same-filled pages never reach the codec.
         let payload = match codec::same_filled(page) {
             Some(w) => Payload::Same(w),
-            None => match self.encode(worker, &pool, page)? {
+            None => match worker
+                .codecs
+                .compress(pool.compressor, page, self.cfg.raw_threshold)?
+            {
                 Some((enc, bytes)) => Payload::Stored(enc, bytes.into()),
                 None if pool.persistent
                     || self.cfg.ephemeral_incompressible == IncompressiblePolicy::Store =>

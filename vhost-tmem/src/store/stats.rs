@@ -70,19 +70,6 @@ impl Counters {
 }
 
 impl CounterSnapshot {
-    /// Adds another snapshot's event counters (not its gauges: those belong to one owner).
-    pub fn add_events(&mut self, o: &CounterSnapshot) {
-        self.puts += o.puts;
-        self.puts_refused += o.puts_refused;
-        self.gets += o.gets;
-        self.get_hits += o.get_hits;
-        self.get_misses += o.get_misses;
-        self.get_errors += o.get_errors;
-        self.flushes += o.flushes;
-        self.flushed_pages += o.flushed_pages;
-        self.evictions += o.evictions;
-    }
-
     /// Adds another snapshot's gauges.
     pub fn add_gauges(&mut self, o: &CounterSnapshot) {
         self.stored_pages += o.stored_pages;
@@ -153,7 +140,10 @@ pub struct SharedPoolStats {
 pub struct StoreStats {
     pub memory_limit_bytes: u64,
     pub memory_used_bytes: u64,
+    /// Metadata charged per stored page besides its payload.
     pub metadata_bytes_per_page: u64,
+    /// Charged on top of that per ephemeral page (its LRU record).
+    pub ephemeral_extra_metadata_bytes_per_page: u64,
     pub clients: Vec<ClientStats>,
     pub shared_pools: Vec<SharedPoolStats>,
 }
