@@ -1,0 +1,180 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+/*
+ * memtouch: the guest workload of the VM tests.
+ *
+ *   memtouch run MIB SEED    fill MIB of anonymous memory, verify it twice, exit 0 if intact
+ *   memtouch hold MIB SEED   fill, create /tmp/hold.SEED, wait for SIGUSR1, verify, exit
+ *
+ * Every page's content is a function of (seed, page number), so it can be regenerated to
+ * verify. Pages are of varied kinds, like real memory: zero (10 %), same-filled (10 %),
+ * text (30 %), binary-like low-entropy records (30 %) and random (20 %).
+ */
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define PAGE 4096
+
+static volatile sig_atomic_t released;
+
+static uint64_t mix(uint64_t x)
+{
+	x ^= x >> 33;
+	x *= 0xff51afd7ed558ccdULL;
+	x ^= x >> 33;
+	x *= 0xc4ceb9fe1a85ec53ULL;
+	x ^= x >> 33;
+	return x;
+}
+
+static const char *const words[] = {
+	"the", "swap", "page", "memory", "host", "guest", "virtio", "queue",
+	"kernel", "compress", "tmem", "pool", "object", "index", "flush", "put",
+	"get", "of", "and", "a", "to", "in", "is", "that", "for", "with",
+};
+
+enum kind { ZERO, SAME, TEXT, BINARY, RANDOM, KINDS };
+
+static enum kind kind_of(uint64_t h)
+{
+	unsigned int k = h % 10;
+
+	if (k == 0)
+		return ZERO;
+	if (k == 1)
+		return SAME;
+	if (k < 5)
+		return TEXT;
+	if (k < 8)
+		return BINARY;
+	return RANDOM;
+}
+
+static enum kind fill(unsigned char *p, uint64_t seed, uint64_t n)
+{
+	uint64_t h = mix(seed * 0x9e3779b97f4a7c15ULL + n), x = h | 1;
+	enum kind kind = kind_of(h);
+	size_t i, len, at = 0;
+	uint64_t *w = (uint64_t *)p;
+
+	switch (kind) {
+	case ZERO:
+		memset(p, 0, PAGE);
+		break;
+	case SAME:
+		for (i = 0; i < PAGE / 8; i++)
+			w[i] = h;
+		break;
+	case TEXT:
+		while (at < PAGE) {
+			x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+			const char *word = words[x % (sizeof(words) / sizeof(words[0]))];
+
+			len = strlen(word);
+			if (at + len + 1 > PAGE)
+				len = PAGE - at - 1;
+			memcpy(p + at, word, len);
+			at += len;
+			p[at++] = (x >> 20) % 11 ? ' ' : '\n';
+		}
+		break;
+	case BINARY:
+		/* 16-byte records: a counter, a small flag word, a pointer-like value. */
+		for (i = 0; i < PAGE / 16; i++) {
+			x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+			w[2 * i] = (n << 8) + i;
+			w[2 * i + 1] = 0x00007f0000000000ULL + ((x & 0xfff) << 4);
+		}
+		break;
+	case RANDOM:
+		for (i = 0; i < PAGE / 8; i++) {
+			x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+			w[i] = x;
+		}
+		break;
+	default:
+		break;
+	}
+	return kind;
+}
+
+static void on_usr1(int sig)
+{
+	(void)sig;
+	released = 1;
+}
+
+/* Verifies every page in the given direction; returns the number of bad pages. */
+static uint64_t verify(unsigned char *mem, uint64_t pages, uint64_t seed, int backwards)
+{
+	unsigned char expect[PAGE];
+	uint64_t i, n, bad = 0;
+
+	for (i = 0; i < pages; i++) {
+		n = backwards ? pages - 1 - i : i;
+		fill(expect, seed, n);
+		if (memcmp(expect, mem + n * PAGE, PAGE)) {
+			if (bad < 5)
+				fprintf(stderr, "memtouch: page %llu differs\n", (unsigned long long)n);
+			bad++;
+		}
+	}
+	return bad;
+}
+
+int main(int argc, char **argv)
+{
+	uint64_t counts[KINDS] = { 0 }, pages, seed, i, bad;
+	unsigned char *mem;
+	char ready[64];
+	int hold;
+
+	if (argc != 4 || (strcmp(argv[1], "run") && strcmp(argv[1], "hold"))) {
+		fprintf(stderr, "usage: memtouch run|hold MIB SEED\n");
+		return 2;
+	}
+	hold = !strcmp(argv[1], "hold");
+	pages = strtoull(argv[2], NULL, 10) * (1024 * 1024 / PAGE);
+	seed = strtoull(argv[3], NULL, 10);
+	mem = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (mem == MAP_FAILED) {
+		perror("memtouch: mmap");
+		return 2;
+	}
+	for (i = 0; i < pages; i++)
+		counts[fill(mem + i * PAGE, seed, i)]++;
+	printf("memtouch: filled %llu pages (zero %llu, same %llu, text %llu, binary %llu, random %llu)\n",
+	       (unsigned long long)pages, (unsigned long long)counts[ZERO],
+	       (unsigned long long)counts[SAME], (unsigned long long)counts[TEXT],
+	       (unsigned long long)counts[BINARY], (unsigned long long)counts[RANDOM]);
+	fflush(stdout);
+
+	if (hold) {
+		signal(SIGUSR1, on_usr1);
+		snprintf(ready, sizeof(ready), "/tmp/hold.%llu", (unsigned long long)seed);
+		FILE *f = fopen(ready, "w");
+
+		if (!f) {
+			perror("memtouch: ready file");
+			return 2;
+		}
+		fclose(f);
+		/* sleep(), not pause(): a signal that lands before the call is not missed. */
+		while (!released)
+			sleep(1);
+		bad = verify(mem, pages, seed, 0);
+	} else {
+		bad = verify(mem, pages, seed, 0);
+		bad += verify(mem, pages, seed, 1);
+	}
+	if (bad) {
+		printf("memtouch: %llu bad pages\n", (unsigned long long)bad);
+		return 1;
+	}
+	printf("memtouch: %llu pages verified\n", (unsigned long long)pages);
+	return 0;
+}
