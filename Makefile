@@ -7,13 +7,16 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 # The daemon the tests and the demo start (release: the tests push 100k+ pages through it).
 export VHOST_TMEM_BIN := $(CURDIR)/target/release/vhost-tmem
 
-.PHONY: all deps build lint test unit-test e2e-test demo clean help
+.PHONY: all deps build lint test unit-test e2e-test vm-images vm-test demo demo-userspace clean help
 
 all: build
 
 help:
 	@echo "make test   - install what is missing, lint, run every test"
-	@echo "make demo   - the daemon serving two userspace guests under memory pressure, with stats"
+	@echo "make demo   - a real guest (QEMU) swapping into the daemon, with both sides' stats"
+	@echo "make vm-images - build QEMU, the guest kernel, tmem.ko and the initramfs (cached)"
+	@echo "make vm-test - the guest scenarios (part of make test)"
+	@echo "make demo-userspace - the daemon serving two userspace guests, with stats"
 	@echo "make build  - release build of the daemon and the test guest"
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
 
@@ -40,12 +43,26 @@ e2e-test: build
 	@echo "== end-to-end tests (real daemon, vhost-user, userspace guest)"
 	$(CARGO) test --release -p tmem-testguest --tests 2>&1 | tee -a $(TEST_LOG)
 
+# Guest images: QEMU with the vhost-user test device patch, the patched 6.12 kernel, tmem.ko
+# and the initramfs, cached in ~/.cache/vhost-tmem by a hash of their inputs.
+vm-images: deps
+	@echo "== guest images"
+	bash vm-images/build.sh
+
+vm-test: build vm-images
+	@echo "== VM scenarios (QEMU guests swapping through tmem.ko into the daemon)"
+	./target/release/tmem-vmtest 2>&1 | tee -a $(TEST_LOG)
+
+# Every test; the last line sums cargo's test results and the VM scenarios.
 test: lint
 	@mkdir -p target && : > $(TEST_LOG)
-	@$(MAKE) --no-print-directory unit-test e2e-test
-	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "%d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' $(TEST_LOG)
+	@$(MAKE) --no-print-directory unit-test e2e-test vm-test
+	@awk '/^test result:/ { p += $$4; f += $$6 } /^scenario .*: pass$$/ { p++ } /^scenario .*: FAIL/ { f++ } END { printf "%d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' $(TEST_LOG)
 
-demo: build
+demo: build vm-images
+	./target/release/tmem-vmtest --demo
+
+demo-userspace: build
 	./target/release/tmem-demo
 
 clean:

@@ -40,6 +40,17 @@ key() {
     { printf '%s\n' "${KEY_EXTRA:-}"; cat "$@"; } | sha256sum | cut -c1-16 | sed "s/^/$name-/"
 }
 
+# prune DIR PREFIX KEEP: removes older builds DIR/PREFIX-* (and leftovers of failed ones) other
+# than KEEP, so the cache holds one build per step.
+prune() {
+    local dir=$1 prefix=$2 keep=$3 p
+    for p in "$dir/$prefix"-*; do
+        [ -e "$p" ] || continue
+        case $(basename "$p") in "$keep" | "$keep".cpio.gz) continue ;; esac
+        rm -rf "$p"
+    done
+}
+
 # Runs "$@" with output to LOG; on failure shows the log's tail and names the step.
 run_logged() {
     local what=$1 log=$2; shift 2
@@ -138,7 +149,7 @@ do_qemu() {
     echo 'deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian sid main' \
         >"$apt/sources.list"
     run_logged "apt-get update (private sid deb-src list)" "$OUT/qemu-fetch.log" apt-get "${opts[@]}" update
-    local work=$CACHE/tmp-qemu.$$
+    local work=$CACHE/tmp-qemu-$$
     rm -rf "$work" && mkdir -p "$work"
     if ! (cd "$work" && apt-get "${opts[@]}" source --download-only "qemu=$version") >>"$OUT/qemu-fetch.log" 2>&1; then
         # The pin left sid: take the newest version there, which must still be >= 10.2.
@@ -167,6 +178,8 @@ do_qemu() {
     printf '%s\n' "$version" >"$dir.tmp/VERSION"
     rm -rf "$dir" && mv "$dir.tmp" "$dir"
     rm -rf "$work"
+    prune "$CACHE" qemu "$QEMU_KEY"
+    prune "$CACHE" tmp-qemu ""
     step "qemu: built $QEMU ($version)"
 }
 
@@ -216,9 +229,13 @@ do_kernel() {
     done <"$VM/guest.config"
     step "kernel: make -j$JOBS bzImage modules (about 5 minutes on 2 cores)"
     run_logged "kernel build" "$OUT/kernel-build.log" "${mk[@]}" bzImage modules
+    # Our own C and Rust glue must build without a warning.
+    if grep -E '^(mm/tmem|rust/helpers/virtio|include/linux/tmem).*warning' "$OUT/kernel-build.log"; then
+        die "the tmem patches build with warnings (see $OUT/kernel-build.log)"
+    fi
     touch "$work/.built"
     rm -rf "$KDIR" && mv "$work" "$KDIR"
-    # Kbuild keeps absolute paths in a few generated files; the tree only moved one level.
+    prune "$CACHE" linux "$KERNEL_KEY"
     step "kernel: built $KDIR/arch/x86/boot/bzImage"
 }
 
@@ -247,6 +264,7 @@ do_module() {
     mkdir -p "$dir"
     cp "$work/guest-driver/tmem.ko" "$MODULE"
     rm -rf "$work"
+    prune "$CACHE/modules" tmem-ko "$MODULE_KEY"
     step "module: built $MODULE"
 }
 
@@ -279,6 +297,7 @@ do_initramfs() {
     (cd "$work" && find . -print0 | cpio --null -o -H newc --quiet | gzip -9) >"$INITRAMFS.tmp"
     mv "$INITRAMFS.tmp" "$INITRAMFS"
     rm -rf "$work"
+    prune "$CACHE/initramfs" initramfs "$INITRAMFS_KEY"
     step "initramfs: built $INITRAMFS"
 }
 
