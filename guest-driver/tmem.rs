@@ -205,7 +205,11 @@ impl TmemDev {
         // bytes long, and are not touched by the CPU until the device returns them below.
         unsafe {
             bindings::sg_init_one(&mut sg_out, vq.out.as_ptr().cast(), out_len as c_uint);
-            bindings::sg_init_one(&mut sg_resp, vq.resp.as_mut_ptr().cast(), resp_len as c_uint);
+            bindings::sg_init_one(
+                &mut sg_resp,
+                vq.resp.as_mut_ptr().cast(),
+                resp_len as c_uint,
+            );
         }
         let (page, nout, nin) = match data {
             Data::NoPage => (ptr::null_mut(), 1, 1),
@@ -284,7 +288,11 @@ impl TmemDev {
             Some(Status::Ok) => Ok(resp.value),
             Some(Status::TooManyPools) => Err(ENOSPC),
             _ => {
-                pr_err!("{:?} failed: {}\n", Op::from_u32(hdr.op), status_name(resp.status));
+                pr_err!(
+                    "{:?} failed: {}\n",
+                    Op::from_u32(hdr.op),
+                    status_name(resp.status)
+                );
                 Err(EIO)
             }
         }
@@ -315,7 +323,12 @@ impl TmemDev {
         let id = u32::try_from(id).map_err(|_| EIO)?;
         slot.store(id, Ordering::Release);
         self.stats.pools.fetch_add(1, Ordering::Relaxed);
-        pr_info!("swap area {}: host pool {} ({} pages)\n", type_, id, nr_pages);
+        pr_info!(
+            "swap area {}: host pool {} ({} pages)\n",
+            type_,
+            id,
+            nr_pages
+        );
         Ok(())
     }
 
@@ -463,14 +476,24 @@ impl TmemDev {
         };
         match self.control(&hdr, &[]) {
             Ok(_) => pr_info!("swap area {}: host pool {} destroyed\n", type_, pool),
-            Err(e) => pr_err!("swap area {}: destroying host pool {} failed: {:?}\n", type_, pool, e),
+            Err(e) => pr_err!(
+                "swap area {}: destroying host pool {} failed: {:?}\n",
+                type_,
+                pool,
+                e
+            ),
         }
     }
 
     fn failure(&self, what: &str, status: u32) -> Error {
         let count = self.stats.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if rare(count) {
-            pr_err!("{} failed: {} ({} failures)\n", what, status_name(status), count);
+            pr_err!(
+                "{} failed: {} ({} failures)\n",
+                what,
+                status_name(status),
+                count
+            );
         }
         EIO
     }
@@ -485,7 +508,8 @@ impl TmemDev {
 
     fn create_debugfs(&mut self) {
         // SAFETY: the name is a NUL-terminated string; a NULL parent is the debugfs root.
-        let dir = unsafe { bindings::debugfs_create_dir(c_str!("tmem").as_char_ptr(), ptr::null_mut()) };
+        let dir =
+            unsafe { bindings::debugfs_create_dir(c_str!("tmem").as_char_ptr(), ptr::null_mut()) };
         self.debugfs = dir;
         let s = &self.stats;
         let files: [(&CStr, &AtomicU64); 9] = [
@@ -502,7 +526,9 @@ impl TmemDev {
         for (name, counter) in files {
             // SAFETY: debugfs accepts an error pointer as parent (it then does nothing); the
             // counter lives in the device, which outlives the directory (removed first).
-            unsafe { bindings::debugfs_create_u64(name.as_char_ptr(), 0o444, dir, counter.as_ptr()) };
+            unsafe {
+                bindings::debugfs_create_u64(name.as_char_ptr(), 0o444, dir, counter.as_ptr())
+            };
         }
     }
 
@@ -526,7 +552,11 @@ impl TmemDev {
 
         let mut infos = KVec::with_capacity(nvqs, GFP_KERNEL)?;
         for i in 0..nvqs {
-            let name = if i == 0 { c_str!("tmem-control") } else { c_str!("tmem-request") };
+            let name = if i == 0 {
+                c_str!("tmem-control")
+            } else {
+                c_str!("tmem-request")
+            };
             infos.push(
                 bindings::virtqueue_info {
                     name: name.as_char_ptr(),
@@ -537,10 +567,17 @@ impl TmemDev {
                 GFP_KERNEL,
             )?;
         }
-        let mut vqs: KVec<*mut bindings::virtqueue> = KVec::from_elem(ptr::null_mut(), nvqs, GFP_KERNEL)?;
+        let mut vqs: KVec<*mut bindings::virtqueue> =
+            KVec::from_elem(ptr::null_mut(), nvqs, GFP_KERNEL)?;
         // SAFETY: both arrays hold `nvqs` entries; the device is being probed.
         to_result(unsafe {
-            bindings::virtio_find_vqs(vdev, nvqs as c_uint, vqs.as_mut_ptr(), infos.as_mut_ptr(), ptr::null_mut())
+            bindings::virtio_find_vqs(
+                vdev,
+                nvqs as c_uint,
+                vqs.as_mut_ptr(),
+                infos.as_mut_ptr(),
+                ptr::null_mut(),
+            )
         })?;
 
         let batch = has(proto::feature::BATCH);
@@ -656,7 +693,10 @@ unsafe extern "C" fn probe(vdev: *mut bindings::virtio_device) -> c_int {
         (*(*raw).backend.get()).priv_ = raw.cast();
         bindings::virtio_device_ready(vdev);
     }
-    if DEVICE.compare_exchange(ptr::null_mut(), raw, Ordering::AcqRel, Ordering::Acquire).is_err() {
+    if DEVICE
+        .compare_exchange(ptr::null_mut(), raw, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
         pr_err!("a virtio-tmem device is already bound; ignoring this one\n");
         // SAFETY: the device was never registered with the tmem core.
         unsafe { teardown(vdev, raw) };
@@ -721,7 +761,10 @@ struct TmemModule {
 impl kernel::Module for TmemModule {
     fn init(module: &'static ThisModule) -> Result<Self> {
         // SAFETY: `virtio_driver` is plain data for which all zeroes means "no callbacks".
-        let driver = KBox::new(DriverCell(UnsafeCell::new(unsafe { core::mem::zeroed() })), GFP_KERNEL)?;
+        let driver = KBox::new(
+            DriverCell(UnsafeCell::new(unsafe { core::mem::zeroed() })),
+            GFP_KERNEL,
+        )?;
         let drv = driver.0.get();
         // SAFETY: `drv` is ours until registered; the tables are statics.
         unsafe {
