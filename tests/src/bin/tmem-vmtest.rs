@@ -350,7 +350,17 @@ impl Runner {
             )
             .join(" ")
         );
-        let run = self.boot(&d, "demo", self.accel, self.timeout, true)?;
+        // The guest's swapoff empties the pool at the end: sample the daemon while it runs.
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let control = d.path("control.sock");
+            let done = done.clone();
+            std::thread::spawn(move || peak_usage(&control, &done))
+        };
+        let run = self.boot(&d, "demo", self.accel, self.timeout, true);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let peak = sampler.join().unwrap_or_default();
+        let run = run?;
         let guest = run.guest_stats();
         let stats = d.stats().map_err(|e| e.to_string())?;
         let client = d.client_stats("guest").map_err(|e| e.to_string())?;
@@ -369,12 +379,18 @@ impl Runner {
         ] {
             println!("   {label:<14} {:>12} {:>12}", g(gk), h(hk));
         }
-        println!(
-            "   daemon memory: {} bytes used for {} stored pages, compressed {} bytes",
-            h("memory_used"),
-            h("stored_pages"),
-            h("compressed_bytes")
-        );
+        if peak.stored_pages > 0 {
+            println!(
+                "   daemon at its peak: {} pages stored ({} MiB of guest memory) in {:.1} MiB \
+                 ({} same-filled, {} raw, {:.1} MiB compressed)",
+                peak.stored_pages,
+                peak.stored_pages * 4096 >> 20,
+                peak.memory_used as f64 / f64::from(1 << 20),
+                peak.same_filled_pages,
+                peak.raw_pages,
+                peak.compressed_bytes as f64 / f64::from(1 << 20)
+            );
+        }
         if std::env::var_os("TMEM_VMTEST_DEBUG").is_some() {
             println!("{stats:#}");
         }
@@ -387,6 +403,48 @@ impl Runner {
             )),
         }
     }
+}
+
+/// The daemon's client figures when it held the most pages.
+#[derive(Default)]
+struct Peak {
+    stored_pages: u64,
+    memory_used: u64,
+    compressed_bytes: u64,
+    same_filled_pages: u64,
+    raw_pages: u64,
+}
+
+/// Polls the control socket twice a second until `done`; returns the largest sample.
+fn peak_usage(control: &Path, done: &std::sync::atomic::AtomicBool) -> Peak {
+    let mut peak = Peak::default();
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Some(c) = client_sample(control) {
+            let v = |k: &str| c[k].as_u64().unwrap_or(0);
+            if v("stored_pages") > peak.stored_pages {
+                peak = Peak {
+                    stored_pages: v("stored_pages"),
+                    memory_used: v("memory_used"),
+                    compressed_bytes: v("compressed_bytes"),
+                    same_filled_pages: v("same_filled_pages"),
+                    raw_pages: v("raw_pages"),
+                };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    peak
+}
+
+/// One `stats` request on the control socket; the first client's object.
+fn client_sample(control: &Path) -> Option<serde_json::Value> {
+    let mut s = std::os::unix::net::UnixStream::connect(control).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    writeln!(s, "{}", serde_json::json!({"cmd": "stats"})).ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+    v["stats"]["clients"].get(0).cloned()
 }
 
 fn qemu_args(
