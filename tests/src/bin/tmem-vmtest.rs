@@ -384,7 +384,7 @@ impl Runner {
                 "   daemon at its peak: {} pages stored ({} MiB of guest memory) in {:.1} MiB \
                  ({} same-filled, {} raw, {:.1} MiB compressed)",
                 peak.stored_pages,
-                peak.stored_pages * 4096 >> 20,
+                (peak.stored_pages * 4096) >> 20,
                 peak.memory_used as f64 / f64::from(1 << 20),
                 peak.same_filled_pages,
                 peak.raw_pages,
