@@ -22,7 +22,7 @@
 use core::cell::UnsafeCell;
 use core::ffi::c_void;
 use core::ptr;
-use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use kernel::ffi::{c_int, c_uint, c_ulong};
 use kernel::{bindings, c_str, error::to_result, new_spinlock, prelude::*, sync::SpinLock};
 
@@ -75,9 +75,6 @@ static OPS: bindings::tmem_backend_ops = bindings::tmem_backend_ops {
     swap_invalidate_area: Some(swap_invalidate_area),
 };
 
-/// The bound device; the module serves one.
-static DEVICE: AtomicPtr<TmemDev> = AtomicPtr::new(ptr::null_mut());
-
 /// Counters shown in debugfs (`/sys/kernel/debug/tmem/`).
 #[derive(Default)]
 struct Counters {
@@ -124,6 +121,7 @@ struct TmemDev {
     queues: KVec<Pin<KBox<SpinLock<Vq>>>>,
     pools: [AtomicU32; SWAP_TYPES],
     pending: Pin<KBox<SpinLock<Pending>>>,
+    /// `pending.len`, readable without the lock: a store checks it on every page.
     pending_len: AtomicUsize,
     batch: bool,
     stats: Counters,
@@ -693,21 +691,12 @@ unsafe extern "C" fn probe(vdev: *mut bindings::virtio_device) -> c_int {
         (*(*raw).backend.get()).priv_ = raw.cast();
         bindings::virtio_device_ready(vdev);
     }
-    if DEVICE
-        .compare_exchange(ptr::null_mut(), raw, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
-        pr_err!("a virtio-tmem device is already bound; ignoring this one\n");
-        // SAFETY: the device was never registered with the tmem core.
-        unsafe { teardown(vdev, raw) };
-        return EBUSY.to_errno();
-    }
     // SAFETY: the backend lives in the device, which stays until `remove` unregisters it.
     let err = unsafe { bindings::tmem_register_backend((*raw).backend.get()) };
     if err != 0 {
+        // -EBUSY: another backend (a second virtio-tmem device) is registered; one is served.
         pr_err!("tmem_register_backend failed: {}\n", err);
-        DEVICE.store(ptr::null_mut(), Ordering::Release);
-        // SAFETY: as above.
+        // SAFETY: the device was not registered with the tmem core.
         unsafe { teardown(vdev, raw) };
         return err;
     }
@@ -741,7 +730,6 @@ unsafe extern "C" fn remove(vdev: *mut bindings::virtio_device) {
         bindings::tmem_unregister_backend((*raw).backend.get());
         (*raw).send_pending(&mut (*raw).pending.lock());
     }
-    DEVICE.store(ptr::null_mut(), Ordering::Release);
     // SAFETY: no hook can reach the device any more.
     unsafe { teardown(vdev, raw) };
     pr_info!("device removed\n");

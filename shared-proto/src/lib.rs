@@ -2,11 +2,12 @@
 //! The virtio-tmem wire format, shared by the host daemon (`vhost-tmem`) and the guest driver.
 //!
 //! This crate is `#![no_std]` and has no dependencies. Its content lives in `wire.rs`, which
-//! has no crate-level attributes, so that the Rust-for-Linux guest module (built by Kbuild, without
-//! cargo) includes that file by path as a module. Everything on the wire is little-endian. Each structure is
-//! `#[repr(C)]` with its size and field offsets asserted at compile time, and has explicit
-//! `encode`/`decode` helpers that write and read a byte array (no transmutes, so no `unsafe` and
-//! no host byte-order assumptions). The normative description is `docs/virtio-tmem.md`.
+//! has no crate-level attributes, so that the Rust-for-Linux guest module (built by Kbuild,
+//! without cargo) includes that file by path as a module. Everything on the wire is
+//! little-endian. Each structure is `#[repr(C)]` with its size and field offsets asserted at
+//! compile time, and has explicit `encode`/`decode` helpers that write and read a byte array (no
+//! transmutes, so no `unsafe` and no host byte-order assumptions). The normative description is
+//! `docs/virtio-tmem.md`.
 
 #![no_std]
 #![forbid(unsafe_code)]

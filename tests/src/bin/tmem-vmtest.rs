@@ -351,15 +351,13 @@ impl Runner {
             .join(" ")
         );
         // The guest's swapoff empties the pool at the end: sample the daemon while it runs.
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sampler = {
-            let control = d.path("control.sock");
-            let done = done.clone();
-            std::thread::spawn(move || peak_usage(&control, &done))
-        };
-        let run = self.boot(&d, "demo", self.accel, self.timeout, true);
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        let peak = sampler.join().unwrap_or_default();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (run, peak) = std::thread::scope(|s| {
+            let sampler = s.spawn(|| peak_usage(&d, &done));
+            let run = self.boot(&d, "demo", self.accel, self.timeout, true);
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            (run, sampler.join().unwrap_or_default())
+        });
         let run = run?;
         let guest = run.guest_stats();
         let stats = d.stats().map_err(|e| e.to_string())?;
@@ -415,11 +413,11 @@ struct Peak {
     raw_pages: u64,
 }
 
-/// Polls the control socket twice a second until `done`; returns the largest sample.
-fn peak_usage(control: &Path, done: &std::sync::atomic::AtomicBool) -> Peak {
+/// Samples the daemon twice a second until `done`; returns the largest sample.
+fn peak_usage(d: &Daemon, done: &std::sync::atomic::AtomicBool) -> Peak {
     let mut peak = Peak::default();
     while !done.load(std::sync::atomic::Ordering::Relaxed) {
-        if let Some(c) = client_sample(control) {
+        if let Ok(c) = d.client_stats("guest") {
             let v = |k: &str| c[k].as_u64().unwrap_or(0);
             if v("stored_pages") > peak.stored_pages {
                 peak = Peak {
@@ -434,17 +432,6 @@ fn peak_usage(control: &Path, done: &std::sync::atomic::AtomicBool) -> Peak {
         std::thread::sleep(Duration::from_millis(500));
     }
     peak
-}
-
-/// One `stats` request on the control socket; the first client's object.
-fn client_sample(control: &Path) -> Option<serde_json::Value> {
-    let mut s = std::os::unix::net::UnixStream::connect(control).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    writeln!(s, "{}", serde_json::json!({"cmd": "stats"})).ok()?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-    v["stats"]["clients"].get(0).cloned()
 }
 
 fn qemu_args(
@@ -500,7 +487,7 @@ fn qemu_args(
 }
 
 /// Picks the accelerator: KVM only if a guest really boots with it (PVM's KVM here does not).
-fn pick_accel(runner: &mut Runner, want: Accel) -> Result<&'static str, String> {
+fn pick_accel(runner: &Runner, want: Accel) -> Result<&'static str, String> {
     match want {
         Accel::Kvm => return Ok("kvm"),
         Accel::Tcg => return Ok("tcg"),
@@ -548,7 +535,7 @@ fn main() -> ExitCode {
         smp: cli.smp,
         root,
     };
-    runner.accel = match pick_accel(&mut runner, cli.accel) {
+    runner.accel = match pick_accel(&runner, cli.accel) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("tmem-vmtest: {e}");
