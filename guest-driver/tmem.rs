@@ -4,14 +4,18 @@
 //!
 //! Binds to the virtio-tmem device (virtio id 63, `docs/virtio-tmem.md`) and registers as the
 //! kernel's tmem backend (`include/linux/tmem.h`, added by `vm-images/patches/linux/0001`):
-//! every swap area gets a persistent private pool on the host, and swapped-out pages go there.
+//! every swap area gets a persistent private pool on the host, and swapped-out pages go there;
+//! every filesystem that opted in (ext4) gets an ephemeral pool, private, or shared by UUID for
+//! read-only mounts when the host authorizes it, and clean page-cache pages evicted by reclaim
+//! go there and come back on a read miss.
 //!
 //! Requests are synchronous and polled: a request queue carries one request at a time under its
 //! spinlock, and the driver spins on the used ring until the device answers. The tmem hooks need
 //! a synchronous answer anyway (a swap-in waits for its page); polling saves an interrupt and a
 //! wakeup per page, and lets one path serve the hooks that run under spinlocks, where sleeping
-//! is not allowed. Buffers are allocated at probe, so the swap-out path, which runs under memory
-//! pressure, allocates nothing. Invalidations are queued and sent in `BATCH` requests.
+//! is not allowed. Buffers are allocated at probe, so the swap-out and reclaim paths, which run
+//! under memory pressure, allocate nothing. Invalidations are queued and sent in `BATCH`
+//! requests; every put and get sends the queued ones first, so the device sees them in order.
 //!
 //! A page read from the host lands in a per-queue bounce buffer and is copied into its target
 //! by the CPU. The host could write it in place, but an emulator that caches translated guest
@@ -22,7 +26,7 @@
 use core::cell::UnsafeCell;
 use core::ffi::c_void;
 use core::ptr;
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use kernel::ffi::{c_int, c_uint, c_ulong};
 use kernel::{bindings, c_str, error::to_result, new_spinlock, prelude::*, sync::SpinLock};
 
@@ -38,7 +42,7 @@ module! {
     type: TmemModule,
     name: "tmem",
     author: "vhost-tmem developers",
-    description: "virtio-tmem: swap pages kept by the host (transcendent memory)",
+    description: "virtio-tmem: swap and page-cache pages kept by the host (transcendent memory)",
     license: "GPL",
 }
 
@@ -47,6 +51,8 @@ const ANY_VENDOR: u32 = 0xffff_ffff;
 
 /// Swap types are below `MAX_SWAPFILES`, which is at most 32 (5 bits in a swap entry).
 const SWAP_TYPES: usize = 32;
+/// Filesystem slots of the tmem core.
+const FS_SLOTS: usize = bindings::TMEM_MAX_FS as usize;
 const NO_POOL: u32 = u32::MAX;
 const MAX_BATCH: usize = proto::MAX_BATCH as usize;
 /// Largest readable payload after the header: a full batch.
@@ -73,9 +79,17 @@ static OPS: bindings::tmem_backend_ops = bindings::tmem_backend_ops {
     swap_load: Some(swap_load),
     swap_invalidate_page: Some(swap_invalidate_page),
     swap_invalidate_area: Some(swap_invalidate_area),
+    cache_init: Some(cache_init),
+    cache_put: Some(cache_put),
+    cache_get: Some(cache_get),
+    cache_invalidate_page: Some(cache_invalidate_page),
+    cache_invalidate_inode: Some(cache_invalidate_inode),
+    cache_invalidate_fs: Some(cache_invalidate_fs),
+    cache_exit: Some(cache_exit),
 };
 
-/// Counters shown in debugfs (`/sys/kernel/debug/tmem/`).
+/// Counters shown in debugfs (`/sys/kernel/debug/tmem/`): the swap side, the page-cache side
+/// (`cache_*`), and what both share.
 #[derive(Default)]
 struct Counters {
     puts: AtomicU64,
@@ -83,6 +97,14 @@ struct Counters {
     gets: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
+    cache_puts: AtomicU64,
+    cache_puts_refused: AtomicU64,
+    cache_gets: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    cache_invalidations: AtomicU64,
+    cache_pools: AtomicU64,
+    cache_shared_pools: AtomicU64,
     failures: AtomicU64,
     flushes: AtomicU64,
     batches: AtomicU64,
@@ -101,10 +123,10 @@ struct Vq {
 // SAFETY: the virtqueue is used only under the lock that owns this value.
 unsafe impl Send for Vq {}
 
-/// Page invalidations waiting to be sent in one `BATCH` request.
+/// Invalidations waiting to be sent in one `BATCH` request.
 struct Pending {
-    /// (pool, index) of the first `len` entries are valid.
-    entries: KVec<(u32, u64)>,
+    /// The first `len` entries are valid.
+    entries: KVec<BatchEntry>,
     len: usize,
     buf: KVec<u8>,
 }
@@ -120,6 +142,9 @@ struct TmemDev {
     /// Index 0 is the control queue, request queues follow.
     queues: KVec<Pin<KBox<SpinLock<Vq>>>>,
     pools: [AtomicU32; SWAP_TYPES],
+    /// Host pool of each filesystem slot, and whether it is a shared pool.
+    fs_pools: [AtomicU32; FS_SLOTS],
+    fs_shared: [AtomicBool; FS_SLOTS],
     pending: Pin<KBox<SpinLock<Pending>>>,
     /// `pending.len`, readable without the lock: a store checks it on every page.
     pending_len: AtomicUsize,
@@ -330,12 +355,17 @@ impl TmemDev {
         Ok(())
     }
 
-    fn swap_store(&self, type_: c_uint, offset: c_ulong, page: *mut bindings::page) -> Result {
-        let pool = self.pool(type_).ok_or(ENODEV)?;
-        // A queued invalidation of this offset must reach the device before the new copy.
+    /// Sends the queued invalidations: one of them may name the key a put or get is for.
+    fn drain_pending(&self) {
         if self.pending_len.load(Ordering::Acquire) != 0 {
             self.send_pending(&mut self.pending.lock());
         }
+    }
+
+    fn swap_store(&self, type_: c_uint, offset: c_ulong, page: *mut bindings::page) -> Result {
+        let pool = self.pool(type_).ok_or(ENODEV)?;
+        // A queued invalidation of this offset must reach the device before the new copy.
+        self.drain_pending();
         let hdr = ReqHeader {
             op: Op::Put as u32,
             pool_id: pool,
@@ -387,11 +417,22 @@ impl TmemDev {
         let Some(pool) = self.pool(type_) else {
             return;
         };
+        self.invalidate(BatchEntry {
+            op: Op::FlushPage as u32,
+            pool_id: pool,
+            oid: [0; 3],
+            index: offset as u64,
+        });
+    }
+
+    /// Queues a FLUSH_PAGE or FLUSH_OBJECT, or sends it at once without BATCH. Never sleeps.
+    fn invalidate(&self, entry: BatchEntry) {
         if !self.batch {
             let hdr = ReqHeader {
-                op: Op::FlushPage as u32,
-                pool_id: pool,
-                index: offset as u64,
+                op: entry.op,
+                pool_id: entry.pool_id,
+                oid: entry.oid,
+                index: entry.index,
                 ..Default::default()
             };
             self.stats.flushes.fetch_add(1, Ordering::Relaxed);
@@ -405,25 +446,20 @@ impl TmemDev {
             self.send_pending(&mut pending);
         }
         let at = pending.len;
-        pending.entries[at] = (pool, offset as u64);
+        pending.entries[at] = entry;
         pending.len = at + 1;
         self.pending_len.store(pending.len, Ordering::Release);
     }
 
-    /// Sends the queued invalidations in one BATCH request. The device drops the pages
-    /// whatever the outcome matters little: the core never loads an invalidated offset.
+    /// Sends the queued invalidations in one BATCH request. A MISS (nothing to drop) is fine;
+    /// other failures are counted: the core never loads an invalidated swap offset, and a
+    /// page-cache pool whose flush failed (BAD_POOL after a host restart) holds nothing.
     fn send_pending(&self, pending: &mut Pending) {
         let n = pending.len;
         if n == 0 {
             return;
         }
-        for (i, (pool, index)) in pending.entries[..n].iter().enumerate() {
-            let entry = BatchEntry {
-                op: Op::FlushPage as u32,
-                pool_id: *pool,
-                oid: [0; 3],
-                index: *index,
-            };
+        for (i, entry) in pending.entries[..n].iter().enumerate() {
             let at = i * BatchEntry::SIZE;
             pending.buf[at..at + BatchEntry::SIZE].copy_from_slice(&entry.encode());
         }
@@ -467,19 +503,206 @@ impl TmemDev {
             return;
         }
         self.stats.pools.fetch_sub(1, Ordering::Relaxed);
+        self.destroy_pool(pool, "swap");
+        pr_info!("swap area {}: host pool {} destroyed\n", type_, pool);
+    }
+
+    fn fs_pool(&self, fs: c_uint) -> Option<(u32, bool)> {
+        let fs = fs as usize;
+        let pool = self.fs_pools.get(fs)?.load(Ordering::Acquire);
+        (pool != NO_POOL).then(|| (pool, self.fs_shared[fs].load(Ordering::Relaxed)))
+    }
+
+    fn create_cache_pool(&self, shared: Option<&[u8; 16]>) -> Result<u32> {
+        let hdr = ReqHeader {
+            op: Op::CreatePool as u32,
+            flags: if shared.is_some() {
+                proto::req_flags::POOL_SHARED
+            } else {
+                0
+            },
+            ..Default::default()
+        };
+        let create = CreatePool {
+            uuid: shared.copied().unwrap_or([0; 16]),
+            page_size: proto::PAGE_SIZE as u32,
+            reserved: 0,
+        };
+        let (resp, _) = self.call(&self.queues[0], &hdr, &create.encode(), Data::NoPage, 0)?;
+        match Status::from_u32(resp.status) {
+            Some(Status::Ok) => u32::try_from(resp.value).map_err(|_| EIO),
+            Some(Status::Denied) => Err(EACCES),
+            Some(Status::TooManyPools) => Err(ENOSPC),
+            _ => {
+                pr_err!("creating a page-cache pool failed: {}\n", status_name(resp.status));
+                Err(EIO)
+            }
+        }
+    }
+
+    fn cache_init(&self, fs: c_uint, shared: *const bindings::uuid_t) -> Result {
+        let slot = self.fs_pools.get(fs as usize).ok_or(EINVAL)?;
+        if slot.load(Ordering::Acquire) != NO_POOL {
+            return Err(EBUSY);
+        }
+        // SAFETY: the core passes NULL or a UUID that lives for the call.
+        let uuid = unsafe { shared.as_ref() }.map(|u| u.b);
+        let (pool, is_shared) = match uuid {
+            Some(uuid) => match self.create_cache_pool(Some(&uuid)) {
+                Ok(pool) => (pool, true),
+                Err(EACCES) => {
+                    // Sharing needs the host's authorization for this UUID.
+                    pr_info!("filesystem {}: shared pool not authorized, using a private one\n", fs);
+                    (self.create_cache_pool(None)?, false)
+                }
+                Err(e) => return Err(e),
+            },
+            None => (self.create_cache_pool(None)?, false),
+        };
+        self.fs_shared[fs as usize].store(is_shared, Ordering::Relaxed);
+        slot.store(pool, Ordering::Release);
+        self.stats.cache_pools.fetch_add(1, Ordering::Relaxed);
+        if is_shared {
+            self.stats.cache_shared_pools.fetch_add(1, Ordering::Relaxed);
+        }
+        pr_info!(
+            "filesystem {}: host pool {} ({})\n",
+            fs,
+            pool,
+            if is_shared { "shared" } else { "private" }
+        );
+        Ok(())
+    }
+
+    fn cache_put(
+        &self,
+        fs: c_uint,
+        oid: &bindings::tmem_oid,
+        index: c_ulong,
+        page: *mut bindings::page,
+    ) -> Result {
+        let (pool, _) = self.fs_pool(fs).ok_or(ENODEV)?;
+        self.drain_pending();
+        let hdr = ReqHeader {
+            op: Op::Put as u32,
+            pool_id: pool,
+            oid: oid.oid,
+            index: index as u64,
+            ..Default::default()
+        };
+        self.stats.cache_puts.fetch_add(1, Ordering::Relaxed);
+        match self.call(self.queue_for_cpu(), &hdr, &[], Data::Out(page), 0) {
+            Ok((resp, _)) => match Status::from_u32(resp.status) {
+                Some(Status::Ok) => Ok(()),
+                Some(Status::NoSpace | Status::Refused) => {
+                    self.stats.cache_puts_refused.fetch_add(1, Ordering::Relaxed);
+                    Err(ENOSPC)
+                }
+                _ => Err(self.failure("page-cache put", resp.status)),
+            },
+            Err(e) => Err(self.transport_failure("page-cache put", e)),
+        }
+    }
+
+    fn cache_get(
+        &self,
+        fs: c_uint,
+        oid: &bindings::tmem_oid,
+        index: c_ulong,
+        page: *mut bindings::page,
+    ) -> Result {
+        let (pool, shared) = self.fs_pool(fs).ok_or(ENODEV)?;
+        self.drain_pending();
+        let hdr = ReqHeader {
+            op: Op::Get as u32,
+            // A private pool's page moves back into this guest's cache; a shared one stays
+            // for the other members.
+            flags: if shared {
+                0
+            } else {
+                proto::req_flags::GET_EXCLUSIVE
+            },
+            pool_id: pool,
+            oid: oid.oid,
+            index: index as u64,
+            ..Default::default()
+        };
+        self.stats.cache_gets.fetch_add(1, Ordering::Relaxed);
+        match self.call(self.queue_for_cpu(), &hdr, &[], Data::In(page), 0) {
+            Ok((resp, _)) => match Status::from_u32(resp.status) {
+                Some(Status::Ok) => {
+                    self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+                Some(Status::Miss) => {
+                    self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+                    Err(ENOENT)
+                }
+                _ => Err(self.failure("page-cache get", resp.status)),
+            },
+            Err(e) => Err(self.transport_failure("page-cache get", e)),
+        }
+    }
+
+    fn cache_invalidate(&self, fs: c_uint, op: Op, oid: &bindings::tmem_oid, index: u64) {
+        let Some((pool, _)) = self.fs_pool(fs) else {
+            return;
+        };
+        self.stats.cache_invalidations.fetch_add(1, Ordering::Relaxed);
+        self.invalidate(BatchEntry {
+            op: op as u32,
+            pool_id: pool,
+            oid: oid.oid,
+            index,
+        });
+    }
+
+    fn destroy_pool(&self, pool: u32, what: &str) {
         let hdr = ReqHeader {
             op: Op::DestroyPool as u32,
             pool_id: pool,
             ..Default::default()
         };
-        match self.control(&hdr, &[]) {
-            Ok(_) => pr_info!("swap area {}: host pool {} destroyed\n", type_, pool),
-            Err(e) => pr_err!(
-                "swap area {}: destroying host pool {} failed: {:?}\n",
-                type_,
-                pool,
-                e
-            ),
+        if let Err(e) = self.control(&hdr, &[]) {
+            pr_err!("{}: destroying host pool {} failed: {:?}\n", what, pool, e);
+        }
+    }
+
+    /// Releases a filesystem's pool (unmount, or the device going away).
+    fn cache_exit(&self, fs: c_uint) {
+        let Some(slot) = self.fs_pools.get(fs as usize) else {
+            return;
+        };
+        self.send_pending(&mut self.pending.lock());
+        let pool = slot.swap(NO_POOL, Ordering::AcqRel);
+        if pool == NO_POOL {
+            return;
+        }
+        self.stats.cache_pools.fetch_sub(1, Ordering::Relaxed);
+        if self.fs_shared[fs as usize].swap(false, Ordering::Relaxed) {
+            self.stats.cache_shared_pools.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.destroy_pool(pool, "page cache");
+        pr_info!("filesystem {}: host pool {} released\n", fs, pool);
+    }
+
+    /// Drops every page of a private filesystem pool: a new, empty pool replaces it.
+    fn cache_invalidate_fs(&self, fs: c_uint) {
+        let Some(slot) = self.fs_pools.get(fs as usize) else {
+            return;
+        };
+        self.send_pending(&mut self.pending.lock());
+        let old = slot.swap(NO_POOL, Ordering::AcqRel);
+        if old == NO_POOL {
+            return;
+        }
+        self.destroy_pool(old, "page cache");
+        match self.create_cache_pool(None) {
+            Ok(pool) => slot.store(pool, Ordering::Release),
+            Err(e) => {
+                self.stats.cache_pools.fetch_sub(1, Ordering::Relaxed);
+                pr_err!("filesystem {}: new pool failed ({:?}), tmem off for it\n", fs, e);
+            }
         }
     }
 
@@ -510,12 +733,20 @@ impl TmemDev {
             unsafe { bindings::debugfs_create_dir(c_str!("tmem").as_char_ptr(), ptr::null_mut()) };
         self.debugfs = dir;
         let s = &self.stats;
-        let files: [(&CStr, &AtomicU64); 9] = [
+        let files: [(&CStr, &AtomicU64); 17] = [
             (c_str!("puts"), &s.puts),
             (c_str!("puts_refused"), &s.puts_refused),
             (c_str!("gets"), &s.gets),
             (c_str!("hits"), &s.hits),
             (c_str!("misses"), &s.misses),
+            (c_str!("cache_puts"), &s.cache_puts),
+            (c_str!("cache_puts_refused"), &s.cache_puts_refused),
+            (c_str!("cache_gets"), &s.cache_gets),
+            (c_str!("cache_hits"), &s.cache_hits),
+            (c_str!("cache_misses"), &s.cache_misses),
+            (c_str!("cache_invalidations"), &s.cache_invalidations),
+            (c_str!("cache_pools"), &s.cache_pools),
+            (c_str!("cache_shared_pools"), &s.cache_shared_pools),
             (c_str!("failures"), &s.failures),
             (c_str!("flushes"), &s.flushes),
             (c_str!("batches"), &s.batches),
@@ -595,7 +826,7 @@ impl TmemDev {
                 queues.push(q, GFP_KERNEL)?;
             }
             let pending = Pending {
-                entries: KVec::from_elem((0, 0), MAX_BATCH, GFP_KERNEL)?,
+                entries: KVec::from_elem(BatchEntry::default(), MAX_BATCH, GFP_KERNEL)?,
                 len: 0,
                 buf: KVec::from_elem(0u8, MAX_BATCH * BatchEntry::SIZE, GFP_KERNEL)?,
             };
@@ -603,6 +834,8 @@ impl TmemDev {
                 TmemDev {
                     queues,
                     pools: [const { AtomicU32::new(NO_POOL) }; SWAP_TYPES],
+                    fs_pools: [const { AtomicU32::new(NO_POOL) }; FS_SLOTS],
+                    fs_shared: [const { AtomicBool::new(false) }; FS_SLOTS],
                     pending: KBox::pin_init(new_spinlock!(pending, "tmem_pending"), GFP_KERNEL)?,
                     pending_len: AtomicUsize::new(0),
                     batch,
@@ -678,6 +911,63 @@ unsafe extern "C" fn swap_invalidate_area(priv_: *mut c_void, type_: c_uint) {
     dev_of(priv_).swap_invalidate_area(type_)
 }
 
+unsafe extern "C" fn cache_init(
+    priv_: *mut c_void,
+    fs: c_uint,
+    shared: *const bindings::uuid_t,
+) -> c_int {
+    errno(dev_of(priv_).cache_init(fs, shared))
+}
+
+unsafe extern "C" fn cache_put(
+    priv_: *mut c_void,
+    fs: c_uint,
+    oid: *const bindings::tmem_oid,
+    index: c_ulong,
+    page: *mut bindings::page,
+) -> c_int {
+    // SAFETY: the core passes a key that lives for the call.
+    errno(dev_of(priv_).cache_put(fs, unsafe { &*oid }, index, page))
+}
+
+unsafe extern "C" fn cache_get(
+    priv_: *mut c_void,
+    fs: c_uint,
+    oid: *const bindings::tmem_oid,
+    index: c_ulong,
+    page: *mut bindings::page,
+) -> c_int {
+    // SAFETY: as above.
+    errno(dev_of(priv_).cache_get(fs, unsafe { &*oid }, index, page))
+}
+
+unsafe extern "C" fn cache_invalidate_page(
+    priv_: *mut c_void,
+    fs: c_uint,
+    oid: *const bindings::tmem_oid,
+    index: c_ulong,
+) {
+    // SAFETY: as above.
+    dev_of(priv_).cache_invalidate(fs, Op::FlushPage, unsafe { &*oid }, index as u64)
+}
+
+unsafe extern "C" fn cache_invalidate_inode(
+    priv_: *mut c_void,
+    fs: c_uint,
+    oid: *const bindings::tmem_oid,
+) {
+    // SAFETY: as above.
+    dev_of(priv_).cache_invalidate(fs, Op::FlushObject, unsafe { &*oid }, 0)
+}
+
+unsafe extern "C" fn cache_invalidate_fs(priv_: *mut c_void, fs: c_uint) {
+    dev_of(priv_).cache_invalidate_fs(fs)
+}
+
+unsafe extern "C" fn cache_exit(priv_: *mut c_void, fs: c_uint) {
+    dev_of(priv_).cache_exit(fs)
+}
+
 unsafe extern "C" fn probe(vdev: *mut bindings::virtio_device) -> c_int {
     let mut dev = match TmemDev::new(vdev) {
         Ok(dev) => dev,
@@ -729,6 +1019,10 @@ unsafe extern "C" fn remove(vdev: *mut bindings::virtio_device) {
     unsafe {
         bindings::tmem_unregister_backend((*raw).backend.get());
         (*raw).send_pending(&mut (*raw).pending.lock());
+        // Page-cache pools are the driver's to release now: the core will not ask again.
+        for fs in 0..FS_SLOTS {
+            (*raw).cache_exit(fs as c_uint);
+        }
     }
     // SAFETY: no hook can reach the device any more.
     unsafe { teardown(vdev, raw) };

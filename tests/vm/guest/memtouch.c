@@ -4,11 +4,21 @@
  *
  *   memtouch run MIB SEED    fill MIB of anonymous memory, verify it twice, exit 0 if intact
  *   memtouch hold MIB SEED   fill, create /tmp/hold.SEED, wait for SIGUSR1, verify, exit
+ *   memtouch write FILE MIB SEED    write MIB of file pages in place (no truncation), fsync
+ *   memtouch dwrite FILE MIB SEED   the same with O_DIRECT, bypassing the page cache
+ *   memtouch verify FILE MIB SEED [VALID_MIB]
+ *                            read FILE (MIB long) through the page cache and check every page;
+ *                            pages from VALID_MIB on must be zero (a truncated and extended file)
  *
  * Every page's content is a function of (seed, page number), so it can be regenerated to
  * verify. Pages are of varied kinds, like real memory: zero (10 %), same-filled (10 %),
- * text (30 %), binary-like low-entropy records (30 %) and random (20 %).
+ * text (30 %), binary-like low-entropy records (30 %) and random (20 %). File pages have no
+ * random kind (binary instead): clean page-cache pages that do not compress are refused by the
+ * host, and the page-cache tests want pages that it keeps.
  */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -20,6 +30,7 @@
 #define PAGE 4096
 
 static volatile sig_atomic_t released;
+static int file_pages;
 
 static uint64_t mix(uint64_t x)
 {
@@ -59,6 +70,9 @@ static enum kind fill(unsigned char *p, uint64_t seed, uint64_t n)
 	uint64_t h = mix(seed * 0x9e3779b97f4a7c15ULL + n), x = h | 1;
 	enum kind kind = kind_of(h);
 	size_t i, len, at = 0;
+
+	if (file_pages && kind == RANDOM)
+		kind = BINARY;
 	uint64_t *w = (uint64_t *)p;
 
 	switch (kind) {
@@ -126,6 +140,89 @@ static uint64_t verify(unsigned char *mem, uint64_t pages, uint64_t seed, int ba
 	return bad;
 }
 
+static int file_write(const char *path, uint64_t pages, uint64_t seed, int direct)
+{
+	unsigned char *buf;
+	uint64_t n;
+	int fd;
+
+	if (posix_memalign((void **)&buf, PAGE, PAGE))
+		return 2;
+	fd = open(path, O_WRONLY | O_CREAT | (direct ? O_DIRECT : 0), 0644);
+	if (fd < 0) {
+		fprintf(stderr, "memtouch: open %s: %s\n", path, strerror(errno));
+		return 2;
+	}
+	for (n = 0; n < pages; n++) {
+		fill(buf, seed, n);
+		if (pwrite(fd, buf, PAGE, n * PAGE) != PAGE) {
+			fprintf(stderr, "memtouch: write %s page %llu: %s\n", path,
+				(unsigned long long)n, strerror(errno));
+			return 2;
+		}
+	}
+	if (fsync(fd) || close(fd)) {
+		fprintf(stderr, "memtouch: fsync %s: %s\n", path, strerror(errno));
+		return 2;
+	}
+	printf("memtouch: wrote %llu pages of seed %llu to %s%s\n", (unsigned long long)pages,
+	       (unsigned long long)seed, path, direct ? " (O_DIRECT)" : "");
+	return 0;
+}
+
+static int file_verify(const char *path, uint64_t pages, uint64_t seed, uint64_t valid)
+{
+	static unsigned char buf[16 * PAGE];
+	unsigned char expect[PAGE];
+	uint64_t n = 0, bad = 0, i, got;
+	ssize_t r;
+	int fd;
+
+	fd = open(path, O_RDONLY);
+	if (fd < 0) {
+		fprintf(stderr, "memtouch: open %s: %s\n", path, strerror(errno));
+		return 2;
+	}
+	for (;;) {
+		r = read(fd, buf, sizeof(buf));
+		if (r < 0) {
+			fprintf(stderr, "memtouch: read %s: %s\n", path, strerror(errno));
+			return 2;
+		}
+		if (r == 0)
+			break;
+		if (r % PAGE) {
+			fprintf(stderr, "memtouch: %s: short read of %zd bytes\n", path, r);
+			return 2;
+		}
+		got = r / PAGE;
+		for (i = 0; i < got; i++, n++) {
+			if (n < valid)
+				fill(expect, seed, n);
+			else
+				memset(expect, 0, PAGE);
+			if (n >= pages || memcmp(expect, buf + i * PAGE, PAGE)) {
+				if (bad < 5)
+					fprintf(stderr, "memtouch: %s page %llu differs\n", path,
+						(unsigned long long)n);
+				bad++;
+			}
+		}
+	}
+	close(fd);
+	if (n != pages) {
+		fprintf(stderr, "memtouch: %s has %llu pages, expected %llu\n", path,
+			(unsigned long long)n, (unsigned long long)pages);
+		return 1;
+	}
+	if (bad) {
+		printf("memtouch: %s: %llu bad pages\n", path, (unsigned long long)bad);
+		return 1;
+	}
+	printf("memtouch: %s: %llu pages verified\n", path, (unsigned long long)pages);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	uint64_t counts[KINDS] = { 0 }, pages, seed, i, bad;
@@ -133,8 +230,20 @@ int main(int argc, char **argv)
 	char ready[64];
 	int hold;
 
+	if ((argc == 5 || argc == 6) && !strcmp(argv[1], "verify")) {
+		file_pages = 1;
+		pages = strtoull(argv[3], NULL, 10) * (1024 * 1024 / PAGE);
+		return file_verify(argv[2], pages, strtoull(argv[4], NULL, 10),
+				   argc == 6 ? strtoull(argv[5], NULL, 10) * (1024 * 1024 / PAGE) : pages);
+	}
+	if (argc == 5 && (!strcmp(argv[1], "write") || !strcmp(argv[1], "dwrite"))) {
+		file_pages = 1;
+		pages = strtoull(argv[3], NULL, 10) * (1024 * 1024 / PAGE);
+		return file_write(argv[2], pages, strtoull(argv[4], NULL, 10), argv[1][0] == 'd');
+	}
 	if (argc != 4 || (strcmp(argv[1], "run") && strcmp(argv[1], "hold"))) {
-		fprintf(stderr, "usage: memtouch run|hold MIB SEED\n");
+		fprintf(stderr, "usage: memtouch run|hold MIB SEED | write|dwrite FILE MIB SEED |\n"
+				"       verify FILE MIB SEED [VALID_MIB]\n");
 		return 2;
 	}
 	hold = !strcmp(argv[1], "hold");

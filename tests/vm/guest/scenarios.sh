@@ -3,20 +3,40 @@
 # `guest-result NAME: pass` or `guest-result NAME: FAIL (why)`, and the driver's counters as a
 # `guest-stats` line that the host runner compares with the daemon's statistics: scenarios print
 # it after swapoff, so that no later swap-in (of this shell, say) changes the counts.
+# Page-cache scenarios print it after umount, for the same reason.
+#
+# Disks: /dev/vda is swap, /dev/vdb an ext4 data disk, /dev/vdc a second ext4 disk (shared
+# between the two guests in two-guests). Guests of two-guest scenarios have a role (a or b)
+# and meet at barriers: `sync_point NAME` prints `guest-sync NAME` and waits until the runner,
+# once every guest got there, writes NAME back on the second serial port.
 T=/sys/kernel/debug/tmem
 SWAP=/dev/vda
+DATA=/dev/vdb
+DISK2=/dev/vdc
+COUNTERS="puts puts_refused gets hits misses cache_puts cache_puts_refused cache_gets cache_hits
+cache_misses cache_invalidations failures flushes batches pools cache_pools"
+# Counters of module instances unloaded earlier in the run (the daemon's counters go on).
+SAVED=/tmp/saved-stats
 
 stat_of() { cat "$T/$1" 2>/dev/null || echo 0; }
+saved_of() { sed -n "s/^$1=//p" $SAVED 2>/dev/null | grep . || echo 0; }
 stats() {
-	if [ ! -d $T ]; then
+	if [ ! -d $T ] && [ ! -f $SAVED ]; then
 		echo "guest-stats module=absent"
 		return
 	fi
 	line="guest-stats"
-	for f in puts puts_refused gets hits misses failures flushes batches pools; do
-		line="$line $f=$(stat_of $f)"
+	for f in $COUNTERS; do
+		line="$line $f=$(($(stat_of $f) + $(saved_of $f)))"
 	done
 	echo "$line"
+}
+# Before rmmod: keep the counters of this module instance.
+save_stats() {
+	for f in $COUNTERS; do
+		echo "$f=$(($(stat_of $f) + $(saved_of $f)))"
+	done >$SAVED.new
+	mv $SAVED.new $SAVED
 }
 fail() {
 	stats
@@ -39,6 +59,25 @@ wait_file() {
 		i=$((i + 1))
 		[ $i -lt 900 ] || fail "timed out waiting for $1"
 	done
+}
+drop_cache() {
+	sync
+	echo 1 >/proc/sys/vm/drop_caches
+}
+mount_data() { mount -t ext4 "$@" || fail "mount $*"; }
+sync_point() {
+	echo "guest-sync $1"
+	read -r line <&3 || fail "sync $1: control port closed"
+	[ "$line" = "$1" ] || fail "sync $1: runner said '$line'"
+}
+# Pages of a file of MIB mebibytes.
+pages_of() { echo $(($1 * 256)); }
+# cache_hits gained while running a command: CMD... ; sets HITS.
+count_hits() {
+	h0=$(stat_of cache_hits)
+	"$@" || fail "$* did not verify"
+	HITS=$(($(stat_of cache_hits) - h0))
+	echo "$SCENARIO: $HITS page-cache hits during: $*"
 }
 swap_used_kb() { awk 'NR > 1 { used += $4 } END { print used + 0 }' /proc/swaps; }
 at_least() { [ "$(stat_of "$1")" -ge "$2" ] || fail "$1 is $(stat_of "$1"), expected at least $2"; }
@@ -129,8 +168,174 @@ demo)
 	swap_on
 	echo "demo: 128 MiB guest, 256 MiB workload (zero, same-filled, text, binary, random pages)"
 	memtouch run 256 11 || fail "workload pages did not verify"
-	# Nothing can swap after this, so both sides' counters are final.
 	swapoff $SWAP || fail "swapoff"
+	echo "demo: page cache: a 192 MiB file on ext4, read twice"
+	mount_data $DATA /mnt
+	memtouch write /mnt/big 192 12 || fail "write"
+	drop_cache
+	memtouch verify /mnt/big 192 12 || fail "first read did not verify"
+	count_hits memtouch verify /mnt/big 192 12
+	# Nothing can swap or cache after this, so both sides' counters are final.
+	umount /mnt || fail "umount"
+	stats
+	pass
+	;;
+pagecache-hits)
+	# A file half again as large as the guest's RAM, read twice: the second read finds the
+	# pages the first one's reclaim put into the host.
+	load
+	mount_data $DATA /mnt
+	memtouch write /mnt/big 192 21 || fail "write"
+	drop_cache
+	memtouch verify /mnt/big 192 21 || fail "first read did not verify"
+	count_hits memtouch verify /mnt/big 192 21
+	[ "$HITS" -ge "$(pages_of 96)" ] || fail "second read: only $HITS of $(pages_of 192) pages hit"
+	umount /mnt || fail "umount"
+	none_of failures
+	none_of cache_pools
+	stats
+	pass
+	;;
+pagecache-coherency)
+	# Each step starts with the file's pages in the host only (read, then dropped from the
+	# cache), changes the file another way, and checks that the new content comes back.
+	load
+	mount_data $DATA /mnt
+	F=/mnt/file
+	memtouch write $F 64 30 || fail "write"
+	drop_cache
+	memtouch verify $F 64 30 || fail "first read"
+	drop_cache
+	p0=$(stat_of cache_puts)
+	memtouch verify $F 64 30 || fail "second read"
+	drop_cache
+	[ $(($(stat_of cache_puts) - p0)) -ge "$(pages_of 48)" ] || fail "the file's pages were not put"
+	# 1. Overwritten in place through the page cache.
+	memtouch write $F 64 31 || fail "overwrite"
+	drop_cache
+	memtouch verify $F 64 31 || fail "overwrite: stale pages came back"
+	drop_cache
+	# 2. Overwritten with O_DIRECT, which bypasses the page cache.
+	memtouch dwrite $F 64 32 || fail "direct write"
+	memtouch verify $F 64 32 || fail "direct write: stale pages came back"
+	drop_cache
+	# 3. Truncated to 16 MiB and extended again: the rest must read as zeros.
+	truncate -s 16M $F && truncate -s 64M $F || fail "truncate"
+	memtouch verify $F 64 32 16 || fail "truncate: stale pages came back"
+	drop_cache
+	# 4. Truncated to nothing and rewritten.
+	: >$F || fail "truncate to 0"
+	memtouch write $F 64 33 || fail "rewrite"
+	drop_cache
+	memtouch verify $F 64 33 || fail "rewrite: stale pages came back"
+	drop_cache
+	# 5. Deleted and created again (the inode number may be reused).
+	rm $F
+	memtouch write $F 64 34 || fail "recreate"
+	drop_cache
+	memtouch verify $F 64 34 || fail "recreate: stale pages came back"
+	drop_cache
+	# 6. The inode itself leaves memory (drop_caches 3): its pages stay valid in the host.
+	sync
+	echo 3 >/proc/sys/vm/drop_caches
+	count_hits memtouch verify $F 64 34
+	[ "$HITS" -ge "$(pages_of 32)" ] || fail "after inode eviction: only $HITS pages hit"
+	umount /mnt || fail "umount"
+	none_of failures
+	stats
+	pass
+	;;
+pagecache-lazy-register)
+	# Mounted before insmod: replayed at registration. Mounted and unmounted before insmod:
+	# forgotten. Then the module goes away and comes back with the filesystem still mounted.
+	mount_data $DATA /mnt
+	mount_data $DISK2 /mnt2
+	umount /mnt2 || fail "umount /mnt2"
+	memtouch write /mnt/f 96 40 || fail "write before insmod"
+	load
+	dmesg | grep -q "tmem: backend registered, 0 swap area(s) and 1 filesystem(s) already in use" ||
+		fail "the mount made before insmod was not replayed alone"
+	[ "$(stat_of cache_pools)" -eq 1 ] || fail "$(stat_of cache_pools) page-cache pools, expected 1"
+	drop_cache
+	memtouch verify /mnt/f 96 40 || fail "first read"
+	count_hits memtouch verify /mnt/f 96 40
+	[ "$HITS" -ge "$(pages_of 48)" ] || fail "only $HITS pages hit"
+	save_stats
+	rmmod tmem || fail "rmmod with a filesystem mounted"
+	memtouch verify /mnt/f 96 40 || fail "read without the module"
+	load
+	[ "$(dmesg | grep -c 'tmem: backend registered, 0 swap area(s) and 1 filesystem(s)')" -eq 2 ] ||
+		fail "the mount was not replayed at the second registration"
+	drop_cache
+	memtouch verify /mnt/f 96 40 || fail "first read after reload"
+	count_hits memtouch verify /mnt/f 96 40
+	[ "$HITS" -ge "$(pages_of 48)" ] || fail "after reload: only $HITS pages hit"
+	umount /mnt || fail "umount"
+	none_of cache_pools
+	none_of failures
+	stats
+	pass
+	;;
+two-guests)
+	# Both guests: a private ext4 disk with a file of the same name, size and inode number but
+	# different content, and the same read-only ext4 disk (/dev/vdc), whose UUID the host
+	# authorized for sharing. Guest a writes the shared file, then both mount it read-only;
+	# a reads it into the shared pool and b reads it from there.
+	exec 3</dev/ttyS1
+	stty -F /dev/ttyS1 -echo
+	load
+	mount_data $DATA /mnt
+	if [ "$ROLE" = a ]; then seed=51; else seed=52; fi
+	memtouch write /mnt/own 48 $seed || fail "write own file"
+	drop_cache
+	memtouch verify /mnt/own 48 $seed || fail "own file, first read"
+	if [ "$ROLE" = a ]; then
+		mount_data $DISK2 /shared
+		memtouch write /shared/common 48 50 || fail "write the shared file"
+		umount /shared || fail "umount /shared"
+	fi
+	sync_point written
+	mount_data -o ro $DISK2 /shared
+	[ "$(stat_of cache_shared_pools)" -eq 1 ] || fail "no shared pool (not authorized?)"
+	sync_point mounted
+	if [ "$ROLE" = a ]; then
+		memtouch verify /shared/common 48 50 || fail "shared file, first read"
+		drop_cache
+	fi
+	sync_point shared-put
+	if [ "$ROLE" = b ]; then
+		count_hits memtouch verify /shared/common 48 50
+		[ "$HITS" -ge "$(pages_of 24)" ] ||
+			fail "only $HITS pages of the shared file came from the shared pool"
+	fi
+	# Own files again: each guest must get its own pages back, never the other's.
+	drop_cache
+	count_hits memtouch verify /mnt/own 48 $seed
+	[ "$HITS" -ge "$(pages_of 24)" ] || fail "own file: only $HITS pages hit"
+	sync_point verified
+	umount /shared || fail "umount /shared"
+	umount /mnt || fail "umount /mnt"
+	none_of failures
+	stats
+	pass
+	;;
+overcommit)
+	# Two 128 MiB guests each read a 192 MiB file twice against a daemon whose limit holds
+	# a fraction of that: the host evicts ephemeral pages, by weight (b has 3 times a's).
+	exec 3</dev/ttyS1
+	stty -F /dev/ttyS1 -echo
+	load
+	mount_data $DATA /mnt
+	if [ "$ROLE" = a ]; then seed=61; else seed=62; fi
+	memtouch write /mnt/big 192 $seed || fail "write"
+	sync_point written
+	drop_cache
+	memtouch verify /mnt/big 192 $seed || fail "first read"
+	memtouch verify /mnt/big 192 $seed || fail "second read"
+	# The runner samples the daemon here, with both guests' pools full.
+	sync_point measured
+	umount /mnt || fail "umount"
+	none_of failures
 	stats
 	pass
 	;;
