@@ -69,6 +69,8 @@ APT_PKGS=(
     dpkg-dev ninja-build libglib2.0-dev libpixman-1-dev python3-venv libfdt-dev pkg-config
     # firmware for the QEMU we build, the guest's userland
     seabios qemu-system-data busybox-static gcc libc6-dev
+    # the ext4 disks of the page-cache scenarios (mkfs.ext4)
+    e2fsprogs
 )
 
 do_deps() {
