@@ -534,7 +534,10 @@ impl TmemDev {
             Some(Status::Denied) => Err(EACCES),
             Some(Status::TooManyPools) => Err(ENOSPC),
             _ => {
-                pr_err!("creating a page-cache pool failed: {}\n", status_name(resp.status));
+                pr_err!(
+                    "creating a page-cache pool failed: {}\n",
+                    status_name(resp.status)
+                );
                 Err(EIO)
             }
         }
@@ -552,7 +555,10 @@ impl TmemDev {
                 Ok(pool) => (pool, true),
                 Err(EACCES) => {
                     // Sharing needs the host's authorization for this UUID.
-                    pr_info!("filesystem {}: shared pool not authorized, using a private one\n", fs);
+                    pr_info!(
+                        "filesystem {}: shared pool not authorized, using a private one\n",
+                        fs
+                    );
                     (self.create_cache_pool(None)?, false)
                 }
                 Err(e) => return Err(e),
@@ -563,7 +569,9 @@ impl TmemDev {
         slot.store(pool, Ordering::Release);
         self.stats.cache_pools.fetch_add(1, Ordering::Relaxed);
         if is_shared {
-            self.stats.cache_shared_pools.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .cache_shared_pools
+                .fetch_add(1, Ordering::Relaxed);
         }
         pr_info!(
             "filesystem {}: host pool {} ({})\n",
@@ -595,7 +603,9 @@ impl TmemDev {
             Ok((resp, _)) => match Status::from_u32(resp.status) {
                 Some(Status::Ok) => Ok(()),
                 Some(Status::NoSpace | Status::Refused) => {
-                    self.stats.cache_puts_refused.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .cache_puts_refused
+                        .fetch_add(1, Ordering::Relaxed);
                     Err(ENOSPC)
                 }
                 _ => Err(self.failure("page-cache put", resp.status)),
@@ -648,7 +658,9 @@ impl TmemDev {
         let Some((pool, _)) = self.fs_pool(fs) else {
             return;
         };
-        self.stats.cache_invalidations.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .cache_invalidations
+            .fetch_add(1, Ordering::Relaxed);
         self.invalidate(BatchEntry {
             op: op as u32,
             pool_id: pool,
@@ -680,7 +692,9 @@ impl TmemDev {
         }
         self.stats.cache_pools.fetch_sub(1, Ordering::Relaxed);
         if self.fs_shared[fs as usize].swap(false, Ordering::Relaxed) {
-            self.stats.cache_shared_pools.fetch_sub(1, Ordering::Relaxed);
+            self.stats
+                .cache_shared_pools
+                .fetch_sub(1, Ordering::Relaxed);
         }
         self.destroy_pool(pool, "page cache");
         pr_info!("filesystem {}: host pool {} released\n", fs, pool);
@@ -701,7 +715,11 @@ impl TmemDev {
             Ok(pool) => slot.store(pool, Ordering::Release),
             Err(e) => {
                 self.stats.cache_pools.fetch_sub(1, Ordering::Relaxed);
-                pr_err!("filesystem {}: new pool failed ({:?}), tmem off for it\n", fs, e);
+                pr_err!(
+                    "filesystem {}: new pool failed ({:?}), tmem off for it\n",
+                    fs,
+                    e
+                );
             }
         }
     }

@@ -189,7 +189,14 @@ fn make_ext4(path: &Path, mib: u64, uuid: &str) -> Result<(), String> {
         .and_then(|f| f.set_len(mib << 20))
         .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
     let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-U", uuid, "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+        .args([
+            "-q",
+            "-F",
+            "-U",
+            uuid,
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+        ])
         .arg(path)
         .output()
         .map_err(|e| format!("mkfs.ext4 (e2fsprogs): {e}"))?;
@@ -201,6 +208,13 @@ fn make_ext4(path: &Path, mib: u64, uuid: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// How guests boot: accelerator, time limit, and whether the first console is shown live.
+struct How {
+    accel: &'static str,
+    timeout: Duration,
+    live: bool,
 }
 
 /// Lines the console readers pass on: a guest reached a barrier, or its console closed.
@@ -228,11 +242,14 @@ impl Runner {
         d: &Daemon,
         scenario: &str,
         guests: &[GuestSpec],
-        accel: &str,
-        timeout: Duration,
-        live: bool,
+        how: How,
         at_barrier: &dyn Fn(&str) -> Result<(), String>,
     ) -> Result<Vec<Run>, String> {
+        let How {
+            accel,
+            timeout,
+            live,
+        } = how;
         let (tx, rx) = std::sync::mpsc::channel();
         let mut children = Vec::new();
         let mut controls = Vec::new();
@@ -245,7 +262,11 @@ impl Runner {
             }
         };
         for (i, g) in guests.iter().enumerate() {
-            let tag = if g.role.is_empty() { scenario.to_string() } else { format!("{scenario}-{}", g.role) };
+            let tag = if g.role.is_empty() {
+                scenario.to_string()
+            } else {
+                format!("{scenario}-{}", g.role)
+            };
             let swap = d.path(&format!("swap-{tag}.img"));
             File::create(&swap)
                 .and_then(|f| f.set_len(SWAP_MIB << 20))
@@ -297,7 +318,9 @@ impl Runner {
                 match listener.accept() {
                     Ok((s, _)) => break s,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if t0.elapsed() > Duration::from_secs(30) || child.try_wait().ok().flatten().is_some() {
+                        if t0.elapsed() > Duration::from_secs(30)
+                            || child.try_wait().ok().flatten().is_some()
+                        {
                             let _ = child.kill();
                             let _ = child.wait();
                             kill_all(&mut children);
@@ -312,7 +335,8 @@ impl Runner {
             controls.push(stream);
             let console_path = d.path(&format!("console-{tag}.log"));
             let log = std::sync::Arc::new(std::sync::Mutex::new(
-                File::create(&console_path).map_err(|e| format!("{}: {e}", console_path.display()))?,
+                File::create(&console_path)
+                    .map_err(|e| format!("{}: {e}", console_path.display()))?,
             ));
             consoles.push(console_path);
             let out: Box<dyn std::io::Read + Send> = Box::new(child.stdout.take().expect("piped"));
@@ -375,8 +399,8 @@ impl Runner {
                 }
             }
             // A guest that is gone can never reach the barrier the others wait at.
-            let stuck = !waiting.is_empty()
-                && status.iter().zip(&closed).any(|(s, c)| s.is_some() && *c);
+            let stuck =
+                !waiting.is_empty() && status.iter().zip(&closed).any(|(s, c)| s.is_some() && *c);
             if start.elapsed() > timeout || stuck {
                 timed_out = start.elapsed() > timeout;
                 for (i, c) in children.iter_mut().enumerate() {
@@ -453,7 +477,10 @@ impl Runner {
                 daemon_args.push(format!("name={role},socket={{dir}}/{role}.sock{opts}"));
             }
             daemon_args.extend(extra.iter().map(|s| s.to_string()));
-            Ok(Plan { daemon_args, guests })
+            Ok(Plan {
+                daemon_args,
+                guests,
+            })
         };
         match name {
             "swap-host-full" => single(&["--memory-limit", TINY_LIMIT]),
@@ -510,7 +537,10 @@ impl Runner {
         let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
         match (scenario, barrier) {
             ("two-guests", "verified") => {
-                let pools = stats["shared_pools"].as_array().cloned().unwrap_or_default();
+                let pools = stats["shared_pools"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
                 let Some(pool) = pools.first() else {
                     return Err("the daemon has no shared pool".into());
                 };
@@ -576,9 +606,17 @@ impl Runner {
                     std::thread::sleep(Duration::from_millis(250));
                 }
             });
-            let runs = self.boot(d, name, &plan.guests, self.accel, self.timeout, false, &|b| {
-                Self::at_barrier(d, name, b)
-            });
+            let runs = self.boot(
+                d,
+                name,
+                &plan.guests,
+                How {
+                    accel: self.accel,
+                    timeout: self.timeout,
+                    live: false,
+                },
+                &|b| Self::at_barrier(d, name, b),
+            );
             done.store(true, std::sync::atomic::Ordering::Relaxed);
             runs
         })?;
@@ -588,7 +626,11 @@ impl Runner {
             self.accel
         );
         for (g, run) in plan.guests.iter().zip(&runs) {
-            let who = if g.role.is_empty() { "guest".to_string() } else { format!("guest {}", g.role) };
+            let who = if g.role.is_empty() {
+                "guest".to_string()
+            } else {
+                format!("guest {}", g.role)
+            };
             if run.timed_out {
                 return Err(format!(
                     "{who} did not finish within {} s; console tail:\n{}",
@@ -643,7 +685,11 @@ impl Runner {
             );
             match name {
                 "swap-integrity" | "swap-lazy-register" if h("puts") < 1000 || h("gets") < 1000 => {
-                    return Err(format!("daemon saw only {} puts and {} gets", h("puts"), h("gets")))
+                    return Err(format!(
+                        "daemon saw only {} puts and {} gets",
+                        h("puts"),
+                        h("gets")
+                    ))
                 }
                 "swap-host-full" if h("puts_refused") == 0 => {
                     return Err("the daemon refused no put".into())
@@ -658,7 +704,9 @@ impl Runner {
         let limit = stats["memory_limit_bytes"].as_u64().unwrap_or(0);
         let peak = peak.into_inner();
         if peak > limit {
-            return Err(format!("the daemon used {peak} bytes, over its limit of {limit}"));
+            return Err(format!(
+                "the daemon used {peak} bytes, over its limit of {limit}"
+            ));
         }
         Ok(())
     }
@@ -718,7 +766,17 @@ impl Runner {
         let done = std::sync::atomic::AtomicBool::new(false);
         let (runs, peak) = std::thread::scope(|s| {
             let sampler = s.spawn(|| peak_usage(&d, &done));
-            let runs = self.boot(&d, "demo", &plan.guests, self.accel, self.timeout, true, &|_| Ok(()));
+            let runs = self.boot(
+                &d,
+                "demo",
+                &plan.guests,
+                How {
+                    accel: self.accel,
+                    timeout: self.timeout,
+                    live: true,
+                },
+                &|_| Ok(()),
+            );
             done.store(true, std::sync::atomic::Ordering::Relaxed);
             (runs, sampler.join().unwrap_or_default())
         });
@@ -753,7 +811,12 @@ impl Runner {
             format!("{} flushes, {} batches", g("flushes"), g("batches")),
             h("flushed_pages")
         );
-        println!("   {:<14} {:>25} {:>12}", "failures", g("failures"), h("get_errors"));
+        println!(
+            "   {:<14} {:>25} {:>12}",
+            "failures",
+            g("failures"),
+            h("get_errors")
+        );
         if peak.stored_pages > 0 {
             println!(
                 "   daemon at its peak: {} pages stored ({} MiB of guest memory) in {:.1} MiB \
@@ -911,7 +974,17 @@ fn pick_accel(runner: &Runner, want: Accel) -> Result<&'static str, String> {
     let plan = runner.plan("boot-probe", &tmp);
     let booted = plan.and_then(|plan| {
         let d = runner.daemon(&plan.daemon_args)?;
-        let runs = runner.boot(&d, "boot-probe", &plan.guests, "kvm", Duration::from_secs(60), false, &|_| Ok(()))?;
+        let runs = runner.boot(
+            &d,
+            "boot-probe",
+            &plan.guests,
+            How {
+                accel: "kvm",
+                timeout: Duration::from_secs(60),
+                live: false,
+            },
+            &|_| Ok(()),
+        )?;
         Ok(runs.iter().all(|r| r.verdict("boot-probe") == Some(Ok(()))))
     });
     let _ = std::fs::remove_dir_all(&tmp);
