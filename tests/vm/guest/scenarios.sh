@@ -112,7 +112,7 @@ swap-lazy-register)
 	memtouch run 160 3 || fail "workload before insmod did not verify"
 	[ "$(swap_used_kb)" -gt 0 ] || fail "nothing was swapped out before insmod"
 	load
-	dmesg | grep -q "tmem: backend registered, 1 swap area(s) already enabled" ||
+	dmesg | grep -q "tmem: backend registered, 1 swap area(s) and 0 filesystem(s) already in use" ||
 		fail "the swap area enabled before insmod was not replayed at registration"
 	at_least pools 1
 	memtouch run 192 4 || fail "workload after insmod did not verify"
