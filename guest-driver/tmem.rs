@@ -372,19 +372,8 @@ impl TmemDev {
             index: offset as u64,
             ..Default::default()
         };
-        self.stats.puts.fetch_add(1, Ordering::Relaxed);
-        let result = self.call(self.queue_for_cpu(), &hdr, &[], Data::Out(page), 0);
-        match result {
-            Ok((resp, _)) => match Status::from_u32(resp.status) {
-                Some(Status::Ok) => Ok(()),
-                Some(Status::NoSpace | Status::Refused) => {
-                    self.stats.puts_refused.fetch_add(1, Ordering::Relaxed);
-                    Err(ENOSPC)
-                }
-                _ => Err(self.failure("put", resp.status)),
-            },
-            Err(e) => Err(self.transport_failure("put", e)),
-        }
+        let s = &self.stats;
+        self.put(&hdr, page, [&s.puts, &s.puts_refused], "put")
     }
 
     fn swap_load(&self, type_: c_uint, offset: c_ulong, page: *mut bindings::page) -> Result {
@@ -395,20 +384,56 @@ impl TmemDev {
             index: offset as u64,
             ..Default::default()
         };
-        self.stats.gets.fetch_add(1, Ordering::Relaxed);
-        match self.call(self.queue_for_cpu(), &hdr, &[], Data::In(page), 0) {
+        let s = &self.stats;
+        self.get(&hdr, page, [&s.gets, &s.hits, &s.misses], "get")
+    }
+
+    /// Sends a PUT of `page`, counted in `counters` (puts, refused puts). NO_SPACE and REFUSED
+    /// return ENOSPC; other failures are counted and logged as `what`.
+    fn put(
+        &self,
+        hdr: &ReqHeader,
+        page: *mut bindings::page,
+        counters: [&AtomicU64; 2],
+        what: &str,
+    ) -> Result {
+        counters[0].fetch_add(1, Ordering::Relaxed);
+        match self.call(self.queue_for_cpu(), hdr, &[], Data::Out(page), 0) {
+            Ok((resp, _)) => match Status::from_u32(resp.status) {
+                Some(Status::Ok) => Ok(()),
+                Some(Status::NoSpace | Status::Refused) => {
+                    counters[1].fetch_add(1, Ordering::Relaxed);
+                    Err(ENOSPC)
+                }
+                _ => Err(self.failure(what, resp.status)),
+            },
+            Err(e) => Err(self.transport_failure(what, e)),
+        }
+    }
+
+    /// Sends a GET into `page`, counted in `counters` (gets, hits, misses). A miss returns
+    /// ENOENT; other failures are counted and logged as `what`.
+    fn get(
+        &self,
+        hdr: &ReqHeader,
+        page: *mut bindings::page,
+        counters: [&AtomicU64; 3],
+        what: &str,
+    ) -> Result {
+        counters[0].fetch_add(1, Ordering::Relaxed);
+        match self.call(self.queue_for_cpu(), hdr, &[], Data::In(page), 0) {
             Ok((resp, _)) => match Status::from_u32(resp.status) {
                 Some(Status::Ok) => {
-                    self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    counters[1].fetch_add(1, Ordering::Relaxed);
                     Ok(())
                 }
                 Some(Status::Miss) => {
-                    self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                    counters[2].fetch_add(1, Ordering::Relaxed);
                     Err(ENOENT)
                 }
-                _ => Err(self.failure("get", resp.status)),
+                _ => Err(self.failure(what, resp.status)),
             },
-            Err(e) => Err(self.transport_failure("get", e)),
+            Err(e) => Err(self.transport_failure(what, e)),
         }
     }
 
@@ -598,20 +623,13 @@ impl TmemDev {
             index: index as u64,
             ..Default::default()
         };
-        self.stats.cache_puts.fetch_add(1, Ordering::Relaxed);
-        match self.call(self.queue_for_cpu(), &hdr, &[], Data::Out(page), 0) {
-            Ok((resp, _)) => match Status::from_u32(resp.status) {
-                Some(Status::Ok) => Ok(()),
-                Some(Status::NoSpace | Status::Refused) => {
-                    self.stats
-                        .cache_puts_refused
-                        .fetch_add(1, Ordering::Relaxed);
-                    Err(ENOSPC)
-                }
-                _ => Err(self.failure("page-cache put", resp.status)),
-            },
-            Err(e) => Err(self.transport_failure("page-cache put", e)),
-        }
+        let s = &self.stats;
+        self.put(
+            &hdr,
+            page,
+            [&s.cache_puts, &s.cache_puts_refused],
+            "page-cache put",
+        )
     }
 
     fn cache_get(
@@ -637,21 +655,9 @@ impl TmemDev {
             index: index as u64,
             ..Default::default()
         };
-        self.stats.cache_gets.fetch_add(1, Ordering::Relaxed);
-        match self.call(self.queue_for_cpu(), &hdr, &[], Data::In(page), 0) {
-            Ok((resp, _)) => match Status::from_u32(resp.status) {
-                Some(Status::Ok) => {
-                    self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-                    Ok(())
-                }
-                Some(Status::Miss) => {
-                    self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
-                    Err(ENOENT)
-                }
-                _ => Err(self.failure("page-cache get", resp.status)),
-            },
-            Err(e) => Err(self.transport_failure("page-cache get", e)),
-        }
+        let s = &self.stats;
+        let counters = [&s.cache_gets, &s.cache_hits, &s.cache_misses];
+        self.get(&hdr, page, counters, "page-cache get")
     }
 
     fn cache_invalidate(&self, fs: c_uint, op: Op, oid: &bindings::tmem_oid, index: u64) {
