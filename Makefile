@@ -51,7 +51,7 @@ vm-images: deps
 	bash vm-images/build.sh
 
 vm-test: build vm-images
-	@echo "== VM scenarios (QEMU guests swapping through tmem.ko into the daemon)"
+	@echo "== VM scenarios (QEMU guests swapping and caching file pages through tmem.ko into the daemon)"
 	./target/release/tmem-vmtest 2>&1 | tee -a $(TEST_LOG)
 
 # Every test; the last line sums cargo's test results and the VM scenarios.
