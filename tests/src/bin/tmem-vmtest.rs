@@ -328,7 +328,12 @@ impl Runner {
                         }
                         std::thread::sleep(Duration::from_millis(20));
                     }
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        kill_all(&mut children);
+                        return Err(format!("control socket: {e}"));
+                    }
                 }
             };
             stream.set_nonblocking(false).map_err(|e| e.to_string())?;
