@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 # The daemon the tests and the demo start (release: the tests push 100k+ pages through it).
 export VHOST_TMEM_BIN := $(CURDIR)/target/release/vhost-tmem
 
-.PHONY: all deps build lint test unit-test e2e-test vm-images vm-test demo demo-userspace clean help
+.PHONY: all deps build lint test unit-test e2e-test bench bench-quick vm-images vm-test demo demo-userspace clean help
 
 all: build
 
@@ -19,6 +19,8 @@ help:
 	@echo "make demo-userspace - the daemon serving two userspace guests, with stats"
 	@echo "make build  - release build of the daemon and the test guest"
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
+	@echo "make bench  - the full benchmark: store, limits, vhost-user; report in target/bench, README results"
+	@echo "make bench-quick - the benchmark's smoke run (seconds; part of make test, no timing asserted)"
 
 deps:
 	@bash .ci/install-deps.sh
@@ -44,6 +46,17 @@ e2e-test: build
 	@echo "== end-to-end tests (real daemon, vhost-user, userspace guest)"
 	$(CARGO) test --release -p tmem-testguest --tests 2>&1 | tee -a $(TEST_LOG)
 
+# The full benchmark (a few minutes): target/bench/report.{md,json,svg} and the README's results.
+bench: build
+	@echo "== benchmark (full)"
+	./target/release/tmem-bench --out target/bench --readme README.md
+
+# Smoke run of the benchmark with tiny corpora, so the suite cannot rot; asserts no timing.
+bench-quick: build
+	@echo "== benchmark (quick smoke run)"
+	./target/release/tmem-bench --quick --out target/bench-quick 2>&1 | tee -a $(TEST_LOG)
+	@echo "bench-quick: pass" | tee -a $(TEST_LOG)
+
 # Guest images: QEMU with the vhost-user test device patch, the patched 6.12 kernel, tmem.ko
 # and the initramfs, cached in ~/.cache/vhost-tmem by a hash of their inputs.
 vm-images: deps
@@ -57,8 +70,8 @@ vm-test: build vm-images
 # Every test; the last line sums cargo's test results and the VM scenarios.
 test: lint
 	@mkdir -p target && : > $(TEST_LOG)
-	@$(MAKE) --no-print-directory unit-test e2e-test vm-test
-	@awk '/^test result:/ { p += $$4; f += $$6 } /^scenario .*: pass$$/ { p++ } /^scenario .*: FAIL/ { f++ } END { printf "%d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' $(TEST_LOG)
+	@$(MAKE) --no-print-directory unit-test e2e-test bench-quick vm-test
+	@awk '/^test result:/ { p += $$4; f += $$6 } /^scenario .*: pass$$/ { p++ } /^bench-quick: pass$$/ { p++ } /^scenario .*: FAIL/ { f++ } END { printf "%d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' $(TEST_LOG)
 
 demo: build vm-images
 	./target/release/tmem-vmtest --demo

@@ -406,9 +406,9 @@ impl Guest {
         Ok(())
     }
 
-    /// Takes every used element; waits (bounded) until there is at least one.
-    fn reap(&mut self, q: usize, out: &mut Vec<(u32, u32)>) -> Result<()> {
-        let deadline = std::time::Instant::now() + self.timeout;
+    /// Takes every used element of queue `q` without waiting; re-arms `used_event` first when
+    /// nothing is there, so a completion that lands meanwhile is seen or notified.
+    fn collect_used(&mut self, q: usize, out: &mut Vec<(u32, u32)>) -> Result<()> {
         loop {
             let queue = &self.queues[q];
             let (size, used) = (queue.size, queue.used);
@@ -419,6 +419,7 @@ impl Guest {
             );
             fence(Ordering::SeqCst);
             let mut last = queue.last_used;
+            let before = out.len();
             while last != used_idx {
                 let e = used + 4 + 8 * (last % size) as u64;
                 let id: u32 = u32::from_le(self.mem.read_obj(GuestAddress(e)).map_err(gm)?);
@@ -438,32 +439,63 @@ impl Guest {
                     .map_err(gm)?;
                 fence(Ordering::SeqCst);
             }
-            if !out.is_empty() {
+            if out.len() > before {
                 return Ok(());
             }
-            // Re-check after arming used_event, then sleep on the call eventfd.
+            // Re-check after arming used_event: the device may have used one in between.
             let again: u16 = u16::from_le(
                 self.mem
                     .load(GuestAddress(used + 2), Ordering::Acquire)
                     .map_err(gm)?,
             );
-            if again != last {
-                continue;
+            if again == last {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Waits (bounded by the timeout) until any of `qs` has used elements, and takes them:
+    /// `out[i]` gets queue `qs[i]`'s.
+    fn reap_any(&mut self, qs: &[usize], out: &mut [Vec<(u32, u32)>]) -> Result<()> {
+        let deadline = std::time::Instant::now() + self.timeout;
+        loop {
+            let mut any = false;
+            for (i, &q) in qs.iter().enumerate() {
+                self.collect_used(q, &mut out[i])?;
+                any |= !out[i].is_empty();
+            }
+            if any {
+                return Ok(());
             }
             let now = std::time::Instant::now();
             if now >= deadline {
                 return Err(Error::Timeout(self.timeout));
             }
-            let mut pfd = libc::pollfd {
-                fd: self.queues[q].call.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
+            let mut pfds: Vec<libc::pollfd> = qs
+                .iter()
+                .map(|&q| libc::pollfd {
+                    fd: self.queues[q].call.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
             let ms = (deadline - now).as_millis().min(1000) as i32;
-            // SAFETY: one valid pollfd for the duration of the call.
-            unsafe { libc::poll(&mut pfd, 1, ms) };
-            let _ = self.queues[q].call.read();
+            // SAFETY: `pfds` is a valid array of pollfds for the duration of the call.
+            unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+            for &q in qs {
+                if pfds
+                    .iter()
+                    .any(|p| p.fd == self.queues[q].call.as_raw_fd() && p.revents != 0)
+                {
+                    let _ = self.queues[q].call.read();
+                }
+            }
         }
+    }
+
+    /// Takes every used element of one queue; waits (bounded) until there is at least one.
+    fn reap(&mut self, q: usize, out: &mut Vec<(u32, u32)>) -> Result<()> {
+        self.reap_any(&[q], std::slice::from_mut(out))
     }
 
     /// Guest-physical layout of slot `s` of queue `q`: (header, page, response, batch area).
@@ -545,9 +577,20 @@ impl Guest {
 
     /// Runs `reqs` on request queue `queue` (0-based) with up to `depth` in flight, calling
     /// `done` for each completion (in completion order).
-    pub fn pipeline<'r, I, F>(
+    pub fn pipeline<'r, I, F>(&mut self, queue: usize, depth: usize, reqs: I, done: F) -> Result<()>
+    where
+        I: IntoIterator<Item = (usize, Req<'r>)>,
+        F: FnMut(Done<'_>),
+    {
+        self.pipeline_queues(&[queue], depth, reqs, done)
+    }
+
+    /// Like [`Guest::pipeline`], over several request queues at once: each request goes to the
+    /// next queue (round robin) with fewer than `depth` in flight, as a multi-queue driver
+    /// spreads its CPUs' requests.
+    pub fn pipeline_queues<'r, I, F>(
         &mut self,
-        queue: usize,
+        queues: &[usize],
         depth: usize,
         reqs: I,
         mut done: F,
@@ -556,59 +599,82 @@ impl Guest {
         I: IntoIterator<Item = (usize, Req<'r>)>,
         F: FnMut(Done<'_>),
     {
-        let q = queue + 1;
-        if q >= self.queues.len() {
+        let qs: Vec<usize> = queues.iter().map(|q| q + 1).collect();
+        if qs.is_empty() || qs.iter().any(|&q| q >= self.queues.len()) {
             return Err(Error::Invalid("no such request queue"));
         }
-        let depth = depth.clamp(1, self.queues[q].nslots);
+        let depth = qs
+            .iter()
+            .map(|&q| self.queues[q].nslots)
+            .min()
+            .map_or(1, |n| depth.clamp(1, n));
         let mut it = reqs.into_iter().peekable();
-        let mut in_flight = 0;
-        let mut used = Vec::new();
-        let mut heads = Vec::with_capacity(depth);
+        let mut in_flight = vec![0usize; qs.len()];
+        let mut used = vec![Vec::new(); qs.len()];
+        let mut heads: Vec<Vec<u16>> = vec![Vec::with_capacity(depth); qs.len()];
+        let mut next = 0;
         loop {
-            heads.clear();
-            while in_flight < depth && it.peek().is_some() {
+            for h in heads.iter_mut() {
+                h.clear();
+            }
+            // Fill every queue up to `depth`, round robin.
+            let mut stalled = 0;
+            while it.peek().is_some() && stalled < qs.len() {
+                let i = next % qs.len();
+                next += 1;
+                if in_flight[i] >= depth {
+                    stalled += 1;
+                    continue;
+                }
+                stalled = 0;
+                let q = qs[i];
                 let (tag, req) = it.next().expect("peeked");
                 let s = self.queues[q].free.pop().expect("a free slot below depth");
                 let (head, op) = self.submit(q, s, &req)?;
                 self.queues[q].inflight[s] = Some((tag, op));
-                heads.push(head);
-                in_flight += 1;
+                heads[i].push(head);
+                in_flight[i] += 1;
             }
-            if !heads.is_empty() {
-                let hs = std::mem::take(&mut heads);
-                self.publish(q, &hs)?;
-                heads = hs;
+            for (i, &q) in qs.iter().enumerate() {
+                if !heads[i].is_empty() {
+                    let hs = std::mem::take(&mut heads[i]);
+                    self.publish(q, &hs)?;
+                    heads[i] = hs;
+                }
             }
-            if in_flight == 0 {
+            if in_flight.iter().all(|&n| n == 0) {
                 return Ok(());
             }
-            used.clear();
-            self.reap(q, &mut used)?;
-            for &(id, _len) in &used {
-                let s = id as usize / 3;
-                let Some((tag, op)) = self.queues[q].inflight.get_mut(s).and_then(Option::take)
-                else {
-                    return Err(Error::BadUsedId(id));
-                };
-                self.queues[q].free.push(s);
-                in_flight -= 1;
-                let (_, p, r, _) = self.slot_addrs(q, s);
-                let (status, resp) = self.status_at(r)?;
-                let mut page = std::mem::take(&mut self.page_out);
-                let n = if op == Op::Get && status == Status::Ok {
-                    self.read(p, &mut page)?;
-                    PAGE_SIZE
-                } else {
-                    0
-                };
-                done(Done {
-                    tag,
-                    status,
-                    flags: resp.flags,
-                    page: &page[..n],
-                });
-                self.page_out = page;
+            for u in used.iter_mut() {
+                u.clear();
+            }
+            self.reap_any(&qs, &mut used)?;
+            for (i, &q) in qs.iter().enumerate() {
+                for &(id, _len) in &used[i] {
+                    let s = id as usize / 3;
+                    let Some((tag, op)) = self.queues[q].inflight.get_mut(s).and_then(Option::take)
+                    else {
+                        return Err(Error::BadUsedId(id));
+                    };
+                    self.queues[q].free.push(s);
+                    in_flight[i] -= 1;
+                    let (_, p, r, _) = self.slot_addrs(q, s);
+                    let (status, resp) = self.status_at(r)?;
+                    let mut page = std::mem::take(&mut self.page_out);
+                    let n = if op == Op::Get && status == Status::Ok {
+                        self.read(p, &mut page)?;
+                        PAGE_SIZE
+                    } else {
+                        0
+                    };
+                    done(Done {
+                        tag,
+                        status,
+                        flags: resp.flags,
+                        page: &page[..n],
+                    });
+                    self.page_out = page;
+                }
             }
         }
     }

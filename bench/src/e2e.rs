@@ -1,0 +1,184 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! End to end: the daemon as a separate process, driven over vhost-user by the userspace
+//! guest (`tmem-testguest`), at several queue depths and request-queue counts.
+
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+use shared_proto::Status;
+use tmem_testguest::daemon::Daemon;
+use tmem_testguest::{Guest, GuestOptions, Req};
+use vhost_tmem::store::codec::Compressor;
+
+use crate::corpus::Corpus;
+use crate::hist::Histogram;
+use crate::store::OpStats;
+
+/// Errors of the end-to-end runs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot start the daemon: {0}")]
+    Daemon(#[from] tmem_testguest::daemon::Error),
+    #[error("guest: {0}")]
+    Guest(#[from] tmem_testguest::Error),
+    #[error("{op} at queue depth {depth}: page {index} got status {status:?}")]
+    Status {
+        op: &'static str,
+        depth: usize,
+        index: usize,
+        status: Status,
+    },
+    #[error("get at queue depth {depth}: page {index} came back different")]
+    Corrupt { depth: usize, index: usize },
+}
+
+/// One (queues, depth, op) figure.
+#[derive(Debug)]
+pub struct Row {
+    pub queues: usize,
+    pub depth: usize,
+    pub op: &'static str,
+    pub stats: OpStats,
+}
+
+/// Most request queues the daemon offers in these runs.
+pub const MAX_QUEUES: usize = 2;
+
+/// Puts then gets every page of `corpus`, `rounds` times, for each queue count and depth.
+pub fn run(
+    corpus: &Corpus,
+    c: Compressor,
+    queue_counts: &[usize],
+    depths: &[usize],
+    rounds: usize,
+) -> Result<Vec<Row>, Error> {
+    let comp = c.to_string();
+    let queues = MAX_QUEUES.to_string();
+    let d = Daemon::start(&[
+        "--client",
+        "name=bench,socket={dir}/bench.sock",
+        "--queues",
+        &queues,
+        "--memory-limit",
+        "16G",
+        "--compressor",
+        &comp,
+    ])?;
+    let mut rows = Vec::new();
+    for &q in queue_counts {
+        let mut g = Guest::connect(
+            d.path("bench.sock"),
+            GuestOptions {
+                request_queues: q,
+                queue_size: 256,
+                event_idx: true,
+                timeout: Duration::from_secs(60),
+            },
+        )?;
+        let pool = g.create_pool(true, None)?;
+        let qs: Vec<usize> = (0..q).collect();
+        let oid = [1, 0, 0];
+        for &depth in depths {
+            let mut put = OpStats::new();
+            let mut get = OpStats::new();
+            for _ in 0..rounds {
+                let sent: Vec<Cell<Option<Instant>>> = vec![Cell::new(None); corpus.len()];
+                let mut failed = None;
+                let mut h = Histogram::default();
+                let t = Instant::now();
+                g.pipeline_queues(
+                    &qs,
+                    depth,
+                    (0..corpus.len()).map(|i| {
+                        sent[i].set(Some(Instant::now()));
+                        let page = corpus.page(i);
+                        (
+                            i,
+                            Req::Put {
+                                pool,
+                                oid,
+                                index: i as u64,
+                                page,
+                            },
+                        )
+                    }),
+                    |done| {
+                        h.record(since(&sent[done.tag]));
+                        if done.status != Status::Ok && failed.is_none() {
+                            failed = Some((done.tag, done.status));
+                        }
+                    },
+                )?;
+                put.add(&h, corpus.len() as u64, t.elapsed().as_secs_f64());
+                if let Some((index, status)) = failed {
+                    return Err(Error::Status {
+                        op: "put",
+                        depth,
+                        index,
+                        status,
+                    });
+                }
+                let mut bad = None;
+                let mut h = Histogram::default();
+                let t = Instant::now();
+                g.pipeline_queues(
+                    &qs,
+                    depth,
+                    (0..corpus.len()).map(|i| {
+                        sent[i].set(Some(Instant::now()));
+                        (
+                            i,
+                            Req::Get {
+                                pool,
+                                oid,
+                                index: i as u64,
+                                exclusive: false,
+                            },
+                        )
+                    }),
+                    |done| {
+                        h.record(since(&sent[done.tag]));
+                        if bad.is_none() {
+                            if done.status != Status::Ok {
+                                bad = Some((done.tag, Some(done.status)));
+                            } else if done.page != corpus.page(done.tag) {
+                                bad = Some((done.tag, None));
+                            }
+                        }
+                    },
+                )?;
+                get.add(&h, corpus.len() as u64, t.elapsed().as_secs_f64());
+                match bad {
+                    Some((index, Some(status))) => {
+                        return Err(Error::Status {
+                            op: "get",
+                            depth,
+                            index,
+                            status,
+                        })
+                    }
+                    Some((index, None)) => return Err(Error::Corrupt { depth, index }),
+                    None => {}
+                }
+                g.flush_object(pool, oid)?;
+            }
+            rows.push(Row {
+                queues: q,
+                depth,
+                op: "put",
+                stats: put,
+            });
+            rows.push(Row {
+                queues: q,
+                depth,
+                op: "get",
+                stats: get,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+fn since(c: &Cell<Option<Instant>>) -> u64 {
+    c.get().map_or(0, |t| t.elapsed().as_nanos() as u64)
+}

@@ -1,0 +1,290 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `tmem-bench`: the store, its physical limits and the vhost-user path, measured side by side
+//! in one run. See the README's "Benchmarks" section.
+
+mod alloc;
+mod corpus;
+mod e2e;
+mod footprint;
+mod hist;
+mod report;
+mod store;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Parser;
+use serde_json::{json, Value};
+use vhost_tmem::store::codec::Compressor;
+
+#[global_allocator]
+static ALLOC: alloc::Counting = alloc::Counting;
+
+/// Benchmarks vhost-tmem: in-process store, limits (memcpy, bare codec), vhost-user end to end.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// A few seconds, tiny corpora: a smoke run that keeps the suite working (CI).
+    #[arg(long)]
+    quick: bool,
+    /// Directory for report.json, report.md and report.svg.
+    #[arg(long, value_name = "DIR", default_value = "target/bench")]
+    out: PathBuf,
+    /// Replace the generated results section of this README.
+    #[arg(long, value_name = "FILE")]
+    readme: Option<PathBuf>,
+    /// Pages per corpus (the mixed corpus has twice as many) [default: 4096, quick: 128].
+    #[arg(long, value_name = "N")]
+    pages: Option<usize>,
+}
+
+/// Errors of the benchmark run.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error(transparent)]
+    Corpus(#[from] corpus::Error),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("end to end ({compressor}): {source}")]
+    E2e {
+        compressor: String,
+        #[source]
+        source: e2e::Error,
+    },
+    #[error(transparent)]
+    Report(#[from] report::Error),
+    #[error("--pages must be at least 16")]
+    TooFewPages,
+}
+
+const COMPRESSORS: [Compressor; 4] = [
+    Compressor::None,
+    Compressor::Lz4,
+    Compressor::Zstd(-1),
+    Compressor::Zstd(1),
+];
+
+fn machine(cores: usize) -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown".to_string(), |(_, m)| m.trim().to_string());
+    let mem_kib: f64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    // Two clock reads per timed operation: what that costs here.
+    let mut h = hist::Histogram::default();
+    for _ in 0..100_000 {
+        let t = Instant::now();
+        h.record(t.elapsed().as_nanos() as u64);
+    }
+    json!({
+        "cpu_model": model,
+        "cores": cores,
+        "memory_gib": (mem_kib / 1048576.0 * 10.0).round() / 10.0,
+        "kernel": kernel,
+        "timer_overhead_ns": h.quantile(0.5),
+    })
+}
+
+fn row_stats(s: &store::OpStats) -> (u64, u64, f64) {
+    (
+        s.hist.quantile(0.5),
+        s.hist.quantile(0.99),
+        s.ops_per_s().round(),
+    )
+}
+
+fn run(args: &Args) -> Result<Value, Error> {
+    let started = Instant::now();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let n = args.pages.unwrap_or(if args.quick { 128 } else { 4096 });
+    if n < 16 {
+        return Err(Error::TooFewPages);
+    }
+    let rounds = if args.quick { 1 } else { 3 };
+    let mut threads = vec![1];
+    if cores > 1 {
+        threads.push(cores);
+    }
+    eprintln!("== corpora: {n} pages each (mixed: {})", 2 * n);
+    let corpora = corpus::build(n)?;
+    let mixed = corpora.iter().find(|c| c.name == "mixed").expect("built");
+
+    let mut engine_rows = Vec::new();
+    let mut limit_rows = Vec::new();
+    let mut ratios = Vec::new();
+    let mut footprints = Vec::new();
+    for c in COMPRESSORS {
+        eprintln!("== in-process store and limits: {c}");
+        for corpus in &corpora {
+            for &t in &threads {
+                let r = store::run(corpus, c, t, rounds)?;
+                for (op, s) in [("put", &r.put), ("get", &r.get), ("flush", &r.flush)] {
+                    let (p50, p99, ops) = row_stats(s);
+                    engine_rows.push(json!({
+                        "compressor": c.to_string(), "corpus": corpus.name, "op": op,
+                        "threads": t, "p50_ns": p50, "p99_ns": p99, "ops_per_s": ops,
+                    }));
+                }
+            }
+            if c == Compressor::None {
+                let m = store::memcpy(corpus, rounds);
+                limit_rows.push(json!({
+                    "what": "memcpy", "compressor": "none", "corpus": corpus.name,
+                    "p50_ns": m.hist.quantile(0.5), "p99_ns": m.hist.quantile(0.99),
+                    "ops_per_s": m.ops_per_s.round(),
+                }));
+            }
+            let (comp, decomp, bytes) = store::codec(corpus, c, rounds)?;
+            for (what, l) in [("compress", &comp), ("decompress", &decomp)] {
+                limit_rows.push(json!({
+                    "what": what, "compressor": c.to_string(), "corpus": corpus.name,
+                    "p50_ns": l.hist.quantile(0.5), "p99_ns": l.hist.quantile(0.99),
+                    "ops_per_s": l.ops_per_s.round(),
+                }));
+            }
+            if corpus.name == "mixed" {
+                let fp = footprint::measure(mixed, c, true, mixed.len())?;
+                let bare = bytes as f64 / corpus.len() as f64;
+                ratios.push(json!({
+                    "compressor": c.to_string(),
+                    "corpus": "mixed",
+                    "store": footprint::ratio(&fp),
+                    "bare": 4096.0 / bare,
+                    "stored_bytes_per_page": fp.payload_bytes_per_page,
+                    "allocator_slack_bytes_per_page": fp.slack_bytes_per_page,
+                    "bare_bytes_per_page": bare,
+                }));
+            }
+        }
+    }
+
+    // Memory per page at a size where fixed costs vanish: lz4, both pool kinds.
+    let fp_pages = if args.quick { 4096 } else { 131_072 };
+    eprintln!("== memory per stored page: {fp_pages} pages");
+    for persistent in [true, false] {
+        let fp = footprint::measure(mixed, Compressor::Lz4, persistent, fp_pages)?;
+        footprints.push(json!({
+            "compressor": "lz4",
+            "pool": if persistent { "persistent" } else { "ephemeral" },
+            "pages": fp.pages,
+            "payload_bytes_per_page": fp.payload_bytes_per_page,
+            "metadata_bytes_per_page": fp.metadata_bytes_per_page,
+            "charged_metadata_bytes_per_page": fp.charged_metadata_bytes_per_page,
+            "allocator_slack_bytes_per_page": fp.slack_bytes_per_page,
+            "rss_bytes_per_page": fp.rss_bytes_per_page,
+        }));
+    }
+    let metadata = footprints
+        .iter()
+        .map(|f| f["metadata_bytes_per_page"].as_f64().unwrap_or(0.0))
+        .fold(0.0, f64::max);
+    let rss = footprints[0]["rss_bytes_per_page"].clone();
+
+    let mut e2e_rows = Vec::new();
+    let depths = [1, 16, 64];
+    let queue_counts: Vec<usize> = (1..=e2e::MAX_QUEUES).collect();
+    let e2e_rounds = if args.quick { 1 } else { 2 };
+    for c in COMPRESSORS {
+        eprintln!("== end to end over vhost-user: {c}");
+        let rows = e2e::run(mixed, c, &queue_counts, &depths, e2e_rounds).map_err(|source| {
+            Error::E2e {
+                compressor: c.to_string(),
+                source,
+            }
+        })?;
+        for r in rows {
+            let (p50, p99, ops) = row_stats(&r.stats);
+            let base = engine_rows.iter().find(|e| {
+                e["compressor"] == c.to_string().as_str()
+                    && e["corpus"] == "mixed"
+                    && e["op"] == r.op
+                    && e["threads"] == r.queues.min(cores) as u64
+            });
+            let ratio = base
+                .and_then(|b| b["ops_per_s"].as_f64())
+                .filter(|b| *b > 0.0)
+                .map_or(0.0, |b| (ops / b * 1000.0).round() / 1000.0);
+            e2e_rows.push(json!({
+                "compressor": c.to_string(), "corpus": "mixed", "queue_depth": r.depth,
+                "queues": r.queues, "op": r.op, "p50_ns": p50, "p99_ns": p99,
+                "ops_per_s": ops, "ratio_to_engine": ratio,
+            }));
+        }
+    }
+
+    let mut r = json!({
+        "mode": if args.quick { "quick" } else { "full" },
+        "machine": machine(cores),
+        "corpora": corpora.iter().map(|c| json!({
+            "name": c.name, "pages": c.len(), "source": c.source,
+        })).collect::<Vec<_>>(),
+        "engine": engine_rows,
+        "limits": limit_rows,
+        "e2e": e2e_rows,
+        "compression_ratio": ratios,
+        "metadata_bytes_per_page": (metadata * 10.0).round() / 10.0,
+        "rss_bytes_per_stored_page": rss,
+        "footprint": footprints,
+        "seconds": started.elapsed().as_secs(),
+    });
+    r["targets"] = report::targets(&r);
+    Ok(r)
+}
+
+fn write(path: PathBuf, text: &str) -> Result<(), Error> {
+    std::fs::write(&path, text).map_err(|source| {
+        Error::Report(report::Error::Write {
+            path: path.display().to_string(),
+            source,
+        })
+    })
+}
+
+fn main() {
+    let args = Args::parse();
+    let result = (|| -> Result<(), Error> {
+        let r = run(&args)?;
+        std::fs::create_dir_all(&args.out).map_err(|source| report::Error::Write {
+            path: args.out.display().to_string(),
+            source,
+        })?;
+        let json = serde_json::to_string_pretty(&r).expect("a JSON value serializes");
+        write(args.out.join("report.json"), &json)?;
+        write(args.out.join("report.md"), &report::markdown(&r))?;
+        write(args.out.join("report.svg"), &report::svg(&r))?;
+        // Read back what was written: the smoke run fails if a key went missing.
+        let back: Value = serde_json::from_str(&json).expect("just written");
+        report::check(&back)?;
+        if let Some(readme) = &args.readme {
+            report::update_readme(readme, &r)?;
+            eprintln!("== updated the results section of {}", readme.display());
+        }
+        println!("{}", report::terminal(&r));
+        println!(
+            "report: {0}/report.md, {0}/report.json, {0}/report.svg ({1} s)",
+            args.out.display(),
+            r["seconds"]
+        );
+        Ok(())
+    })();
+    if let Err(e) = result {
+        eprintln!("tmem-bench: {e}");
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            eprintln!("  caused by: {s}");
+            src = s.source();
+        }
+        std::process::exit(1);
+    }
+}
