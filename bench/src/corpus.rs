@@ -149,24 +149,27 @@ fn spread(files: Vec<PathBuf>, want_files: usize) -> Vec<PathBuf> {
 }
 
 fn text(n: usize) -> Result<Corpus, Error> {
-    let files = walk(&["/usr/share/perl", "/usr/lib/python3"], &|p| {
-        matches!(
-            p.extension().and_then(|e| e.to_str()),
-            Some("pm" | "pl" | "pod" | "py")
-        )
-    });
-    let (data, nfiles) = pages_from_files(&spread(files, n / 4), 4, n);
+    let files = walk(
+        &["/usr/share/perl", "/usr/lib/python3", "/usr/include"],
+        &|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("pm" | "pl" | "pod" | "py" | "h")
+            )
+        },
+    );
+    let (data, nfiles) = pages_from_files(&spread(files, n / 8), 8, n);
     if data.len() < n * PAGE_SIZE {
         return Err(Error::TooFew {
             what: "text",
             found: data.len() / PAGE_SIZE,
             wanted: n,
-            hint: "perl and python sources under /usr/share/perl and /usr/lib/python3",
+            hint: "perl, python and C header sources under /usr/share/perl, /usr/lib/python3, /usr/include",
         });
     }
     Ok(Corpus {
         name: "text",
-        source: format!("perl and python sources ({nfiles} files, up to 4 pages each)"),
+        source: format!("perl, python and C header sources ({nfiles} files, up to 8 pages each)"),
         data,
     })
 }

@@ -74,19 +74,14 @@ pub fn measure(
         let st = e.stats();
         let k = &st.clients[0].counters;
         let n = k.stored_pages.max(1) as f64;
-        let charged = st.metadata_bytes_per_page
-            + if persistent {
-                0
-            } else {
-                st.ephemeral_extra_metadata_bytes_per_page
-            };
+        let charged = st.metadata_bytes_per_page;
         Ok(Footprint {
             pages: k.stored_pages,
             payload_bytes_per_page: k.compressed_bytes as f64 / n,
             metadata_bytes_per_page: ((req1 - req0) as f64 - k.compressed_bytes as f64) / n,
             slack_bytes_per_page: ((use1 - use0) - (req1 - req0)) as f64 / n,
             rss_bytes_per_page: rss1.saturating_sub(rss0) as f64 / n,
-            charged_metadata_bytes_per_page: charged as f64,
+            charged_metadata_bytes_per_page: charged,
         })
     })();
     alloc::set_counting(false);

@@ -2,24 +2,32 @@
 //! The in-memory tmem engine.
 //!
 //! Layout: a client holds up to `max_pools` pools; a pool is split into shards, each a mutex
-//! over `oid -> index -> entry` maps plus, for ephemeral pools, an LRU queue. Pages hash to a
-//! shard by object id and index (16-page runs stay together), so requests from different
-//! workers rarely meet on a lock and no lock is global. The hash is keyed per process
-//! (`RandomState`) because keys are chosen by untrusted guests.
+//! over `oid -> run -> Run` maps, where a run is 16 consecutive page indexes of one object. A
+//! run holds a 16-bit presence mask and its pages' 16-byte slots in index order, so a densely
+//! used run costs 16 bytes per page plus its share of one map entry. Runs hash to shards, so
+//! requests from different workers rarely meet on a lock and no lock is global; flushing an
+//! object visits each shard once. The hash is keyed per pool
+//! with random seeds because keys are chosen by untrusted guests.
 //!
-//! Memory: every byte a page costs (payload rounded to the allocator's 16-byte granule, the
-//! entry, the map slot and the LRU record) is charged to the pool's account (the client's, or
-//! the shared pool's own) and to the global total. A put that would exceed the client's quota
-//! or the global limit first evicts ephemeral pages: from its own account when over quota,
-//! otherwise from the account that uses the most memory relative to its weight. If nothing
-//! can be evicted the put fails with `NoSpace`; persistent pages are never evicted.
+//! Memory: every byte is charged to the pool's account (the client's, or the shared pool's
+//! own) and to the global total: a page's payload (rounded to the allocator's 16-byte granule)
+//! and slot capacity, a run's map entry and, for ephemeral pools, its LRU records. A put
+//! reserves the most it can cost before taking the shard lock and gives back what it did not
+//! use, so usage never passes the limit. A put that would exceed the client's quota or the
+//! global limit first evicts ephemeral pages: from its own account when over quota, otherwise
+//! from the account that uses the most memory relative to its weight. If nothing can be
+//! evicted the put fails with `NoSpace`; persistent pages are never evicted.
 //!
-//! Eviction order is LRU within a shard and round-robin across an account's pools and shards:
-//! an approximation of Xen's global LRU that needs no global list.
+//! Eviction order is LRU of runs within a shard and round-robin across an account's pools and
+//! shards: an approximation of Xen's global LRU that needs no global list. A run is evicted
+//! whole (up to 16 pages), which is also the eviction batch.
+//!
+//! Gauges (pages, bytes) and the per-pool request counters live in the shards, updated under
+//! the lock the request holds anyway; only per-client counters are atomics on the hot path.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 
@@ -27,17 +35,40 @@ use parking_lot::{Mutex, RwLock};
 use shared_proto::{Oid, PAGE_SIZE};
 
 use super::codec::{self, Codecs, Compressor, Encoding};
-use super::stats::{ClientStats, Counters, PoolStats, SharedPoolStats, StoreStats};
+use super::slot::{Payload, Slot};
+use super::stats::{
+    ClientStats, CounterSnapshot, Counters, PoolStats, SharedPoolStats, StoreStats,
+};
 use super::{format_uuid, Error, GetHit, PoolId, PoolSpec, Result, Tmem, Uuid};
 
 /// Shards per pool: a power of two, a few times the number of worker threads.
 const SHARDS: usize = 16;
-/// Consecutive page indexes that land in the same shard.
+/// log2 of the pages in a run.
 const RUN_SHIFT: u32 = 4;
-/// Pages evicted per round when room is needed, so that eviction is not paid per put.
+/// Pages in a run.
+const RUN_PAGES: usize = 1 << RUN_SHIFT;
+/// Pages evicted per round when room is needed (at least; runs go whole).
 const EVICT_BATCH: usize = 16;
 /// Rounds of evict-and-retry before a put gives up.
 const RESERVE_ROUNDS: usize = 64;
+
+/// Charged per slot of a run's slot vector (by capacity).
+const SLOT_BYTES: u64 = std::mem::size_of::<Slot>() as u64;
+/// Charged per run: its map entry (key, run, control byte) over the map's load factor.
+const RUN_META: u64 = ((std::mem::size_of::<(u64, Run)>() + 1) * 8 / 7) as u64;
+/// Charged per object per shard: its entry in the shard's object map, over the load factor.
+const OBJ_META: u64 = ((std::mem::size_of::<(Oid, Object)>() + 1) * 8 / 7) as u64;
+/// Charged per run of an ephemeral pool: LRU records (compaction keeps them under two per
+/// run, see `compact_lru`).
+const LRU_META: u64 = 2 * std::mem::size_of::<LruRef>() as u64;
+/// The most a put can add besides its payload: a new run with its LRU share, or the slot
+/// vector growing from 8 to 16.
+const MAX_STRUCT_COST: u64 = OBJ_META + RUN_META + LRU_META + RUN_PAGES as u64 * SLOT_BYTES;
+
+/// A payload's charge: allocations come in 16-byte granules.
+fn payload_cost(len: usize) -> u64 {
+    (len as u64).div_ceil(16) * 16
+}
 
 /// What happens to an ephemeral page that does not compress below the raw threshold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -112,13 +143,13 @@ struct Account {
     weight: AtomicU32,
     quota: AtomicU64,
     used: AtomicU64,
-    /// Ephemeral pages held, so that eviction can skip accounts with nothing to give.
-    ephemeral_pages: AtomicU64,
+    /// Ephemeral runs held, so that eviction can skip accounts with nothing to give.
+    ephemeral_runs: AtomicU64,
     /// Ephemeral pools charged here, in eviction rotation.
     pools: Mutex<Vec<Weak<Pool>>>,
     cursor: AtomicUsize,
-    /// Gauges of everything charged here, and evictions from it.
-    counters: Counters,
+    /// Pages evicted from this account.
+    evictions: AtomicU64,
 }
 
 impl Account {
@@ -127,57 +158,196 @@ impl Account {
             weight: AtomicU32::new(weight.max(1)),
             quota: AtomicU64::new(quota),
             used: AtomicU64::new(0),
-            ephemeral_pages: AtomicU64::new(0),
+            ephemeral_runs: AtomicU64::new(0),
             pools: Mutex::new(Vec::new()),
             cursor: AtomicUsize::new(0),
-            counters: Counters::default(),
+            evictions: AtomicU64::new(0),
         }
     }
 }
 
-#[derive(Debug)]
-enum Payload {
-    /// Every 8-byte word of the page is this value.
-    Same(u64),
-    /// Compressed or raw bytes.
-    Stored(Encoding, Box<[u8]>),
-}
-
-#[derive(Debug)]
-struct Entry {
-    payload: Payload,
-    /// LRU stamp (ephemeral pools): matches the newest LRU record of this key.
-    stamp: u64,
-}
-
-/// An LRU record; stale when the entry's stamp has moved on or the entry is gone.
-#[derive(Debug)]
-struct LruRef {
+/// A run's key: the object and the run number (index >> RUN_SHIFT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RunKey {
     oid: Oid,
-    index: u64,
-    stamp: u64,
+    run: u64,
 }
 
-/// Charged per page besides its payload: the entry, its map slot (key, value, control byte).
-const ENTRY_META: u64 = (std::mem::size_of::<(u64, Entry)>() + 1) as u64;
-/// Charged per ephemeral page on top of `ENTRY_META`.
-const LRU_META: u64 = std::mem::size_of::<LruRef>() as u64;
-
-fn payload_cost(p: &Payload) -> u64 {
-    match p {
-        Payload::Same(_) => 0,
-        // Allocations come in 16-byte granules.
-        Payload::Stored(_, b) => (b.len() as u64).div_ceil(16) * 16,
+impl Hash for RunKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        // Four words, without the slice length `[u64; 3]` would add.
+        h.write_u64(self.oid[0]);
+        h.write_u64(self.oid[1]);
+        h.write_u64(self.oid[2]);
+        h.write_u64(self.run);
     }
 }
 
-#[derive(Debug, Default)]
+/// A keyed multiply-fold hasher: a few nanoseconds for a run key where SipHash takes tens,
+/// seeded per pool from the process's random source so guests cannot aim at one bucket.
+#[derive(Clone, Copy, Debug)]
+struct KeyedHasher {
+    h: u64,
+    k: u64,
+}
+
+const MUL: u64 = 0x9e37_79b9_7f4a_7c15;
+
+fn fold(a: u64, b: u64) -> u64 {
+    let p = (a as u128).wrapping_mul(b as u128);
+    (p as u64) ^ ((p >> 64) as u64)
+}
+
+impl Hasher for KeyedHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            self.write_u64(u64::from_le_bytes(w));
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        self.h = fold(self.h ^ x, self.k);
+    }
+
+    fn finish(&self) -> u64 {
+        fold(self.h, MUL ^ self.k).rotate_left(23)
+    }
+}
+
+/// Per-pool random seeds for [`KeyedHasher`].
+#[derive(Clone, Copy, Debug)]
+struct KeyedState {
+    seed: u64,
+    k: u64,
+}
+
+impl KeyedState {
+    fn new() -> Self {
+        let r = RandomState::new();
+        KeyedState {
+            seed: r.hash_one(1u64),
+            // Odd, so the multiplication loses nothing.
+            k: r.hash_one(2u64) | 1,
+        }
+    }
+}
+
+impl BuildHasher for KeyedState {
+    type Hasher = KeyedHasher;
+
+    fn build_hasher(&self) -> KeyedHasher {
+        KeyedHasher {
+            h: self.seed,
+            k: self.k,
+        }
+    }
+}
+
+/// Up to 16 consecutive pages of one object.
+#[derive(Debug)]
+struct Run {
+    /// Bit i: page `run * 16 + i` is stored, at `slots[popcount(present below i)]`.
+    present: u16,
+    /// LRU stamp of this run's newest record (ephemeral pools).
+    stamp: u64,
+    slots: Vec<Slot>,
+}
+
+impl Run {
+    fn pos(&self, bit: u32) -> usize {
+        (self.present & ((1u16 << bit) - 1)).count_ones() as usize
+    }
+
+    fn get(&self, bit: u32) -> Option<&Slot> {
+        (self.present & (1 << bit) != 0).then(|| &self.slots[self.pos(bit)])
+    }
+
+    fn take(&mut self, bit: u32) -> Option<Slot> {
+        if self.present & (1 << bit) == 0 {
+            return None;
+        }
+        let at = self.pos(bit);
+        self.present &= !(1 << bit);
+        Some(self.slots.remove(at))
+    }
+}
+
+/// An LRU record; stale when the run's stamp has moved on or the run is gone.
+#[derive(Debug)]
+struct LruRef {
+    key: RunKey,
+    stamp: u64,
+}
+
+/// Gauges and request counters of the pages in one shard.
+#[derive(Debug, Default, Clone, Copy)]
+struct ShardCounts {
+    puts: u64,
+    gets: u64,
+    get_hits: u64,
+    get_misses: u64,
+    flushes: u64,
+    flushed_pages: u64,
+    stored_pages: u64,
+    same_filled_pages: u64,
+    raw_pages: u64,
+    compressed_bytes: u64,
+    /// Everything charged for this shard: payloads and structure.
+    memory_used: u64,
+}
+
+impl ShardCounts {
+    fn page(&mut self, s: &Slot, add: bool) {
+        let (same, raw, bytes) = match s.payload() {
+            Payload::Same(_) => (1, 0, 0),
+            Payload::Stored(e, b) => (0, (e == Encoding::Raw) as u64, b.len() as u64),
+        };
+        let cost = payload_cost(s.len());
+        if add {
+            self.stored_pages += 1;
+            self.same_filled_pages += same;
+            self.raw_pages += raw;
+            self.compressed_bytes += bytes;
+            self.memory_used += cost;
+        } else {
+            self.stored_pages -= 1;
+            self.same_filled_pages -= same;
+            self.raw_pages -= raw;
+            self.compressed_bytes -= bytes;
+            self.memory_used -= cost;
+        }
+    }
+}
+
+/// An object's runs within one shard.
+type Object = HashMap<u64, Run, KeyedState>;
+
+#[derive(Debug)]
 struct Shard {
-    objects: HashMap<Oid, HashMap<u64, Entry>>,
+    objects: HashMap<Oid, Object, KeyedState>,
+    /// Runs in `objects`, so that LRU compaction needs no count.
+    runs: usize,
     lru: VecDeque<LruRef>,
     clock: u64,
-    /// Pages in `objects`, kept so that LRU compaction needs no scan.
-    live: usize,
+    counts: ShardCounts,
+}
+
+impl Shard {
+    fn new(h: KeyedState) -> Self {
+        Shard {
+            objects: HashMap::with_hasher(h),
+            runs: 0,
+            lru: VecDeque::new(),
+            clock: 0,
+            counts: ShardCounts::default(),
+        }
+    }
+
+    fn run_mut(&mut self, key: &RunKey) -> Option<&mut Run> {
+        self.objects.get_mut(&key.oid)?.get_mut(&key.run)
+    }
 }
 
 /// A pool. Shared pools are one `Pool` referenced by every member client.
@@ -188,56 +358,55 @@ struct Pool {
     compressor: Compressor,
     account: Arc<Account>,
     shards: Box<[Mutex<Shard>]>,
-    hasher: RandomState,
+    hasher: KeyedState,
     evict_cursor: AtomicUsize,
     /// Set once the pool is destroyed; puts that raced with it must not insert.
     dead: AtomicBool,
     members: AtomicU64,
+    /// The rare events, counted outside the shard locks.
     counters: Counters,
 }
 
 impl Pool {
-    fn shard(&self, oid: &Oid, index: u64) -> &Mutex<Shard> {
-        let h = self.hasher.hash_one((oid, index >> RUN_SHIFT));
-        &self.shards[(h as usize) & (SHARDS - 1)]
+    fn shard(&self, key: &RunKey) -> &Mutex<Shard> {
+        let h = self.hasher.hash_one(key);
+        // High bits: hashbrown uses the low ones for buckets and the top 7 for tags.
+        &self.shards[(h >> 40) as usize & (SHARDS - 1)]
     }
 
-    fn cost(&self, p: &Payload) -> u64 {
-        payload_cost(p) + ENTRY_META + if self.persistent { 0 } else { LRU_META }
+    /// A run's fixed charge.
+    fn run_cost(&self) -> u64 {
+        RUN_META + if self.persistent { 0 } else { LRU_META }
     }
 
-    /// Gauge bookkeeping for a page entering (`add`) or leaving the pool.
-    fn gauge(&self, p: &Payload, cost: u64, add: bool) {
-        let bytes = match p {
-            Payload::Same(_) => 0,
-            Payload::Stored(_, b) => b.len() as u64,
-        };
-        let same = matches!(p, Payload::Same(_)) as u64;
-        let raw = matches!(p, Payload::Stored(Encoding::Raw, _)) as u64;
-        let apply = |c: &Counters| {
-            let op = |a: &AtomicU64, v: u64| {
-                if add {
-                    a.fetch_add(v, Relaxed);
-                } else {
-                    a.fetch_sub(v, Relaxed);
-                }
-            };
-            op(&c.stored_pages, 1);
-            op(&c.same_filled_pages, same);
-            op(&c.raw_pages, raw);
-            op(&c.compressed_bytes, bytes);
-            op(&c.memory_used, cost);
-        };
-        apply(&self.counters);
-        apply(&self.account.counters);
-        if !self.persistent {
-            if add {
-                self.account.ephemeral_pages.fetch_add(1, Relaxed);
-            } else {
-                self.account.ephemeral_pages.fetch_sub(1, Relaxed);
-            }
+    fn snapshot(&self) -> CounterSnapshot {
+        let mut k = self.counters.snapshot();
+        for s in self.shards.iter() {
+            let c = s.lock().counts;
+            k.puts += c.puts;
+            k.gets += c.gets;
+            k.get_hits += c.get_hits;
+            k.get_misses += c.get_misses;
+            k.flushes += c.flushes;
+            k.flushed_pages += c.flushed_pages;
+            k.stored_pages += c.stored_pages;
+            k.same_filled_pages += c.same_filled_pages;
+            k.raw_pages += c.raw_pages;
+            k.compressed_bytes += c.compressed_bytes;
+            k.memory_used += c.memory_used;
         }
+        k
     }
+}
+
+fn key_of(oid: &Oid, index: u64) -> (RunKey, u32) {
+    (
+        RunKey {
+            oid: *oid,
+            run: index >> RUN_SHIFT,
+        },
+        (index & (RUN_PAGES as u64 - 1)) as u32,
+    )
 }
 
 /// A client of the engine (one guest).
@@ -372,15 +541,10 @@ impl Engine {
     }
 
     fn release(&self, account: &Account, cost: u64) {
-        account.used.fetch_sub(cost, Relaxed);
-        self.used.fetch_sub(cost, Relaxed);
-    }
-
-    /// Bookkeeping for a page that left `pool`: its charge is released, gauges go down.
-    fn forget(&self, pool: &Pool, p: &Payload) {
-        let cost = pool.cost(p);
-        self.release(&pool.account, cost);
-        pool.gauge(p, cost, false);
+        if cost > 0 {
+            account.used.fetch_sub(cost, Relaxed);
+            self.used.fetch_sub(cost, Relaxed);
+        }
     }
 
     /// Charges `cost` to `account` and the global total, evicting ephemeral pages if needed.
@@ -415,7 +579,7 @@ impl Engine {
             let accounts = self.accounts.read();
             accounts
                 .iter()
-                .filter(|a| a.ephemeral_pages.load(Relaxed) > 0)
+                .filter(|a| a.ephemeral_runs.load(Relaxed) > 0)
                 .max_by_key(|a| {
                     // used / weight, compared without division.
                     let used = a.used.load(Relaxed) as u128;
@@ -426,7 +590,8 @@ impl Engine {
         victim.map_or(0, |a| self.evict_from(&a, n))
     }
 
-    /// Evicts up to `n` ephemeral pages charged to `account`, oldest first per shard.
+    /// Evicts at least `n` ephemeral pages charged to `account` if it has them, oldest run
+    /// first per shard; returns how many.
     fn evict_from(&self, account: &Account, n: usize) -> usize {
         let pools: Vec<Arc<Pool>> = {
             let mut list = account.pools.lock();
@@ -438,68 +603,78 @@ impl Engine {
         }
         let mut evicted = 0;
         let start = account.cursor.fetch_add(1, Relaxed);
-        // Visit pools round-robin; within a pool, shards round-robin, one page per visit.
+        // Visit pools round-robin; within a pool, shards round-robin, one run per visit.
         let mut idle_visits = 0;
         let mut i = start;
         while evicted < n && idle_visits < pools.len() * SHARDS {
             let pool = &pools[i % pools.len()];
             i += 1;
-            if self.evict_one(pool) {
-                evicted += 1;
-                idle_visits = 0;
-            } else {
-                idle_visits += 1;
+            match self.evict_one(pool) {
+                0 => idle_visits += 1,
+                k => {
+                    evicted += k;
+                    idle_visits = 0;
+                }
             }
         }
         evicted
     }
 
-    fn evict_one(&self, pool: &Pool) -> bool {
+    /// Evicts the least recently used run of the next shard; returns its pages.
+    fn evict_one(&self, pool: &Pool) -> usize {
         let si = pool.evict_cursor.fetch_add(1, Relaxed) % SHARDS;
-        let removed = {
-            let mut shard = pool.shards[si].lock();
-            let Shard { objects, lru, .. } = &mut *shard;
-            let mut removed = None;
-            while let Some(r) = lru.pop_front() {
-                let Some(obj) = objects.get_mut(&r.oid) else {
+        let (run, freed) = {
+            let mut g = pool.shards[si].lock();
+            let sh = &mut *g;
+            let mut found = None;
+            while let Some(r) = sh.lru.pop_front() {
+                let Some(obj) = sh.objects.get_mut(&r.key.oid) else {
                     continue;
                 };
-                if obj.get(&r.index).is_some_and(|e| e.stamp == r.stamp) {
-                    removed = obj.remove(&r.index);
-                    if obj.is_empty() {
-                        objects.remove(&r.oid);
-                    }
+                if obj.get(&r.key.run).is_some_and(|run| run.stamp == r.stamp) {
+                    found = Some(r.key);
                     break;
                 }
             }
-            shard.live -= removed.is_some() as usize;
-            removed
+            let Some(key) = found else {
+                return 0;
+            };
+            remove_run(pool, sh, &key).expect("found above")
         };
-        let Some(e) = removed else {
-            return false;
-        };
-        self.forget(pool, &e.payload);
-        Counters::inc(&pool.account.counters.evictions);
-        Counters::inc(&pool.counters.evictions);
-        true
+        let pages = run.slots.len();
+        // Payloads are freed here, outside the lock.
+        drop(run);
+        self.release(&pool.account, freed);
+        pool.account.evictions.fetch_add(pages as u64, Relaxed);
+        pool.counters.evictions.fetch_add(pages as u64, Relaxed);
+        pages
     }
 
     /// Removes every page of a pool; returns how many there were.
     fn drain(&self, pool: &Pool) -> u64 {
         let mut n = 0;
         for shard in pool.shards.iter() {
-            let taken = {
+            let (taken, freed, runs) = {
                 let mut s = shard.lock();
                 s.lru.clear();
-                s.live = 0;
-                std::mem::take(&mut s.objects)
+                let runs = std::mem::take(&mut s.runs) as u64;
+                let freed = s.counts.memory_used;
+                n += s.counts.stored_pages;
+                let k = &mut s.counts;
+                (k.stored_pages, k.same_filled_pages, k.raw_pages) = (0, 0, 0);
+                (k.compressed_bytes, k.memory_used) = (0, 0);
+                let h = pool.hasher;
+                (
+                    std::mem::replace(&mut s.objects, HashMap::with_hasher(h)),
+                    freed,
+                    runs,
+                )
             };
-            for (_, obj) in taken {
-                for (_, e) in obj {
-                    self.forget(pool, &e.payload);
-                    n += 1;
-                }
+            if !pool.persistent {
+                pool.account.ephemeral_runs.fetch_sub(runs, Relaxed);
             }
+            drop(taken);
+            self.release(&pool.account, freed);
         }
         n
     }
@@ -532,13 +707,16 @@ impl Engine {
     }
 
     fn new_pool(&self, spec: PoolSpec, compressor: Compressor, account: Arc<Account>) -> Arc<Pool> {
+        let hasher = KeyedState::new();
         let pool = Arc::new(Pool {
             persistent: spec.persistent,
             shared: spec.shared,
             compressor,
             account: account.clone(),
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            hasher: RandomState::new(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Shard::new(hasher)))
+                .collect(),
+            hasher,
             evict_cursor: AtomicUsize::new(0),
             dead: AtomicBool::new(false),
             members: AtomicU64::new(1),
@@ -554,23 +732,35 @@ impl Engine {
     pub fn stats(&self) -> StoreStats {
         let clients = self.clients.read().clone();
         let mut out = Vec::new();
+        let (mut pages, mut meta) = (0u64, 0u64);
         for c in clients {
             let pools = c.pools.read().clone();
+            let mut counters = c.counters.snapshot();
+            counters.evictions = c.account.evictions.load(Relaxed);
             let pools = pools
                 .iter()
                 .enumerate()
                 .filter_map(|(id, p)| p.as_ref().map(|p| (id, p)))
-                .map(|(id, p)| PoolStats {
-                    id: id as u32,
-                    kind: if p.persistent {
-                        "persistent"
-                    } else {
-                        "ephemeral"
+                .map(|(id, p)| {
+                    let k = p.snapshot();
+                    if p.shared.is_none() {
+                        // The client's gauges cover its private pools.
+                        counters.add_gauges(&k);
+                        pages += k.stored_pages;
+                        meta += k.memory_used - payload_bytes(p);
                     }
-                    .into(),
-                    shared: p.shared.as_ref().map(format_uuid),
-                    compressor: p.compressor.to_string(),
-                    counters: p.counters.snapshot(),
+                    PoolStats {
+                        id: id as u32,
+                        kind: if p.persistent {
+                            "persistent"
+                        } else {
+                            "ephemeral"
+                        }
+                        .into(),
+                        shared: p.shared.as_ref().map(format_uuid),
+                        compressor: p.compressor.to_string(),
+                        counters: k,
+                    }
                 })
                 .collect();
             out.push(ClientStats {
@@ -580,13 +770,7 @@ impl Engine {
                 weight: c.account.weight.load(Relaxed),
                 quota_bytes: c.account.quota.load(Relaxed),
                 compressor: c.compressor.to_string(),
-                counters: {
-                    let mut k = c.counters.snapshot();
-                    let a = c.account.counters.snapshot();
-                    k.add_gauges(&a);
-                    k.evictions = a.evictions;
-                    k
-                },
+                counters,
                 pools,
             });
         }
@@ -595,41 +779,91 @@ impl Engine {
             .lock()
             .iter()
             .filter_map(|(u, w)| w.upgrade().map(|p| (*u, p)))
-            .map(|(u, p)| SharedPoolStats {
-                uuid: format_uuid(&u),
-                members: p.members.load(Relaxed),
-                counters: p.counters.snapshot(),
+            .map(|(u, p)| {
+                let k = p.snapshot();
+                pages += k.stored_pages;
+                meta += k.memory_used - payload_bytes(&p);
+                SharedPoolStats {
+                    uuid: format_uuid(&u),
+                    members: p.members.load(Relaxed),
+                    counters: k,
+                }
             })
             .collect();
         StoreStats {
             memory_limit_bytes: self.limit.load(Relaxed),
             memory_used_bytes: self.used.load(Relaxed),
-            metadata_bytes_per_page: ENTRY_META,
-            ephemeral_extra_metadata_bytes_per_page: LRU_META,
+            metadata_bytes_per_page: if pages == 0 {
+                0.0
+            } else {
+                (meta as f64 / pages as f64 * 10.0).round() / 10.0
+            },
             clients: out,
             shared_pools,
         }
     }
 }
 
+/// Charged payload bytes of a pool (its memory use minus this is structure).
+fn payload_bytes(p: &Pool) -> u64 {
+    let mut n = 0;
+    for s in p.shards.iter() {
+        let s = s.lock();
+        for obj in s.objects.values() {
+            for run in obj.values() {
+                n += run.slots.iter().map(|x| payload_cost(x.len())).sum::<u64>();
+            }
+        }
+    }
+    n
+}
+
+/// Takes a whole run out of a shard with its bookkeeping; returns it and the bytes it had
+/// charged (payloads and structure), to release once the lock is dropped.
+fn remove_run(pool: &Pool, sh: &mut Shard, key: &RunKey) -> Option<(Run, u64)> {
+    let obj = sh.objects.get_mut(&key.oid)?;
+    let run = obj.remove(&key.run)?;
+    let mut freed = pool.run_cost() + run.slots.capacity() as u64 * SLOT_BYTES;
+    if obj.is_empty() {
+        sh.objects.remove(&key.oid);
+        freed += OBJ_META;
+    }
+    sh.counts.memory_used -= freed;
+    for s in &run.slots {
+        sh.counts.page(s, false);
+        freed += payload_cost(s.len());
+    }
+    sh.runs -= 1;
+    if !pool.persistent {
+        pool.account.ephemeral_runs.fetch_sub(1, Relaxed);
+    }
+    Some((run, freed))
+}
+
+/// Takes one page out of a shard with its bookkeeping (the run and object go when empty);
+/// returns it and the bytes to release once the lock is dropped.
+fn take_page(pool: &Pool, sh: &mut Shard, key: &RunKey, bit: u32) -> Option<(Slot, u64)> {
+    let run = sh.run_mut(key)?;
+    let slot = run.take(bit)?;
+    let emptied = run.present == 0;
+    sh.counts.page(&slot, false);
+    let mut freed = payload_cost(slot.len());
+    if emptied {
+        let (_, f) = remove_run(pool, sh, key).expect("the run is there");
+        freed += f;
+    }
+    Some((slot, freed))
+}
+
 impl Engine {
     /// Removes one key; returns whether it was there.
     fn remove_key(&self, pool: &Pool, oid: &Oid, index: u64) -> bool {
-        let e = {
-            let mut shard = pool.shard(oid, index).lock();
-            let Some(obj) = shard.objects.get_mut(oid) else {
-                return false;
-            };
-            let e = obj.remove(&index);
-            if obj.is_empty() {
-                shard.objects.remove(oid);
-            }
-            shard.live -= e.is_some() as usize;
-            e
-        };
-        match e {
-            Some(e) => {
-                self.forget(pool, &e.payload);
+        let (key, bit) = key_of(oid, index);
+        let taken = take_page(pool, &mut pool.shard(&key).lock(), &key, bit);
+        match taken {
+            Some((slot, freed)) => {
+                drop(slot);
+                self.release(&pool.account, freed);
                 true
             }
             None => false,
@@ -641,6 +875,7 @@ impl Engine {
         self.remove_key(pool, oid, index);
         Counters::inc(&client.counters.puts_refused);
         Counters::inc(&pool.counters.puts_refused);
+        Counters::inc(&pool.counters.puts);
         err
     }
 }
@@ -730,22 +965,21 @@ impl Tmem for Engine {
     ) -> Result<()> {
         let pool = client.pool(pool_id)?;
         Counters::inc(&client.counters.puts);
-        Counters::inc(&pool.counters.puts);
         if client.frozen.load(Relaxed) {
             return Err(self.refuse(client, &pool, oid, index, Error::Refused("client frozen")));
         }
         // Zero and same-filled pages never reach the codec.
-        let payload = match codec::same_filled(page) {
-            Some(w) => Payload::Same(w),
+        let slot = match codec::same_filled(page) {
+            Some(w) => Slot::same(w),
             None => match worker
                 .codecs
                 .compress(pool.compressor, page, self.cfg.raw_threshold)?
             {
-                Some((enc, bytes)) => Payload::Stored(enc, bytes.into()),
+                Some((enc, bytes)) => Slot::stored(enc, bytes),
                 None if pool.persistent
                     || self.cfg.ephemeral_incompressible == IncompressiblePolicy::Store =>
                 {
-                    Payload::Stored(Encoding::Raw, page.into())
+                    Slot::stored(Encoding::Raw, page)
                 }
                 None => {
                     return Err(self.refuse(
@@ -758,42 +992,77 @@ impl Tmem for Engine {
                 }
             },
         };
-        let cost = pool.cost(&payload);
-        if let Err(e) = self.reserve(&pool.account, cost) {
+        let reserved = payload_cost(slot.len()) + MAX_STRUCT_COST;
+        if let Err(e) = self.reserve(&pool.account, reserved) {
             return Err(self.refuse(client, &pool, oid, index, e));
         }
-        let old = {
-            let mut guard = pool.shard(oid, index).lock();
+        let (key, bit) = key_of(oid, index);
+        let (old, used) = {
+            let mut g = pool.shard(&key).lock();
             if pool.dead.load(Relaxed) {
-                drop(guard);
-                self.release(&pool.account, cost);
+                drop(g);
+                self.release(&pool.account, reserved);
                 return Err(Error::BadPool(pool_id));
             }
-            let shard = &mut *guard;
-            shard.clock += 1;
-            let stamp = shard.clock;
-            let old = shard
-                .objects
-                .entry(*oid)
-                .or_default()
-                .insert(index, Entry { payload, stamp });
-            shard.live += old.is_none() as usize;
+            let sh = &mut *g;
+            sh.counts.puts += 1;
+            // Structure this put adds: object entry, run entry, slot capacity.
+            let mut structure = 0;
+            let obj = sh.objects.entry(*oid).or_insert_with(|| {
+                structure += OBJ_META;
+                HashMap::with_hasher(pool.hasher)
+            });
+            let run = obj.entry(key.run).or_insert_with(|| {
+                structure += pool.run_cost();
+                Run {
+                    present: 0,
+                    stamp: 0,
+                    slots: Vec::new(),
+                }
+            });
+            let new_run = run.present == 0;
+            let cap = run.slots.capacity();
+            let at = run.pos(bit);
+            let old = if run.present & (1 << bit) != 0 {
+                Some(std::mem::replace(&mut run.slots[at], slot))
+            } else {
+                run.slots.insert(at, slot);
+                run.present |= 1 << bit;
+                None
+            };
+            structure += (run.slots.capacity() - cap) as u64 * SLOT_BYTES;
+            let mut push = None;
             if !pool.persistent {
-                shard.lru.push_back(LruRef {
-                    oid: *oid,
-                    index,
-                    stamp,
-                });
-                compact_lru(shard);
+                // A run recorded recently is near the LRU's tail already: skip the record, so
+                // a run filled page by page costs one record, not sixteen.
+                let window = (sh.runs as u64 / 4).max(8);
+                if run.stamp == 0 || sh.clock - run.stamp >= window {
+                    sh.clock += 1;
+                    run.stamp = sh.clock;
+                    push = Some(sh.clock);
+                }
             }
-            // Gauges while the entry is still reachable through the guard.
-            let e = &shard.objects[oid][&index];
-            pool.gauge(&e.payload, cost, true);
-            old
+            let added = payload_cost(run.slots[at].len());
+            sh.counts.page(&run.slots[at], true);
+            sh.counts.memory_used += structure;
+            if let Some(o) = &old {
+                sh.counts.page(o, false);
+            }
+            if new_run {
+                sh.runs += 1;
+                if !pool.persistent {
+                    pool.account.ephemeral_runs.fetch_add(1, Relaxed);
+                }
+            }
+            if let Some(stamp) = push {
+                sh.lru.push_back(LruRef { key, stamp });
+                compact_lru(sh);
+            }
+            (old, added + structure)
         };
-        if let Some(old) = old {
-            self.forget(&pool, &old.payload);
-        }
+        let freed = old.as_ref().map_or(0, |o| payload_cost(o.len()));
+        drop(old);
+        self.release(&pool.account, reserved - used + freed);
         Ok(())
     }
 
@@ -809,61 +1078,65 @@ impl Tmem for Engine {
     ) -> Result<GetHit> {
         let pool = client.pool(pool_id)?;
         Counters::inc(&client.counters.gets);
-        Counters::inc(&pool.counters.gets);
         // Private ephemeral pages move back into the guest: keeping a copy would only waste
         // memory on a page the guest now caches itself.
         let exclusive = exclusive || (!pool.persistent && pool.shared.is_none());
+        let (key, bit) = key_of(oid, index);
         let result = if exclusive {
             let taken = {
-                let mut shard = pool.shard(oid, index).lock();
-                let taken = shard.objects.get_mut(oid).and_then(|o| o.remove(&index));
-                if shard.objects.get(oid).is_some_and(HashMap::is_empty) {
-                    shard.objects.remove(oid);
+                let mut g = pool.shard(&key).lock();
+                g.counts.gets += 1;
+                let t = take_page(&pool, &mut g, &key, bit);
+                if t.is_some() {
+                    g.counts.get_hits += 1;
+                } else {
+                    g.counts.get_misses += 1;
                 }
-                shard.live -= taken.is_some() as usize;
-                taken
+                t
             };
             match taken {
                 None => Err(Error::Miss),
-                Some(e) => {
-                    let r = decode(worker, &e.payload, out);
-                    self.forget(&pool, &e.payload);
+                Some((slot, freed)) => {
+                    let r = decode(worker, &slot, out);
+                    drop(slot);
+                    self.release(&pool.account, freed);
                     r.map(|()| GetHit { dropped: true })
                 }
             }
         } else {
-            let mut guard = pool.shard(oid, index).lock();
-            let shard = &mut *guard;
-            shard.clock += 1;
-            let stamp = shard.clock;
-            match shard.objects.get_mut(oid).and_then(|o| o.get_mut(&index)) {
-                None => Err(Error::Miss),
-                Some(e) => {
-                    let r = decode(worker, &e.payload, out);
-                    if !pool.persistent {
-                        // A shared ephemeral hit makes the page recently used again.
-                        e.stamp = stamp;
-                        shard.lru.push_back(LruRef {
-                            oid: *oid,
-                            index,
-                            stamp,
-                        });
-                        compact_lru(shard);
+            let mut g = pool.shard(&key).lock();
+            let sh = &mut *g;
+            sh.counts.gets += 1;
+            let window = (sh.runs as u64 / 4).max(8);
+            let found = sh.objects.get_mut(oid).and_then(|o| o.get_mut(&key.run));
+            match found.and_then(|run| run.get(bit).is_some().then_some(run)) {
+                None => {
+                    sh.counts.get_misses += 1;
+                    Err(Error::Miss)
+                }
+                Some(run) => {
+                    let r = decode(worker, run.get(bit).expect("checked"), out);
+                    let mut push = None;
+                    if !pool.persistent && sh.clock - run.stamp >= window {
+                        // A shared ephemeral hit makes the run recently used again.
+                        sh.clock += 1;
+                        run.stamp = sh.clock;
+                        push = Some(sh.clock);
+                    }
+                    sh.counts.get_hits += 1;
+                    if let Some(stamp) = push {
+                        sh.lru.push_back(LruRef { key, stamp });
+                        compact_lru(sh);
                     }
                     r.map(|()| GetHit { dropped: false })
                 }
             }
         };
         match &result {
-            Ok(_) => {
-                Counters::inc(&client.counters.get_hits);
-                Counters::inc(&pool.counters.get_hits);
-            }
-            Err(Error::Miss) => {
-                Counters::inc(&client.counters.get_misses);
-                Counters::inc(&pool.counters.get_misses);
-            }
+            Ok(_) => Counters::inc(&client.counters.get_hits),
+            Err(Error::Miss) => Counters::inc(&client.counters.get_misses),
             Err(e) => {
+                // The lookup counted a hit; the page could not be returned.
                 Counters::inc(&client.counters.get_errors);
                 Counters::inc(&pool.counters.get_errors);
                 tracing::error!(client = %client.name, pool = pool_id, index, "get failed: {e}");
@@ -881,13 +1154,22 @@ impl Tmem for Engine {
     ) -> Result<()> {
         let pool = client.pool(pool_id)?;
         Counters::inc(&client.counters.flushes);
-        Counters::inc(&pool.counters.flushes);
-        if self.remove_key(&pool, oid, index) {
-            Counters::inc(&client.counters.flushed_pages);
-            Counters::inc(&pool.counters.flushed_pages);
-            Ok(())
-        } else {
-            Err(Error::Miss)
+        let (key, bit) = key_of(oid, index);
+        let taken = {
+            let mut g = pool.shard(&key).lock();
+            g.counts.flushes += 1;
+            let t = take_page(&pool, &mut g, &key, bit);
+            g.counts.flushed_pages += t.is_some() as u64;
+            t
+        };
+        match taken {
+            Some((slot, freed)) => {
+                drop(slot);
+                self.release(&pool.account, freed);
+                Counters::inc(&client.counters.flushed_pages);
+                Ok(())
+            }
+            None => Err(Error::Miss),
         }
     }
 
@@ -896,23 +1178,31 @@ impl Tmem for Engine {
         Counters::inc(&client.counters.flushes);
         Counters::inc(&pool.counters.flushes);
         let mut n = 0;
-        // An object's pages are spread over every shard (in runs of 16 indexes).
+        // An object's runs are spread over every shard.
         for shard in pool.shards.iter() {
-            let Some(obj) = ({
-                let mut s = shard.lock();
-                let obj = s.objects.remove(oid);
-                s.live -= obj.as_ref().map_or(0, HashMap::len);
-                obj
-            }) else {
-                continue;
+            let (runs, freed) = {
+                let mut g = shard.lock();
+                let sh = &mut *g;
+                let keys: Vec<u64> = match sh.objects.get(oid) {
+                    Some(obj) => obj.keys().copied().collect(),
+                    None => continue,
+                };
+                let mut runs = Vec::with_capacity(keys.len());
+                let mut freed = 0;
+                for run in keys {
+                    let key = RunKey { oid: *oid, run };
+                    let (r, f) = remove_run(&pool, sh, &key).expect("listed above");
+                    n += r.slots.len() as u64;
+                    sh.counts.flushed_pages += r.slots.len() as u64;
+                    freed += f;
+                    runs.push(r);
+                }
+                (runs, freed)
             };
-            for (_, e) in obj {
-                self.forget(&pool, &e.payload);
-                n += 1;
-            }
+            drop(runs);
+            self.release(&pool.account, freed);
         }
         client.counters.flushed_pages.fetch_add(n, Relaxed);
-        pool.counters.flushed_pages.fetch_add(n, Relaxed);
         Ok(n)
     }
 
@@ -945,28 +1235,32 @@ impl Tmem for Engine {
     }
 }
 
-fn decode(worker: &mut Worker, p: &Payload, out: &mut [u8]) -> Result<()> {
-    match p {
+fn decode(worker: &mut Worker, s: &Slot, out: &mut [u8]) -> Result<()> {
+    match s.payload() {
         Payload::Same(w) => {
-            codec::fill_same(out, *w);
+            codec::fill_same(out, w);
             Ok(())
         }
-        Payload::Stored(enc, bytes) => Ok(worker.codecs.decompress(*enc, bytes, out)?),
+        Payload::Stored(enc, bytes) => Ok(worker.codecs.decompress(enc, bytes, out)?),
     }
 }
 
-/// Drops stale LRU records once they outnumber live ones, so the queue stays O(live pages).
-fn compact_lru(shard: &mut Shard) {
-    if shard.lru.len() < 64 || shard.lru.len() < 2 * shard.live {
+/// Drops stale LRU records once they outnumber live runs by half, so the queue stays
+/// O(runs) and within what `LRU_META` charges.
+fn compact_lru(sh: &mut Shard) {
+    if sh.lru.len() < 64 || sh.lru.len() < sh.runs + sh.runs / 2 {
         return;
     }
-    let objects = &shard.objects;
-    shard.lru.retain(|r| {
+    let objects = &sh.objects;
+    sh.lru.retain(|r| {
         objects
-            .get(&r.oid)
-            .and_then(|o| o.get(&r.index))
-            .is_some_and(|e| e.stamp == r.stamp)
+            .get(&r.key.oid)
+            .and_then(|o| o.get(&r.key.run))
+            .is_some_and(|run| run.stamp == r.stamp)
     });
+    if sh.lru.capacity() > 4 * sh.lru.len().max(16) {
+        sh.lru.shrink_to(2 * sh.lru.len());
+    }
 }
 
 #[cfg(test)]

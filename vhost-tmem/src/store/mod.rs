@@ -6,6 +6,7 @@
 
 pub mod codec;
 mod engine;
+mod slot;
 pub mod stats;
 
 use shared_proto::{Oid, Status};

@@ -140,10 +140,9 @@ pub struct SharedPoolStats {
 pub struct StoreStats {
     pub memory_limit_bytes: u64,
     pub memory_used_bytes: u64,
-    /// Metadata charged per stored page besides its payload.
-    pub metadata_bytes_per_page: u64,
-    /// Charged on top of that per ephemeral page (its LRU record).
-    pub ephemeral_extra_metadata_bytes_per_page: u64,
+    /// Memory charged per stored page besides its payload (maps, slots, LRU records),
+    /// averaged over the pages stored now.
+    pub metadata_bytes_per_page: f64,
     pub clients: Vec<ClientStats>,
     pub shared_pools: Vec<SharedPoolStats>,
 }

@@ -96,15 +96,12 @@ fn replacing_put_and_same_filled_pages() {
     let s = e.stats();
     let k = &s.clients[0].counters;
     assert_eq!((k.stored_pages, k.same_filled_pages), (3, 2));
-    // Same-filled pages cost metadata only.
+    // Same-filled pages cost metadata only: one object, one run of three slots (capacity 4).
     assert_eq!(
         e.memory_used(),
-        3 * ENTRY_META
-            + payload_cost(&Payload::Stored(
-                Encoding::Lz4,
-                vec![0; k.compressed_bytes as usize].into()
-            ))
+        OBJ_META + RUN_META + 4 * SLOT_BYTES + payload_cost(k.compressed_bytes as usize)
     );
+    assert_eq!(s.clients[0].pools[0].counters.memory_used, e.memory_used());
 }
 
 #[test]

@@ -1,0 +1,118 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! One stored page in 16 bytes: a same-filled pattern, or a thin pointer to its payload.
+//!
+//! A `Box<[u8]>` is a fat pointer (16 bytes) and an enum around it takes 24; keeping the length
+//! beside a thin pointer in one 16-byte slot is what keeps the store under 32 bytes of metadata
+//! per page (see the engine's layout notes).
+
+use std::ptr::NonNull;
+
+use super::codec::Encoding;
+
+/// A stored page. Owns its payload.
+pub struct Slot {
+    /// The payload's first byte, or the fill pattern when `len == 0`.
+    word: u64,
+    /// Payload length; 0 for a same-filled page.
+    len: u16,
+    enc: Encoding,
+}
+
+// SAFETY: a Slot owns its payload allocation exclusively (like a Box<[u8]>), so moving it to
+// or sharing it with another thread is as safe as for a Box.
+unsafe impl Send for Slot {}
+// SAFETY: see Send; shared access only reads.
+unsafe impl Sync for Slot {}
+
+/// What a slot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload<'a> {
+    /// Every 8-byte word of the page is this value.
+    Same(u64),
+    /// Compressed or raw bytes.
+    Stored(Encoding, &'a [u8]),
+}
+
+impl Slot {
+    /// A same-filled page.
+    pub fn same(pattern: u64) -> Slot {
+        Slot {
+            word: pattern,
+            len: 0,
+            enc: Encoding::Raw,
+        }
+    }
+
+    /// A page stored as `bytes` (1..=65535 bytes), copied into an allocation of exactly that
+    /// size.
+    pub fn stored(enc: Encoding, bytes: &[u8]) -> Slot {
+        assert!(!bytes.is_empty() && bytes.len() <= u16::MAX as usize);
+        let b: Box<[u8]> = bytes.into();
+        let len = b.len() as u16;
+        let p = Box::into_raw(b).cast::<u8>();
+        Slot {
+            word: p as u64,
+            len,
+            enc,
+        }
+    }
+
+    /// The page's content.
+    pub fn payload(&self) -> Payload<'_> {
+        if self.len == 0 {
+            return Payload::Same(self.word);
+        }
+        // SAFETY: `word` came from Box::into_raw of a `len`-byte Box<[u8]> in `stored` and is
+        // freed only in Drop, so it points to `len` initialized bytes that live as long as self.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(self.word as *const u8, self.len as usize) };
+        Payload::Stored(self.enc, bytes)
+    }
+
+    /// Payload bytes (0 for a same-filled page).
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        let p = NonNull::new(self.word as *mut u8).expect("a stored slot has a payload");
+        let raw = std::ptr::slice_from_raw_parts_mut(p.as_ptr(), self.len as usize);
+        // SAFETY: `raw` is exactly the Box<[u8]> leaked in `stored` (same pointer and length),
+        // and Drop runs once.
+        drop(unsafe { Box::from_raw(raw) });
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.payload() {
+            Payload::Same(w) => write!(f, "Slot::Same({w:#x})"),
+            Payload::Stored(e, b) => write!(f, "Slot::Stored({e:?}, {} bytes)", b.len()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_round_trip() {
+        assert_eq!(std::mem::size_of::<Slot>(), 16);
+        let s = Slot::same(7);
+        assert_eq!(s.payload(), Payload::Same(7));
+        assert_eq!(s.len(), 0);
+        let data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        let s = Slot::stored(Encoding::Raw, &data);
+        assert_eq!(s.payload(), Payload::Stored(Encoding::Raw, &data[..]));
+        let t = Slot::stored(Encoding::Lz4, &data[..3]);
+        assert_eq!(t.len(), 3);
+        drop(s);
+        assert_eq!(t.payload(), Payload::Stored(Encoding::Lz4, &data[..3]));
+    }
+}
