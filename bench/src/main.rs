@@ -253,6 +253,17 @@ fn write(path: PathBuf, text: &str) -> Result<(), Error> {
 
 fn main() {
     let args = Args::parse();
+    // The daemon next to this binary, unless told otherwise: never a build in the middle of
+    // a measurement.
+    if std::env::var_os("VHOST_TMEM_BIN").is_none() {
+        if let Some(d) = std::env::current_exe()
+            .ok()
+            .and_then(|e| Some(e.parent()?.join("vhost-tmem")))
+            .filter(|d| d.exists())
+        {
+            std::env::set_var("VHOST_TMEM_BIN", d);
+        }
+    }
     let result = (|| -> Result<(), Error> {
         let r = run(&args)?;
         std::fs::create_dir_all(&args.out).map_err(|source| report::Error::Write {

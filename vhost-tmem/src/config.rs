@@ -35,6 +35,9 @@ pub enum Error {
     BadSize(String),
     #[error("--memory-limit must be at least one page plus metadata, got {0} bytes")]
     LimitTooSmall(u64),
+    /// A poll window that would keep a thread spinning.
+    #[error("--poll-us {0} is too long: at most 10000 (10 ms)")]
+    PollTooLong(u64),
     #[error("invalid weight {0}: must be 1..=10000")]
     BadWeight(u32),
     #[error("invalid shared pool UUID \"{0}\"")]
@@ -157,6 +160,10 @@ pub struct ServeArgs {
     /// Largest virtqueue size offered [default: 256].
     #[arg(long)]
     pub queue_size: Option<usize>,
+    /// Microseconds a request queue's thread keeps polling after a burst before it sleeps;
+    /// 0 never polls (saves CPU on hosts with many idle guests) [default: 50].
+    #[arg(long, value_name = "US")]
+    pub poll_us: Option<u64>,
     /// Control socket for `vhost-tmem stats` and `vhost-tmem ctl`.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
@@ -189,6 +196,7 @@ pub struct FileConfig {
     pub max_pools: Option<usize>,
     pub queues: Option<u16>,
     pub queue_size: Option<usize>,
+    pub poll_us: Option<u64>,
     pub control_socket: Option<PathBuf>,
     pub metrics_listen: Option<String>,
     #[serde(default, rename = "client")]
@@ -420,11 +428,16 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             Some(Incompressible::Store) => IncompressiblePolicy::Store,
             _ => IncompressiblePolicy::Refuse,
         };
+        let poll_us = a.poll_us.or(file.poll_us).unwrap_or(50);
+        if poll_us > 10_000 {
+            return Err(Error::PollTooLong(poll_us));
+        }
         let device = DeviceConfig {
             request_queues: a.queues.or(file.queues).unwrap_or(1),
             queue_size: a.queue_size.or(file.queue_size).unwrap_or(256),
             max_pools: max_pools as u16,
             limit_pages: 0,
+            poll: std::time::Duration::from_micros(poll_us),
         };
         device.validate()?;
         debug_assert!(
@@ -521,7 +534,12 @@ mod tests {
         assert_eq!(c.engine.memory_limit, 1 << 30);
         assert_eq!(c.engine.compressor, Compressor::Lz4);
         assert_eq!(c.device.request_queues, 1);
+        assert_eq!(c.device.poll, std::time::Duration::from_micros(50));
         assert!(c.metrics_listen.is_none());
+        let c = cfg(&["--socket-path", "/tmp/x.sock", "--poll-us", "0"]).unwrap();
+        assert!(c.device.poll.is_zero());
+        let e = cfg(&["--socket-path", "/tmp/x.sock", "--poll-us", "20000"]).unwrap_err();
+        assert!(e.to_string().contains("--poll-us 20000 is too long"), "{e}");
     }
 
     #[test]

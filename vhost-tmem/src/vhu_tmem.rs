@@ -13,7 +13,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use shared_proto::{
@@ -91,6 +91,9 @@ pub struct DeviceConfig {
     pub max_pools: u16,
     /// Quota advertised in config space, in pages (0: none).
     pub limit_pages: u64,
+    /// How long a request queue's thread polls for more requests after a burst before it
+    /// sleeps (0: never polls).
+    pub poll: Duration,
 }
 
 impl DeviceConfig {
@@ -796,9 +799,24 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
             if event_idx {
                 vring.disable_notification().map_err(Error::Queue)?;
             }
-            let used = self.process_queue(vring, control, &mut w)?;
+            let mut used = self.process_queue(vring, control, &mut w)?;
             if used && vring.needs_notification().map_err(Error::Queue)? {
                 vring.signal_used_queue().map_err(Error::Signal)?;
+            }
+            // After a burst, poll briefly before sleeping: a driver with requests in flight
+            // refills the ring within microseconds, and a wakeup costs more than that.
+            let poll = self.cfg.poll;
+            let mut deadline = Instant::now() + poll;
+            while used && !control && !poll.is_zero() {
+                std::hint::spin_loop();
+                if self.process_queue(vring, control, &mut w)? {
+                    if vring.needs_notification().map_err(Error::Queue)? {
+                        vring.signal_used_queue().map_err(Error::Signal)?;
+                    }
+                    deadline = Instant::now() + poll;
+                } else if Instant::now() >= deadline {
+                    used = false;
+                }
             }
             // With EVENT_IDX, re-enable notifications and go again if the guest added more
             // meanwhile; without it, one pass is enough (the guest kicks for new work).

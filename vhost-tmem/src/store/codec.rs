@@ -86,17 +86,27 @@ pub enum Encoding {
 /// without payload and never reach a codec.
 pub fn same_filled(page: &[u8]) -> Option<u64> {
     let (words, _) = page.as_chunks::<8>();
-    let first = words[0];
-    // Compare whole words; the compiler vectorizes this loop.
-    if words.iter().all(|w| *w == first) {
-        Some(u64::from_ne_bytes(first))
-    } else {
-        None
+    let first = u64::from_ne_bytes(words[0]);
+    // 256-byte blocks with no exit inside, so the compiler vectorizes them; most pages that
+    // are not same-filled still stop in their first block.
+    for block in words.chunks(32) {
+        let diff = block
+            .iter()
+            .fold(0u64, |d, w| d | (u64::from_ne_bytes(*w) ^ first));
+        if diff != 0 {
+            return None;
+        }
     }
+    Some(first)
 }
 
 /// Fills `out` with the 8-byte `pattern`.
 pub fn fill_same(out: &mut [u8], pattern: u64) {
+    if pattern == 0 {
+        // memset: the common case, and the fastest fill there is.
+        out.fill(0);
+        return;
+    }
     let bytes = pattern.to_ne_bytes();
     let (words, _) = out.as_chunks_mut::<8>();
     for w in words {

@@ -31,6 +31,7 @@ fn env_with(engine: Arc<Engine>, name: &str) -> Env {
             queue_size: 256,
             max_pools: 16,
             limit_pages: 0,
+            poll: std::time::Duration::ZERO,
         },
     )
     .unwrap();
@@ -545,6 +546,7 @@ fn bad_device_config_is_rejected() {
                 queue_size: s,
                 max_pools: 16,
                 limit_pages: 0,
+                poll: std::time::Duration::ZERO,
             },
         );
         assert!(r.is_err(), "{q} {s}");
