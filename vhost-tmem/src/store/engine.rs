@@ -296,6 +296,8 @@ struct ShardCounts {
     compressed_bytes: u64,
     /// Everything charged for this shard: payloads and structure.
     memory_used: u64,
+    /// The payloads' part of `memory_used`.
+    payload_charged: u64,
 }
 
 impl ShardCounts {
@@ -311,12 +313,14 @@ impl ShardCounts {
             self.raw_pages += raw;
             self.compressed_bytes += bytes;
             self.memory_used += cost;
+            self.payload_charged += cost;
         } else {
             self.stored_pages -= 1;
             self.same_filled_pages -= same;
             self.raw_pages -= raw;
             self.compressed_bytes -= bytes;
             self.memory_used -= cost;
+            self.payload_charged -= cost;
         }
     }
 }
@@ -379,10 +383,13 @@ impl Pool {
         RUN_META + if self.persistent { 0 } else { LRU_META }
     }
 
-    fn snapshot(&self) -> CounterSnapshot {
+    /// The pool's counters, and the payload part of its memory use.
+    fn snapshot(&self) -> (CounterSnapshot, u64) {
         let mut k = self.counters.snapshot();
+        let mut payload = 0;
         for s in self.shards.iter() {
             let c = s.lock().counts;
+            payload += c.payload_charged;
             k.puts += c.puts;
             k.gets += c.gets;
             k.get_hits += c.get_hits;
@@ -395,7 +402,7 @@ impl Pool {
             k.compressed_bytes += c.compressed_bytes;
             k.memory_used += c.memory_used;
         }
-        k
+        (k, payload)
     }
 }
 
@@ -660,9 +667,27 @@ impl Engine {
                 let runs = std::mem::take(&mut s.runs) as u64;
                 let freed = s.counts.memory_used;
                 n += s.counts.stored_pages;
-                let k = &mut s.counts;
-                (k.stored_pages, k.same_filled_pages, k.raw_pages) = (0, 0, 0);
-                (k.compressed_bytes, k.memory_used) = (0, 0);
+                let (puts, gets, get_hits, get_misses, flushes, flushed_pages) = {
+                    let k = &s.counts;
+                    (
+                        k.puts,
+                        k.gets,
+                        k.get_hits,
+                        k.get_misses,
+                        k.flushes,
+                        k.flushed_pages,
+                    )
+                };
+                // Gauges go to zero; request counters stay.
+                s.counts = ShardCounts {
+                    puts,
+                    gets,
+                    get_hits,
+                    get_misses,
+                    flushes,
+                    flushed_pages,
+                    ..ShardCounts::default()
+                };
                 let h = pool.hasher;
                 (
                     std::mem::replace(&mut s.objects, HashMap::with_hasher(h)),
@@ -742,12 +767,12 @@ impl Engine {
                 .enumerate()
                 .filter_map(|(id, p)| p.as_ref().map(|p| (id, p)))
                 .map(|(id, p)| {
-                    let k = p.snapshot();
+                    let (k, payload) = p.snapshot();
                     if p.shared.is_none() {
                         // The client's gauges cover its private pools.
                         counters.add_gauges(&k);
                         pages += k.stored_pages;
-                        meta += k.memory_used - payload_bytes(p);
+                        meta += k.memory_used - payload;
                     }
                     PoolStats {
                         id: id as u32,
@@ -780,9 +805,9 @@ impl Engine {
             .iter()
             .filter_map(|(u, w)| w.upgrade().map(|p| (*u, p)))
             .map(|(u, p)| {
-                let k = p.snapshot();
+                let (k, payload) = p.snapshot();
                 pages += k.stored_pages;
-                meta += k.memory_used - payload_bytes(&p);
+                meta += k.memory_used - payload;
                 SharedPoolStats {
                     uuid: format_uuid(&u),
                     members: p.members.load(Relaxed),
@@ -802,20 +827,6 @@ impl Engine {
             shared_pools,
         }
     }
-}
-
-/// Charged payload bytes of a pool (its memory use minus this is structure).
-fn payload_bytes(p: &Pool) -> u64 {
-    let mut n = 0;
-    for s in p.shards.iter() {
-        let s = s.lock();
-        for obj in s.objects.values() {
-            for run in obj.values() {
-                n += run.slots.iter().map(|x| payload_cost(x.len())).sum::<u64>();
-            }
-        }
-    }
-    n
 }
 
 /// Takes a whole run out of a shard with its bookkeeping; returns it and the bytes it had

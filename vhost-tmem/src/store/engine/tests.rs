@@ -102,6 +102,8 @@ fn replacing_put_and_same_filled_pages() {
         OBJ_META + RUN_META + 4 * SLOT_BYTES + payload_cost(k.compressed_bytes as usize)
     );
     assert_eq!(s.clients[0].pools[0].counters.memory_used, e.memory_used());
+    let meta = (OBJ_META + RUN_META + 4 * SLOT_BYTES) as f64 / 3.0;
+    assert_eq!(s.metadata_bytes_per_page, (meta * 10.0).round() / 10.0);
 }
 
 #[test]
