@@ -85,88 +85,27 @@ pub fn run(
             // unread, as a guest's driver does (the device writes into the guest's page).
             for round in 0..=rounds {
                 let check = round == 0;
-                let sent: Vec<Cell<Option<Instant>>> = vec![Cell::new(None); corpus.len()];
-                let mut failed = None;
-                let mut h = Histogram::default();
-                let t = Instant::now();
-                g.pipeline_queues(
-                    &qs,
-                    depth,
-                    (0..corpus.len()).map(|i| {
-                        sent[i].set(Some(Instant::now()));
-                        let page = corpus.page(i);
-                        (
-                            i,
-                            Req::Put {
-                                pool,
-                                oid,
-                                index: i as u64,
-                                page,
-                            },
-                        )
-                    }),
-                    |done| {
-                        h.record(since(&sent[done.tag]));
-                        if done.status != Status::Ok && failed.is_none() {
-                            failed = Some((done.tag, done.status));
-                        }
-                    },
-                )?;
+                let n = corpus.len() as u64;
+                let (h, secs, bad) = phase(&mut g, &qs, depth, corpus, false, |i| Req::Put {
+                    pool,
+                    oid,
+                    index: i as u64,
+                    page: corpus.page(i),
+                })?;
                 if !check {
-                    put.add(&h, corpus.len() as u64, t.elapsed().as_secs_f64());
+                    put.add(&h, n, secs);
                 }
-                if let Some((index, status)) = failed {
-                    return Err(Error::Status {
-                        op: "put",
-                        depth,
-                        index,
-                        status,
-                    });
-                }
-                let mut bad = None;
-                let mut h = Histogram::default();
-                let t = Instant::now();
-                g.pipeline_queues(
-                    &qs,
-                    depth,
-                    (0..corpus.len()).map(|i| {
-                        sent[i].set(Some(Instant::now()));
-                        (
-                            i,
-                            Req::Get {
-                                pool,
-                                oid,
-                                index: i as u64,
-                                exclusive: false,
-                            },
-                        )
-                    }),
-                    |done| {
-                        h.record(since(&sent[done.tag]));
-                        if bad.is_none() {
-                            if done.status != Status::Ok {
-                                bad = Some((done.tag, Some(done.status)));
-                            } else if check && done.page != corpus.page(done.tag) {
-                                bad = Some((done.tag, None));
-                            }
-                        }
-                    },
-                )?;
+                failure("put", depth, bad)?;
+                let (h, secs, bad) = phase(&mut g, &qs, depth, corpus, check, |i| Req::Get {
+                    pool,
+                    oid,
+                    index: i as u64,
+                    exclusive: false,
+                })?;
                 if !check {
-                    get.add(&h, corpus.len() as u64, t.elapsed().as_secs_f64());
+                    get.add(&h, n, secs);
                 }
-                match bad {
-                    Some((index, Some(status))) => {
-                        return Err(Error::Status {
-                            op: "get",
-                            depth,
-                            index,
-                            status,
-                        })
-                    }
-                    Some((index, None)) => return Err(Error::Corrupt { depth, index }),
-                    None => {}
-                }
+                failure("get", depth, bad)?;
                 g.flush_object(pool, oid)?;
             }
             rows.push(Row {
@@ -188,4 +127,58 @@ pub fn run(
 
 fn since(c: &Cell<Option<Instant>>) -> u64 {
     c.get().map_or(0, |t| t.elapsed().as_nanos() as u64)
+}
+
+/// The first failed request of a phase: its page, and its status (`None`: a get that returned
+/// other bytes than were put).
+type Failure = Option<(usize, Option<Status>)>;
+
+/// Sends one request per page of `corpus` (`req(i)` for page i) through the pipeline, timing
+/// each from submission to completion; with `check`, returned pages are compared with the
+/// corpus. Returns the latencies, the wall time and the first failure.
+fn phase<'c>(
+    g: &mut Guest,
+    qs: &[usize],
+    depth: usize,
+    corpus: &Corpus,
+    check: bool,
+    req: impl Fn(usize) -> Req<'c>,
+) -> Result<(Histogram, f64, Failure), Error> {
+    let sent: Vec<Cell<Option<Instant>>> = vec![Cell::new(None); corpus.len()];
+    let mut h = Histogram::default();
+    let mut bad = None;
+    let t = Instant::now();
+    g.pipeline_queues(
+        qs,
+        depth,
+        (0..corpus.len()).map(|i| {
+            sent[i].set(Some(Instant::now()));
+            (i, req(i))
+        }),
+        |done| {
+            h.record(since(&sent[done.tag]));
+            if bad.is_none() {
+                if done.status != Status::Ok {
+                    bad = Some((done.tag, Some(done.status)));
+                } else if check && done.page != corpus.page(done.tag) {
+                    bad = Some((done.tag, None));
+                }
+            }
+        },
+    )?;
+    Ok((h, t.elapsed().as_secs_f64(), bad))
+}
+
+/// Turns a phase's failure into the error that names it.
+fn failure(op: &'static str, depth: usize, bad: Failure) -> Result<(), Error> {
+    match bad {
+        None => Ok(()),
+        Some((index, Some(status))) => Err(Error::Status {
+            op,
+            depth,
+            index,
+            status,
+        }),
+        Some((index, None)) => Err(Error::Corrupt { depth, index }),
+    }
 }
