@@ -1120,13 +1120,16 @@ impl Tmem for Engine {
             sh.counts.gets += 1;
             let window = (sh.runs as u64 / 4).max(8);
             let found = sh.objects.get_mut(oid).and_then(|o| o.get_mut(&key.run));
-            match found.and_then(|run| run.get(bit).is_some().then_some(run)) {
+            let hit = found.and_then(|run| {
+                let r = decode(worker, run.get(bit)?, out);
+                Some((run, r))
+            });
+            match hit {
                 None => {
                     sh.counts.get_misses += 1;
                     Err(Error::Miss)
                 }
-                Some(run) => {
-                    let r = decode(worker, run.get(bit).expect("checked"), out);
+                Some((run, r)) => {
                     let mut push = None;
                     if !pool.persistent && sh.clock - run.stamp >= window {
                         // A shared ephemeral hit makes the run recently used again.
