@@ -160,7 +160,7 @@ fn phase<'c>(
             if bad.is_none() {
                 if done.status != Status::Ok {
                     bad = Some((done.tag, Some(done.status)));
-                } else if check && done.page != corpus.page(done.tag) {
+                } else if check && done.page() != corpus.page(done.tag) {
                     bad = Some((done.tag, None));
                 }
             }

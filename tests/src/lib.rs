@@ -15,6 +15,7 @@
 //! assert_eq!(out, page);
 //! ```
 
+use std::cell::OnceCell;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
@@ -139,8 +140,27 @@ pub struct Done<'a> {
     pub status: Status,
     /// Response flags.
     pub flags: u32,
-    /// GET hits: the page; otherwise empty.
-    pub page: &'a [u8],
+    /// GET hits: where the device wrote the page.
+    hit: Option<(&'a GuestMemoryMmap, u64)>,
+    page: OnceCell<Vec<u8>>,
+}
+
+impl Done<'_> {
+    /// GET hits: the page; otherwise empty (also if it cannot be read). It is read from guest
+    /// memory on the first call only: a driver hands the device's page to its user without
+    /// copying it, so a pipeline that does not look pays no copy.
+    pub fn page(&self) -> &[u8] {
+        self.page.get_or_init(|| {
+            let Some((mem, addr)) = self.hit else {
+                return Vec::new();
+            };
+            let mut page = vec![0u8; PAGE_SIZE];
+            match mem.read_slice(&mut page, GuestAddress(addr)) {
+                Ok(()) => page,
+                Err(_) => Vec::new(),
+            }
+        })
+    }
 }
 
 /// A segment of a hand-built chain for [`Guest::raw_chain`].
@@ -182,7 +202,6 @@ pub struct Guest {
     timeout: Duration,
     /// Scratch area for raw chains.
     raw_area: u64,
-    page_out: Vec<u8>,
 }
 
 impl std::fmt::Debug for Guest {
@@ -317,7 +336,6 @@ impl Guest {
             event_idx: features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
             timeout: opts.timeout,
             raw_area,
-            page_out: vec![0u8; PAGE_SIZE],
         })
     }
 
@@ -669,20 +687,14 @@ impl Guest {
                     in_flight[i] -= 1;
                     let (_, p, r, _) = self.slot_addrs(q, s);
                     let (status, resp) = self.status_at(r)?;
-                    let mut page = std::mem::take(&mut self.page_out);
-                    let n = if op == Op::Get && status == Status::Ok {
-                        self.read(p, &mut page)?;
-                        PAGE_SIZE
-                    } else {
-                        0
-                    };
+                    let hit = (op == Op::Get && status == Status::Ok).then_some((&self.mem, p));
                     done(Done {
                         tag,
                         status,
                         flags: resp.flags,
-                        page: &page[..n],
+                        hit,
+                        page: OnceCell::new(),
                     });
-                    self.page_out = page;
                 }
             }
         }
@@ -692,8 +704,8 @@ impl Guest {
         let mut result = None;
         let mut out = out;
         self.pipeline(0, 1, [(0, req)], |d| {
-            if let (Some(o), false) = (out.as_deref_mut(), d.page.is_empty()) {
-                o.copy_from_slice(d.page);
+            if let (Some(o), false) = (out.as_deref_mut(), d.page().is_empty()) {
+                o.copy_from_slice(d.page());
             }
             result = Some((d.status, d.flags));
         })?;

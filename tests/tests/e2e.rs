@@ -74,7 +74,11 @@ fn put_get_verify(
     let (mut hits, mut misses) = (0, 0);
     g.pipeline(queue, 32, reqs, |d| match d.status {
         Status::Ok => {
-            assert!(d.page == store[d.tag].as_slice(), "page {} differs", d.tag);
+            assert!(
+                d.page() == store[d.tag].as_slice(),
+                "page {} differs",
+                d.tag
+            );
             hits += 1;
         }
         Status::Miss if !persistent => misses += 1,

@@ -76,7 +76,7 @@ fn run_guest(d: &Daemon, name: &str, seed: u64) -> Result<(Guest, u64, u64, u64)
     });
     g.pipeline(0, 32, reqs, |c| {
         let ok = match c.status {
-            Status::Ok => c.page == data[c.tag].as_slice(),
+            Status::Ok => c.page() == data[c.tag].as_slice(),
             _ => refused[c.tag],
         };
         bad += (!ok) as u64;
@@ -97,7 +97,7 @@ fn run_guest(d: &Daemon, name: &str, seed: u64) -> Result<(Guest, u64, u64, u64)
     g.pipeline(1, 32, reqs, |c| match c.status {
         Status::Ok => {
             hits += 1;
-            bad += (c.page != files[c.tag].as_slice()) as u64;
+            bad += (c.page() != files[c.tag].as_slice()) as u64;
         }
         _ => misses += 1,
     })
