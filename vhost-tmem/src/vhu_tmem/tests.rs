@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::store::{ClientConfig, Engine, EngineConfig};
-use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 
@@ -62,7 +62,10 @@ impl Env {
             .collect();
         let chain = q.build_desc_chain(&raw).unwrap();
         let mut w = self.dev.workers[0].lock();
-        self.dev.serve_chain(&self.mem, chain, control, &mut w)
+        match Chain::parse(chain.head_index(), chain) {
+            Ok(c) => self.dev.serve_chain(&self.mem, &c, control, &mut w),
+            Err(_) => 0,
+        }
     }
 
     fn write(&self, addr: u64, b: &[u8]) {
@@ -307,6 +310,99 @@ fn malformed_requests_get_statuses() {
 
     // Nothing was stored by any of this.
     assert_eq!(e.engine.stats().clients[0].counters.stored_pages, 0);
+}
+
+/// Chains served through the queue, more than one burst of them and a malformed one among
+/// them: every chain is returned to the used ring once, in order, with its own length and
+/// status, and the ring's state is consistent afterwards.
+#[test]
+fn bursts_serve_every_chain_in_order() {
+    let e = env();
+    let pool = e.create_pool(req_flags::POOL_PERSISTENT, [0; 16]).value as u32;
+    let n = BURST as u64 + 9;
+    let vq = MockSplitQueue::create(&e.mem, GuestAddress(0), 256);
+    let mut descs = Vec::new();
+    let hdr = |i: u64| HDR + i * 64;
+    let data = |i: u64| DATA + i * 4096;
+    let resp = |i: u64| RESP + i * 32;
+    // Request i puts page i, except: every 10th is a get of the page put just before it, and
+    // request 7 has a readable descriptor after a writable one.
+    for i in 0..n {
+        let (h, d, r) = (hdr(i), data(i), resp(i));
+        let (op, index) = if i % 10 == 9 {
+            (Op::Get, i - 1)
+        } else {
+            (Op::Put, i)
+        };
+        let head = ReqHeader {
+            op: op as u32,
+            flags: 0,
+            pool_id: pool,
+            count: 0,
+            oid: [1, 2, 3],
+            index,
+        };
+        e.write(h, &head.encode());
+        e.write(r, &[0xff; 16]);
+        let mut chain = if op == Op::Put {
+            e.write(d, &page(i as u8));
+            [(h, 48, 0), (d, 4096, 0), (r, 16, VRING_DESC_F_WRITE)]
+        } else {
+            [
+                (h, 48, 0),
+                (d, 4096, VRING_DESC_F_WRITE),
+                (r, 16, VRING_DESC_F_WRITE),
+            ]
+        };
+        if i == 7 {
+            chain[1].2 = VRING_DESC_F_WRITE;
+            chain[2].2 = 0;
+        }
+        for (k, &(addr, len, flags)) in chain.iter().enumerate() {
+            let more = if k < 2 { VRING_DESC_F_NEXT } else { 0 };
+            let next = descs.len() as u16 + 1;
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                addr,
+                len,
+                (flags | more) as u16,
+                next,
+            )));
+        }
+    }
+    vq.add_desc_chains(&descs, 0).unwrap();
+
+    let atomic = GuestMemoryAtomic::new(e.mem.clone());
+    e.dev.update_memory(atomic.clone()).unwrap();
+    let vring = VringRwLock::new(atomic, 256).unwrap();
+    vring.set_queue_size(256);
+    vring
+        .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+        .unwrap();
+    vring.set_queue_ready(true);
+    let mut w = e.dev.workers[0].lock();
+    assert!(e.dev.process_queue(&vring, false, &mut w).unwrap());
+    assert!(!e.dev.process_queue(&vring, false, &mut w).unwrap());
+    drop(w);
+
+    assert_eq!(vring.queue_used_idx().unwrap(), n as u16);
+    for i in 0..n {
+        let elem = vq.used().ring().ref_at(i as usize).unwrap().load();
+        let (id, len) = (elem.id(), elem.len());
+        assert_eq!(id, 3 * i as u32, "used element {i} names the wrong chain");
+        let (d, r) = (data(i), resp(i));
+        if i == 7 {
+            assert_eq!(len, 0, "the malformed chain is returned unused");
+        } else if i % 10 == 9 {
+            assert_eq!(len, 4096 + 16);
+            assert_eq!(e.status(r), Some(Status::Ok), "get {i}");
+            let mut got = vec![0u8; 4096];
+            e.mem.read_slice(&mut got, GuestAddress(d)).unwrap();
+            assert_eq!(got, page((i - 1) as u8), "get {i} returned other bytes");
+        } else {
+            assert_eq!(len, 16);
+            assert_eq!(e.status(r), Some(Status::Ok), "put {i}");
+        }
+    }
 }
 
 #[test]
