@@ -373,7 +373,10 @@ pub fn markdown(r: &Value) -> String {
     s.push_str(
         "\n## End to end (vhost-user, userspace guest, mixed corpus)\n\nLatency is from \
          submission to completion, queueing included. The ratio is to the in-process store with \
-         as many threads as request queues.\n\n\
+         as many threads as request queues. An untimed first round checks every page; timed \
+         rounds leave returned pages unread, as a driver hands the device's page to its user. \
+         The guest and each queue's daemon thread all poll: with as many queues as cores or \
+         more, they share cores and those rows measure time slicing.\n\n\
          | compressor | queues | QD | op | p50 | p99 | kpages/s | ratio to in-process |\n\
          |---|---|---|---|---|---|---|---|\n",
     );
