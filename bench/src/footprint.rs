@@ -26,11 +26,46 @@ pub struct Footprint {
     pub charged_metadata_bytes_per_page: f64,
 }
 
-/// Puts `pages` pages of `corpus` (cycled, distinct keys) into a fresh store and measures.
+/// How the stored pages' keys are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keys {
+    /// Consecutive indexes, an object per 64 Ki pages: a swap area, large files.
+    Dense,
+    /// One page per object: a page cache full of small files.
+    ObjectPerPage,
+    /// Every 16th index of large objects, so no two pages share a run: scattered swap slots.
+    Scattered,
+}
+
+impl Keys {
+    pub const ALL: [Keys; 3] = [Keys::Dense, Keys::ObjectPerPage, Keys::Scattered];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Keys::Dense => "dense",
+            Keys::ObjectPerPage => "object per page",
+            Keys::Scattered => "scattered",
+        }
+    }
+
+    /// The key of the i-th page.
+    fn key(self, i: usize) -> ([u64; 3], u64) {
+        let i = i as u64;
+        match self {
+            Keys::Dense => ([1 + (i >> 16), 0, 0], i),
+            Keys::ObjectPerPage => ([1 + i, 0, 0], 0),
+            Keys::Scattered => ([1 + (i >> 16), 0, 0], i * 16),
+        }
+    }
+}
+
+/// Puts `pages` pages of `corpus` (cycled, distinct keys laid out as `keys` says) into a fresh
+/// store and measures.
 pub fn measure(
     corpus: &Corpus,
     c: Compressor,
     persistent: bool,
+    keys: Keys,
     pages: usize,
 ) -> Result<Footprint, Error> {
     alloc::trim();
@@ -56,16 +91,15 @@ pub fn measure(
         })?;
         let (req0, use0) = alloc::live();
         let rss0 = alloc::rss_bytes();
-        // An object per 64 Ki pages, as a large swap area or file would use.
         for i in 0..pages {
-            let oid = [1 + (i >> 16) as u64, 0, 0];
+            let (oid, index) = keys.key(i);
             // An ephemeral pool refuses incompressible pages; stored_pages counts the rest.
             let _ = e.put(
                 &mut w,
                 &client,
                 pool,
                 &oid,
-                i as u64,
+                index,
                 corpus.page(i % corpus.len()),
             );
         }

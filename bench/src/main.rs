@@ -154,7 +154,7 @@ fn run(args: &Args) -> Result<Value, Error> {
                 }));
             }
             if corpus.name == "mixed" {
-                let fp = footprint::measure(mixed, c, true, mixed.len())?;
+                let fp = footprint::measure(mixed, c, true, footprint::Keys::Dense, mixed.len())?;
                 let bare = bytes as f64 / corpus.len() as f64;
                 ratios.push(json!({
                     "compressor": c.to_string(),
@@ -172,21 +172,25 @@ fn run(args: &Args) -> Result<Value, Error> {
     // Memory per page at a size where fixed costs vanish: lz4, both pool kinds.
     let fp_pages = if args.quick { 4096 } else { 131_072 };
     eprintln!("== memory per stored page: {fp_pages} pages");
-    for persistent in [true, false] {
-        let fp = footprint::measure(mixed, Compressor::Lz4, persistent, fp_pages)?;
-        footprints.push(json!({
-            "compressor": "lz4",
-            "pool": if persistent { "persistent" } else { "ephemeral" },
-            "pages": fp.pages,
-            "payload_bytes_per_page": fp.payload_bytes_per_page,
-            "metadata_bytes_per_page": fp.metadata_bytes_per_page,
-            "charged_metadata_bytes_per_page": fp.charged_metadata_bytes_per_page,
-            "allocator_slack_bytes_per_page": fp.slack_bytes_per_page,
-            "rss_bytes_per_page": fp.rss_bytes_per_page,
-        }));
+    for keys in footprint::Keys::ALL {
+        for persistent in [true, false] {
+            let fp = footprint::measure(mixed, Compressor::Lz4, persistent, keys, fp_pages)?;
+            footprints.push(json!({
+                "compressor": "lz4",
+                "pool": if persistent { "persistent" } else { "ephemeral" },
+                "keys": keys.name(),
+                "pages": fp.pages,
+                "payload_bytes_per_page": fp.payload_bytes_per_page,
+                "metadata_bytes_per_page": fp.metadata_bytes_per_page,
+                "charged_metadata_bytes_per_page": fp.charged_metadata_bytes_per_page,
+                "allocator_slack_bytes_per_page": fp.slack_bytes_per_page,
+                "rss_bytes_per_page": fp.rss_bytes_per_page,
+            }));
+        }
     }
     let metadata = footprints
         .iter()
+        .filter(|f| f["keys"] == "dense")
         .map(|f| f["metadata_bytes_per_page"].as_f64().unwrap_or(0.0))
         .fold(0.0, f64::max);
     let rss = footprints[0]["rss_bytes_per_page"].clone();

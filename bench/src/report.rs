@@ -130,7 +130,7 @@ pub fn targets(r: &Value) -> Value {
         );
     }
     add(
-        "metadata bytes per stored page".into(),
+        "metadata bytes per stored page (dense keys)".into(),
         r["metadata_bytes_per_page"].as_f64(),
         32.0,
         true,
@@ -208,6 +208,12 @@ pub fn check(r: &Value) -> Result<(), Error> {
         need(
             find(&r["limits"], &|e| e["what"] == what).is_some(),
             &format!("limits rows for {what}"),
+        )?;
+    }
+    for keys in ["dense", "object per page", "scattered"] {
+        need(
+            find(&r["footprint"], &|e| e["keys"] == keys).is_some(),
+            &format!("footprint rows for {keys} keys"),
         )?;
     }
     need(r["compression_ratio"].is_array(), "compression_ratio")?;
@@ -313,11 +319,23 @@ fn summary(r: &Value, s: &mut String) {
             ratio.map_or("-".into(), |x| format!("{:.2}", f(&x["store"]))),
         );
     }
+    let worst = |keys: &str| {
+        r["footprint"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["keys"] == keys)
+            .map(|e| f(&e["metadata_bytes_per_page"]))
+            .fold(0.0, f64::max)
+    };
     let _ = writeln!(
         s,
-        "\nMetadata {:.1} B per stored page (allocator-counted, worst pool kind), resident memory \
-         {:.0} B per stored page (lz4, mixed).",
+        "\nMetadata per stored page (allocator-counted, worst pool kind): {:.1} B with dense keys, \
+         {:.1} B with one page per object, {:.1} B with one page per run. Resident memory {:.0} B \
+         per stored page (lz4, mixed, dense).",
         f(&r["metadata_bytes_per_page"]),
+        worst("object per page"),
+        worst("scattered"),
         f(&r["rss_bytes_per_stored_page"])
     );
 }
@@ -395,16 +413,19 @@ pub fn markdown(r: &Value) -> String {
         );
     }
     s.push_str(
-        "\n## Memory per stored page (mixed corpus)\n\n\
-         | compressor | pool | pages | payload B | metadata B | charged metadata B | allocator slack B | RSS B |\n\
-         |---|---|---|---|---|---|---|---|\n",
+        "\n## Memory per stored page (mixed corpus)\n\nKeys: dense (consecutive indexes, as swap and \
+         large files), object per page (small files), scattered (every 16th index: one page per \
+         run). Charged metadata is what the store counts against memory limits.\n\n\
+         | compressor | pool | keys | pages | payload B | metadata B | charged metadata B | allocator slack B | RSS B |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     for e in r["footprint"].as_array().into_iter().flatten() {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} |",
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} |",
             e["compressor"].as_str().unwrap_or(""),
             e["pool"].as_str().unwrap_or(""),
+            e["keys"].as_str().unwrap_or(""),
             e["pages"],
             f(&e["payload_bytes_per_page"]),
             f(&e["metadata_bytes_per_page"]),

@@ -54,16 +54,19 @@ const RESERVE_ROUNDS: usize = 64;
 
 /// Charged per slot of a run's slot vector (by capacity).
 const SLOT_BYTES: u64 = std::mem::size_of::<Slot>() as u64;
-/// Charged per run: its map entry (key, run, control byte) over the map's load factor.
-const RUN_META: u64 = ((std::mem::size_of::<(u64, Run)>() + 1) * 8 / 7) as u64;
-/// Charged per object per shard: its entry in the shard's object map, over the load factor.
-const OBJ_META: u64 = ((std::mem::size_of::<(Oid, Object)>() + 1) * 8 / 7) as u64;
+/// Charged per run in an object's run map: its entry (key, run, control byte) at the lowest
+/// load factor the map keeps (7/16, just after it grows), so the charge covers what is
+/// allocated, small maps' minimum sizes included.
+const RUN_META: u64 = ((std::mem::size_of::<(u64, Run)>() + 1) * 16 / 7) as u64;
+/// Charged per object per shard: its entry in the shard's object map (an object's single run
+/// lives in it), at the same load factor.
+const OBJ_META: u64 = ((std::mem::size_of::<(Oid, Object)>() + 1) * 16 / 7) as u64;
 /// Charged per run of an ephemeral pool: LRU records (compaction keeps them under two per
 /// run, see `compact_lru`).
 const LRU_META: u64 = 2 * std::mem::size_of::<LruRef>() as u64;
-/// The most a put can add besides its payload: a new run with its LRU share, or the slot
-/// vector growing from 8 to 16.
-const MAX_STRUCT_COST: u64 = OBJ_META + RUN_META + LRU_META + RUN_PAGES as u64 * SLOT_BYTES;
+/// The most a put can add besides its payload: a new object, an object's single run moving
+/// into a map with the new run beside it, an LRU share, or the slot vector growing from 8 to 16.
+const MAX_STRUCT_COST: u64 = OBJ_META + 2 * RUN_META + LRU_META + RUN_PAGES as u64 * SLOT_BYTES;
 
 /// A payload's charge: allocations come in 16-byte granules.
 fn payload_cost(len: usize) -> u64 {
@@ -246,7 +249,7 @@ impl BuildHasher for KeyedState {
 }
 
 /// Up to 16 consecutive pages of one object.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Run {
     /// Bit i: page `run * 16 + i` is stored, at `slots[popcount(present below i)]`.
     present: u16,
@@ -325,8 +328,62 @@ impl ShardCounts {
     }
 }
 
-/// An object's runs within one shard.
-type Object = HashMap<u64, Run, KeyedState>;
+/// An object's runs within one shard. Most objects of a page cache are small files with a
+/// single run: it is kept inline, where a map of one entry would cost a few hundred bytes.
+/// An object that gets a second run moves to a map and stays there until it is gone.
+#[derive(Debug)]
+enum Object {
+    One(u64, Run),
+    Many(HashMap<u64, Run, KeyedState>),
+}
+
+impl Object {
+    fn get(&self, run: u64) -> Option<&Run> {
+        match self {
+            Object::One(r, x) => (*r == run).then_some(x),
+            Object::Many(m) => m.get(&run),
+        }
+    }
+
+    fn get_mut(&mut self, run: u64) -> Option<&mut Run> {
+        match self {
+            Object::One(r, x) => (*r == run).then_some(x),
+            Object::Many(m) => m.get_mut(&run),
+        }
+    }
+
+    /// The run numbered `run`, created empty if missing; and the map charge that added
+    /// (`RUN_META` for each run that now sits in a map and did not before).
+    fn run_or_insert(&mut self, run: u64, h: KeyedState) -> (&mut Run, u64) {
+        let mut charge = 0;
+        if let Object::One(r, x) = self {
+            if *r != run {
+                let mut m = HashMap::with_capacity_and_hasher(2, h);
+                m.insert(*r, std::mem::take(x));
+                *self = Object::Many(m);
+                charge += RUN_META;
+            }
+        }
+        match self {
+            Object::One(_, x) => (x, charge),
+            Object::Many(m) => {
+                let x = m.entry(run).or_insert_with(|| {
+                    charge += RUN_META;
+                    Run::default()
+                });
+                (x, charge)
+            }
+        }
+    }
+
+    /// The object's run numbers.
+    fn runs(&self) -> Vec<u64> {
+        match self {
+            Object::One(r, _) => vec![*r],
+            Object::Many(m) => m.keys().copied().collect(),
+        }
+    }
+}
 
 #[derive(Debug)]
 struct Shard {
@@ -350,7 +407,7 @@ impl Shard {
     }
 
     fn run_mut(&mut self, key: &RunKey) -> Option<&mut Run> {
-        self.objects.get_mut(&key.oid)?.get_mut(&key.run)
+        self.objects.get_mut(&key.oid)?.get_mut(key.run)
     }
 }
 
@@ -378,9 +435,13 @@ impl Pool {
         &self.shards[(h >> 40) as usize & (SHARDS - 1)]
     }
 
-    /// A run's fixed charge.
+    /// A run's charge wherever it sits: its LRU share (ephemeral pools).
     fn run_cost(&self) -> u64 {
-        RUN_META + if self.persistent { 0 } else { LRU_META }
+        if self.persistent {
+            0
+        } else {
+            LRU_META
+        }
     }
 
     /// The pool's counters, and the payload part of its memory use.
@@ -638,7 +699,7 @@ impl Engine {
                 let Some(obj) = sh.objects.get_mut(&r.key.oid) else {
                     continue;
                 };
-                if obj.get(&r.key.run).is_some_and(|run| run.stamp == r.stamp) {
+                if obj.get(r.key.run).is_some_and(|run| run.stamp == r.stamp) {
                     found = Some(r.key);
                     break;
                 }
@@ -832,13 +893,23 @@ impl Engine {
 /// Takes a whole run out of a shard with its bookkeeping; returns it and the bytes it had
 /// charged (payloads and structure), to release once the lock is dropped.
 fn remove_run(pool: &Pool, sh: &mut Shard, key: &RunKey) -> Option<(Run, u64)> {
-    let obj = sh.objects.get_mut(&key.oid)?;
-    let run = obj.remove(&key.run)?;
-    let mut freed = pool.run_cost() + run.slots.capacity() as u64 * SLOT_BYTES;
-    if obj.is_empty() {
-        sh.objects.remove(&key.oid);
-        freed += OBJ_META;
-    }
+    let (run, mut freed) = match sh.objects.get_mut(&key.oid)? {
+        Object::One(r, _) if *r != key.run => return None,
+        Object::One(..) => match sh.objects.remove(&key.oid)? {
+            Object::One(_, run) => (run, OBJ_META),
+            Object::Many(_) => unreachable!("matched One above"),
+        },
+        Object::Many(m) => {
+            let run = m.remove(&key.run)?;
+            let mut freed = RUN_META;
+            if m.is_empty() {
+                sh.objects.remove(&key.oid);
+                freed += OBJ_META;
+            }
+            (run, freed)
+        }
+    };
+    freed += pool.run_cost() + run.slots.capacity() as u64 * SLOT_BYTES;
     sh.counts.memory_used -= freed;
     for s in &run.slots {
         sh.counts.page(s, false);
@@ -1017,26 +1088,27 @@ impl Tmem for Engine {
             }
             let sh = &mut *g;
             sh.counts.puts += 1;
-            // Structure this put adds: object entry, run entry, slot capacity.
+            // Structure this put adds: object entry, run map entries, LRU share, slot capacity.
             let mut structure = 0;
             let obj = sh.objects.entry(*oid).or_insert_with(|| {
                 structure += OBJ_META;
-                HashMap::with_hasher(pool.hasher)
+                Object::One(key.run, Run::default())
             });
-            let run = obj.entry(key.run).or_insert_with(|| {
-                structure += pool.run_cost();
-                Run {
-                    present: 0,
-                    stamp: 0,
-                    slots: Vec::new(),
-                }
-            });
+            let (run, map_charge) = obj.run_or_insert(key.run, pool.hasher);
+            structure += map_charge;
+            // Runs leave the store when their last page does: an empty one is new.
             let new_run = run.present == 0;
+            if new_run {
+                structure += pool.run_cost();
+            }
             let cap = run.slots.capacity();
             let at = run.pos(bit);
             let old = if run.present & (1 << bit) != 0 {
                 Some(std::mem::replace(&mut run.slots[at], slot))
             } else {
+                // A run's first page gets a slot vector of one, not the default four: runs
+                // of one page are common (small files, scattered swap slots).
+                run.slots.reserve_exact(usize::from(run.slots.is_empty()));
                 run.slots.insert(at, slot);
                 run.present |= 1 << bit;
                 None
@@ -1119,7 +1191,7 @@ impl Tmem for Engine {
             let sh = &mut *g;
             sh.counts.gets += 1;
             let window = (sh.runs as u64 / 4).max(8);
-            let found = sh.objects.get_mut(oid).and_then(|o| o.get_mut(&key.run));
+            let found = sh.objects.get_mut(oid).and_then(|o| o.get_mut(key.run));
             let hit = found.and_then(|run| {
                 let r = decode(worker, run.get(bit)?, out);
                 Some((run, r))
@@ -1197,8 +1269,8 @@ impl Tmem for Engine {
             let (runs, freed) = {
                 let mut g = shard.lock();
                 let sh = &mut *g;
-                let keys: Vec<u64> = match sh.objects.get(oid) {
-                    Some(obj) => obj.keys().copied().collect(),
+                let keys = match sh.objects.get(oid) {
+                    Some(obj) => obj.runs(),
                     None => continue,
                 };
                 let mut runs = Vec::with_capacity(keys.len());
@@ -1249,6 +1321,23 @@ impl Tmem for Engine {
     }
 }
 
+#[cfg(test)]
+impl Engine {
+    /// A pool's object entries over all shards, and how many of them hold a single run
+    /// inline.
+    fn object_shapes(&self, client: &Client, id: PoolId) -> (u64, u64) {
+        let pool = client.pool(id).expect("a pool of the client");
+        let mut shapes = (0, 0);
+        for shard in pool.shards.iter() {
+            for obj in shard.lock().objects.values() {
+                shapes.0 += 1;
+                shapes.1 += matches!(obj, Object::One(..)) as u64;
+            }
+        }
+        shapes
+    }
+}
+
 fn decode(worker: &mut Worker, s: &Slot, out: &mut [u8]) -> Result<()> {
     match s.payload() {
         Payload::Same(w) => {
@@ -1269,7 +1358,7 @@ fn compact_lru(sh: &mut Shard) {
     sh.lru.retain(|r| {
         objects
             .get(&r.key.oid)
-            .and_then(|o| o.get(&r.key.run))
+            .and_then(|o| o.get(r.key.run))
             .is_some_and(|run| run.stamp == r.stamp)
     });
     if sh.lru.capacity() > 4 * sh.lru.len().max(16) {

@@ -96,14 +96,57 @@ fn replacing_put_and_same_filled_pages() {
     let s = e.stats();
     let k = &s.clients[0].counters;
     assert_eq!((k.stored_pages, k.same_filled_pages), (3, 2));
-    // Same-filled pages cost metadata only: one object, one run of three slots (capacity 4).
+    // Same-filled pages cost metadata only: one object with its single run inline, three
+    // slots (capacity 4).
     assert_eq!(
         e.memory_used(),
-        OBJ_META + RUN_META + 4 * SLOT_BYTES + payload_cost(k.compressed_bytes as usize)
+        OBJ_META + 4 * SLOT_BYTES + payload_cost(k.compressed_bytes as usize)
     );
     assert_eq!(s.clients[0].pools[0].counters.memory_used, e.memory_used());
-    let meta = (OBJ_META + RUN_META + 4 * SLOT_BYTES) as f64 / 3.0;
+    let meta = (OBJ_META + 4 * SLOT_BYTES) as f64 / 3.0;
     assert_eq!(s.metadata_bytes_per_page, (meta * 10.0).round() / 10.0);
+}
+
+#[test]
+fn object_with_a_second_run_moves_to_a_map_and_charges_follow() {
+    let e = engine(1 << 30);
+    let c = e.add_client(ClientConfig::named("a"));
+    let mut w = e.new_worker().unwrap();
+    let mut out = vec![0u8; PAGE_SIZE];
+    let zero = [0u8; PAGE_SIZE];
+    for (spec, lru) in [(PERS, 0), (EPH, LRU_META)] {
+        let p = e.create_pool(&c, spec).unwrap();
+        // One run: inline in its object.
+        e.put(&mut w, &c, p, &OID, 3, &zero).unwrap();
+        assert_eq!(e.memory_used(), OBJ_META + SLOT_BYTES + lru);
+        assert_eq!(e.object_shapes(&c, p), (1, 1));
+        // Forty runs of one page each over 16 shards (placed by a per-pool random hash):
+        // some shards hold several of the object's runs, in a map.
+        let idx: Vec<u64> = (0..40).map(|r| r * 16 + 3).collect();
+        for &i in &idx[1..] {
+            e.put(&mut w, &c, p, &OID, i, &zero).unwrap();
+        }
+        let (objects, single) = e.object_shapes(&c, p);
+        let runs = idx.len() as u64;
+        assert!(single < objects, "40 runs over 16 shards: some share one");
+        assert_eq!(
+            e.memory_used(),
+            objects * OBJ_META + (runs - single) * RUN_META + runs * (SLOT_BYTES + lru)
+        );
+        if spec.persistent {
+            for &i in &idx {
+                e.get(&mut w, &c, p, &OID, i, &mut out, false).unwrap();
+                assert_eq!(out, zero);
+            }
+        }
+        // Emptying runs one by one releases exactly what was charged.
+        for &i in &idx {
+            e.flush_page(&c, p, &OID, i).unwrap();
+        }
+        assert_eq!(e.memory_used(), 0);
+        assert_eq!(e.object_shapes(&c, p), (0, 0));
+        e.destroy_pool(&c, p).unwrap();
+    }
 }
 
 #[test]
