@@ -893,22 +893,19 @@ impl Engine {
 /// Takes a whole run out of a shard with its bookkeeping; returns it and the bytes it had
 /// charged (payloads and structure), to release once the lock is dropped.
 fn remove_run(pool: &Pool, sh: &mut Shard, key: &RunKey) -> Option<(Run, u64)> {
-    let (run, mut freed) = match sh.objects.get_mut(&key.oid)? {
+    let obj = sh.objects.get_mut(&key.oid)?;
+    let (run, mut freed, emptied) = match obj {
         Object::One(r, _) if *r != key.run => return None,
-        Object::One(..) => match sh.objects.remove(&key.oid)? {
-            Object::One(_, run) => (run, OBJ_META),
-            Object::Many(_) => unreachable!("matched One above"),
-        },
+        Object::One(_, x) => (std::mem::take(x), 0, true),
         Object::Many(m) => {
             let run = m.remove(&key.run)?;
-            let mut freed = RUN_META;
-            if m.is_empty() {
-                sh.objects.remove(&key.oid);
-                freed += OBJ_META;
-            }
-            (run, freed)
+            (run, RUN_META, m.is_empty())
         }
     };
+    if emptied {
+        sh.objects.remove(&key.oid);
+        freed += OBJ_META;
+    }
     freed += pool.run_cost() + run.slots.capacity() as u64 * SLOT_BYTES;
     sh.counts.memory_used -= freed;
     for s in &run.slots {
