@@ -412,9 +412,9 @@ impl<S: Tmem> TmemDevice<S> {
 
     /// Serves every available chain of one queue; returns whether any was used.
     ///
-    /// The vring's lock is held for the whole call (only this thread serves the queue; the
-    /// frontend's ring messages wait at most one burst), and chains borrow the memory snapshot
-    /// rather than clone it: per request, that saves two lock round trips and a reference count.
+    /// The vring's lock is taken once per burst, not twice per request (only this thread
+    /// serves the queue; the frontend's ring messages wait at most one burst), and chains
+    /// borrow the memory snapshot rather than clone it.
     ///
     /// The guest writes the available index, the descriptors and the request headers on
     /// another CPU, so each first read of them misses the cache. Chains are therefore taken in
@@ -430,12 +430,12 @@ impl<S: Tmem> TmemDevice<S> {
         w: &mut WorkerState<S::Worker>,
     ) -> Result<bool, Error> {
         let mem = self.mem.read().memory();
-        let mut state = vring.get_mut();
-        let queue = state.get_queue_mut();
-        let desc_table = queue.desc_table();
         let mut chains = std::mem::take(&mut w.chains);
         let mut used_any = false;
         loop {
+            let mut state = vring.get_mut();
+            let queue = state.get_queue_mut();
+            let desc_table = queue.desc_table();
             let mut raw: [Option<DescriptorChain<&Mem>>; BURST] = Default::default();
             let mut n = 0;
             match queue.iter(&*mem) {
