@@ -175,12 +175,13 @@ enum ChainError {
 }
 
 impl Chain {
-    /// Parses the chain headed by `head`; on failure, returns the head with the reason.
-    fn parse<M>(head: u16, chain: DescriptorChain<M>) -> Result<Chain, (u16, ChainError)>
+    /// Parses a chain; on failure, returns its head with the reason.
+    fn parse<M>(chain: DescriptorChain<M>) -> Result<Chain, (u16, ChainError)>
     where
         M: std::ops::Deref,
         M::Target: GuestMemory,
     {
+        let head = chain.head_index();
         let mut c = Chain {
             head,
             segs: [Seg::default(); MAX_SEGMENTS],
@@ -455,7 +456,7 @@ impl<S: Tmem> TmemDevice<S> {
             }
             chains.clear();
             chains.extend(raw[..n].iter_mut().filter_map(Option::take).map(|c| {
-                let chain = Chain::parse(c.head_index(), c);
+                let chain = Chain::parse(c);
                 if let Some(s) = chain.as_ref().ok().and_then(|c| c.readable().first()) {
                     prefetch(&mem, s.addr);
                 }

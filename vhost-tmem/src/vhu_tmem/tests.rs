@@ -62,7 +62,7 @@ impl Env {
             .collect();
         let chain = q.build_desc_chain(&raw).unwrap();
         let mut w = self.dev.workers[0].lock();
-        match Chain::parse(chain.head_index(), chain) {
+        match Chain::parse(chain) {
             Ok(c) => self.dev.serve_chain(&self.mem, &c, control, &mut w),
             Err(_) => 0,
         }
