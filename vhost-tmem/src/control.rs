@@ -144,7 +144,7 @@ impl Controls {
 
     /// Serves the control socket until the process exits.
     pub fn serve(self, path: &Path) -> Result<std::thread::JoinHandle<()>, Error> {
-        crate::daemon::remove_stale_socket(path).map_err(|source| Error::Bind {
+        crate::sock::remove_stale_socket(path).map_err(|source| Error::Bind {
             path: path.to_owned(),
             source,
         })?;

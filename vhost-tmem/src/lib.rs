@@ -4,10 +4,12 @@
 //! - [`store`]: the tmem engine (clients, pools, pages, compression, eviction), behind a trait.
 //! - [`vhu_tmem`]: the virtio-tmem device as a vhost-user backend.
 //! - [`daemon`]: sockets, one serving thread per client.
+//! - [`sock`]: Unix socket helpers for the client and control sockets.
 //! - [`config`], [`control`]: command line, configuration file, control socket, metrics.
 
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod sock;
 pub mod store;
 pub mod vhu_tmem;
