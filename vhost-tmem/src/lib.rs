@@ -6,10 +6,12 @@
 //! - [`daemon`]: sockets, one serving thread per client.
 //! - [`sock`]: Unix socket helpers for the client and control sockets.
 //! - [`config`], [`control`]: command line, configuration file, control socket, metrics.
+//! - [`size`]: sizes such as `64K` or `1G`, parsed and formatted.
 
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod size;
 pub mod sock;
 pub mod store;
 pub mod vhu_tmem;

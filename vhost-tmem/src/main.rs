@@ -4,8 +4,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vhost_tmem::config::{parse_size, Cli, Command, CtlAction, DaemonConfig};
+use vhost_tmem::config::{Cli, Command, CtlAction, DaemonConfig};
 use vhost_tmem::control::{self, Request};
+use vhost_tmem::size::parse_size;
 
 /// Prints an error with its chain of causes.
 fn report(e: &dyn std::error::Error) -> ExitCode {
@@ -40,7 +41,7 @@ fn ctl_request(action: CtlAction) -> Result<Request, vhost_tmem::config::Error> 
                 "none" => None,
                 p => Some(
                     p.parse()
-                        .map_err(|_| vhost_tmem::config::Error::BadSize(p.to_string()))?,
+                        .map_err(|_| vhost_tmem::size::Error::Invalid(p.to_string()))?,
                 ),
             },
         },

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::store::stats::StoreStats;
-use crate::store::{parse_uuid, Engine};
+use crate::store::{check_memory_limit, check_weight, parse_uuid, Engine};
 
 pub use client::request;
 pub use prometheus::{prometheus, serve_metrics};
@@ -119,9 +119,7 @@ impl Controls {
             Request::Thaw { client: c } => e.set_frozen(&*client(&c)?, false),
             Request::Flush { client: c } => r.value = Some(e.flush_client_ephemeral(&*client(&c)?)),
             Request::Weight { client: c, weight } => {
-                if !(1..=10_000).contains(&weight) {
-                    return Err(format!("invalid weight {weight}: must be 1..=10000"));
-                }
+                let weight = check_weight(weight).map_err(|e| e.to_string())?;
                 e.set_weight(&*client(&c)?, weight)
             }
             Request::Quota { client: c, bytes } => e.set_quota(&*client(&c)?, bytes),
@@ -132,10 +130,7 @@ impl Controls {
                 e.set_shared_auth(&*client(&c)?, uuid(&u)?, false)
             }
             Request::Limit { bytes } => {
-                if bytes < 2 * shared_proto::PAGE_SIZE as u64 {
-                    return Err(format!("memory limit {bytes} is below two pages"));
-                }
-                e.set_memory_limit(bytes)
+                e.set_memory_limit(check_memory_limit(bytes).map_err(|e| e.to_string())?)
             }
             Request::Shrink { client: c, pages } => {
                 client(&c)?;
