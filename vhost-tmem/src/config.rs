@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
+use crate::control::Request;
 use crate::size::{format_size, parse_size};
 use crate::store::{
     check_memory_limit, check_weight, parse_uuid, ClientConfig, EngineConfig, IncompressiblePolicy,
@@ -108,31 +109,8 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         control: PathBuf,
         #[command(subcommand)]
-        action: CtlAction,
+        action: Request,
     },
-}
-
-/// Control actions.
-#[derive(Debug, Clone, Subcommand)]
-pub enum CtlAction {
-    /// Refuse the client's puts (gets and flushes still work).
-    Freeze { client: String },
-    /// Accept the client's puts again.
-    Thaw { client: String },
-    /// Drop the client's ephemeral pages (persistent pages are never dropped).
-    Flush { client: String },
-    /// Set the client's eviction weight.
-    Weight { client: String, weight: u32 },
-    /// Set the client's memory quota (0: none).
-    Quota { client: String, size: String },
-    /// Allow the client to join a shared pool.
-    Authorize { client: String, uuid: String },
-    /// Stop allowing the client to join a shared pool (members stay members).
-    Revoke { client: String, uuid: String },
-    /// Set the global memory limit.
-    Limit { size: String },
-    /// Ask the client's driver to keep at most PAGES pages (config space); "none" clears it.
-    Shrink { client: String, pages: String },
 }
 
 /// Options of the daemon itself.
@@ -633,6 +611,60 @@ mod tests {
         ];
         for (args, want) in cases {
             let e = cfg(args).unwrap_err().to_string();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn ctl_actions_are_control_requests() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let ctl = |args: &[&str]| -> Result<String, clap::Error> {
+            let mut v = vec!["vhost-tmem", "ctl", "--control", "/run/c.sock"];
+            v.extend_from_slice(args);
+            match Cli::try_parse_from(v)?.command {
+                Some(Command::Ctl { control, action }) => {
+                    assert_eq!(control, Path::new("/run/c.sock"));
+                    Ok(serde_json::to_string(&action).unwrap())
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        let want = [
+            (
+                &["quota", "vm1", "8M"][..],
+                r#"{"cmd":"quota","client":"vm1","bytes":8388608}"#,
+            ),
+            (
+                &["limit", "1G"][..],
+                r#"{"cmd":"limit","bytes":1073741824}"#,
+            ),
+            (
+                &["weight", "vm1", "200"][..],
+                r#"{"cmd":"weight","client":"vm1","weight":200}"#,
+            ),
+            (
+                &["shrink", "vm1", "12"][..],
+                r#"{"cmd":"shrink","client":"vm1","pages":12}"#,
+            ),
+            (
+                &["shrink", "vm1", "none"][..],
+                r#"{"cmd":"shrink","client":"vm1","pages":null}"#,
+            ),
+            (&["freeze", "vm1"][..], r#"{"cmd":"freeze","client":"vm1"}"#),
+        ];
+        for (args, json) in want {
+            assert_eq!(ctl(args).unwrap(), json, "{args:?}");
+        }
+        let bad: &[(&[&str], &str)] = &[
+            (&["quota", "vm1", "8X"], "invalid size \"8X\""),
+            (&["shrink", "vm1", "lots"], "a number of pages or \"none\""),
+            (&["shrink", "vm1"], "required"),
+            // Statistics have their own command.
+            (&["stats"], "unrecognized subcommand"),
+        ];
+        for (args, want) in bad {
+            let e = ctl(args).unwrap_err().to_string();
             assert!(e.contains(want), "{args:?}: {e}");
         }
     }

@@ -16,8 +16,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
+use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 
+use crate::size::parse_size;
 use crate::store::stats::StoreStats;
 use crate::store::{check_memory_limit, check_weight, parse_uuid, Engine};
 
@@ -53,20 +55,55 @@ pub enum Error {
     Refused(String),
 }
 
-/// A control request.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// A control request: one JSON line on the socket, and the `vhost-tmem ctl` action that sends
+/// it (the doc comments are the actions' help).
+#[derive(Clone, Debug, Serialize, Deserialize, Subcommand)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
+    /// The daemon's statistics; `vhost-tmem stats` asks for them, so it is no `ctl` action.
+    #[command(skip)]
     Stats,
+    /// Refuse the client's puts (gets and flushes still work).
     Freeze { client: String },
+    /// Accept the client's puts again.
     Thaw { client: String },
+    /// Drop the client's ephemeral pages (persistent pages are never dropped).
     Flush { client: String },
+    /// Set the client's eviction weight.
     Weight { client: String, weight: u32 },
-    Quota { client: String, bytes: u64 },
+    /// Set the client's memory quota (0: none).
+    Quota {
+        client: String,
+        #[arg(value_name = "SIZE", value_parser = parse_size)]
+        bytes: u64,
+    },
+    /// Allow the client to join a shared pool.
     Authorize { client: String, uuid: String },
+    /// Stop allowing the client to join a shared pool (members stay members).
     Revoke { client: String, uuid: String },
-    Limit { bytes: u64 },
-    Shrink { client: String, pages: Option<u64> },
+    /// Set the global memory limit.
+    Limit {
+        #[arg(value_name = "SIZE", value_parser = parse_size)]
+        bytes: u64,
+    },
+    /// Ask the client's driver to keep at most PAGES pages (config space); "none" clears it.
+    Shrink {
+        client: String,
+        // Spelled out so that clap takes the argument as required, with `none` for `None`.
+        #[arg(value_parser = pages_arg)]
+        pages: std::option::Option<u64>,
+    },
+}
+
+/// `vhost-tmem ctl shrink` targets: a number of pages, or `none`.
+fn pages_arg(s: &str) -> Result<Option<u64>, String> {
+    match s {
+        "none" => Ok(None),
+        p => p
+            .parse()
+            .map(Some)
+            .map_err(|_| "expected a number of pages or \"none\"".to_string()),
+    }
 }
 
 /// A control response.
@@ -119,7 +156,7 @@ impl Controls {
             Request::Thaw { client: c } => e.set_frozen(&*client(&c)?, false),
             Request::Flush { client: c } => r.value = Some(e.flush_client_ephemeral(&*client(&c)?)),
             Request::Weight { client: c, weight } => {
-                let weight = check_weight(weight).map_err(|e| e.to_string())?;
+                let weight = check_weight(weight).map_err(|err| err.to_string())?;
                 e.set_weight(&*client(&c)?, weight)
             }
             Request::Quota { client: c, bytes } => e.set_quota(&*client(&c)?, bytes),
@@ -130,7 +167,7 @@ impl Controls {
                 e.set_shared_auth(&*client(&c)?, uuid(&u)?, false)
             }
             Request::Limit { bytes } => {
-                e.set_memory_limit(check_memory_limit(bytes).map_err(|e| e.to_string())?)
+                e.set_memory_limit(check_memory_limit(bytes).map_err(|err| err.to_string())?)
             }
             Request::Shrink { client: c, pages } => {
                 client(&c)?;
@@ -142,5 +179,104 @@ impl Controls {
             }
         }
         Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The socket's JSON is an interface (scripts, tmem-vmtest): it must not drift.
+    #[test]
+    fn wire_format() {
+        let c = || "vm1".to_string();
+        let u = || "12345678-9abc-def0-0001-0203040506ff".to_string();
+        let cases = [
+            (Request::Stats, r#"{"cmd":"stats"}"#),
+            (
+                Request::Freeze { client: c() },
+                r#"{"cmd":"freeze","client":"vm1"}"#,
+            ),
+            (
+                Request::Thaw { client: c() },
+                r#"{"cmd":"thaw","client":"vm1"}"#,
+            ),
+            (
+                Request::Flush { client: c() },
+                r#"{"cmd":"flush","client":"vm1"}"#,
+            ),
+            (
+                Request::Weight {
+                    client: c(),
+                    weight: 200,
+                },
+                r#"{"cmd":"weight","client":"vm1","weight":200}"#,
+            ),
+            (
+                Request::Quota {
+                    client: c(),
+                    bytes: 8 << 20,
+                },
+                r#"{"cmd":"quota","client":"vm1","bytes":8388608}"#,
+            ),
+            (
+                Request::Authorize {
+                    client: c(),
+                    uuid: u(),
+                },
+                r#"{"cmd":"authorize","client":"vm1","uuid":"12345678-9abc-def0-0001-0203040506ff"}"#,
+            ),
+            (
+                Request::Revoke {
+                    client: c(),
+                    uuid: u(),
+                },
+                r#"{"cmd":"revoke","client":"vm1","uuid":"12345678-9abc-def0-0001-0203040506ff"}"#,
+            ),
+            (
+                Request::Limit { bytes: 1 << 30 },
+                r#"{"cmd":"limit","bytes":1073741824}"#,
+            ),
+            (
+                Request::Shrink {
+                    client: c(),
+                    pages: Some(5),
+                },
+                r#"{"cmd":"shrink","client":"vm1","pages":5}"#,
+            ),
+            (
+                Request::Shrink {
+                    client: c(),
+                    pages: None,
+                },
+                r#"{"cmd":"shrink","client":"vm1","pages":null}"#,
+            ),
+        ];
+        // A shrink without pages clears the target, as `none` does.
+        let r: Request = serde_json::from_str(r#"{"cmd":"shrink","client":"vm1"}"#).unwrap();
+        assert!(matches!(r, Request::Shrink { pages: None, .. }));
+        for (req, json) in cases {
+            assert_eq!(serde_json::to_string(&req).unwrap(), json);
+            let back: Request = serde_json::from_str(json).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        }
+        let ok = Response {
+            ok: true,
+            value: Some(3),
+            ..Response::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&ok).unwrap(),
+            r#"{"ok":true,"value":3}"#
+        );
+        let refused = Response {
+            ok: false,
+            error: Some("no".into()),
+            ..Response::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&refused).unwrap(),
+            r#"{"ok":false,"error":"no"}"#
+        );
     }
 }
