@@ -21,15 +21,13 @@ pub use engine::{Client, ClientConfig, Engine, EngineConfig, IncompressiblePolic
 pub const DEFAULT_MEMORY_LIMIT: u64 = 1 << 30;
 /// Compressor of clients that do not choose their own.
 pub const DEFAULT_COMPRESSOR: Compressor = Compressor::Lz4;
-/// Compressed size from which a page counts as incompressible: saving less than an eighth is
-/// not worth the decompression.
+/// Compressed size from which a page counts as incompressible (seven eighths of a page).
 pub const DEFAULT_RAW_THRESHOLD: usize = PAGE_SIZE * 7 / 8;
 /// Pools per client.
 pub const DEFAULT_MAX_POOLS: usize = 16;
 /// A client's eviction weight.
 pub const DEFAULT_WEIGHT: u32 = 100;
-/// The largest eviction weight: weights are relative, and a bound keeps `used / weight`
-/// comparisons meaningful.
+/// The largest eviction weight (weights are relative; the smallest is 1).
 pub const MAX_WEIGHT: u32 = 10_000;
 /// The smallest memory limit: one page plus the metadata that stores it.
 pub const MIN_MEMORY_LIMIT: u64 = 2 * PAGE_SIZE as u64;
