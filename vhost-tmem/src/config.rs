@@ -9,10 +9,26 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use crate::store::codec::Compressor;
-use crate::store::{parse_uuid, ClientConfig, EngineConfig, IncompressiblePolicy, Uuid};
+use crate::control::Request;
+use crate::size::{format_size, parse_size};
+use crate::store::{
+    check_memory_limit, check_weight, parse_uuid, ClientConfig, EngineConfig, IncompressiblePolicy,
+    Uuid, DEFAULT_COMPRESSOR, DEFAULT_MAX_POOLS, DEFAULT_MEMORY_LIMIT, DEFAULT_RAW_THRESHOLD,
+    DEFAULT_WEIGHT,
+};
 use crate::vhu_tmem::{DeviceConfig, MAX_QUEUE_SIZE};
 use shared_proto::{MAX_REQUEST_QUEUES, PAGE_SIZE};
+
+// Defaults of the device settings; only the configuration sets them.
+
+/// Request queues per device.
+pub const DEFAULT_QUEUES: u16 = 1;
+/// Largest virtqueue size offered.
+pub const DEFAULT_QUEUE_SIZE: usize = 256;
+/// Microseconds a request queue's thread polls after a burst.
+pub const DEFAULT_POLL_US: u64 = 50;
+/// The longest poll window: longer would keep a thread spinning.
+pub const MAX_POLL_US: u64 = 10_000;
 
 /// Errors in options or the configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -31,15 +47,14 @@ pub enum Error {
     DuplicateSocket(PathBuf),
     #[error("invalid client name \"{0}\": use 1 to 64 letters, digits, '.', '_' or '-'")]
     BadName(String),
-    #[error("invalid size \"{0}\": expected a number with an optional K, M, G or T suffix (KiB, MiB, ... also accepted)")]
-    BadSize(String),
-    #[error("--memory-limit must be at least one page plus metadata, got {0} bytes")]
-    LimitTooSmall(u64),
+    #[error(transparent)]
+    Size(#[from] crate::size::Error),
+    /// A weight or memory limit out of range.
+    #[error(transparent)]
+    Setting(#[from] crate::store::Error),
     /// A poll window that would keep a thread spinning.
-    #[error("--poll-us {0} is too long: at most 10000 (10 ms)")]
+    #[error("--poll-us {0} is too long: at most {MAX_POLL_US} (10 ms)")]
     PollTooLong(u64),
-    #[error("invalid weight {0}: must be 1..=10000")]
-    BadWeight(u32),
     #[error("invalid shared pool UUID \"{0}\"")]
     BadUuid(String),
     #[error("--raw-threshold must be 64..={PAGE_SIZE}, got {0}")]
@@ -94,31 +109,8 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         control: PathBuf,
         #[command(subcommand)]
-        action: CtlAction,
+        action: Request,
     },
-}
-
-/// Control actions.
-#[derive(Debug, Clone, Subcommand)]
-pub enum CtlAction {
-    /// Refuse the client's puts (gets and flushes still work).
-    Freeze { client: String },
-    /// Accept the client's puts again.
-    Thaw { client: String },
-    /// Drop the client's ephemeral pages (persistent pages are never dropped).
-    Flush { client: String },
-    /// Set the client's eviction weight.
-    Weight { client: String, weight: u32 },
-    /// Set the client's memory quota (0: none).
-    Quota { client: String, size: String },
-    /// Allow the client to join a shared pool.
-    Authorize { client: String, uuid: String },
-    /// Stop allowing the client to join a shared pool (members stay members).
-    Revoke { client: String, uuid: String },
-    /// Set the global memory limit.
-    Limit { size: String },
-    /// Ask the client's driver to keep at most PAGES pages (config space); "none" clears it.
-    Shrink { client: String, pages: String },
 }
 
 /// Options of the daemon itself.
@@ -139,30 +131,38 @@ pub struct ServeArgs {
     /// TOML configuration file (options given here override it; clients add up).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Global memory limit for stored pages, payload and metadata [default: 1G].
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", help = with_default(
+        "Global memory limit for stored pages, payload and metadata",
+        format_size(DEFAULT_MEMORY_LIMIT),
+    ))]
     pub memory_limit: Option<String>,
-    /// Compressor: lz4, zstd, zstd:LEVEL (-7..=19) or none [default: lz4].
-    #[arg(long)]
+    #[arg(long, help = with_default(
+        "Compressor: lz4, zstd, zstd:LEVEL (-7..=19) or none",
+        DEFAULT_COMPRESSOR,
+    ))]
     pub compressor: Option<String>,
-    /// Pages that compress to this many bytes or more count as incompressible [default: 3584].
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", help = with_default(
+        "Pages that compress to this many bytes or more count as incompressible",
+        DEFAULT_RAW_THRESHOLD,
+    ))]
     pub raw_threshold: Option<usize>,
     /// What to do with incompressible ephemeral pages (persistent ones are stored raw).
     #[arg(long, value_enum)]
     pub ephemeral_incompressible: Option<Incompressible>,
-    /// Most pools per client [default: 16].
-    #[arg(long)]
+    #[arg(long, help = with_default("Most pools per client", DEFAULT_MAX_POOLS))]
     pub max_pools: Option<usize>,
-    /// Request queues per device, each served by its own thread [default: 1].
-    #[arg(long)]
+    #[arg(long, help = with_default(
+        "Request queues per device, each served by its own thread",
+        DEFAULT_QUEUES,
+    ))]
     pub queues: Option<u16>,
-    /// Largest virtqueue size offered [default: 256].
-    #[arg(long)]
+    #[arg(long, help = with_default("Largest virtqueue size offered", DEFAULT_QUEUE_SIZE))]
     pub queue_size: Option<usize>,
-    /// Microseconds a request queue's thread keeps polling after a burst before it sleeps;
-    /// 0 never polls (saves CPU on hosts with many idle guests) [default: 50].
-    #[arg(long, value_name = "US")]
+    #[arg(long, value_name = "US", help = with_default(
+        "Microseconds a request queue's thread keeps polling after a burst before it sleeps; \
+         0 never polls (saves CPU on hosts with many idle guests)",
+        DEFAULT_POLL_US,
+    ))]
     pub poll_us: Option<u64>,
     /// Control socket for `vhost-tmem stats` and `vhost-tmem ctl`.
     #[arg(long, value_name = "PATH")]
@@ -173,6 +173,12 @@ pub struct ServeArgs {
     /// Print the vhost-user backend capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+}
+
+/// Help text that shows a default, the way clap shows `default_value`s: these options have no
+/// clap default because an unset option must leave the configuration file's value in force.
+fn with_default(help: &str, default: impl std::fmt::Display) -> String {
+    format!("{help} [default: {default}]")
 }
 
 /// `--ephemeral-incompressible` values.
@@ -215,7 +221,7 @@ impl SizeValue {
     fn bytes(&self) -> Result<u64, Error> {
         match self {
             SizeValue::Bytes(b) => Ok(*b),
-            SizeValue::Text(t) => parse_size(t),
+            SizeValue::Text(t) => Ok(parse_size(t)?),
         }
     }
 }
@@ -260,25 +266,6 @@ pub struct DaemonConfig {
     pub metrics_listen: Option<SocketAddr>,
 }
 
-/// Parses `4096`, `64K`, `512M`, `1G`, `2T`, also with `iB`/`B` suffixes (powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, Error> {
-    let bad = || Error::BadSize(s.to_string());
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, shift) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 30),
-        Some('T' | 't') => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    let n: u64 = num.trim().parse().map_err(|_| bad())?;
-    n.checked_mul(1 << shift).ok_or_else(bad)
-}
-
 fn parse_listen(s: &str) -> Result<SocketAddr, Error> {
     if let Ok(port) = s.parse::<u16>() {
         // A bare port binds loopback only: statistics are not for the network by default.
@@ -297,14 +284,6 @@ fn check_name(name: &str) -> Result<(), Error> {
         Ok(())
     } else {
         Err(Error::BadName(name.to_string()))
-    }
-}
-
-fn check_weight(w: u32) -> Result<u32, Error> {
-    if (1..=10_000).contains(&w) {
-        Ok(w)
-    } else {
-        Err(Error::BadWeight(w))
     }
 }
 
@@ -371,7 +350,7 @@ fn file_client(c: &FileClient) -> Result<ClientSpec, Error> {
                 .map(SizeValue::bytes)
                 .transpose()?
                 .unwrap_or(0),
-            weight: check_weight(c.weight.unwrap_or(100))?,
+            weight: check_weight(c.weight.unwrap_or(DEFAULT_WEIGHT))?,
             compressor: c.compressor.as_deref().map(str::parse).transpose()?,
             shared: parse_uuids(c.shared.iter().map(String::as_str))?,
         },
@@ -402,39 +381,42 @@ impl TryFrom<ServeArgs> for DaemonConfig {
         let memory_limit = match (&a.memory_limit, &file.memory_limit) {
             (Some(s), _) => parse_size(s)?,
             (None, Some(v)) => v.bytes()?,
-            (None, None) => 1 << 30,
+            (None, None) => DEFAULT_MEMORY_LIMIT,
         };
-        if memory_limit < 2 * PAGE_SIZE as u64 {
-            return Err(Error::LimitTooSmall(memory_limit));
-        }
-        let compressor: Compressor = a
+        check_memory_limit(memory_limit)?;
+        let compressor = a
             .compressor
             .as_deref()
             .or(file.compressor.as_deref())
-            .unwrap_or("lz4")
-            .parse()?;
+            .map(str::parse)
+            .transpose()?
+            .unwrap_or(DEFAULT_COMPRESSOR);
         let raw_threshold = a
             .raw_threshold
             .or(file.raw_threshold)
-            .unwrap_or(PAGE_SIZE * 7 / 8);
+            .unwrap_or(DEFAULT_RAW_THRESHOLD);
         if !(64..=PAGE_SIZE).contains(&raw_threshold) {
             return Err(Error::BadRawThreshold(raw_threshold));
         }
-        let max_pools = a.max_pools.or(file.max_pools).unwrap_or(16);
+        let max_pools = a.max_pools.or(file.max_pools).unwrap_or(DEFAULT_MAX_POOLS);
         if !(1..=1024).contains(&max_pools) {
             return Err(Error::BadMaxPools(max_pools));
         }
         let incompressible = match a.ephemeral_incompressible.or(file.ephemeral_incompressible) {
             Some(Incompressible::Store) => IncompressiblePolicy::Store,
-            _ => IncompressiblePolicy::Refuse,
+            Some(Incompressible::Refuse) => IncompressiblePolicy::Refuse,
+            None => IncompressiblePolicy::default(),
         };
-        let poll_us = a.poll_us.or(file.poll_us).unwrap_or(50);
-        if poll_us > 10_000 {
+        let poll_us = a.poll_us.or(file.poll_us).unwrap_or(DEFAULT_POLL_US);
+        if poll_us > MAX_POLL_US {
             return Err(Error::PollTooLong(poll_us));
         }
         let device = DeviceConfig {
-            request_queues: a.queues.or(file.queues).unwrap_or(1),
-            queue_size: a.queue_size.or(file.queue_size).unwrap_or(256),
+            request_queues: a.queues.or(file.queues).unwrap_or(DEFAULT_QUEUES),
+            queue_size: a
+                .queue_size
+                .or(file.queue_size)
+                .unwrap_or(DEFAULT_QUEUE_SIZE),
             max_pools: max_pools as u16,
             limit_pages: 0,
             poll: std::time::Duration::from_micros(poll_us),
@@ -506,24 +488,13 @@ impl TryFrom<ServeArgs> for DaemonConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::codec::Compressor;
 
     fn cfg(args: &[&str]) -> Result<DaemonConfig, Error> {
         let mut v = vec!["vhost-tmem"];
         v.extend_from_slice(args);
         let cli = Cli::try_parse_from(v).unwrap();
         DaemonConfig::try_from(cli.serve)
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("64K").unwrap(), 64 << 10);
-        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
-        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
-        assert_eq!(parse_size("2TB").unwrap(), 2 << 40);
-        for bad in ["", "G", "1X", "-1", "99999999999T"] {
-            assert!(parse_size(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]
@@ -640,6 +611,60 @@ mod tests {
         ];
         for (args, want) in cases {
             let e = cfg(args).unwrap_err().to_string();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn ctl_actions_are_control_requests() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let ctl = |args: &[&str]| -> Result<String, clap::Error> {
+            let mut v = vec!["vhost-tmem", "ctl", "--control", "/run/c.sock"];
+            v.extend_from_slice(args);
+            match Cli::try_parse_from(v)?.command {
+                Some(Command::Ctl { control, action }) => {
+                    assert_eq!(control, Path::new("/run/c.sock"));
+                    Ok(serde_json::to_string(&action).unwrap())
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        let want = [
+            (
+                &["quota", "vm1", "8M"][..],
+                r#"{"cmd":"quota","client":"vm1","bytes":8388608}"#,
+            ),
+            (
+                &["limit", "1G"][..],
+                r#"{"cmd":"limit","bytes":1073741824}"#,
+            ),
+            (
+                &["weight", "vm1", "200"][..],
+                r#"{"cmd":"weight","client":"vm1","weight":200}"#,
+            ),
+            (
+                &["shrink", "vm1", "12"][..],
+                r#"{"cmd":"shrink","client":"vm1","pages":12}"#,
+            ),
+            (
+                &["shrink", "vm1", "none"][..],
+                r#"{"cmd":"shrink","client":"vm1","pages":null}"#,
+            ),
+            (&["freeze", "vm1"][..], r#"{"cmd":"freeze","client":"vm1"}"#),
+        ];
+        for (args, json) in want {
+            assert_eq!(ctl(args).unwrap(), json, "{args:?}");
+        }
+        let bad: &[(&[&str], &str)] = &[
+            (&["quota", "vm1", "8X"], "invalid size \"8X\""),
+            (&["shrink", "vm1", "lots"], "a number of pages or \"none\""),
+            (&["shrink", "vm1"], "required"),
+            // Statistics have their own command.
+            (&["stats"], "unrecognized subcommand"),
+        ];
+        for (args, want) in bad {
+            let e = ctl(args).unwrap_err().to_string();
             assert!(e.contains(want), "{args:?}: {e}");
         }
     }

@@ -4,7 +4,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{FromRawFd, RawFd};
-use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::{mpsc, Arc};
 
@@ -14,6 +13,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{DaemonConfig, Endpoint};
 use crate::control::{self, Controls};
+use crate::sock::{is_socket, remove_stale_socket};
 use crate::store::{Client, Engine, Tmem};
 use crate::vhu_tmem::{self, DeviceConfig, TmemDevice};
 
@@ -54,29 +54,6 @@ pub enum Error {
     },
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
-}
-
-fn is_socket(fd: RawFd) -> bool {
-    // SAFETY: fstat writes into the zeroed stat buffer we own; any fd value is safe to ask about.
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFSOCK
-    }
-}
-
-/// Removes a stale socket at `path` so that it can be bound again, but never anything else:
-/// a mistyped path must not delete a file.
-pub fn remove_stale_socket(path: &Path) -> Result<(), std::io::Error> {
-    use std::os::unix::fs::FileTypeExt;
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
-        Ok(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            "exists and is not a socket",
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
 }
 
 fn listen(name: &str, ep: &Endpoint) -> Result<Listener, Error> {

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vhost_tmem::config::{parse_size, Cli, Command, CtlAction, DaemonConfig};
+use vhost_tmem::config::{Cli, Command, DaemonConfig};
 use vhost_tmem::control::{self, Request};
 
 /// Prints an error with its chain of causes.
@@ -17,34 +17,6 @@ fn report(e: &dyn std::error::Error) -> ExitCode {
     }
     eprintln!("{msg}");
     ExitCode::from(1)
-}
-
-fn ctl_request(action: CtlAction) -> Result<Request, vhost_tmem::config::Error> {
-    Ok(match action {
-        CtlAction::Freeze { client } => Request::Freeze { client },
-        CtlAction::Thaw { client } => Request::Thaw { client },
-        CtlAction::Flush { client } => Request::Flush { client },
-        CtlAction::Weight { client, weight } => Request::Weight { client, weight },
-        CtlAction::Quota { client, size } => Request::Quota {
-            client,
-            bytes: parse_size(&size)?,
-        },
-        CtlAction::Authorize { client, uuid } => Request::Authorize { client, uuid },
-        CtlAction::Revoke { client, uuid } => Request::Revoke { client, uuid },
-        CtlAction::Limit { size } => Request::Limit {
-            bytes: parse_size(&size)?,
-        },
-        CtlAction::Shrink { client, pages } => Request::Shrink {
-            client,
-            pages: match pages.as_str() {
-                "none" => None,
-                p => Some(
-                    p.parse()
-                        .map_err(|_| vhost_tmem::config::Error::BadSize(p.to_string()))?,
-                ),
-            },
-        },
-    })
 }
 
 fn main() -> ExitCode {
@@ -89,21 +61,15 @@ fn main() -> ExitCode {
             }
             Err(e) => report(&e),
         },
-        Some(Command::Ctl { control, action }) => {
-            let req = match ctl_request(action) {
-                Ok(r) => r,
-                Err(e) => return report(&e),
-            };
-            match control::request(&control, &req) {
-                Ok(r) => {
-                    if let Some(v) = r.value {
-                        println!("{v}");
-                    }
-                    ExitCode::SUCCESS
+        Some(Command::Ctl { control, action }) => match control::request(&control, &action) {
+            Ok(r) => {
+                if let Some(v) = r.value {
+                    println!("{v}");
                 }
-                Err(e) => report(&e),
+                ExitCode::SUCCESS
             }
-        }
+            Err(e) => report(&e),
+        },
         None => {
             if cli.serve.print_capabilities {
                 println!("{{\n  \"type\": \"tmem\"\n}}");

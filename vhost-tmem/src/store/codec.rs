@@ -28,12 +28,11 @@ pub enum Error {
 }
 
 /// Which compressor stores a pool's pages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compressor {
     /// Store pages raw.
     None,
     /// lz4 block format, default acceleration.
-    #[default]
     Lz4,
     /// zstd at a level (negative levels are the fast ones).
     Zstd(i32),

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering:
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
-use shared_proto::{Oid, PAGE_SIZE};
+use shared_proto::Oid;
 
 use super::codec::{self, Codecs, Compressor, Encoding};
 use super::slot::{Payload, Slot};
@@ -103,11 +103,11 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            memory_limit: 1 << 30,
-            compressor: Compressor::Lz4,
-            raw_threshold: PAGE_SIZE * 7 / 8,
-            ephemeral_incompressible: IncompressiblePolicy::Refuse,
-            max_pools: 16,
+            memory_limit: super::DEFAULT_MEMORY_LIMIT,
+            compressor: super::DEFAULT_COMPRESSOR,
+            raw_threshold: super::DEFAULT_RAW_THRESHOLD,
+            ephemeral_incompressible: IncompressiblePolicy::default(),
+            max_pools: super::DEFAULT_MAX_POOLS,
         }
     }
 }
@@ -133,7 +133,7 @@ impl ClientConfig {
         ClientConfig {
             name: name.to_string(),
             quota: 0,
-            weight: 100,
+            weight: super::DEFAULT_WEIGHT,
             compressor: None,
             shared: Vec::new(),
         }

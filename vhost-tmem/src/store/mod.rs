@@ -9,9 +9,46 @@ mod engine;
 mod slot;
 pub mod stats;
 
-use shared_proto::{Oid, Status};
+use shared_proto::{Oid, Status, PAGE_SIZE};
 
+use codec::Compressor;
 pub use engine::{Client, ClientConfig, Engine, EngineConfig, IncompressiblePolicy};
+
+// The defaults of the engine's and the clients' settings, here once for the engine, the
+// configuration file and the command line.
+
+/// Global memory limit in bytes.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 1 << 30;
+/// Compressor of clients that do not choose their own.
+pub const DEFAULT_COMPRESSOR: Compressor = Compressor::Lz4;
+/// Compressed size from which a page counts as incompressible (seven eighths of a page).
+pub const DEFAULT_RAW_THRESHOLD: usize = PAGE_SIZE * 7 / 8;
+/// Pools per client.
+pub const DEFAULT_MAX_POOLS: usize = 16;
+/// A client's eviction weight.
+pub const DEFAULT_WEIGHT: u32 = 100;
+/// The largest eviction weight (weights are relative; the smallest is 1).
+pub const MAX_WEIGHT: u32 = 10_000;
+/// The smallest memory limit: one page plus the metadata that stores it.
+pub const MIN_MEMORY_LIMIT: u64 = 2 * PAGE_SIZE as u64;
+
+/// Checks an eviction weight, wherever it comes from (command line, file, control socket).
+pub fn check_weight(weight: u32) -> Result<u32> {
+    if (1..=MAX_WEIGHT).contains(&weight) {
+        Ok(weight)
+    } else {
+        Err(Error::BadWeight(weight))
+    }
+}
+
+/// Checks a global memory limit, wherever it comes from (command line, file, control socket).
+pub fn check_memory_limit(bytes: u64) -> Result<u64> {
+    if bytes >= MIN_MEMORY_LIMIT {
+        Ok(bytes)
+    } else {
+        Err(Error::LimitTooSmall(bytes))
+    }
+}
 
 /// A pool id as the guest sees it (per client).
 pub type PoolId = u32;
@@ -72,6 +109,12 @@ pub enum Error {
     /// A stored page failed to decompress.
     #[error(transparent)]
     Codec(#[from] codec::Error),
+    /// An eviction weight out of range (a host setting, not a guest request).
+    #[error("invalid weight {0}: must be 1..={MAX_WEIGHT}")]
+    BadWeight(u32),
+    /// A memory limit too small to store a page (a host setting, not a guest request).
+    #[error("memory limit must be at least one page plus metadata ({MIN_MEMORY_LIMIT} bytes), got {0} bytes")]
+    LimitTooSmall(u64),
 }
 
 impl Error {
@@ -86,6 +129,7 @@ impl Error {
             Error::TooManyPools(_) => Status::TooManyPools,
             Error::InvalidPool(_) => Status::Invalid,
             Error::Codec(_) => Status::IoError,
+            Error::BadWeight(_) | Error::LimitTooSmall(_) => Status::Invalid,
         }
     }
 }
@@ -196,5 +240,25 @@ mod tests {
         assert_eq!(parse_uuid(&s.replace('-', "")), Some(u));
         assert_eq!(parse_uuid("1234"), None);
         assert_eq!(parse_uuid(&s.replace('f', "g")), None);
+    }
+
+    #[test]
+    fn setting_ranges() {
+        assert_eq!(check_weight(1).unwrap(), 1);
+        assert_eq!(check_weight(MAX_WEIGHT).unwrap(), MAX_WEIGHT);
+        for w in [0, MAX_WEIGHT + 1] {
+            let e = check_weight(w).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("invalid weight {w}: must be 1..=10000")
+            );
+        }
+        assert_eq!(check_memory_limit(8192).unwrap(), 8192);
+        let e = check_memory_limit(8191).unwrap_err();
+        assert!(
+            e.to_string().contains("at least one page plus metadata"),
+            "{e}"
+        );
+        assert_eq!(e.status(), Status::Invalid);
     }
 }

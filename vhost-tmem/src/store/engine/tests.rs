@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 use super::*;
 use crate::store::testutil::random_page;
+use shared_proto::PAGE_SIZE;
 
 const EPH: PoolSpec = PoolSpec {
     persistent: false,

@@ -1,0 +1,282 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The control interface: what a host administrator can ask a running daemon, as the requests
+//! and answers a Unix socket carries, one JSON object per line each way.
+//!
+//! `server.rs` serves the socket, `client.rs` is the side of `vhost-tmem ctl` and `stats`, and
+//! `prometheus.rs` renders the same statistics for Prometheus.
+
+mod client;
+mod prometheus;
+mod server;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use clap::Subcommand;
+use serde::{Deserialize, Serialize};
+
+use crate::size::parse_size;
+use crate::store::stats::StoreStats;
+use crate::store::{check_memory_limit, check_weight, parse_uuid, Engine};
+
+pub use client::request;
+pub use prometheus::{prometheus, serve_metrics};
+
+/// Errors of the control interface.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on the control socket {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen for metrics on {addr}")]
+    BindMetrics {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot reach the daemon's control socket {path} (is the daemon running with --control-socket?)")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("control socket I/O failed")]
+    Io(#[from] io::Error),
+    #[error("the daemon sent a malformed answer")]
+    BadAnswer(#[source] serde_json::Error),
+    #[error("the daemon refused: {0}")]
+    Refused(String),
+}
+
+/// A control request: one JSON line on the socket, and the `vhost-tmem ctl` action that sends
+/// it (the doc comments are the actions' help).
+#[derive(Clone, Debug, Serialize, Deserialize, Subcommand)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// The daemon's statistics; `vhost-tmem stats` asks for them, so it is no `ctl` action.
+    #[command(skip)]
+    Stats,
+    /// Refuse the client's puts (gets and flushes still work).
+    Freeze { client: String },
+    /// Accept the client's puts again.
+    Thaw { client: String },
+    /// Drop the client's ephemeral pages (persistent pages are never dropped).
+    Flush { client: String },
+    /// Set the client's eviction weight.
+    Weight { client: String, weight: u32 },
+    /// Set the client's memory quota (0: none).
+    Quota {
+        client: String,
+        #[arg(value_name = "SIZE", value_parser = parse_size)]
+        bytes: u64,
+    },
+    /// Allow the client to join a shared pool.
+    Authorize { client: String, uuid: String },
+    /// Stop allowing the client to join a shared pool (members stay members).
+    Revoke { client: String, uuid: String },
+    /// Set the global memory limit.
+    Limit {
+        #[arg(value_name = "SIZE", value_parser = parse_size)]
+        bytes: u64,
+    },
+    /// Ask the client's driver to keep at most PAGES pages (config space); "none" clears it.
+    Shrink {
+        client: String,
+        // Spelled out so that clap takes the argument as required, with `none` for `None`.
+        #[arg(value_parser = pages_arg)]
+        pages: std::option::Option<u64>,
+    },
+}
+
+/// `vhost-tmem ctl shrink` targets: a number of pages, or `none`.
+fn pages_arg(s: &str) -> Result<Option<u64>, String> {
+    match s {
+        "none" => Ok(None),
+        p => p
+            .parse()
+            .map(Some)
+            .map_err(|_| "expected a number of pages or \"none\"".to_string()),
+    }
+}
+
+/// A control response.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<StoreStats>,
+}
+
+/// What the control server acts on.
+#[derive(Debug, Clone)]
+pub struct Controls {
+    pub engine: Arc<Engine>,
+    /// Per client: the shrink target its device advertises.
+    pub shrink: HashMap<String, Arc<AtomicU64>>,
+}
+
+impl Controls {
+    /// Carries out one request.
+    pub fn handle(&self, req: Request) -> Response {
+        match self.try_handle(req) {
+            Ok(r) => r,
+            Err(e) => Response {
+                ok: false,
+                error: Some(e),
+                ..Response::default()
+            },
+        }
+    }
+
+    fn try_handle(&self, req: Request) -> Result<Response, String> {
+        let e = &self.engine;
+        let client = |name: &str| {
+            e.client(name)
+                .ok_or_else(|| format!("no client named \"{name}\""))
+        };
+        let uuid = |s: &str| parse_uuid(s).ok_or_else(|| format!("invalid UUID \"{s}\""));
+        let mut r = Response {
+            ok: true,
+            ..Response::default()
+        };
+        match req {
+            Request::Stats => r.stats = Some(e.stats()),
+            Request::Freeze { client: c } => e.set_frozen(&*client(&c)?, true),
+            Request::Thaw { client: c } => e.set_frozen(&*client(&c)?, false),
+            Request::Flush { client: c } => r.value = Some(e.flush_client_ephemeral(&*client(&c)?)),
+            Request::Weight { client: c, weight } => {
+                let weight = check_weight(weight).map_err(|err| err.to_string())?;
+                e.set_weight(&*client(&c)?, weight)
+            }
+            Request::Quota { client: c, bytes } => e.set_quota(&*client(&c)?, bytes),
+            Request::Authorize { client: c, uuid: u } => {
+                e.set_shared_auth(&*client(&c)?, uuid(&u)?, true)
+            }
+            Request::Revoke { client: c, uuid: u } => {
+                e.set_shared_auth(&*client(&c)?, uuid(&u)?, false)
+            }
+            Request::Limit { bytes } => {
+                e.set_memory_limit(check_memory_limit(bytes).map_err(|err| err.to_string())?)
+            }
+            Request::Shrink { client: c, pages } => {
+                client(&c)?;
+                let slot = self
+                    .shrink
+                    .get(&c)
+                    .ok_or_else(|| format!("no device for \"{c}\""))?;
+                slot.store(pages.unwrap_or(u64::MAX), Relaxed);
+            }
+        }
+        Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The socket's JSON is an interface (scripts, tmem-vmtest): it must not drift.
+    #[test]
+    fn wire_format() {
+        let c = || "vm1".to_string();
+        let u = || "12345678-9abc-def0-0001-0203040506ff".to_string();
+        let cases = [
+            (Request::Stats, r#"{"cmd":"stats"}"#),
+            (
+                Request::Freeze { client: c() },
+                r#"{"cmd":"freeze","client":"vm1"}"#,
+            ),
+            (
+                Request::Thaw { client: c() },
+                r#"{"cmd":"thaw","client":"vm1"}"#,
+            ),
+            (
+                Request::Flush { client: c() },
+                r#"{"cmd":"flush","client":"vm1"}"#,
+            ),
+            (
+                Request::Weight {
+                    client: c(),
+                    weight: 200,
+                },
+                r#"{"cmd":"weight","client":"vm1","weight":200}"#,
+            ),
+            (
+                Request::Quota {
+                    client: c(),
+                    bytes: 8 << 20,
+                },
+                r#"{"cmd":"quota","client":"vm1","bytes":8388608}"#,
+            ),
+            (
+                Request::Authorize {
+                    client: c(),
+                    uuid: u(),
+                },
+                r#"{"cmd":"authorize","client":"vm1","uuid":"12345678-9abc-def0-0001-0203040506ff"}"#,
+            ),
+            (
+                Request::Revoke {
+                    client: c(),
+                    uuid: u(),
+                },
+                r#"{"cmd":"revoke","client":"vm1","uuid":"12345678-9abc-def0-0001-0203040506ff"}"#,
+            ),
+            (
+                Request::Limit { bytes: 1 << 30 },
+                r#"{"cmd":"limit","bytes":1073741824}"#,
+            ),
+            (
+                Request::Shrink {
+                    client: c(),
+                    pages: Some(5),
+                },
+                r#"{"cmd":"shrink","client":"vm1","pages":5}"#,
+            ),
+            (
+                Request::Shrink {
+                    client: c(),
+                    pages: None,
+                },
+                r#"{"cmd":"shrink","client":"vm1","pages":null}"#,
+            ),
+        ];
+        // A shrink without pages clears the target, as `none` does.
+        let r: Request = serde_json::from_str(r#"{"cmd":"shrink","client":"vm1"}"#).unwrap();
+        assert!(matches!(r, Request::Shrink { pages: None, .. }));
+        for (req, json) in cases {
+            assert_eq!(serde_json::to_string(&req).unwrap(), json);
+            let back: Request = serde_json::from_str(json).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        }
+        let ok = Response {
+            ok: true,
+            value: Some(3),
+            ..Response::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&ok).unwrap(),
+            r#"{"ok":true,"value":3}"#
+        );
+        let refused = Response {
+            ok: false,
+            error: Some("no".into()),
+            ..Response::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&refused).unwrap(),
+            r#"{"ok":false,"error":"no"}"#
+        );
+    }
+}

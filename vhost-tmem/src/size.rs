@@ -1,0 +1,70 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Sizes as people write them (`64K`, `1G`): parsed for the command line, the configuration
+//! file and `vhost-tmem ctl`, and formatted for help texts.
+
+/// A size that does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid size \"{0}\": expected a number with an optional K, M, G or T suffix (KiB, MiB, ... also accepted)")]
+    Invalid(String),
+}
+
+const SUFFIXES: [(char, u32); 4] = [('T', 40), ('G', 30), ('M', 20), ('K', 10)];
+
+/// Parses `4096`, `64K`, `512M`, `1G`, `2T`, also with `iB`/`B` suffixes (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, Error> {
+    let bad = || Error::Invalid(s.to_string());
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+/// Formats a size with the largest suffix that keeps it exact, as [`parse_size`] reads it.
+pub fn format_size(bytes: u64) -> String {
+    SUFFIXES
+        .iter()
+        .find(|(_, shift)| bytes != 0 && bytes.trailing_zeros() >= *shift)
+        .map(|(suffix, shift)| format!("{}{suffix}", bytes >> shift))
+        .unwrap_or_else(|| bytes.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64K").unwrap(), 64 << 10);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("2TB").unwrap(), 2 << 40);
+        for bad in ["", "G", "1X", "-1", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn formatted_sizes_parse_back() {
+        assert_eq!(format_size(1 << 30), "1G");
+        assert_eq!(format_size(3 << 20), "3M");
+        assert_eq!(format_size(3072), "3K");
+        assert_eq!(format_size(1536), "1536");
+        assert_eq!(format_size(1000), "1000");
+        assert_eq!(format_size(0), "0");
+        for b in [0, 1, 4096, 1 << 30, 3 << 40, (1 << 20) + 1, u64::MAX] {
+            assert_eq!(parse_size(&format_size(b)).unwrap(), b, "{b}");
+        }
+    }
+}
