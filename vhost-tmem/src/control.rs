@@ -2,13 +2,11 @@
 //! The control interface: a Unix socket speaking one JSON request and one JSON response per
 //! line, and the Prometheus text exposition of the same statistics.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,8 +76,6 @@ pub struct Response {
 #[derive(Debug, Clone)]
 pub struct Controls {
     pub engine: Arc<Engine>,
-    /// Per client: the shrink target its device advertises.
-    pub shrink: HashMap<String, Arc<AtomicU64>>,
 }
 
 impl Controls {
@@ -131,12 +127,7 @@ impl Controls {
                 e.set_memory_limit(bytes)
             }
             Request::Shrink { client: c, pages } => {
-                client(&c)?;
-                let slot = self
-                    .shrink
-                    .get(&c)
-                    .ok_or_else(|| format!("no device for \"{c}\""))?;
-                slot.store(pages.unwrap_or(u64::MAX), Relaxed);
+                client(&c)?.set_shrink_target(pages.unwrap_or(u64::MAX))
             }
         }
         Ok(r)
@@ -356,9 +347,7 @@ mod tests {
     fn controls() -> Controls {
         let engine = Arc::new(Engine::new(EngineConfig::default()));
         engine.add_client(ClientConfig::named("vm1"));
-        let mut shrink = HashMap::new();
-        shrink.insert("vm1".to_string(), Arc::new(AtomicU64::new(u64::MAX)));
-        Controls { engine, shrink }
+        Controls { engine }
     }
 
     #[test]
@@ -366,7 +355,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ctl.sock");
         let c = controls();
-        let shrink = c.shrink["vm1"].clone();
+        let vm1 = c.engine.client("vm1").unwrap();
         c.serve(&path).unwrap();
         let r = request(&path, &Request::Stats).unwrap();
         assert_eq!(r.stats.unwrap().clients[0].name, "vm1");
@@ -387,7 +376,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(shrink.load(Relaxed), 5);
+        assert_eq!(vm1.shrink_target(), 5);
         let e = request(
             &path,
             &Request::Thaw {

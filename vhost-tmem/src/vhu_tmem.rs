@@ -316,7 +316,6 @@ pub struct TmemDevice<S: Tmem> {
     /// One per worker thread; each thread only ever locks its own, so these never contend.
     workers: Vec<Mutex<WorkerState<S::Worker>>>,
     exit: (EventConsumer, EventNotifier),
-    shrink_target: Arc<AtomicU64>,
     /// Queues served by each worker thread, as bit masks (computed once).
     thread_masks: Vec<u64>,
     log: LogLimiter,
@@ -364,7 +363,6 @@ impl<S: Tmem> TmemDevice<S> {
             acked_features: AtomicU64::new(0),
             workers,
             exit,
-            shrink_target: Arc::new(AtomicU64::new(u64::MAX)),
             thread_masks: thread_masks(cfg.request_queues),
             log: LogLimiter::default(),
             name: name.to_string(),
@@ -378,17 +376,6 @@ impl<S: Tmem> TmemDevice<S> {
         }
     }
 
-    /// Shares the shrink request advertised in config space with the control interface.
-    pub fn with_shrink_target(mut self, target: Arc<AtomicU64>) -> Self {
-        self.shrink_target = target;
-        self
-    }
-
-    /// Sets the shrink request advertised in config space (`u64::MAX`: none).
-    pub fn set_shrink_target(&self, pages: u64) {
-        self.shrink_target.store(pages, Relaxed);
-    }
-
     fn config(&self) -> Config {
         Config {
             num_request_queues: self.cfg.request_queues,
@@ -397,7 +384,7 @@ impl<S: Tmem> TmemDevice<S> {
             reserved: 0,
             max_batch: MAX_BATCH as u16,
             limit_pages: self.cfg.limit_pages,
-            shrink_target_pages: self.shrink_target.load(Relaxed),
+            shrink_target_pages: self.store.shrink_target(&self.client),
         }
     }
 

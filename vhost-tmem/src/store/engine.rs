@@ -488,6 +488,9 @@ pub struct Client {
     connected: AtomicBool,
     pools: RwLock<Vec<Option<Arc<Pool>>>>,
     counters: Counters,
+    /// The shrink request its device advertises in config space, in pages (`u64::MAX`:
+    /// none). Kept here, not in the device, so that it outlives reconnections.
+    shrink_target: AtomicU64,
 }
 
 impl Client {
@@ -499,6 +502,16 @@ impl Client {
     /// Marks the client connected or not (shown in statistics).
     pub fn set_connected(&self, c: bool) {
         self.connected.store(c, Relaxed);
+    }
+
+    /// The shrink request for the client's driver, in pages (`u64::MAX`: none).
+    pub fn shrink_target(&self) -> u64 {
+        self.shrink_target.load(Relaxed)
+    }
+
+    /// Asks the client's driver to shrink to `pages` (`u64::MAX`: no request).
+    pub fn set_shrink_target(&self, pages: u64) {
+        self.shrink_target.store(pages, Relaxed);
     }
 
     fn pool(&self, id: PoolId) -> Result<Arc<Pool>> {
@@ -553,6 +566,7 @@ impl Engine {
             connected: AtomicBool::new(false),
             pools: RwLock::new(Vec::new()),
             counters: Counters::default(),
+            shrink_target: AtomicU64::new(u64::MAX),
         });
         self.clients.write().push(client.clone());
         client
@@ -1287,6 +1301,10 @@ impl Tmem for Engine {
         }
         client.counters.flushed_pages.fetch_add(n, Relaxed);
         Ok(n)
+    }
+
+    fn shrink_target(&self, client: &Arc<Client>) -> u64 {
+        client.shrink_target()
     }
 
     fn reset_client(&self, client: &Arc<Client>) {

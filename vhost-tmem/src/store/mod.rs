@@ -159,6 +159,9 @@ pub trait Tmem: Send + Sync + 'static {
     /// Drops every page of an object; returns how many there were.
     fn flush_object(&self, client: &Self::Client, pool: PoolId, oid: &Oid) -> Result<u64>;
 
+    /// The shrink request advertised to the client's driver, in pages (`u64::MAX`: none).
+    fn shrink_target(&self, client: &Self::Client) -> u64;
+
     /// The client's driver went away: free its private pools and leave its shared ones.
     fn reset_client(&self, client: &Self::Client);
 }

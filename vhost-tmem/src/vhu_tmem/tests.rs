@@ -606,7 +606,7 @@ fn config_space_and_features() {
         (2, 12, 16)
     );
     assert_eq!(c.shrink_target_pages, u64::MAX);
-    e.dev.set_shrink_target(1000);
+    e.engine.client("guest").unwrap().set_shrink_target(1000);
     assert_eq!(e.dev.get_config(16, 8), 1000u64.to_le_bytes());
     assert!(e.dev.get_config(20, 8).is_empty());
     assert!(e.dev.get_config(u32::MAX, 8).is_empty());
