@@ -4,8 +4,12 @@
 //! The vhost-user glue talks to the store only through the [`Tmem`] trait, so the store can be
 //! tested and benchmarked in-process and replaced without touching the device code.
 
+mod budget;
 pub mod codec;
+mod counters;
 mod engine;
+mod hash;
+mod layout;
 mod slot;
 pub mod stats;
 

@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 use super::*;
+use crate::store::layout::{LRU_META, RUN_META};
 use crate::store::testutil::random_page;
 
 const EPH: PoolSpec = PoolSpec {
