@@ -21,7 +21,7 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::RwLock;
 
-use super::layout::{remove_run, Account, Pool, ShardCounts, SHARDS};
+use super::layout::{remove_run, Account, Pool, SHARDS};
 use super::{Error, Result};
 
 /// Pages evicted per round when room is needed (at least; runs go whole).
@@ -192,27 +192,9 @@ impl Budget {
                 let runs = std::mem::take(&mut s.runs) as u64;
                 let freed = s.counts.memory_used;
                 n += s.counts.stored_pages;
-                let (puts, gets, get_hits, get_misses, flushes, flushed_pages) = {
-                    let k = &s.counts;
-                    (
-                        k.puts,
-                        k.gets,
-                        k.get_hits,
-                        k.get_misses,
-                        k.flushes,
-                        k.flushed_pages,
-                    )
-                };
                 // Gauges go to zero; request counters stay.
-                s.counts = ShardCounts {
-                    puts,
-                    gets,
-                    get_hits,
-                    get_misses,
-                    flushes,
-                    flushed_pages,
-                    ..ShardCounts::default()
-                };
+                s.counts.clear_gauges();
+                s.payload_charged = 0;
                 let h = pool.hasher;
                 (
                     std::mem::replace(&mut s.objects, HashMap::with_hasher(h)),

@@ -16,8 +16,8 @@ use super::codec::{self, Codecs, Compressor, Encoding};
 use super::counters::Counters;
 use super::hash::KeyedState;
 use super::layout::{
-    compact_lru, key_of, payload_cost, remove_run, take_page, Account, LruRef, Object, Pool, Run,
-    RunKey, Shard, MAX_STRUCT_COST, OBJ_META, SHARDS, SLOT_BYTES,
+    compact_lru, count_page, key_of, payload_cost, remove_run, take_page, Account, LruRef, Object,
+    Pool, Run, RunKey, Shard, MAX_STRUCT_COST, OBJ_META, SHARDS, SLOT_BYTES,
 };
 use super::slot::{Payload, Slot};
 use super::{format_uuid, Error, GetHit, PoolId, PoolSpec, Result, Tmem, Uuid};
@@ -458,10 +458,15 @@ impl Tmem for Engine {
                 }
             }
             let added = payload_cost(run.slots[at].len());
-            sh.counts.page(&run.slots[at], true);
+            count_page(
+                &mut sh.counts,
+                &mut sh.payload_charged,
+                &run.slots[at],
+                true,
+            );
             sh.counts.memory_used += structure;
             if let Some(o) = &old {
-                sh.counts.page(o, false);
+                count_page(&mut sh.counts, &mut sh.payload_charged, o, false);
             }
             if new_run {
                 sh.runs += 1;

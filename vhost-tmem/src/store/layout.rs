@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use shared_proto::Oid;
 
 use super::codec::{Compressor, Encoding};
-use super::counters::Counters;
+use super::counters::{CounterSnapshot, Counters};
 use super::hash::KeyedState;
 use super::slot::{Payload, Slot};
 use super::Uuid;
@@ -137,47 +137,32 @@ pub(super) struct LruRef {
     pub(super) stamp: u64,
 }
 
-/// Gauges and request counters of the pages in one shard.
-#[derive(Debug, Default, Clone, Copy)]
-pub(super) struct ShardCounts {
-    pub(super) puts: u64,
-    pub(super) gets: u64,
-    pub(super) get_hits: u64,
-    pub(super) get_misses: u64,
-    pub(super) flushes: u64,
-    pub(super) flushed_pages: u64,
-    pub(super) stored_pages: u64,
-    pub(super) same_filled_pages: u64,
-    pub(super) raw_pages: u64,
-    pub(super) compressed_bytes: u64,
-    /// Everything charged for this shard: payloads and structure.
-    pub(super) memory_used: u64,
-    /// The payloads' part of `memory_used`.
-    pub(super) payload_charged: u64,
-}
-
-impl ShardCounts {
-    pub(super) fn page(&mut self, s: &Slot, add: bool) {
-        let (same, raw, bytes) = match s.payload() {
-            Payload::Same(_) => (1, 0, 0),
-            Payload::Stored(e, b) => (0, (e == Encoding::Raw) as u64, b.len() as u64),
-        };
-        let cost = payload_cost(s.len());
-        if add {
-            self.stored_pages += 1;
-            self.same_filled_pages += same;
-            self.raw_pages += raw;
-            self.compressed_bytes += bytes;
-            self.memory_used += cost;
-            self.payload_charged += cost;
-        } else {
-            self.stored_pages -= 1;
-            self.same_filled_pages -= same;
-            self.raw_pages -= raw;
-            self.compressed_bytes -= bytes;
-            self.memory_used -= cost;
-            self.payload_charged -= cost;
-        }
+/// Counts a page in or out of a shard's gauges and its payload charge.
+pub(super) fn count_page(
+    counts: &mut CounterSnapshot,
+    payload_charged: &mut u64,
+    s: &Slot,
+    add: bool,
+) {
+    let (same, raw, bytes) = match s.payload() {
+        Payload::Same(_) => (1, 0, 0),
+        Payload::Stored(e, b) => (0, (e == Encoding::Raw) as u64, b.len() as u64),
+    };
+    let cost = payload_cost(s.len());
+    if add {
+        counts.stored_pages += 1;
+        counts.same_filled_pages += same;
+        counts.raw_pages += raw;
+        counts.compressed_bytes += bytes;
+        counts.memory_used += cost;
+        *payload_charged += cost;
+    } else {
+        counts.stored_pages -= 1;
+        counts.same_filled_pages -= same;
+        counts.raw_pages -= raw;
+        counts.compressed_bytes -= bytes;
+        counts.memory_used -= cost;
+        *payload_charged -= cost;
     }
 }
 
@@ -245,7 +230,11 @@ pub(super) struct Shard {
     pub(super) runs: usize,
     pub(super) lru: VecDeque<LruRef>,
     pub(super) clock: u64,
-    pub(super) counts: ShardCounts,
+    /// Gauges and the common request counters of this shard's pages; `memory_used` is
+    /// everything charged for the shard, payloads and structure.
+    pub(super) counts: CounterSnapshot,
+    /// The payloads' part of `counts.memory_used`.
+    pub(super) payload_charged: u64,
 }
 
 impl Shard {
@@ -255,7 +244,8 @@ impl Shard {
             runs: 0,
             lru: VecDeque::new(),
             clock: 0,
-            counts: ShardCounts::default(),
+            counts: CounterSnapshot::default(),
+            payload_charged: 0,
         }
     }
 
@@ -327,7 +317,7 @@ pub(super) fn remove_run(pool: &Pool, sh: &mut Shard, key: &RunKey) -> Option<(R
     freed += pool.run_cost() + run.slots.capacity() as u64 * SLOT_BYTES;
     sh.counts.memory_used -= freed;
     for s in &run.slots {
-        sh.counts.page(s, false);
+        count_page(&mut sh.counts, &mut sh.payload_charged, s, false);
         freed += payload_cost(s.len());
     }
     sh.runs -= 1;
@@ -348,7 +338,7 @@ pub(super) fn take_page(
     let run = sh.run_mut(key)?;
     let slot = run.take(bit)?;
     let emptied = run.present == 0;
-    sh.counts.page(&slot, false);
+    count_page(&mut sh.counts, &mut sh.payload_charged, &slot, false);
     let mut freed = payload_cost(slot.len());
     if emptied {
         let (_, f) = remove_run(pool, sh, key).expect("the run is there");

@@ -141,19 +141,10 @@ fn pool_snapshot(pool: &Pool) -> (CounterSnapshot, u64) {
     let mut k = pool.counters.snapshot();
     let mut payload = 0;
     for s in pool.shards.iter() {
-        let c = s.lock().counts;
-        payload += c.payload_charged;
-        k.puts += c.puts;
-        k.gets += c.gets;
-        k.get_hits += c.get_hits;
-        k.get_misses += c.get_misses;
-        k.flushes += c.flushes;
-        k.flushed_pages += c.flushed_pages;
-        k.stored_pages += c.stored_pages;
-        k.same_filled_pages += c.same_filled_pages;
-        k.raw_pages += c.raw_pages;
-        k.compressed_bytes += c.compressed_bytes;
-        k.memory_used += c.memory_used;
+        let sh = s.lock();
+        payload += sh.payload_charged;
+        k.add_requests(&sh.counts);
+        k.add_gauges(&sh.counts);
     }
     (k, payload)
 }
