@@ -20,7 +20,7 @@ use super::layout::{
     Pool, Run, RunKey, Shard, MAX_STRUCT_COST, OBJ_META, SHARDS, SLOT_BYTES,
 };
 use super::slot::{Payload, Slot};
-use super::{format_uuid, Error, GetHit, PoolId, PoolSpec, Result, Tmem, Uuid};
+use super::{format_uuid, Error, GetHit, PageKey, PoolId, PoolSpec, Result, Tmem, Uuid};
 
 /// What happens to an ephemeral page that does not compress below the raw threshold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -271,8 +271,8 @@ impl Engine {
 
 impl Engine {
     /// Removes one key; returns whether it was there.
-    fn remove_key(&self, pool: &Pool, oid: &Oid, index: u64) -> bool {
-        let (key, bit) = key_of(oid, index);
+    fn remove_key(&self, pool: &Pool, page_key: &PageKey) -> bool {
+        let (key, bit) = key_of(page_key);
         let taken = take_page(pool, &mut pool.shard(&key).lock(), &key, bit);
         match taken {
             Some((slot, freed)) => {
@@ -284,9 +284,9 @@ impl Engine {
         }
     }
 
-    fn refuse(&self, client: &Client, pool: &Pool, oid: &Oid, index: u64, err: Error) -> Error {
+    fn refuse(&self, client: &Client, pool: &Pool, page_key: &PageKey, err: Error) -> Error {
         // Never leave an older copy behind a failed put: a later get would return stale data.
-        self.remove_key(pool, oid, index);
+        self.remove_key(pool, page_key);
         Counters::inc(&client.counters.puts_refused);
         Counters::inc(&pool.counters.puts_refused);
         Counters::inc(&pool.counters.puts);
@@ -372,15 +372,13 @@ impl Tmem for Engine {
         &self,
         worker: &mut Worker,
         client: &Arc<Client>,
-        pool_id: PoolId,
-        oid: &Oid,
-        index: u64,
+        page_key: &PageKey,
         page: &[u8],
     ) -> Result<()> {
-        let pool = client.pool(pool_id)?;
+        let pool = client.pool(page_key.pool)?;
         Counters::inc(&client.counters.puts);
         if client.frozen.load(Relaxed) {
-            return Err(self.refuse(client, &pool, oid, index, Error::Refused("client frozen")));
+            return Err(self.refuse(client, &pool, page_key, Error::Refused("client frozen")));
         }
         // Zero and same-filled pages never reach the codec.
         let slot = match codec::same_filled(page) {
@@ -399,8 +397,7 @@ impl Tmem for Engine {
                     return Err(self.refuse(
                         client,
                         &pool,
-                        oid,
-                        index,
+                        page_key,
                         Error::Refused("incompressible ephemeral page"),
                     ))
                 }
@@ -408,21 +405,21 @@ impl Tmem for Engine {
         };
         let reserved = payload_cost(slot.len()) + MAX_STRUCT_COST;
         if let Err(e) = self.budget.reserve(&pool.account, reserved) {
-            return Err(self.refuse(client, &pool, oid, index, e));
+            return Err(self.refuse(client, &pool, page_key, e));
         }
-        let (key, bit) = key_of(oid, index);
+        let (key, bit) = key_of(page_key);
         let (old, used) = {
             let mut g = pool.shard(&key).lock();
             if pool.dead.load(Relaxed) {
                 drop(g);
                 self.budget.release(&pool.account, reserved);
-                return Err(Error::BadPool(pool_id));
+                return Err(Error::BadPool(page_key.pool));
             }
             let sh = &mut *g;
             sh.counts.puts += 1;
             // Structure this put adds: object entry, run map entries, LRU share, slot capacity.
             let mut structure = 0;
-            let obj = sh.objects.entry(*oid).or_insert_with(|| {
+            let obj = sh.objects.entry(key.oid).or_insert_with(|| {
                 structure += OBJ_META;
                 Object::One(key.run, Run::default())
             });
@@ -490,18 +487,16 @@ impl Tmem for Engine {
         &self,
         worker: &mut Worker,
         client: &Arc<Client>,
-        pool_id: PoolId,
-        oid: &Oid,
-        index: u64,
+        page_key: &PageKey,
         out: &mut [u8],
         exclusive: bool,
     ) -> Result<GetHit> {
-        let pool = client.pool(pool_id)?;
+        let pool = client.pool(page_key.pool)?;
         Counters::inc(&client.counters.gets);
         // Private ephemeral pages move back into the guest: keeping a copy would only waste
         // memory on a page the guest now caches itself.
         let exclusive = exclusive || (!pool.persistent && pool.shared.is_none());
-        let (key, bit) = key_of(oid, index);
+        let (key, bit) = key_of(page_key);
         let result = if exclusive {
             let taken = {
                 let mut g = pool.shard(&key).lock();
@@ -528,7 +523,10 @@ impl Tmem for Engine {
             let sh = &mut *g;
             sh.counts.gets += 1;
             let window = (sh.runs as u64 / 4).max(8);
-            let found = sh.objects.get_mut(oid).and_then(|o| o.get_mut(key.run));
+            let found = sh
+                .objects
+                .get_mut(&key.oid)
+                .and_then(|o| o.get_mut(key.run));
             let hit = found.and_then(|run| {
                 let r = decode(worker, run.get(bit)?, out);
                 Some((run, r))
@@ -562,22 +560,16 @@ impl Tmem for Engine {
                 // The lookup counted a hit; the page could not be returned.
                 Counters::inc(&client.counters.get_errors);
                 Counters::inc(&pool.counters.get_errors);
-                tracing::error!(client = %client.name, pool = pool_id, index, "get failed: {e}");
+                tracing::error!(client = %client.name, pool = page_key.pool, index = page_key.index, "get failed: {e}");
             }
         }
         result
     }
 
-    fn flush_page(
-        &self,
-        client: &Arc<Client>,
-        pool_id: PoolId,
-        oid: &Oid,
-        index: u64,
-    ) -> Result<()> {
-        let pool = client.pool(pool_id)?;
+    fn flush_page(&self, client: &Arc<Client>, page_key: &PageKey) -> Result<()> {
+        let pool = client.pool(page_key.pool)?;
         Counters::inc(&client.counters.flushes);
-        let (key, bit) = key_of(oid, index);
+        let (key, bit) = key_of(page_key);
         let taken = {
             let mut g = pool.shard(&key).lock();
             g.counts.flushes += 1;

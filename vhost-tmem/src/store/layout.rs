@@ -24,7 +24,7 @@ use super::codec::{Compressor, Encoding};
 use super::counters::{CounterSnapshot, Counters};
 use super::hash::KeyedState;
 use super::slot::{Payload, Slot};
-use super::Uuid;
+use super::{PageKey, Uuid};
 
 /// Shards per pool: a power of two, a few times the number of worker threads.
 pub(super) const SHARDS: usize = 16;
@@ -288,13 +288,14 @@ impl Pool {
     }
 }
 
-pub(super) fn key_of(oid: &Oid, index: u64) -> (RunKey, u32) {
+/// A page's run and its bit in the run.
+pub(super) fn key_of(key: &PageKey) -> (RunKey, u32) {
     (
         RunKey {
-            oid: *oid,
-            run: index >> RUN_SHIFT,
+            oid: key.oid,
+            run: key.index >> RUN_SHIFT,
         },
-        (index & (RUN_PAGES as u64 - 1)) as u32,
+        (key.index & (RUN_PAGES as u64 - 1)) as u32,
     )
 }
 

@@ -6,6 +6,7 @@ use crate::store::{ClientConfig, Engine, EngineConfig};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
+use vm_memory::Bytes;
 
 const MEM_SIZE: u64 = 0x40_0000;
 const HDR: u64 = 0x10_0000;
