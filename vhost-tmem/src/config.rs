@@ -436,7 +436,6 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             request_queues: a.queues.or(file.queues).unwrap_or(1),
             queue_size: a.queue_size.or(file.queue_size).unwrap_or(256),
             max_pools: max_pools as u16,
-            limit_pages: 0,
             poll: std::time::Duration::from_micros(poll_us),
         };
         device.validate()?;

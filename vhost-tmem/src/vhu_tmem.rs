@@ -92,8 +92,6 @@ pub struct DeviceConfig {
     pub queue_size: usize,
     /// Pools per client, advertised in config space.
     pub max_pools: u16,
-    /// Quota advertised in config space, in pages (0: none).
-    pub limit_pages: u64,
     /// How long a request queue's thread polls for more requests after a burst before it
     /// sleeps (0: never polls).
     pub poll: Duration,
@@ -249,7 +247,7 @@ impl<S: Tmem> TmemDevice<S> {
             page_shift: PAGE_SHIFT as u8,
             reserved: 0,
             max_batch: MAX_BATCH as u16,
-            limit_pages: self.cfg.limit_pages,
+            limit_pages: self.store.limit_pages(&self.client),
             shrink_target_pages: self.store.shrink_target(&self.client),
         }
     }

@@ -621,6 +621,14 @@ impl Tmem for Engine {
         Ok(n)
     }
 
+    fn limit_pages(&self, client: &Arc<Client>) -> u64 {
+        match client.account.quota.load(Relaxed) {
+            0 => 0,
+            // At least one page: 0 would tell the driver it has no limit.
+            bytes => (bytes / PAGE_SIZE as u64).max(1),
+        }
+    }
+
     fn shrink_target(&self, client: &Arc<Client>) -> u64 {
         client.shrink_target()
     }

@@ -166,6 +166,10 @@ pub trait Tmem: Send + Sync + 'static {
     /// Drops every page of an object; returns how many there were.
     fn flush_object(&self, client: &Self::Client, pool: PoolId, oid: &Oid) -> Result<u64>;
 
+    /// The pages the client's driver is allowed (its quota), advertised in config space; 0 when
+    /// only the global limit applies.
+    fn limit_pages(&self, client: &Self::Client) -> u64;
+
     /// The shrink request advertised to the client's driver, in pages (`u64::MAX`: none).
     fn shrink_target(&self, client: &Self::Client) -> u64;
 
