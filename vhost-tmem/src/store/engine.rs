@@ -95,14 +95,14 @@ pub struct Client {
     pub(super) name: String,
     pub(super) compressor: Compressor,
     pub(super) account: Arc<Account>,
-    pub(super) shared_auth: RwLock<HashSet<Uuid>>,
+    shared_auth: RwLock<HashSet<Uuid>>,
     pub(super) frozen: AtomicBool,
     pub(super) connected: AtomicBool,
     pub(super) pools: RwLock<Vec<Option<Arc<Pool>>>>,
     pub(super) counters: Counters,
     /// The shrink request its device advertises in config space, in pages (`u64::MAX`:
     /// none). Kept here, not in the device, so that it outlives reconnections.
-    pub(super) shrink_target: AtomicU64,
+    shrink_target: AtomicU64,
 }
 
 impl Client {
