@@ -4,7 +4,7 @@
 
 use shared_proto::PAGE_SIZE;
 use vhost_tmem::store::codec::Compressor;
-use vhost_tmem::store::{ClientConfig, PoolSpec, Tmem};
+use vhost_tmem::store::{ClientConfig, PageKey, PoolSpec, Tmem};
 
 use crate::alloc;
 use crate::corpus::Corpus;
@@ -94,14 +94,8 @@ pub fn measure(
         for i in 0..pages {
             let (oid, index) = keys.key(i);
             // An ephemeral pool refuses incompressible pages; stored_pages counts the rest.
-            let _ = e.put(
-                &mut w,
-                &client,
-                pool,
-                &oid,
-                index,
-                corpus.page(i % corpus.len()),
-            );
+            let key = PageKey { pool, oid, index };
+            let _ = e.put(&mut w, &client, &key, corpus.page(i % corpus.len()));
         }
         let (req1, use1) = alloc::live();
         let rss1 = alloc::rss_bytes();

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use shared_proto::PAGE_SIZE;
 use vhost_tmem::store::codec::{Codecs, Compressor, Encoding};
-use vhost_tmem::store::{ClientConfig, Engine, EngineConfig, PoolSpec, Tmem};
+use vhost_tmem::store::{ClientConfig, Engine, EngineConfig, PageKey, PoolSpec, Tmem};
 
 use crate::corpus::Corpus;
 use crate::hist::Histogram;
@@ -131,8 +131,13 @@ pub fn run(
                         barrier.wait();
                         let phase = Instant::now();
                         for i in 0..corpus.len() {
+                            let key = PageKey {
+                                pool,
+                                oid,
+                                index: i as u64,
+                            };
                             let t0 = Instant::now();
-                            let r = e.put(&mut w, client, pool, &oid, i as u64, corpus.page(i));
+                            let r = e.put(&mut w, client, &key, corpus.page(i));
                             st[0].hist.record(ns(t0));
                             r.map_err(|source| Error::Store { op: "put", source })?;
                         }
@@ -143,8 +148,13 @@ pub fn run(
                         let phase = Instant::now();
                         let mut check = 0.0;
                         for i in 0..corpus.len() {
+                            let key = PageKey {
+                                pool,
+                                oid,
+                                index: i as u64,
+                            };
                             let t0 = Instant::now();
-                            let r = e.get(&mut w, client, pool, &oid, i as u64, &mut out, false);
+                            let r = e.get(&mut w, client, &key, &mut out, false);
                             st[1].hist.record(ns(t0));
                             r.map_err(|source| Error::Store { op: "get", source })?;
                             let c0 = Instant::now();
@@ -164,8 +174,13 @@ pub fn run(
                         barrier.wait();
                         let phase = Instant::now();
                         for i in 0..corpus.len() {
+                            let key = PageKey {
+                                pool,
+                                oid,
+                                index: i as u64,
+                            };
                             let t0 = Instant::now();
-                            let r = e.flush_page(client, pool, &oid, i as u64);
+                            let r = e.flush_page(client, &key);
                             st[2].hist.record(ns(t0));
                             r.map_err(|source| Error::Store {
                                 op: "flush",

@@ -418,7 +418,6 @@ impl TryFrom<ServeArgs> for DaemonConfig {
                 .or(file.queue_size)
                 .unwrap_or(DEFAULT_QUEUE_SIZE),
             max_pools: max_pools as u16,
-            limit_pages: 0,
             poll: std::time::Duration::from_micros(poll_us),
         };
         device.validate()?;

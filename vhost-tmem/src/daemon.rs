@@ -2,9 +2,8 @@
 //! The daemon: one engine, one listening socket and serving thread per client, plus the
 //! control socket and the metrics endpoint.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::os::fd::{FromRawFd, RawFd};
-use std::sync::atomic::AtomicU64;
 use std::sync::{mpsc, Arc};
 
 use vhost::vhost_user::Listener;
@@ -90,18 +89,18 @@ fn serve_client(
     client: Arc<Client>,
     mut listener: Listener,
     dev_cfg: DeviceConfig,
-    shrink: Arc<AtomicU64>,
 ) -> Result<(), Error> {
     let name = client.name().to_string();
     loop {
         // Anything a previous connection's stragglers created is gone before the next starts.
         engine.reset_client(&client);
-        let dev = TmemDevice::new(engine.clone(), client.clone(), &name, dev_cfg)
-            .map_err(|source| Error::Device {
-                name: name.clone(),
-                source,
-            })?
-            .with_shrink_target(shrink.clone());
+        let dev =
+            TmemDevice::new(engine.clone(), client.clone(), &name, dev_cfg).map_err(|source| {
+                Error::Device {
+                    name: name.clone(),
+                    source,
+                }
+            })?;
         let dev = Arc::new(dev);
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon =
@@ -139,7 +138,6 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
     let engine = Arc::new(Engine::new(cfg.engine.clone()));
     let mut fds = HashSet::new();
     let mut prepared = Vec::new();
-    let mut shrink = HashMap::new();
     // Bind everything first, so that a bad socket fails the start rather than a thread later.
     for spec in &cfg.clients {
         if let Endpoint::Fd(fd) = spec.endpoint {
@@ -149,14 +147,11 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
         }
         let listener = listen(&spec.config.name, &spec.endpoint)?;
         let client = engine.add_client(spec.config.clone());
-        let slot = Arc::new(AtomicU64::new(u64::MAX));
-        shrink.insert(spec.config.name.clone(), slot.clone());
-        prepared.push((client, listener, slot));
+        prepared.push((client, listener));
     }
     if let Some(path) = &cfg.control_socket {
         Controls {
             engine: engine.clone(),
-            shrink,
         }
         .serve(path)?;
         tracing::info!(path = %path.display(), "control socket ready");
@@ -166,13 +161,13 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
     }
     let (tx, rx) = mpsc::channel();
-    for (client, listener, slot) in prepared {
+    for (client, listener) in prepared {
         let (engine, tx) = (engine.clone(), tx.clone());
         let name = client.name().to_string();
         std::thread::Builder::new()
             .name(format!("client-{name}"))
             .spawn(move || {
-                let r = serve_client(engine, client, listener, cfg.device, slot);
+                let r = serve_client(engine, client, listener, cfg.device);
                 let _ = tx.send(r);
             })
             .map_err(Error::Thread)?;

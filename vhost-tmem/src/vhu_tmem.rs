@@ -28,20 +28,21 @@ use virtio_bindings::bindings::virtio_ring::{
 };
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
-    GuestMemoryBackend, GuestMemoryMmap,
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::store::{PoolSpec, Tmem};
+use crate::store::{PageKey, PoolSpec, Tmem};
+
+mod chain;
+pub use chain::MAX_SEGMENTS;
+use chain::{contiguous, read_part, write_part, Chain, ChainError};
 
 type Mem = GuestMemoryMmap<()>;
 
-/// Most descriptors in one request chain; longer chains are INVALID.
-pub const MAX_SEGMENTS: usize = 16;
 /// Largest queue the device accepts.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 /// Most chains taken from the available ring at a time (see `process_queue`).
@@ -91,8 +92,6 @@ pub struct DeviceConfig {
     pub queue_size: usize,
     /// Pools per client, advertised in config space.
     pub max_pools: u16,
-    /// Quota advertised in config space, in pages (0: none).
-    pub limit_pages: u64,
     /// How long a request queue's thread polls for more requests after a burst before it
     /// sleeps (0: never polls).
     pub poll: Duration,
@@ -147,80 +146,6 @@ fn thread_masks(request_queues: u16) -> Vec<u64> {
     masks
 }
 
-/// One descriptor of a parsed chain.
-#[derive(Clone, Copy, Debug, Default)]
-struct Seg {
-    addr: u64,
-    len: u32,
-}
-
-/// A chain split into its device-readable and device-writable parts, without allocation.
-#[derive(Debug)]
-struct Chain {
-    /// The head descriptor's index, for the used ring.
-    head: u16,
-    segs: [Seg; MAX_SEGMENTS],
-    /// `segs[..n_read]` are readable, `segs[n_read..n]` writable.
-    n_read: usize,
-    n: usize,
-    read_len: usize,
-    write_len: usize,
-}
-
-/// Why a chain could not be parsed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ChainError {
-    TooLong,
-    ReadableAfterWritable,
-}
-
-impl Chain {
-    /// Parses a chain; on failure, returns its head with the reason.
-    fn parse<M>(chain: DescriptorChain<M>) -> Result<Chain, (u16, ChainError)>
-    where
-        M: std::ops::Deref,
-        M::Target: GuestMemory,
-    {
-        let head = chain.head_index();
-        let mut c = Chain {
-            head,
-            segs: [Seg::default(); MAX_SEGMENTS],
-            n_read: 0,
-            n: 0,
-            read_len: 0,
-            write_len: 0,
-        };
-        for d in chain {
-            if c.n == MAX_SEGMENTS {
-                return Err((head, ChainError::TooLong));
-            }
-            if d.is_write_only() {
-                c.write_len += d.len() as usize;
-            } else {
-                if c.n != c.n_read {
-                    return Err((head, ChainError::ReadableAfterWritable));
-                }
-                c.n_read += 1;
-                c.read_len += d.len() as usize;
-            }
-            c.segs[c.n] = Seg {
-                addr: d.addr().0,
-                len: d.len(),
-            };
-            c.n += 1;
-        }
-        Ok(c)
-    }
-
-    fn readable(&self) -> &[Seg] {
-        &self.segs[..self.n_read]
-    }
-
-    fn writable(&self) -> &[Seg] {
-        &self.segs[self.n_read..self.n]
-    }
-}
-
 /// Asks the CPU to start loading the cache line of guest address `addr`, if it is in guest
 /// memory. A hint only: it never faults and changes no state the program can observe.
 fn prefetch(mem: &Mem, addr: u64) {
@@ -234,67 +159,6 @@ fn prefetch(mem: &Mem, addr: u64) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (mem, addr);
-}
-
-/// Where `[offset, offset + len)` of a part lies, if within one descriptor.
-fn contiguous(segs: &[Seg], mut offset: usize, len: usize) -> Option<GuestAddress> {
-    for s in segs {
-        let l = s.len as usize;
-        if offset < l {
-            if offset + len > l {
-                return None;
-            }
-            // Checked: descriptor addresses come from the guest.
-            return s.addr.checked_add(offset as u64).map(GuestAddress);
-        }
-        offset -= l;
-    }
-    None
-}
-
-/// Calls `f(address, range of the caller's buffer)` for each piece of bytes
-/// `[offset, offset + len)` of a part, in order; fails if the part is shorter or `f` fails.
-fn for_each_piece(
-    segs: &[Seg],
-    mut offset: usize,
-    len: usize,
-    mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), ()>,
-) -> Result<(), ()> {
-    let mut done = 0;
-    for s in segs {
-        if done == len {
-            break;
-        }
-        let l = s.len as usize;
-        if offset >= l {
-            offset -= l;
-            continue;
-        }
-        let n = (l - offset).min(len - done);
-        let addr = GuestAddress(s.addr).checked_add(offset as u64).ok_or(())?;
-        f(addr, done..done + n)?;
-        done += n;
-        offset = 0;
-    }
-    if done == len {
-        Ok(())
-    } else {
-        Err(())
-    }
-}
-
-/// Copies `buf.len()` bytes from offset `offset` of a part into `buf`.
-fn read_part(mem: &Mem, segs: &[Seg], offset: usize, buf: &mut [u8]) -> Result<(), ()> {
-    for_each_piece(segs, offset, buf.len(), |a, r| {
-        mem.read_slice(&mut buf[r], a).map_err(|_| ())
-    })
-}
-
-/// Copies `buf` to offset `offset` of a part.
-fn write_part(mem: &Mem, segs: &[Seg], offset: usize, buf: &[u8]) -> Result<(), ()> {
-    for_each_piece(segs, offset, buf.len(), |a, r| {
-        mem.write_slice(&buf[r], a).map_err(|_| ())
-    })
 }
 
 /// A worker thread's state: the store's per-worker state, a bounce page and the parsed chains
@@ -316,7 +180,6 @@ pub struct TmemDevice<S: Tmem> {
     /// One per worker thread; each thread only ever locks its own, so these never contend.
     workers: Vec<Mutex<WorkerState<S::Worker>>>,
     exit: (EventConsumer, EventNotifier),
-    shrink_target: Arc<AtomicU64>,
     /// Queues served by each worker thread, as bit masks (computed once).
     thread_masks: Vec<u64>,
     log: LogLimiter,
@@ -364,7 +227,6 @@ impl<S: Tmem> TmemDevice<S> {
             acked_features: AtomicU64::new(0),
             workers,
             exit,
-            shrink_target: Arc::new(AtomicU64::new(u64::MAX)),
             thread_masks: thread_masks(cfg.request_queues),
             log: LogLimiter::default(),
             name: name.to_string(),
@@ -378,17 +240,6 @@ impl<S: Tmem> TmemDevice<S> {
         }
     }
 
-    /// Shares the shrink request advertised in config space with the control interface.
-    pub fn with_shrink_target(mut self, target: Arc<AtomicU64>) -> Self {
-        self.shrink_target = target;
-        self
-    }
-
-    /// Sets the shrink request advertised in config space (`u64::MAX`: none).
-    pub fn set_shrink_target(&self, pages: u64) {
-        self.shrink_target.store(pages, Relaxed);
-    }
-
     fn config(&self) -> Config {
         Config {
             num_request_queues: self.cfg.request_queues,
@@ -396,8 +247,8 @@ impl<S: Tmem> TmemDevice<S> {
             page_shift: PAGE_SHIFT as u8,
             reserved: 0,
             max_batch: MAX_BATCH as u16,
-            limit_pages: self.cfg.limit_pages,
-            shrink_target_pages: self.shrink_target.load(Relaxed),
+            limit_pages: self.store.limit_pages(&self.client),
+            shrink_target_pages: self.store.shrink_target(&self.client),
         }
     }
 
@@ -530,6 +381,11 @@ impl<S: Tmem> TmemDevice<S> {
         }
 
         let mut resp = RespHeader::status(Status::Ok);
+        let key = PageKey {
+            pool: hdr.pool_id,
+            oid: hdr.oid,
+            index: hdr.index,
+        };
         let store = &*self.store;
         let client = &self.client;
         let result: Result<(), Status> = match op {
@@ -570,19 +426,20 @@ impl<S: Tmem> TmemDevice<S> {
             Op::DestroyPool => store
                 .destroy_pool(client, hdr.pool_id)
                 .map_err(|e| e.status()),
-            Op::FlushPage => store
-                .flush_page(client, hdr.pool_id, &hdr.oid, hdr.index)
-                .map_err(|e| e.status()),
+            Op::FlushPage => store.flush_page(client, &key).map_err(|e| e.status()),
             Op::FlushObject => store
                 .flush_object(client, hdr.pool_id, &hdr.oid)
                 .map(|_| ())
                 .map_err(|e| e.status()),
-            Op::Put => self.put(mem, chain, &hdr, w),
-            Op::Get => self.get(mem, chain, &hdr, w).map(|hit| {
-                if hit.dropped {
-                    resp.flags |= resp_flags::DROPPED;
-                }
-            }),
+            Op::Put => self.put(mem, chain, &key, w),
+            Op::Get => {
+                let exclusive = hdr.flags & req_flags::GET_EXCLUSIVE != 0;
+                self.get(mem, chain, &key, exclusive, w).map(|hit| {
+                    if hit.dropped {
+                        resp.flags |= resp_flags::DROPPED;
+                    }
+                })
+            }
             Op::Batch => {
                 return self.batch(mem, chain, count);
             }
@@ -598,7 +455,7 @@ impl<S: Tmem> TmemDevice<S> {
         &self,
         mem: &Mem,
         chain: &Chain,
-        hdr: &ReqHeader,
+        key: &PageKey,
         w: &mut WorkerState<S::Worker>,
     ) -> Result<(), Status> {
         let WorkerState {
@@ -606,91 +463,64 @@ impl<S: Tmem> TmemDevice<S> {
         } = w;
         let direct = contiguous(chain.readable(), ReqHeader::SIZE, PAGE_SIZE)
             .and_then(|a| mem.get_slice(a, PAGE_SIZE).ok());
-        match direct {
+        let guard;
+        let page: &[u8] = match &direct {
             Some(vs) => {
-                let guard = vs.ptr_guard();
+                guard = vs.ptr_guard();
                 // SAFETY: the slice is PAGE_SIZE bytes of mapped guest memory, kept mapped by the
                 // memory guard `mem` for this call. The guest may change it concurrently; that
                 // only changes what is stored for the guest's own key, and the store reads it as
                 // plain bytes (no length or offset is derived from it).
-                let page = unsafe { std::slice::from_raw_parts(guard.as_ptr(), PAGE_SIZE) };
-                self.store
-                    .put(sw, &self.client, hdr.pool_id, &hdr.oid, hdr.index, page)
-                    .map_err(|e| e.status())
+                unsafe { std::slice::from_raw_parts(guard.as_ptr(), PAGE_SIZE) }
             }
             None => {
                 if read_part(mem, chain.readable(), ReqHeader::SIZE, &mut bounce[..]).is_err() {
                     self.warn(format_args!("PUT page outside guest memory"));
                     return Err(Status::Invalid);
                 }
-                self.store
-                    .put(
-                        sw,
-                        &self.client,
-                        hdr.pool_id,
-                        &hdr.oid,
-                        hdr.index,
-                        &bounce[..],
-                    )
-                    .map_err(|e| e.status())
+                &bounce[..]
             }
-        }
+        };
+        self.store
+            .put(sw, &self.client, key, page)
+            .map_err(|e| e.status())
     }
 
     fn get(
         &self,
         mem: &Mem,
         chain: &Chain,
-        hdr: &ReqHeader,
+        key: &PageKey,
+        exclusive: bool,
         w: &mut WorkerState<S::Worker>,
     ) -> Result<crate::store::GetHit, Status> {
         let WorkerState {
             store: sw, bounce, ..
         } = w;
-        let exclusive = hdr.flags & req_flags::GET_EXCLUSIVE != 0;
         let direct = contiguous(chain.writable(), 0, PAGE_SIZE)
             .and_then(|a| mem.get_slice(a, PAGE_SIZE).ok());
-        match direct {
+        let guard;
+        let out: &mut [u8] = match &direct {
             Some(vs) => {
-                let guard = vs.ptr_guard_mut();
+                guard = vs.ptr_guard_mut();
                 // SAFETY: PAGE_SIZE bytes of mapped, device-writable guest memory kept mapped by
                 // `mem` for this call; no other reference to it is live here (the header was
                 // copied out). Concurrent guest writes can only garble the guest's own page:
                 // the decompressors bound every access by the buffer lengths, not its contents.
-                let out = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), PAGE_SIZE) };
-                self.store
-                    .get(
-                        sw,
-                        &self.client,
-                        hdr.pool_id,
-                        &hdr.oid,
-                        hdr.index,
-                        out,
-                        exclusive,
-                    )
-                    .map_err(|e| e.status())
+                unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), PAGE_SIZE) }
             }
-            None => {
-                let hit = self
-                    .store
-                    .get(
-                        sw,
-                        &self.client,
-                        hdr.pool_id,
-                        &hdr.oid,
-                        hdr.index,
-                        &mut bounce[..],
-                        exclusive,
-                    )
-                    .map_err(|e| e.status())?;
-                if write_part(mem, chain.writable(), 0, &bounce[..]).is_err() {
-                    // A page we cannot deliver is an error, never a silent success.
-                    self.warn(format_args!("GET page buffer outside guest memory"));
-                    return Err(Status::Invalid);
-                }
-                Ok(hit)
-            }
+            None => &mut bounce[..],
+        };
+        let hit = self
+            .store
+            .get(sw, &self.client, key, out, exclusive)
+            .map_err(|e| e.status())?;
+        if direct.is_none() && write_part(mem, chain.writable(), 0, &bounce[..]).is_err() {
+            // A page we cannot deliver is an error, never a silent success.
+            self.warn(format_args!("GET page buffer outside guest memory"));
+            return Err(Status::Invalid);
         }
+        Ok(hit)
     }
 
     fn batch(&self, mem: &Mem, chain: &Chain, count: u32) -> u32 {
@@ -711,8 +541,12 @@ impl<S: Tmem> TmemDevice<S> {
                 let e = BatchEntry::decode(&b);
                 let r = match Op::from_u32(e.op) {
                     Some(Op::FlushPage) => {
-                        self.store
-                            .flush_page(&self.client, e.pool_id, &e.oid, e.index)
+                        let key = PageKey {
+                            pool: e.pool_id,
+                            oid: e.oid,
+                            index: e.index,
+                        };
+                        self.store.flush_page(&self.client, &key)
                     }
                     Some(Op::FlushObject) => self
                         .store

@@ -9,11 +9,9 @@ mod client;
 mod prometheus;
 mod server;
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use clap::Subcommand;
@@ -122,8 +120,6 @@ pub struct Response {
 #[derive(Debug, Clone)]
 pub struct Controls {
     pub engine: Arc<Engine>,
-    /// Per client: the shrink target its device advertises.
-    pub shrink: HashMap<String, Arc<AtomicU64>>,
 }
 
 impl Controls {
@@ -170,12 +166,7 @@ impl Controls {
                 e.set_memory_limit(check_memory_limit(bytes).map_err(|err| err.to_string())?)
             }
             Request::Shrink { client: c, pages } => {
-                client(&c)?;
-                let slot = self
-                    .shrink
-                    .get(&c)
-                    .ok_or_else(|| format!("no device for \"{c}\""))?;
-                slot.store(pages.unwrap_or(u64::MAX), Relaxed);
+                client(&c)?.set_shrink_target(pages.unwrap_or(u64::MAX))
             }
         }
         Ok(r)

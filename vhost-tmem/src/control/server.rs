@@ -65,8 +65,6 @@ impl Controls {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
     use std::sync::Arc;
 
     use super::*;
@@ -76,9 +74,7 @@ mod tests {
     fn controls() -> Controls {
         let engine = Arc::new(Engine::new(EngineConfig::default()));
         engine.add_client(ClientConfig::named("vm1"));
-        let mut shrink = HashMap::new();
-        shrink.insert("vm1".to_string(), Arc::new(AtomicU64::new(u64::MAX)));
-        Controls { engine, shrink }
+        Controls { engine }
     }
 
     #[test]
@@ -86,7 +82,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ctl.sock");
         let c = controls();
-        let shrink = c.shrink["vm1"].clone();
+        let vm1 = c.engine.client("vm1").unwrap();
         c.serve(&path).unwrap();
         let r = request(&path, &Request::Stats).unwrap();
         assert_eq!(r.stats.unwrap().clients[0].name, "vm1");
@@ -107,7 +103,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(shrink.load(Relaxed), 5);
+        assert_eq!(vm1.shrink_target(), 5);
         let e = request(
             &path,
             &Request::Thaw {

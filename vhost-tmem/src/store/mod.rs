@@ -4,8 +4,12 @@
 //! The vhost-user glue talks to the store only through the [`Tmem`] trait, so the store can be
 //! tested and benchmarked in-process and replaced without touching the device code.
 
+mod budget;
 pub mod codec;
+mod counters;
 mod engine;
+mod hash;
+mod layout;
 mod slot;
 pub mod stats;
 
@@ -137,6 +141,14 @@ impl Error {
 /// Result of store operations.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Names one page: the pool, the object in it and the page's index in the object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PageKey {
+    pub pool: PoolId,
+    pub oid: Oid,
+    pub index: u64,
+}
+
 /// What a pool is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolSpec {
@@ -177,31 +189,33 @@ pub trait Tmem: Send + Sync + 'static {
         &self,
         worker: &mut Self::Worker,
         client: &Self::Client,
-        pool: PoolId,
-        oid: &Oid,
-        index: u64,
+        key: &PageKey,
         page: &[u8],
     ) -> Result<()>;
 
     /// Loads one page into `out`. Private ephemeral pools always drop their copy on a hit;
     /// other pools when `exclusive` is set.
-    #[allow(clippy::too_many_arguments)]
     fn get(
         &self,
         worker: &mut Self::Worker,
         client: &Self::Client,
-        pool: PoolId,
-        oid: &Oid,
-        index: u64,
+        key: &PageKey,
         out: &mut [u8],
         exclusive: bool,
     ) -> Result<GetHit>;
 
     /// Drops one page; `Err(Miss)` if it was not there.
-    fn flush_page(&self, client: &Self::Client, pool: PoolId, oid: &Oid, index: u64) -> Result<()>;
+    fn flush_page(&self, client: &Self::Client, key: &PageKey) -> Result<()>;
 
     /// Drops every page of an object; returns how many there were.
     fn flush_object(&self, client: &Self::Client, pool: PoolId, oid: &Oid) -> Result<u64>;
+
+    /// The pages the client's driver is allowed (its quota), advertised in config space; 0 when
+    /// only the global limit applies.
+    fn limit_pages(&self, client: &Self::Client) -> u64;
+
+    /// The shrink request advertised to the client's driver, in pages (`u64::MAX`: none).
+    fn shrink_target(&self, client: &Self::Client) -> u64;
 
     /// The client's driver went away: free its private pools and leave its shared ones.
     fn reset_client(&self, client: &Self::Client);

@@ -1,104 +1,16 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Counters kept per client and per pool, and the JSON snapshot the control socket returns.
+//! What the control interface reports: the snapshot of every client, pool and shared pool
+//! (JSON on the control socket, text for Prometheus), gathered from the engine.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 
 use serde::Serialize;
 
-/// Event counters (monotonic) and gauges, updated with relaxed atomics on the hot path.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub puts: AtomicU64,
-    pub puts_refused: AtomicU64,
-    pub gets: AtomicU64,
-    pub get_hits: AtomicU64,
-    pub get_misses: AtomicU64,
-    pub get_errors: AtomicU64,
-    pub flushes: AtomicU64,
-    pub flushed_pages: AtomicU64,
-    pub evictions: AtomicU64,
-    // Gauges.
-    pub stored_pages: AtomicU64,
-    pub same_filled_pages: AtomicU64,
-    pub raw_pages: AtomicU64,
-    pub compressed_bytes: AtomicU64,
-    pub memory_used: AtomicU64,
-}
+use super::engine::Engine;
+use super::format_uuid;
+use super::layout::Pool;
 
-/// A point-in-time copy of [`Counters`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct CounterSnapshot {
-    pub puts: u64,
-    pub puts_refused: u64,
-    pub gets: u64,
-    pub get_hits: u64,
-    pub get_misses: u64,
-    pub get_errors: u64,
-    pub flushes: u64,
-    pub flushed_pages: u64,
-    pub evictions: u64,
-    pub stored_pages: u64,
-    pub same_filled_pages: u64,
-    pub raw_pages: u64,
-    pub compressed_bytes: u64,
-    pub memory_used: u64,
-}
-
-impl Counters {
-    pub fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Relaxed);
-    }
-
-    pub fn snapshot(&self) -> CounterSnapshot {
-        CounterSnapshot {
-            puts: self.puts.load(Relaxed),
-            puts_refused: self.puts_refused.load(Relaxed),
-            gets: self.gets.load(Relaxed),
-            get_hits: self.get_hits.load(Relaxed),
-            get_misses: self.get_misses.load(Relaxed),
-            get_errors: self.get_errors.load(Relaxed),
-            flushes: self.flushes.load(Relaxed),
-            flushed_pages: self.flushed_pages.load(Relaxed),
-            evictions: self.evictions.load(Relaxed),
-            stored_pages: self.stored_pages.load(Relaxed),
-            same_filled_pages: self.same_filled_pages.load(Relaxed),
-            raw_pages: self.raw_pages.load(Relaxed),
-            compressed_bytes: self.compressed_bytes.load(Relaxed),
-            memory_used: self.memory_used.load(Relaxed),
-        }
-    }
-}
-
-impl CounterSnapshot {
-    /// Adds another snapshot's gauges.
-    pub fn add_gauges(&mut self, o: &CounterSnapshot) {
-        self.stored_pages += o.stored_pages;
-        self.same_filled_pages += o.same_filled_pages;
-        self.raw_pages += o.raw_pages;
-        self.compressed_bytes += o.compressed_bytes;
-        self.memory_used += o.memory_used;
-    }
-
-    /// The fields in a fixed order, for the Prometheus exposition.
-    pub fn fields(&self) -> [(&'static str, u64, bool); 14] {
-        [
-            ("puts", self.puts, true),
-            ("puts_refused", self.puts_refused, true),
-            ("gets", self.gets, true),
-            ("get_hits", self.get_hits, true),
-            ("get_misses", self.get_misses, true),
-            ("get_errors", self.get_errors, true),
-            ("flushes", self.flushes, true),
-            ("flushed_pages", self.flushed_pages, true),
-            ("evictions", self.evictions, true),
-            ("stored_pages", self.stored_pages, false),
-            ("same_filled_pages", self.same_filled_pages, false),
-            ("raw_pages", self.raw_pages, false),
-            ("compressed_bytes", self.compressed_bytes, false),
-            ("memory_used_bytes", self.memory_used, false),
-        ]
-    }
-}
+pub use super::counters::CounterSnapshot;
 
 /// One pool in a snapshot.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
@@ -145,4 +57,94 @@ pub struct StoreStats {
     pub metadata_bytes_per_page: f64,
     pub clients: Vec<ClientStats>,
     pub shared_pools: Vec<SharedPoolStats>,
+}
+
+impl Engine {
+    /// A snapshot of every counter.
+    pub fn stats(&self) -> StoreStats {
+        let clients = self.clients.read().clone();
+        let mut out = Vec::new();
+        let (mut pages, mut meta) = (0u64, 0u64);
+        for c in clients {
+            let pools = c.pools.read().clone();
+            let mut counters = c.counters.snapshot();
+            counters.evictions = c.account.evictions.load(Relaxed);
+            let pools = pools
+                .iter()
+                .enumerate()
+                .filter_map(|(id, p)| p.as_ref().map(|p| (id, p)))
+                .map(|(id, p)| {
+                    let (k, payload) = pool_snapshot(p);
+                    if p.shared.is_none() {
+                        // The client's gauges cover its private pools.
+                        counters.add_gauges(&k);
+                        pages += k.stored_pages;
+                        meta += k.memory_used - payload;
+                    }
+                    PoolStats {
+                        id: id as u32,
+                        kind: if p.persistent {
+                            "persistent"
+                        } else {
+                            "ephemeral"
+                        }
+                        .into(),
+                        shared: p.shared.as_ref().map(format_uuid),
+                        compressor: p.compressor.to_string(),
+                        counters: k,
+                    }
+                })
+                .collect();
+            out.push(ClientStats {
+                name: c.name.clone(),
+                connected: c.connected.load(Relaxed),
+                frozen: c.frozen.load(Relaxed),
+                weight: c.account.weight.load(Relaxed),
+                quota_bytes: c.account.quota.load(Relaxed),
+                compressor: c.compressor.to_string(),
+                counters,
+                pools,
+            });
+        }
+        let shared_pools = self
+            .shared
+            .lock()
+            .iter()
+            .filter_map(|(u, w)| w.upgrade().map(|p| (*u, p)))
+            .map(|(u, p)| {
+                let (k, payload) = pool_snapshot(&p);
+                pages += k.stored_pages;
+                meta += k.memory_used - payload;
+                SharedPoolStats {
+                    uuid: format_uuid(&u),
+                    members: p.members.load(Relaxed),
+                    counters: k,
+                }
+            })
+            .collect();
+        StoreStats {
+            memory_limit_bytes: self.budget.limit(),
+            memory_used_bytes: self.budget.used(),
+            metadata_bytes_per_page: if pages == 0 {
+                0.0
+            } else {
+                (meta as f64 / pages as f64 * 10.0).round() / 10.0
+            },
+            clients: out,
+            shared_pools,
+        }
+    }
+}
+
+/// The pool's counters, and the payload part of its memory use.
+fn pool_snapshot(pool: &Pool) -> (CounterSnapshot, u64) {
+    let mut k = pool.counters.snapshot();
+    let mut payload = 0;
+    for s in pool.shards.iter() {
+        let sh = s.lock();
+        payload += sh.payload_charged;
+        k.add_requests(&sh.counts);
+        k.add_gauges(&sh.counts);
+    }
+    (k, payload)
 }

@@ -6,6 +6,7 @@ use crate::store::{ClientConfig, Engine, EngineConfig};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
+use vm_memory::Bytes;
 
 const MEM_SIZE: u64 = 0x40_0000;
 const HDR: u64 = 0x10_0000;
@@ -30,7 +31,6 @@ fn env_with(engine: Arc<Engine>, name: &str) -> Env {
             request_queues: 2,
             queue_size: 256,
             max_pools: 16,
-            limit_pages: 0,
             poll: std::time::Duration::ZERO,
         },
     )
@@ -606,7 +606,9 @@ fn config_space_and_features() {
         (2, 12, 16)
     );
     assert_eq!(c.shrink_target_pages, u64::MAX);
-    e.dev.set_shrink_target(1000);
+    // No quota: no limit advertised.
+    assert_eq!(c.limit_pages, 0);
+    e.engine.client("guest").unwrap().set_shrink_target(1000);
     assert_eq!(e.dev.get_config(16, 8), 1000u64.to_le_bytes());
     assert!(e.dev.get_config(20, 8).is_empty());
     assert!(e.dev.get_config(u32::MAX, 8).is_empty());
@@ -619,6 +621,27 @@ fn config_space_and_features() {
     assert_eq!(e.dev.queue_of(1, 0), Some(2));
     assert_eq!(e.dev.queue_of(1, 1), None);
     assert_eq!(e.dev.queue_of(2, 0), None);
+}
+
+#[test]
+fn config_space_advertises_the_quota_in_pages() {
+    let engine = Arc::new(Engine::new(EngineConfig::default()));
+    engine.add_client(ClientConfig {
+        quota: 64 << 20,
+        ..ClientConfig::named("q")
+    });
+    let e = env_with(engine, "q");
+    let limit = |e: &Env| u64::from_le_bytes(e.dev.get_config(8, 8).try_into().unwrap());
+    assert_eq!(limit(&e), (64 << 20) / PAGE_SIZE as u64);
+    // The control interface changes the quota while the driver runs: config space follows.
+    let client = e.engine.client("q").unwrap();
+    e.engine.set_quota(&client, 10 * PAGE_SIZE as u64 + 100);
+    assert_eq!(limit(&e), 10);
+    // A quota below a page is still a limit, never "unlimited".
+    e.engine.set_quota(&client, 100);
+    assert_eq!(limit(&e), 1);
+    e.engine.set_quota(&client, 0);
+    assert_eq!(limit(&e), 0);
 }
 
 #[test]
@@ -641,7 +664,6 @@ fn bad_device_config_is_rejected() {
                 request_queues: q,
                 queue_size: s,
                 max_pools: 16,
-                limit_pages: 0,
                 poll: std::time::Duration::ZERO,
             },
         );

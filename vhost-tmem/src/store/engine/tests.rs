@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 use super::*;
+use crate::store::layout::{LRU_META, RUN_META};
 use crate::store::testutil::random_page;
 use shared_proto::PAGE_SIZE;
 
@@ -33,6 +34,10 @@ fn engine(limit: u64) -> Engine {
 
 const OID: Oid = [1, 2, 3];
 
+fn key(pool: PoolId, oid: Oid, index: u64) -> PageKey {
+    PageKey { pool, oid, index }
+}
+
 #[test]
 fn persistent_put_get_flush() {
     let e = engine(1 << 30);
@@ -41,30 +46,33 @@ fn persistent_put_get_flush() {
     let p = e.create_pool(&c, PERS).unwrap();
     let mut out = vec![0u8; PAGE_SIZE];
     for i in 0..100 {
-        e.put(&mut w, &c, p, &OID, i, &page(i)).unwrap();
+        e.put(&mut w, &c, &key(p, OID, i), &page(i)).unwrap();
     }
     // Non-exclusive gets keep the page: it must come back every time until flushed.
     for _ in 0..2 {
         for i in 0..100 {
-            let hit = e.get(&mut w, &c, p, &OID, i, &mut out, false).unwrap();
+            let hit = e.get(&mut w, &c, &key(p, OID, i), &mut out, false).unwrap();
             assert!(!hit.dropped);
             assert_eq!(out, page(i));
         }
     }
-    e.flush_page(&c, p, &OID, 5).unwrap();
+    e.flush_page(&c, &key(p, OID, 5)).unwrap();
     assert!(matches!(
-        e.get(&mut w, &c, p, &OID, 5, &mut out, false),
+        e.get(&mut w, &c, &key(p, OID, 5), &mut out, false),
         Err(Error::Miss)
     ));
-    assert!(matches!(e.flush_page(&c, p, &OID, 5), Err(Error::Miss)));
+    assert!(matches!(
+        e.flush_page(&c, &key(p, OID, 5)),
+        Err(Error::Miss)
+    ));
     // Exclusive get on a persistent pool drops the copy.
     assert!(
-        e.get(&mut w, &c, p, &OID, 6, &mut out, true)
+        e.get(&mut w, &c, &key(p, OID, 6), &mut out, true)
             .unwrap()
             .dropped
     );
     assert!(matches!(
-        e.get(&mut w, &c, p, &OID, 6, &mut out, false),
+        e.get(&mut w, &c, &key(p, OID, 6), &mut out, false),
         Err(Error::Miss)
     ));
     assert_eq!(e.flush_object(&c, p, &OID).unwrap(), 98);
@@ -82,17 +90,18 @@ fn replacing_put_and_same_filled_pages() {
     let mut w = e.new_worker().unwrap();
     let p = e.create_pool(&c, PERS).unwrap();
     let mut out = vec![0u8; PAGE_SIZE];
-    e.put(&mut w, &c, p, &OID, 0, &page(1)).unwrap();
-    e.put(&mut w, &c, p, &OID, 0, &page(2)).unwrap();
-    e.get(&mut w, &c, p, &OID, 0, &mut out, false).unwrap();
+    e.put(&mut w, &c, &key(p, OID, 0), &page(1)).unwrap();
+    e.put(&mut w, &c, &key(p, OID, 0), &page(2)).unwrap();
+    e.get(&mut w, &c, &key(p, OID, 0), &mut out, false).unwrap();
     assert_eq!(out, page(2));
     let mut same = vec![0u8; PAGE_SIZE];
     codec::fill_same(&mut same, 0xabab_abab_1234_5678);
-    e.put(&mut w, &c, p, &OID, 1, &same).unwrap();
-    e.put(&mut w, &c, p, &OID, 2, &[0u8; PAGE_SIZE]).unwrap();
-    e.get(&mut w, &c, p, &OID, 1, &mut out, false).unwrap();
+    e.put(&mut w, &c, &key(p, OID, 1), &same).unwrap();
+    e.put(&mut w, &c, &key(p, OID, 2), &[0u8; PAGE_SIZE])
+        .unwrap();
+    e.get(&mut w, &c, &key(p, OID, 1), &mut out, false).unwrap();
     assert_eq!(out, same);
-    e.get(&mut w, &c, p, &OID, 2, &mut out, false).unwrap();
+    e.get(&mut w, &c, &key(p, OID, 2), &mut out, false).unwrap();
     assert_eq!(out, vec![0u8; PAGE_SIZE]);
     let s = e.stats();
     let k = &s.clients[0].counters;
@@ -118,14 +127,14 @@ fn object_with_a_second_run_moves_to_a_map_and_charges_follow() {
     for (spec, lru) in [(PERS, 0), (EPH, LRU_META)] {
         let p = e.create_pool(&c, spec).unwrap();
         // One run: inline in its object.
-        e.put(&mut w, &c, p, &OID, 3, &zero).unwrap();
+        e.put(&mut w, &c, &key(p, OID, 3), &zero).unwrap();
         assert_eq!(e.memory_used(), OBJ_META + SLOT_BYTES + lru);
         assert_eq!(e.object_shapes(&c, p), (1, 1));
         // Forty runs of one page each over 16 shards (placed by a per-pool random hash):
         // some shards hold several of the object's runs, in a map.
         let idx: Vec<u64> = (0..40).map(|r| r * 16 + 3).collect();
         for &i in &idx[1..] {
-            e.put(&mut w, &c, p, &OID, i, &zero).unwrap();
+            e.put(&mut w, &c, &key(p, OID, i), &zero).unwrap();
         }
         let (objects, single) = e.object_shapes(&c, p);
         let runs = idx.len() as u64;
@@ -136,13 +145,13 @@ fn object_with_a_second_run_moves_to_a_map_and_charges_follow() {
         );
         if spec.persistent {
             for &i in &idx {
-                e.get(&mut w, &c, p, &OID, i, &mut out, false).unwrap();
+                e.get(&mut w, &c, &key(p, OID, i), &mut out, false).unwrap();
                 assert_eq!(out, zero);
             }
         }
         // Emptying runs one by one releases exactly what was charged.
         for &i in &idx {
-            e.flush_page(&c, p, &OID, i).unwrap();
+            e.flush_page(&c, &key(p, OID, i)).unwrap();
         }
         assert_eq!(e.memory_used(), 0);
         assert_eq!(e.object_shapes(&c, p), (0, 0));
@@ -157,12 +166,12 @@ fn private_ephemeral_get_is_exclusive() {
     let mut w = e.new_worker().unwrap();
     let p = e.create_pool(&c, EPH).unwrap();
     let mut out = vec![0u8; PAGE_SIZE];
-    e.put(&mut w, &c, p, &OID, 7, &page(7)).unwrap();
-    let hit = e.get(&mut w, &c, p, &OID, 7, &mut out, false).unwrap();
+    e.put(&mut w, &c, &key(p, OID, 7), &page(7)).unwrap();
+    let hit = e.get(&mut w, &c, &key(p, OID, 7), &mut out, false).unwrap();
     assert!(hit.dropped);
     assert_eq!(out, page(7));
     assert!(matches!(
-        e.get(&mut w, &c, p, &OID, 7, &mut out, false),
+        e.get(&mut w, &c, &key(p, OID, 7), &mut out, false),
         Err(Error::Miss)
     ));
     assert_eq!(e.memory_used(), 0);
@@ -175,37 +184,37 @@ fn failed_put_drops_older_copy() {
     let mut w = e.new_worker().unwrap();
     let p = e.create_pool(&c, EPH).unwrap();
     let mut out = vec![0u8; PAGE_SIZE];
-    e.put(&mut w, &c, p, &OID, 1, &page(1)).unwrap();
+    e.put(&mut w, &c, &key(p, OID, 1), &page(1)).unwrap();
     // Incompressible ephemeral page: refused, and the old copy must be gone.
-    let r = e.put(&mut w, &c, p, &OID, 1, &random_page(9));
+    let r = e.put(&mut w, &c, &key(p, OID, 1), &random_page(9));
     assert!(matches!(r, Err(Error::Refused(_))), "{r:?}");
     assert!(matches!(
-        e.get(&mut w, &c, p, &OID, 1, &mut out, false),
+        e.get(&mut w, &c, &key(p, OID, 1), &mut out, false),
         Err(Error::Miss)
     ));
 
     // Same through a quota: a persistent put over an existing key that no longer fits.
     let q = e.create_pool(&c, PERS).unwrap();
-    e.put(&mut w, &c, q, &OID, 1, &page(1)).unwrap();
+    e.put(&mut w, &c, &key(q, OID, 1), &page(1)).unwrap();
     e.set_quota(&c, e.memory_used());
-    let r = e.put(&mut w, &c, q, &OID, 1, &random_page(3));
+    let r = e.put(&mut w, &c, &key(q, OID, 1), &random_page(3));
     assert!(matches!(r, Err(Error::NoSpace)), "{r:?}");
     assert!(matches!(
-        e.get(&mut w, &c, q, &OID, 1, &mut out, false),
+        e.get(&mut w, &c, &key(q, OID, 1), &mut out, false),
         Err(Error::Miss)
     ));
     assert_eq!(e.memory_used(), 0);
 
     // And through a frozen client.
     e.set_quota(&c, 0);
-    e.put(&mut w, &c, q, &OID, 2, &page(2)).unwrap();
+    e.put(&mut w, &c, &key(q, OID, 2), &page(2)).unwrap();
     e.set_frozen(&c, true);
     assert!(matches!(
-        e.put(&mut w, &c, q, &OID, 2, &page(3)),
+        e.put(&mut w, &c, &key(q, OID, 2), &page(3)),
         Err(Error::Refused(_))
     ));
     assert!(matches!(
-        e.get(&mut w, &c, q, &OID, 2, &mut out, false),
+        e.get(&mut w, &c, &key(q, OID, 2), &mut out, false),
         Err(Error::Miss)
     ));
 }
@@ -217,8 +226,8 @@ fn persistent_stored_raw_when_incompressible() {
     let mut w = e.new_worker().unwrap();
     let p = e.create_pool(&c, PERS).unwrap();
     let mut out = vec![0u8; PAGE_SIZE];
-    e.put(&mut w, &c, p, &OID, 1, &random_page(5)).unwrap();
-    e.get(&mut w, &c, p, &OID, 1, &mut out, false).unwrap();
+    e.put(&mut w, &c, &key(p, OID, 1), &random_page(5)).unwrap();
+    e.get(&mut w, &c, &key(p, OID, 1), &mut out, false).unwrap();
     assert_eq!(out, random_page(5));
     assert_eq!(e.stats().clients[0].counters.raw_pages, 1);
 }
@@ -231,7 +240,7 @@ fn ephemeral_eviction_under_limit_persistent_never_evicted() {
         let c = e.add_client(ClientConfig::named("x"));
         let mut w = e.new_worker().unwrap();
         let p = e.create_pool(&c, EPH).unwrap();
-        e.put(&mut w, &c, p, &OID, 0, &page(0)).unwrap();
+        e.put(&mut w, &c, &key(p, OID, 0), &page(0)).unwrap();
         e.memory_used()
     };
     let e = engine(one * 40);
@@ -240,10 +249,11 @@ fn ephemeral_eviction_under_limit_persistent_never_evicted() {
     let eph = e.create_pool(&c, EPH).unwrap();
     let pers = e.create_pool(&c, PERS).unwrap();
     for i in 0..20 {
-        e.put(&mut w, &c, pers, &OID, i, &page(1000 + i)).unwrap();
+        e.put(&mut w, &c, &key(pers, OID, i), &page(1000 + i))
+            .unwrap();
     }
     for i in 0..200 {
-        e.put(&mut w, &c, eph, &OID, i, &page(i)).unwrap();
+        e.put(&mut w, &c, &key(eph, OID, i), &page(i)).unwrap();
         assert!(e.memory_used() <= one * 40);
     }
     let s = e.stats();
@@ -255,20 +265,23 @@ fn ephemeral_eviction_under_limit_persistent_never_evicted() {
     // Every persistent page is still there, byte for byte.
     let mut out = vec![0u8; PAGE_SIZE];
     for i in 0..20 {
-        e.get(&mut w, &c, pers, &OID, i, &mut out, false).unwrap();
+        e.get(&mut w, &c, &key(pers, OID, i), &mut out, false)
+            .unwrap();
         assert_eq!(out, page(1000 + i));
     }
     // The newest ephemeral pages survived (LRU), the oldest were evicted.
-    assert!(e.get(&mut w, &c, eph, &OID, 199, &mut out, false).is_ok());
+    assert!(e
+        .get(&mut w, &c, &key(eph, OID, 199), &mut out, false)
+        .is_ok());
     assert_eq!(out, page(199));
     assert!(matches!(
-        e.get(&mut w, &c, eph, &OID, 0, &mut out, false),
+        e.get(&mut w, &c, &key(eph, OID, 0), &mut out, false),
         Err(Error::Miss)
     ));
     // Fill the rest with persistent pages: they are refused once nothing is left to evict.
     let mut refused = 0;
     for i in 0..200 {
-        match e.put(&mut w, &c, pers, &OID, 100 + i, &page(5000 + i)) {
+        match e.put(&mut w, &c, &key(pers, OID, 100 + i), &page(5000 + i)) {
             Ok(()) => {}
             Err(Error::NoSpace) => refused += 1,
             Err(x) => panic!("{x}"),
@@ -277,7 +290,8 @@ fn ephemeral_eviction_under_limit_persistent_never_evicted() {
     assert!(refused > 100);
     assert!(e.memory_used() <= one * 40);
     for i in 0..20 {
-        e.get(&mut w, &c, pers, &OID, i, &mut out, false).unwrap();
+        e.get(&mut w, &c, &key(pers, OID, i), &mut out, false)
+            .unwrap();
         assert_eq!(out, page(1000 + i));
     }
 }
@@ -295,8 +309,9 @@ fn weighted_eviction_prefers_client_over_its_share() {
     let pl = e.create_pool(&light, EPH).unwrap();
     // Both want far more than the limit: the weights decide who keeps what.
     for i in 0..1000 {
-        e.put(&mut w, &light, pl, &OID, i, &page(i)).unwrap();
-        e.put(&mut w, &heavy, ph, &OID, i, &page(i + 7)).unwrap();
+        e.put(&mut w, &light, &key(pl, OID, i), &page(i)).unwrap();
+        e.put(&mut w, &heavy, &key(ph, OID, i), &page(i + 7))
+            .unwrap();
     }
     let s = e.stats();
     let (h, l) = (&s.clients[0].counters, &s.clients[1].counters);
@@ -315,10 +330,10 @@ fn weighted_eviction_prefers_client_over_its_share() {
     let pb = e.create_pool(&big, EPH).unwrap();
     let ps = e.create_pool(&small, EPH).unwrap();
     for i in 0..40 {
-        e.put(&mut w, &small, ps, &OID, i, &page(i)).unwrap();
+        e.put(&mut w, &small, &key(ps, OID, i), &page(i)).unwrap();
     }
     for i in 0..1000 {
-        e.put(&mut w, &big, pb, &OID, i, &page(i)).unwrap();
+        e.put(&mut w, &big, &key(pb, OID, i), &page(i)).unwrap();
     }
     let s = e.stats();
     assert_eq!(s.clients[1].counters.evictions, 0);
@@ -338,10 +353,10 @@ fn quota_evicts_own_pages_only() {
     let pa = e.create_pool(&a, EPH).unwrap();
     let pb = e.create_pool(&b, EPH).unwrap();
     for i in 0..50 {
-        e.put(&mut w, &a, pa, &OID, i, &page(i)).unwrap();
+        e.put(&mut w, &a, &key(pa, OID, i), &page(i)).unwrap();
     }
     for i in 0..200 {
-        e.put(&mut w, &b, pb, &OID, i, &page(i)).unwrap();
+        e.put(&mut w, &b, &key(pb, OID, i), &page(i)).unwrap();
     }
     let s = e.stats();
     assert_eq!(s.clients[0].counters.stored_pages, 50);
@@ -380,20 +395,21 @@ fn shared_pools_need_authorization() {
         ),
         Err(Error::InvalidPool(_))
     ));
-    e.put(&mut w, &a, pa, &OID, 1, &page(1)).unwrap();
+    e.put(&mut w, &a, &key(pa, OID, 1), &page(1)).unwrap();
     let mut out = vec![0u8; PAGE_SIZE];
     // Shared ephemeral gets are not exclusive by default: both members can read it.
     assert!(
-        !e.get(&mut w, &b, pb, &OID, 1, &mut out, false)
+        !e.get(&mut w, &b, &key(pb, OID, 1), &mut out, false)
             .unwrap()
             .dropped
     );
     assert_eq!(out, page(1));
-    e.get(&mut w, &a, pa, &OID, 1, &mut out, false).unwrap();
+    e.get(&mut w, &a, &key(pa, OID, 1), &mut out, false)
+        .unwrap();
     // Mallory cannot reach it through her own pool ids.
     let pm = e.create_pool(&m, EPH).unwrap();
     assert!(matches!(
-        e.get(&mut w, &m, pm, &OID, 1, &mut out, false),
+        e.get(&mut w, &m, &key(pm, OID, 1), &mut out, false),
         Err(Error::Miss)
     ));
     // Revoking authorization stops new joins.
@@ -401,7 +417,8 @@ fn shared_pools_need_authorization() {
     assert!(matches!(e.create_pool(&b, spec), Err(Error::Denied(_))));
     // The pool lives while a member remains; the last one leaving frees it.
     e.reset_client(&a);
-    e.get(&mut w, &b, pb, &OID, 1, &mut out, false).unwrap();
+    e.get(&mut w, &b, &key(pb, OID, 1), &mut out, false)
+        .unwrap();
     assert_eq!(e.stats().shared_pools.len(), 1);
     e.destroy_pool(&b, pb).unwrap();
     assert_eq!(e.stats().shared_pools.len(), 0);
@@ -424,14 +441,14 @@ fn pool_ids_limits_and_reset() {
         Err(Error::TooManyPools(2))
     ));
     let mut out = vec![0u8; PAGE_SIZE];
-    e.put(&mut w, &a, p0, &OID, 0, &page(0)).unwrap();
+    e.put(&mut w, &a, &key(p0, OID, 0), &page(0)).unwrap();
     // Another client's pool ids are its own namespace.
     assert!(matches!(
-        e.get(&mut w, &b, p0, &OID, 0, &mut out, false),
+        e.get(&mut w, &b, &key(p0, OID, 0), &mut out, false),
         Err(Error::BadPool(_))
     ));
     assert!(matches!(
-        e.put(&mut w, &a, 99, &OID, 0, &page(0)),
+        e.put(&mut w, &a, &key(99, OID, 0), &page(0)),
         Err(Error::BadPool(99))
     ));
     e.destroy_pool(&a, p1).unwrap();
@@ -440,7 +457,7 @@ fn pool_ids_limits_and_reset() {
     e.reset_client(&a);
     assert_eq!(e.memory_used(), 0);
     assert!(matches!(
-        e.get(&mut w, &a, p0, &OID, 0, &mut out, false),
+        e.get(&mut w, &a, &key(p0, OID, 0), &mut out, false),
         Err(Error::BadPool(_))
     ));
 }
@@ -460,14 +477,14 @@ fn concurrent_clients_and_lru_compaction() {
                 for round in 0..3u64 {
                     for i in 0..500u64 {
                         let v = i * 31 + round + t * 1_000_000;
-                        e.put(&mut w, &c, p, &OID, i, &page(v)).unwrap();
-                        e.put(&mut w, &c, q, &OID, i, &page(v)).unwrap();
+                        e.put(&mut w, &c, &key(p, OID, i), &page(v)).unwrap();
+                        e.put(&mut w, &c, &key(q, OID, i), &page(v)).unwrap();
                     }
                     for i in 0..500u64 {
                         let v = i * 31 + round + t * 1_000_000;
-                        e.get(&mut w, &c, p, &OID, i, &mut out, false).unwrap();
+                        e.get(&mut w, &c, &key(p, OID, i), &mut out, false).unwrap();
                         assert_eq!(out, page(v));
-                        e.get(&mut w, &c, q, &OID, i, &mut out, false).unwrap();
+                        e.get(&mut w, &c, &key(q, OID, i), &mut out, false).unwrap();
                         assert_eq!(out, page(v));
                     }
                 }

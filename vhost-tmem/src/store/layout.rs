@@ -1,0 +1,367 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! How pages are laid out in memory, and what each piece costs.
+//!
+//! A client holds up to `max_pools` pools; a pool is split into shards, each a mutex over
+//! `oid -> run -> Run` maps, where a run is 16 consecutive page indexes of one object. A run
+//! holds a 16-bit presence mask and its pages' 16-byte slots in index order, so a densely used
+//! run costs 16 bytes per page plus its share of one map entry. Runs hash to shards, so
+//! requests from different workers rarely meet on a lock and no lock is global; flushing an
+//! object visits each shard once. The hash is keyed per pool with random seeds because keys
+//! are chosen by untrusted guests.
+//!
+//! The helpers here change a shard's contents and its gauges together, under its lock, and
+//! return what they freed, for the caller to release once the lock is dropped.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
+use shared_proto::Oid;
+
+use super::codec::{Compressor, Encoding};
+use super::counters::{CounterSnapshot, Counters};
+use super::hash::KeyedState;
+use super::slot::{Payload, Slot};
+use super::{PageKey, Uuid};
+
+/// Shards per pool: a power of two, a few times the number of worker threads.
+pub(super) const SHARDS: usize = 16;
+/// log2 of the pages in a run.
+pub(super) const RUN_SHIFT: u32 = 4;
+/// Pages in a run.
+pub(super) const RUN_PAGES: usize = 1 << RUN_SHIFT;
+
+/// Charged per slot of a run's slot vector (by capacity).
+pub(super) const SLOT_BYTES: u64 = std::mem::size_of::<Slot>() as u64;
+/// Charged per run in an object's run map: its entry (key, run, control byte) at the lowest
+/// load factor the map keeps (7/16, just after it grows), so the charge covers what is
+/// allocated, small maps' minimum sizes included.
+pub(super) const RUN_META: u64 = ((std::mem::size_of::<(u64, Run)>() + 1) * 16 / 7) as u64;
+/// Charged per object per shard: its entry in the shard's object map (an object's single run
+/// lives in it), at the same load factor.
+pub(super) const OBJ_META: u64 = ((std::mem::size_of::<(Oid, Object)>() + 1) * 16 / 7) as u64;
+/// Charged per run of an ephemeral pool: LRU records (compaction keeps them under two per
+/// run, see `compact_lru`).
+pub(super) const LRU_META: u64 = 2 * std::mem::size_of::<LruRef>() as u64;
+/// The most a put can add besides its payload: a new object, an object's single run moving
+/// into a map with the new run beside it, an LRU share, or the slot vector growing from 8 to 16.
+pub(super) const MAX_STRUCT_COST: u64 =
+    OBJ_META + 2 * RUN_META + LRU_META + RUN_PAGES as u64 * SLOT_BYTES;
+
+/// A payload's charge: allocations come in 16-byte granules.
+pub(super) fn payload_cost(len: usize) -> u64 {
+    (len as u64).div_ceil(16) * 16
+}
+
+/// Where a pool's memory is charged: a client, or a shared pool.
+#[derive(Debug)]
+pub(super) struct Account {
+    pub(super) weight: AtomicU32,
+    pub(super) quota: AtomicU64,
+    pub(super) used: AtomicU64,
+    /// Ephemeral runs held, so that eviction can skip accounts with nothing to give.
+    pub(super) ephemeral_runs: AtomicU64,
+    /// Ephemeral pools charged here, in eviction rotation.
+    pub(super) pools: Mutex<Vec<Weak<Pool>>>,
+    pub(super) cursor: AtomicUsize,
+    /// Pages evicted from this account.
+    pub(super) evictions: AtomicU64,
+}
+
+impl Account {
+    pub(super) fn new(weight: u32, quota: u64) -> Self {
+        Account {
+            weight: AtomicU32::new(weight.max(1)),
+            quota: AtomicU64::new(quota),
+            used: AtomicU64::new(0),
+            ephemeral_runs: AtomicU64::new(0),
+            pools: Mutex::new(Vec::new()),
+            cursor: AtomicUsize::new(0),
+            evictions: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A run's key: the object and the run number (index >> RUN_SHIFT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct RunKey {
+    pub(super) oid: Oid,
+    pub(super) run: u64,
+}
+
+impl Hash for RunKey {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        // Four words, without the slice length `[u64; 3]` would add.
+        h.write_u64(self.oid[0]);
+        h.write_u64(self.oid[1]);
+        h.write_u64(self.oid[2]);
+        h.write_u64(self.run);
+    }
+}
+
+/// Up to 16 consecutive pages of one object.
+#[derive(Debug, Default)]
+pub(super) struct Run {
+    /// Bit i: page `run * 16 + i` is stored, at `slots[popcount(present below i)]`.
+    pub(super) present: u16,
+    /// LRU stamp of this run's newest record (ephemeral pools).
+    pub(super) stamp: u64,
+    pub(super) slots: Vec<Slot>,
+}
+
+impl Run {
+    pub(super) fn pos(&self, bit: u32) -> usize {
+        (self.present & ((1u16 << bit) - 1)).count_ones() as usize
+    }
+
+    pub(super) fn get(&self, bit: u32) -> Option<&Slot> {
+        (self.present & (1 << bit) != 0).then(|| &self.slots[self.pos(bit)])
+    }
+
+    pub(super) fn take(&mut self, bit: u32) -> Option<Slot> {
+        if self.present & (1 << bit) == 0 {
+            return None;
+        }
+        let at = self.pos(bit);
+        self.present &= !(1 << bit);
+        Some(self.slots.remove(at))
+    }
+}
+
+/// An LRU record; stale when the run's stamp has moved on or the run is gone.
+#[derive(Debug)]
+pub(super) struct LruRef {
+    pub(super) key: RunKey,
+    pub(super) stamp: u64,
+}
+
+/// Counts a page in or out of a shard's gauges and its payload charge.
+pub(super) fn count_page(
+    counts: &mut CounterSnapshot,
+    payload_charged: &mut u64,
+    s: &Slot,
+    add: bool,
+) {
+    let (same, raw, bytes) = match s.payload() {
+        Payload::Same(_) => (1, 0, 0),
+        Payload::Stored(e, b) => (0, (e == Encoding::Raw) as u64, b.len() as u64),
+    };
+    let cost = payload_cost(s.len());
+    if add {
+        counts.stored_pages += 1;
+        counts.same_filled_pages += same;
+        counts.raw_pages += raw;
+        counts.compressed_bytes += bytes;
+        counts.memory_used += cost;
+        *payload_charged += cost;
+    } else {
+        counts.stored_pages -= 1;
+        counts.same_filled_pages -= same;
+        counts.raw_pages -= raw;
+        counts.compressed_bytes -= bytes;
+        counts.memory_used -= cost;
+        *payload_charged -= cost;
+    }
+}
+
+/// An object's runs within one shard. Most objects of a page cache are small files with a
+/// single run: it is kept inline, where a map of one entry would cost a few hundred bytes.
+/// An object that gets a second run moves to a map and stays there until it is gone.
+#[derive(Debug)]
+pub(super) enum Object {
+    One(u64, Run),
+    Many(HashMap<u64, Run, KeyedState>),
+}
+
+impl Object {
+    pub(super) fn get(&self, run: u64) -> Option<&Run> {
+        match self {
+            Object::One(r, x) => (*r == run).then_some(x),
+            Object::Many(m) => m.get(&run),
+        }
+    }
+
+    pub(super) fn get_mut(&mut self, run: u64) -> Option<&mut Run> {
+        match self {
+            Object::One(r, x) => (*r == run).then_some(x),
+            Object::Many(m) => m.get_mut(&run),
+        }
+    }
+
+    /// The run numbered `run`, created empty if missing; and the map charge that added
+    /// (`RUN_META` for each run that now sits in a map and did not before).
+    pub(super) fn run_or_insert(&mut self, run: u64, h: KeyedState) -> (&mut Run, u64) {
+        let mut charge = 0;
+        if let Object::One(r, x) = self {
+            if *r != run {
+                let mut m = HashMap::with_capacity_and_hasher(2, h);
+                m.insert(*r, std::mem::take(x));
+                *self = Object::Many(m);
+                charge += RUN_META;
+            }
+        }
+        match self {
+            Object::One(_, x) => (x, charge),
+            Object::Many(m) => {
+                let x = m.entry(run).or_insert_with(|| {
+                    charge += RUN_META;
+                    Run::default()
+                });
+                (x, charge)
+            }
+        }
+    }
+
+    /// The object's run numbers.
+    pub(super) fn runs(&self) -> Vec<u64> {
+        match self {
+            Object::One(r, _) => vec![*r],
+            Object::Many(m) => m.keys().copied().collect(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Shard {
+    pub(super) objects: HashMap<Oid, Object, KeyedState>,
+    /// Runs in `objects`, so that LRU compaction needs no count.
+    pub(super) runs: usize,
+    pub(super) lru: VecDeque<LruRef>,
+    pub(super) clock: u64,
+    /// Gauges and the common request counters of this shard's pages; `memory_used` is
+    /// everything charged for the shard, payloads and structure.
+    pub(super) counts: CounterSnapshot,
+    /// The payloads' part of `counts.memory_used`.
+    pub(super) payload_charged: u64,
+}
+
+impl Shard {
+    pub(super) fn new(h: KeyedState) -> Self {
+        Shard {
+            objects: HashMap::with_hasher(h),
+            runs: 0,
+            lru: VecDeque::new(),
+            clock: 0,
+            counts: CounterSnapshot::default(),
+            payload_charged: 0,
+        }
+    }
+
+    pub(super) fn run_mut(&mut self, key: &RunKey) -> Option<&mut Run> {
+        self.objects.get_mut(&key.oid)?.get_mut(key.run)
+    }
+}
+
+/// A pool. Shared pools are one `Pool` referenced by every member client.
+#[derive(Debug)]
+pub(super) struct Pool {
+    pub(super) persistent: bool,
+    pub(super) shared: Option<Uuid>,
+    pub(super) compressor: Compressor,
+    pub(super) account: Arc<Account>,
+    pub(super) shards: Box<[Mutex<Shard>]>,
+    pub(super) hasher: KeyedState,
+    pub(super) evict_cursor: AtomicUsize,
+    /// Set once the pool is destroyed; puts that raced with it must not insert.
+    pub(super) dead: AtomicBool,
+    pub(super) members: AtomicU64,
+    /// The rare events, counted outside the shard locks.
+    pub(super) counters: Counters,
+}
+
+impl Pool {
+    pub(super) fn shard(&self, key: &RunKey) -> &Mutex<Shard> {
+        let h = self.hasher.hash_one(key);
+        // High bits: hashbrown uses the low ones for buckets and the top 7 for tags.
+        &self.shards[(h >> 40) as usize & (SHARDS - 1)]
+    }
+
+    /// A run's charge wherever it sits: its LRU share (ephemeral pools).
+    pub(super) fn run_cost(&self) -> u64 {
+        if self.persistent {
+            0
+        } else {
+            LRU_META
+        }
+    }
+}
+
+/// A page's run and its bit in the run.
+pub(super) fn key_of(key: &PageKey) -> (RunKey, u32) {
+    (
+        RunKey {
+            oid: key.oid,
+            run: key.index >> RUN_SHIFT,
+        },
+        (key.index & (RUN_PAGES as u64 - 1)) as u32,
+    )
+}
+
+/// Takes a whole run out of a shard with its bookkeeping; returns it and the bytes it had
+/// charged (payloads and structure), to release once the lock is dropped.
+pub(super) fn remove_run(pool: &Pool, sh: &mut Shard, key: &RunKey) -> Option<(Run, u64)> {
+    let obj = sh.objects.get_mut(&key.oid)?;
+    let (run, mut freed, emptied) = match obj {
+        Object::One(r, _) if *r != key.run => return None,
+        Object::One(_, x) => (std::mem::take(x), 0, true),
+        Object::Many(m) => {
+            let run = m.remove(&key.run)?;
+            (run, RUN_META, m.is_empty())
+        }
+    };
+    if emptied {
+        sh.objects.remove(&key.oid);
+        freed += OBJ_META;
+    }
+    freed += pool.run_cost() + run.slots.capacity() as u64 * SLOT_BYTES;
+    sh.counts.memory_used -= freed;
+    for s in &run.slots {
+        count_page(&mut sh.counts, &mut sh.payload_charged, s, false);
+        freed += payload_cost(s.len());
+    }
+    sh.runs -= 1;
+    if !pool.persistent {
+        pool.account.ephemeral_runs.fetch_sub(1, Relaxed);
+    }
+    Some((run, freed))
+}
+
+/// Takes one page out of a shard with its bookkeeping (the run and object go when empty);
+/// returns it and the bytes to release once the lock is dropped.
+pub(super) fn take_page(
+    pool: &Pool,
+    sh: &mut Shard,
+    key: &RunKey,
+    bit: u32,
+) -> Option<(Slot, u64)> {
+    let run = sh.run_mut(key)?;
+    let slot = run.take(bit)?;
+    let emptied = run.present == 0;
+    count_page(&mut sh.counts, &mut sh.payload_charged, &slot, false);
+    let mut freed = payload_cost(slot.len());
+    if emptied {
+        let (_, f) = remove_run(pool, sh, key).expect("the run is there");
+        freed += f;
+    }
+    Some((slot, freed))
+}
+
+/// Drops stale LRU records once they outnumber live runs by half, so the queue stays
+/// O(runs) and within what `LRU_META` charges.
+pub(super) fn compact_lru(sh: &mut Shard) {
+    if sh.lru.len() < 64 || sh.lru.len() < sh.runs + sh.runs / 2 {
+        return;
+    }
+    let objects = &sh.objects;
+    sh.lru.retain(|r| {
+        objects
+            .get(&r.key.oid)
+            .and_then(|o| o.get(r.key.run))
+            .is_some_and(|run| run.stamp == r.stamp)
+    });
+    if sh.lru.capacity() > 4 * sh.lru.len().max(16) {
+        sh.lru.shrink_to(2 * sh.lru.len());
+    }
+}

@@ -1,0 +1,158 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Request chains: a descriptor chain copied into a fixed array and split into its readable
+//! and writable parts, and byte access to each part however the driver split it into
+//! descriptors (the framing is the driver's choice, see docs/virtio-tmem.md).
+//!
+//! Nothing here trusts the guest: lengths and addresses are checked, a chain too long or with
+//! a readable descriptor after a writable one is refused.
+
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+
+/// Most descriptors in one request chain; longer chains are INVALID.
+pub const MAX_SEGMENTS: usize = 16;
+
+/// One descriptor of a parsed chain.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Seg {
+    pub(super) addr: u64,
+    pub(super) len: u32,
+}
+
+/// A chain split into its device-readable and device-writable parts, without allocation.
+#[derive(Debug)]
+pub(super) struct Chain {
+    /// The head descriptor's index, for the used ring.
+    pub(super) head: u16,
+    segs: [Seg; MAX_SEGMENTS],
+    /// `segs[..n_read]` are readable, `segs[n_read..n]` writable.
+    n_read: usize,
+    n: usize,
+    pub(super) read_len: usize,
+    pub(super) write_len: usize,
+}
+
+/// Why a chain could not be parsed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ChainError {
+    TooLong,
+    ReadableAfterWritable,
+}
+
+impl Chain {
+    /// Parses a chain; on failure, returns its head with the reason.
+    pub(super) fn parse<M>(chain: DescriptorChain<M>) -> Result<Chain, (u16, ChainError)>
+    where
+        M: std::ops::Deref,
+        M::Target: GuestMemory,
+    {
+        let head = chain.head_index();
+        let mut c = Chain {
+            head,
+            segs: [Seg::default(); MAX_SEGMENTS],
+            n_read: 0,
+            n: 0,
+            read_len: 0,
+            write_len: 0,
+        };
+        for d in chain {
+            if c.n == MAX_SEGMENTS {
+                return Err((head, ChainError::TooLong));
+            }
+            if d.is_write_only() {
+                c.write_len += d.len() as usize;
+            } else {
+                if c.n != c.n_read {
+                    return Err((head, ChainError::ReadableAfterWritable));
+                }
+                c.n_read += 1;
+                c.read_len += d.len() as usize;
+            }
+            c.segs[c.n] = Seg {
+                addr: d.addr().0,
+                len: d.len(),
+            };
+            c.n += 1;
+        }
+        Ok(c)
+    }
+
+    pub(super) fn readable(&self) -> &[Seg] {
+        &self.segs[..self.n_read]
+    }
+
+    pub(super) fn writable(&self) -> &[Seg] {
+        &self.segs[self.n_read..self.n]
+    }
+}
+
+/// Where `[offset, offset + len)` of a part lies, if within one descriptor.
+pub(super) fn contiguous(segs: &[Seg], mut offset: usize, len: usize) -> Option<GuestAddress> {
+    for s in segs {
+        let l = s.len as usize;
+        if offset < l {
+            if offset + len > l {
+                return None;
+            }
+            // Checked: descriptor addresses come from the guest.
+            return s.addr.checked_add(offset as u64).map(GuestAddress);
+        }
+        offset -= l;
+    }
+    None
+}
+
+/// Calls `f(address, range of the caller's buffer)` for each piece of bytes
+/// `[offset, offset + len)` of a part, in order; fails if the part is shorter or `f` fails.
+fn for_each_piece(
+    segs: &[Seg],
+    mut offset: usize,
+    len: usize,
+    mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), ()>,
+) -> Result<(), ()> {
+    let mut done = 0;
+    for s in segs {
+        if done == len {
+            break;
+        }
+        let l = s.len as usize;
+        if offset >= l {
+            offset -= l;
+            continue;
+        }
+        let n = (l - offset).min(len - done);
+        let addr = GuestAddress(s.addr).checked_add(offset as u64).ok_or(())?;
+        f(addr, done..done + n)?;
+        done += n;
+        offset = 0;
+    }
+    if done == len {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// Copies `buf.len()` bytes from offset `offset` of a part into `buf`.
+pub(super) fn read_part<M: GuestMemory>(
+    mem: &M,
+    segs: &[Seg],
+    offset: usize,
+    buf: &mut [u8],
+) -> Result<(), ()> {
+    for_each_piece(segs, offset, buf.len(), |a, r| {
+        mem.read_slice(&mut buf[r], a).map_err(|_| ())
+    })
+}
+
+/// Copies `buf` to offset `offset` of a part.
+pub(super) fn write_part<M: GuestMemory>(
+    mem: &M,
+    segs: &[Seg],
+    offset: usize,
+    buf: &[u8],
+) -> Result<(), ()> {
+    for_each_piece(segs, offset, buf.len(), |a, r| {
+        mem.write_slice(&buf[r], a).map_err(|_| ())
+    })
+}
