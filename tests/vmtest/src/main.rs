@@ -1004,7 +1004,7 @@ fn pick_accel(runner: &Runner, want: Accel) -> Result<&'static str, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let images = match Images::load(&root.join(&cli.images)).or_else(|_| Images::load(&cli.images))
     {
         Ok(i) => i,
