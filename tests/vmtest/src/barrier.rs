@@ -100,3 +100,21 @@ pub fn release(ports: &mut [UnixStream], name: &str) {
         let _ = writeln!(c, "{name}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_barrier_opens_when_every_guest_is_there() {
+        let mut b = Barriers::new(2);
+        assert!(!b.pending());
+        assert!(!b.arrive(0, "written"));
+        assert!(b.pending());
+        assert!(!b.arrive(0, "other"));
+        assert!(b.arrive(1, "written"));
+        assert!(b.pending(), "guest 0 still waits at `other`");
+        assert!(b.arrive(1, "other"));
+        assert!(!b.pending());
+    }
+}

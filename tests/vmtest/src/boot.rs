@@ -285,3 +285,34 @@ impl Runner {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(console: &str) -> Run {
+        Run {
+            console: console.into(),
+            timed_out: false,
+            status: "exit status: 0".into(),
+        }
+    }
+
+    #[test]
+    fn verdicts() {
+        let r = run("boot\nguest-result swap-integrity: pass\n");
+        assert_eq!(r.verdict("swap-integrity"), Some(Ok(())));
+        assert_eq!(r.verdict("two-guests"), None);
+        let r = run("guest-result swap-unload: FAIL (rmmod tmem)  \n");
+        assert_eq!(r.verdict("swap-unload"), Some(Err("rmmod tmem".into())));
+    }
+
+    #[test]
+    fn the_last_stats_line_counts() {
+        let r = run("guest-stats puts=1 gets=2\nguest-stats puts=10 gets=20 module=absent\n");
+        let s = r.guest_stats();
+        assert_eq!((s["puts"], s["gets"]), (10, 20));
+        assert!(!s.contains_key("module"));
+        assert!(run("nothing").guest_stats().is_empty());
+    }
+}
