@@ -280,7 +280,7 @@ do_initramfs() {
     bb=$(dpkg -L busybox-static 2>/dev/null | grep 'bin/busybox$' | head -n1)
     [ -n "$bb" ] && [ -x "$bb" ] || die "busybox-static is not installed"
     KEY_EXTRA="$MODULE_KEY busybox $(dpkg-query -W -f '${Version}' busybox-static) $(gcc --version | head -n1) recipe $INITRAMFS_RECIPE"
-    INITRAMFS_KEY=$(key initramfs "$ROOT"/tests/vm/guest/*)
+    INITRAMFS_KEY=$(key initramfs "$ROOT"/tests/vmtest/guest/*)
     INITRAMFS=$CACHE/initramfs/$INITRAMFS_KEY.cpio.gz
     if [ -f "$INITRAMFS" ]; then
         step "initramfs: cached $INITRAMFS_KEY"
@@ -295,9 +295,9 @@ do_initramfs() {
         [ -e "$work/bin/$applet" ] || ln -s busybox "$work/bin/$applet"
     done
     run_logged "memtouch build" "$OUT/initramfs-build.log" \
-        gcc -O2 -static -Wall -Wextra -Werror -o "$work/bin/memtouch" "$ROOT/tests/vm/guest/memtouch.c"
-    install -m 0755 "$ROOT/tests/vm/guest/init" "$work/init"
-    install -m 0755 "$ROOT/tests/vm/guest/scenarios.sh" "$work/bin/scenarios.sh"
+        gcc -O2 -static -Wall -Wextra -Werror -o "$work/bin/memtouch" "$ROOT/tests/vmtest/guest/memtouch.c"
+    install -m 0755 "$ROOT/tests/vmtest/guest/init" "$work/init"
+    install -m 0755 "$ROOT/tests/vmtest/guest/scenarios.sh" "$work/bin/scenarios.sh"
     cp "$MODULE" "$work/lib/modules/tmem.ko"
     (cd "$work" && find . -print0 | cpio --null -o -H newc --quiet | gzip -9) >"$INITRAMFS.tmp"
     mv "$INITRAMFS.tmp" "$INITRAMFS"

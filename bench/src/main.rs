@@ -14,8 +14,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use serde_json::{json, Value};
 use vhost_tmem::store::codec::Compressor;
+
+use crate::report::{
+    CompressionRow, CorpusRow, E2eRow, EngineRow, FootprintRow, LimitRow, Machine, Report,
+};
 
 #[global_allocator]
 static ALLOC: alloc::Counting = alloc::Counting;
@@ -64,7 +67,7 @@ const COMPRESSORS: [Compressor; 4] = [
     Compressor::Zstd(1),
 ];
 
-fn machine(cores: usize) -> Value {
+fn machine(cores: usize) -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
@@ -87,13 +90,13 @@ fn machine(cores: usize) -> Value {
         let t = Instant::now();
         h.record(t.elapsed().as_nanos() as u64);
     }
-    json!({
-        "cpu_model": model,
-        "cores": cores,
-        "memory_gib": (mem_kib / 1048576.0 * 10.0).round() / 10.0,
-        "kernel": kernel,
-        "timer_overhead_ns": h.quantile(0.5),
-    })
+    Machine {
+        cpu_model: model,
+        cores,
+        memory_gib: (mem_kib / 1048576.0 * 10.0).round() / 10.0,
+        kernel,
+        timer_overhead_ns: h.quantile(0.5),
+    }
 }
 
 fn row_stats(s: &store::OpStats) -> (u64, u64, f64) {
@@ -104,7 +107,7 @@ fn row_stats(s: &store::OpStats) -> (u64, u64, f64) {
     )
 }
 
-fn run(args: &Args) -> Result<Value, Error> {
+fn run(args: &Args) -> Result<Report, Error> {
     let started = Instant::now();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let n = args.pages.unwrap_or(if args.quick { 128 } else { 4096 });
@@ -131,40 +134,51 @@ fn run(args: &Args) -> Result<Value, Error> {
                 let r = store::run(corpus, c, t, rounds)?;
                 for (op, s) in [("put", &r.put), ("get", &r.get), ("flush", &r.flush)] {
                     let (p50, p99, ops) = row_stats(s);
-                    engine_rows.push(json!({
-                        "compressor": c.to_string(), "corpus": corpus.name, "op": op,
-                        "threads": t, "p50_ns": p50, "p99_ns": p99, "ops_per_s": ops,
-                    }));
+                    engine_rows.push(EngineRow {
+                        compressor: c.to_string(),
+                        corpus: corpus.name.to_string(),
+                        op: op.to_string(),
+                        threads: t,
+                        p50_ns: p50,
+                        p99_ns: p99,
+                        ops_per_s: ops,
+                    });
                 }
             }
             if c == Compressor::None {
                 let m = store::memcpy(corpus, rounds);
-                limit_rows.push(json!({
-                    "what": "memcpy", "compressor": "none", "corpus": corpus.name,
-                    "p50_ns": m.hist.quantile(0.5), "p99_ns": m.hist.quantile(0.99),
-                    "ops_per_s": m.ops_per_s.round(),
-                }));
+                limit_rows.push(LimitRow {
+                    what: "memcpy".into(),
+                    compressor: "none".into(),
+                    corpus: corpus.name.to_string(),
+                    p50_ns: m.hist.quantile(0.5),
+                    p99_ns: m.hist.quantile(0.99),
+                    ops_per_s: m.ops_per_s.round(),
+                });
             }
             let (comp, decomp, bytes) = store::codec(corpus, c, rounds)?;
             for (what, l) in [("compress", &comp), ("decompress", &decomp)] {
-                limit_rows.push(json!({
-                    "what": what, "compressor": c.to_string(), "corpus": corpus.name,
-                    "p50_ns": l.hist.quantile(0.5), "p99_ns": l.hist.quantile(0.99),
-                    "ops_per_s": l.ops_per_s.round(),
-                }));
+                limit_rows.push(LimitRow {
+                    what: what.to_string(),
+                    compressor: c.to_string(),
+                    corpus: corpus.name.to_string(),
+                    p50_ns: l.hist.quantile(0.5),
+                    p99_ns: l.hist.quantile(0.99),
+                    ops_per_s: l.ops_per_s.round(),
+                });
             }
             if corpus.name == "mixed" {
                 let fp = footprint::measure(mixed, c, true, footprint::Keys::Dense, mixed.len())?;
                 let bare = bytes as f64 / corpus.len() as f64;
-                ratios.push(json!({
-                    "compressor": c.to_string(),
-                    "corpus": "mixed",
-                    "store": footprint::ratio(&fp),
-                    "bare": 4096.0 / bare,
-                    "stored_bytes_per_page": fp.payload_bytes_per_page,
-                    "allocator_slack_bytes_per_page": fp.slack_bytes_per_page,
-                    "bare_bytes_per_page": bare,
-                }));
+                ratios.push(CompressionRow {
+                    compressor: c.to_string(),
+                    corpus: "mixed".into(),
+                    store: footprint::ratio(&fp),
+                    bare: 4096.0 / bare,
+                    stored_bytes_per_page: fp.payload_bytes_per_page,
+                    allocator_slack_bytes_per_page: fp.slack_bytes_per_page,
+                    bare_bytes_per_page: bare,
+                });
             }
         }
     }
@@ -175,25 +189,30 @@ fn run(args: &Args) -> Result<Value, Error> {
     for keys in footprint::Keys::ALL {
         for persistent in [true, false] {
             let fp = footprint::measure(mixed, Compressor::Lz4, persistent, keys, fp_pages)?;
-            footprints.push(json!({
-                "compressor": "lz4",
-                "pool": if persistent { "persistent" } else { "ephemeral" },
-                "keys": keys.name(),
-                "pages": fp.pages,
-                "payload_bytes_per_page": fp.payload_bytes_per_page,
-                "metadata_bytes_per_page": fp.metadata_bytes_per_page,
-                "charged_metadata_bytes_per_page": fp.charged_metadata_bytes_per_page,
-                "allocator_slack_bytes_per_page": fp.slack_bytes_per_page,
-                "rss_bytes_per_page": fp.rss_bytes_per_page,
-            }));
+            footprints.push(FootprintRow {
+                compressor: "lz4".into(),
+                pool: if persistent {
+                    "persistent"
+                } else {
+                    "ephemeral"
+                }
+                .into(),
+                keys: keys.name().into(),
+                pages: fp.pages,
+                payload_bytes_per_page: fp.payload_bytes_per_page,
+                metadata_bytes_per_page: fp.metadata_bytes_per_page,
+                charged_metadata_bytes_per_page: fp.charged_metadata_bytes_per_page,
+                allocator_slack_bytes_per_page: fp.slack_bytes_per_page,
+                rss_bytes_per_page: fp.rss_bytes_per_page,
+            });
         }
     }
     let metadata = footprints
         .iter()
-        .filter(|f| f["keys"] == "dense")
-        .map(|f| f["metadata_bytes_per_page"].as_f64().unwrap_or(0.0))
+        .filter(|f| f.keys == "dense")
+        .map(|f| f.metadata_bytes_per_page)
         .fold(0.0, f64::max);
-    let rss = footprints[0]["rss_bytes_per_page"].clone();
+    let rss = footprints[0].rss_bytes_per_page;
 
     let mut e2e_rows = Vec::new();
     let depths = [1, 16, 64];
@@ -210,39 +229,51 @@ fn run(args: &Args) -> Result<Value, Error> {
         for r in rows {
             let (p50, p99, ops) = row_stats(&r.stats);
             let base = engine_rows.iter().find(|e| {
-                e["compressor"] == c.to_string().as_str()
-                    && e["corpus"] == "mixed"
-                    && e["op"] == r.op
-                    && e["threads"] == r.queues.min(cores) as u64
+                e.compressor == c.to_string()
+                    && e.corpus == "mixed"
+                    && e.op == r.op
+                    && e.threads == r.queues.min(cores)
             });
             let ratio = base
-                .and_then(|b| b["ops_per_s"].as_f64())
+                .map(|b| b.ops_per_s)
                 .filter(|b| *b > 0.0)
                 .map_or(0.0, |b| (ops / b * 1000.0).round() / 1000.0);
-            e2e_rows.push(json!({
-                "compressor": c.to_string(), "corpus": "mixed", "queue_depth": r.depth,
-                "queues": r.queues, "op": r.op, "p50_ns": p50, "p99_ns": p99,
-                "ops_per_s": ops, "ratio_to_engine": ratio,
-            }));
+            e2e_rows.push(E2eRow {
+                compressor: c.to_string(),
+                corpus: "mixed".into(),
+                queue_depth: r.depth,
+                queues: r.queues,
+                op: r.op.into(),
+                p50_ns: p50,
+                p99_ns: p99,
+                ops_per_s: ops,
+                ratio_to_engine: ratio,
+            });
         }
     }
 
-    let mut r = json!({
-        "mode": if args.quick { "quick" } else { "full" },
-        "machine": machine(cores),
-        "corpora": corpora.iter().map(|c| json!({
-            "name": c.name, "pages": c.len(), "source": c.source,
-        })).collect::<Vec<_>>(),
-        "engine": engine_rows,
-        "limits": limit_rows,
-        "e2e": e2e_rows,
-        "compression_ratio": ratios,
-        "metadata_bytes_per_page": (metadata * 10.0).round() / 10.0,
-        "rss_bytes_per_stored_page": rss,
-        "footprint": footprints,
-        "seconds": started.elapsed().as_secs(),
-    });
-    r["targets"] = report::targets(&r);
+    let mut r = Report {
+        mode: if args.quick { "quick" } else { "full" }.into(),
+        machine: machine(cores),
+        corpora: corpora
+            .iter()
+            .map(|c| CorpusRow {
+                name: c.name.into(),
+                pages: c.len(),
+                source: c.source.clone(),
+            })
+            .collect(),
+        engine: engine_rows,
+        limits: limit_rows,
+        e2e: e2e_rows,
+        compression_ratio: ratios,
+        metadata_bytes_per_page: (metadata * 10.0).round() / 10.0,
+        rss_bytes_per_stored_page: rss,
+        footprint: footprints,
+        seconds: started.elapsed().as_secs(),
+        targets: Vec::new(),
+    };
+    r.targets = report::targets(&r);
     Ok(r)
 }
 
@@ -274,13 +305,12 @@ fn main() {
             path: args.out.display().to_string(),
             source,
         })?;
-        let json = serde_json::to_string_pretty(&r).expect("a JSON value serializes");
+        let json = serde_json::to_string_pretty(&r).expect("the report serializes");
         write(args.out.join("report.json"), &json)?;
         write(args.out.join("report.md"), &report::markdown(&r))?;
         write(args.out.join("report.svg"), &report::svg(&r))?;
         // Read back what was written: the smoke run fails if a key went missing.
-        let back: Value = serde_json::from_str(&json).expect("just written");
-        report::check(&back)?;
+        report::check(&json)?;
         if let Some(readme) = &args.readme {
             report::update_readme(readme, &r)?;
             eprintln!("== updated the results section of {}", readme.display());
@@ -289,7 +319,7 @@ fn main() {
         println!(
             "report: {0}/report.md, {0}/report.json, {0}/report.svg ({1} s)",
             args.out.display(),
-            r["seconds"]
+            r.seconds
         );
         Ok(())
     })();

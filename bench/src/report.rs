@@ -1,11 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The report: targets evaluated from the figures, a table for the terminal, Markdown, an SVG
-//! plot and the README section. Everything reads the JSON document, so every output shows the
-//! same numbers.
+//! The report: its JSON document as typed rows, targets evaluated from the figures, a table for
+//! the terminal, Markdown, an SVG plot and the README section. Everything reads the one
+//! [`Report`], so every output shows the same numbers.
 
 use std::fmt::Write as _;
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 /// Errors while writing the report.
 #[derive(Debug, thiserror::Error)]
@@ -22,8 +22,126 @@ pub enum Error {
         begin: &'static str,
         end: &'static str,
     },
+    #[error("report.json lacks a key or has a value of the wrong type: {0}")]
+    Layout(#[source] serde_json::Error),
     #[error("report.json lacks {0}")]
     Incomplete(String),
+}
+
+// report.json. Every field is required, so reading the file back into a [`Report`] checks that
+// no key went missing. Fields are in alphabetical order: that is the key order report.json has
+// always had (it was a sorted JSON map), and the README and other readers rely on its layout.
+
+/// The whole benchmark run: report.json.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub compression_ratio: Vec<CompressionRow>,
+    pub corpora: Vec<CorpusRow>,
+    pub e2e: Vec<E2eRow>,
+    pub engine: Vec<EngineRow>,
+    pub footprint: Vec<FootprintRow>,
+    pub limits: Vec<LimitRow>,
+    pub machine: Machine,
+    /// Allocator-counted metadata per stored page with dense keys, the worse pool kind.
+    pub metadata_bytes_per_page: f64,
+    /// `quick` or `full`.
+    pub mode: String,
+    pub rss_bytes_per_stored_page: f64,
+    pub seconds: u64,
+    pub targets: Vec<Target>,
+}
+
+/// The machine the figures come from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub memory_gib: f64,
+    /// Two clock reads, as every timed operation has.
+    pub timer_overhead_ns: u64,
+}
+
+/// Store and bare-codec sizes of one compressor on the mixed corpus.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CompressionRow {
+    pub allocator_slack_bytes_per_page: f64,
+    pub bare: f64,
+    pub bare_bytes_per_page: f64,
+    pub compressor: String,
+    pub corpus: String,
+    pub store: f64,
+    pub stored_bytes_per_page: f64,
+}
+
+/// One corpus.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CorpusRow {
+    pub name: String,
+    pub pages: usize,
+    pub source: String,
+}
+
+/// One operation over vhost-user at one queue count and depth.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct E2eRow {
+    pub compressor: String,
+    pub corpus: String,
+    pub op: String,
+    pub ops_per_s: f64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub queue_depth: usize,
+    pub queues: usize,
+    pub ratio_to_engine: f64,
+}
+
+/// One operation of the in-process store.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EngineRow {
+    pub compressor: String,
+    pub corpus: String,
+    pub op: String,
+    pub ops_per_s: f64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub threads: usize,
+}
+
+/// Memory per stored page for one pool kind and key pattern.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FootprintRow {
+    pub allocator_slack_bytes_per_page: f64,
+    pub charged_metadata_bytes_per_page: f64,
+    pub compressor: String,
+    pub keys: String,
+    pub metadata_bytes_per_page: f64,
+    pub pages: u64,
+    pub payload_bytes_per_page: f64,
+    pub pool: String,
+    pub rss_bytes_per_page: f64,
+}
+
+/// A physical limit: memcpy or the bare codec.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LimitRow {
+    pub compressor: String,
+    pub corpus: String,
+    pub ops_per_s: f64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub what: String,
+}
+
+/// One of the issue's targets, evaluated.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Target {
+    pub bound: f64,
+    /// `at most` or `at least`.
+    pub kind: String,
+    pub measured: f64,
+    pub met: bool,
+    pub target: String,
 }
 
 /// Where the README's generated section starts and ends.
@@ -31,52 +149,69 @@ pub const BEGIN: &str = "<!-- bench-results:begin (written by make bench) -->";
 /// See [`BEGIN`].
 pub const END: &str = "<!-- bench-results:end -->";
 
-fn f(v: &Value) -> f64 {
-    v.as_f64().unwrap_or(0.0)
-}
+impl Report {
+    fn engine(&self, comp: &str, corpus: &str, op: &str, threads: usize) -> Option<&EngineRow> {
+        self.engine.iter().find(|e| {
+            e.compressor == comp && e.corpus == corpus && e.op == op && e.threads == threads
+        })
+    }
 
-fn find<'a>(list: &'a Value, pred: &dyn Fn(&Value) -> bool) -> Option<&'a Value> {
-    list.as_array()?.iter().find(|r| pred(r))
-}
+    fn limit(&self, what: &str, comp: &str, corpus: &str) -> Option<&LimitRow> {
+        self.limits
+            .iter()
+            .find(|e| e.what == what && e.compressor == comp && e.corpus == corpus)
+    }
 
-fn engine<'a>(r: &'a Value, comp: &str, corpus: &str, op: &str, threads: u64) -> Option<&'a Value> {
-    find(&r["engine"], &|e| {
-        e["compressor"] == comp && e["corpus"] == corpus && e["op"] == op && e["threads"] == threads
-    })
-}
+    /// The vhost-user row at queue depth 64 on one queue.
+    fn e2e_qd64(&self, comp: &str, op: &str) -> Option<&E2eRow> {
+        self.e2e
+            .iter()
+            .find(|e| e.compressor == comp && e.queue_depth == 64 && e.queues == 1 && e.op == op)
+    }
 
-fn limit<'a>(r: &'a Value, what: &str, comp: &str, corpus: &str) -> Option<&'a Value> {
-    find(&r["limits"], &|e| {
-        e["what"] == what && e["compressor"] == comp && e["corpus"] == corpus
-    })
+    fn compression(&self, comp: &str) -> Option<&CompressionRow> {
+        self.compression_ratio.iter().find(|c| c.compressor == comp)
+    }
+
+    /// Compressors in the order they were measured.
+    fn compressors(&self) -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        for e in &self.engine {
+            if !v.contains(&e.compressor) {
+                v.push(e.compressor.clone());
+            }
+        }
+        v
+    }
 }
 
 /// Evaluates the issue's targets (lz4, one thread) as ratios to the limits in the same run.
-pub fn targets(r: &Value) -> Value {
+pub fn targets(r: &Report) -> Vec<Target> {
     let mut out = Vec::new();
     let mut add = |name: String, measured: Option<f64>, bound: f64, at_most: bool| {
         if let Some(m) = measured {
             let met = if at_most { m <= bound } else { m >= bound };
-            out.push(json!({
-                "target": name,
-                "measured": (m * 1000.0).round() / 1000.0,
-                "bound": bound,
-                "kind": if at_most { "at most" } else { "at least" },
-                "met": met,
-            }));
+            out.push(Target {
+                target: name,
+                measured: (m * 1000.0).round() / 1000.0,
+                bound,
+                kind: if at_most { "at most" } else { "at least" }.to_string(),
+                met,
+            });
         }
     };
-    let ratio = |a: Option<&Value>, b: Option<&Value>, key: &str| -> Option<f64> {
-        let (a, b) = (f(&a?[key]), f(&b?[key]));
+    let ratio = |a: Option<f64>, b: Option<f64>| -> Option<f64> {
+        let (a, b) = (a?, b?);
         (b > 0.0).then(|| a / b)
     };
+    let p50 = |e: Option<&EngineRow>| e.map(|e| e.p50_ns as f64);
+    let lp50 = |l: Option<&LimitRow>| l.map(|l| l.p50_ns as f64);
     for corpus in ["mixed", "binary", "text"] {
         add(
             format!("put p50 / bare compress p50 ({corpus})"),
             ratio(
-                engine(r, "lz4", corpus, "put", 1),
-                limit(r, "compress", "lz4", corpus),
-                "p50_ns",
+                p50(r.engine("lz4", corpus, "put", 1)),
+                lp50(r.limit("compress", "lz4", corpus)),
             ),
             1.2,
             true,
@@ -84,9 +219,8 @@ pub fn targets(r: &Value) -> Value {
         add(
             format!("get p50 / bare decompress p50 ({corpus})"),
             ratio(
-                engine(r, "lz4", corpus, "get", 1),
-                limit(r, "decompress", "lz4", corpus),
-                "p50_ns",
+                p50(r.engine("lz4", corpus, "get", 1)),
+                lp50(r.limit("decompress", "lz4", corpus)),
             ),
             1.2,
             true,
@@ -97,9 +231,8 @@ pub fn targets(r: &Value) -> Value {
             add(
                 format!("{op} p50 / 4 KiB memcpy p50 ({corpus})"),
                 ratio(
-                    engine(r, "lz4", corpus, op, 1),
-                    limit(r, "memcpy", "none", corpus),
-                    "p50_ns",
+                    p50(r.engine("lz4", corpus, op, 1)),
+                    lp50(r.limit("memcpy", "none", corpus)),
                 ),
                 3.0,
                 true,
@@ -110,34 +243,30 @@ pub fn targets(r: &Value) -> Value {
         add(
             format!("{op} pages/s / bare {what} pages/s (mixed, one core)"),
             ratio(
-                engine(r, "lz4", "mixed", op, 1),
-                limit(r, what, "lz4", "mixed"),
-                "ops_per_s",
+                r.engine("lz4", "mixed", op, 1).map(|e| e.ops_per_s),
+                r.limit(what, "lz4", "mixed").map(|l| l.ops_per_s),
             ),
             0.8,
             false,
         );
     }
     for op in ["put", "get"] {
-        let e2e = find(&r["e2e"], &|e| {
-            e["compressor"] == "lz4" && e["queue_depth"] == 64 && e["queues"] == 1 && e["op"] == op
-        });
         add(
             format!("end-to-end {op} pages/s at QD 64 / in-process (mixed, one queue)"),
-            e2e.map(|e| f(&e["ratio_to_engine"])),
+            r.e2e_qd64("lz4", op).map(|e| e.ratio_to_engine),
             0.8,
             false,
         );
     }
     add(
         "metadata bytes per stored page (dense keys)".into(),
-        r["metadata_bytes_per_page"].as_f64(),
+        Some(r.metadata_bytes_per_page),
         32.0,
         true,
     );
-    if let Some(c) = find(&r["compression_ratio"], &|c| c["compressor"] == "lz4") {
-        let stored = f(&c["stored_bytes_per_page"]) + f(&c["allocator_slack_bytes_per_page"]);
-        let bare = f(&c["bare_bytes_per_page"]);
+    if let Some(c) = r.compression("lz4") {
+        let stored = c.stored_bytes_per_page + c.allocator_slack_bytes_per_page;
+        let bare = c.bare_bytes_per_page;
         add(
             "stored bytes (with slack) / bare lz4 output (mixed)".into(),
             (bare > 0.0).then(|| stored / bare),
@@ -145,11 +274,14 @@ pub fn targets(r: &Value) -> Value {
             true,
         );
     }
-    Value::Array(out)
+    out
 }
 
-/// Checks that the keys the issue names are present (the quick run's smoke check).
-pub fn check(r: &Value) -> Result<(), Error> {
+/// Reads report.json back and checks it is complete: every key of every row (the typed
+/// [`Report`] requires them all), and the rows the targets and the summary need (the quick
+/// run's smoke check).
+pub fn check(json: &str) -> Result<Report, Error> {
+    let r: Report = serde_json::from_str(json).map_err(Error::Layout)?;
     let need = |cond: bool, what: &str| {
         if cond {
             Ok(())
@@ -157,126 +289,64 @@ pub fn check(r: &Value) -> Result<(), Error> {
             Err(Error::Incomplete(what.to_string()))
         }
     };
-    need(r["machine"]["cpu_model"].is_string(), "machine.cpu_model")?;
-    need(r["machine"]["cores"].is_u64(), "machine.cores")?;
-    for (list, keys) in [
-        (
-            "engine",
-            &[
-                "compressor",
-                "corpus",
-                "op",
-                "threads",
-                "p50_ns",
-                "p99_ns",
-                "ops_per_s",
-            ][..],
-        ),
-        (
-            "limits",
-            &["what", "compressor", "corpus", "p50_ns", "ops_per_s"][..],
-        ),
-        (
-            "e2e",
-            &[
-                "compressor",
-                "queue_depth",
-                "queues",
-                "op",
-                "p50_ns",
-                "p99_ns",
-                "ops_per_s",
-                "ratio_to_engine",
-            ][..],
-        ),
-    ] {
-        let rows = r[list].as_array().filter(|a| !a.is_empty());
-        need(rows.is_some(), list)?;
-        for row in rows.into_iter().flatten() {
-            for k in keys {
-                need(!row[*k].is_null(), &format!("{list}[].{k}"))?;
-            }
-        }
-    }
+    need(!r.engine.is_empty(), "engine")?;
+    need(!r.limits.is_empty(), "limits")?;
+    need(!r.e2e.is_empty(), "e2e")?;
     for corpus in ["zero", "same", "mixed"] {
         need(
-            find(&r["engine"], &|e| e["corpus"] == corpus).is_some(),
+            r.engine.iter().any(|e| e.corpus == corpus),
             &format!("engine rows for the {corpus} corpus"),
         )?;
     }
     for what in ["memcpy", "compress", "decompress"] {
         need(
-            find(&r["limits"], &|e| e["what"] == what).is_some(),
+            r.limits.iter().any(|e| e.what == what),
             &format!("limits rows for {what}"),
         )?;
     }
     for keys in ["dense", "object per page", "scattered"] {
         need(
-            find(&r["footprint"], &|e| e["keys"] == keys).is_some(),
+            r.footprint.iter().any(|e| e.keys == keys),
             &format!("footprint rows for {keys} keys"),
         )?;
     }
-    need(r["compression_ratio"].is_array(), "compression_ratio")?;
-    need(
-        r["metadata_bytes_per_page"].is_number(),
-        "metadata_bytes_per_page",
-    )?;
-    need(
-        r["rss_bytes_per_stored_page"].is_number(),
-        "rss_bytes_per_stored_page",
-    )?;
-    Ok(())
+    Ok(r)
 }
 
-fn us(ns: &Value) -> String {
-    format!("{:.2}", f(ns) / 1000.0)
+fn us(ns: u64) -> String {
+    format!("{:.2}", ns as f64 / 1000.0)
 }
 
-fn kops(v: &Value) -> String {
-    format!("{:.1}", f(v) / 1000.0)
+fn kops(v: f64) -> String {
+    format!("{:.1}", v / 1000.0)
 }
 
-fn machine_line(r: &Value) -> String {
-    let m = &r["machine"];
+fn machine_line(r: &Report) -> String {
+    let m = &r.machine;
     format!(
         "{} ({} cores, {:.0} GiB), Linux {}, timer overhead {} ns; {} run",
-        m["cpu_model"].as_str().unwrap_or("?"),
-        m["cores"],
-        f(&m["memory_gib"]),
-        m["kernel"].as_str().unwrap_or("?"),
-        m["timer_overhead_ns"],
-        r["mode"].as_str().unwrap_or("?")
+        m.cpu_model, m.cores, m.memory_gib, m.kernel, m.timer_overhead_ns, r.mode
     )
 }
 
-fn targets_table(r: &Value, s: &mut String) {
+fn targets_table(r: &Report, s: &mut String) {
     s.push_str("| target (lz4, one core) | measured | bound | met |\n|---|---|---|---|\n");
-    for t in r["targets"].as_array().into_iter().flatten() {
+    for t in &r.targets {
+        // The bound as report.json writes it (3.0, not 3).
         let _ = writeln!(
             s,
-            "| {} | {:.2} | {} {} | {} |",
-            t["target"].as_str().unwrap_or(""),
-            f(&t["measured"]),
-            t["kind"].as_str().unwrap_or(""),
-            t["bound"],
-            if t["met"] == true { "yes" } else { "**no**" }
+            "| {} | {:.2} | {} {:?} | {} |",
+            t.target,
+            t.measured,
+            t.kind,
+            t.bound,
+            if t.met { "yes" } else { "**no**" }
         );
     }
 }
 
-fn compressors(r: &Value) -> Vec<String> {
-    let mut v: Vec<String> = Vec::new();
-    for e in r["engine"].as_array().into_iter().flatten() {
-        let c = e["compressor"].as_str().unwrap_or("").to_string();
-        if !v.contains(&c) {
-            v.push(c);
-        }
-    }
-    v
-}
-
 /// The summary shared by the README section and the top of report.md.
-fn summary(r: &Value, s: &mut String) {
+fn summary(r: &Report, s: &mut String) {
     let _ = writeln!(s, "Machine: {}.\n", machine_line(r));
     targets_table(r, s);
     s.push('\n');
@@ -285,47 +355,38 @@ fn summary(r: &Value, s: &mut String) {
          | compressor | put | bare compress | get | bare decompress | put kpages/s | get kpages/s | e2e QD64 put / get kpages/s | ratio |\n\
          |---|---|---|---|---|---|---|---|---|\n",
     );
-    for c in compressors(r) {
+    for c in r.compressors() {
         let (Some(p), Some(g)) = (
-            engine(r, &c, "mixed", "put", 1),
-            engine(r, &c, "mixed", "get", 1),
+            r.engine(&c, "mixed", "put", 1),
+            r.engine(&c, "mixed", "get", 1),
         ) else {
             continue;
         };
-        let lc = limit(r, "compress", &c, "mixed");
-        let ld = limit(r, "decompress", &c, "mixed");
-        let e2e = |op: &str| {
-            find(&r["e2e"], &|e| {
-                e["compressor"] == c.as_str()
-                    && e["queue_depth"] == 64
-                    && e["queues"] == 1
-                    && e["op"] == op
-            })
-        };
-        let ratio = find(&r["compression_ratio"], &|x| x["compressor"] == c.as_str());
+        let lc = r.limit("compress", &c, "mixed");
+        let ld = r.limit("decompress", &c, "mixed");
+        let e2e = |op: &str| r.e2e_qd64(&c, op);
         let _ = writeln!(
             s,
             "| {c} | {} / {} | {} | {} / {} | {} | {} | {} | {} / {} | {} |",
-            us(&p["p50_ns"]),
-            us(&p["p99_ns"]),
-            lc.map_or("-".into(), |l| us(&l["p50_ns"])),
-            us(&g["p50_ns"]),
-            us(&g["p99_ns"]),
-            ld.map_or("-".into(), |l| us(&l["p50_ns"])),
-            kops(&p["ops_per_s"]),
-            kops(&g["ops_per_s"]),
-            e2e("put").map_or("-".into(), |e| kops(&e["ops_per_s"])),
-            e2e("get").map_or("-".into(), |e| kops(&e["ops_per_s"])),
-            ratio.map_or("-".into(), |x| format!("{:.2}", f(&x["store"]))),
+            us(p.p50_ns),
+            us(p.p99_ns),
+            lc.map_or("-".into(), |l| us(l.p50_ns)),
+            us(g.p50_ns),
+            us(g.p99_ns),
+            ld.map_or("-".into(), |l| us(l.p50_ns)),
+            kops(p.ops_per_s),
+            kops(g.ops_per_s),
+            e2e("put").map_or("-".into(), |e| kops(e.ops_per_s)),
+            e2e("get").map_or("-".into(), |e| kops(e.ops_per_s)),
+            r.compression(&c)
+                .map_or("-".into(), |x| format!("{:.2}", x.store)),
         );
     }
     let worst = |keys: &str| {
-        r["footprint"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|e| e["keys"] == keys)
-            .map(|e| f(&e["metadata_bytes_per_page"]))
+        r.footprint
+            .iter()
+            .filter(|e| e.keys == keys)
+            .map(|e| e.metadata_bytes_per_page)
             .fold(0.0, f64::max)
     };
     let _ = writeln!(
@@ -333,59 +394,53 @@ fn summary(r: &Value, s: &mut String) {
         "\nMetadata per stored page (allocator-counted, worst pool kind): {:.1} B with dense keys, \
          {:.1} B with one page per object, {:.1} B with one page per run. Resident memory {:.0} B \
          per stored page (lz4, mixed, dense).",
-        f(&r["metadata_bytes_per_page"]),
+        r.metadata_bytes_per_page,
         worst("object per page"),
         worst("scattered"),
-        f(&r["rss_bytes_per_stored_page"])
+        r.rss_bytes_per_stored_page
     );
 }
 
 /// The full Markdown report.
-pub fn markdown(r: &Value) -> String {
+pub fn markdown(r: &Report) -> String {
     let mut s = String::from("# vhost-tmem benchmark report\n\n");
     summary(r, &mut s);
     s.push_str("\n## Corpora\n\n| corpus | pages | source |\n|---|---|---|\n");
-    for c in r["corpora"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} |",
-            c["name"].as_str().unwrap_or(""),
-            c["pages"],
-            c["source"].as_str().unwrap_or("")
-        );
+    for c in &r.corpora {
+        let _ = writeln!(s, "| {} | {} | {} |", c.name, c.pages, c.source);
     }
     s.push_str(
         "\n## In-process store\n\nPersistent pool; each round puts, gets (checked) and flushes \
          every page. Latency in µs.\n\n| compressor | corpus | op | threads | p50 | p99 | kpages/s |\n\
          |---|---|---|---|---|---|---|\n",
     );
-    for e in r["engine"].as_array().into_iter().flatten() {
+    for e in &r.engine {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} | {} | {} |",
-            e["compressor"].as_str().unwrap_or(""),
-            e["corpus"].as_str().unwrap_or(""),
-            e["op"].as_str().unwrap_or(""),
-            e["threads"],
-            us(&e["p50_ns"]),
-            us(&e["p99_ns"]),
-            kops(&e["ops_per_s"])
+            e.compressor,
+            e.corpus,
+            e.op,
+            e.threads,
+            us(e.p50_ns),
+            us(e.p99_ns),
+            kops(e.ops_per_s)
         );
     }
     s.push_str(
         "\n## Limits (one thread)\n\n| what | compressor | corpus | p50 | p99 | kpages/s |\n\
          |---|---|---|---|---|---|\n",
     );
-    for e in r["limits"].as_array().into_iter().flatten() {
+    for e in &r.limits {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} | {} |",
-            e["what"].as_str().unwrap_or(""),
-            e["compressor"].as_str().unwrap_or(""),
-            e["corpus"].as_str().unwrap_or(""),
-            us(&e["p50_ns"]),
-            us(&e["p99_ns"]),
-            kops(&e["ops_per_s"])
+            e.what,
+            e.compressor,
+            e.corpus,
+            us(e.p50_ns),
+            us(e.p99_ns),
+            kops(e.ops_per_s)
         );
     }
     s.push_str(
@@ -398,18 +453,18 @@ pub fn markdown(r: &Value) -> String {
          | compressor | queues | QD | op | p50 | p99 | kpages/s | ratio to in-process |\n\
          |---|---|---|---|---|---|---|---|\n",
     );
-    for e in r["e2e"].as_array().into_iter().flatten() {
+    for e in &r.e2e {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} | {} | {} | {:.2} |",
-            e["compressor"].as_str().unwrap_or(""),
-            e["queues"],
-            e["queue_depth"],
-            e["op"].as_str().unwrap_or(""),
-            us(&e["p50_ns"]),
-            us(&e["p99_ns"]),
-            kops(&e["ops_per_s"]),
-            f(&e["ratio_to_engine"])
+            e.compressor,
+            e.queues,
+            e.queue_depth,
+            e.op,
+            us(e.p50_ns),
+            us(e.p99_ns),
+            kops(e.ops_per_s),
+            e.ratio_to_engine
         );
     }
     s.push_str(
@@ -419,35 +474,35 @@ pub fn markdown(r: &Value) -> String {
          | compressor | pool | keys | pages | payload B | metadata B | charged metadata B | allocator slack B | RSS B |\n\
          |---|---|---|---|---|---|---|---|---|\n",
     );
-    for e in r["footprint"].as_array().into_iter().flatten() {
+    for e in &r.footprint {
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} |",
-            e["compressor"].as_str().unwrap_or(""),
-            e["pool"].as_str().unwrap_or(""),
-            e["keys"].as_str().unwrap_or(""),
-            e["pages"],
-            f(&e["payload_bytes_per_page"]),
-            f(&e["metadata_bytes_per_page"]),
-            f(&e["charged_metadata_bytes_per_page"]),
-            f(&e["allocator_slack_bytes_per_page"]),
-            f(&e["rss_bytes_per_page"])
+            e.compressor,
+            e.pool,
+            e.keys,
+            e.pages,
+            e.payload_bytes_per_page,
+            e.metadata_bytes_per_page,
+            e.charged_metadata_bytes_per_page,
+            e.allocator_slack_bytes_per_page,
+            e.rss_bytes_per_page
         );
     }
     s.push_str(
         "\n## Compression (mixed corpus)\n\n| compressor | store ratio | bare ratio | stored B/page | \
          slack B/page | bare B/page |\n|---|---|---|---|---|---|\n",
     );
-    for e in r["compression_ratio"].as_array().into_iter().flatten() {
+    for e in &r.compression_ratio {
         let _ = writeln!(
             s,
             "| {} | {:.2} | {:.2} | {:.0} | {:.1} | {:.0} |",
-            e["compressor"].as_str().unwrap_or(""),
-            f(&e["store"]),
-            f(&e["bare"]),
-            f(&e["stored_bytes_per_page"]),
-            f(&e["allocator_slack_bytes_per_page"]),
-            f(&e["bare_bytes_per_page"])
+            e.compressor,
+            e.store,
+            e.bare,
+            e.stored_bytes_per_page,
+            e.allocator_slack_bytes_per_page,
+            e.bare_bytes_per_page
         );
     }
     s.push_str("\n![latency and throughput per compressor](report.svg)\n");
@@ -455,7 +510,7 @@ pub fn markdown(r: &Value) -> String {
 }
 
 /// The README section (between [`BEGIN`] and [`END`]).
-pub fn readme_section(r: &Value) -> String {
+pub fn readme_section(r: &Report) -> String {
     let mut s = String::new();
     s.push_str(
         "Written by `make bench` (`target/bench/report.md` has every figure, \
@@ -466,7 +521,7 @@ pub fn readme_section(r: &Value) -> String {
 }
 
 /// Replaces the README's generated section.
-pub fn update_readme(path: &std::path::Path, r: &Value) -> Result<(), Error> {
+pub fn update_readme(path: &std::path::Path, r: &Report) -> Result<(), Error> {
     let p = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| Error::Write {
         path: p.clone(),
@@ -491,7 +546,7 @@ pub fn update_readme(path: &std::path::Path, r: &Value) -> Result<(), Error> {
 }
 
 /// The terminal table: targets and the mixed-corpus summary.
-pub fn terminal(r: &Value) -> String {
+pub fn terminal(r: &Report) -> String {
     let mut s = String::new();
     summary(r, &mut s);
     s
@@ -590,17 +645,19 @@ fn bars(
 }
 
 /// The plot: p50 latency and throughput per compressor on the mixed corpus, with the limits.
-pub fn svg(r: &Value) -> String {
-    let comps = compressors(r);
-    let cores = r["machine"]["cores"].as_u64().unwrap_or(1);
-    let pick = |v: Option<&Value>, k: &str, scale: f64| v.map_or(0.0, |v| f(&v[k]) / scale);
+pub fn svg(r: &Report) -> String {
+    let comps = r.compressors();
+    let cores = r.machine.cores;
+    // Microseconds and thousands of pages/s; a missing row plots as 0.
+    let lat = |ns: Option<u64>| ns.map_or(0.0, |ns| ns as f64 / 1000.0);
+    let kops = |ops: Option<f64>| ops.map_or(0.0, |ops| ops / 1000.0);
     let series_lat = vec![
         (
             "put p50",
             "#1f77b4",
             comps
                 .iter()
-                .map(|c| pick(engine(r, c, "mixed", "put", 1), "p50_ns", 1000.0))
+                .map(|c| lat(r.engine(c, "mixed", "put", 1).map(|e| e.p50_ns)))
                 .collect(),
         ),
         (
@@ -608,7 +665,7 @@ pub fn svg(r: &Value) -> String {
             "#aec7e8",
             comps
                 .iter()
-                .map(|c| pick(limit(r, "compress", c, "mixed"), "p50_ns", 1000.0))
+                .map(|c| lat(r.limit("compress", c, "mixed").map(|l| l.p50_ns)))
                 .collect(),
         ),
         (
@@ -616,7 +673,7 @@ pub fn svg(r: &Value) -> String {
             "#d62728",
             comps
                 .iter()
-                .map(|c| pick(engine(r, c, "mixed", "get", 1), "p50_ns", 1000.0))
+                .map(|c| lat(r.engine(c, "mixed", "get", 1).map(|e| e.p50_ns)))
                 .collect(),
         ),
         (
@@ -624,15 +681,10 @@ pub fn svg(r: &Value) -> String {
             "#ff9896",
             comps
                 .iter()
-                .map(|c| pick(limit(r, "decompress", c, "mixed"), "p50_ns", 1000.0))
+                .map(|c| lat(r.limit("decompress", c, "mixed").map(|l| l.p50_ns)))
                 .collect(),
         ),
     ];
-    let e2e = |c: &str, op: &str| {
-        find(&r["e2e"], &|e| {
-            e["compressor"] == c && e["queue_depth"] == 64 && e["queues"] == 1 && e["op"] == op
-        })
-    };
     let mut series_tp = Vec::new();
     for (op, c1, c2, c3) in [
         ("put", "#1f77b4", "#6baed6", "#9467bd"),
@@ -647,7 +699,7 @@ pub fn svg(r: &Value) -> String {
             c1,
             comps
                 .iter()
-                .map(|c| pick(engine(r, c, "mixed", op, 1), "ops_per_s", 1000.0))
+                .map(|c| kops(r.engine(c, "mixed", op, 1).map(|e| e.ops_per_s)))
                 .collect::<Vec<f64>>(),
         ));
         series_tp.push((
@@ -659,7 +711,7 @@ pub fn svg(r: &Value) -> String {
             c2,
             comps
                 .iter()
-                .map(|c| pick(engine(r, c, "mixed", op, cores), "ops_per_s", 1000.0))
+                .map(|c| kops(r.engine(c, "mixed", op, cores).map(|e| e.ops_per_s)))
                 .collect(),
         ));
         series_tp.push((
@@ -671,7 +723,7 @@ pub fn svg(r: &Value) -> String {
             c3,
             comps
                 .iter()
-                .map(|c| pick(e2e(c, op), "ops_per_s", 1000.0))
+                .map(|c| kops(r.e2e_qd64(c, op).map(|e| e.ops_per_s)))
                 .collect(),
         ));
     }
@@ -709,4 +761,145 @@ pub fn svg(r: &Value) -> String {
     );
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report with one row of each kind the check asks for.
+    fn sample() -> Report {
+        let engine = |corpus: &str| EngineRow {
+            compressor: "lz4".into(),
+            corpus: corpus.into(),
+            op: "put".into(),
+            ops_per_s: 1000.0,
+            p50_ns: 900,
+            p99_ns: 2000,
+            threads: 1,
+        };
+        let limit = |what: &str| LimitRow {
+            compressor: "lz4".into(),
+            corpus: "mixed".into(),
+            ops_per_s: 1000.0,
+            p50_ns: 800,
+            p99_ns: 1500,
+            what: what.into(),
+        };
+        let footprint = |keys: &str| FootprintRow {
+            allocator_slack_bytes_per_page: 7.5,
+            charged_metadata_bytes_per_page: 40.0,
+            compressor: "lz4".into(),
+            keys: keys.into(),
+            metadata_bytes_per_page: 29.5,
+            pages: 4096,
+            payload_bytes_per_page: 1700.0,
+            pool: "persistent".into(),
+            rss_bytes_per_page: 1800.0,
+        };
+        let mut r = Report {
+            compression_ratio: vec![CompressionRow {
+                allocator_slack_bytes_per_page: 7.3,
+                bare: 2.4,
+                bare_bytes_per_page: 1700.0,
+                compressor: "lz4".into(),
+                corpus: "mixed".into(),
+                store: 2.4,
+                stored_bytes_per_page: 1690.0,
+            }],
+            corpora: vec![CorpusRow {
+                name: "mixed".into(),
+                pages: 256,
+                source: "test".into(),
+            }],
+            e2e: vec![E2eRow {
+                compressor: "lz4".into(),
+                corpus: "mixed".into(),
+                op: "put".into(),
+                ops_per_s: 900.0,
+                p50_ns: 5000,
+                p99_ns: 9000,
+                queue_depth: 64,
+                queues: 1,
+                ratio_to_engine: 0.9,
+            }],
+            engine: ["zero", "same", "mixed"].into_iter().map(engine).collect(),
+            footprint: ["dense", "object per page", "scattered"]
+                .into_iter()
+                .map(footprint)
+                .collect(),
+            limits: ["memcpy", "compress", "decompress"]
+                .into_iter()
+                .map(limit)
+                .collect(),
+            machine: Machine {
+                cores: 2,
+                cpu_model: "test".into(),
+                kernel: "6.12".into(),
+                memory_gib: 4.0,
+                timer_overhead_ns: 20,
+            },
+            metadata_bytes_per_page: 29.5,
+            mode: "quick".into(),
+            rss_bytes_per_stored_page: 1800.0,
+            seconds: 5,
+            targets: Vec::new(),
+        };
+        r.targets = targets(&r);
+        r
+    }
+
+    fn json(r: &Report) -> String {
+        serde_json::to_string_pretty(r).unwrap()
+    }
+
+    #[test]
+    fn a_complete_report_passes_the_check() {
+        let r = sample();
+        assert!(!r.targets.is_empty());
+        let back = check(&json(&r)).unwrap();
+        assert_eq!(json(&back), json(&r));
+    }
+
+    #[test]
+    fn a_missing_key_fails_the_check() {
+        let mut v: serde_json::Value = serde_json::from_str(&json(&sample())).unwrap();
+        v["e2e"][0].as_object_mut().unwrap().remove("p99_ns");
+        let e = check(&v.to_string()).unwrap_err();
+        assert!(matches!(e, Error::Layout(_)), "{e}");
+        assert!(e.to_string().contains("p99_ns"), "{e}");
+
+        let mut v: serde_json::Value = serde_json::from_str(&json(&sample())).unwrap();
+        v["machine"].as_object_mut().unwrap().remove("cpu_model");
+        assert!(matches!(check(&v.to_string()), Err(Error::Layout(_))));
+
+        let mut v: serde_json::Value = serde_json::from_str(&json(&sample())).unwrap();
+        v["engine"][0]["p50_ns"] = serde_json::Value::Null;
+        assert!(matches!(check(&v.to_string()), Err(Error::Layout(_))));
+    }
+
+    #[test]
+    fn missing_rows_fail_the_check() {
+        let mut r = sample();
+        r.e2e.clear();
+        assert!(matches!(check(&json(&r)), Err(Error::Incomplete(w)) if w == "e2e"));
+        let mut r = sample();
+        r.engine.retain(|e| e.corpus != "same");
+        assert!(matches!(check(&json(&r)), Err(Error::Incomplete(_))));
+        let mut r = sample();
+        r.limits.retain(|e| e.what != "memcpy");
+        assert!(matches!(check(&json(&r)), Err(Error::Incomplete(_))));
+        let mut r = sample();
+        r.footprint.retain(|e| e.keys != "scattered");
+        assert!(matches!(check(&json(&r)), Err(Error::Incomplete(_))));
+    }
+
+    /// report.json keeps its layout: keys in sorted order at every level, as it had when it
+    /// was written from a sorted JSON map.
+    #[test]
+    fn keys_stay_in_sorted_order() {
+        let text = json(&sample());
+        let sorted: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(text, serde_json::to_string_pretty(&sorted).unwrap());
+    }
 }

@@ -35,7 +35,7 @@ pub fn binary() -> Result<PathBuf, Error> {
             Err(Error::NoBinary(p))
         };
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let release = !cfg!(debug_assertions);
     let p = root
         .join("target")

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! `make demo`: the vhost-tmem daemon serving two userspace guests over vhost-user.
+//! `make demo-userspace`: the vhost-tmem daemon serving two userspace guests over vhost-user.
 //!
 //! Each guest swaps a working set into a persistent pool and streams "file" pages through an
 //! ephemeral pool under a host limit small enough to force eviction, then reads everything

@@ -1,0 +1,175 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The VMM's half of the guest: the vhost-user frontend that negotiates features, shares
+//! memfd-backed guest RAM (SET_MEM_TABLE), hands the device its vrings and eventfds and reads
+//! the configuration space, as QEMU does for a real guest.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::Path;
+
+use shared_proto::{feature, Config};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::ring::Ring;
+use crate::{gm, Error, GuestOptions, Result};
+
+const VIRTIO_F_VERSION_1: u64 = 32;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 29;
+const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 30;
+
+/// Guest RAM per queue for its rings, before its request slots.
+const RING_BLOCK: u64 = 0x1_0000;
+/// Guest RAM after the queues, for hand-built chains.
+const RAW_AREA_BYTES: u64 = 0x2_0000;
+
+/// The connected device and the guest RAM it shares.
+pub(crate) struct Vmm {
+    frontend: Frontend,
+    pub(crate) mem: GuestMemoryMmap<()>,
+    /// Guest-physical size of each queue's block: its rings, then its request slots.
+    per_queue: u64,
+    /// Guest-physical base of the scratch area for raw chains.
+    pub(crate) raw_area: u64,
+}
+
+fn memfd(size: u64) -> Result<File> {
+    // SAFETY: memfd_create with a NUL-terminated name; the returned fd is owned by the File.
+    let fd = unsafe { libc::memfd_create(c"tmem-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::Memory(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(size).map_err(Error::Memory)?;
+    Ok(f)
+}
+
+impl Vmm {
+    /// Connects to a vhost-tmem socket and brings the device up with the control queue and
+    /// `opts.request_queues` request queues, each followed in guest RAM by `slot_bytes` for
+    /// its requests. Returns the device, its rings (control queue first) and its config.
+    pub(crate) fn connect<P: AsRef<Path>>(
+        path: P,
+        opts: &GuestOptions,
+        slot_bytes: u64,
+    ) -> Result<(Vmm, Vec<Ring>, Config)> {
+        let nq = 1 + opts.request_queues;
+        let mut frontend = Frontend::connect(path, nq as u64)?;
+        frontend.set_owner()?;
+        let dev_features = frontend.get_features()?;
+        for bit in [feature::BATCH, feature::SHARED_POOLS] {
+            if dev_features & (1 << bit) == 0 {
+                return Err(Error::MissingFeature(bit));
+            }
+        }
+        let mut features = (1 << VIRTIO_F_VERSION_1)
+            | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+            | (1 << feature::BATCH)
+            | (1 << feature::SHARED_POOLS);
+        if opts.event_idx {
+            features |= 1 << VIRTIO_RING_F_EVENT_IDX;
+        }
+        if opts.request_queues > 1 {
+            features |= 1 << feature::MQ;
+        }
+        features &= dev_features;
+        frontend.set_features(features)?;
+        let proto = frontend.get_protocol_features()?;
+        let want = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        frontend.set_protocol_features(proto & want)?;
+        let got = frontend.get_queue_num()?;
+        if got < nq as u64 {
+            return Err(Error::Queues { got, want: nq });
+        }
+
+        // Layout: per queue, rings (one 64 KiB block) then its request slots; then a raw area.
+        let per_queue = RING_BLOCK + slot_bytes;
+        let raw_area = nq as u64 * per_queue;
+        let total = (raw_area + RAW_AREA_BYTES).next_multiple_of(0x20_0000);
+        let file = memfd(total)?;
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+            GuestAddress(0),
+            total as usize,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .map_err(gm)?;
+        let host = mem.get_host_address(GuestAddress(0)).map_err(gm)? as u64;
+        let region = mem
+            .find_region(GuestAddress(0))
+            .ok_or(Error::Invalid("no region"))?;
+        frontend.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region)?])?;
+
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let mut rings = Vec::new();
+        for q in 0..nq {
+            let ring = Ring::new(q as u64 * per_queue, opts.queue_size, event_idx)?;
+            frontend.set_vring_num(q, opts.queue_size)?;
+            frontend.set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: opts.queue_size,
+                    queue_size: opts.queue_size,
+                    flags: 0,
+                    desc_table_addr: host + ring.desc,
+                    used_ring_addr: host + ring.used,
+                    avail_ring_addr: host + ring.avail,
+                    log_addr: None,
+                },
+            )?;
+            frontend.set_vring_base(q, 0)?;
+            frontend.set_vring_call(q, &ring.call)?;
+            frontend.set_vring_kick(q, &ring.kick)?;
+            frontend.set_vring_enable(q, true)?;
+            rings.push(ring);
+        }
+        let mut vmm = Vmm {
+            frontend,
+            mem,
+            per_queue,
+            raw_area,
+        };
+        let config = vmm.read_config()?;
+        Ok((vmm, rings, config))
+    }
+
+    /// Guest-physical base of queue `q`'s request slots.
+    pub(crate) fn slots_base(&self, q: usize) -> u64 {
+        q as u64 * self.per_queue + RING_BLOCK
+    }
+
+    /// Reads the device's configuration space.
+    pub(crate) fn read_config(&mut self) -> Result<Config> {
+        let buf = [0u8; Config::SIZE];
+        let (_, cfg) = self.frontend.get_config(
+            0,
+            Config::SIZE as u32,
+            VhostUserConfigFlags::WRITABLE,
+            &buf,
+        )?;
+        let cfg: [u8; Config::SIZE] = cfg
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Invalid("short config space"))?;
+        Ok(Config::decode(&cfg))
+    }
+
+    /// Writes guest memory.
+    pub(crate) fn write(&self, addr: u64, b: &[u8]) -> Result<()> {
+        self.mem.write_slice(b, GuestAddress(addr)).map_err(gm)
+    }
+
+    /// Reads guest memory.
+    pub(crate) fn read(&self, addr: u64, b: &mut [u8]) -> Result<()> {
+        self.mem.read_slice(b, GuestAddress(addr)).map_err(gm)
+    }
+
+    /// Guest RAM size (addresses at or past it are outside guest memory).
+    pub(crate) fn ram_size(&self) -> u64 {
+        self.mem.last_addr().0 + 1
+    }
+}

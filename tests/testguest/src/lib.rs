@@ -1,0 +1,154 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! A userspace virtio-tmem guest: it plays the VMM (vhost-user frontend, memfd-backed guest
+//! RAM, eventfds) and the guest driver (split virtqueues, requests, notifications) at once.
+//!
+//! Used by the end-to-end tests, the demo and the benchmarks:
+//!
+//! ```no_run
+//! use tmem_testguest::{Guest, GuestOptions, Req};
+//! let mut g = Guest::connect("/tmp/vm1.sock", GuestOptions::default()).unwrap();
+//! let pool = g.create_pool(true, None).unwrap();
+//! let page = vec![7u8; 4096];
+//! g.put(pool, [1, 0, 0], 0, &page).unwrap();
+//! let mut out = vec![0u8; 4096];
+//! g.get(pool, [1, 0, 0], 0, false, &mut out).unwrap();
+//! assert_eq!(out, page);
+//! ```
+//!
+//! The parts: `frontend` is the VMM side (vhost-user, guest RAM), `ring` the driver's split
+//! virtqueue, `ops` the requests and pipelines on top of it, [`pages`] test data and
+//! [`daemon`] a handle on a real `vhost-tmem` process.
+
+use std::path::Path;
+use std::time::Duration;
+
+use shared_proto::{Config, Status};
+
+pub mod daemon;
+mod frontend;
+mod ops;
+pub mod pages;
+mod ring;
+
+pub use ops::{Done, Req, Seg, MAX_GUEST_BATCH};
+
+/// Errors of the test guest.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("vhost-user: {0}")]
+    VhostUser(#[from] vhost::Error),
+    #[error("cannot create guest memory")]
+    Memory(#[source] std::io::Error),
+    #[error("guest memory access failed: {0}")]
+    GuestMemory(String),
+    #[error("eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error("the device offers {got} queues, {want} needed")]
+    Queues { got: u64, want: usize },
+    #[error("the device lacks feature bit {0}")]
+    MissingFeature(u32),
+    #[error("no answer from the device within {0:?}")]
+    Timeout(Duration),
+    #[error("the device returned an unknown descriptor head {0}")]
+    BadUsedId(u32),
+    #[error("request failed with status {0:?}")]
+    Status(Status),
+    #[error("the device answered with an unknown status {0}")]
+    UnknownStatus(u32),
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+}
+
+/// Result of the test guest.
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn gm<E: std::fmt::Display>(e: E) -> Error {
+    Error::GuestMemory(e.to_string())
+}
+
+/// How to set the device up.
+#[derive(Clone, Debug)]
+pub struct GuestOptions {
+    /// Request queues to use (the device must offer at least this many).
+    pub request_queues: usize,
+    /// Virtqueue size.
+    pub queue_size: u16,
+    /// Negotiate VIRTIO_RING_F_EVENT_IDX.
+    pub event_idx: bool,
+    /// How long to wait for any answer.
+    pub timeout: Duration,
+}
+
+impl Default for GuestOptions {
+    fn default() -> Self {
+        GuestOptions {
+            request_queues: 1,
+            queue_size: 256,
+            event_idx: true,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The userspace guest: see the crate documentation. Queue 0 is the control queue, 1.. the
+/// request queues; each has a ring and request slots.
+pub struct Guest {
+    vmm: frontend::Vmm,
+    rings: Vec<ring::Ring>,
+    slots: Vec<ops::Slots>,
+    config: Config,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Guest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guest")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Guest {
+    /// Connects to a vhost-tmem socket and brings the device up.
+    pub fn connect<P: AsRef<Path>>(path: P, opts: GuestOptions) -> Result<Self> {
+        if opts.request_queues == 0 || !opts.queue_size.is_power_of_two() || opts.queue_size < 8 {
+            return Err(Error::Invalid(
+                "need >= 1 request queue and a power-of-two queue size >= 8",
+            ));
+        }
+        let nslots = (opts.queue_size / 4).max(1) as usize;
+        let (vmm, rings, config) =
+            frontend::Vmm::connect(path, &opts, nslots as u64 * ops::SLOT_BYTES)?;
+        let slots = (0..rings.len())
+            .map(|q| ops::Slots::new(vmm.slots_base(q), nslots))
+            .collect();
+        Ok(Guest {
+            vmm,
+            rings,
+            slots,
+            config,
+            timeout: opts.timeout,
+        })
+    }
+
+    /// The device's configuration space, as read at connection time.
+    pub fn config(&self) -> Config {
+        self.config
+    }
+
+    /// Reads the configuration space again.
+    pub fn read_config(&mut self) -> Result<Config> {
+        self.config = self.vmm.read_config()?;
+        Ok(self.config)
+    }
+
+    /// Number of request queues in use.
+    pub fn request_queues(&self) -> usize {
+        self.rings.len() - 1
+    }
+
+    /// Guest RAM size (addresses at or past it are outside guest memory).
+    pub fn ram_size(&self) -> u64 {
+        self.vmm.ram_size()
+    }
+}

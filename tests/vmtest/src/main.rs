@@ -1,0 +1,137 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! `make vm-test` and `make demo`: real Linux guests under QEMU, swapping and caching file
+//! pages through the `tmem.ko` driver into the vhost-tmem daemon.
+//!
+//! Each scenario boots fresh guests (kernel, initramfs and QEMU from `vm-images/build.sh`;
+//! one, or two at once) against a fresh daemon, with a swap disk and two ext4 disks made here
+//! by `mkfs.ext4`. Each guest runs the scenario's script and prints its verdict and its driver
+//! counters; this runner then checks the daemon's statistics against them and prints
+//! `scenario NAME: pass` or `scenario NAME: FAIL (why)`. Two guests meet at barriers over a
+//! second serial port, where the runner also inspects the daemon. On failure the guest
+//! consoles and the daemon log are kept under `target/vm/logs/NAME/` (always with
+//! `TMEM_VMTEST_KEEP=1`).
+
+//!
+//! The parts: `images` (what `vm-images/build.sh` built), `disks`, `qemu` (command line,
+//! accelerator), `boot` (QEMU processes and their consoles), `barrier` (meeting points over
+//! the second serial port), `scenarios` (set-up and checks), `demo`, `error`.
+
+mod barrier;
+mod boot;
+mod demo;
+mod disks;
+mod error;
+mod images;
+mod qemu;
+mod scenarios;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::images::Images;
+use crate::qemu::Accel;
+use crate::scenarios::SCENARIOS;
+
+/// Boots real guests that swap into vhost-tmem and checks what both sides report.
+#[derive(Debug, Parser)]
+#[command(name = "tmem-vmtest")]
+struct Cli {
+    /// Scenarios to run [default: all]: swap-integrity swap-lazy-register swap-unload
+    /// swap-host-full pagecache-hits pagecache-coherency pagecache-lazy-register two-guests
+    /// overcommit.
+    scenarios: Vec<String>,
+    /// Run the demo instead: one guest under memory pressure (swap, then page cache), console
+    /// shown live, then the daemon's and the guest's statistics side by side.
+    #[arg(long)]
+    demo: bool,
+    /// Accelerator.
+    #[arg(long, value_enum, default_value = "auto")]
+    accel: Accel,
+    /// Seconds a guest may run before it is killed and its scenario fails.
+    #[arg(long, default_value_t = 1200)]
+    timeout: u64,
+    /// Virtual CPUs per guest.
+    #[arg(long, default_value_t = 1)]
+    smp: u32,
+    /// The images file written by vm-images/build.sh.
+    #[arg(long, default_value = "target/vm/images.env")]
+    images: PathBuf,
+}
+
+/// What every guest of a run shares: images, accelerator, time limit, CPUs, and the
+/// workspace root (for `target/vm/logs`).
+struct Runner {
+    images: Images,
+    accel: &'static str,
+    timeout: Duration,
+    smp: u32,
+    root: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let images = match Images::load(&root.join(&cli.images)).or_else(|_| Images::load(&cli.images))
+    {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("tmem-vmtest: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut runner = Runner {
+        images,
+        accel: "tcg",
+        timeout: Duration::from_secs(cli.timeout),
+        smp: cli.smp,
+        root,
+    };
+    runner.accel = match qemu::pick_accel(&runner, cli.accel) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("tmem-vmtest: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.demo {
+        return match runner.demo() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("demo failed: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let names: Vec<String> = if cli.scenarios.is_empty() {
+        SCENARIOS.iter().map(|s| s.to_string()).collect()
+    } else {
+        cli.scenarios.clone()
+    };
+    let mut failed = 0;
+    for name in &names {
+        match runner.scenario(name) {
+            Ok(()) => println!("scenario {name}: pass"),
+            Err(why) => {
+                failed += 1;
+                // The verdict stays on one line; details follow it.
+                let why = why.to_string();
+                let mut lines = why.lines();
+                println!(
+                    "scenario {name}: FAIL ({})",
+                    lines.next().unwrap_or_default()
+                );
+                for l in lines {
+                    println!("    {l}");
+                }
+            }
+        }
+    }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

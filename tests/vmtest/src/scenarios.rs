@@ -1,0 +1,347 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The scenarios: how each one sets up the daemon and its guests, what the runner checks at
+//! their barriers, and how the guests' verdicts and counters are checked against the daemon's
+//! statistics.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tmem_testguest::daemon::Daemon;
+
+use crate::boot::{GuestSpec, How};
+use crate::disks::{make_ext4, DATA_MIB, DATA_UUID, DISK2_MIB, DISK2_UUID, SHARED_UUID};
+use crate::error::{Error, Result};
+use crate::Runner;
+
+/// The daemon's memory limit in `swap-host-full`: far below the workload.
+const TINY_LIMIT: &str = "6M";
+/// The daemon's memory limit in `overcommit`: a fraction of what the two guests put.
+const OVERCOMMIT_LIMIT: &str = "32M";
+
+/// Every scenario, in the order they run by default.
+pub const SCENARIOS: &[&str] = &[
+    "swap-integrity",
+    "swap-lazy-register",
+    "swap-unload",
+    "swap-host-full",
+    "pagecache-hits",
+    "pagecache-coherency",
+    "pagecache-lazy-register",
+    "two-guests",
+    "overcommit",
+];
+
+/// How the guests of a scenario are set up.
+pub struct Plan {
+    pub daemon_args: Vec<String>,
+    pub guests: Vec<GuestSpec>,
+}
+
+impl Runner {
+    /// The daemon's arguments and the guests (with their disks, made in `dir`) of a scenario.
+    pub fn plan(&self, name: &str, dir: &Path) -> Result<Plan> {
+        let single = |extra: &[&str]| -> Result<Plan> {
+            let data = dir.join("data.img");
+            let disk2 = dir.join("disk2.img");
+            make_ext4(&data, DATA_MIB, DATA_UUID)?;
+            make_ext4(&disk2, DISK2_MIB, DISK2_UUID)?;
+            let mut daemon_args = vec![
+                "--socket-path".to_string(),
+                "{dir}/tmem.sock".into(),
+                "--name".into(),
+                "guest".into(),
+            ];
+            daemon_args.extend(extra.iter().map(|s| s.to_string()));
+            Ok(Plan {
+                daemon_args,
+                guests: vec![GuestSpec {
+                    client: "guest",
+                    role: "",
+                    disks: vec![(data, false), (disk2, false)],
+                }],
+            })
+        };
+        let pair = |client_opts: [&str; 2], extra: &[&str], shared: bool| -> Result<Plan> {
+            let mut guests = Vec::new();
+            let mut daemon_args = Vec::new();
+            let common = dir.join("shared.img");
+            if shared {
+                make_ext4(&common, DISK2_MIB, SHARED_UUID)?;
+            }
+            for (role, opts) in ["a", "b"].into_iter().zip(client_opts) {
+                let data = dir.join(format!("data-{role}.img"));
+                make_ext4(&data, DATA_MIB, DATA_UUID)?;
+                let disk2 = if shared {
+                    // Guest a writes the file first; b only ever reads.
+                    (common.clone(), role == "b")
+                } else {
+                    let p = dir.join(format!("disk2-{role}.img"));
+                    make_ext4(&p, DISK2_MIB, DISK2_UUID)?;
+                    (p, false)
+                };
+                guests.push(GuestSpec {
+                    client: role,
+                    role,
+                    disks: vec![(data, false), disk2],
+                });
+                daemon_args.push("--client".to_string());
+                daemon_args.push(format!("name={role},socket={{dir}}/{role}.sock{opts}"));
+            }
+            daemon_args.extend(extra.iter().map(|s| s.to_string()));
+            Ok(Plan {
+                daemon_args,
+                guests,
+            })
+        };
+        match name {
+            "swap-host-full" => single(&["--memory-limit", TINY_LIMIT]),
+            "two-guests" => pair(
+                [
+                    &format!(",shared={SHARED_UUID}"),
+                    &format!(",shared={SHARED_UUID}"),
+                ],
+                &[],
+                true,
+            ),
+            "overcommit" => pair(
+                [",weight=100", ",weight=300"],
+                &["--memory-limit", OVERCOMMIT_LIMIT],
+                false,
+            ),
+            _ => single(&[]),
+        }
+    }
+
+    /// Starts a daemon with `args`.
+    pub fn daemon(&self, args: &[String]) -> Result<Daemon> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start(&args).map_err(Error::DaemonStart)
+    }
+
+    /// Runs one scenario; returns its verdict.
+    pub fn scenario(&self, name: &str) -> Result<()> {
+        if !SCENARIOS.contains(&name) {
+            return Err(Error::UnknownScenario(SCENARIOS.join(" ")));
+        }
+        // The disk images live next to the daemon's files, in a directory of their own first.
+        let tmp = std::env::temp_dir().join(format!("tmem-vmtest-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|source| Error::Path {
+            path: tmp.clone(),
+            source,
+        })?;
+        let result = self.plan(name, &tmp).and_then(|plan| {
+            let d = self.daemon(&plan.daemon_args)?;
+            let result = self.check(&d, name, &plan);
+            if result.is_err() || std::env::var_os("TMEM_VMTEST_KEEP").is_some() {
+                self.keep(&d, name);
+            }
+            result
+        });
+        let _ = std::fs::remove_dir_all(&tmp);
+        result
+    }
+
+    /// Checks taken while every guest waits at a barrier.
+    fn at_barrier(d: &Daemon, scenario: &str, barrier: &str) -> Result<()> {
+        let stats = d.stats().map_err(Error::Daemon)?;
+        let client = |name: &str| -> Result<serde_json::Value> {
+            stats["clients"]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|c| c["name"] == name))
+                .cloned()
+                .ok_or_else(|| Error::NoClient(name.to_string()))
+        };
+        let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+        match (scenario, barrier) {
+            ("two-guests", "verified") => {
+                let pools = stats["shared_pools"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                let Some(pool) = pools.first() else {
+                    return Err(Error::NoSharedPool);
+                };
+                if n(pool, "members") != 2 || n(pool, "get_hits") == 0 {
+                    return Err(Error::SharedPool(pool.clone()));
+                }
+                eprintln!(
+                    "  two-guests: shared pool {}: {} members, {} puts, {} hits",
+                    pool["uuid"].as_str().unwrap_or("?"),
+                    n(pool, "members"),
+                    n(pool, "puts"),
+                    n(pool, "get_hits")
+                );
+                Ok(())
+            }
+            ("overcommit", "measured") => {
+                let (a, b) = (client("a")?, client("b")?);
+                let used = n(&stats, "memory_used_bytes");
+                let limit = n(&stats, "memory_limit_bytes");
+                eprintln!(
+                    "  overcommit: daemon uses {:.1} of {:.1} MiB: a (weight 100) {:.1} MiB, \
+                     {} evicted; b (weight 300) {:.1} MiB, {} evicted",
+                    used as f64 / 1048576.0,
+                    limit as f64 / 1048576.0,
+                    n(&a, "memory_used") as f64 / 1048576.0,
+                    n(&a, "evictions"),
+                    n(&b, "memory_used") as f64 / 1048576.0,
+                    n(&b, "evictions")
+                );
+                if used > limit {
+                    return Err(Error::OverLimit { used, limit });
+                }
+                if n(&a, "evictions") + n(&b, "evictions") == 0 {
+                    return Err(Error::NothingEvicted);
+                }
+                // Eviction takes from the largest user relative to its weight, so b ends up
+                // with about three times a's share.
+                if n(&b, "memory_used") < 2 * n(&a, "memory_used") {
+                    return Err(Error::WeightShare {
+                        a: n(&a, "memory_used"),
+                        b: n(&b, "memory_used"),
+                    });
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Boots the scenario's guests against `d` and checks what both sides report.
+    fn check(&self, d: &Daemon, name: &str, plan: &Plan) -> Result<()> {
+        let t0 = Instant::now();
+        let peak = AtomicU64::new(0);
+        let done = AtomicBool::new(false);
+        let runs = std::thread::scope(|s| {
+            // The daemon's memory use, sampled while the guests run.
+            s.spawn(|| {
+                while !done.load(Ordering::Relaxed) {
+                    if let Ok(st) = d.stats() {
+                        let used = st["memory_used_bytes"].as_u64().unwrap_or(0);
+                        peak.fetch_max(used, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            });
+            let runs = self.boot(
+                d,
+                name,
+                &plan.guests,
+                How {
+                    accel: self.accel,
+                    timeout: self.timeout,
+                    live: false,
+                },
+                &|b| Self::at_barrier(d, name, b),
+            );
+            done.store(true, Ordering::Relaxed);
+            runs
+        })?;
+        eprintln!(
+            "  {name}: guests ran {:.0} s ({})",
+            t0.elapsed().as_secs_f64(),
+            self.accel
+        );
+        for (g, run) in plan.guests.iter().zip(&runs) {
+            let who = if g.role.is_empty() {
+                "guest".to_string()
+            } else {
+                format!("guest {}", g.role)
+            };
+            if run.timed_out {
+                return Err(Error::GuestTimeout {
+                    who,
+                    secs: self.timeout.as_secs(),
+                    tail: run.tail(),
+                });
+            }
+            match run.verdict(name) {
+                Some(Ok(())) => {}
+                Some(Err(why)) => return Err(Error::GuestFailed { who, why }),
+                None => {
+                    return Err(Error::NoVerdict {
+                        who,
+                        status: run.status.clone(),
+                        tail: run.tail(),
+                    })
+                }
+            }
+            let guest = run.guest_stats();
+            // Counters are flattened into the client object.
+            let host = d.client_stats(g.client).map_err(Error::Daemon)?;
+            let h = |k: &str| host[k].as_u64().unwrap_or(0);
+            let g = |k: &str| guest.get(k).copied().unwrap_or(0);
+            // The two sides count the same requests: any difference is a lost or phantom
+            // request. The daemon counts swap and page-cache requests together.
+            for (gk, hk) in [
+                ("puts", "puts"),
+                ("puts_refused", "puts_refused"),
+                ("gets", "gets"),
+                ("hits", "get_hits"),
+                ("misses", "get_misses"),
+            ] {
+                let (swap, cache) = (g(gk), g(&format!("cache_{gk}")));
+                if swap + cache != h(hk) {
+                    return Err(Error::CountMismatch {
+                        who,
+                        key: gk,
+                        both: swap + cache,
+                        swap,
+                        cache,
+                        host_key: hk,
+                        host: h(hk),
+                    });
+                }
+            }
+            eprintln!(
+                "  {name}: {who}: daemon puts {} (refused {}), gets {} (hits {}), flushed pages {}, evictions {}",
+                h("puts"),
+                h("puts_refused"),
+                h("gets"),
+                h("get_hits"),
+                h("flushed_pages"),
+                h("evictions")
+            );
+            match name {
+                "swap-integrity" | "swap-lazy-register" if h("puts") < 1000 || h("gets") < 1000 => {
+                    return Err(Error::TooFewRequests {
+                        puts: h("puts"),
+                        gets: h("gets"),
+                    })
+                }
+                "swap-host-full" if h("puts_refused") == 0 => return Err(Error::NothingRefused),
+                "pagecache-hits" | "pagecache-lazy-register" if h("get_hits") < 10_000 => {
+                    return Err(Error::TooFewHits(h("get_hits")))
+                }
+                _ => {}
+            }
+        }
+        let stats = d.stats().map_err(Error::Daemon)?;
+        let limit = stats["memory_limit_bytes"].as_u64().unwrap_or(0);
+        let peak = peak.into_inner();
+        if peak > limit {
+            return Err(Error::PeakOverLimit { peak, limit });
+        }
+        Ok(())
+    }
+
+    /// Copies the guest consoles and the daemon log to `target/vm/logs/NAME/`.
+    fn keep(&self, d: &Daemon, name: &str) {
+        let dest = self.root.join("target/vm/logs").join(name);
+        let _ = std::fs::remove_dir_all(&dest);
+        if std::fs::create_dir_all(&dest).is_ok() {
+            for entry in std::fs::read_dir(d.dir()).into_iter().flatten().flatten() {
+                let p = entry.path();
+                if p.extension().is_some_and(|e| e == "log") {
+                    let _ = std::fs::copy(&p, dest.join(entry.file_name()));
+                }
+            }
+            eprintln!(
+                "  {name}: guest consoles and daemon log kept in {}",
+                dest.display()
+            );
+        }
+    }
+}
