@@ -32,7 +32,7 @@ build: deps
 lint: deps
 	@echo "== lint"
 	$(CARGO) fmt --all -- --check
-	rustfmt --edition 2021 --check guest-driver/tmem.rs
+	rustfmt --edition 2021 --check guest-driver/*.rs
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 TEST_LOG := target/test-summary.log

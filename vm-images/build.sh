@@ -26,7 +26,7 @@ MESON_VERSION=1.9.0
 # number is part of the step's cache key (the script itself is not, so editing other steps does
 # not rebuild QEMU or the kernel).
 QEMU_RECIPE=1
-KERNEL_RECIPE=1
+KERNEL_RECIPE=2
 INITRAMFS_RECIPE=1
 
 T0=$(date +%s)
@@ -194,6 +194,34 @@ kernel_version() {
     dpkg-query -W -f '${Version}' linux-source-6.12
 }
 
+# kernel_configure TREE MAKE...: tinyconfig + vm-images/guest.config in TREE, which MAKE builds.
+kernel_configure() {
+    local work=$1 log=$OUT/kernel-build.log
+    shift
+    step "kernel: tinyconfig + vm-images/guest.config"
+    run_logged "make tinyconfig" "$log" "$@" tinyconfig
+    run_logged "merge_config.sh" "$log" \
+        bash -c "cd '$work' && scripts/kconfig/merge_config.sh -m .config '$VM/guest.config'"
+    run_logged "make olddefconfig" "$log" "$@" olddefconfig
+    run_logged "make rustavailable" "$log" "$@" rustavailable
+    kernel_config_check "$work"
+}
+
+# Every option of the fragment must have survived olddefconfig (a dependency that is not met
+# drops an option silently).
+kernel_config_check() {
+    local config=$1/.config line opt
+    while read -r line; do
+        case $line in CONFIG_*=*) ;; *) continue ;; esac
+        opt=${line%%=*}
+        if [ "${line#*=}" = n ]; then
+            ! grep -q "^$opt=" "$config" || die "kernel config: $opt is set but the fragment disables it"
+        else
+            grep -qx "$line" "$config" || die "kernel config: $line did not survive olddefconfig (unmet dependency?)"
+        fi
+    done <"$VM/guest.config"
+}
+
 do_kernel() {
     local kver
     kver=$(kernel_version)
@@ -208,35 +236,39 @@ do_kernel() {
     rm -rf "$work" && mkdir -p "$work"
     step "kernel: unpacking linux-source-6.12 $kver"
     tar -C "$work" --strip-components=1 -xf /usr/src/linux-source-6.12.tar.xz
-    local p
-    for p in "$VM"/patches/linux/*.patch; do
-        step "kernel: applying $(basename "$p")"
-        run_logged "applying $(basename "$p")" "$OUT/kernel-build.log" patch -d "$work" -p1 -i "$p"
-    done
     local mk=(make -C "$work" -j"$JOBS" RUSTC=/usr/bin/rustc BINDGEN="$BINDGEN" HOSTRUSTC=/usr/bin/rustc)
-    step "kernel: tinyconfig + vm-images/guest.config"
-    run_logged "make tinyconfig" "$OUT/kernel-build.log" "${mk[@]}" tinyconfig
-    run_logged "merge_config.sh" "$OUT/kernel-build.log" \
-        bash -c "cd '$work' && scripts/kconfig/merge_config.sh -m .config '$VM/guest.config'"
-    run_logged "make olddefconfig" "$OUT/kernel-build.log" "${mk[@]}" olddefconfig
-    run_logged "make rustavailable" "$OUT/kernel-build.log" "${mk[@]}" rustavailable
-    # Every option of the fragment must have survived olddefconfig (a dependency that is not met
-    # drops an option silently).
-    local line opt
-    while read -r line; do
-        case $line in CONFIG_*=*) ;; *) continue ;; esac
-        opt=${line%%=*}
-        if [ "${line#*=}" = n ]; then
-            ! grep -q "^$opt=" "$work/.config" || die "kernel config: $opt is set but the fragment disables it"
-        else
-            grep -qx "$line" "$work/.config" || die "kernel config: $line did not survive olddefconfig (unmet dependency?)"
+    local log=$OUT/kernel-build.log
+    # The patches form a series: each must apply and build on the ones before it. The kernel is
+    # configured once the first is applied (it adds CONFIG_TMEM, which guest.config enables);
+    # after each patch but the last, the C files it touches are compiled (kernel warnings are
+    # errors for them), and after the last the whole kernel is built and linked.
+    local patches=("$VM"/patches/linux/*.patch) p name objs i
+    for i in "${!patches[@]}"; do
+        p=${patches[$i]}
+        name=$(basename "$p")
+        step "kernel: applying $name"
+        run_logged "applying $name" "$log" patch -d "$work" -p1 -i "$p"
+        if [ "$i" -eq 0 ]; then
+            kernel_configure "$work" "${mk[@]}"
+        elif grep -q '^+++ b/.*Kconfig' "$p"; then
+            run_logged "make olddefconfig after $name" "$log" "${mk[@]}" olddefconfig
+            kernel_config_check "$work"
         fi
-    done <"$VM/guest.config"
+        [ "$i" -lt $((${#patches[@]} - 1)) ] || break
+        # rust/helpers/*.c are compiled as part of rust/helpers/helpers.o.
+        objs=$(sed -n 's|^+++ b/\(.*\)\.c$|\1.o|p' "$p" | sed 's|^rust/helpers/.*|rust/helpers/helpers.o|' | sort -u)
+        [ -n "$objs" ] || continue
+        step "kernel: building what $name touches: $(echo $objs)"
+        run_logged "building $name ($(echo $objs))" "$log" "${mk[@]}" $objs
+        if grep -E 'warning:' "$log"; then
+            die "$name builds with warnings (see $log)"
+        fi
+    done
     step "kernel: make -j$JOBS bzImage modules (about 5 minutes on 2 cores)"
-    run_logged "kernel build" "$OUT/kernel-build.log" "${mk[@]}" bzImage modules
+    run_logged "building $name (bzImage modules)" "$log" "${mk[@]}" bzImage modules
     # Our own C and Rust glue must build without a warning.
-    if grep -E '^(mm/tmem|rust/helpers/virtio|include/linux/tmem).*warning' "$OUT/kernel-build.log"; then
-        die "the tmem patches build with warnings (see $OUT/kernel-build.log)"
+    if grep -E '^(mm/tmem|rust/helpers/virtio|include/linux/tmem).*warning' "$log"; then
+        die "the tmem patches build with warnings (see $log)"
     fi
     touch "$work/.built"
     rm -rf "$KDIR" && mv "$work" "$KDIR"

@@ -1,0 +1,414 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The virtio-tmem device: its queues, the request path and the batching of invalidations.
+//!
+//! Requests are synchronous and polled: a request queue carries one request at a time under its
+//! spinlock, and [`TmemDev::call`] spins until the device answers (see the crate documentation
+//! for why). Buffers are allocated at probe, so the swap-out and reclaim paths allocate nothing.
+//! Invalidations are queued and sent in `BATCH` requests; every put and get sends the queued
+//! ones first, so the device sees them in order. The swap and page-cache operations built on
+//! this are in `swap.rs` and `page_cache.rs`.
+
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use kernel::{bindings, c_str, new_spinlock, prelude::*, sync::Arc, sync::SpinLock};
+
+use crate::backend::Page;
+use crate::debugfs::Counters;
+use crate::proto::{self, BatchEntry, Config, Op, ReqHeader, RespHeader, Status};
+use crate::virtio::{self, ReadSg, Virtqueue, WriteSg};
+
+/// Swap types are below `MAX_SWAPFILES`, which is at most 32 (5 bits in a swap entry).
+pub(crate) const SWAP_TYPES: usize = 32;
+/// Filesystem slots of the tmem core.
+pub(crate) const FS_SLOTS: usize = bindings::TMEM_MAX_FS as usize;
+/// A slot without a host pool.
+pub(crate) const NO_POOL: u32 = u32::MAX;
+const MAX_BATCH: usize = proto::MAX_BATCH as usize;
+/// Largest readable payload after the header: a full batch.
+const OUT_BUF: usize = ReqHeader::SIZE + MAX_BATCH * BatchEntry::SIZE;
+/// Largest writable part after the page: the response and one status byte per batch entry.
+const RESP_BUF: usize = RespHeader::SIZE + MAX_BATCH;
+
+/// One virtqueue and the buffers of its one request in flight.
+struct Vq {
+    vq: Virtqueue,
+    out: KVec<u8>,
+    resp: KVec<u8>,
+    /// Where the device writes a page the driver reads (see the crate documentation).
+    bounce: KVec<u8>,
+}
+
+/// Invalidations waiting to be sent in one `BATCH` request.
+pub(crate) struct Pending {
+    /// The first `len` entries are valid.
+    entries: KVec<BatchEntry>,
+    len: usize,
+    buf: KVec<u8>,
+}
+
+/// The page carried by a request, if any.
+#[derive(Clone, Copy)]
+enum Data<'a> {
+    NoPage,
+    Out(&'a Page),
+    In(&'a Page),
+}
+
+/// A bound virtio-tmem device.
+pub(crate) struct TmemDev {
+    /// Index 0 is the control queue, request queues follow.
+    queues: KVec<Pin<KBox<SpinLock<Vq>>>>,
+    /// Host pool of each swap area.
+    pub(crate) pools: [AtomicU32; SWAP_TYPES],
+    /// Host pool of each filesystem slot, and whether it is a shared pool.
+    pub(crate) fs_pools: [AtomicU32; FS_SLOTS],
+    pub(crate) fs_shared: [AtomicBool; FS_SLOTS],
+    pub(crate) pending: Pin<KBox<SpinLock<Pending>>>,
+    /// `pending.len`, readable without the lock: a store checks it on every page.
+    pending_len: AtomicUsize,
+    batch: bool,
+    pub(crate) stats: Counters,
+}
+
+/// Logs the 1st, 2nd, 4th, 8th... occurrence only: failures are counted, not flooded.
+fn rare(count: u64) -> bool {
+    count.is_power_of_two()
+}
+
+pub(crate) fn status_name(status: u32) -> &'static str {
+    match Status::from_u32(status) {
+        Some(Status::Ok) => "ok",
+        Some(Status::Miss) => "miss",
+        Some(Status::NoSpace) => "no space",
+        Some(Status::Refused) => "refused",
+        Some(Status::Invalid) => "invalid",
+        Some(Status::BadPool) => "bad pool",
+        Some(Status::Unsupported) => "unsupported",
+        Some(Status::Denied) => "denied",
+        Some(Status::TooManyPools) => "too many pools",
+        Some(Status::IoError) => "host I/O error",
+        None => "unknown status",
+    }
+}
+
+impl TmemDev {
+    fn queue_for_cpu(&self) -> &SpinLock<Vq> {
+        let n = self.queues.len() - 1;
+        &self.queues[1 + virtio::this_cpu() % n]
+    }
+
+    /// Sends one request and spins until the device answers it. `payload` follows the header
+    /// in the readable part, `statuses` status bytes follow the response header (BATCH), and
+    /// the number of entries whose status is not OK is returned with the response.
+    fn call(
+        &self,
+        q: &SpinLock<Vq>,
+        hdr: &ReqHeader,
+        payload: &[u8],
+        data: Data<'_>,
+        statuses: usize,
+    ) -> Result<(RespHeader, usize)> {
+        let out_len = ReqHeader::SIZE + payload.len();
+        let resp_len = RespHeader::SIZE + statuses;
+        let mut guard = q.lock();
+        let vq = &mut *guard;
+        if out_len > vq.out.len() || resp_len > vq.resp.len() {
+            return Err(EINVAL);
+        }
+        vq.out[..ReqHeader::SIZE].copy_from_slice(&hdr.encode());
+        vq.out[ReqHeader::SIZE..out_len].copy_from_slice(payload);
+        // A device that answers without writing the response leaves this unknown status.
+        let unknown = RespHeader {
+            status: u32::MAX,
+            flags: 0,
+            value: 0,
+        };
+        vq.resp[..RespHeader::SIZE].copy_from_slice(&unknown.encode());
+
+        let out = ReadSg::bytes(&vq.out, out_len);
+        let resp = WriteSg::bytes(&mut vq.resp, resp_len);
+        match data {
+            Data::NoPage => vq.vq.exchange(&mut [out], &mut [resp])?,
+            Data::Out(page) => vq
+                .vq
+                .exchange(&mut [out, ReadSg::page(page)], &mut [resp])?,
+            Data::In(_) => {
+                let bounce = WriteSg::bytes(&mut vq.bounce, proto::PAGE_SIZE);
+                vq.vq.exchange(&mut [out], &mut [bounce, resp])?
+            }
+        }
+        let mut b = [0u8; RespHeader::SIZE];
+        b.copy_from_slice(&vq.resp[..RespHeader::SIZE]);
+        let resp = RespHeader::decode(&b);
+        if let Data::In(page) = data {
+            if resp.status == Status::Ok as u32 {
+                page.write(&vq.bounce);
+            }
+        }
+        let failed = vq.resp[RespHeader::SIZE..resp_len]
+            .iter()
+            .filter(|s| **s != Status::Ok as u8 && **s != Status::Miss as u8)
+            .count();
+        Ok((resp, failed))
+    }
+
+    /// A request on the control queue that must succeed; returns the response's value.
+    pub(crate) fn control(&self, hdr: &ReqHeader, payload: &[u8]) -> Result<u64> {
+        let (resp, _) = self.call(&self.queues[0], hdr, payload, Data::NoPage, 0)?;
+        match Status::from_u32(resp.status) {
+            Some(Status::Ok) => Ok(resp.value),
+            Some(Status::TooManyPools) => Err(ENOSPC),
+            _ => {
+                pr_err!(
+                    "{:?} failed: {}\n",
+                    Op::from_u32(hdr.op),
+                    status_name(resp.status)
+                );
+                Err(EIO)
+            }
+        }
+    }
+
+    /// A request on the control queue whose status the caller interprets.
+    pub(crate) fn control_status(&self, hdr: &ReqHeader, payload: &[u8]) -> Result<RespHeader> {
+        let (resp, _) = self.call(&self.queues[0], hdr, payload, Data::NoPage, 0)?;
+        Ok(resp)
+    }
+
+    /// Sends the queued invalidations: one of them may name the key a put or get is for.
+    pub(crate) fn drain_pending(&self) {
+        if self.pending_len.load(Ordering::Acquire) != 0 {
+            self.send_pending(&mut self.pending.lock());
+        }
+    }
+
+    /// Sends a PUT of `page`, counted in `counters` (puts, refused puts). NO_SPACE and REFUSED
+    /// return ENOSPC; other failures are counted and logged as `what`.
+    pub(crate) fn put(
+        &self,
+        hdr: &ReqHeader,
+        page: &Page,
+        counters: [&AtomicU64; 2],
+        what: &str,
+    ) -> Result {
+        counters[0].fetch_add(1, Ordering::Relaxed);
+        match self.call(self.queue_for_cpu(), hdr, &[], Data::Out(page), 0) {
+            Ok((resp, _)) => match Status::from_u32(resp.status) {
+                Some(Status::Ok) => Ok(()),
+                Some(Status::NoSpace | Status::Refused) => {
+                    counters[1].fetch_add(1, Ordering::Relaxed);
+                    Err(ENOSPC)
+                }
+                _ => Err(self.failure(what, resp.status)),
+            },
+            Err(e) => Err(self.transport_failure(what, e)),
+        }
+    }
+
+    /// Sends a GET into `page`, counted in `counters` (gets, hits, misses). A miss returns
+    /// ENOENT; other failures are counted and logged as `what`.
+    pub(crate) fn get(
+        &self,
+        hdr: &ReqHeader,
+        page: &Page,
+        counters: [&AtomicU64; 3],
+        what: &str,
+    ) -> Result {
+        counters[0].fetch_add(1, Ordering::Relaxed);
+        match self.call(self.queue_for_cpu(), hdr, &[], Data::In(page), 0) {
+            Ok((resp, _)) => match Status::from_u32(resp.status) {
+                Some(Status::Ok) => {
+                    counters[1].fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+                Some(Status::Miss) => {
+                    counters[2].fetch_add(1, Ordering::Relaxed);
+                    Err(ENOENT)
+                }
+                _ => Err(self.failure(what, resp.status)),
+            },
+            Err(e) => Err(self.transport_failure(what, e)),
+        }
+    }
+
+    /// Queues a FLUSH_PAGE or FLUSH_OBJECT, or sends it at once without BATCH. Never sleeps.
+    pub(crate) fn invalidate(&self, entry: BatchEntry) {
+        if !self.batch {
+            let hdr = ReqHeader {
+                op: entry.op,
+                pool_id: entry.pool_id,
+                oid: entry.oid,
+                index: entry.index,
+                ..Default::default()
+            };
+            self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.call(self.queue_for_cpu(), &hdr, &[], Data::NoPage, 0) {
+                self.transport_failure("flush", e);
+            }
+            return;
+        }
+        let mut pending = self.pending.lock();
+        if pending.len == MAX_BATCH {
+            self.send_pending(&mut pending);
+        }
+        let at = pending.len;
+        pending.entries[at] = entry;
+        pending.len = at + 1;
+        self.pending_len.store(pending.len, Ordering::Release);
+    }
+
+    /// Sends the queued invalidations in one BATCH request. A MISS (nothing to drop) is fine;
+    /// other failures are counted: the core never loads an invalidated swap offset, and a
+    /// page-cache pool whose flush failed (BAD_POOL after a host restart) holds nothing.
+    pub(crate) fn send_pending(&self, pending: &mut Pending) {
+        let n = pending.len;
+        if n == 0 {
+            return;
+        }
+        for (i, entry) in pending.entries[..n].iter().enumerate() {
+            let at = i * BatchEntry::SIZE;
+            pending.buf[at..at + BatchEntry::SIZE].copy_from_slice(&entry.encode());
+        }
+        pending.len = 0;
+        self.pending_len.store(0, Ordering::Release);
+        let hdr = ReqHeader {
+            op: Op::Batch as u32,
+            count: n as u32,
+            ..Default::default()
+        };
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.flushes.fetch_add(n as u64, Ordering::Relaxed);
+        let payload = &pending.buf[..n * BatchEntry::SIZE];
+        match self.call(self.queue_for_cpu(), &hdr, payload, Data::NoPage, n) {
+            Ok((resp, 0)) if resp.status == Status::Ok as u32 => {}
+            Ok((resp, failed)) => {
+                let count = self.stats.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if rare(count) {
+                    pr_warn!(
+                        "batch of {} flushes: {}, {} entries failed ({} failures)\n",
+                        n,
+                        status_name(resp.status),
+                        failed,
+                        count
+                    );
+                }
+            }
+            Err(e) => {
+                self.transport_failure("batch", e);
+            }
+        }
+    }
+
+    pub(crate) fn destroy_pool(&self, pool: u32, what: &str) {
+        let hdr = ReqHeader {
+            op: Op::DestroyPool as u32,
+            pool_id: pool,
+            ..Default::default()
+        };
+        if let Err(e) = self.control(&hdr, &[]) {
+            pr_err!("{}: destroying host pool {} failed: {:?}\n", what, pool, e);
+        }
+    }
+
+    fn failure(&self, what: &str, status: u32) -> Error {
+        let count = self.stats.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if rare(count) {
+            pr_err!(
+                "{} failed: {} ({} failures)\n",
+                what,
+                status_name(status),
+                count
+            );
+        }
+        EIO
+    }
+
+    fn transport_failure(&self, what: &str, e: Error) -> Error {
+        let count = self.stats.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if rare(count) {
+            pr_err!("{}: virtqueue error {:?} ({} failures)\n", what, e, count);
+        }
+        EIO
+    }
+
+    /// Reads the device's config, finds its queues and allocates every buffer the requests
+    /// use. On failure the queues are deleted again.
+    pub(crate) fn new(vdev: &virtio::Device) -> Result<Arc<TmemDev>> {
+        let mut raw = [0u8; Config::SIZE];
+        vdev.read_config(&mut raw);
+        let config = Config::decode(&raw);
+        if u32::from(config.page_shift) != proto::PAGE_SHIFT {
+            pr_err!("device page shift {} is not supported\n", config.page_shift);
+            return Err(EINVAL);
+        }
+        let nreq = if vdev.has_feature(proto::feature::MQ) {
+            usize::from(config.num_request_queues).clamp(1, usize::from(proto::MAX_REQUEST_QUEUES))
+        } else {
+            1
+        };
+        let nvqs = 1 + nreq;
+
+        let mut names = KVec::with_capacity(nvqs, GFP_KERNEL)?;
+        for i in 0..nvqs {
+            let name = if i == 0 {
+                c_str!("tmem-control")
+            } else {
+                c_str!("tmem-request")
+            };
+            names.push(name, GFP_KERNEL)?;
+        }
+        let vqs = vdev.find_vqs(&names)?;
+
+        let batch = vdev.has_feature(proto::feature::BATCH);
+        let build = || -> Result<Arc<TmemDev>> {
+            let mut queues = KVec::with_capacity(nvqs, GFP_KERNEL)?;
+            for vq in vqs {
+                let out = KVec::from_elem(0u8, OUT_BUF, GFP_KERNEL)?;
+                let resp = KVec::from_elem(0u8, RESP_BUF, GFP_KERNEL)?;
+                let bounce = KVec::from_elem(0u8, proto::PAGE_SIZE, GFP_KERNEL)?;
+                let vq = Vq {
+                    vq,
+                    out,
+                    resp,
+                    bounce,
+                };
+                let q = KBox::pin_init(new_spinlock!(vq, "tmem_vq"), GFP_KERNEL)?;
+                queues.push(q, GFP_KERNEL)?;
+            }
+            let pending = Pending {
+                entries: KVec::from_elem(BatchEntry::default(), MAX_BATCH, GFP_KERNEL)?,
+                len: 0,
+                buf: KVec::from_elem(0u8, MAX_BATCH * BatchEntry::SIZE, GFP_KERNEL)?,
+            };
+            Ok(Arc::new(
+                TmemDev {
+                    queues,
+                    pools: [const { AtomicU32::new(NO_POOL) }; SWAP_TYPES],
+                    fs_pools: [const { AtomicU32::new(NO_POOL) }; FS_SLOTS],
+                    fs_shared: [const { AtomicBool::new(false) }; FS_SLOTS],
+                    pending: KBox::pin_init(new_spinlock!(pending, "tmem_pending"), GFP_KERNEL)?,
+                    pending_len: AtomicUsize::new(0),
+                    batch,
+                    stats: Counters::default(),
+                },
+                GFP_KERNEL,
+            )?)
+        };
+        let dev = match build() {
+            Ok(dev) => dev,
+            Err(e) => {
+                // SAFETY: the queues were found above, no request was queued and their handles
+                // were dropped with the failed build.
+                unsafe { vdev.del_vqs() };
+                return Err(e);
+            }
+        };
+        pr_info!(
+            "device ready: {} request queue(s), batch {}, host limit {} pages\n",
+            nreq,
+            if dev.batch { "on" } else { "off" },
+            config.limit_pages
+        );
+        Ok(dev)
+    }
+}

@@ -1,0 +1,107 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Swap operations: every swap area gets a persistent private pool on the host, and
+//! swapped-out pages go there ("frontswap" semantics).
+//!
+//! A refused put makes the kernel write the page to the swap device. The tmem core loads only
+//! offsets whose last store succeeded, so a failed get of such a page is an I/O error, never
+//! stale or zeroed data.
+
+use core::sync::atomic::Ordering;
+use kernel::prelude::*;
+
+use crate::backend::{self, Page};
+use crate::device::{TmemDev, NO_POOL};
+use crate::proto::{self, BatchEntry, CreatePool, Op, ReqHeader};
+
+impl TmemDev {
+    /// The host pool of swap area `type_`, if it has one.
+    fn pool(&self, type_: u32) -> Option<u32> {
+        let pool = self.pools.get(type_ as usize)?.load(Ordering::Acquire);
+        (pool != NO_POOL).then_some(pool)
+    }
+}
+
+impl backend::Swap for TmemDev {
+    fn swap_init(&self, type_: u32, nr_pages: usize) -> Result {
+        let slot = self.pools.get(type_ as usize).ok_or(EINVAL)?;
+        if slot.load(Ordering::Acquire) != NO_POOL {
+            // A swapon without swapoff cannot happen: refuse rather than share a pool.
+            return Err(EBUSY);
+        }
+        let hdr = ReqHeader {
+            op: Op::CreatePool as u32,
+            flags: proto::req_flags::POOL_PERSISTENT,
+            ..Default::default()
+        };
+        let create = CreatePool {
+            uuid: [0; 16],
+            page_size: proto::PAGE_SIZE as u32,
+            reserved: 0,
+        };
+        let id = self.control(&hdr, &create.encode())?;
+        let id = u32::try_from(id).map_err(|_| EIO)?;
+        slot.store(id, Ordering::Release);
+        self.stats.pools.fetch_add(1, Ordering::Relaxed);
+        pr_info!(
+            "swap area {}: host pool {} ({} pages)\n",
+            type_,
+            id,
+            nr_pages
+        );
+        Ok(())
+    }
+
+    fn swap_store(&self, type_: u32, offset: usize, page: &Page) -> Result {
+        let pool = self.pool(type_).ok_or(ENODEV)?;
+        // A queued invalidation of this offset must reach the device before the new copy.
+        self.drain_pending();
+        let hdr = ReqHeader {
+            op: Op::Put as u32,
+            pool_id: pool,
+            index: offset as u64,
+            ..Default::default()
+        };
+        let s = &self.stats;
+        self.put(&hdr, page, [&s.puts, &s.puts_refused], "put")
+    }
+
+    fn swap_load(&self, type_: u32, offset: usize, page: &Page) -> Result {
+        let pool = self.pool(type_).ok_or(ENODEV)?;
+        let hdr = ReqHeader {
+            op: Op::Get as u32,
+            pool_id: pool,
+            index: offset as u64,
+            ..Default::default()
+        };
+        let s = &self.stats;
+        self.get(&hdr, page, [&s.gets, &s.hits, &s.misses], "get")
+    }
+
+    /// Runs with spinlocks held: queues the invalidation, or sends it at once without BATCH.
+    fn swap_invalidate_page(&self, type_: u32, offset: usize) {
+        let Some(pool) = self.pool(type_) else {
+            return;
+        };
+        self.invalidate(BatchEntry {
+            op: Op::FlushPage as u32,
+            pool_id: pool,
+            oid: [0; 3],
+            index: offset as u64,
+        });
+    }
+
+    fn swap_invalidate_area(&self, type_: u32) {
+        let Some(slot) = self.pools.get(type_ as usize) else {
+            return;
+        };
+        self.send_pending(&mut self.pending.lock());
+        let pool = slot.swap(NO_POOL, Ordering::AcqRel);
+        if pool == NO_POOL {
+            return;
+        }
+        self.stats.pools.fetch_sub(1, Ordering::Relaxed);
+        self.destroy_pool(pool, "swap");
+        pr_info!("swap area {}: host pool {} destroyed\n", type_, pool);
+    }
+}

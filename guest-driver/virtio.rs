@@ -1,0 +1,343 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! A small safe wrapper of the C virtio API: what this driver needs of it.
+//!
+//! Linux 6.12 has no Rust virtio abstractions, so this file provides them for the driver's
+//! use only: driver registration with probe and remove, feature and config-space reads, and
+//! polled virtqueues carrying requests made of scatterlists. The raw bindings and the helpers
+//! for inline C functions come from `vm-images/patches/linux/` (the Rust bindings patch). The
+//! `unsafe` blocks of the driver live here and in `backend.rs` and `debugfs.rs`, so the device
+//! logic in the other files is safe Rust.
+
+use core::marker::PhantomData;
+use core::ptr;
+use kernel::ffi::{c_int, c_uint};
+use kernel::{bindings, error::to_result, page::PAGE_SIZE, prelude::*, types::Opaque};
+
+use crate::backend::Page;
+
+/// `VIRTIO_DEV_ANY_ID`: any vendor.
+pub(crate) const ANY_VENDOR: u32 = 0xffff_ffff;
+
+/// Most buffers one request has: a header, a page and a response.
+const MAX_SGS: usize = 3;
+
+/// A virtio device the driver is bound to (`struct virtio_device`).
+///
+/// # Invariants
+///
+/// The device is valid: it is being probed, or bound to the driver until its removal ends.
+#[repr(transparent)]
+pub(crate) struct Device(Opaque<bindings::virtio_device>);
+
+impl Device {
+    /// # Safety
+    ///
+    /// `ptr` is a device being probed or bound to the driver, valid for `'a`.
+    unsafe fn from_raw<'a>(ptr: *mut bindings::virtio_device) -> &'a Self {
+        // SAFETY: `Device` is a transparent wrapper of `virtio_device`; the caller guarantees
+        // the pointer is valid for `'a`.
+        unsafe { &*ptr.cast::<Self>() }
+    }
+
+    fn as_raw(&self) -> *mut bindings::virtio_device {
+        self.0.get()
+    }
+
+    /// Whether the device and the driver agreed on feature `bit`.
+    pub(crate) fn has_feature(&self, bit: u32) -> bool {
+        // SAFETY: the device is valid (type invariant).
+        unsafe { bindings::virtio_has_feature(self.as_raw(), bit) }
+    }
+
+    /// Reads the start of the device's config space into `buf`.
+    pub(crate) fn read_config(&self, buf: &mut [u8]) {
+        // SAFETY: the device is valid (type invariant) and `buf` is writable for its length.
+        unsafe {
+            bindings::virtio_cread_bytes(self.as_raw(), 0, buf.as_mut_ptr().cast(), buf.len())
+        };
+    }
+
+    /// Finds one virtqueue per name. They have no callback: the driver polls them, so the
+    /// device sends no interrupts.
+    pub(crate) fn find_vqs(&self, names: &[&'static CStr]) -> Result<KVec<Virtqueue>> {
+        let mut infos = KVec::with_capacity(names.len(), GFP_KERNEL)?;
+        for name in names {
+            infos.push(
+                bindings::virtqueue_info {
+                    name: name.as_char_ptr(),
+                    callback: None,
+                    ctx: false,
+                },
+                GFP_KERNEL,
+            )?;
+        }
+        let mut vqs = KVec::with_capacity(names.len(), GFP_KERNEL)?;
+        for _ in names {
+            vqs.push(Virtqueue(ptr::null_mut()), GFP_KERNEL)?;
+        }
+        // SAFETY: the device is valid; both arrays hold `names.len()` entries (`Virtqueue` is a
+        // transparent wrapper of a virtqueue pointer) and the names are static strings.
+        to_result(unsafe {
+            bindings::virtio_find_vqs(
+                self.as_raw(),
+                names.len() as c_uint,
+                vqs.as_mut_ptr().cast::<*mut bindings::virtqueue>(),
+                infos.as_mut_ptr(),
+                ptr::null_mut(),
+            )
+        })?;
+        Ok(vqs)
+    }
+
+    /// Tells the device the driver is ready (`DRIVER_OK`): requests may be sent from now on.
+    pub(crate) fn ready(&self) {
+        // SAFETY: the device is valid (type invariant).
+        unsafe { bindings::virtio_device_ready(self.as_raw()) };
+    }
+
+    /// Resets the device: it stops using the virtqueues.
+    pub(crate) fn reset(&self) {
+        // SAFETY: the device is valid (type invariant).
+        unsafe { bindings::virtio_reset_device(self.as_raw()) };
+    }
+
+    /// Frees the virtqueues [`Device::find_vqs`] found.
+    ///
+    /// # Safety
+    ///
+    /// No request is in flight and no [`Virtqueue`] of this device is used afterwards.
+    pub(crate) unsafe fn del_vqs(&self) {
+        // SAFETY: the device is valid (type invariant); the caller guarantees the queues are
+        // unused.
+        unsafe { bindings::virtio_del_vqs(self.as_raw()) };
+    }
+}
+
+/// A virtqueue the driver polls.
+///
+/// # Invariants
+///
+/// The virtqueue was found by [`Device::find_vqs`] and is not deleted yet.
+#[repr(transparent)]
+pub(crate) struct Virtqueue(*mut bindings::virtqueue);
+
+// SAFETY: a virtqueue can be used from any CPU; `&mut self` methods serialize its users.
+unsafe impl Send for Virtqueue {}
+
+impl Virtqueue {
+    /// Adds one request, device-readable buffers `out` then device-writable buffers `inp`,
+    /// notifies the device and spins until the device returns it. Never sleeps.
+    ///
+    /// Fails with `EIO` when the device broke (the buffers may then still be written to), or
+    /// with the error of `virtqueue_add_sgs`.
+    pub(crate) fn exchange(&mut self, out: &mut [ReadSg<'_>], inp: &mut [WriteSg<'_>]) -> Result {
+        if out.len() + inp.len() > MAX_SGS {
+            return Err(EINVAL);
+        }
+        let mut sgs = [ptr::null_mut::<bindings::scatterlist>(); MAX_SGS];
+        let readable = out.iter_mut().map(|sg| &mut sg.sg);
+        let writable = inp.iter_mut().map(|sg| &mut sg.sg);
+        for (slot, sg) in sgs.iter_mut().zip(Iterator::chain(readable, writable)) {
+            *slot = sg;
+        }
+        // SAFETY: the virtqueue is valid (type invariant) and `&mut self` makes this the only
+        // request in flight on it; each scatterlist describes a buffer that is borrowed until
+        // the device returns the request below. The token is any non-null pointer.
+        to_result(unsafe {
+            bindings::virtqueue_add_sgs(
+                self.0,
+                sgs.as_mut_ptr(),
+                out.len() as c_uint,
+                inp.len() as c_uint,
+                self.0.cast(),
+                bindings::GFP_ATOMIC,
+            )
+        })?;
+        // SAFETY: as above.
+        unsafe { bindings::virtqueue_kick(self.0) };
+        loop {
+            let mut len: c_uint = 0;
+            // SAFETY: as above.
+            let token = unsafe { bindings::virtqueue_get_buf(self.0, &mut len) };
+            if !token.is_null() {
+                return Ok(());
+            }
+            // SAFETY: as above.
+            if unsafe { bindings::virtqueue_is_broken(self.0) } {
+                return Err(EIO);
+            }
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// A zeroed scatterlist entry, to be filled in.
+fn empty_sg() -> bindings::scatterlist {
+    // SAFETY: `scatterlist` is plain data for which all zeroes is a valid (empty) value.
+    unsafe { core::mem::zeroed() }
+}
+
+/// One device-readable buffer of a request.
+pub(crate) struct ReadSg<'a> {
+    sg: bindings::scatterlist,
+    _buf: PhantomData<&'a [u8]>,
+}
+
+impl<'a> ReadSg<'a> {
+    /// The first `len` bytes of `buf` (at most all of it).
+    pub(crate) fn bytes(buf: &'a KVec<u8>, len: usize) -> Self {
+        let mut sg = empty_sg();
+        // SAFETY: a `KVec` is kmalloc'ed, so in the linear map, and holds at least the
+        // `len.min(buf.len())` bytes described; the borrow keeps it alive and unchanged.
+        unsafe {
+            bindings::sg_init_one(&mut sg, buf.as_ptr().cast(), len.min(buf.len()) as c_uint)
+        };
+        Self {
+            sg,
+            _buf: PhantomData,
+        }
+    }
+
+    /// A whole page.
+    pub(crate) fn page(page: &'a Page) -> Self {
+        let mut sg = empty_sg();
+        // SAFETY: `page` is an order-0 page its lender owns for the borrow.
+        unsafe {
+            bindings::sg_init_table(&mut sg, 1);
+            bindings::sg_set_page(&mut sg, page.as_raw(), PAGE_SIZE as c_uint, 0);
+        }
+        Self {
+            sg,
+            _buf: PhantomData,
+        }
+    }
+}
+
+/// One device-writable buffer of a request.
+pub(crate) struct WriteSg<'a> {
+    sg: bindings::scatterlist,
+    _buf: PhantomData<&'a mut [u8]>,
+}
+
+impl<'a> WriteSg<'a> {
+    /// The first `len` bytes of `buf` (at most all of it).
+    pub(crate) fn bytes(buf: &'a mut KVec<u8>, len: usize) -> Self {
+        let mut sg = empty_sg();
+        // SAFETY: a `KVec` is kmalloc'ed, so in the linear map, and holds at least the
+        // `len.min(buf.len())` bytes described; the borrow is exclusive.
+        unsafe {
+            bindings::sg_init_one(
+                &mut sg,
+                buf.as_mut_ptr().cast(),
+                len.min(buf.len()) as c_uint,
+            )
+        };
+        Self {
+            sg,
+            _buf: PhantomData,
+        }
+    }
+}
+
+/// The CPU the caller runs on, to pick a per-CPU queue; a stale value is harmless.
+pub(crate) fn this_cpu() -> usize {
+    // SAFETY: reading the CPU number has no precondition; the caller may migrate right after,
+    // which only picks another queue.
+    unsafe { bindings::raw_smp_processor_id() as usize }
+}
+
+/// A virtio driver: what `probe` builds is kept until `remove`.
+pub(crate) trait Driver {
+    /// The state of a bound device.
+    type Data;
+
+    /// Binds to `dev`.
+    fn probe(dev: &Device) -> Result<KBox<Self::Data>>;
+
+    /// Unbinds from `dev`, which stays valid during the call.
+    fn remove(dev: &Device, data: KBox<Self::Data>);
+}
+
+/// A registered virtio driver; dropping it unregisters it (which removes its devices).
+pub(crate) struct Registration<T: Driver> {
+    driver: Pin<KBox<Opaque<bindings::virtio_driver>>>,
+    _driver: PhantomData<T>,
+}
+
+// SAFETY: the driver structure is written before registration and then owned by the virtio
+// core, which serializes probe and remove; `T::Data` lives in the devices, not here.
+unsafe impl<T: Driver> Sync for Registration<T> {}
+// SAFETY: as above.
+unsafe impl<T: Driver> Send for Registration<T> {}
+
+impl<T: Driver> Registration<T> {
+    /// Registers driver `name` for the devices in `ids` (which ends with an all-zero entry, as
+    /// in C), offering `features`.
+    pub(crate) fn new(
+        name: &'static CStr,
+        ids: &'static [bindings::virtio_device_id],
+        features: &'static [c_uint],
+        module: &'static ThisModule,
+    ) -> Result<Self> {
+        if ids.last().map_or(true, |id| id.device != 0) {
+            return Err(EINVAL);
+        }
+        // SAFETY: `virtio_driver` is plain data for which all zeroes means "no callbacks".
+        let driver = KBox::pin(
+            Opaque::<bindings::virtio_driver>::new(unsafe { core::mem::zeroed() }),
+            GFP_KERNEL,
+        )?;
+        let drv = driver.get();
+        // SAFETY: `drv` is ours until registered; the name and the tables are statics.
+        unsafe {
+            (*drv).driver.name = name.as_char_ptr();
+            (*drv).id_table = ids.as_ptr();
+            (*drv).feature_table = features.as_ptr();
+            (*drv).feature_table_size = features.len() as c_uint;
+            (*drv).probe = Some(Self::probe_callback);
+            (*drv).remove = Some(Self::remove_callback);
+            to_result(bindings::__register_virtio_driver(drv, module.as_ptr()))?;
+        }
+        Ok(Self {
+            driver,
+            _driver: PhantomData,
+        })
+    }
+
+    unsafe extern "C" fn probe_callback(vdev: *mut bindings::virtio_device) -> c_int {
+        // SAFETY: the virtio core passes the device being probed.
+        let dev = unsafe { Device::from_raw(vdev) };
+        match T::probe(dev) {
+            Ok(data) => {
+                // SAFETY: as above; `remove_callback` takes the data back.
+                unsafe { (*vdev).priv_ = KBox::into_raw(data).cast() };
+                0
+            }
+            Err(e) => e.to_errno(),
+        }
+    }
+
+    unsafe extern "C" fn remove_callback(vdev: *mut bindings::virtio_device) {
+        // SAFETY: the virtio core passes a device this driver probed, valid during the call.
+        let dev = unsafe { Device::from_raw(vdev) };
+        // SAFETY: as above.
+        let data = unsafe { (*vdev).priv_ }.cast::<T::Data>();
+        if data.is_null() {
+            return;
+        }
+        // SAFETY: as above; `data` came from `KBox::into_raw` in `probe_callback`.
+        let data = unsafe {
+            (*vdev).priv_ = ptr::null_mut();
+            KBox::from_raw(data)
+        };
+        T::remove(dev, data);
+    }
+}
+
+impl<T: Driver> Drop for Registration<T> {
+    fn drop(&mut self) {
+        // SAFETY: registered in `new`; this calls `remove` for the bound devices.
+        unsafe { bindings::unregister_virtio_driver(self.driver.get()) };
+    }
+}
