@@ -64,8 +64,10 @@ pub fn qemu_args(q: &QemuArgs) -> Vec<String> {
         &s(q.kernel),
         "-initrd",
         &s(q.initramfs),
+        // no_timer_check: under TCG on a loaded host the IO-APIC timer check can time out and
+        // panic the guest at early boot ("IO-APIC + timer doesn't work!").
         "-append",
-        &format!("console=ttyS0 panic=-1 {}", q.cmdline),
+        &format!("console=ttyS0 panic=-1 no_timer_check {}", q.cmdline),
         "-chardev",
         &format!("socket,id=tmem,path={}", s(q.socket)),
         // One control queue + one request queue; the config space is 24 bytes.
