@@ -15,13 +15,13 @@
 //! shards: an approximation of Xen's global LRU that needs no global list. A run is evicted
 //! whole (up to 16 pages), which is also the eviction batch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 
 use parking_lot::RwLock;
 
-use super::layout::{remove_run, Account, Pool, SHARDS};
+use super::layout::{compact_lru, remove_run, Account, Pool, SHARDS};
 use super::{Error, Result};
 
 /// Pages evicted per round when room is needed (at least; runs go whole).
@@ -69,6 +69,12 @@ impl Budget {
     /// Forgets an account (a shared pool's, once the pool is gone).
     pub(super) fn remove_account(&self, account: &Arc<Account>) {
         self.accounts.write().retain(|a| !Arc::ptr_eq(a, account));
+    }
+
+    /// Accounts in the eviction list.
+    #[cfg(test)]
+    pub(super) fn accounts_len(&self) -> usize {
+        self.accounts.read().len()
     }
 
     /// Gives `cost` back to `account` and the global total.
@@ -169,6 +175,7 @@ impl Budget {
                 }
             }
             let Some(key) = found else {
+                compact_lru(sh);
                 return 0;
             };
             remove_run(pool, sh, &key).expect("found above")
@@ -188,7 +195,8 @@ impl Budget {
         for shard in pool.shards.iter() {
             let (taken, freed, runs) = {
                 let mut s = shard.lock();
-                s.lru.clear();
+                // Fresh, not cleared: a cleared queue would keep its room.
+                s.lru = VecDeque::new();
                 let runs = std::mem::take(&mut s.runs) as u64;
                 let freed = s.counts.memory_used;
                 n += s.counts.stored_pages;
@@ -218,6 +226,12 @@ impl Budget {
             let _g = shard.lock();
             pool.dead.store(true, Relaxed);
         }
+        // Out of the account's eviction rotation now, not at the next eviction: a guest that
+        // creates and destroys pools in a loop would grow the list without bound.
+        pool.account
+            .pools
+            .lock()
+            .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), pool));
         self.drain(pool)
     }
 }

@@ -677,6 +677,36 @@ impl Engine {
         }
         shapes
     }
+
+    /// What a pool's shards hold allocated beyond what they store, summed over shards: LRU
+    /// records and their capacity, object map capacity, and run map capacity.
+    fn allocated_structure(&self, client: &Client, id: PoolId) -> AllocatedStructure {
+        let pool = client.pool(id).expect("a pool of the client");
+        let mut a = AllocatedStructure::default();
+        for shard in pool.shards.iter() {
+            let sh = shard.lock();
+            a.runs += sh.runs;
+            a.lru_len += sh.lru.len();
+            a.lru_cap += sh.lru.capacity();
+            a.objects_cap += sh.objects.capacity();
+            for obj in sh.objects.values() {
+                if let Object::Many(m) = obj {
+                    a.run_maps_cap += m.capacity();
+                }
+            }
+        }
+        a
+    }
+}
+
+#[cfg(test)]
+#[derive(Debug, Default)]
+struct AllocatedStructure {
+    runs: usize,
+    lru_len: usize,
+    lru_cap: usize,
+    objects_cap: usize,
+    run_maps_cap: usize,
 }
 
 fn decode(worker: &mut Worker, s: &Slot, out: &mut [u8]) -> Result<()> {

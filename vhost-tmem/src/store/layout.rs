@@ -308,11 +308,22 @@ pub(super) fn remove_run(pool: &Pool, sh: &mut Shard, key: &RunKey) -> Option<(R
         Object::One(_, x) => (std::mem::take(x), 0, true),
         Object::Many(m) => {
             let run = m.remove(&key.run)?;
-            (run, RUN_META, m.is_empty())
+            let mut freed = RUN_META;
+            let emptied = m.is_empty();
+            if m.len() == 1 {
+                // Back inline: a map of one would keep the room of every run it ever held.
+                let (r, x) = m.drain().next().expect("one run left");
+                *obj = Object::One(r, x);
+                freed += RUN_META;
+            } else {
+                shrink_map(m);
+            }
+            (run, freed, emptied)
         }
     };
     if emptied {
         sh.objects.remove(&key.oid);
+        shrink_map(&mut sh.objects);
         freed += OBJ_META;
     }
     freed += pool.run_cost() + run.slots.capacity() as u64 * SLOT_BYTES;
@@ -324,8 +335,20 @@ pub(super) fn remove_run(pool: &Pool, sh: &mut Shard, key: &RunKey) -> Option<(R
     sh.runs -= 1;
     if !pool.persistent {
         pool.account.ephemeral_runs.fetch_sub(1, Relaxed);
+        // The run's LRU records are stale now; drop them before they outnumber live runs.
+        compact_lru(sh);
     }
     Some((run, freed))
+}
+
+/// Gives back a map's room once it is under a quarter full, so that a map that once held
+/// many entries does not keep their room when only a few remain (nothing is charged for
+/// it then). Shrinking to half full means it takes as many removals again to shrink once
+/// more: amortized O(1) per removal.
+pub(super) fn shrink_map<K: Eq + Hash, V>(m: &mut HashMap<K, V, KeyedState>) {
+    if m.capacity() > 16 && m.capacity() > 4 * m.len() {
+        m.shrink_to(2 * m.len());
+    }
 }
 
 /// Takes one page out of a shard with its bookkeeping (the run and object go when empty);
@@ -350,17 +373,19 @@ pub(super) fn take_page(
 
 /// Drops stale LRU records once they outnumber live runs by half, so the queue stays
 /// O(runs) and within what `LRU_META` charges.
+/// Called wherever records are added (puts, shared hits) or runs leave (flushes, gets,
+/// eviction), so that removals cannot leave records of gone runs behind either. The queue's
+/// room shrinks with it (eviction pops records without compacting).
 pub(super) fn compact_lru(sh: &mut Shard) {
-    if sh.lru.len() < 64 || sh.lru.len() < sh.runs + sh.runs / 2 {
-        return;
+    if sh.lru.len() >= 64 && sh.lru.len() >= sh.runs + sh.runs / 2 {
+        let objects = &sh.objects;
+        sh.lru.retain(|r| {
+            objects
+                .get(&r.key.oid)
+                .and_then(|o| o.get(r.key.run))
+                .is_some_and(|run| run.stamp == r.stamp)
+        });
     }
-    let objects = &sh.objects;
-    sh.lru.retain(|r| {
-        objects
-            .get(&r.key.oid)
-            .and_then(|o| o.get(r.key.run))
-            .is_some_and(|run| run.stamp == r.stamp)
-    });
     if sh.lru.capacity() > 4 * sh.lru.len().max(16) {
         sh.lru.shrink_to(2 * sh.lru.len());
     }

@@ -497,3 +497,91 @@ fn concurrent_clients_and_lru_compaction() {
     }
     assert_eq!(e.memory_used(), 0);
 }
+
+#[test]
+fn pool_churn_leaves_nothing_behind() {
+    // A guest creating and destroying pools in a loop must not grow anything in the daemon:
+    // the account's pool list, the shared-pool registry and the eviction account list stay
+    // at what exists now.
+    let e = engine(1 << 30);
+    let uuid = [7u8; 16];
+    let c = e.add_client(ClientConfig {
+        shared: vec![uuid],
+        ..ClientConfig::named("churn")
+    });
+    let shared = PoolSpec {
+        persistent: false,
+        shared: Some(uuid),
+    };
+    let mut w = e.new_worker().unwrap();
+    let keep = e.create_pool(&c, EPH).unwrap();
+    e.put(&mut w, &c, &key(keep, OID, 0), &page(0)).unwrap();
+    let accounts = e.budget.accounts_len();
+    for i in 0..100_000u32 {
+        let spec = if i % 3 == 0 { shared } else { EPH };
+        let p = e.create_pool(&c, spec).unwrap();
+        e.destroy_pool(&c, p).unwrap();
+    }
+    assert_eq!(c.account.pools.lock().len(), 1, "one live ephemeral pool");
+    assert_eq!(e.budget.accounts_len(), accounts);
+    assert!(e.shared.lock().is_empty());
+    // Nothing was charged; the page of the pool kept is still there.
+    let mut out = vec![0u8; PAGE_SIZE];
+    e.get(&mut w, &c, &key(keep, OID, 0), &mut out, false)
+        .unwrap();
+    assert_eq!(out, page(0));
+    assert_eq!(e.memory_used(), 0);
+}
+
+#[test]
+fn emptied_shards_give_back_lru_records_and_map_room() {
+    let e = engine(1 << 30);
+    let c = e.add_client(ClientConfig::named("a"));
+    let mut w = e.new_worker().unwrap();
+    let zero = [0u8; PAGE_SIZE];
+    let p = e.create_pool(&c, EPH).unwrap();
+    // 20,000 objects of one run each, and one object of 2,000 runs, then all flushed: no LRU
+    // records of gone runs may stay (nothing is charged for them any more), and the maps
+    // must not keep room for 20,000 entries.
+    for o in 0..20_000u64 {
+        e.put(&mut w, &c, &key(p, [o, 0, 0], 0), &zero).unwrap();
+    }
+    for r in 0..2_000u64 {
+        e.put(&mut w, &c, &key(p, OID, r * 16), &zero).unwrap();
+    }
+    let full = e.allocated_structure(&c, p);
+    assert!(full.lru_len >= 22_000, "{full:?}");
+    for o in 0..20_000u64 {
+        e.flush_object(&c, p, &[o, 0, 0]).unwrap();
+    }
+    // Keep one run of the big object per shard at most: its map must shrink with it.
+    for r in 16..2_000u64 {
+        e.flush_page(&c, &key(p, OID, r * 16)).unwrap();
+    }
+    let a = e.allocated_structure(&c, p);
+    assert!(a.runs <= 16, "{a:?}");
+    let slack = 16 * 64; // per shard: compaction starts at 64 records
+    assert!(a.lru_len <= 2 * a.runs + slack, "{a:?}");
+    assert!(a.lru_cap <= 4 * slack, "{a:?}");
+    assert!(a.objects_cap <= 16 * 64, "{a:?}");
+    assert!(a.run_maps_cap <= 16 * 8, "{a:?}");
+
+    // Eviction pops records: the queue's room must shrink with it too.
+    let e = engine(4 << 20);
+    let c = e.add_client(ClientConfig::named("a"));
+    let eph = e.create_pool(&c, EPH).unwrap();
+    let pers = e.create_pool(&c, PERS).unwrap();
+    for o in 0..20_000u64 {
+        e.put(&mut w, &c, &key(eph, [o, 0, 0], 0), &zero).unwrap();
+    }
+    // Persistent pages push every ephemeral one out.
+    let mut i = 0;
+    while e.stats().clients[0].pools[0].counters.stored_pages > 0 {
+        e.put(&mut w, &c, &key(pers, OID, i), &page(i)).unwrap();
+        i += 1;
+    }
+    let a = e.allocated_structure(&c, eph);
+    assert_eq!(a.runs, 0);
+    assert!(a.lru_cap <= 4 * slack, "{a:?}");
+    assert!(a.objects_cap <= 16 * 64, "{a:?}");
+}
