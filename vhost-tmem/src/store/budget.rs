@@ -35,6 +35,9 @@ pub(super) struct Budget {
     used: AtomicU64,
     limit: AtomicU64,
     accounts: RwLock<Vec<Arc<Account>>>,
+    /// Sum of the clients' weights: a client without a quota may hold at most
+    /// `limit * weight / total_weight` in persistent pages.
+    total_weight: AtomicU64,
 }
 
 impl Budget {
@@ -43,6 +46,7 @@ impl Budget {
             used: AtomicU64::new(0),
             limit: AtomicU64::new(limit),
             accounts: RwLock::new(Vec::new()),
+            total_weight: AtomicU64::new(0),
         }
     }
 
@@ -66,6 +70,32 @@ impl Budget {
         self.accounts.write().push(account);
     }
 
+    /// Adds a client's account: a candidate for eviction whose weight counts in everyone's
+    /// persistent share.
+    pub(super) fn add_client_account(&self, account: Arc<Account>) {
+        let mut accounts = self.accounts.write();
+        self.total_weight
+            .fetch_add(account.weight.load(Relaxed).into(), Relaxed);
+        accounts.push(account);
+    }
+
+    /// Changes a client's weight (and so every client's persistent share).
+    pub(super) fn set_weight(&self, account: &Account, weight: u32) {
+        // Under the accounts lock, so that concurrent changes keep the total exact.
+        let _g = self.accounts.write();
+        let old = account.weight.swap(weight.max(1), Relaxed);
+        self.total_weight.fetch_add(weight.max(1).into(), Relaxed);
+        self.total_weight.fetch_sub(old.into(), Relaxed);
+    }
+
+    /// The persistent pages' share of a client without a quota: its weight's share of the
+    /// limit, so that one guest cannot take the memory every other guest is entitled to.
+    pub(super) fn persistent_share(&self, account: &Account) -> u64 {
+        let total = self.total_weight.load(Relaxed).max(1) as u128;
+        let w = account.weight.load(Relaxed) as u128;
+        (self.limit() as u128 * w / total).min(u64::MAX as u128) as u64
+    }
+
     /// Forgets an account (a shared pool's, once the pool is gone).
     pub(super) fn remove_account(&self, account: &Arc<Account>) {
         self.accounts.write().retain(|a| !Arc::ptr_eq(a, account));
@@ -78,15 +108,48 @@ impl Budget {
     }
 
     /// Gives `cost` back to `account` and the global total.
-    pub(super) fn release(&self, account: &Account, cost: u64) {
+    pub(super) fn release(&self, account: &Account, cost: u64, persistent: bool) {
         if cost > 0 {
+            if persistent {
+                account.persistent_used.fetch_sub(cost, Relaxed);
+            }
             account.used.fetch_sub(cost, Relaxed);
             self.used.fetch_sub(cost, Relaxed);
         }
     }
 
+    /// Gives `cost` back to the pool's account.
+    pub(super) fn release_pool(&self, pool: &Pool, cost: u64) {
+        self.release(&pool.account, cost, pool.persistent);
+    }
+
     /// Charges `cost` to `account` and the global total, evicting ephemeral pages if needed.
-    pub(super) fn reserve(&self, account: &Arc<Account>, cost: u64) -> Result<()> {
+    /// Persistent pages of an account without a quota also stay within its
+    /// [`persistent_share`](Self::persistent_share); evicting cannot make room for those.
+    pub(super) fn reserve(
+        &self,
+        account: &Arc<Account>,
+        cost: u64,
+        persistent: bool,
+    ) -> Result<()> {
+        if persistent && account.quota.load(Relaxed) == 0 {
+            let share = self.persistent_share(account);
+            let prev = account.persistent_used.fetch_add(cost, Relaxed);
+            if prev + cost > share {
+                account.persistent_used.fetch_sub(cost, Relaxed);
+                return Err(Error::NoSpace);
+            }
+        } else if persistent {
+            account.persistent_used.fetch_add(cost, Relaxed);
+        }
+        let r = self.reserve_total(account, cost);
+        if r.is_err() && persistent {
+            account.persistent_used.fetch_sub(cost, Relaxed);
+        }
+        r
+    }
+
+    fn reserve_total(&self, account: &Arc<Account>, cost: u64) -> Result<()> {
         for _ in 0..RESERVE_ROUNDS {
             let quota = account.quota.load(Relaxed);
             let prev = account.used.fetch_add(cost, Relaxed);
@@ -183,7 +246,7 @@ impl Budget {
         let pages = run.slots.len();
         // Payloads are freed here, outside the lock.
         drop(run);
-        self.release(&pool.account, freed);
+        self.release_pool(pool, freed);
         pool.account.evictions.fetch_add(pages as u64, Relaxed);
         pool.counters.evictions.fetch_add(pages as u64, Relaxed);
         pages
@@ -214,7 +277,7 @@ impl Budget {
                 pool.account.ephemeral_runs.fetch_sub(runs, Relaxed);
             }
             drop(taken);
-            self.release(&pool.account, freed);
+            self.release_pool(pool, freed);
         }
         n
     }

@@ -164,7 +164,7 @@ impl Engine {
     /// Adds a client. Names must be unique.
     pub fn add_client(&self, cfg: ClientConfig) -> Arc<Client> {
         let account = Arc::new(Account::new(cfg.weight, cfg.quota));
-        self.budget.add_account(account.clone());
+        self.budget.add_client_account(account.clone());
         let client = Arc::new(Client {
             name: cfg.name,
             compressor: cfg.compressor.unwrap_or(self.cfg.compressor),
@@ -197,7 +197,7 @@ impl Engine {
 
     /// Changes a client's weight.
     pub fn set_weight(&self, client: &Client, weight: u32) {
-        client.account.weight.store(weight.max(1), Relaxed);
+        self.budget.set_weight(&client.account, weight);
     }
 
     /// Changes a client's quota (0: none).
@@ -277,7 +277,7 @@ impl Engine {
         match taken {
             Some((slot, freed)) => {
                 drop(slot);
-                self.budget.release(&pool.account, freed);
+                self.budget.release_pool(pool, freed);
                 true
             }
             None => false,
@@ -404,7 +404,10 @@ impl Tmem for Engine {
             },
         };
         let reserved = payload_cost(slot.len()) + MAX_STRUCT_COST;
-        if let Err(e) = self.budget.reserve(&pool.account, reserved) {
+        if let Err(e) = self
+            .budget
+            .reserve(&pool.account, reserved, pool.persistent)
+        {
             return Err(self.refuse(client, &pool, page_key, e));
         }
         let (key, bit) = key_of(page_key);
@@ -412,7 +415,7 @@ impl Tmem for Engine {
             let mut g = pool.shard(&key).lock();
             if pool.dead.load(Relaxed) {
                 drop(g);
-                self.budget.release(&pool.account, reserved);
+                self.budget.release_pool(&pool, reserved);
                 return Err(Error::BadPool(page_key.pool));
             }
             let sh = &mut *g;
@@ -479,7 +482,7 @@ impl Tmem for Engine {
         };
         let freed = old.as_ref().map_or(0, |o| payload_cost(o.len()));
         drop(old);
-        self.budget.release(&pool.account, reserved - used + freed);
+        self.budget.release_pool(&pool, reserved - used + freed);
         Ok(())
     }
 
@@ -514,7 +517,7 @@ impl Tmem for Engine {
                 Some((slot, freed)) => {
                     let r = decode(worker, &slot, out);
                     drop(slot);
-                    self.budget.release(&pool.account, freed);
+                    self.budget.release_pool(&pool, freed);
                     r.map(|()| GetHit { dropped: true })
                 }
             }
@@ -580,7 +583,7 @@ impl Tmem for Engine {
         match taken {
             Some((slot, freed)) => {
                 drop(slot);
-                self.budget.release(&pool.account, freed);
+                self.budget.release_pool(&pool, freed);
                 Counters::inc(&client.counters.flushed_pages);
                 Ok(())
             }
@@ -615,7 +618,7 @@ impl Tmem for Engine {
                 (runs, freed)
             };
             drop(runs);
-            self.budget.release(&pool.account, freed);
+            self.budget.release_pool(&pool, freed);
         }
         client.counters.flushed_pages.fetch_add(n, Relaxed);
         Ok(n)

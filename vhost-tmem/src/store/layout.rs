@@ -61,6 +61,8 @@ pub(super) struct Account {
     pub(super) weight: AtomicU32,
     pub(super) quota: AtomicU64,
     pub(super) used: AtomicU64,
+    /// The persistent pages' part of `used`.
+    pub(super) persistent_used: AtomicU64,
     /// Ephemeral runs held, so that eviction can skip accounts with nothing to give.
     pub(super) ephemeral_runs: AtomicU64,
     /// Ephemeral pools charged here, in eviction rotation.
@@ -76,6 +78,7 @@ impl Account {
             weight: AtomicU32::new(weight.max(1)),
             quota: AtomicU64::new(quota),
             used: AtomicU64::new(0),
+            persistent_used: AtomicU64::new(0),
             ephemeral_runs: AtomicU64::new(0),
             pools: Mutex::new(Vec::new()),
             cursor: AtomicUsize::new(0),

@@ -585,3 +585,72 @@ fn emptied_shards_give_back_lru_records_and_map_room() {
     assert!(a.lru_cap <= 4 * slack, "{a:?}");
     assert!(a.objects_cap <= 16 * 64, "{a:?}");
 }
+
+/// Puts distinct persistent pages into `pool` until the store refuses one; returns how many
+/// it took.
+fn fill_until_no_space(
+    e: &Engine,
+    w: &mut Worker,
+    c: &Arc<Client>,
+    pool: PoolId,
+    seed: u64,
+) -> u64 {
+    for i in 0..1_000_000 {
+        match e.put(w, c, &key(pool, OID, i), &page(seed + i)) {
+            Ok(()) => {}
+            Err(Error::NoSpace) => return i,
+            Err(x) => panic!("{x}"),
+        }
+    }
+    panic!("never refused");
+}
+
+#[test]
+fn default_persistent_share_is_fair() {
+    // No quotas: the first guest fills persistent pages until refused; the second can still
+    // store its weight's share (weights 100 and 300: a quarter and three quarters).
+    let limit = 4 << 20;
+    let e = engine(limit);
+    let a = e.add_client(ClientConfig::named("a"));
+    let b = e.add_client(ClientConfig {
+        weight: 300,
+        ..ClientConfig::named("b")
+    });
+    let mut w = e.new_worker().unwrap();
+    let pa = e.create_pool(&a, PERS).unwrap();
+    let pb = e.create_pool(&b, PERS).unwrap();
+    fill_until_no_space(&e, &mut w, &a, pa, 0);
+    let used_a = e.stats().clients[0].counters.memory_used;
+    assert!(used_a <= limit / 4, "{used_a}");
+    fill_until_no_space(&e, &mut w, &b, pb, 1 << 32);
+    let used_b = e.stats().clients[1].counters.memory_used;
+    assert!(used_b >= limit * 3 / 4 * 95 / 100, "{used_b}");
+    assert!(used_b <= limit * 3 / 4, "{used_b}");
+
+    // Ephemeral pages may use what persistent ones leave: a's fill the rest of the limit,
+    // and b's persistent share still fits, by evicting them.
+    let e = engine(limit);
+    let a = e.add_client(ClientConfig::named("a"));
+    let b = e.add_client(ClientConfig::named("b"));
+    let ea = e.create_pool(&a, EPH).unwrap();
+    let pb = e.create_pool(&b, PERS).unwrap();
+    for i in 0..12_000 {
+        e.put(&mut w, &a, &key(ea, OID, i), &page(i)).unwrap();
+    }
+    assert!(e.memory_used() > limit * 9 / 10, "{}", e.memory_used());
+    fill_until_no_space(&e, &mut w, &b, pb, 1 << 32);
+    let used_b = e.stats().clients[1].counters.memory_used;
+    assert!(used_b >= limit / 2 * 95 / 100, "{used_b}");
+
+    // A weight change moves the shares; what is stored stays, new puts follow the new share.
+    e.set_weight(&b, 300);
+    let more = fill_until_no_space(&e, &mut w, &b, pb, 1 << 33);
+    assert!(more > 0);
+    let used_b = e.stats().clients[1].counters.memory_used;
+    assert!(used_b >= limit * 3 / 4 * 95 / 100, "{used_b}");
+    // A quota replaces the share.
+    e.set_quota(&a, limit / 8);
+    let pa = e.create_pool(&a, PERS).unwrap();
+    fill_until_no_space(&e, &mut w, &a, pa, 1 << 34);
+    assert!(e.stats().clients[0].counters.memory_used <= limit / 8);
+}
