@@ -21,11 +21,16 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::RwLock;
 
-use super::layout::{compact_lru, remove_run, Account, Pool, SHARDS};
+use super::layout::{
+    compact_lru, payload_cost, remove_run, shared_bits, take_shared_page, Account, LruRef, Pool,
+    RUN_PAGES, SHARDS, SHARED_PAGE_META,
+};
 use super::{Error, Result};
 
 /// Pages evicted per round when room is needed (at least; runs go whole).
 const EVICT_BATCH: usize = 16;
+/// LRU records a shared pool's shard looks at per eviction visit for the owner's pages.
+const SHARED_EVICT_SCAN: usize = 64;
 /// Rounds of evict-and-retry before a put gives up.
 const RESERVE_ROUNDS: usize = 64;
 
@@ -65,18 +70,16 @@ impl Budget {
         self.limit.store(bytes, Relaxed);
     }
 
-    /// Makes an account a candidate for global eviction.
-    pub(super) fn add_account(&self, account: Arc<Account>) {
-        self.accounts.write().push(account);
-    }
-
-    /// Adds a client's account: a candidate for eviction whose weight counts in everyone's
-    /// persistent share.
-    pub(super) fn add_client_account(&self, account: Arc<Account>) {
+    /// A new client's account: a candidate for eviction whose weight counts in everyone's
+    /// persistent share. Clients are never removed, so its id (its index) stays valid.
+    pub(super) fn new_client_account(&self, weight: u32, quota: u64) -> Arc<Account> {
         let mut accounts = self.accounts.write();
+        let id = u32::try_from(accounts.len()).expect("fewer than 2^32 clients");
+        let account = Arc::new(Account::new(id, weight, quota));
         self.total_weight
             .fetch_add(account.weight.load(Relaxed).into(), Relaxed);
-        accounts.push(account);
+        accounts.push(account.clone());
+        account
     }
 
     /// Changes a client's weight (and so every client's persistent share).
@@ -96,9 +99,20 @@ impl Budget {
         (self.limit() as u128 * w / total).min(u64::MAX as u128) as u64
     }
 
-    /// Forgets an account (a shared pool's, once the pool is gone).
-    pub(super) fn remove_account(&self, account: &Arc<Account>) {
-        self.accounts.write().retain(|a| !Arc::ptr_eq(a, account));
+    /// Takes a destroyed shared pool out of every client's eviction rotation.
+    pub(super) fn forget_shared_pool(&self, pool: &Pool) {
+        for a in self.accounts.read().iter() {
+            a.pools
+                .lock()
+                .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), pool));
+        }
+    }
+
+    /// Gives a shared pool's page back to the client that was charged for it.
+    pub(super) fn release_shared(&self, owner: u32, charge: u64, pages: u64) {
+        let account = self.accounts.read()[owner as usize].clone();
+        account.ephemeral_runs.fetch_sub(pages, Relaxed);
+        self.release(&account, charge, false);
     }
 
     /// Accounts in the eviction list.
@@ -118,8 +132,10 @@ impl Budget {
         }
     }
 
-    /// Gives `cost` back to the pool's account.
+    /// Gives `cost` back to the pool's account (private pools: a shared pool's pages are
+    /// charged to the clients that put them).
     pub(super) fn release_pool(&self, pool: &Pool, cost: u64) {
+        debug_assert!(pool.shared.is_none());
         self.release(&pool.account, cost, pool.persistent);
     }
 
@@ -210,7 +226,12 @@ impl Budget {
         while evicted < n && idle_visits < pools.len() * SHARDS {
             let pool = &pools[i % pools.len()];
             i += 1;
-            match self.evict_one(pool) {
+            let k = if pool.shared.is_some() {
+                self.evict_shared(pool, account.id)
+            } else {
+                self.evict_one(pool)
+            };
+            match k {
                 0 => idle_visits += 1,
                 k => {
                     evicted += k;
@@ -252,8 +273,64 @@ impl Budget {
         pages
     }
 
+    /// Evicts the oldest pages `owner` put in the next shard of a shared pool; returns how
+    /// many. Runs with other members' pages only go to the back of the queue: one client's
+    /// need for room never evicts what another is charged for.
+    pub(super) fn evict_shared(&self, pool: &Pool, owner: u32) -> usize {
+        let si = pool.evict_cursor.fetch_add(1, Relaxed) % SHARDS;
+        let mut taken = Vec::new();
+        {
+            let mut g = pool.shards[si].lock();
+            let sh = &mut *g;
+            // Bounded work per visit; the caller visits every shard of every pool.
+            for _ in 0..SHARED_EVICT_SCAN {
+                let Some(r) = sh.lru.pop_front() else {
+                    break;
+                };
+                let Some(run) = sh.run_mut(&r.key).filter(|run| run.stamp == r.stamp) else {
+                    continue;
+                };
+                let mine = shared_bits(run, Some(owner));
+                if mine != 0 {
+                    for bit in 0..RUN_PAGES as u32 {
+                        if mine & (1 << bit) != 0 {
+                            taken.push(
+                                take_shared_page(sh, &r.key, bit, Some(owner)).expect("listed"),
+                            );
+                        }
+                    }
+                }
+                // Other members' pages stay, recorded anew at the back of the queue.
+                let stamp = sh.clock + 1;
+                if let Some(run) = sh.run_mut(&r.key) {
+                    run.stamp = stamp;
+                    sh.clock = stamp;
+                    sh.lru.push_back(LruRef { key: r.key, stamp });
+                }
+                if mine != 0 {
+                    break;
+                }
+            }
+            compact_lru(sh);
+        }
+        let pages = taken.len();
+        let charge: u64 = taken.iter().map(|t| t.charge).sum();
+        drop(taken);
+        if pages > 0 {
+            self.release_shared(owner, charge, pages as u64);
+            self.accounts.read()[owner as usize]
+                .evictions
+                .fetch_add(pages as u64, Relaxed);
+            pool.counters.evictions.fetch_add(pages as u64, Relaxed);
+        }
+        pages
+    }
+
     /// Removes every page of a pool; returns how many there were.
     pub(super) fn drain(&self, pool: &Pool) -> u64 {
+        if pool.shared.is_some() {
+            return self.drain_shared(pool);
+        }
         let mut n = 0;
         for shard in pool.shards.iter() {
             let (taken, freed, runs) = {
@@ -278,6 +355,46 @@ impl Budget {
             }
             drop(taken);
             self.release_pool(pool, freed);
+        }
+        n
+    }
+
+    /// Removes every page of a shared pool, each released to its owner.
+    fn drain_shared(&self, pool: &Pool) -> u64 {
+        let mut n = 0;
+        for shard in pool.shards.iter() {
+            let (taken, per_owner) = {
+                let mut g = shard.lock();
+                let sh = &mut *g;
+                let mut per_owner: HashMap<u32, (u64, u64)> = HashMap::new();
+                for obj in sh.objects.values() {
+                    for r in obj.runs() {
+                        let run = obj.get(r).expect("listed");
+                        let owners = run.owners.as_ref().expect("shared runs have owners");
+                        for bit in 0..RUN_PAGES as u32 {
+                            if let Some(slot) = run.get(bit) {
+                                let e = per_owner.entry(owners[bit as usize]).or_default();
+                                e.0 += payload_cost(slot.len()) + SHARED_PAGE_META;
+                                e.1 += 1;
+                            }
+                        }
+                    }
+                }
+                sh.lru = VecDeque::new();
+                sh.runs = 0;
+                n += sh.counts.stored_pages;
+                sh.counts.clear_gauges();
+                sh.payload_charged = 0;
+                let h = pool.hasher;
+                (
+                    std::mem::replace(&mut sh.objects, HashMap::with_hasher(h)),
+                    per_owner,
+                )
+            };
+            drop(taken);
+            for (owner, (charge, pages)) in per_owner {
+                self.release_shared(owner, charge, pages);
+            }
         }
         n
     }

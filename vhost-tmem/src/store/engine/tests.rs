@@ -654,3 +654,159 @@ fn default_persistent_share_is_fair() {
     fill_until_no_space(&e, &mut w, &a, pa, 1 << 34);
     assert!(e.stats().clients[0].counters.memory_used <= limit / 8);
 }
+
+fn shared_spec(uuid: Uuid) -> PoolSpec {
+    PoolSpec {
+        persistent: false,
+        shared: Some(uuid),
+    }
+}
+
+#[test]
+fn shared_pool_pages_count_against_the_putters_quota() {
+    let e = engine(1 << 30);
+    let uuid = [3u8; 16];
+    let quota = 4 << 20;
+    let q = e.add_client(ClientConfig {
+        quota,
+        shared: vec![uuid],
+        ..ClientConfig::named("q")
+    });
+    let b = e.add_client(ClientConfig {
+        shared: vec![uuid],
+        ..ClientConfig::named("b")
+    });
+    let mut w = e.new_worker().unwrap();
+    let pq = e.create_pool(&q, shared_spec(uuid)).unwrap();
+    let pb = e.create_pool(&b, shared_spec(uuid)).unwrap();
+    // Far more than the quota, through the shared pool: the oldest of q's own pages go.
+    for i in 0..20_000 {
+        e.put(&mut w, &q, &key(pq, OID, i), &page(i)).unwrap();
+    }
+    let s = e.stats();
+    let pool_bytes = s.shared_pools[0].counters.memory_used;
+    assert!(
+        pool_bytes <= quota,
+        "shared pool holds {pool_bytes} for a {quota}-byte quota"
+    );
+    assert_eq!(s.clients[0].charged_bytes, pool_bytes);
+    assert!(s.clients[0].counters.evictions > 0);
+    // b's pages are charged to b, and q's need for room never evicts them.
+    for i in 0..100 {
+        e.put(&mut w, &b, &key(pb, [9, 9, 9], i), &page(1 << 40 | i))
+            .unwrap();
+    }
+    let b_bytes = e.stats().clients[1].charged_bytes;
+    assert!(b_bytes > 0);
+    for i in 20_000..30_000 {
+        e.put(&mut w, &q, &key(pq, OID, i), &page(i)).unwrap();
+    }
+    let mut out = vec![0u8; PAGE_SIZE];
+    for i in 0..100 {
+        e.get(&mut w, &q, &key(pq, [9, 9, 9], i), &mut out, false)
+            .unwrap();
+        assert_eq!(out, page(1 << 40 | i));
+    }
+    assert_eq!(e.stats().clients[1].charged_bytes, b_bytes);
+    assert!(e.stats().clients[0].charged_bytes <= quota);
+    // q leaving keeps its pages for b, still charged to q; the last member leaving frees all.
+    e.reset_client(&q);
+    e.get(&mut w, &b, &key(pb, OID, 29_999), &mut out, false)
+        .unwrap();
+    assert_eq!(out, page(29_999));
+    e.destroy_pool(&b, pb).unwrap();
+    let s = e.stats();
+    assert_eq!(
+        (s.clients[0].charged_bytes, s.clients[1].charged_bytes),
+        (0, 0)
+    );
+    assert_eq!(e.memory_used(), 0);
+}
+
+#[test]
+fn shared_pool_first_put_wins() {
+    let e = engine(1 << 30);
+    let uuid = [5u8; 16];
+    let a = e.add_client(ClientConfig {
+        shared: vec![uuid],
+        ..ClientConfig::named("a")
+    });
+    let b = e.add_client(ClientConfig {
+        shared: vec![uuid],
+        ..ClientConfig::named("b")
+    });
+    let mut w = e.new_worker().unwrap();
+    let pa = e.create_pool(&a, shared_spec(uuid)).unwrap();
+    let pb = e.create_pool(&b, shared_spec(uuid)).unwrap();
+    let mut out = vec![0u8; PAGE_SIZE];
+    e.put(&mut w, &a, &key(pa, OID, 1), &page(1)).unwrap();
+    // b overwriting a's page with other content is refused, and counted.
+    assert!(matches!(
+        e.put(&mut w, &b, &key(pb, OID, 1), &page(666)),
+        Err(Error::Refused(_))
+    ));
+    for (c, p) in [(&a, pa), (&b, pb)] {
+        e.get(&mut w, c, &key(p, OID, 1), &mut out, false).unwrap();
+        assert_eq!(out, page(1));
+    }
+    let s = e.stats();
+    assert_eq!(s.clients[1].counters.shared_put_conflicts, 1);
+    assert_eq!(s.clients[1].counters.puts_refused, 1);
+    assert_eq!(s.shared_pools[0].counters.shared_put_conflicts, 1);
+    assert_eq!(s.clients[0].counters.shared_put_conflicts, 0);
+    // The same content is agreement: accepted, nothing changes (a keeps the charge).
+    let charged = s.clients[0].charged_bytes;
+    e.put(&mut w, &b, &key(pb, OID, 1), &page(1)).unwrap();
+    let s = e.stats();
+    assert_eq!(s.clients[0].charged_bytes, charged);
+    assert_eq!(s.clients[1].charged_bytes, 0);
+    assert_eq!(s.shared_pools[0].counters.stored_pages, 1);
+    // Even the owner cannot change it in place: it flushes first.
+    assert!(matches!(
+        e.put(&mut w, &a, &key(pa, OID, 1), &page(2)),
+        Err(Error::Refused(_))
+    ));
+    e.get(&mut w, &b, &key(pb, OID, 1), &mut out, false)
+        .unwrap();
+    assert_eq!(out, page(1));
+    // A failed put by b (no space in b's quota) does not drop a's page either.
+    e.set_quota(&b, 1);
+    assert!(matches!(
+        e.put(&mut w, &b, &key(pb, OID, 1), &page(1)),
+        Err(Error::NoSpace)
+    ));
+    e.set_quota(&b, 0);
+    // Only the member that put a page can flush it or take it with an exclusive get.
+    assert!(matches!(
+        e.flush_page(&b, &key(pb, OID, 1)),
+        Err(Error::Miss)
+    ));
+    assert_eq!(e.flush_object(&b, pb, &OID).unwrap(), 0);
+    let hit = e.get(&mut w, &b, &key(pb, OID, 1), &mut out, true).unwrap();
+    assert!(!hit.dropped);
+    assert_eq!(out, page(1));
+    e.get(&mut w, &a, &key(pa, OID, 1), &mut out, false)
+        .unwrap();
+    assert_eq!(out, page(1));
+    // b's own pages in the same object are b's to flush.
+    e.put(&mut w, &b, &key(pb, OID, 2), &page(2)).unwrap();
+    e.put(&mut w, &b, &key(pb, OID, 300), &page(300)).unwrap();
+    assert_eq!(e.flush_object(&b, pb, &OID).unwrap(), 2);
+    assert!(matches!(
+        e.get(&mut w, &a, &key(pa, OID, 2), &mut out, false),
+        Err(Error::Miss)
+    ));
+    assert_eq!(e.stats().clients[1].charged_bytes, 0);
+    // The owner flushes; then the key is free for anyone's first put.
+    e.flush_page(&a, &key(pa, OID, 1)).unwrap();
+    assert!(matches!(
+        e.get(&mut w, &b, &key(pb, OID, 1), &mut out, false),
+        Err(Error::Miss)
+    ));
+    e.put(&mut w, &b, &key(pb, OID, 1), &page(7)).unwrap();
+    let hit = e.get(&mut w, &b, &key(pb, OID, 1), &mut out, true).unwrap();
+    assert!(hit.dropped);
+    assert_eq!(out, page(7));
+    assert_eq!(e.stats().clients[0].charged_bytes, 0);
+    assert_eq!(e.memory_used(), 0);
+}
