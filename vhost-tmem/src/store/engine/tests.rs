@@ -754,6 +754,14 @@ fn shared_pool_first_put_wins() {
     assert_eq!(s.clients[1].counters.puts_refused, 1);
     assert_eq!(s.shared_pools[0].counters.shared_put_conflicts, 1);
     assert_eq!(s.clients[0].counters.shared_put_conflicts, 0);
+    // In the statistics JSON and the Prometheus text, through the counters table.
+    let json = serde_json::to_value(&s).unwrap();
+    assert_eq!(json["clients"][1]["shared_put_conflicts"], 1);
+    let prom = crate::control::prometheus(&s);
+    assert!(
+        prom.contains("vhost_tmem_client_shared_put_conflicts_total{client=\"b\"} 1"),
+        "{prom}"
+    );
     // The same content is agreement: accepted, nothing changes (a keeps the charge).
     let charged = s.clients[0].charged_bytes;
     e.put(&mut w, &b, &key(pb, OID, 1), &page(1)).unwrap();
