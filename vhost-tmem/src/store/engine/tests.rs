@@ -818,3 +818,53 @@ fn shared_pool_first_put_wins() {
     assert_eq!(e.stats().clients[0].charged_bytes, 0);
     assert_eq!(e.memory_used(), 0);
 }
+
+#[test]
+fn concurrent_shared_pool_members_keep_exact_accounts() {
+    // Three members put (the same content per key, so they agree), get, flush and evict each
+    // other's room concurrently under a small limit; every charge must come back.
+    let e = Arc::new(engine(2 << 20));
+    let uuid = [4u8; 16];
+    let threads: Vec<_> = (0..3u64)
+        .map(|t| {
+            let e = e.clone();
+            std::thread::spawn(move || {
+                let c = e.add_client(ClientConfig {
+                    quota: if t == 0 { 256 << 10 } else { 0 },
+                    shared: vec![uuid],
+                    ..ClientConfig::named(&format!("m{t}"))
+                });
+                let mut w = e.new_worker().unwrap();
+                let p = e.create_pool(&c, shared_spec(uuid)).unwrap();
+                let q = e.create_pool(&c, EPH).unwrap();
+                let mut out = vec![0u8; PAGE_SIZE];
+                for i in 0..3000u64 {
+                    let k = (i * 7 + t * 13) % 1500;
+                    let _ = e.put(&mut w, &c, &key(p, [k % 50, 0, 0], k), &page(k));
+                    let _ = e.put(&mut w, &c, &key(q, OID, i), &page(i));
+                    let g = key(p, [(k / 2) % 50, 0, 0], k / 2);
+                    if e.get(&mut w, &c, &g, &mut out, i % 3 == 0).is_ok() {
+                        assert_eq!(out, page(k / 2));
+                    }
+                    if i % 10 == 0 {
+                        let _ = e.flush_object(&c, p, &[k % 50, 0, 0]);
+                    }
+                    if t == 0 {
+                        assert!(c.account.used.load(Relaxed) <= 256 << 10);
+                    }
+                }
+                c
+            })
+        })
+        .collect();
+    let clients: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(e.memory_used() <= 2 << 20);
+    for c in &clients {
+        e.reset_client(c);
+    }
+    assert_eq!(e.memory_used(), 0);
+    for c in e.stats().clients {
+        assert_eq!(c.charged_bytes, 0, "{}", c.name);
+    }
+    assert!(e.shared.lock().is_empty());
+}
