@@ -42,9 +42,10 @@ pub(super) const RUN_META: u64 = ((std::mem::size_of::<(u64, Run)>() + 1) * 16 /
 /// Charged per object per shard: its entry in the shard's object map (an object's single run
 /// lives in it), at the same load factor.
 pub(super) const OBJ_META: u64 = ((std::mem::size_of::<(Oid, Object)>() + 1) * 16 / 7) as u64;
-/// Charged per run of an ephemeral pool: LRU records (compaction keeps them under two per
-/// run, see `compact_lru`).
-pub(super) const LRU_META: u64 = 2 * std::mem::size_of::<LruRef>() as u64;
+/// Charged per run of an ephemeral pool: LRU records, by the queue's room. Compaction keeps
+/// the records under one and a half per run and the room under twice the records (beyond a
+/// constant per shard), see `compact_lru`.
+pub(super) const LRU_META: u64 = 3 * std::mem::size_of::<LruRef>() as u64;
 /// The most a put can add besides its payload: a new object, an object's single run moving
 /// into a map with the new run beside it, an LRU share, or the slot vector growing from 8 to 16.
 pub(super) const MAX_STRUCT_COST: u64 =
@@ -468,7 +469,10 @@ pub(super) fn compact_lru(sh: &mut Shard) {
                 .is_some_and(|run| run.stamp == r.stamp)
         });
     }
-    if sh.lru.capacity() > 4 * sh.lru.len().max(16) {
-        sh.lru.shrink_to(2 * sh.lru.len());
+    // Growth doubles the room, so it is at most twice the records; shrinking to one and a
+    // half times them leaves a margin both ways, so neither repeats at once.
+    let len = sh.lru.len();
+    if sh.lru.capacity() > 2 * len.max(32) {
+        sh.lru.shrink_to((len + len / 2).max(32));
     }
 }
