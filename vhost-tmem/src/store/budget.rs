@@ -2,18 +2,26 @@
 //! Memory accounting: what a put reserves, what a removal releases, and eviction when a
 //! reservation does not fit.
 //!
-//! Every byte is charged to the pool's account (the client's, or the shared pool's own) and to
-//! the global total: a page's payload (rounded to the allocator's 16-byte granule) and slot
-//! capacity, a run's map entry and, for ephemeral pools, its LRU records. A put reserves the
-//! most it can cost before taking the shard lock and gives back what it did not use, so usage
-//! never passes the limit. A put that would exceed the client's quota or the global limit first
-//! evicts ephemeral pages: from its own account when over quota, otherwise from the account
-//! that uses the most memory relative to its weight. If nothing can be evicted the put fails
-//! with `NoSpace`; persistent pages are never evicted.
+//! Every byte is charged to a client's account and to the global total. In a private pool: a
+//! page's payload (rounded to the allocator's 16-byte granule) and slot capacity, a run's map
+//! entry and, for ephemeral pools, its LRU records. In a shared pool each page is charged to
+//! the client that put it: its payload plus a flat share of the structure
+//! (`SHARED_PAGE_META`). A put reserves the most it can cost before taking the shard lock and
+//! gives back what it did not use, so usage never passes the limit. A put that would exceed
+//! the client's quota or the global limit first evicts ephemeral pages: from its own account
+//! when over quota, otherwise from the account that uses the most memory relative to its
+//! weight. If nothing can be evicted the put fails with `NoSpace`; persistent pages are never
+//! evicted. A client without a quota holds persistent pages up to its weight's share of the
+//! limit only, so that one client cannot take what every other is entitled to.
 //!
 //! Eviction order is LRU of runs within a shard and round-robin across an account's pools and
 //! shards: an approximation of Xen's global LRU that needs no global list. A run is evicted
-//! whole (up to 16 pages), which is also the eviction batch.
+//! whole (up to 16 pages), which is also the eviction batch; in a shared pool, only the
+//! account's own pages of the run.
+//!
+//! Nothing a guest can make the store allocate grows without a charge: pools leave their
+//! account's list when destroyed, LRU records of removed runs are compacted away, and maps and
+//! queues give back their room as they empty (see `layout`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

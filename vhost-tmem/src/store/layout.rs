@@ -71,7 +71,8 @@ pub(super) fn payload_cost(len: usize) -> u64 {
     (len as u64).div_ceil(16) * 16
 }
 
-/// Where a pool's memory is charged: a client, or a shared pool.
+/// Where memory is charged: a client's account (a shared pool's pages are charged to the
+/// clients that put them; its own account is never charged).
 #[derive(Debug)]
 pub(super) struct Account {
     /// The client's index in the budget's account list (a shared page's owner).
