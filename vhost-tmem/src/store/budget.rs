@@ -2,30 +2,43 @@
 //! Memory accounting: what a put reserves, what a removal releases, and eviction when a
 //! reservation does not fit.
 //!
-//! Every byte is charged to the pool's account (the client's, or the shared pool's own) and to
-//! the global total: a page's payload (rounded to the allocator's 16-byte granule) and slot
-//! capacity, a run's map entry and, for ephemeral pools, its LRU records. A put reserves the
-//! most it can cost before taking the shard lock and gives back what it did not use, so usage
-//! never passes the limit. A put that would exceed the client's quota or the global limit first
-//! evicts ephemeral pages: from its own account when over quota, otherwise from the account
-//! that uses the most memory relative to its weight. If nothing can be evicted the put fails
-//! with `NoSpace`; persistent pages are never evicted.
+//! Every byte is charged to a client's account and to the global total. In a private pool: a
+//! page's payload (rounded to the allocator's 16-byte granule) and slot capacity, a run's map
+//! entry and, for ephemeral pools, its LRU records. In a shared pool each page is charged to
+//! the client that put it: its payload plus a flat share of the structure
+//! (`SHARED_PAGE_META`). A put reserves the most it can cost before taking the shard lock and
+//! gives back what it did not use, so usage never passes the limit. A put that would exceed
+//! the client's quota or the global limit first evicts ephemeral pages: from its own account
+//! when over quota, otherwise from the account that uses the most memory relative to its
+//! weight. If nothing can be evicted the put fails with `NoSpace`; persistent pages are never
+//! evicted. A client without a quota holds persistent pages up to its weight's share of the
+//! limit only, so that one client cannot take what every other is entitled to.
 //!
 //! Eviction order is LRU of runs within a shard and round-robin across an account's pools and
 //! shards: an approximation of Xen's global LRU that needs no global list. A run is evicted
-//! whole (up to 16 pages), which is also the eviction batch.
+//! whole (up to 16 pages), which is also the eviction batch; in a shared pool, only the
+//! account's own pages of the run.
+//!
+//! Nothing a guest can make the store allocate grows without a charge: pools leave their
+//! account's list when destroyed, LRU records of removed runs are compacted away, and maps and
+//! queues give back their room as they empty (see `layout`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 
 use parking_lot::RwLock;
 
-use super::layout::{remove_run, Account, Pool, SHARDS};
+use super::layout::{
+    compact_lru, payload_cost, remove_run, shared_bits, take_shared_page, Account, LruRef, Pool,
+    RUN_PAGES, SHARDS, SHARED_PAGE_META,
+};
 use super::{Error, Result};
 
 /// Pages evicted per round when room is needed (at least; runs go whole).
 const EVICT_BATCH: usize = 16;
+/// LRU records a shared pool's shard looks at per eviction visit for the owner's pages.
+const SHARED_EVICT_SCAN: usize = 64;
 /// Rounds of evict-and-retry before a put gives up.
 const RESERVE_ROUNDS: usize = 64;
 
@@ -35,6 +48,9 @@ pub(super) struct Budget {
     used: AtomicU64,
     limit: AtomicU64,
     accounts: RwLock<Vec<Arc<Account>>>,
+    /// Sum of the clients' weights: a client without a quota may hold at most
+    /// `limit * weight / total_weight` in persistent pages.
+    total_weight: AtomicU64,
 }
 
 impl Budget {
@@ -43,6 +59,7 @@ impl Budget {
             used: AtomicU64::new(0),
             limit: AtomicU64::new(limit),
             accounts: RwLock::new(Vec::new()),
+            total_weight: AtomicU64::new(0),
         }
     }
 
@@ -61,26 +78,102 @@ impl Budget {
         self.limit.store(bytes, Relaxed);
     }
 
-    /// Makes an account a candidate for global eviction.
-    pub(super) fn add_account(&self, account: Arc<Account>) {
-        self.accounts.write().push(account);
+    /// A new client's account: a candidate for eviction whose weight counts in everyone's
+    /// persistent share. Clients are never removed, so its id (its index) stays valid.
+    pub(super) fn new_client_account(&self, weight: u32, quota: u64) -> Arc<Account> {
+        let mut accounts = self.accounts.write();
+        let id = u32::try_from(accounts.len()).expect("fewer than 2^32 clients");
+        let account = Arc::new(Account::new(id, weight, quota));
+        self.total_weight
+            .fetch_add(account.weight.load(Relaxed).into(), Relaxed);
+        accounts.push(account.clone());
+        account
     }
 
-    /// Forgets an account (a shared pool's, once the pool is gone).
-    pub(super) fn remove_account(&self, account: &Arc<Account>) {
-        self.accounts.write().retain(|a| !Arc::ptr_eq(a, account));
+    /// Changes a client's weight (and so every client's persistent share).
+    pub(super) fn set_weight(&self, account: &Account, weight: u32) {
+        // Under the accounts lock, so that concurrent changes keep the total exact.
+        let _g = self.accounts.write();
+        let old = account.weight.swap(weight.max(1), Relaxed);
+        self.total_weight.fetch_add(weight.max(1).into(), Relaxed);
+        self.total_weight.fetch_sub(old.into(), Relaxed);
+    }
+
+    /// The persistent pages' share of a client without a quota: its weight's share of the
+    /// limit, so that one guest cannot take the memory every other guest is entitled to.
+    pub(super) fn persistent_share(&self, account: &Account) -> u64 {
+        let total = self.total_weight.load(Relaxed).max(1) as u128;
+        let w = account.weight.load(Relaxed) as u128;
+        (self.limit() as u128 * w / total).min(u64::MAX as u128) as u64
+    }
+
+    /// Takes a destroyed shared pool out of every client's eviction rotation.
+    pub(super) fn forget_shared_pool(&self, pool: &Pool) {
+        for a in self.accounts.read().iter() {
+            a.pools
+                .lock()
+                .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), pool));
+        }
+    }
+
+    /// Gives a shared pool's page back to the client that was charged for it.
+    pub(super) fn release_shared(&self, owner: u32, charge: u64, pages: u64) {
+        let account = self.accounts.read()[owner as usize].clone();
+        account.ephemeral_runs.fetch_sub(pages, Relaxed);
+        self.release(&account, charge, false);
+    }
+
+    /// Accounts in the eviction list.
+    #[cfg(test)]
+    pub(super) fn accounts_len(&self) -> usize {
+        self.accounts.read().len()
     }
 
     /// Gives `cost` back to `account` and the global total.
-    pub(super) fn release(&self, account: &Account, cost: u64) {
+    pub(super) fn release(&self, account: &Account, cost: u64, persistent: bool) {
         if cost > 0 {
+            if persistent {
+                account.persistent_used.fetch_sub(cost, Relaxed);
+            }
             account.used.fetch_sub(cost, Relaxed);
             self.used.fetch_sub(cost, Relaxed);
         }
     }
 
+    /// Gives `cost` back to the pool's account (private pools: a shared pool's pages are
+    /// charged to the clients that put them).
+    pub(super) fn release_pool(&self, pool: &Pool, cost: u64) {
+        debug_assert!(pool.shared.is_none());
+        self.release(&pool.account, cost, pool.persistent);
+    }
+
     /// Charges `cost` to `account` and the global total, evicting ephemeral pages if needed.
-    pub(super) fn reserve(&self, account: &Arc<Account>, cost: u64) -> Result<()> {
+    /// Persistent pages of an account without a quota also stay within its
+    /// [`persistent_share`](Self::persistent_share); evicting cannot make room for those.
+    pub(super) fn reserve(
+        &self,
+        account: &Arc<Account>,
+        cost: u64,
+        persistent: bool,
+    ) -> Result<()> {
+        if persistent && account.quota.load(Relaxed) == 0 {
+            let share = self.persistent_share(account);
+            let prev = account.persistent_used.fetch_add(cost, Relaxed);
+            if prev + cost > share {
+                account.persistent_used.fetch_sub(cost, Relaxed);
+                return Err(Error::NoSpace);
+            }
+        } else if persistent {
+            account.persistent_used.fetch_add(cost, Relaxed);
+        }
+        let r = self.reserve_total(account, cost);
+        if r.is_err() && persistent {
+            account.persistent_used.fetch_sub(cost, Relaxed);
+        }
+        r
+    }
+
+    fn reserve_total(&self, account: &Arc<Account>, cost: u64) -> Result<()> {
         for _ in 0..RESERVE_ROUNDS {
             let quota = account.quota.load(Relaxed);
             let prev = account.used.fetch_add(cost, Relaxed);
@@ -141,7 +234,12 @@ impl Budget {
         while evicted < n && idle_visits < pools.len() * SHARDS {
             let pool = &pools[i % pools.len()];
             i += 1;
-            match self.evict_one(pool) {
+            let k = if pool.shared.is_some() {
+                self.evict_shared(pool, account.id)
+            } else {
+                self.evict_one(pool)
+            };
+            match k {
                 0 => idle_visits += 1,
                 k => {
                     evicted += k;
@@ -169,6 +267,7 @@ impl Budget {
                 }
             }
             let Some(key) = found else {
+                compact_lru(sh);
                 return 0;
             };
             remove_run(pool, sh, &key).expect("found above")
@@ -176,19 +275,76 @@ impl Budget {
         let pages = run.slots.len();
         // Payloads are freed here, outside the lock.
         drop(run);
-        self.release(&pool.account, freed);
+        self.release_pool(pool, freed);
         pool.account.evictions.fetch_add(pages as u64, Relaxed);
         pool.counters.evictions.fetch_add(pages as u64, Relaxed);
         pages
     }
 
+    /// Evicts the oldest pages `owner` put in the next shard of a shared pool; returns how
+    /// many. Runs with other members' pages only go to the back of the queue: one client's
+    /// need for room never evicts what another is charged for.
+    pub(super) fn evict_shared(&self, pool: &Pool, owner: u32) -> usize {
+        let si = pool.evict_cursor.fetch_add(1, Relaxed) % SHARDS;
+        let mut taken = Vec::new();
+        {
+            let mut g = pool.shards[si].lock();
+            let sh = &mut *g;
+            // Bounded work per visit; the caller visits every shard of every pool.
+            for _ in 0..SHARED_EVICT_SCAN {
+                let Some(r) = sh.lru.pop_front() else {
+                    break;
+                };
+                let Some(run) = sh.run_mut(&r.key).filter(|run| run.stamp == r.stamp) else {
+                    continue;
+                };
+                let mine = shared_bits(run, Some(owner));
+                if mine != 0 {
+                    for bit in 0..RUN_PAGES as u32 {
+                        if mine & (1 << bit) != 0 {
+                            taken.push(
+                                take_shared_page(sh, &r.key, bit, Some(owner)).expect("listed"),
+                            );
+                        }
+                    }
+                }
+                // Other members' pages stay, recorded anew at the back of the queue.
+                let stamp = sh.clock + 1;
+                if let Some(run) = sh.run_mut(&r.key) {
+                    run.stamp = stamp;
+                    sh.clock = stamp;
+                    sh.lru.push_back(LruRef { key: r.key, stamp });
+                }
+                if mine != 0 {
+                    break;
+                }
+            }
+            compact_lru(sh);
+        }
+        let pages = taken.len();
+        let charge: u64 = taken.iter().map(|t| t.charge).sum();
+        drop(taken);
+        if pages > 0 {
+            self.release_shared(owner, charge, pages as u64);
+            self.accounts.read()[owner as usize]
+                .evictions
+                .fetch_add(pages as u64, Relaxed);
+            pool.counters.evictions.fetch_add(pages as u64, Relaxed);
+        }
+        pages
+    }
+
     /// Removes every page of a pool; returns how many there were.
     pub(super) fn drain(&self, pool: &Pool) -> u64 {
+        if pool.shared.is_some() {
+            return self.drain_shared(pool);
+        }
         let mut n = 0;
         for shard in pool.shards.iter() {
             let (taken, freed, runs) = {
                 let mut s = shard.lock();
-                s.lru.clear();
+                // Fresh, not cleared: a cleared queue would keep its room.
+                s.lru = VecDeque::new();
                 let runs = std::mem::take(&mut s.runs) as u64;
                 let freed = s.counts.memory_used;
                 n += s.counts.stored_pages;
@@ -206,7 +362,47 @@ impl Budget {
                 pool.account.ephemeral_runs.fetch_sub(runs, Relaxed);
             }
             drop(taken);
-            self.release(&pool.account, freed);
+            self.release_pool(pool, freed);
+        }
+        n
+    }
+
+    /// Removes every page of a shared pool, each released to its owner.
+    fn drain_shared(&self, pool: &Pool) -> u64 {
+        let mut n = 0;
+        for shard in pool.shards.iter() {
+            let (taken, per_owner) = {
+                let mut g = shard.lock();
+                let sh = &mut *g;
+                let mut per_owner: HashMap<u32, (u64, u64)> = HashMap::new();
+                for obj in sh.objects.values() {
+                    for r in obj.runs() {
+                        let run = obj.get(r).expect("listed");
+                        let owners = run.owners.as_ref().expect("shared runs have owners");
+                        for bit in 0..RUN_PAGES as u32 {
+                            if let Some(slot) = run.get(bit) {
+                                let e = per_owner.entry(owners[bit as usize]).or_default();
+                                e.0 += payload_cost(slot.len()) + SHARED_PAGE_META;
+                                e.1 += 1;
+                            }
+                        }
+                    }
+                }
+                sh.lru = VecDeque::new();
+                sh.runs = 0;
+                n += sh.counts.stored_pages;
+                sh.counts.clear_gauges();
+                sh.payload_charged = 0;
+                let h = pool.hasher;
+                (
+                    std::mem::replace(&mut sh.objects, HashMap::with_hasher(h)),
+                    per_owner,
+                )
+            };
+            drop(taken);
+            for (owner, (charge, pages)) in per_owner {
+                self.release_shared(owner, charge, pages);
+            }
         }
         n
     }
@@ -218,6 +414,12 @@ impl Budget {
             let _g = shard.lock();
             pool.dead.store(true, Relaxed);
         }
+        // Out of the account's eviction rotation now, not at the next eviction: a guest that
+        // creates and destroys pools in a loop would grow the list without bound.
+        pool.account
+            .pools
+            .lock()
+            .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), pool));
         self.drain(pool)
     }
 }

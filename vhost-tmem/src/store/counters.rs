@@ -96,6 +96,8 @@ counters! {
         flushed_pages: "flushed_pages",
         /// Pages evicted to make room.
         evictions: "evictions",
+        /// Puts to a shared pool refused because the key holds other content (first put wins).
+        shared_put_conflicts: "shared_put_conflicts",
     }
     gauges {
         stored_pages: "stored_pages",
@@ -128,6 +130,7 @@ mod tests {
             "flushes",
             "flushed_pages",
             "evictions",
+            "shared_put_conflicts",
         ];
         let gauges = [
             "stored_pages",

@@ -16,8 +16,9 @@ use super::codec::{self, Codecs, Compressor, Encoding};
 use super::counters::Counters;
 use super::hash::KeyedState;
 use super::layout::{
-    compact_lru, count_page, key_of, payload_cost, remove_run, take_page, Account, LruRef, Object,
-    Pool, Run, RunKey, Shard, MAX_STRUCT_COST, OBJ_META, SHARDS, SLOT_BYTES,
+    compact_lru, count_page, key_of, payload_cost, remove_run, shared_bits, take_page,
+    take_shared_page, Account, LruRef, Object, Pool, Run, RunKey, Shard, MAX_STRUCT_COST, OBJ_META,
+    RUN_PAGES, SHARDS, SHARED_PAGE_META, SLOT_BYTES,
 };
 use super::slot::{Payload, Slot};
 use super::{format_uuid, Error, GetHit, PageKey, PoolId, PoolSpec, Result, Tmem, Uuid};
@@ -163,8 +164,7 @@ impl Engine {
 
     /// Adds a client. Names must be unique.
     pub fn add_client(&self, cfg: ClientConfig) -> Arc<Client> {
-        let account = Arc::new(Account::new(cfg.weight, cfg.quota));
-        self.budget.add_account(account.clone());
+        let account = self.budget.new_client_account(cfg.weight, cfg.quota);
         let client = Arc::new(Client {
             name: cfg.name,
             compressor: cfg.compressor.unwrap_or(self.cfg.compressor),
@@ -197,7 +197,7 @@ impl Engine {
 
     /// Changes a client's weight.
     pub fn set_weight(&self, client: &Client, weight: u32) {
-        client.account.weight.store(weight.max(1), Relaxed);
+        self.budget.set_weight(&client.account, weight);
     }
 
     /// Changes a client's quota (0: none).
@@ -242,7 +242,7 @@ impl Engine {
         shared.remove(uuid);
         drop(shared);
         let n = self.budget.kill_pool(pool);
-        self.budget.remove_account(&pool.account);
+        self.budget.forget_shared_pool(pool);
         tracing::info!(uuid = %format_uuid(uuid), pages = n, "shared pool destroyed: no members left");
     }
 
@@ -262,7 +262,7 @@ impl Engine {
             members: AtomicU64::new(1),
             counters: Counters::default(),
         });
-        if !spec.persistent {
+        if !spec.persistent && spec.shared.is_none() {
             account.pools.lock().push(Arc::downgrade(&pool));
         }
         pool
@@ -270,23 +270,185 @@ impl Engine {
 }
 
 impl Engine {
-    /// Removes one key; returns whether it was there.
-    fn remove_key(&self, pool: &Pool, page_key: &PageKey) -> bool {
+    /// Removes one key; returns whether it was there. In a shared pool, only a page `client`
+    /// put itself.
+    fn remove_key(&self, client: &Client, pool: &Pool, page_key: &PageKey) -> bool {
         let (key, bit) = key_of(page_key);
+        if pool.shared.is_some() {
+            let taken = take_shared_page(
+                &mut pool.shard(&key).lock(),
+                &key,
+                bit,
+                Some(client.account.id),
+            );
+            return match taken {
+                Some(t) => {
+                    self.budget.release_shared(t.owner, t.charge, 1);
+                    true
+                }
+                None => false,
+            };
+        }
         let taken = take_page(pool, &mut pool.shard(&key).lock(), &key, bit);
         match taken {
             Some((slot, freed)) => {
                 drop(slot);
-                self.budget.release(&pool.account, freed);
+                self.budget.release_pool(pool, freed);
                 true
             }
             None => false,
         }
     }
 
+    fn count_get(
+        &self,
+        client: &Client,
+        pool: &Pool,
+        page_key: &PageKey,
+        result: Result<GetHit>,
+    ) -> Result<GetHit> {
+        match &result {
+            Ok(_) => Counters::inc(&client.counters.get_hits),
+            Err(Error::Miss) => Counters::inc(&client.counters.get_misses),
+            Err(e) => {
+                // The lookup counted a hit; the page could not be returned.
+                Counters::inc(&client.counters.get_errors);
+                Counters::inc(&pool.counters.get_errors);
+                tracing::error!(client = %client.name, pool = page_key.pool, index = page_key.index, "get failed: {e}");
+            }
+        }
+        result
+    }
+
+    /// Stores a page in a shared pool, charged to `client`. First put wins: a key holds the
+    /// content of its first put until that member flushes it (or it is evicted); a later put
+    /// of the same content is accepted and changes nothing, one of other content is refused,
+    /// counted, and leaves the stored page alone.
+    fn put_shared(
+        &self,
+        client: &Client,
+        pool: &Pool,
+        page_key: &PageKey,
+        slot: Slot,
+    ) -> Result<()> {
+        let me = client.account.id;
+        let cost = payload_cost(slot.len()) + SHARED_PAGE_META;
+        if let Err(e) = self.budget.reserve(&client.account, cost, false) {
+            return Err(self.refuse(client, pool, page_key, e));
+        }
+        let (key, bit) = key_of(page_key);
+        enum Outcome {
+            Agreed,
+            Conflict,
+        }
+        let outcome = {
+            let mut g = pool.shard(&key).lock();
+            if pool.dead.load(Relaxed) {
+                drop(g);
+                self.budget.release(&client.account, cost, false);
+                return Err(Error::BadPool(page_key.pool));
+            }
+            let sh = &mut *g;
+            sh.counts.puts += 1;
+            let window = (sh.runs as u64 / 4).max(8);
+            let obj = sh
+                .objects
+                .entry(key.oid)
+                .or_insert_with(|| Object::One(key.run, Run::default()));
+            let (run, _) = obj.run_or_insert(key.run, pool.hasher);
+            let new_run = run.present == 0;
+            match run.get(bit) {
+                // Same codec and settings for every member, and the codecs are deterministic:
+                // equal content gives equal stored bytes.
+                Some(old) if old.payload() == slot.payload() => Outcome::Agreed,
+                Some(_) => Outcome::Conflict,
+                None => {
+                    run.owners.get_or_insert_with(|| Box::new([0; RUN_PAGES]))[bit as usize] = me;
+                    let at = run.pos(bit);
+                    run.slots.reserve_exact(usize::from(run.slots.is_empty()));
+                    run.slots.insert(at, slot);
+                    run.present |= 1 << bit;
+                    let push = (run.stamp == 0 || sh.clock - run.stamp >= window).then(|| {
+                        sh.clock += 1;
+                        run.stamp = sh.clock;
+                        sh.clock
+                    });
+                    count_page(
+                        &mut sh.counts,
+                        &mut sh.payload_charged,
+                        &run.slots[at],
+                        true,
+                    );
+                    sh.counts.memory_used += SHARED_PAGE_META;
+                    if new_run {
+                        sh.runs += 1;
+                    }
+                    // Under the lock, before anyone can take the page and count it out.
+                    client.account.ephemeral_runs.fetch_add(1, Relaxed);
+                    if let Some(stamp) = push {
+                        sh.lru.push_back(LruRef { key, stamp });
+                        compact_lru(sh);
+                    }
+                    return Ok(());
+                }
+            }
+        };
+        self.budget.release(&client.account, cost, false);
+        match outcome {
+            Outcome::Agreed => Ok(()),
+            Outcome::Conflict => {
+                Counters::inc(&client.counters.shared_put_conflicts);
+                Counters::inc(&pool.counters.shared_put_conflicts);
+                Counters::inc(&client.counters.puts_refused);
+                Counters::inc(&pool.counters.puts_refused);
+                Err(Error::Refused(
+                    "differs from the shared page stored under this key",
+                ))
+            }
+        }
+    }
+
+    /// Flushes the pages of an object in a shared pool that `client` put; returns how many.
+    fn flush_shared_object(&self, client: &Client, pool: &Pool, oid: &Oid) -> u64 {
+        let me = client.account.id;
+        Counters::inc(&pool.counters.flushes);
+        let mut n = 0;
+        for shard in pool.shards.iter() {
+            let taken = {
+                let mut g = shard.lock();
+                let sh = &mut *g;
+                let runs = match sh.objects.get(oid) {
+                    Some(obj) => obj.runs(),
+                    None => continue,
+                };
+                let mut taken = Vec::new();
+                for run in runs {
+                    let key = RunKey { oid: *oid, run };
+                    let mine = sh.run_mut(&key).map_or(0, |r| shared_bits(r, Some(me)));
+                    for bit in 0..RUN_PAGES as u32 {
+                        if mine & (1 << bit) != 0 {
+                            taken.push(take_shared_page(sh, &key, bit, Some(me)).expect("listed"));
+                        }
+                    }
+                }
+                sh.counts.flushed_pages += taken.len() as u64;
+                taken
+            };
+            let pages = taken.len() as u64;
+            let charge = taken.iter().map(|t| t.charge).sum();
+            drop(taken);
+            if pages > 0 {
+                self.budget.release_shared(me, charge, pages);
+            }
+            n += pages;
+        }
+        n
+    }
+
     fn refuse(&self, client: &Client, pool: &Pool, page_key: &PageKey, err: Error) -> Error {
         // Never leave an older copy behind a failed put: a later get would return stale data.
-        self.remove_key(pool, page_key);
+        // (In a shared pool only the client's own: what others put is theirs to flush.)
+        self.remove_key(client, pool, page_key);
         Counters::inc(&client.counters.puts_refused);
         Counters::inc(&pool.counters.puts_refused);
         Counters::inc(&pool.counters.puts);
@@ -317,19 +479,28 @@ impl Tmem for Engine {
                     return Err(Error::Denied(uuid));
                 }
                 let mut shared = self.shared.lock();
-                match shared.get(&uuid).and_then(Weak::upgrade) {
+                let p = match shared.get(&uuid).and_then(Weak::upgrade) {
                     Some(p) if !p.dead.load(Relaxed) => {
                         p.members.fetch_add(1, Relaxed);
                         p
                     }
                     _ => {
-                        let account = Arc::new(Account::new(100, 0));
-                        self.budget.add_account(account.clone());
-                        let p = self.new_pool(spec, self.cfg.compressor, account);
+                        // Pages are charged to the members that put them: the pool's own
+                        // account is never charged (and is no candidate for eviction).
+                        let unused = Arc::new(Account::new(u32::MAX, 1, 0));
+                        let p = self.new_pool(spec, self.cfg.compressor, unused);
                         shared.insert(uuid, Arc::downgrade(&p));
                         p
                     }
+                };
+                // Its pages in the pool are evicted from its account, also after it leaves
+                // (they stay its own until evicted or the pool goes): once per pool.
+                let mut list = client.account.pools.lock();
+                if !list.iter().any(|w| std::ptr::eq(w.as_ptr(), &*p)) {
+                    list.push(Arc::downgrade(&p));
                 }
+                drop(list);
+                p
             }
         };
         let mut pools = client.pools.write();
@@ -403,8 +574,14 @@ impl Tmem for Engine {
                 }
             },
         };
+        if pool.shared.is_some() {
+            return self.put_shared(client, &pool, page_key, slot);
+        }
         let reserved = payload_cost(slot.len()) + MAX_STRUCT_COST;
-        if let Err(e) = self.budget.reserve(&pool.account, reserved) {
+        if let Err(e) = self
+            .budget
+            .reserve(&pool.account, reserved, pool.persistent)
+        {
             return Err(self.refuse(client, &pool, page_key, e));
         }
         let (key, bit) = key_of(page_key);
@@ -412,7 +589,7 @@ impl Tmem for Engine {
             let mut g = pool.shard(&key).lock();
             if pool.dead.load(Relaxed) {
                 drop(g);
-                self.budget.release(&pool.account, reserved);
+                self.budget.release_pool(&pool, reserved);
                 return Err(Error::BadPool(page_key.pool));
             }
             let sh = &mut *g;
@@ -479,7 +656,7 @@ impl Tmem for Engine {
         };
         let freed = old.as_ref().map_or(0, |o| payload_cost(o.len()));
         drop(old);
-        self.budget.release(&pool.account, reserved - used + freed);
+        self.budget.release_pool(&pool, reserved - used + freed);
         Ok(())
     }
 
@@ -497,6 +674,32 @@ impl Tmem for Engine {
         // memory on a page the guest now caches itself.
         let exclusive = exclusive || (!pool.persistent && pool.shared.is_none());
         let (key, bit) = key_of(page_key);
+        if exclusive && pool.shared.is_some() {
+            // An exclusive get drops a shared page only for the member that put it; anyone
+            // else gets a copy (dropped: false) and the page stays for the others.
+            let taken = {
+                let mut g = pool.shard(&key).lock();
+                let t = take_shared_page(&mut g, &key, bit, Some(client.account.id));
+                if t.is_some() {
+                    g.counts.gets += 1;
+                    g.counts.get_hits += 1;
+                }
+                t
+            };
+            if let Some(t) = taken {
+                let r = decode(worker, &t.slot, out);
+                let (owner, charge) = (t.owner, t.charge);
+                drop(t);
+                self.budget.release_shared(owner, charge, 1);
+                return self.count_get(
+                    client,
+                    &pool,
+                    page_key,
+                    r.map(|()| GetHit { dropped: true }),
+                );
+            }
+        }
+        let exclusive = exclusive && pool.shared.is_none();
         let result = if exclusive {
             let taken = {
                 let mut g = pool.shard(&key).lock();
@@ -514,7 +717,7 @@ impl Tmem for Engine {
                 Some((slot, freed)) => {
                     let r = decode(worker, &slot, out);
                     drop(slot);
-                    self.budget.release(&pool.account, freed);
+                    self.budget.release_pool(&pool, freed);
                     r.map(|()| GetHit { dropped: true })
                 }
             }
@@ -553,23 +756,33 @@ impl Tmem for Engine {
                 }
             }
         };
-        match &result {
-            Ok(_) => Counters::inc(&client.counters.get_hits),
-            Err(Error::Miss) => Counters::inc(&client.counters.get_misses),
-            Err(e) => {
-                // The lookup counted a hit; the page could not be returned.
-                Counters::inc(&client.counters.get_errors);
-                Counters::inc(&pool.counters.get_errors);
-                tracing::error!(client = %client.name, pool = page_key.pool, index = page_key.index, "get failed: {e}");
-            }
-        }
-        result
+        self.count_get(client, &pool, page_key, result)
     }
 
     fn flush_page(&self, client: &Arc<Client>, page_key: &PageKey) -> Result<()> {
         let pool = client.pool(page_key.pool)?;
         Counters::inc(&client.counters.flushes);
         let (key, bit) = key_of(page_key);
+        if pool.shared.is_some() {
+            let taken = {
+                let mut g = pool.shard(&key).lock();
+                g.counts.flushes += 1;
+                // Only the page's owner may flush it; to anyone else it is not theirs.
+                let t = take_shared_page(&mut g, &key, bit, Some(client.account.id));
+                g.counts.flushed_pages += t.is_some() as u64;
+                t
+            };
+            return match taken {
+                Some(t) => {
+                    let (owner, charge) = (t.owner, t.charge);
+                    drop(t);
+                    self.budget.release_shared(owner, charge, 1);
+                    Counters::inc(&client.counters.flushed_pages);
+                    Ok(())
+                }
+                None => Err(Error::Miss),
+            };
+        }
         let taken = {
             let mut g = pool.shard(&key).lock();
             g.counts.flushes += 1;
@@ -580,7 +793,7 @@ impl Tmem for Engine {
         match taken {
             Some((slot, freed)) => {
                 drop(slot);
-                self.budget.release(&pool.account, freed);
+                self.budget.release_pool(&pool, freed);
                 Counters::inc(&client.counters.flushed_pages);
                 Ok(())
             }
@@ -592,6 +805,11 @@ impl Tmem for Engine {
         let pool = client.pool(pool_id)?;
         Counters::inc(&client.counters.flushes);
         Counters::inc(&pool.counters.flushes);
+        if pool.shared.is_some() {
+            let n = self.flush_shared_object(client, &pool, oid);
+            client.counters.flushed_pages.fetch_add(n, Relaxed);
+            return Ok(n);
+        }
         let mut n = 0;
         // An object's runs are spread over every shard.
         for shard in pool.shards.iter() {
@@ -615,7 +833,7 @@ impl Tmem for Engine {
                 (runs, freed)
             };
             drop(runs);
-            self.budget.release(&pool.account, freed);
+            self.budget.release_pool(&pool, freed);
         }
         client.counters.flushed_pages.fetch_add(n, Relaxed);
         Ok(n)
@@ -677,6 +895,36 @@ impl Engine {
         }
         shapes
     }
+
+    /// What a pool's shards hold allocated beyond what they store, summed over shards: LRU
+    /// records and their capacity, object map capacity, and run map capacity.
+    fn allocated_structure(&self, client: &Client, id: PoolId) -> AllocatedStructure {
+        let pool = client.pool(id).expect("a pool of the client");
+        let mut a = AllocatedStructure::default();
+        for shard in pool.shards.iter() {
+            let sh = shard.lock();
+            a.runs += sh.runs;
+            a.lru_len += sh.lru.len();
+            a.lru_cap += sh.lru.capacity();
+            a.objects_cap += sh.objects.capacity();
+            for obj in sh.objects.values() {
+                if let Object::Many(m) = obj {
+                    a.run_maps_cap += m.capacity();
+                }
+            }
+        }
+        a
+    }
+}
+
+#[cfg(test)]
+#[derive(Debug, Default)]
+struct AllocatedStructure {
+    runs: usize,
+    lru_len: usize,
+    lru_cap: usize,
+    objects_cap: usize,
+    run_maps_cap: usize,
 }
 
 fn decode(worker: &mut Worker, s: &Slot, out: &mut [u8]) -> Result<()> {

@@ -42,28 +42,51 @@ pub(super) const RUN_META: u64 = ((std::mem::size_of::<(u64, Run)>() + 1) * 16 /
 /// Charged per object per shard: its entry in the shard's object map (an object's single run
 /// lives in it), at the same load factor.
 pub(super) const OBJ_META: u64 = ((std::mem::size_of::<(Oid, Object)>() + 1) * 16 / 7) as u64;
-/// Charged per run of an ephemeral pool: LRU records (compaction keeps them under two per
-/// run, see `compact_lru`).
-pub(super) const LRU_META: u64 = 2 * std::mem::size_of::<LruRef>() as u64;
+/// Charged per run of an ephemeral pool: LRU records, by the queue's room. Compaction keeps
+/// the records under one and a half per run and the room under twice the records (beyond a
+/// constant per shard), see `compact_lru`.
+pub(super) const LRU_META: u64 = 3 * std::mem::size_of::<LruRef>() as u64;
 /// The most a put can add besides its payload: a new object, an object's single run moving
 /// into a map with the new run beside it, an LRU share, or the slot vector growing from 8 to 16.
 pub(super) const MAX_STRUCT_COST: u64 =
     OBJ_META + 2 * RUN_META + LRU_META + RUN_PAGES as u64 * SLOT_BYTES;
+
+/// Charged per page of a shared pool besides its payload, to the client that put it: at least
+/// the page's share of any structure around it, so that each page's charge can go to its own
+/// client without tracking who created that structure. Per page at most: an object entry
+/// (alone in its shard) or half of one plus a run map entry (two or more runs), a run's LRU
+/// records and owner table (a run of one page), and two slots (a slot vector is at most
+/// twice its length).
+pub(super) const SHARED_PAGE_META: u64 = {
+    let obj_share = if OBJ_META > OBJ_META / 2 + RUN_META {
+        OBJ_META
+    } else {
+        OBJ_META / 2 + RUN_META
+    };
+    obj_share + LRU_META + 2 * SLOT_BYTES + std::mem::size_of::<[u32; RUN_PAGES]>() as u64
+};
 
 /// A payload's charge: allocations come in 16-byte granules.
 pub(super) fn payload_cost(len: usize) -> u64 {
     (len as u64).div_ceil(16) * 16
 }
 
-/// Where a pool's memory is charged: a client, or a shared pool.
+/// Where memory is charged: a client's account (a shared pool's pages are charged to the
+/// clients that put them; its own account is never charged).
 #[derive(Debug)]
 pub(super) struct Account {
+    /// The client's index in the budget's account list (a shared page's owner).
+    pub(super) id: u32,
     pub(super) weight: AtomicU32,
     pub(super) quota: AtomicU64,
     pub(super) used: AtomicU64,
-    /// Ephemeral runs held, so that eviction can skip accounts with nothing to give.
+    /// The persistent pages' part of `used`.
+    pub(super) persistent_used: AtomicU64,
+    /// Ephemeral runs of private pools and pages of shared pools held, so that eviction can
+    /// skip accounts with nothing to give.
     pub(super) ephemeral_runs: AtomicU64,
-    /// Ephemeral pools charged here, in eviction rotation.
+    /// Ephemeral pools charged here, in eviction rotation: the client's private ones and the
+    /// shared pools it joined (until they are destroyed: its pages there stay its own).
     pub(super) pools: Mutex<Vec<Weak<Pool>>>,
     pub(super) cursor: AtomicUsize,
     /// Pages evicted from this account.
@@ -71,11 +94,13 @@ pub(super) struct Account {
 }
 
 impl Account {
-    pub(super) fn new(weight: u32, quota: u64) -> Self {
+    pub(super) fn new(id: u32, weight: u32, quota: u64) -> Self {
         Account {
+            id,
             weight: AtomicU32::new(weight.max(1)),
             quota: AtomicU64::new(quota),
             used: AtomicU64::new(0),
+            persistent_used: AtomicU64::new(0),
             ephemeral_runs: AtomicU64::new(0),
             pools: Mutex::new(Vec::new()),
             cursor: AtomicUsize::new(0),
@@ -109,6 +134,9 @@ pub(super) struct Run {
     /// LRU stamp of this run's newest record (ephemeral pools).
     pub(super) stamp: u64,
     pub(super) slots: Vec<Slot>,
+    /// Shared pools only: the account id of the client that put each page (by index bit),
+    /// which is charged for it and alone may flush it.
+    pub(super) owners: Option<Box<[u32; RUN_PAGES]>>,
 }
 
 impl Run {
@@ -299,33 +327,112 @@ pub(super) fn key_of(key: &PageKey) -> (RunKey, u32) {
     )
 }
 
-/// Takes a whole run out of a shard with its bookkeeping; returns it and the bytes it had
-/// charged (payloads and structure), to release once the lock is dropped.
-pub(super) fn remove_run(pool: &Pool, sh: &mut Shard, key: &RunKey) -> Option<(Run, u64)> {
+/// Takes a whole run out of a shard's maps; returns it and the map entries' charge.
+fn unlink_run(sh: &mut Shard, key: &RunKey, ephemeral: bool) -> Option<(Run, u64)> {
     let obj = sh.objects.get_mut(&key.oid)?;
     let (run, mut freed, emptied) = match obj {
         Object::One(r, _) if *r != key.run => return None,
         Object::One(_, x) => (std::mem::take(x), 0, true),
         Object::Many(m) => {
             let run = m.remove(&key.run)?;
-            (run, RUN_META, m.is_empty())
+            let mut freed = RUN_META;
+            let emptied = m.is_empty();
+            if m.len() == 1 {
+                // Back inline: a map of one would keep the room of every run it ever held.
+                let (r, x) = m.drain().next().expect("one run left");
+                *obj = Object::One(r, x);
+                freed += RUN_META;
+            } else {
+                shrink_map(m);
+            }
+            (run, freed, emptied)
         }
     };
     if emptied {
         sh.objects.remove(&key.oid);
+        shrink_map(&mut sh.objects);
         freed += OBJ_META;
     }
+    sh.runs -= 1;
+    if ephemeral {
+        // The run's LRU records are stale now; drop them before they outnumber live runs.
+        compact_lru(sh);
+    }
+    Some((run, freed))
+}
+
+/// Takes a whole run of a private pool out of a shard with its bookkeeping; returns it and
+/// the bytes it had charged (payloads and structure), to release once the lock is dropped.
+pub(super) fn remove_run(pool: &Pool, sh: &mut Shard, key: &RunKey) -> Option<(Run, u64)> {
+    debug_assert!(pool.shared.is_none(), "shared pools charge per page");
+    let (run, mut freed) = unlink_run(sh, key, !pool.persistent)?;
     freed += pool.run_cost() + run.slots.capacity() as u64 * SLOT_BYTES;
     sh.counts.memory_used -= freed;
     for s in &run.slots {
         count_page(&mut sh.counts, &mut sh.payload_charged, s, false);
         freed += payload_cost(s.len());
     }
-    sh.runs -= 1;
     if !pool.persistent {
         pool.account.ephemeral_runs.fetch_sub(1, Relaxed);
     }
     Some((run, freed))
+}
+
+/// Gives back a map's room once it is under a quarter full, so that a map that once held
+/// many entries does not keep their room when only a few remain (nothing is charged for
+/// it then). Shrinking to half full means it takes as many removals again to shrink once
+/// more: amortized O(1) per removal.
+pub(super) fn shrink_map<K: Eq + Hash, V>(m: &mut HashMap<K, V, KeyedState>) {
+    if m.capacity() > 16 && m.capacity() > 4 * m.len() {
+        m.shrink_to(2 * m.len());
+    }
+}
+
+/// A page of a shared pool taken out: the slot, its owner and what the owner was charged.
+pub(super) struct SharedTaken {
+    pub(super) slot: Slot,
+    pub(super) owner: u32,
+    pub(super) charge: u64,
+}
+
+/// Takes one page out of a shared pool's shard, if it is stored and (with `only`) that
+/// client put it; the run and object go when empty. The caller gives the charge back to the
+/// owner (see [`Budget::release_shared`](super::budget::Budget::release_shared)).
+pub(super) fn take_shared_page(
+    sh: &mut Shard,
+    key: &RunKey,
+    bit: u32,
+    only: Option<u32>,
+) -> Option<SharedTaken> {
+    let run = sh.run_mut(key)?;
+    run.get(bit)?;
+    let owner = run.owners.as_ref().expect("shared runs have owners")[bit as usize];
+    if only.is_some_and(|o| o != owner) {
+        return None;
+    }
+    let slot = run.take(bit).expect("present");
+    let emptied = run.present == 0;
+    count_page(&mut sh.counts, &mut sh.payload_charged, &slot, false);
+    sh.counts.memory_used -= SHARED_PAGE_META;
+    if emptied {
+        unlink_run(sh, key, true).expect("the run is there");
+    }
+    let charge = payload_cost(slot.len()) + SHARED_PAGE_META;
+    Some(SharedTaken {
+        slot,
+        owner,
+        charge,
+    })
+}
+
+/// The bits of a run's pages that `owner` put (all of them with `None`).
+pub(super) fn shared_bits(run: &Run, owner: Option<u32>) -> u16 {
+    let Some(owners) = run.owners.as_ref() else {
+        return 0;
+    };
+    (0..RUN_PAGES as u32)
+        .filter(|&b| run.present & (1 << b) != 0 && owner.is_none_or(|o| owners[b as usize] == o))
+        .fold(0, |m, b| m | (1 << b))
 }
 
 /// Takes one page out of a shard with its bookkeeping (the run and object go when empty);
@@ -350,18 +457,23 @@ pub(super) fn take_page(
 
 /// Drops stale LRU records once they outnumber live runs by half, so the queue stays
 /// O(runs) and within what `LRU_META` charges.
+/// Called wherever records are added (puts, shared hits) or runs leave (flushes, gets,
+/// eviction), so that removals cannot leave records of gone runs behind either. The queue's
+/// room shrinks with it (eviction pops records without compacting).
 pub(super) fn compact_lru(sh: &mut Shard) {
-    if sh.lru.len() < 64 || sh.lru.len() < sh.runs + sh.runs / 2 {
-        return;
+    if sh.lru.len() >= 64 && sh.lru.len() >= sh.runs + sh.runs / 2 {
+        let objects = &sh.objects;
+        sh.lru.retain(|r| {
+            objects
+                .get(&r.key.oid)
+                .and_then(|o| o.get(r.key.run))
+                .is_some_and(|run| run.stamp == r.stamp)
+        });
     }
-    let objects = &sh.objects;
-    sh.lru.retain(|r| {
-        objects
-            .get(&r.key.oid)
-            .and_then(|o| o.get(r.key.run))
-            .is_some_and(|run| run.stamp == r.stamp)
-    });
-    if sh.lru.capacity() > 4 * sh.lru.len().max(16) {
-        sh.lru.shrink_to(2 * sh.lru.len());
+    // Growth doubles the room, so it is at most twice the records; shrinking to one and a
+    // half times them leaves a margin both ways, so neither repeats at once.
+    let len = sh.lru.len();
+    if sh.lru.capacity() > 2 * len.max(32) {
+        sh.lru.shrink_to((len + len / 2).max(32));
     }
 }

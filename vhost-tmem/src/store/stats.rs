@@ -24,7 +24,8 @@ pub struct PoolStats {
 }
 
 /// One client in a snapshot. Its counters are its own requests; its gauges cover its private
-/// pools (shared pools are charged to their own account, listed under `shared_pools`).
+/// pools (shared pools are listed under `shared_pools`; the pages a client puts there are
+/// charged to it and included in `charged_bytes`).
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct ClientStats {
     pub name: String,
@@ -32,6 +33,10 @@ pub struct ClientStats {
     pub frozen: bool,
     pub weight: u32,
     pub quota_bytes: u64,
+    /// Everything charged to the client, what its quota and persistent share bound: its
+    /// private pools and the pages it put in shared pools.
+    #[serde(default)]
+    pub charged_bytes: u64,
     pub compressor: String,
     #[serde(flatten)]
     pub counters: CounterSnapshot,
@@ -101,6 +106,7 @@ impl Engine {
                 frozen: c.frozen.load(Relaxed),
                 weight: c.account.weight.load(Relaxed),
                 quota_bytes: c.account.quota.load(Relaxed),
+                charged_bytes: c.account.used.load(Relaxed),
                 compressor: c.compressor.to_string(),
                 counters,
                 pools,

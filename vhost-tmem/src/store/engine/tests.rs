@@ -497,3 +497,374 @@ fn concurrent_clients_and_lru_compaction() {
     }
     assert_eq!(e.memory_used(), 0);
 }
+
+#[test]
+fn pool_churn_leaves_nothing_behind() {
+    // A guest creating and destroying pools in a loop must not grow anything in the daemon:
+    // the account's pool list, the shared-pool registry and the eviction account list stay
+    // at what exists now.
+    let e = engine(1 << 30);
+    let uuid = [7u8; 16];
+    let c = e.add_client(ClientConfig {
+        shared: vec![uuid],
+        ..ClientConfig::named("churn")
+    });
+    let shared = PoolSpec {
+        persistent: false,
+        shared: Some(uuid),
+    };
+    let mut w = e.new_worker().unwrap();
+    let keep = e.create_pool(&c, EPH).unwrap();
+    e.put(&mut w, &c, &key(keep, OID, 0), &page(0)).unwrap();
+    let accounts = e.budget.accounts_len();
+    for i in 0..100_000u32 {
+        let spec = if i % 3 == 0 { shared } else { EPH };
+        let p = e.create_pool(&c, spec).unwrap();
+        e.destroy_pool(&c, p).unwrap();
+    }
+    assert_eq!(c.account.pools.lock().len(), 1, "one live ephemeral pool");
+    assert_eq!(e.budget.accounts_len(), accounts);
+    assert!(e.shared.lock().is_empty());
+    // Nothing was charged; the page of the pool kept is still there.
+    let mut out = vec![0u8; PAGE_SIZE];
+    e.get(&mut w, &c, &key(keep, OID, 0), &mut out, false)
+        .unwrap();
+    assert_eq!(out, page(0));
+    assert_eq!(e.memory_used(), 0);
+}
+
+#[test]
+fn emptied_shards_give_back_lru_records_and_map_room() {
+    let e = engine(1 << 30);
+    let c = e.add_client(ClientConfig::named("a"));
+    let mut w = e.new_worker().unwrap();
+    let zero = [0u8; PAGE_SIZE];
+    let p = e.create_pool(&c, EPH).unwrap();
+    // 20,000 objects of one run each, and one object of 2,000 runs, then all flushed: no LRU
+    // records of gone runs may stay (nothing is charged for them any more), and the maps
+    // must not keep room for 20,000 entries.
+    for o in 0..20_000u64 {
+        e.put(&mut w, &c, &key(p, [o, 0, 0], 0), &zero).unwrap();
+    }
+    for r in 0..2_000u64 {
+        e.put(&mut w, &c, &key(p, OID, r * 16), &zero).unwrap();
+    }
+    let full = e.allocated_structure(&c, p);
+    assert!(full.lru_len >= 22_000, "{full:?}");
+    for o in 0..20_000u64 {
+        e.flush_object(&c, p, &[o, 0, 0]).unwrap();
+    }
+    // Keep one run of the big object per shard at most: its map must shrink with it.
+    for r in 16..2_000u64 {
+        e.flush_page(&c, &key(p, OID, r * 16)).unwrap();
+    }
+    let a = e.allocated_structure(&c, p);
+    assert!(a.runs <= 16, "{a:?}");
+    let slack = 16 * 64; // per shard: compaction starts at 64 records
+    assert!(a.lru_len <= 2 * a.runs + slack, "{a:?}");
+    assert!(a.lru_cap <= 4 * slack, "{a:?}");
+    assert!(a.objects_cap <= 16 * 64, "{a:?}");
+    assert!(a.run_maps_cap <= 16 * 8, "{a:?}");
+
+    // Eviction pops records: the queue's room must shrink with it too.
+    let e = engine(4 << 20);
+    let c = e.add_client(ClientConfig::named("a"));
+    let eph = e.create_pool(&c, EPH).unwrap();
+    let pers = e.create_pool(&c, PERS).unwrap();
+    for o in 0..20_000u64 {
+        e.put(&mut w, &c, &key(eph, [o, 0, 0], 0), &zero).unwrap();
+    }
+    // Persistent pages push every ephemeral one out.
+    let mut i = 0;
+    while e.stats().clients[0].pools[0].counters.stored_pages > 0 {
+        e.put(&mut w, &c, &key(pers, OID, i), &page(i)).unwrap();
+        i += 1;
+    }
+    let a = e.allocated_structure(&c, eph);
+    assert_eq!(a.runs, 0);
+    assert!(a.lru_cap <= 4 * slack, "{a:?}");
+    assert!(a.objects_cap <= 16 * 64, "{a:?}");
+}
+
+/// Puts distinct persistent pages into `pool` until the store refuses one; returns how many
+/// it took.
+fn fill_until_no_space(
+    e: &Engine,
+    w: &mut Worker,
+    c: &Arc<Client>,
+    pool: PoolId,
+    seed: u64,
+) -> u64 {
+    for i in 0..1_000_000 {
+        match e.put(w, c, &key(pool, OID, i), &page(seed + i)) {
+            Ok(()) => {}
+            Err(Error::NoSpace) => return i,
+            Err(x) => panic!("{x}"),
+        }
+    }
+    panic!("never refused");
+}
+
+#[test]
+fn default_persistent_share_is_fair() {
+    // No quotas: the first guest fills persistent pages until refused; the second can still
+    // store its weight's share (weights 100 and 300: a quarter and three quarters).
+    let limit = 4 << 20;
+    let e = engine(limit);
+    let a = e.add_client(ClientConfig::named("a"));
+    let b = e.add_client(ClientConfig {
+        weight: 300,
+        ..ClientConfig::named("b")
+    });
+    let mut w = e.new_worker().unwrap();
+    let pa = e.create_pool(&a, PERS).unwrap();
+    let pb = e.create_pool(&b, PERS).unwrap();
+    fill_until_no_space(&e, &mut w, &a, pa, 0);
+    let used_a = e.stats().clients[0].counters.memory_used;
+    assert!(used_a <= limit / 4, "{used_a}");
+    fill_until_no_space(&e, &mut w, &b, pb, 1 << 32);
+    let used_b = e.stats().clients[1].counters.memory_used;
+    assert!(used_b >= limit * 3 / 4 * 95 / 100, "{used_b}");
+    assert!(used_b <= limit * 3 / 4, "{used_b}");
+
+    // Ephemeral pages may use what persistent ones leave: a's fill the rest of the limit,
+    // and b's persistent share still fits, by evicting them.
+    let e = engine(limit);
+    let a = e.add_client(ClientConfig::named("a"));
+    let b = e.add_client(ClientConfig::named("b"));
+    let ea = e.create_pool(&a, EPH).unwrap();
+    let pb = e.create_pool(&b, PERS).unwrap();
+    for i in 0..12_000 {
+        e.put(&mut w, &a, &key(ea, OID, i), &page(i)).unwrap();
+    }
+    assert!(e.memory_used() > limit * 9 / 10, "{}", e.memory_used());
+    fill_until_no_space(&e, &mut w, &b, pb, 1 << 32);
+    let used_b = e.stats().clients[1].counters.memory_used;
+    assert!(used_b >= limit / 2 * 95 / 100, "{used_b}");
+
+    // A weight change moves the shares; what is stored stays, new puts follow the new share.
+    e.set_weight(&b, 300);
+    let more = fill_until_no_space(&e, &mut w, &b, pb, 1 << 33);
+    assert!(more > 0);
+    let used_b = e.stats().clients[1].counters.memory_used;
+    assert!(used_b >= limit * 3 / 4 * 95 / 100, "{used_b}");
+    // A quota replaces the share.
+    e.set_quota(&a, limit / 8);
+    let pa = e.create_pool(&a, PERS).unwrap();
+    fill_until_no_space(&e, &mut w, &a, pa, 1 << 34);
+    assert!(e.stats().clients[0].counters.memory_used <= limit / 8);
+}
+
+fn shared_spec(uuid: Uuid) -> PoolSpec {
+    PoolSpec {
+        persistent: false,
+        shared: Some(uuid),
+    }
+}
+
+#[test]
+fn shared_pool_pages_count_against_the_putters_quota() {
+    let e = engine(1 << 30);
+    let uuid = [3u8; 16];
+    let quota = 4 << 20;
+    let q = e.add_client(ClientConfig {
+        quota,
+        shared: vec![uuid],
+        ..ClientConfig::named("q")
+    });
+    let b = e.add_client(ClientConfig {
+        shared: vec![uuid],
+        ..ClientConfig::named("b")
+    });
+    let mut w = e.new_worker().unwrap();
+    let pq = e.create_pool(&q, shared_spec(uuid)).unwrap();
+    let pb = e.create_pool(&b, shared_spec(uuid)).unwrap();
+    // Far more than the quota, through the shared pool: the oldest of q's own pages go.
+    for i in 0..20_000 {
+        e.put(&mut w, &q, &key(pq, OID, i), &page(i)).unwrap();
+    }
+    let s = e.stats();
+    let pool_bytes = s.shared_pools[0].counters.memory_used;
+    assert!(
+        pool_bytes <= quota,
+        "shared pool holds {pool_bytes} for a {quota}-byte quota"
+    );
+    assert_eq!(s.clients[0].charged_bytes, pool_bytes);
+    assert!(s.clients[0].counters.evictions > 0);
+    // b's pages are charged to b, and q's need for room never evicts them.
+    for i in 0..100 {
+        e.put(&mut w, &b, &key(pb, [9, 9, 9], i), &page(1 << 40 | i))
+            .unwrap();
+    }
+    let b_bytes = e.stats().clients[1].charged_bytes;
+    assert!(b_bytes > 0);
+    for i in 20_000..30_000 {
+        e.put(&mut w, &q, &key(pq, OID, i), &page(i)).unwrap();
+    }
+    let mut out = vec![0u8; PAGE_SIZE];
+    for i in 0..100 {
+        e.get(&mut w, &q, &key(pq, [9, 9, 9], i), &mut out, false)
+            .unwrap();
+        assert_eq!(out, page(1 << 40 | i));
+    }
+    assert_eq!(e.stats().clients[1].charged_bytes, b_bytes);
+    assert!(e.stats().clients[0].charged_bytes <= quota);
+    // q leaving keeps its pages for b, still charged to q; the last member leaving frees all.
+    e.reset_client(&q);
+    e.get(&mut w, &b, &key(pb, OID, 29_999), &mut out, false)
+        .unwrap();
+    assert_eq!(out, page(29_999));
+    e.destroy_pool(&b, pb).unwrap();
+    let s = e.stats();
+    assert_eq!(
+        (s.clients[0].charged_bytes, s.clients[1].charged_bytes),
+        (0, 0)
+    );
+    assert_eq!(e.memory_used(), 0);
+}
+
+#[test]
+fn shared_pool_first_put_wins() {
+    let e = engine(1 << 30);
+    let uuid = [5u8; 16];
+    let a = e.add_client(ClientConfig {
+        shared: vec![uuid],
+        ..ClientConfig::named("a")
+    });
+    let b = e.add_client(ClientConfig {
+        shared: vec![uuid],
+        ..ClientConfig::named("b")
+    });
+    let mut w = e.new_worker().unwrap();
+    let pa = e.create_pool(&a, shared_spec(uuid)).unwrap();
+    let pb = e.create_pool(&b, shared_spec(uuid)).unwrap();
+    let mut out = vec![0u8; PAGE_SIZE];
+    e.put(&mut w, &a, &key(pa, OID, 1), &page(1)).unwrap();
+    // b overwriting a's page with other content is refused, and counted.
+    assert!(matches!(
+        e.put(&mut w, &b, &key(pb, OID, 1), &page(666)),
+        Err(Error::Refused(_))
+    ));
+    for (c, p) in [(&a, pa), (&b, pb)] {
+        e.get(&mut w, c, &key(p, OID, 1), &mut out, false).unwrap();
+        assert_eq!(out, page(1));
+    }
+    let s = e.stats();
+    assert_eq!(s.clients[1].counters.shared_put_conflicts, 1);
+    assert_eq!(s.clients[1].counters.puts_refused, 1);
+    assert_eq!(s.shared_pools[0].counters.shared_put_conflicts, 1);
+    assert_eq!(s.clients[0].counters.shared_put_conflicts, 0);
+    // In the statistics JSON and the Prometheus text, through the counters table.
+    let json = serde_json::to_value(&s).unwrap();
+    assert_eq!(json["clients"][1]["shared_put_conflicts"], 1);
+    let prom = crate::control::prometheus(&s);
+    assert!(
+        prom.contains("vhost_tmem_client_shared_put_conflicts_total{client=\"b\"} 1"),
+        "{prom}"
+    );
+    // The same content is agreement: accepted, nothing changes (a keeps the charge).
+    let charged = s.clients[0].charged_bytes;
+    e.put(&mut w, &b, &key(pb, OID, 1), &page(1)).unwrap();
+    let s = e.stats();
+    assert_eq!(s.clients[0].charged_bytes, charged);
+    assert_eq!(s.clients[1].charged_bytes, 0);
+    assert_eq!(s.shared_pools[0].counters.stored_pages, 1);
+    // Even the owner cannot change it in place: it flushes first.
+    assert!(matches!(
+        e.put(&mut w, &a, &key(pa, OID, 1), &page(2)),
+        Err(Error::Refused(_))
+    ));
+    e.get(&mut w, &b, &key(pb, OID, 1), &mut out, false)
+        .unwrap();
+    assert_eq!(out, page(1));
+    // A failed put by b (no space in b's quota) does not drop a's page either.
+    e.set_quota(&b, 1);
+    assert!(matches!(
+        e.put(&mut w, &b, &key(pb, OID, 1), &page(1)),
+        Err(Error::NoSpace)
+    ));
+    e.set_quota(&b, 0);
+    // Only the member that put a page can flush it or take it with an exclusive get.
+    assert!(matches!(
+        e.flush_page(&b, &key(pb, OID, 1)),
+        Err(Error::Miss)
+    ));
+    assert_eq!(e.flush_object(&b, pb, &OID).unwrap(), 0);
+    let hit = e.get(&mut w, &b, &key(pb, OID, 1), &mut out, true).unwrap();
+    assert!(!hit.dropped);
+    assert_eq!(out, page(1));
+    e.get(&mut w, &a, &key(pa, OID, 1), &mut out, false)
+        .unwrap();
+    assert_eq!(out, page(1));
+    // b's own pages in the same object are b's to flush.
+    e.put(&mut w, &b, &key(pb, OID, 2), &page(2)).unwrap();
+    e.put(&mut w, &b, &key(pb, OID, 300), &page(300)).unwrap();
+    assert_eq!(e.flush_object(&b, pb, &OID).unwrap(), 2);
+    assert!(matches!(
+        e.get(&mut w, &a, &key(pa, OID, 2), &mut out, false),
+        Err(Error::Miss)
+    ));
+    assert_eq!(e.stats().clients[1].charged_bytes, 0);
+    // The owner flushes; then the key is free for anyone's first put.
+    e.flush_page(&a, &key(pa, OID, 1)).unwrap();
+    assert!(matches!(
+        e.get(&mut w, &b, &key(pb, OID, 1), &mut out, false),
+        Err(Error::Miss)
+    ));
+    e.put(&mut w, &b, &key(pb, OID, 1), &page(7)).unwrap();
+    let hit = e.get(&mut w, &b, &key(pb, OID, 1), &mut out, true).unwrap();
+    assert!(hit.dropped);
+    assert_eq!(out, page(7));
+    assert_eq!(e.stats().clients[0].charged_bytes, 0);
+    assert_eq!(e.memory_used(), 0);
+}
+
+#[test]
+fn concurrent_shared_pool_members_keep_exact_accounts() {
+    // Three members put (the same content per key, so they agree), get, flush and evict each
+    // other's room concurrently under a small limit; every charge must come back.
+    let e = Arc::new(engine(2 << 20));
+    let uuid = [4u8; 16];
+    let threads: Vec<_> = (0..3u64)
+        .map(|t| {
+            let e = e.clone();
+            std::thread::spawn(move || {
+                let c = e.add_client(ClientConfig {
+                    quota: if t == 0 { 256 << 10 } else { 0 },
+                    shared: vec![uuid],
+                    ..ClientConfig::named(&format!("m{t}"))
+                });
+                let mut w = e.new_worker().unwrap();
+                let p = e.create_pool(&c, shared_spec(uuid)).unwrap();
+                let q = e.create_pool(&c, EPH).unwrap();
+                let mut out = vec![0u8; PAGE_SIZE];
+                for i in 0..3000u64 {
+                    let k = (i * 7 + t * 13) % 1500;
+                    let _ = e.put(&mut w, &c, &key(p, [k % 50, 0, 0], k), &page(k));
+                    let _ = e.put(&mut w, &c, &key(q, OID, i), &page(i));
+                    let g = key(p, [(k / 2) % 50, 0, 0], k / 2);
+                    if e.get(&mut w, &c, &g, &mut out, i % 3 == 0).is_ok() {
+                        assert_eq!(out, page(k / 2));
+                    }
+                    if i % 10 == 0 {
+                        let _ = e.flush_object(&c, p, &[k % 50, 0, 0]);
+                    }
+                    if t == 0 {
+                        assert!(c.account.used.load(Relaxed) <= 256 << 10);
+                    }
+                }
+                c
+            })
+        })
+        .collect();
+    let clients: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(e.memory_used() <= 2 << 20);
+    for c in &clients {
+        e.reset_client(c);
+    }
+    assert_eq!(e.memory_used(), 0);
+    for c in e.stats().clients {
+        assert_eq!(c.charged_bytes, 0, "{}", c.name);
+    }
+    assert!(e.shared.lock().is_empty());
+}
