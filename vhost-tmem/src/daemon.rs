@@ -12,7 +12,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{DaemonConfig, Endpoint};
 use crate::control::{self, Controls};
-use crate::sock::{is_socket, remove_stale_socket};
+use crate::sock::{self, is_socket, Claim};
 use crate::store::{Client, Engine, Tmem};
 use crate::vhu_tmem::{self, DeviceConfig, TmemDevice};
 
@@ -26,12 +26,11 @@ pub enum Error {
         #[source]
         source: vhost::vhost_user::Error,
     },
-    #[error("client \"{name}\": cannot use {path}")]
+    #[error("client \"{name}\"")]
     SocketPath {
         name: String,
-        path: String,
         #[source]
-        source: std::io::Error,
+        source: sock::Error,
     },
     #[error("client \"{name}\": fd {fd} is not an open socket")]
     NotASocket { name: String, fd: RawFd },
@@ -55,19 +54,20 @@ pub enum Error {
     Thread(#[source] std::io::Error),
 }
 
-fn listen(name: &str, ep: &Endpoint) -> Result<Listener, Error> {
+/// Listens on a client's endpoint; a path comes with its claim, to be held while it serves.
+fn listen(name: &str, ep: &Endpoint) -> Result<(Listener, Option<Claim>), Error> {
     match ep {
         Endpoint::Path(p) => {
-            remove_stale_socket(p).map_err(|source| Error::SocketPath {
+            let claim = sock::claim(p).map_err(|source| Error::SocketPath {
+                name: name.to_string(),
+                source,
+            })?;
+            let l = Listener::new(p, false).map_err(|source| Error::Listen {
                 name: name.to_string(),
                 path: p.display().to_string(),
                 source,
             })?;
-            Listener::new(p, false).map_err(|source| Error::Listen {
-                name: name.to_string(),
-                path: p.display().to_string(),
-                source,
-            })
+            Ok((l, Some(claim)))
         }
         Endpoint::Fd(fd) => {
             if !is_socket(*fd) {
@@ -78,7 +78,7 @@ fn listen(name: &str, ep: &Endpoint) -> Result<Listener, Error> {
             }
             // SAFETY: the fd is an open socket inherited for this purpose, and the config check
             // made sure no other client takes ownership of the same fd.
-            Ok(unsafe { Listener::from_raw_fd(*fd) })
+            Ok((unsafe { Listener::from_raw_fd(*fd) }, None))
         }
     }
 }
@@ -138,6 +138,8 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
     let engine = Arc::new(Engine::new(cfg.engine.clone()));
     let mut fds = HashSet::new();
     let mut prepared = Vec::new();
+    // Held until the daemon ends, so that no second daemon takes over a live socket.
+    let mut claims = Vec::new();
     // Bind everything first, so that a bad socket fails the start rather than a thread later.
     for spec in &cfg.clients {
         if let Endpoint::Fd(fd) = spec.endpoint {
@@ -145,7 +147,8 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
                 return Err(Error::SharedFd(fd));
             }
         }
-        let listener = listen(&spec.config.name, &spec.endpoint)?;
+        let (listener, claim) = listen(&spec.config.name, &spec.endpoint)?;
+        claims.extend(claim);
         let client = engine.add_client(spec.config.clone());
         prepared.push((client, listener));
     }
@@ -180,8 +183,10 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
         "vhost-tmem serving"
     );
     drop(tx);
-    match rx.recv() {
+    let r = match rx.recv() {
         Ok(r) => r,
         Err(_) => Ok(()),
-    }
+    };
+    drop(claims);
+    r
 }

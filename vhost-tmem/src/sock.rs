@@ -1,11 +1,40 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Unix socket helpers shared by the client listeners and the control socket, so that neither
-//! depends on the other to bind a path or check an inherited fd.
+//! depends on the other to claim a path or check an inherited fd.
+//!
+//! A socket path is claimed before it is bound: a lock file `PATH.lock` held (flock) for the
+//! life of the process closes the race between two daemons starting at once, and a connect to
+//! an existing socket tells a live one (another process serves it: refuse) from a stale one
+//! (left by a daemon that died: remove it).
 
+use std::ffi::OsString;
+use std::fs::File;
 use std::io;
-use std::os::fd::RawFd;
-use std::os::unix::fs::FileTypeExt;
-use std::path::Path;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Why a socket path cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("socket {0} is in use by another process")]
+    InUse(PathBuf),
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    #[error("cannot listen on {}: cannot lock {}", .path.display(), lock_path(.path).display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot check or remove the old socket {path}")]
+    Stale {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
 
 /// Whether `fd` is an open socket.
 pub fn is_socket(fd: RawFd) -> bool {
@@ -16,16 +45,155 @@ pub fn is_socket(fd: RawFd) -> bool {
     }
 }
 
-/// Removes a stale socket at `path` so that it can be bound again, but never anything else:
-/// a mistyped path must not delete a file.
-pub fn remove_stale_socket(path: &Path) -> Result<(), io::Error> {
+/// A claimed socket path: the lock is held while this lives. The lock file itself is left
+/// behind on exit (unlinking it would let a third daemon lock a fresh file while a second one
+/// holds the unlinked one).
+#[derive(Debug)]
+pub struct Claim {
+    _lock: File,
+}
+
+/// `PATH.lock`.
+pub fn lock_path(path: &Path) -> PathBuf {
+    let mut s = OsString::from(path.as_os_str());
+    s.push(".lock");
+    PathBuf::from(s)
+}
+
+/// Claims `path` for binding: takes its lock file, refuses a socket another process serves,
+/// and removes a stale one — but never anything that is not a socket, so that a mistyped path
+/// cannot delete a file.
+pub fn claim(path: &Path) -> Result<Claim, Error> {
+    let lp = lock_path(path);
+    let lock_err = |source| Error::Lock {
+        path: path.to_owned(),
+        source,
+    };
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lp)
+        .map_err(lock_err)?;
+    // SAFETY: flock on an fd we own; no memory is involved.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.kind() == io::ErrorKind::WouldBlock {
+            Error::InUse(path.to_owned())
+        } else {
+            lock_err(e)
+        });
+    }
+    let stale = |source| Error::Stale {
+        path: path.to_owned(),
+        source,
+    };
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            "exists and is not a socket",
-        )),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
+        Ok(m) if m.file_type().is_socket() => {
+            // A process that does not take the lock (an older daemon, another program) may
+            // still serve it.
+            if probe(path).map_err(stale)? {
+                return Err(Error::InUse(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(stale)?;
+        }
+        Ok(_) => return Err(Error::NotASocket(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(stale(e)),
+    }
+    Ok(Claim { _lock: lock })
+}
+
+/// Whether a process listens on the socket at `path`. Non-blocking, so that a listener with a
+/// full backlog counts as live instead of hanging the start.
+fn probe(path: &Path) -> io::Result<bool> {
+    let addr = sockaddr(path)?;
+    // SAFETY: socket() takes no pointers; the fd it returns is owned right below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: addr is a valid sockaddr_un of the size passed.
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        // Listening, but the backlog is full.
+        Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => Ok(true),
+        Some(libc::ECONNREFUSED) | Some(libc::ENOENT) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// `path` as a Unix socket address, or an error if it does not fit.
+pub(crate) fn sockaddr(path: &Path) -> io::Result<libc::sockaddr_un> {
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    // Room for the terminating NUL.
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "path too long for a Unix socket",
+        ));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+
+    #[test]
+    fn claim_refuses_live_and_removes_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.sock");
+        // Nothing there: claimed.
+        let c = claim(&p).unwrap();
+        // A second claim while the first holds the lock: in use.
+        let e = claim(&p).unwrap_err();
+        assert!(matches!(e, Error::InUse(_)), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!("socket {} is in use by another process", p.display())
+        );
+        drop(c);
+        // A live listener that took no lock: in use, and its socket is left alone.
+        let l = UnixListener::bind(&p).unwrap();
+        assert!(matches!(claim(&p), Err(Error::InUse(_))));
+        assert!(p.exists());
+        // The listener gone, its file is stale: removed.
+        drop(l);
+        let _c = claim(&p).unwrap();
+        assert!(!p.exists());
+        // Never a file that is not a socket.
+        let f = dir.path().join("file");
+        std::fs::write(&f, b"keep").unwrap();
+        assert!(matches!(claim(&f), Err(Error::NotASocket(_))));
+        assert_eq!(std::fs::read(&f).unwrap(), b"keep");
     }
 }

@@ -794,3 +794,69 @@ fn command_line_errors_exit_1_with_a_message() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["type"], "tmem");
 }
+
+/// Runs the daemon binary with `args` and waits (bounded) for it to exit; a daemon still running
+/// after the bound is killed and the test fails, naming what it printed.
+fn run_to_exit(args: &[std::ffi::OsString], bound: Duration) -> std::process::Output {
+    let bin = daemon::binary().unwrap();
+    let mut child = Command::new(&bin)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + bound;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{args:?} still running after {bound:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_second_daemon_does_not_steal_live_sockets() {
+    let d = Daemon::start(&["--socket-path", "{dir}/vm.sock"]).unwrap();
+    let mut g = connect(&d, "vm.sock");
+    let pool = g.create_pool(true, None).unwrap();
+    g.put(pool, [1, 0, 0], 0, &pages::page(7)).unwrap();
+    let sock = d.path("vm.sock");
+    let ctl = d.path("control.sock");
+    let other = d.path("other.sock");
+    // Same client and control socket; then only the control socket is shared.
+    let cases = [
+        (vec![sock.clone(), ctl.clone()], &sock),
+        (vec![other.clone(), ctl.clone()], &ctl),
+    ];
+    for (paths, busy) in cases {
+        let args = vec![
+            "--socket-path".into(),
+            paths[0].clone().into_os_string(),
+            "--control-socket".into(),
+            paths[1].clone().into_os_string(),
+        ];
+        let out = run_to_exit(&args, Duration::from_secs(10));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        let want = format!("socket {} is in use by another process", busy.display());
+        assert!(err.contains(&want), "{err}");
+    }
+    // The first daemon still serves the guest and the control socket, and a new frontend
+    // reaches it, not a stranger.
+    let mut page = vec![0; PAGE_SIZE];
+    g.get(pool, [1, 0, 0], 0, false, &mut page).unwrap();
+    assert_eq!(page, pages::page(7));
+    assert_eq!(n(&d.client_stats("guest").unwrap()["puts"]), 1);
+    drop(g);
+    let mut g = connect(&d, "vm.sock");
+    let pool = g.create_pool(true, None).unwrap();
+    g.put(pool, [1, 0, 0], 0, &pages::page(8)).unwrap();
+    assert_eq!(n(&d.client_stats("guest").unwrap()["puts"]), 2);
+}

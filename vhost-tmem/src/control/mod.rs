@@ -33,6 +33,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("control socket")]
+    Socket(#[from] crate::sock::Error),
     #[error("cannot listen for metrics on {addr}")]
     BindMetrics {
         addr: SocketAddr,

@@ -12,10 +12,7 @@ use super::{Controls, Error, Request, Response};
 impl Controls {
     /// Serves the control socket until the process exits.
     pub fn serve(self, path: &Path) -> Result<std::thread::JoinHandle<()>, Error> {
-        crate::sock::remove_stale_socket(path).map_err(|source| Error::Bind {
-            path: path.to_owned(),
-            source,
-        })?;
+        let claim = crate::sock::claim(path)?;
         let listener = UnixListener::bind(path).map_err(|source| Error::Bind {
             path: path.to_owned(),
             source,
@@ -23,6 +20,8 @@ impl Controls {
         let handle = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
+                // The claim lives as long as the socket is served.
+                let _claim = claim;
                 for conn in listener.incoming() {
                     match conn {
                         Ok(s) => {
