@@ -3,7 +3,7 @@
 //! control socket and the metrics endpoint.
 
 use std::collections::HashSet;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::sync::{mpsc, Arc};
 
 use vhost::vhost_user::Listener;
@@ -19,13 +19,6 @@ use crate::vhu_tmem::{self, DeviceConfig, TmemDevice};
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("client \"{name}\": cannot listen on {path}")]
-    Listen {
-        name: String,
-        path: String,
-        #[source]
-        source: vhost::vhost_user::Error,
-    },
     #[error("client \"{name}\"")]
     SocketPath {
         name: String,
@@ -55,18 +48,19 @@ pub enum Error {
 }
 
 /// Listens on a client's endpoint; a path comes with its claim, to be held while it serves.
-fn listen(name: &str, ep: &Endpoint) -> Result<(Listener, Option<Claim>), Error> {
+fn listen(
+    name: &str,
+    ep: &Endpoint,
+    group: Option<u32>,
+) -> Result<(Listener, Option<Claim>), Error> {
     match ep {
         Endpoint::Path(p) => {
-            let claim = sock::claim(p).map_err(|source| Error::SocketPath {
+            let (fd, claim) = sock::bind(p, group).map_err(|source| Error::SocketPath {
                 name: name.to_string(),
                 source,
             })?;
-            let l = Listener::new(p, false).map_err(|source| Error::Listen {
-                name: name.to_string(),
-                path: p.display().to_string(),
-                source,
-            })?;
+            // SAFETY: fd is a listening Unix socket just bound, handed over whole.
+            let l = unsafe { Listener::from_raw_fd(fd.into_raw_fd()) };
             Ok((l, Some(claim)))
         }
         Endpoint::Fd(fd) => {
@@ -147,7 +141,7 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
                 return Err(Error::SharedFd(fd));
             }
         }
-        let (listener, claim) = listen(&spec.config.name, &spec.endpoint)?;
+        let (listener, claim) = listen(&spec.config.name, &spec.endpoint, cfg.socket_group)?;
         claims.extend(claim);
         let client = engine.add_client(spec.config.clone());
         prepared.push((client, listener));
@@ -156,7 +150,7 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
         Controls {
             engine: engine.clone(),
         }
-        .serve(path)?;
+        .serve(path, cfg.control_group)?;
         tracing::info!(path = %path.display(), "control socket ready");
     }
     if let Some(addr) = cfg.metrics_listen {

@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Why a socket path cannot be used.
@@ -25,6 +25,19 @@ pub enum Error {
     #[error("cannot listen on {}: cannot lock {}", .path.display(), lock_path(.path).display())]
     Lock {
         path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen on {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot give {path} to group {gid}")]
+    Group {
+        path: PathBuf,
+        gid: u32,
         #[source]
         source: io::Error,
     },
@@ -104,6 +117,152 @@ pub fn claim(path: &Path) -> Result<Claim, Error> {
         Err(e) => return Err(stale(e)),
     }
     Ok(Claim { _lock: lock })
+}
+
+/// Claims `path` and listens on it, the socket file created 0600 (owner only) or, with a
+/// group, 0660 owned by that group. Returns the listening socket and its claim.
+pub fn bind(path: &Path, group: Option<u32>) -> Result<(OwnedFd, Claim), Error> {
+    let claim = claim(path)?;
+    let bind_err = |source| Error::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    let addr = sockaddr(path).map_err(bind_err)?;
+    // SAFETY: socket() takes no pointers; the fd it returns is owned right below.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(bind_err(io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh socket nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Linux creates the socket file with the socket inode's mode (less the umask): set before
+    // bind, the file is never reachable by others, not even for an instant.
+    // SAFETY: fchmod on an fd we own.
+    if unsafe { libc::fchmod(fd.as_raw_fd(), 0o600) } != 0 {
+        return Err(bind_err(io::Error::last_os_error()));
+    }
+    // SAFETY: addr is a valid sockaddr_un of the size passed.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(bind_err(io::Error::last_os_error()));
+    }
+    if let Some(gid) = group {
+        let group_err = |source| Error::Group {
+            path: path.to_owned(),
+            gid,
+            source,
+        };
+        // Group first, then the group bits: never readable by the daemon's own group meanwhile.
+        std::os::unix::fs::lchown(path, None, Some(gid)).map_err(group_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .map_err(group_err)?;
+    }
+    // SAFETY: listen on an fd we own.
+    if unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
+        return Err(bind_err(io::Error::last_os_error()));
+    }
+    Ok((fd, claim))
+}
+
+/// A group given by name or number, as its gid.
+pub fn resolve_group(name: &str) -> Option<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Some(gid);
+    }
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    loop {
+        // SAFETY: group is plain data; zeroes are a valid value for getgrnam_r to fill.
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut out: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer refers to a live buffer of the length given; the strings it
+        // fills in point into `buf`, which we do not read.
+        let r = unsafe {
+            libc::getgrnam_r(
+                cname.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut out,
+            )
+        };
+        if r == libc::ERANGE && buf.len() < (1 << 20) {
+            buf.resize(buf.len() * 4, 0);
+            continue;
+        }
+        return (r == 0 && !out.is_null()).then_some(grp.gr_gid);
+    }
+}
+
+/// Who is at the other end of a Unix socket, as the kernel recorded at connect time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerCred {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (empty where the kernel cannot tell: before Linux 4.13).
+    pub groups: Vec<u32>,
+}
+
+/// The peer credentials of a connected Unix socket (SO_PEERCRED, SO_PEERGROUPS).
+pub fn peer_cred(fd: &impl AsRawFd) -> io::Result<PeerCred> {
+    // SAFETY: ucred is plain data.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len are live and len is cred's size.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut groups = vec![0 as libc::gid_t; 64];
+    loop {
+        let mut len = std::mem::size_of_val(groups.as_slice()) as libc::socklen_t;
+        // SAFETY: groups is a live buffer of len bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        if r == 0 {
+            groups.truncate(n);
+            break;
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // len now says how much room the list needs (NGROUPS_MAX is 65536).
+            Some(libc::ERANGE) if n > groups.len() && n <= 65536 => groups.resize(n, 0),
+            Some(libc::ENOPROTOOPT) => {
+                groups.clear();
+                break;
+            }
+            _ => return Err(e),
+        }
+    }
+    Ok(PeerCred {
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
+        groups,
+    })
 }
 
 /// Whether a process listens on the socket at `path`. Non-blocking, so that a listener with a
@@ -195,5 +354,29 @@ mod tests {
         std::fs::write(&f, b"keep").unwrap();
         assert!(matches!(claim(&f), Err(Error::NotASocket(_))));
         assert_eq!(std::fs::read(&f).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn bound_sockets_are_private_and_peers_known() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b.sock");
+        let (fd, _claim) = bind(&p, None).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        let l = std::os::unix::net::UnixListener::from(fd);
+        let _c = std::os::unix::net::UnixStream::connect(&p).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let me = peer_cred(&s).unwrap();
+        // SAFETY: getuid/getgid/getpid have no preconditions.
+        let (uid, gid, pid) = unsafe { (libc::getuid(), libc::getgid(), libc::getpid()) };
+        assert_eq!((me.uid, me.gid, me.pid), (uid, gid, pid));
+        // With a group (our own, which we can always give): 0660 and that group.
+        let q = dir.path().join("g.sock");
+        let (_fd, _claim) = bind(&q, Some(gid)).unwrap();
+        let m = std::fs::metadata(&q).unwrap();
+        assert_eq!((m.mode() & 0o777, m.gid()), (0o660, gid));
+        assert_eq!(resolve_group("0"), Some(0));
+        assert_eq!(resolve_group("root"), Some(0));
+        assert_eq!(resolve_group("no-such-group-here"), None);
     }
 }

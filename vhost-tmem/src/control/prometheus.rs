@@ -3,11 +3,11 @@
 //! and the `--metrics-listen` HTTP endpoint.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
 
+use super::conn::{self, Deadline, RateLimited, Slots};
 use super::Error;
 use crate::store::stats::StoreStats;
 use crate::store::Engine;
@@ -114,35 +114,97 @@ pub fn prometheus(s: &StoreStats) -> String {
     o
 }
 
-/// Serves `GET /metrics` on `addr` until the process exits.
+/// Serves `GET /metrics` on `addr` until the process exits: a thread per connection (at most
+/// [`conn::MAX_CONNECTIONS`]), each read and write time-bounded, one request per connection.
 pub fn serve_metrics(
     engine: Arc<Engine>,
     addr: SocketAddr,
 ) -> Result<std::thread::JoinHandle<()>, Error> {
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "--metrics-listen {addr} is not a loopback address: anyone who can reach it reads \
+             the statistics (client names, memory use); prefer 127.0.0.1 or a firewall"
+        );
+    }
     let listener = TcpListener::bind(addr).map_err(|source| Error::BindMetrics { addr, source })?;
     let handle = std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
+            let slots = Slots::default();
+            let busy = RateLimited::default();
             for conn in listener.incoming() {
-                let Ok(mut s) = conn else { continue };
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut buf = [0u8; 4096];
-                let n = s.read(&mut buf).unwrap_or(0);
-                let req = String::from_utf8_lossy(&buf[..n]);
-                let path = req.split_whitespace().nth(1).unwrap_or("");
-                let (status, body) = if req.starts_with("GET ") && (path == "/metrics" || path == "/") {
-                    ("200 OK", prometheus(&engine.stats()))
-                } else {
-                    ("404 Not Found", "not found: try /metrics\n".to_string())
-                };
-                let _ = write!(
-                    s,
-                    "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
+                match conn {
+                    Ok(s) => {
+                        let engine = engine.clone();
+                        conn::dispatch(&slots, "metrics-conn", s, &busy, move |s| {
+                            if let Err(e) = answer(&engine, s) {
+                                tracing::debug!("metrics connection: {e}");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        busy.log(|n| tracing::warn!("metrics accept failed ({n} times): {e}"))
+                    }
+                }
             }
         })?;
     Ok(handle)
+}
+
+/// Largest request head accepted.
+const MAX_HEAD: usize = 8 * 1024;
+
+/// Reads one request and answers it; the connection then closes.
+fn answer(engine: &Engine, mut s: TcpStream) -> io::Result<()> {
+    let deadline = Deadline::start();
+    let mut buf = vec![0u8; MAX_HEAD];
+    let mut len = 0;
+    let (version, status, body) = loop {
+        let Some(t) = deadline.next_timeout() else {
+            return Ok(());
+        };
+        s.set_read_timeout(Some(t))?;
+        let n = s.read(&mut buf[len..])?;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf[..len]) {
+            Ok(httparse::Status::Complete(_)) => {
+                let version = req.version.unwrap_or(0);
+                break match (req.method, req.path) {
+                    (Some("GET"), Some("/metrics" | "/")) => {
+                        (version, "200 OK", prometheus(&engine.stats()))
+                    }
+                    (Some("GET"), _) => {
+                        (version, "404 Not Found", "not found: try /metrics\n".into())
+                    }
+                    _ => (version, "405 Method Not Allowed", "only GET\n".into()),
+                };
+            }
+            Ok(httparse::Status::Partial) if len < buf.len() => continue,
+            Ok(httparse::Status::Partial) => {
+                break (0, "431 Request Header Fields Too Large", String::new())
+            }
+            Err(_) => break (0, "400 Bad Request", String::new()),
+        }
+    };
+    s.set_write_timeout(deadline.next_timeout())?;
+    write!(
+        s,
+        "HTTP/1.{version} {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    // Close gently: unread request bytes (an oversized head) would otherwise make the kernel
+    // reset the connection and the peer could lose the answer. Bounded in bytes and time.
+    s.shutdown(std::net::Shutdown::Write)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+    let _ = io::copy(&mut (&mut s).take(64 * 1024), &mut io::sink());
+    Ok(())
 }
 
 #[cfg(test)]
@@ -159,5 +221,51 @@ mod tests {
         assert!(text.contains("vhost_tmem_client_puts_total{client=\"vm1\"} 0"));
         assert!(text.contains("vhost_tmem_memory_limit_bytes 1073741824"));
         assert_eq!(escape_label("a\"b\\c\n"), "a\\\"b\\\\c\\n");
+    }
+
+    fn get(port: u16, req: &[u8]) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        s.write_all(req).unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    }
+
+    #[test]
+    fn http_endpoint() {
+        let engine = Arc::new(Engine::new(EngineConfig::default()));
+        engine.add_client(ClientConfig::named("vm1"));
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        serve_metrics(engine, SocketAddr::from(([127, 0, 0, 1], port))).unwrap();
+        // Idle connections hold their own threads only.
+        let idle: Vec<_> = (0..4)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        let r = get(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(
+            r.contains("vhost_tmem_client_puts_total{client=\"vm1\"} 0"),
+            "{r}"
+        );
+        // A head in two pieces.
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"GET / HTT").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        s.write_all(b"P/1.0\r\n\r\n").unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        assert!(r.starts_with("HTTP/1.0 200 OK"), "{r}");
+        assert!(get(port, b"GET /x HTTP/1.0\r\n\r\n").starts_with("HTTP/1.0 404"));
+        assert!(get(port, b"POST /metrics HTTP/1.0\r\n\r\n").starts_with("HTTP/1.0 405"));
+        assert!(get(port, b"\x01\x02 nonsense\r\n\r\n").starts_with("HTTP/1.0 400"));
+        let huge = [b"GET /metrics HTTP/1.0\r\nX: ".as_slice(), &[b'a'; 9000]].concat();
+        assert!(get(port, &huge).starts_with("HTTP/1.0 431"));
+        drop(idle);
     }
 }
