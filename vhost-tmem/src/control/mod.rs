@@ -29,12 +29,6 @@ pub use server::Access;
 /// Errors of the control interface.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot listen on the control socket {path}")]
-    Bind {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
     #[error("control socket")]
     Socket(#[from] crate::sock::Error),
     #[error("cannot listen for metrics on {addr}")]
