@@ -127,7 +127,23 @@ pub fn bind(path: &Path, group: Option<u32>) -> Result<(OwnedFd, Claim), Error> 
         path: path.to_owned(),
         source,
     };
-    let addr = sockaddr(path).map_err(bind_err)?;
+    // With a group the socket is set up under a side name and renamed into place, so that
+    // PATH never exists with the wrong group or mode (a frontend of the group started as soon
+    // as PATH appears must not be refused). Our claim on PATH covers the side name.
+    let side = group.map(|_| {
+        let mut s = OsString::from(path.as_os_str());
+        s.push("~");
+        PathBuf::from(s)
+    });
+    let at = side.as_deref().unwrap_or(path);
+    if let Some(side) = &side {
+        match std::fs::symlink_metadata(side) {
+            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(side).map_err(bind_err)?,
+            Ok(_) => return Err(Error::NotASocket(side.clone())),
+            Err(_) => {}
+        }
+    }
+    let addr = sockaddr(at).map_err(bind_err)?;
     // SAFETY: socket() takes no pointers; the fd it returns is owned right below.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -152,20 +168,26 @@ pub fn bind(path: &Path, group: Option<u32>) -> Result<(OwnedFd, Claim), Error> 
     if r != 0 {
         return Err(bind_err(io::Error::last_os_error()));
     }
-    if let Some(gid) = group {
+    // SAFETY: listen on an fd we own.
+    if unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
+        let e = io::Error::last_os_error();
+        let _ = std::fs::remove_file(at);
+        return Err(bind_err(e));
+    }
+    if let (Some(gid), Some(side)) = (group, &side) {
         let group_err = |source| Error::Group {
             path: path.to_owned(),
             gid,
             source,
         };
-        // Group first, then the group bits: never readable by the daemon's own group meanwhile.
-        std::os::unix::fs::lchown(path, None, Some(gid)).map_err(group_err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-            .map_err(group_err)?;
-    }
-    // SAFETY: listen on an fd we own.
-    if unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
-        return Err(bind_err(io::Error::last_os_error()));
+        let r = std::os::unix::fs::lchown(side, None, Some(gid))
+            .and_then(|()| std::fs::set_permissions(side, std::fs::Permissions::from_mode(0o660)))
+            .map_err(group_err)
+            .and_then(|()| std::fs::rename(side, path).map_err(bind_err));
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(side);
+            return Err(e);
+        }
     }
     Ok((fd, claim))
 }
@@ -372,9 +394,14 @@ mod tests {
         assert_eq!((me.uid, me.gid, me.pid), (uid, gid, pid));
         // With a group (our own, which we can always give): 0660 and that group.
         let q = dir.path().join("g.sock");
-        let (_fd, _claim) = bind(&q, Some(gid)).unwrap();
+        let (gfd, _claim) = bind(&q, Some(gid)).unwrap();
         let m = std::fs::metadata(&q).unwrap();
         assert_eq!((m.mode() & 0o777, m.gid()), (0o660, gid));
+        // Set up under a side name and renamed into place: it serves at PATH, nothing is left.
+        let gl = std::os::unix::net::UnixListener::from(gfd);
+        let _c = std::os::unix::net::UnixStream::connect(&q).unwrap();
+        gl.accept().unwrap();
+        assert!(!dir.path().join("g.sock~").exists());
         assert_eq!(resolve_group("0"), Some(0));
         assert_eq!(resolve_group("root"), Some(0));
         assert_eq!(resolve_group("no-such-group-here"), None);
