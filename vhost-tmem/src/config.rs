@@ -65,6 +65,8 @@ pub enum Error {
     Compressor(#[from] crate::store::codec::Error),
     #[error(transparent)]
     Device(#[from] crate::vhu_tmem::Error),
+    #[error("unknown group \"{group}\" for {option}")]
+    UnknownGroup { option: &'static str, group: String },
     #[error("invalid --metrics-listen \"{0}\": expected PORT or ADDRESS:PORT")]
     BadListen(String),
     #[error("cannot read the configuration file {path}")]
@@ -167,6 +169,14 @@ pub struct ServeArgs {
     /// Control socket for `vhost-tmem stats` and `vhost-tmem ctl`.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// Give the client sockets to this group (name or gid), mode 0660, e.g. the group QEMU
+    /// runs in; without it they are 0600 (the daemon's user only).
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// Give the control socket to this group (name or gid), mode 0660, and let its members
+    /// use it; without it only root and the daemon's user may.
+    #[arg(long, value_name = "GROUP")]
+    pub control_group: Option<String>,
     /// Serve Prometheus metrics over HTTP on PORT (loopback) or ADDRESS:PORT.
     #[arg(long, value_name = "[ADDR:]PORT")]
     pub metrics_listen: Option<String>,
@@ -204,6 +214,8 @@ pub struct FileConfig {
     pub queue_size: Option<usize>,
     pub poll_us: Option<u64>,
     pub control_socket: Option<PathBuf>,
+    pub socket_group: Option<String>,
+    pub control_group: Option<String>,
     pub metrics_listen: Option<String>,
     #[serde(default, rename = "client")]
     pub clients: Vec<FileClient>,
@@ -263,6 +275,10 @@ pub struct DaemonConfig {
     pub device: DeviceConfig,
     pub clients: Vec<ClientSpec>,
     pub control_socket: Option<PathBuf>,
+    /// Group (gid) of the client sockets, which are then 0660 instead of 0600.
+    pub socket_group: Option<u32>,
+    /// Group (gid) of the control socket, whose members may use it.
+    pub control_group: Option<u32>,
     pub metrics_listen: Option<SocketAddr>,
 }
 
@@ -468,6 +484,14 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             .or(file.metrics_listen.as_deref())
             .map(parse_listen)
             .transpose()?;
+        let group = |option, name: Option<String>| {
+            name.map(|g| {
+                crate::sock::resolve_group(&g).ok_or(Error::UnknownGroup { option, group: g })
+            })
+            .transpose()
+        };
+        let socket_group = group("--socket-group", a.socket_group.or(file.socket_group))?;
+        let control_group = group("--control-group", a.control_group.or(file.control_group))?;
         Ok(DaemonConfig {
             engine: EngineConfig {
                 memory_limit,
@@ -479,6 +503,8 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             device,
             clients,
             control_socket: a.control_socket.or(file.control_socket),
+            socket_group,
+            control_group,
             metrics_listen,
         })
     }
@@ -604,6 +630,15 @@ mod tests {
                 "--metrics-listen",
             ),
             (
+                &[
+                    "--socket-path",
+                    "/x",
+                    "--control-group",
+                    "no-such-group-here",
+                ],
+                "unknown group \"no-such-group-here\" for --control-group",
+            ),
+            (
                 &["--socket-path", "/x", "--config", "/nonexistent.toml"],
                 "cannot read the configuration file",
             ),
@@ -678,6 +713,8 @@ mod tests {
 memory_limit = "2G"
 compressor = "zstd"
 queues = 2
+socket_group = "0"
+control_group = "root"
 [[client]]
 name = "vm1"
 socket = "/run/vm1.sock"
@@ -696,6 +733,7 @@ quota = 1048576
         assert_eq!(c.clients.len(), 2);
         assert_eq!(c.clients[0].config.quota, 512 << 20);
         assert_eq!(c.clients[1].config.quota, 1 << 20);
+        assert_eq!((c.socket_group, c.control_group), (Some(0), Some(0)));
         std::fs::write(&p, "memory_limit = \"2G\"\nbogus = 1\n").unwrap();
         let e = cfg(&["--config", p.to_str().unwrap()]).unwrap_err();
         assert!(e.to_string().contains("invalid configuration file"));

@@ -3,7 +3,7 @@
 //! control socket and the metrics endpoint.
 
 use std::collections::HashSet;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::sync::{mpsc, Arc};
 
 use vhost::vhost_user::Listener;
@@ -12,26 +12,18 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{DaemonConfig, Endpoint};
 use crate::control::{self, Controls};
-use crate::sock::{is_socket, remove_stale_socket};
+use crate::sock::{self, is_socket, Claim};
 use crate::store::{Client, Engine, Tmem};
 use crate::vhu_tmem::{self, DeviceConfig, TmemDevice};
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("client \"{name}\": cannot listen on {path}")]
-    Listen {
-        name: String,
-        path: String,
-        #[source]
-        source: vhost::vhost_user::Error,
-    },
-    #[error("client \"{name}\": cannot use {path}")]
+    #[error("client \"{name}\"")]
     SocketPath {
         name: String,
-        path: String,
         #[source]
-        source: std::io::Error,
+        source: sock::Error,
     },
     #[error("client \"{name}\": fd {fd} is not an open socket")]
     NotASocket { name: String, fd: RawFd },
@@ -55,19 +47,21 @@ pub enum Error {
     Thread(#[source] std::io::Error),
 }
 
-fn listen(name: &str, ep: &Endpoint) -> Result<Listener, Error> {
+/// Listens on a client's endpoint; a path comes with its claim, to be held while it serves.
+fn listen(
+    name: &str,
+    ep: &Endpoint,
+    group: Option<u32>,
+) -> Result<(Listener, Option<Claim>), Error> {
     match ep {
         Endpoint::Path(p) => {
-            remove_stale_socket(p).map_err(|source| Error::SocketPath {
+            let (fd, claim) = sock::bind(p, group).map_err(|source| Error::SocketPath {
                 name: name.to_string(),
-                path: p.display().to_string(),
                 source,
             })?;
-            Listener::new(p, false).map_err(|source| Error::Listen {
-                name: name.to_string(),
-                path: p.display().to_string(),
-                source,
-            })
+            // SAFETY: fd is a listening Unix socket just bound, handed over whole.
+            let l = unsafe { Listener::from_raw_fd(fd.into_raw_fd()) };
+            Ok((l, Some(claim)))
         }
         Endpoint::Fd(fd) => {
             if !is_socket(*fd) {
@@ -78,7 +72,7 @@ fn listen(name: &str, ep: &Endpoint) -> Result<Listener, Error> {
             }
             // SAFETY: the fd is an open socket inherited for this purpose, and the config check
             // made sure no other client takes ownership of the same fd.
-            Ok(unsafe { Listener::from_raw_fd(*fd) })
+            Ok((unsafe { Listener::from_raw_fd(*fd) }, None))
         }
     }
 }
@@ -138,6 +132,8 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
     let engine = Arc::new(Engine::new(cfg.engine.clone()));
     let mut fds = HashSet::new();
     let mut prepared = Vec::new();
+    // Held until the daemon ends, so that no second daemon takes over a live socket.
+    let mut claims = Vec::new();
     // Bind everything first, so that a bad socket fails the start rather than a thread later.
     for spec in &cfg.clients {
         if let Endpoint::Fd(fd) = spec.endpoint {
@@ -145,7 +141,8 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
                 return Err(Error::SharedFd(fd));
             }
         }
-        let listener = listen(&spec.config.name, &spec.endpoint)?;
+        let (listener, claim) = listen(&spec.config.name, &spec.endpoint, cfg.socket_group)?;
+        claims.extend(claim);
         let client = engine.add_client(spec.config.clone());
         prepared.push((client, listener));
     }
@@ -153,7 +150,7 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
         Controls {
             engine: engine.clone(),
         }
-        .serve(path)?;
+        .serve(path, cfg.control_group)?;
         tracing::info!(path = %path.display(), "control socket ready");
     }
     if let Some(addr) = cfg.metrics_listen {
@@ -180,8 +177,10 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
         "vhost-tmem serving"
     );
     drop(tx);
-    match rx.recv() {
+    let r = match rx.recv() {
         Ok(r) => r,
         Err(_) => Ok(()),
-    }
+    };
+    drop(claims);
+    r
 }

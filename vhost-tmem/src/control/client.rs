@@ -15,12 +15,20 @@ pub fn request(path: &Path, req: &Request) -> Result<Response, Error> {
         source,
     })?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
     let mut line = serde_json::to_string(req).map_err(io::Error::other)?;
     line.push('\n');
-    s.write_all(line.as_bytes())?;
-    s.shutdown(std::net::Shutdown::Write)?;
+    // A daemon that refuses the connection answers and closes at once: read its answer even
+    // if sending the request failed.
+    let sent = s
+        .write_all(line.as_bytes())
+        .and_then(|()| s.shutdown(std::net::Shutdown::Write));
     let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer)?;
+    let read = BufReader::new(s).read_line(&mut answer);
+    if answer.is_empty() {
+        sent?;
+        read?;
+    }
     let resp: Response = serde_json::from_str(&answer).map_err(Error::BadAnswer)?;
     if !resp.ok {
         return Err(Error::Refused(resp.error.unwrap_or_default()));

@@ -6,6 +6,7 @@
 //! `prometheus.rs` renders the same statistics for Prometheus.
 
 mod client;
+mod conn;
 mod prometheus;
 mod server;
 
@@ -23,16 +24,13 @@ use crate::store::{check_memory_limit, check_weight, parse_uuid, Engine};
 
 pub use client::request;
 pub use prometheus::{prometheus, serve_metrics};
+pub use server::Access;
 
 /// Errors of the control interface.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot listen on the control socket {path}")]
-    Bind {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("control socket")]
+    Socket(#[from] crate::sock::Error),
     #[error("cannot listen for metrics on {addr}")]
     BindMetrics {
         addr: SocketAddr,
