@@ -794,3 +794,125 @@ fn command_line_errors_exit_1_with_a_message() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["type"], "tmem");
 }
+
+/// CPU time (seconds) all threads of process `pid` have used so far, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut ticks = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        // A thread may end between listing and reading: it then counts nothing.
+        let Ok(stat) = std::fs::read_to_string(t.unwrap().path().join("stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        ticks += f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    }
+    ticks as f64 / hz
+}
+
+/// Waits (at most 5 s) until the daemon reports client `name` disconnected.
+fn await_disconnect(d: &Daemon, name: &str) -> bool {
+    for _ in 0..500 {
+        if d.client_stats(name).unwrap()["connected"] == false {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// A hostile guest puts a request queue in a state no driver can be in (an available index
+/// more than a queue ahead, then a head index past the queue): that queue breaks, the control
+/// queue served by the same worker thread still answers, the daemon does not spin, the
+/// disconnect completes and the guest can connect again and work; a second guest verifies its
+/// pages all along.
+#[test]
+fn hostile_ring_states_break_only_their_queue() {
+    let d = Arc::new(
+        Daemon::start(&[
+            "--client",
+            "name=a,socket={dir}/a.sock",
+            "--client",
+            "name=b,socket={dir}/b.sock",
+        ])
+        .unwrap(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    // b pauses while the daemon's CPU time is measured, so that only a's effect is seen.
+    let pause = Arc::new(AtomicBool::new(false));
+    let paused = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (d, stop, pause, paused) = (d.clone(), stop.clone(), pause.clone(), paused.clone());
+        std::thread::spawn(move || {
+            let mut g = connect(&d, "b.sock");
+            let pool = g.create_pool(true, None).unwrap();
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) || round < 2 {
+                if pause.load(Ordering::Relaxed) {
+                    paused.store(true, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                paused.store(false, Ordering::Relaxed);
+                let (hits, _) =
+                    put_get_verify(&mut g, 0, pool, [round, 0, 0], round * 1_000, 100, true);
+                assert_eq!(hits, 100);
+                round += 1;
+            }
+            round
+        })
+    };
+    let opts = GuestOptions {
+        timeout: Duration::from_secs(5),
+        ..GuestOptions::default()
+    };
+    for attack in ["avail index far ahead", "head index past the queue"] {
+        let mut g = Guest::connect(d.path("a.sock"), opts.clone()).unwrap();
+        let pool = g.create_pool(true, None).unwrap();
+        g.put(pool, [1, 0, 0], 0, &pages::page(1)).unwrap();
+        let size = g.queue_size(1).unwrap();
+        if attack.starts_with("avail") {
+            let idx = g.avail_idx(1).unwrap().wrapping_add(size + 7);
+            g.hostile_set_avail_idx(1, idx).unwrap();
+        } else {
+            g.hostile_publish_heads(1, &[size + 5]).unwrap();
+        }
+        // The control queue shares the worker thread with the broken queue.
+        g.create_pool(false, None)
+            .unwrap_or_else(|e| panic!("{attack}: the control queue stopped answering: {e}"));
+        pause.store(true, Ordering::Relaxed);
+        while !paused.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let before = cpu_seconds(d.pid());
+        std::thread::sleep(Duration::from_millis(500));
+        let busy = cpu_seconds(d.pid()) - before;
+        pause.store(false, Ordering::Relaxed);
+        eprintln!("{attack}: daemon CPU {busy:.3} s in 0.5 s after the attack");
+        // A spinning worker takes nearly all of the 0.5 s; an idle daemon next to nothing.
+        assert!(
+            busy < 0.05,
+            "{attack}: the daemon used {busy:.2} s of CPU in 0.5 s idle"
+        );
+        drop(g);
+        let t = std::time::Instant::now();
+        assert!(
+            await_disconnect(&d, "a"),
+            "{attack}: the disconnect did not complete"
+        );
+        eprintln!("{attack}: disconnect seen after {:?}", t.elapsed());
+        let mut g = connect(&d, "a.sock");
+        let pool = g.create_pool(true, None).unwrap();
+        let (hits, _) = put_get_verify(&mut g, 0, pool, [2, 0, 0], 500, 100, true);
+        assert_eq!(hits, 100, "{attack}: the reconnected guest does not work");
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(worker.join().unwrap() >= 2);
+    // Logged once per attack.
+    let log = d.log();
+    assert_eq!(log.matches("queue needs reset").count(), 2, "{log}");
+}
