@@ -16,6 +16,7 @@
 //! serving its other queues and never spins on it.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,7 +27,7 @@ use shared_proto::{
     ReqHeader, RespHeader, Status, MAX_BATCH, MAX_REQUEST_QUEUES, PAGE_SHIFT, PAGE_SIZE,
 };
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -80,6 +81,9 @@ pub enum Error {
     /// Signalling the guest failed.
     #[error("cannot signal the used queue")]
     Signal(#[source] io::Error),
+    /// The workers were told to exit (not a failure: it ends their event loops).
+    #[error("worker stopped")]
+    Stopped,
 }
 
 impl From<Error> for io::Error {
@@ -305,6 +309,27 @@ impl<S: Tmem> TmemDevice<S> {
             log: LogLimiter::default(),
             name: name.to_string(),
         })
+    }
+
+    /// The epoll token of the exit event: past the queues' and the crate's own (which
+    /// `register_listener` reserves).
+    fn exit_token(&self) -> u64 {
+        self.num_queues() as u64 + 1
+    }
+
+    /// Registers the device's exit event with each worker thread's event loop, so that
+    /// [`TmemDevice::stop_workers`] ends them. Must be called for every handler before the
+    /// daemon that owns them is dropped, or dropping it waits forever for its threads.
+    ///
+    /// This replaces [`VhostUserBackend::exit_event`]: vhost-user-backend 0.24 takes the event
+    /// consumer that method returns with `into_raw_fd()` and never closes it, one descriptor
+    /// per worker thread per connection (docs/upstream/vhost-user-backend-exit-event-leak.md).
+    /// Registered here, the one eventfd stays owned by the device and is closed with it.
+    pub fn register_exit(&self, handlers: &[Arc<VringEpollHandler<Arc<Self>>>]) -> io::Result<()> {
+        for h in handlers {
+            h.register_listener(self.exit.0.as_raw_fd(), EventSet::IN, self.exit_token())?;
+        }
+        Ok(())
     }
 
     /// Wakes every worker thread so that it exits.
@@ -825,7 +850,8 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
+        // Not through the crate, which leaks the consumer: see `register_exit`.
+        None
     }
 
     fn handle_event(
@@ -835,6 +861,11 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
         vrings: &[Self::Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        if u64::from(device_event) == self.exit_token() {
+            // An error is the one way a backend can end the crate's event loop; the event is
+            // level-triggered and left unconsumed, so every worker thread sees it.
+            return Err(Error::Stopped.into());
+        }
         if evset != EventSet::IN {
             return Err(Error::UnexpectedEvent(evset, device_event).into());
         }
