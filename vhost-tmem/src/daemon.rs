@@ -3,8 +3,11 @@
 //! control socket and the metrics endpoint.
 
 use std::collections::HashSet;
+use std::convert::Infallible;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
-use std::sync::{mpsc, Arc};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
@@ -45,6 +48,12 @@ pub enum Error {
     },
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
+    #[error("client \"{name}\": cannot register the worker exit event")]
+    ExitEvent {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Listens on a client's endpoint; a path comes with its claim, to be held while it serves.
@@ -77,43 +86,83 @@ fn listen(
     }
 }
 
-/// Serves one client's socket: one frontend at a time, accepting the next when it leaves.
-fn serve_client(
-    engine: Arc<Engine>,
-    client: Arc<Client>,
-    mut listener: Listener,
-    dev_cfg: DeviceConfig,
-) -> Result<(), Error> {
-    let name = client.name().to_string();
-    loop {
-        // Anything a previous connection's stragglers created is gone before the next starts.
-        engine.reset_client(&client);
+type Device = TmemDevice<Engine>;
+
+/// One connection's device and vhost-user daemon, built before the frontend is accepted.
+/// Dropping it stops the device's worker threads before the daemon joins them.
+struct Connection {
+    daemon: VhostUserDaemon<Arc<Device>>,
+    dev: Arc<Device>,
+}
+
+impl Connection {
+    fn new(
+        engine: &Arc<Engine>,
+        client: &Arc<Client>,
+        name: &str,
+        dev_cfg: DeviceConfig,
+    ) -> Result<Connection, Error> {
         let dev =
-            TmemDevice::new(engine.clone(), client.clone(), &name, dev_cfg).map_err(|source| {
+            TmemDevice::new(engine.clone(), client.clone(), name, dev_cfg).map_err(|source| {
                 Error::Device {
-                    name: name.clone(),
+                    name: name.to_string(),
                     source,
                 }
             })?;
         let dev = Arc::new(dev);
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon =
-            VhostUserDaemon::new(name.clone(), dev.clone(), mem).map_err(|source| {
-                Error::Daemon {
-                    name: name.clone(),
-                    cause: source,
-                }
-            })?;
-        daemon.start(&mut listener).map_err(|cause| Error::Daemon {
+        let daemon = VhostUserDaemon::new(name.to_string(), dev.clone(), mem).map_err(|cause| {
+            Error::Daemon {
+                name: name.to_string(),
+                cause,
+            }
+        })?;
+        if let Err(source) = dev.register_exit(&daemon.get_epoll_handlers()) {
+            // Some worker threads could not be told how to exit, and dropping the daemon
+            // would wait for them forever: leave them (and this connection's resources)
+            // behind rather than hang this client.
+            std::mem::forget(daemon);
+            return Err(Error::ExitEvent {
+                name: name.to_string(),
+                source,
+            });
+        }
+        Ok(Connection { daemon, dev })
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // Before the fields drop: the daemon's drop joins the worker threads.
+        self.dev.stop_workers();
+    }
+}
+
+/// Serves one client's socket: one frontend at a time, accepting the next when it leaves.
+/// Returns only on an error (the caller restarts it).
+fn serve_client(
+    engine: &Arc<Engine>,
+    client: &Arc<Client>,
+    listener: &mut Listener,
+    dev_cfg: DeviceConfig,
+    served: &mut bool,
+) -> Result<Infallible, Error> {
+    let name = client.name().to_string();
+    loop {
+        // Anything a previous connection's stragglers created is gone before the next starts.
+        engine.reset_client(client);
+        let mut conn = Connection::new(engine, client, &name, dev_cfg)?;
+        conn.daemon.start(listener).map_err(|cause| Error::Daemon {
             name: name.clone(),
             cause,
         })?;
+        *served = true;
         client.set_connected(true);
         tracing::info!(client = %name, "frontend connected");
-        let result = daemon.wait();
-        dev.stop_workers();
+        let result = conn.daemon.wait();
+        drop(conn);
         client.set_connected(false);
-        engine.reset_client(&client);
+        engine.reset_client(client);
         use vhost::vhost_user::Error as VuError;
         match result {
             // wait() reports a peer that closed the socket as an error; it is the normal end.
@@ -127,7 +176,61 @@ fn serve_client(
     }
 }
 
-/// Runs the daemon until a client's serving thread fails.
+/// First wait before a failed client thread is started again; doubled per failure in a row.
+const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Longest wait between restarts (a client that keeps failing logs at most this often).
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Serves a client for as long as the daemon runs. A serving thread that fails (an error,
+/// e.g. no file descriptor left to accept with, or a panic) is logged and started again after
+/// a backoff; nothing of it reaches the other clients.
+fn supervise(
+    engine: Arc<Engine>,
+    client: Arc<Client>,
+    mut listener: Listener,
+    dev_cfg: DeviceConfig,
+) {
+    let name = client.name().to_string();
+    let mut backoff = RESTART_BACKOFF_MIN;
+    loop {
+        let mut served = false;
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            serve_client(&engine, &client, &mut listener, dev_cfg, &mut served)
+        }));
+        client.set_connected(false);
+        engine.reset_client(&client);
+        let why = match outcome {
+            Ok(Ok(never)) => match never {},
+            Ok(Err(e)) => error_chain(&e),
+            Err(panic) => panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".into()),
+        };
+        if served {
+            // It served a connection since the last failure: not failing in a row.
+            backoff = RESTART_BACKOFF_MIN;
+        }
+        tracing::error!(client = %name, "serving thread failed, restarting in {backoff:?}: {why}");
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+    }
+}
+
+/// An error with its sources, for one log line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(e) = source {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        source = e.source();
+    }
+    s
+}
+
+/// Runs the daemon; returns only if it cannot be set up (client threads restart themselves).
 pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
     let engine = Arc::new(Engine::new(cfg.engine.clone()));
     let mut fds = HashSet::new();
@@ -157,17 +260,15 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
         control::serve_metrics(engine.clone(), addr)?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
     }
-    let (tx, rx) = mpsc::channel();
+    let mut threads = Vec::new();
     for (client, listener) in prepared {
-        let (engine, tx) = (engine.clone(), tx.clone());
+        let engine = engine.clone();
         let name = client.name().to_string();
-        std::thread::Builder::new()
+        let t = std::thread::Builder::new()
             .name(format!("client-{name}"))
-            .spawn(move || {
-                let r = serve_client(engine, client, listener, cfg.device);
-                let _ = tx.send(r);
-            })
+            .spawn(move || supervise(engine, client, listener, cfg.device))
             .map_err(Error::Thread)?;
+        threads.push(t);
     }
     tracing::info!(
         clients = cfg.clients.len(),
@@ -176,11 +277,9 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
         queues = cfg.device.request_queues,
         "vhost-tmem serving"
     );
-    drop(tx);
-    let r = match rx.recv() {
-        Ok(r) => r,
-        Err(_) => Ok(()),
-    };
+    for t in threads {
+        let _ = t.join();
+    }
     drop(claims);
-    r
+    Ok(())
 }

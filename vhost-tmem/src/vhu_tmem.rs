@@ -8,9 +8,15 @@
 //! A page split across descriptors or regions goes through the worker's bounce buffer.
 //!
 //! Everything here treats the guest as hostile: any malformed chain gets an INVALID status when
-//! there is room to write one, or is returned unused with a rate-limited log line.
+//! there is room to write one, or is returned unused with a rate-limited log line. A ring in a
+//! state no driver can produce (rings outside guest memory, an available index more than a
+//! queue ahead, a head index past the queue) breaks that queue: it is no longer served, with
+//! one rate-limited log line, until the frontend restarts or reconfigures the ring (virtio's
+//! DEVICE_NEEDS_RESET, which a vhost-user backend cannot signal). Its worker thread goes on
+//! serving its other queues and never spins on it.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -21,12 +27,12 @@ use shared_proto::{
     ReqHeader, RespHeader, Status, MAX_BATCH, MAX_REQUEST_QUEUES, PAGE_SHIFT, PAGE_SIZE,
 };
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
@@ -75,6 +81,9 @@ pub enum Error {
     /// Signalling the guest failed.
     #[error("cannot signal the used queue")]
     Signal(#[source] io::Error),
+    /// The workers were told to exit (not a failure: it ends their event loops).
+    #[error("worker stopped")]
+    Stopped,
 }
 
 impl From<Error> for io::Error {
@@ -161,12 +170,75 @@ fn prefetch(mem: &Mem, addr: u64) {
     let _ = (mem, addr);
 }
 
+/// A short name for a virtqueue error, for the log.
+fn queue_error(e: &virtio_queue::Error) -> &'static str {
+    match e {
+        virtio_queue::Error::InvalidAvailRingIndex => "available index more than a queue ahead",
+        virtio_queue::Error::QueueNotReady => "queue not ready or available ring at address 0",
+        _ => "available ring unreadable",
+    }
+}
+
 /// A worker thread's state: the store's per-worker state, a bounce page and the parsed chains
 /// of the current burst (allocated once).
 struct WorkerState<W> {
     store: W,
     bounce: Box<[u8; PAGE_SIZE]>,
     chains: Vec<Result<Chain, (u16, ChainError)>>,
+}
+
+/// Why a queue is broken: a ring state that no correct driver produces.
+#[derive(Clone, Copy, Debug)]
+enum Broken {
+    /// The descriptor table, available or used ring is not (wholly) in guest memory.
+    RingsOutsideMemory,
+    /// The available ring cannot be iterated (an index more than a queue size ahead).
+    AvailRing(&'static str),
+    /// An available entry names a descriptor past the end of the table.
+    HeadOutOfRange(u16),
+    /// Returning a chain to the used ring failed.
+    UsedRing,
+    /// Notification suppression fields could not be accessed.
+    Notification,
+    /// The available index said there was work, twice in a row, with nothing to take.
+    NoProgress,
+}
+
+impl std::fmt::Display for Broken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Broken::RingsOutsideMemory => f.write_str("rings not in guest memory"),
+            Broken::AvailRing(why) => f.write_str(why),
+            Broken::HeadOutOfRange(h) => write!(f, "head index {h} past the queue"),
+            Broken::UsedRing => f.write_str("used ring not writable"),
+            Broken::Notification => f.write_str("notification fields not accessible"),
+            Broken::NoProgress => f.write_str("available index moves without chains"),
+        }
+    }
+}
+
+/// What one pass over a queue found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    /// At least one chain was served.
+    Served,
+    /// Nothing available.
+    Empty,
+    /// The ring is not ready (being stopped or set up by the frontend): do not touch it.
+    Stopped,
+}
+
+/// The setup of a ring as the frontend gave it, recorded when the queue broke: the queue stays
+/// broken while this is unchanged (a driver repairing its ring in place is no reset), and any
+/// SET_VRING_NUM/ADDR/BASE or new memory table that changes it lets the queue be tried again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RingSetup {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    size: u16,
+    next_avail: u16,
+    mem_generation: u64,
 }
 
 /// The device, one per connected client.
@@ -182,6 +254,10 @@ pub struct TmemDevice<S: Tmem> {
     exit: (EventConsumer, EventNotifier),
     /// Queues served by each worker thread, as bit masks (computed once).
     thread_masks: Vec<u64>,
+    /// Per queue: the ring setup it broke in, while it is broken.
+    broken: Vec<Mutex<Option<RingSetup>>>,
+    /// Bumped by every new memory table.
+    mem_generation: AtomicU64,
     log: LogLimiter,
     name: String,
 }
@@ -228,9 +304,32 @@ impl<S: Tmem> TmemDevice<S> {
             workers,
             exit,
             thread_masks: thread_masks(cfg.request_queues),
+            broken: (0..=cfg.request_queues).map(|_| Mutex::new(None)).collect(),
+            mem_generation: AtomicU64::new(0),
             log: LogLimiter::default(),
             name: name.to_string(),
         })
+    }
+
+    /// The epoll token of the exit event: past the queues' and the crate's own (which
+    /// `register_listener` reserves).
+    fn exit_token(&self) -> u64 {
+        self.num_queues() as u64 + 1
+    }
+
+    /// Registers the device's exit event with each worker thread's event loop, so that
+    /// [`TmemDevice::stop_workers`] ends them. Must be called for every handler before the
+    /// daemon that owns them is dropped, or dropping it waits forever for its threads.
+    ///
+    /// This replaces [`VhostUserBackend::exit_event`]: vhost-user-backend 0.24 takes the event
+    /// consumer that method returns with `into_raw_fd()` and never closes it, one descriptor
+    /// per worker thread per connection (docs/upstream/vhost-user-backend-exit-event-leak.md).
+    /// Registered here, the one eventfd stays owned by the device and is closed with it.
+    pub fn register_exit(&self, handlers: &[Arc<VringEpollHandler<Arc<Self>>>]) -> io::Result<()> {
+        for h in handlers {
+            h.register_listener(self.exit.0.as_raw_fd(), EventSet::IN, self.exit_token())?;
+        }
+        Ok(())
     }
 
     /// Wakes every worker thread so that it exits.
@@ -262,7 +361,59 @@ impl<S: Tmem> TmemDevice<S> {
         }
     }
 
-    /// Serves every available chain of one queue; returns whether any was used.
+    /// Marks queue `index` broken in the ring setup `q`; called with the vring's lock held, so
+    /// that a GET_VRING_BASE (which takes that lock before it calls `stop_vring`) cannot clear
+    /// the mark before it is made.
+    fn mark_broken(&self, index: u16, q: &Queue, why: Broken) {
+        let setup = RingSetup {
+            desc: q.desc_table(),
+            avail: q.avail_ring(),
+            used: q.used_ring(),
+            size: q.size(),
+            next_avail: q.next_avail(),
+            mem_generation: self.mem_generation.load(Relaxed),
+        };
+        if let Some(b) = self.broken.get(index as usize) {
+            *b.lock() = Some(setup);
+        }
+        if let Some(suppressed) = self.log.allow() {
+            tracing::warn!(
+                client = %self.name,
+                queue = index,
+                suppressed,
+                "queue needs reset, not served until the frontend restarts it: {why}"
+            );
+        }
+    }
+
+    /// Whether queue `index` is broken in its current setup; forgets a mark made in another.
+    fn is_broken(&self, index: u16, vring: &VringRwLock<GuestMemoryAtomic<Mem>>) -> bool {
+        let Some(b) = self.broken.get(index as usize) else {
+            return false;
+        };
+        let mut b = b.lock();
+        let Some(setup) = *b else {
+            return false;
+        };
+        let state = vring.get_ref();
+        let q = state.get_queue();
+        let now = RingSetup {
+            desc: q.desc_table(),
+            avail: q.avail_ring(),
+            used: q.used_ring(),
+            size: q.size(),
+            next_avail: q.next_avail(),
+            mem_generation: self.mem_generation.load(Relaxed),
+        };
+        if now == setup {
+            return true;
+        }
+        *b = None;
+        tracing::info!(client = %self.name, queue = index, "queue reconfigured, serving it again");
+        false
+    }
+
+    /// Serves every available chain of one queue.
     ///
     /// The vring's lock is taken once per burst, not twice per request (only this thread
     /// serves the queue; the frontend's ring messages wait at most one burst), and chains
@@ -275,35 +426,51 @@ impl<S: Tmem> TmemDevice<S> {
     /// served, so the misses overlap instead of adding up. Each chain is still returned to the
     /// used ring as soon as it is served. The driver owns none of these buffers until they are
     /// used, so reading them early reads what it made available.
+    ///
+    /// A ring in an impossible state is marked broken (see [`Broken`]) and `Err` returned;
+    /// the chains taken before the bad entry are still served.
     fn process_queue(
         &self,
         vring: &VringRwLock<GuestMemoryAtomic<Mem>>,
+        index: u16,
         control: bool,
         w: &mut WorkerState<S::Worker>,
-    ) -> Result<bool, Error> {
+    ) -> Result<Pass, Broken> {
         let mem = self.mem.read().memory();
         let mut chains = std::mem::take(&mut w.chains);
-        let mut used_any = false;
-        loop {
+        let mut pass = Pass::Empty;
+        let result = loop {
             let mut state = vring.get_mut();
             let queue = state.get_queue_mut();
+            if !queue.ready() {
+                break Ok(Pass::Stopped);
+            }
+            // Every ring access below stays inside these ranges, so once they hold each entry
+            // the available index announces can be taken: no pass finds work and takes none.
+            if !queue.is_valid(&*mem) {
+                self.mark_broken(index, queue, Broken::RingsOutsideMemory);
+                break Err(Broken::RingsOutsideMemory);
+            }
             let desc_table = queue.desc_table();
+            let size = queue.size();
             let mut raw: [Option<DescriptorChain<&Mem>>; BURST] = Default::default();
             let mut n = 0;
+            let mut bad = None;
             match queue.iter(&*mem) {
                 Ok(iter) => {
                     // `raw` first: zip stops when it runs out without taking a chain from
                     // the ring that it would then drop.
                     for (slot, c) in raw.iter_mut().zip(iter) {
+                        if c.head_index() >= size {
+                            bad = Some(Broken::HeadOutOfRange(c.head_index()));
+                            break;
+                        }
                         prefetch(&mem, desc_table.wrapping_add(16 * c.head_index() as u64));
                         *slot = Some(c);
                         n += 1;
                     }
                 }
-                Err(e) => self.warn(format_args!("cannot read the available ring: {e}")),
-            }
-            if n == 0 {
-                break;
+                Err(e) => bad = Some(Broken::AvailRing(queue_error(&e))),
             }
             chains.clear();
             chains.extend(raw[..n].iter_mut().filter_map(Option::take).map(|c| {
@@ -321,15 +488,22 @@ impl<S: Tmem> TmemDevice<S> {
                         (*head, 0)
                     }
                 };
-                if let Err(e) = queue.add_used(&*mem, head, len) {
-                    w.chains = chains;
-                    return Err(Error::Queue(e));
+                if queue.add_used(&*mem, head, len).is_err() {
+                    bad = Some(Broken::UsedRing);
+                    break;
                 }
-                used_any = true;
+                pass = Pass::Served;
             }
-        }
+            if let Some(why) = bad {
+                self.mark_broken(index, queue, why);
+                break Err(why);
+            }
+            if n == 0 {
+                break Ok(pass);
+            }
+        };
         w.chains = chains;
-        Ok(used_any)
+        result
     }
 
     /// Serves one chain; returns the used length.
@@ -666,6 +840,8 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
     fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
         // The handler passes the atomic it shares with the vrings; keep a handle to it.
         *self.mem.write() = mem;
+        // Rings that were outside the old memory may be inside the new one.
+        self.mem_generation.fetch_add(1, Relaxed);
         Ok(())
     }
 
@@ -674,7 +850,8 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
+        // Not through the crate, which leaks the consumer: see `register_exit`.
+        None
     }
 
     fn handle_event(
@@ -684,6 +861,11 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
         vrings: &[Self::Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        if u64::from(device_event) == self.exit_token() {
+            // An error is the one way a backend can end the crate's event loop; the event is
+            // level-triggered and left unconsumed, so every worker thread sees it.
+            return Err(Error::Stopped.into());
+        }
         if evset != EventSet::IN {
             return Err(Error::UnexpectedEvent(evset, device_event).into());
         }
@@ -694,15 +876,56 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
             .get(device_event as usize)
             .ok_or(Error::UnknownQueue(device_event))?;
         let control = queue == shared_proto::CONTROL_QUEUE;
+        if self.is_broken(queue, vring) {
+            // The kick was consumed; a broken queue waits for its reset without being read.
+            return Ok(());
+        }
         let mut w = self.workers[thread_id].lock();
+        // A broken queue has been marked and logged; the worker goes on serving the others.
+        let _ = self.serve_queue(vring, queue, control, &mut w);
+        Ok(())
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the frontend stops the ring, which resets a broken queue.
+        if let Some(b) = self.broken.get(queue_index as usize) {
+            *b.lock() = None;
+        }
+        Ok(())
+    }
+
+    fn reset_device(&self) {
+        for b in &self.broken {
+            *b.lock() = None;
+        }
+    }
+}
+
+impl<S: Tmem> TmemDevice<S> {
+    /// Serves a queue until it is empty with notifications re-enabled (EVENT_IDX) or for one
+    /// pass (without); `Err` when the queue broke (it is marked and logged).
+    fn serve_queue(
+        &self,
+        vring: &VringRwLock<GuestMemoryAtomic<Mem>>,
+        queue: u16,
+        control: bool,
+        w: &mut WorkerState<S::Worker>,
+    ) -> Result<(), Broken> {
         let event_idx = self.event_idx.load(Relaxed);
+        // Rounds in a row that found nothing although the available index announced work: a
+        // correct driver cannot cause two (see the end of the loop).
+        let mut idle_rounds = 0;
         loop {
             if event_idx {
-                vring.disable_notification().map_err(Error::Queue)?;
+                self.notification(vring, queue, vring.disable_notification())?;
             }
-            let mut used = self.process_queue(vring, control, &mut w)?;
-            if used && vring.needs_notification().map_err(Error::Queue)? {
-                vring.signal_used_queue().map_err(Error::Signal)?;
+            let pass = self.process_queue(vring, queue, control, w)?;
+            if pass == Pass::Stopped {
+                return Ok(());
+            }
+            let mut used = pass == Pass::Served;
+            if used {
+                self.signal(vring, queue)?;
             }
             // After a burst, poll briefly before sleeping: a driver with requests in flight
             // refills the ring within microseconds, and a wakeup costs more than that.
@@ -710,19 +933,65 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
             let mut deadline = Instant::now() + poll;
             while used && !control && !poll.is_zero() {
                 std::hint::spin_loop();
-                if self.process_queue(vring, control, &mut w)? {
-                    if vring.needs_notification().map_err(Error::Queue)? {
-                        vring.signal_used_queue().map_err(Error::Signal)?;
+                match self.process_queue(vring, queue, control, w)? {
+                    Pass::Served => {
+                        self.signal(vring, queue)?;
+                        deadline = Instant::now() + poll;
                     }
-                    deadline = Instant::now() + poll;
-                } else if Instant::now() >= deadline {
-                    used = false;
+                    Pass::Stopped => return Ok(()),
+                    Pass::Empty if Instant::now() >= deadline => used = false,
+                    Pass::Empty => {}
                 }
             }
             // With EVENT_IDX, re-enable notifications and go again if the guest added more
             // meanwhile; without it, one pass is enough (the guest kicks for new work).
-            if !event_idx || !vring.enable_notification().map_err(Error::Queue)? {
-                break;
+            if !event_idx || !self.notification(vring, queue, vring.enable_notification())? {
+                return Ok(());
+            }
+            // More work was announced. If this round took none, the index moved after the
+            // pass read it and the next pass must find the chains (the rings are valid and the
+            // index is at most a queue ahead); finding none again means an index that goes
+            // back and forth, which no driver does: break the queue instead of spinning.
+            idle_rounds = if pass == Pass::Empty {
+                idle_rounds + 1
+            } else {
+                0
+            };
+            if idle_rounds >= 2 {
+                let state = vring.get_ref();
+                self.mark_broken(queue, state.get_queue(), Broken::NoProgress);
+                return Err(Broken::NoProgress);
+            }
+        }
+    }
+
+    /// The result of a notification-suppression access; a failure breaks the queue (the
+    /// rings were checked, so only a ring or memory change since can cause one).
+    fn notification<T>(
+        &self,
+        vring: &VringRwLock<GuestMemoryAtomic<Mem>>,
+        queue: u16,
+        r: Result<T, virtio_queue::Error>,
+    ) -> Result<T, Broken> {
+        r.map_err(|_| {
+            let state = vring.get_ref();
+            if state.get_queue().ready() {
+                self.mark_broken(queue, state.get_queue(), Broken::Notification);
+            }
+            Broken::Notification
+        })
+    }
+
+    /// Signals the guest if it asked for it. A call eventfd that cannot be written is the
+    /// frontend's problem, not the ring's: logged, and serving goes on.
+    fn signal(
+        &self,
+        vring: &VringRwLock<GuestMemoryAtomic<Mem>>,
+        queue: u16,
+    ) -> Result<(), Broken> {
+        if self.notification(vring, queue, vring.needs_notification())? {
+            if let Err(e) = vring.signal_used_queue() {
+                self.warn(format_args!("cannot signal queue {queue}: {e}"));
             }
         }
         Ok(())

@@ -130,6 +130,11 @@ impl Daemon {
         Ok(d)
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The daemon's working directory.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -26,6 +26,7 @@ use shared_proto::{Config, Status};
 
 pub mod daemon;
 mod frontend;
+mod hostile;
 mod ops;
 pub mod pages;
 mod ring;

@@ -113,6 +113,21 @@ impl Ring {
         Ok(())
     }
 
+    /// The index the next published chain gets.
+    pub(crate) fn next_avail(&self) -> u16 {
+        self.next_avail
+    }
+
+    /// Sets the available index to `idx` without writing any entry, and kicks: a hostile
+    /// driver's move (more than a queue ahead is a state no driver can be in).
+    pub(crate) fn force_avail_idx(&mut self, mem: &GuestMemoryMmap, idx: u16) -> Result<()> {
+        fence(Ordering::SeqCst);
+        mem.store(idx.to_le(), GuestAddress(self.avail + 2), Ordering::Release)
+            .map_err(gm)?;
+        self.next_avail = idx;
+        self.kick.write(1).map_err(Error::EventFd)
+    }
+
     /// Takes every used element without waiting; re-arms `used_event` first when nothing is
     /// there, so a completion that lands meanwhile is seen or notified.
     pub(crate) fn collect_used(

@@ -1049,3 +1049,287 @@ fn a_non_loopback_metrics_address_logs_a_warning() {
     }
     assert!(d.log().contains("WARN"), "{}", d.log());
 }
+
+/// CPU time (seconds) all threads of process `pid` have used so far, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut ticks = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        // A thread may end between listing and reading: it then counts nothing.
+        let Ok(stat) = std::fs::read_to_string(t.unwrap().path().join("stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        ticks += f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    }
+    ticks as f64 / hz
+}
+
+/// Waits (at most 5 s) until the daemon reports client `name` disconnected.
+fn await_disconnect(d: &Daemon, name: &str) -> bool {
+    for _ in 0..500 {
+        if d.client_stats(name).unwrap()["connected"] == false {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// A hostile guest puts a request queue in a state no driver can be in (an available index
+/// more than a queue ahead, then a head index past the queue): that queue breaks, the control
+/// queue served by the same worker thread still answers, the daemon does not spin, the
+/// disconnect completes and the guest can connect again and work; a second guest verifies its
+/// pages all along.
+#[test]
+fn hostile_ring_states_break_only_their_queue() {
+    let d = Arc::new(
+        Daemon::start(&[
+            "--client",
+            "name=a,socket={dir}/a.sock",
+            "--client",
+            "name=b,socket={dir}/b.sock",
+        ])
+        .unwrap(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    // b pauses while the daemon's CPU time is measured, so that only a's effect is seen.
+    let pause = Arc::new(AtomicBool::new(false));
+    let paused = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (d, stop, pause, paused) = (d.clone(), stop.clone(), pause.clone(), paused.clone());
+        std::thread::spawn(move || {
+            let mut g = connect(&d, "b.sock");
+            let pool = g.create_pool(true, None).unwrap();
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) || round < 2 {
+                if pause.load(Ordering::Relaxed) {
+                    paused.store(true, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                paused.store(false, Ordering::Relaxed);
+                let (hits, _) =
+                    put_get_verify(&mut g, 0, pool, [round, 0, 0], round * 1_000, 100, true);
+                assert_eq!(hits, 100);
+                round += 1;
+            }
+            round
+        })
+    };
+    let opts = GuestOptions {
+        timeout: Duration::from_secs(5),
+        ..GuestOptions::default()
+    };
+    for attack in ["avail index far ahead", "head index past the queue"] {
+        let mut g = Guest::connect(d.path("a.sock"), opts.clone()).unwrap();
+        let pool = g.create_pool(true, None).unwrap();
+        g.put(pool, [1, 0, 0], 0, &pages::page(1)).unwrap();
+        let size = g.queue_size(1).unwrap();
+        if attack.starts_with("avail") {
+            let idx = g.avail_idx(1).unwrap().wrapping_add(size + 7);
+            g.hostile_set_avail_idx(1, idx).unwrap();
+        } else {
+            g.hostile_publish_heads(1, &[size + 5]).unwrap();
+        }
+        // The control queue shares the worker thread with the broken queue.
+        g.create_pool(false, None)
+            .unwrap_or_else(|e| panic!("{attack}: the control queue stopped answering: {e}"));
+        pause.store(true, Ordering::Relaxed);
+        while !paused.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let before = cpu_seconds(d.pid());
+        std::thread::sleep(Duration::from_millis(500));
+        let busy = cpu_seconds(d.pid()) - before;
+        pause.store(false, Ordering::Relaxed);
+        eprintln!("{attack}: daemon CPU {busy:.3} s in 0.5 s after the attack");
+        // A spinning worker takes nearly all of the 0.5 s; an idle daemon next to nothing.
+        assert!(
+            busy < 0.05,
+            "{attack}: the daemon used {busy:.2} s of CPU in 0.5 s idle"
+        );
+        drop(g);
+        let t = std::time::Instant::now();
+        assert!(
+            await_disconnect(&d, "a"),
+            "{attack}: the disconnect did not complete"
+        );
+        eprintln!("{attack}: disconnect seen after {:?}", t.elapsed());
+        let mut g = connect(&d, "a.sock");
+        let pool = g.create_pool(true, None).unwrap();
+        let (hits, _) = put_get_verify(&mut g, 0, pool, [2, 0, 0], 500, 100, true);
+        assert_eq!(hits, 100, "{attack}: the reconnected guest does not work");
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(worker.join().unwrap() >= 2);
+    // Logged once per attack.
+    let log = d.log();
+    assert_eq!(log.matches("queue needs reset").count(), 2, "{log}");
+}
+
+/// Open file descriptors of process `pid`.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// A frontend that connects and completes one request/reply exchange (SET_OWNER, then
+/// GET_FEATURES): when it returns, the daemon has accepted it and built its device.
+fn handshake(d: &Daemon, sock: &str) -> vhost::vhost_user::Frontend {
+    use vhost::VhostBackend;
+    let f = vhost::vhost_user::Frontend::connect(d.path(sock), 2).unwrap();
+    f.set_owner().unwrap();
+    f.get_features().unwrap();
+    f
+}
+
+/// Every connection's resources go with it: 10,000 connect/handshake/disconnect cycles (on 4
+/// clients at once, 2,500 each, to keep the test short) leave the daemon's open file
+/// descriptors exactly as they were after the first few (a leak of even one descriptor per
+/// connection shows as thousands).
+#[test]
+fn reconnects_leak_no_file_descriptors() {
+    const CLIENTS: usize = 4;
+    const CYCLES: usize = 2_500;
+    let args: Vec<String> = (0..CLIENTS)
+        .flat_map(|i| {
+            [
+                "--client".into(),
+                format!("name=c{i},socket={{dir}}/c{i}.sock"),
+            ]
+        })
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = Arc::new(Daemon::start(&args).unwrap());
+    // Both counts are taken while every client has a connection up, so they see one state.
+    let barrier = Arc::new(std::sync::Barrier::new(CLIENTS + 1));
+    let t = std::time::Instant::now();
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (d, barrier) = (d.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let sock = format!("c{i}.sock");
+                for cycle in 0..CYCLES {
+                    let f = handshake(&d, &sock);
+                    if cycle == 10 || cycle == CYCLES - 1 {
+                        barrier.wait();
+                        barrier.wait();
+                    }
+                    drop(f);
+                }
+            })
+        })
+        .collect();
+    barrier.wait();
+    let early = fd_count(d.pid());
+    barrier.wait();
+    barrier.wait();
+    let late = fd_count(d.pid());
+    barrier.wait();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let n = CLIENTS * CYCLES;
+    eprintln!("{n} reconnects in {:?}: {early} -> {late} fds", t.elapsed());
+    assert_eq!(late, early, "file descriptors leaked over {n} reconnects");
+}
+
+/// Sets the soft RLIMIT_NOFILE of process `pid`; returns the previous soft limit.
+fn set_fd_limit(pid: u32, soft: u64) -> u64 {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `old` is a valid rlimit to write into; no new limit is passed.
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: `new` is a valid rlimit to read; no old limit is asked for.
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    old.rlim_cur
+}
+
+/// One client's serving thread fails (its accept, or the device it builds, finds no free file
+/// descriptor: the test lowers the daemon's RLIMIT_NOFILE to the lowest free descriptor, as a
+/// leak would). The failure is logged and the thread restarted with a backoff; another client
+/// keeps putting and getting meanwhile, and the failed client connects once descriptors are
+/// free again, and again after a disconnect.
+#[test]
+fn a_failing_client_thread_is_restarted() {
+    let d = Daemon::start(&[
+        "--client",
+        "name=a,socket={dir}/a.sock",
+        "--client",
+        "name=b,socket={dir}/b.sock",
+    ])
+    .unwrap();
+    let mut a = connect(&d, "a.sock");
+    let pool = a.create_pool(true, None).unwrap();
+    put_get_verify(&mut a, 0, pool, [1, 0, 0], 0, 100, true);
+    let pid = d.pid();
+    let open: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect();
+    let lowest_free = (0..).find(|n| !open.contains(n)).unwrap();
+    let old = set_fd_limit(pid, lowest_free);
+    // b's connection waits in the listen backlog while the daemon cannot accept it.
+    let b = {
+        let path = d.path("b.sock");
+        std::thread::spawn(move || Guest::connect(path, GuestOptions::default()))
+    };
+    let mut failed = false;
+    for _ in 0..1000 {
+        if d.log().contains("serving thread failed") {
+            failed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // a is untouched by b's failure.
+    let (hits, _) = put_get_verify(&mut a, 0, pool, [2, 0, 0], 1_000, 100, true);
+    assert_eq!(hits, 100);
+    set_fd_limit(pid, old);
+    assert!(failed, "b's serving thread did not fail:\n{}", d.log());
+    // b's waiting connection was either accepted by the failing thread and closed (then b
+    // connects again) or is accepted by the restarted one.
+    let mut b = match b.join().unwrap() {
+        Ok(b) => b,
+        Err(_) => connect(&d, "b.sock"),
+    };
+    let bp = b.create_pool(true, None).unwrap();
+    let (hits, _) = put_get_verify(&mut b, 0, bp, [3, 0, 0], 2_000, 100, true);
+    assert_eq!(hits, 100);
+    drop(b);
+    assert!(await_disconnect(&d, "b"));
+    let mut b = connect(&d, "b.sock");
+    let bp = b.create_pool(true, None).unwrap();
+    let (hits, _) = put_get_verify(&mut b, 0, bp, [4, 0, 0], 3_000, 100, true);
+    assert_eq!(hits, 100);
+    let (hits, _) = put_get_verify(&mut a, 0, pool, [5, 0, 0], 4_000, 100, true);
+    assert_eq!(hits, 100);
+}

@@ -1,0 +1,44 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! What a hostile driver can do to its rings that a correct one never does, for the isolation
+//! tests: the device must survive each with only that queue lost.
+
+use crate::{Error, Guest, Result};
+
+impl Guest {
+    /// The available index the driver of queue `q` (0: control, 1..: request queues) has
+    /// published so far.
+    pub fn avail_idx(&self, q: usize) -> Result<u16> {
+        self.rings
+            .get(q)
+            .map(|r| r.next_avail())
+            .ok_or(Error::Invalid("no such queue"))
+    }
+
+    /// The size of queue `q`.
+    pub fn queue_size(&self, q: usize) -> Result<u16> {
+        self.rings
+            .get(q)
+            .map(|r| r.size())
+            .ok_or(Error::Invalid("no such queue"))
+    }
+
+    /// Sets queue `q`'s available index to `idx` without publishing any entry, and kicks.
+    /// No request may be in flight on `q` afterwards.
+    pub fn hostile_set_avail_idx(&mut self, q: usize, idx: u16) -> Result<()> {
+        let ring = self
+            .rings
+            .get_mut(q)
+            .ok_or(Error::Invalid("no such queue"))?;
+        ring.force_avail_idx(&self.vmm.mem, idx)
+    }
+
+    /// Publishes `heads` on queue `q` as they are (e.g. indexes past the descriptor table),
+    /// and kicks if the device asked for it.
+    pub fn hostile_publish_heads(&mut self, q: usize, heads: &[u16]) -> Result<()> {
+        let ring = self
+            .rings
+            .get_mut(q)
+            .ok_or(Error::Invalid("no such queue"))?;
+        ring.publish(&self.vmm.mem, heads)
+    }
+}
