@@ -3,13 +3,15 @@
 //! reservation does not fit.
 //!
 //! Every byte is charged to the pool's account (the client's, or the shared pool's own) and to
-//! the global total: a page's payload (rounded to the allocator's 16-byte granule) and slot
+//! the global total: a page's payload (rounded to its arena size class) and slot
 //! capacity, a run's map entry and, for ephemeral pools, its LRU records. A put reserves the
 //! most it can cost before taking the shard lock and gives back what it did not use, so usage
 //! never passes the limit. A put that would exceed the client's quota or the global limit first
 //! evicts ephemeral pages: from its own account when over quota, otherwise from the account
 //! that uses the most memory relative to its weight. If nothing can be evicted the put fails
-//! with `NoSpace`; persistent pages are never evicted.
+//! with `NoSpace`; persistent pages are never evicted. The payload arena's overhead (free
+//! slots in partly used chunks) counts against the global limit too, so that the limit bounds
+//! resident memory (docs/operations.md).
 //!
 //! Eviction order is LRU of runs within a shard and round-robin across an account's pools and
 //! shards: an approximation of Xen's global LRU that needs no global list. A run is evicted
@@ -21,6 +23,7 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::RwLock;
 
+use super::arena::Arena;
 use super::layout::{remove_run, Account, Pool, SHARDS};
 use super::{Error, Result};
 
@@ -35,6 +38,8 @@ pub(super) struct Budget {
     used: AtomicU64,
     limit: AtomicU64,
     accounts: RwLock<Vec<Arc<Account>>>,
+    /// Where payloads live.
+    pub(super) arena: Arena,
 }
 
 impl Budget {
@@ -43,6 +48,7 @@ impl Budget {
             used: AtomicU64::new(0),
             limit: AtomicU64::new(limit),
             accounts: RwLock::new(Vec::new()),
+            arena: Arena::default(),
         }
     }
 
@@ -92,7 +98,7 @@ impl Budget {
                 continue;
             }
             let prev = self.used.fetch_add(cost, Relaxed);
-            if prev + cost > self.limit.load(Relaxed) {
+            if prev + cost + self.arena.overhead() > self.limit.load(Relaxed) {
                 self.used.fetch_sub(cost, Relaxed);
                 account.used.fetch_sub(cost, Relaxed);
                 if self.evict_global(EVICT_BATCH) == 0 {

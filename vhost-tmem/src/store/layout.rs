@@ -50,9 +50,10 @@ pub(super) const LRU_META: u64 = 2 * std::mem::size_of::<LruRef>() as u64;
 pub(super) const MAX_STRUCT_COST: u64 =
     OBJ_META + 2 * RUN_META + LRU_META + RUN_PAGES as u64 * SLOT_BYTES;
 
-/// A payload's charge: allocations come in 16-byte granules.
+/// A payload's charge: its arena size class (64-byte granules). The arena's other resident
+/// bytes (partly used chunks) are charged globally, see `Budget::reserve`.
 pub(super) fn payload_cost(len: usize) -> u64 {
-    (len as u64).div_ceil(16) * 16
+    super::arena::class_size(len) as u64
 }
 
 /// Where a pool's memory is charged: a client, or a shared pool.
