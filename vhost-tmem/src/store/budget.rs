@@ -31,6 +31,8 @@ use super::{Error, Result};
 const EVICT_BATCH: usize = 16;
 /// Rounds of evict-and-retry before a put gives up.
 const RESERVE_ROUNDS: usize = 64;
+/// A pool drain freeing this much also trims the C heap.
+const TRIM_AFTER: u64 = 16 << 20;
 
 /// The global limit and total, and the accounts eviction chooses from.
 #[derive(Debug)]
@@ -191,6 +193,7 @@ impl Budget {
     /// Removes every page of a pool; returns how many there were.
     pub(super) fn drain(&self, pool: &Pool) -> u64 {
         let mut n = 0;
+        let mut total = 0;
         for shard in pool.shards.iter() {
             let (taken, freed, runs) = {
                 let mut s = shard.lock();
@@ -213,6 +216,16 @@ impl Budget {
             }
             drop(taken);
             self.release(&pool.account, freed);
+            total += freed;
+        }
+        if total >= TRIM_AFTER {
+            // Payloads went back to the kernel with their chunks; the C heap keeps the freed
+            // metadata (maps, slot vectors, in per-thread malloc arenas) unless asked.
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe {
+                libc::malloc_trim(0);
+            }
         }
         n
     }
