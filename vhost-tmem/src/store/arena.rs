@@ -78,6 +78,15 @@ struct Shard {
     heads: [usize; CLASSES],
 }
 
+/// A shard with its live bytes beside its lock, on its own cache lines, so that threads on
+/// different shards share no written memory.
+#[repr(align(128))]
+struct ShardCell {
+    lock: Mutex<Shard>,
+    /// Bytes of live objects in this shard's chunks, by size class.
+    live: AtomicU64,
+}
+
 #[derive(Default)]
 struct Chunks {
     regions: Vec<usize>,
@@ -90,12 +99,10 @@ struct Chunks {
 }
 
 struct Inner {
-    shards: [Mutex<Shard>; SHARDS],
+    shards: [ShardCell; SHARDS],
     chunks: Mutex<Chunks>,
     /// Resident bytes: chunks held by shards, warm chunks and header pages.
     held: AtomicU64,
-    /// Bytes of live objects, by size class.
-    live: AtomicU64,
 }
 
 // SAFETY: the raw addresses in Inner name memory it owns (its regions); every access to chunk
@@ -114,7 +121,7 @@ impl std::fmt::Debug for Arena {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Arena")
             .field("resident", &self.inner.held.load(Relaxed))
-            .field("live", &self.inner.live.load(Relaxed))
+            .field("live", &self.inner.live())
             .finish()
     }
 }
@@ -134,14 +141,14 @@ impl Default for Arena {
     fn default() -> Self {
         Arena {
             inner: Arc::new(Inner {
-                shards: std::array::from_fn(|_| {
-                    Mutex::new(Shard {
+                shards: std::array::from_fn(|_| ShardCell {
+                    lock: Mutex::new(Shard {
                         heads: [0; CLASSES],
-                    })
+                    }),
+                    live: AtomicU64::new(0),
                 }),
                 chunks: Mutex::new(Chunks::default()),
                 held: AtomicU64::new(0),
-                live: AtomicU64::new(0),
             }),
         }
     }
@@ -153,7 +160,7 @@ impl Arena {
     /// global limit.
     pub(super) fn overhead(&self) -> u64 {
         let held = self.inner.held.load(Relaxed);
-        held.saturating_sub(self.inner.live.load(Relaxed) + SLACK)
+        held.saturating_sub(self.inner.live() + SLACK)
     }
 
     /// Resident bytes of the arena (payloads and overhead).
@@ -170,7 +177,9 @@ impl Arena {
         let inner = &*self.inner;
         let si = thread_shard();
         let p = {
-            let mut sh = inner.shards[si].lock();
+            let cell = &inner.shards[si];
+            cell.live.fetch_add(size as u64, Relaxed);
+            let mut sh = cell.lock.lock();
             let mut chunk = sh.heads[class];
             if chunk == 0 {
                 chunk = inner.take_chunk();
@@ -215,7 +224,6 @@ impl Arena {
                 (chunk + off) as *mut u8
             }
         };
-        inner.live.fetch_add(size as u64, Relaxed);
         // SAFETY: `p` is a free object of `size >= bytes.len()` bytes in a mapped chunk, now
         // ours; `bytes` is a different allocation.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len()) };
@@ -241,7 +249,9 @@ pub(super) unsafe fn free(p: NonNull<u8>, len: usize) {
     // SAFETY: as above.
     let inner_ref = unsafe { &*inner };
     let empty = {
-        let mut sh = inner_ref.shards[si].lock();
+        let cell = &inner_ref.shards[si];
+        let mut sh = cell.lock.lock();
+        cell.live.fetch_sub(size as u64, Relaxed);
         // SAFETY: the header is guarded by the owning shard's lock, held; the object is ours
         // to reuse as a free-list link. Raw field accesses only: other threads read `inner`,
         // `shard` and `class` unlocked.
@@ -279,7 +289,6 @@ pub(super) unsafe fn free(p: NonNull<u8>, len: usize) {
             }
         }
     };
-    inner_ref.live.fetch_sub(size as u64, Relaxed);
     if empty {
         inner_ref.give_chunk(chunk);
         // SAFETY: the reference `take_chunk` took for this chunk; the Inner is not used after.
@@ -288,6 +297,11 @@ pub(super) unsafe fn free(p: NonNull<u8>, len: usize) {
 }
 
 impl Inner {
+    /// Bytes of live objects, by size class.
+    fn live(&self) -> u64 {
+        self.shards.iter().map(|c| c.live.load(Relaxed)).sum()
+    }
+
     /// A chunk for a shard; keeps the Inner alive until the chunk is given back.
     fn take_chunk(self: &Inner) -> usize {
         let mut c = self.chunks.lock();
@@ -414,7 +428,7 @@ mod tests {
             objs.push((obj(&a, len, i as u8), i as u8));
         }
         let live: u64 = objs.iter().map(|((_, l), _)| class_size(*l) as u64).sum();
-        assert_eq!(a.inner.live.load(Relaxed), live);
+        assert_eq!(a.inner.live(), live);
         assert!(a.resident() >= live);
         // Free every other one, then check the rest.
         let mut kept = Vec::new();
@@ -433,7 +447,7 @@ mod tests {
             // SAFETY: allocated above, freed once.
             unsafe { free(p, len) };
         }
-        assert_eq!(a.inner.live.load(Relaxed), 0);
+        assert_eq!(a.inner.live(), 0);
         // Only warm chunks and header pages stay resident.
         let regions = a.inner.chunks.lock().regions.len() as u64;
         assert!(a.resident() <= (WARM_CHUNKS * CHUNK) as u64 + regions * HEADER_PAGE);
