@@ -78,9 +78,14 @@ fn rss_stays_within_bound_under_churn_and_returns_after_free() {
     let mut next_index = vec![0u64; THREADS as usize];
     for round in 0..ROUNDS {
         // Fill to the limit: every thread puts until the store says no room. Each round uses
-        // other payload sizes, so freed space of one size must serve another.
-        let (lo, hi): (u64, u64) =
-            [(100, 1500), (1500, 4000), (40, 700), (600, 3000)][round as usize];
+        // other payload sizes, so freed space of one size must serve another; the first round
+        // stores small payloads and frees most of them, leaving holes big payloads cannot use.
+        let (lo, hi, free_of_8): (u64, u64, u64) = [
+            (40, 300, 7),
+            (2500, 4000, 4),
+            (100, 1500, 4),
+            (600, 3000, 4),
+        ][round as usize];
         let fills: Vec<_> = (0..THREADS)
             .map(|t| {
                 let (e, client) = (e.clone(), client.clone());
@@ -111,7 +116,7 @@ fn rss_stays_within_bound_under_churn_and_returns_after_free() {
             next_index[t] = end;
         }
         peak = peak.max(rss());
-        // Free a random half, each thread another thread's pages (frees cross threads).
+        // Free a random share, each thread another thread's pages (frees cross threads).
         let frees: Vec<_> = (0..THREADS)
             .map(|t| {
                 let (e, client) = (e.clone(), client.clone());
@@ -121,7 +126,7 @@ fn rss_stays_within_bound_under_churn_and_returns_after_free() {
                     let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ ((t + 3) * (round + 11)));
                     let mut kept = Vec::with_capacity(keys.len() / 2 + 1);
                     for i in keys.drain(..) {
-                        if rng.next().is_multiple_of(2) {
+                        if rng.next() % 8 < free_of_8 {
                             e.flush_page(&client, &key(pool, victim, i)).unwrap();
                         } else {
                             kept.push(i);
@@ -148,6 +153,7 @@ fn rss_stays_within_bound_under_churn_and_returns_after_free() {
             LIMIT / MIB,
         );
     }
+    drop(held);
     e.destroy_pool(&client, pool).unwrap();
     assert_eq!(e.memory_used(), 0);
     let after = rss();

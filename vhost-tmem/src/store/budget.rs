@@ -31,8 +31,10 @@ use super::{Error, Result};
 const EVICT_BATCH: usize = 16;
 /// Rounds of evict-and-retry before a put gives up.
 const RESERVE_ROUNDS: usize = 64;
-/// A pool drain freeing this much also trims the C heap.
+/// Bytes freed (payload and metadata) after which the C heap is trimmed.
 const TRIM_AFTER: u64 = 16 << 20;
+/// Bytes freed after which draining a pool (destroy, reset) trims the C heap.
+const TRIM_AFTER_DRAIN: u64 = 1 << 20;
 
 /// The global limit and total, and the accounts eviction chooses from.
 #[derive(Debug)]
@@ -42,6 +44,8 @@ pub(super) struct Budget {
     accounts: RwLock<Vec<Arc<Account>>>,
     /// Where payloads live.
     pub(super) arena: Arena,
+    /// Bytes released since the C heap was last trimmed.
+    untrimmed: AtomicU64,
 }
 
 impl Budget {
@@ -51,6 +55,7 @@ impl Budget {
             limit: AtomicU64::new(limit),
             accounts: RwLock::new(Vec::new()),
             arena: Arena::default(),
+            untrimmed: AtomicU64::new(0),
         }
     }
 
@@ -84,6 +89,23 @@ impl Budget {
         if cost > 0 {
             account.used.fetch_sub(cost, Relaxed);
             self.used.fetch_sub(cost, Relaxed);
+            self.trim_after(cost, TRIM_AFTER);
+        }
+    }
+
+    /// Trims the C heap once `threshold` bytes were released since the last trim. Payloads go
+    /// back to the kernel with their arena chunks; freed metadata (maps, slot vectors, in
+    /// per-thread malloc arenas) stays resident in the heap unless trimmed.
+    fn trim_after(&self, freed: u64, threshold: u64) {
+        if self.untrimmed.fetch_add(freed, Relaxed) + freed < threshold {
+            return;
+        }
+        if self.untrimmed.swap(0, Relaxed) >= threshold {
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe {
+                libc::malloc_trim(0);
+            }
         }
     }
 
@@ -193,7 +215,6 @@ impl Budget {
     /// Removes every page of a pool; returns how many there were.
     pub(super) fn drain(&self, pool: &Pool) -> u64 {
         let mut n = 0;
-        let mut total = 0;
         for shard in pool.shards.iter() {
             let (taken, freed, runs) = {
                 let mut s = shard.lock();
@@ -216,17 +237,9 @@ impl Budget {
             }
             drop(taken);
             self.release(&pool.account, freed);
-            total += freed;
         }
-        if total >= TRIM_AFTER {
-            // Payloads went back to the kernel with their chunks; the C heap keeps the freed
-            // metadata (maps, slot vectors, in per-thread malloc arenas) unless asked.
-            #[cfg(all(target_os = "linux", target_env = "gnu"))]
-            // SAFETY: malloc_trim has no preconditions.
-            unsafe {
-                libc::malloc_trim(0);
-            }
-        }
+        // A pool gone is a moment to give memory back, even after smaller frees.
+        self.trim_after(0, TRIM_AFTER_DRAIN);
         n
     }
 
