@@ -79,13 +79,9 @@ fn rss_stays_within_bound_under_churn_and_returns_after_free() {
     for round in 0..ROUNDS {
         // Fill to the limit: every thread puts until the store says no room. Each round uses
         // other payload sizes, so freed space of one size must serve another; the first round
-        // stores small payloads and frees most of them, leaving holes big payloads cannot use.
-        let (lo, hi, free_of_8): (u64, u64, u64) = [
-            (40, 300, 7),
-            (2500, 4000, 4),
-            (100, 1500, 4),
-            (600, 3000, 4),
-        ][round as usize];
+        // stores small payloads and keeps every 8th, leaving holes big payloads cannot use.
+        let (lo, hi): (u64, u64) =
+            [(40, 300), (2500, 4000), (100, 1500), (600, 3000)][round as usize];
         let fills: Vec<_> = (0..THREADS)
             .map(|t| {
                 let (e, client) = (e.clone(), client.clone());
@@ -116,7 +112,8 @@ fn rss_stays_within_bound_under_churn_and_returns_after_free() {
             next_index[t] = end;
         }
         peak = peak.max(rss());
-        // Free a random share, each thread another thread's pages (frees cross threads).
+        // Free 7/8 (round 0) or a random half, each thread another thread's pages (frees cross
+        // threads).
         let frees: Vec<_> = (0..THREADS)
             .map(|t| {
                 let (e, client) = (e.clone(), client.clone());
@@ -126,7 +123,12 @@ fn rss_stays_within_bound_under_churn_and_returns_after_free() {
                     let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ ((t + 3) * (round + 11)));
                     let mut kept = Vec::with_capacity(keys.len() / 2 + 1);
                     for i in keys.drain(..) {
-                        if rng.next() % 8 < free_of_8 {
+                        let free = if round == 0 {
+                            i % 8 != 0
+                        } else {
+                            rng.next().is_multiple_of(2)
+                        };
+                        if free {
                             e.flush_page(&client, &key(pool, victim, i)).unwrap();
                         } else {
                             kept.push(i);
