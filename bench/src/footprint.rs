@@ -129,6 +129,12 @@ pub fn measure(
             rss_bytes: rss1.saturating_sub(rss0),
             rss_after_free_bytes: 0,
         };
+        // As a guest's reset or pool destroy frees it in the daemon.
+        e.destroy_pool(&client, pool)
+            .map_err(|source| Error::Store {
+                op: "destroy_pool",
+                source,
+            })?;
         drop((w, client, e));
         Ok((fp, rss0))
     })();
