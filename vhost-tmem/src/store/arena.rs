@@ -4,8 +4,9 @@
 //! With payloads in the C heap, freed space stayed resident (per-thread malloc arenas, holes
 //! between live blocks) and the daemon's RSS reached 2-3 times its limit. Here payloads live in
 //! 32 KiB chunks of one size class each (64-byte granules), carved from 2 MiB regions obtained
-//! with mmap. A chunk whose last object is freed goes back to the kernel (MADV_DONTNEED) after a
-//! small cache of warm chunks, so memory is returned after frees. Objects never move, so freed
+//! with mmap. A chunk whose last object is freed goes back to the kernel (MADV_DONTNEED), after
+//! a cache of warm chunks (1/16 of the limit, emptied when a pool is drained), so memory is
+//! returned after frees. Objects never move, so freed
 //! slots in partly used chunks are fragmentation: the arena counts it ([`Arena::overhead`])
 //! and the budget charges it against the global limit, so that accounting and RSS agree under
 //! any pattern of puts and frees.
@@ -31,8 +32,11 @@ const CHUNK: usize = 32 << 10;
 /// A region: mapped at once, aligned; its first chunk holds the other chunks' headers.
 const REGION: usize = 2 << 20;
 const CHUNKS_PER_REGION: usize = REGION / CHUNK;
-/// Empty chunks kept resident for reuse before being returned to the kernel (1 MiB).
-const WARM_CHUNKS: usize = 32;
+/// Empty chunks kept resident for reuse, as a share of the memory limit (1/16), so that a
+/// store that is emptied and refilled does not fault its memory in again, and at most
+/// `WARM_MAX` bytes. Given back when a pool is drained ([`Arena::purge`]).
+const WARM_SHARE: u64 = 16;
+const WARM_MAX: u64 = 256 << 20;
 /// Allocation shards; threads are spread over them.
 const SHARDS: usize = 4;
 /// Resident bytes of a region's header chunk (only its first page is ever touched).
@@ -101,8 +105,12 @@ struct Chunks {
 struct Inner {
     shards: [ShardCell; SHARDS],
     chunks: Mutex<Chunks>,
-    /// Resident bytes: chunks held by shards, warm chunks and header pages.
+    /// Resident bytes: chunks held by shards and header pages.
     held: AtomicU64,
+    /// Resident bytes of warm (empty, not yet returned) chunks.
+    warm: AtomicU64,
+    /// The most warm bytes kept.
+    warm_cap: AtomicU64,
 }
 
 // SAFETY: the raw addresses in Inner name memory it owns (its regions); every access to chunk
@@ -120,7 +128,8 @@ pub(super) struct Arena {
 impl std::fmt::Debug for Arena {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Arena")
-            .field("resident", &self.inner.held.load(Relaxed))
+            .field("held", &self.inner.held.load(Relaxed))
+            .field("warm", &self.inner.warm.load(Relaxed))
             .field("live", &self.inner.live())
             .finish()
     }
@@ -149,6 +158,8 @@ impl Default for Arena {
                 }),
                 chunks: Mutex::new(Chunks::default()),
                 held: AtomicU64::new(0),
+                warm: AtomicU64::new(0),
+                warm_cap: AtomicU64::new(0),
             }),
         }
     }
@@ -156,16 +167,29 @@ impl Default for Arena {
 
 impl Arena {
     /// Resident bytes not holding live payload (free slots in partly used chunks, chunk
-    /// tails, warm empty chunks and header pages) beyond [`SLACK`]: charged against the
-    /// global limit.
+    /// tails and header pages) beyond [`SLACK`]: charged against the global limit. Warm empty
+    /// chunks are not: they are reused before any new chunk, so with them the arena never
+    /// holds more than its charged peak.
     pub(super) fn overhead(&self) -> u64 {
         let held = self.inner.held.load(Relaxed);
         held.saturating_sub(self.inner.live() + SLACK)
     }
 
-    /// Resident bytes of the arena (payloads and overhead).
+    /// Resident bytes of the arena (payloads, overhead, warm chunks).
     pub(super) fn resident(&self) -> u64 {
-        self.inner.held.load(Relaxed)
+        self.inner.held.load(Relaxed) + self.inner.warm.load(Relaxed)
+    }
+
+    /// Follows the memory limit: how many empty chunks stay warm.
+    pub(super) fn set_limit(&self, limit: u64) {
+        self.inner
+            .warm_cap
+            .store((limit / WARM_SHARE).min(WARM_MAX), Relaxed);
+    }
+
+    /// Returns every warm chunk to the kernel.
+    pub(super) fn purge(&self) {
+        self.inner.purge();
     }
 
     /// Copies `bytes` (1..=MAX_PAYLOAD) into a new object of its size class.
@@ -306,6 +330,8 @@ impl Inner {
     fn take_chunk(self: &Inner) -> usize {
         let mut c = self.chunks.lock();
         let chunk = if let Some(ch) = c.warm.pop() {
+            self.warm.fetch_sub(CHUNK as u64, Relaxed);
+            self.held.fetch_add(CHUNK as u64, Relaxed);
             ch
         } else if let Some(ch) = c.clean.pop() {
             self.held.fetch_add(CHUNK as u64, Relaxed);
@@ -333,16 +359,32 @@ impl Inner {
     /// Takes back an empty chunk: kept warm, or returned to the kernel.
     fn give_chunk(&self, chunk: usize) {
         let mut c = self.chunks.lock();
-        if c.warm.len() < WARM_CHUNKS {
+        self.held.fetch_sub(CHUNK as u64, Relaxed);
+        if ((c.warm.len() + 1) * CHUNK) as u64 <= self.warm_cap.load(Relaxed) {
             c.warm.push(chunk);
+            self.warm.fetch_add(CHUNK as u64, Relaxed);
             return;
         }
-        // SAFETY: the chunk is ours and empty: no live object points into it.
-        let r = unsafe { libc::madvise(chunk as *mut libc::c_void, CHUNK, libc::MADV_DONTNEED) };
-        debug_assert_eq!(r, 0, "madvise(MADV_DONTNEED) of an owned chunk");
+        release(chunk);
         c.clean.push(chunk);
-        self.held.fetch_sub(CHUNK as u64, Relaxed);
     }
+
+    fn purge(&self) {
+        let mut c = self.chunks.lock();
+        let warm = std::mem::take(&mut c.warm);
+        for &ch in &warm {
+            release(ch);
+        }
+        c.clean.extend(warm);
+        self.warm.store(0, Relaxed);
+    }
+}
+
+/// Gives an empty chunk's memory back to the kernel (it reads as zeros when next touched).
+fn release(chunk: usize) {
+    // SAFETY: the chunk is ours and empty: no live object points into it.
+    let r = unsafe { libc::madvise(chunk as *mut libc::c_void, CHUNK, libc::MADV_DONTNEED) };
+    debug_assert_eq!(r, 0, "madvise(MADV_DONTNEED) of an owned chunk");
 }
 
 impl Drop for Inner {
@@ -395,14 +437,7 @@ fn map_region() -> usize {
 impl Drop for Arena {
     fn drop(&mut self) {
         // Warm chunks hold no reference; the regions go when the last held chunk does.
-        let mut c = self.inner.chunks.lock();
-        let warm = std::mem::take(&mut c.warm);
-        for ch in warm {
-            // SAFETY: an empty chunk of ours.
-            unsafe { libc::madvise(ch as *mut libc::c_void, CHUNK, libc::MADV_DONTNEED) };
-            c.clean.push(ch);
-            self.inner.held.fetch_sub(CHUNK as u64, Relaxed);
-        }
+        self.inner.purge();
     }
 }
 
@@ -422,6 +457,7 @@ mod tests {
     #[test]
     fn objects_keep_their_bytes_and_memory_is_returned() {
         let a = Arena::default();
+        a.set_limit(16 << 20);
         let mut objs = Vec::new();
         for i in 0..5000usize {
             let len = 1 + (i * 37) % 4096;
@@ -448,9 +484,12 @@ mod tests {
             unsafe { free(p, len) };
         }
         assert_eq!(a.inner.live(), 0);
-        // Only warm chunks and header pages stay resident.
+        // Only warm chunks (up to 1 MiB, 1/16 of the limit) and header pages stay resident,
+        // and the warm ones go on purge.
         let regions = a.inner.chunks.lock().regions.len() as u64;
-        assert!(a.resident() <= (WARM_CHUNKS * CHUNK) as u64 + regions * HEADER_PAGE);
+        assert!(a.resident() <= (1 << 20) + regions * HEADER_PAGE);
+        a.purge();
+        assert_eq!(a.resident(), regions * HEADER_PAGE);
         drop(a);
     }
 

@@ -54,7 +54,11 @@ impl Budget {
             used: AtomicU64::new(0),
             limit: AtomicU64::new(limit),
             accounts: RwLock::new(Vec::new()),
-            arena: Arena::default(),
+            arena: {
+                let a = Arena::default();
+                a.set_limit(limit);
+                a
+            },
             untrimmed: AtomicU64::new(0),
         }
     }
@@ -72,6 +76,7 @@ impl Budget {
     /// Changes the global limit; pages over it are evicted by later puts.
     pub(super) fn set_limit(&self, bytes: u64) {
         self.limit.store(bytes, Relaxed);
+        self.arena.set_limit(bytes);
     }
 
     /// Makes an account a candidate for global eviction.
@@ -239,6 +244,7 @@ impl Budget {
             self.release(&pool.account, freed);
         }
         // A pool gone is a moment to give memory back, even after smaller frees.
+        self.arena.purge();
         self.trim_after(0, TRIM_AFTER_DRAIN);
         n
     }
