@@ -204,9 +204,40 @@ fn run(args: &Args) -> Result<Report, Error> {
                 charged_metadata_bytes_per_page: fp.charged_metadata_bytes_per_page,
                 allocator_slack_bytes_per_page: fp.slack_bytes_per_page,
                 rss_bytes_per_page: fp.rss_bytes_per_page,
+                charged_bytes: fp.charged_bytes,
+                limit_bytes: 0,
+                rss_bytes: fp.rss_bytes,
+                rss_after_free_bytes: fp.rss_after_free_bytes,
             });
         }
     }
+    // Resident memory against the limit under churn (docs/operations.md states the bound).
+    let (limit, churn_rounds) = if args.quick {
+        (16 << 20, 3)
+    } else {
+        (64 << 20, 6)
+    };
+    eprintln!("== churn at a {} MiB limit", limit >> 20);
+    let payload_corpora: Vec<&corpus::Corpus> = ["text", "random", "binary", "process", "mixed"]
+        .iter()
+        .filter_map(|n| corpora.iter().find(|c| c.name == *n))
+        .collect();
+    let ch = footprint::churn(&payload_corpora, limit, churn_rounds)?;
+    footprints.push(FootprintRow {
+        compressor: "lz4".into(),
+        pool: "persistent".into(),
+        keys: "churn".into(),
+        pages: ch.pages,
+        payload_bytes_per_page: 0.0,
+        metadata_bytes_per_page: 0.0,
+        charged_metadata_bytes_per_page: 0.0,
+        allocator_slack_bytes_per_page: 0.0,
+        rss_bytes_per_page: ch.rss_bytes as f64 / ch.pages.max(1) as f64,
+        charged_bytes: ch.charged_bytes,
+        limit_bytes: limit,
+        rss_bytes: ch.rss_bytes,
+        rss_after_free_bytes: ch.rss_after_free_bytes,
+    });
     let metadata = footprints
         .iter()
         .filter(|f| f.keys == "dense")

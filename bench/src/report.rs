@@ -108,17 +108,26 @@ pub struct EngineRow {
     pub threads: usize,
 }
 
-/// Memory per stored page for one pool kind and key pattern.
+/// Memory per stored page for one pool kind and key pattern (or the churn workload), and
+/// resident memory beside what the store charged against its limit.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FootprintRow {
     pub allocator_slack_bytes_per_page: f64,
+    /// Most bytes the store charged against its limit.
+    pub charged_bytes: u64,
     pub charged_metadata_bytes_per_page: f64,
     pub compressor: String,
     pub keys: String,
+    /// The store's memory limit (0: none, the fill stops at `pages`).
+    pub limit_bytes: u64,
     pub metadata_bytes_per_page: f64,
     pub pages: u64,
     pub payload_bytes_per_page: f64,
     pub pool: String,
+    /// Growth of the resident set left after every page was freed.
+    pub rss_after_free_bytes: u64,
+    /// Peak growth of the resident set.
+    pub rss_bytes: u64,
     pub rss_bytes_per_page: f64,
 }
 
@@ -304,7 +313,7 @@ pub fn check(json: &str) -> Result<Report, Error> {
             &format!("limits rows for {what}"),
         )?;
     }
-    for keys in ["dense", "object per page", "scattered"] {
+    for keys in ["dense", "object per page", "scattered", "churn"] {
         need(
             r.footprint.iter().any(|e| e.keys == keys),
             &format!("footprint rows for {keys} keys"),
@@ -470,14 +479,18 @@ pub fn markdown(r: &Report) -> String {
     s.push_str(
         "\n## Memory per stored page (mixed corpus)\n\nKeys: dense (consecutive indexes, as swap and \
          large files), object per page (small files), scattered (every 16th index: one page per \
-         run). Charged metadata is what the store counts against memory limits.\n\n\
-         | compressor | pool | keys | pages | payload B | metadata B | charged metadata B | allocator slack B | RSS B |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+         run); churn: a store at a memory limit filled to it by 4 threads, a random half freed and \
+         refilled with pages of other sizes, repeatedly, then everything freed. Charged is what \
+         the store counts against memory limits; RSS is the process's resident-set growth (peak, \
+         and what is left after every page is freed).\n\n\
+         | compressor | pool | keys | pages | payload B | metadata B | charged metadata B | allocator slack B | RSS B | limit MiB | charged MiB | RSS MiB | RSS after free MiB |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     for e in &r.footprint {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} |",
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} | {} | {:.1} | {:.1} | {:.1} |",
             e.compressor,
             e.pool,
             e.keys,
@@ -486,7 +499,15 @@ pub fn markdown(r: &Report) -> String {
             e.metadata_bytes_per_page,
             e.charged_metadata_bytes_per_page,
             e.allocator_slack_bytes_per_page,
-            e.rss_bytes_per_page
+            e.rss_bytes_per_page,
+            if e.limit_bytes == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.0}", mib(e.limit_bytes))
+            },
+            mib(e.charged_bytes),
+            mib(e.rss_bytes),
+            mib(e.rss_after_free_bytes),
         );
     }
     s.push_str(
@@ -788,13 +809,17 @@ mod tests {
         };
         let footprint = |keys: &str| FootprintRow {
             allocator_slack_bytes_per_page: 7.5,
+            charged_bytes: 7 << 20,
             charged_metadata_bytes_per_page: 40.0,
             compressor: "lz4".into(),
             keys: keys.into(),
+            limit_bytes: 0,
             metadata_bytes_per_page: 29.5,
             pages: 4096,
             payload_bytes_per_page: 1700.0,
             pool: "persistent".into(),
+            rss_after_free_bytes: 1 << 20,
+            rss_bytes: 8 << 20,
             rss_bytes_per_page: 1800.0,
         };
         let mut r = Report {
@@ -824,7 +849,7 @@ mod tests {
                 ratio_to_engine: 0.9,
             }],
             engine: ["zero", "same", "mixed"].into_iter().map(engine).collect(),
-            footprint: ["dense", "object per page", "scattered"]
+            footprint: ["dense", "object per page", "scattered", "churn"]
                 .into_iter()
                 .map(footprint)
                 .collect(),

@@ -3,7 +3,7 @@
 //! reservation does not fit.
 //!
 //! Every byte is charged to a client's account and to the global total. In a private pool: a
-//! page's payload (rounded to the allocator's 16-byte granule) and slot capacity, a run's map
+//! page's payload (rounded to its arena size class) and slot capacity, a run's map
 //! entry and, for ephemeral pools, its LRU records. In a shared pool each page is charged to
 //! the client that put it: its payload plus a flat share of the structure
 //! (`SHARED_PAGE_META`). A put reserves the most it can cost before taking the shard lock and
@@ -13,6 +13,8 @@
 //! weight. If nothing can be evicted the put fails with `NoSpace`; persistent pages are never
 //! evicted. A client without a quota holds persistent pages up to its weight's share of the
 //! limit only, so that one client cannot take what every other is entitled to.
+//! The payload arena's overhead (free slots in partly used chunks) counts against the global
+//! limit too, so that the limit bounds resident memory (docs/operations.md).
 //!
 //! Eviction order is LRU of runs within a shard and round-robin across an account's pools and
 //! shards: an approximation of Xen's global LRU that needs no global list. A run is evicted
@@ -29,6 +31,7 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::RwLock;
 
+use super::arena::Arena;
 use super::layout::{
     compact_lru, payload_cost, remove_run, shared_bits, take_shared_page, Account, LruRef, Pool,
     RUN_PAGES, SHARDS, SHARED_PAGE_META,
@@ -41,6 +44,10 @@ const EVICT_BATCH: usize = 16;
 const SHARED_EVICT_SCAN: usize = 64;
 /// Rounds of evict-and-retry before a put gives up.
 const RESERVE_ROUNDS: usize = 64;
+/// Bytes freed (payload and metadata) after which the C heap is trimmed.
+const TRIM_AFTER: u64 = 16 << 20;
+/// Bytes freed after which draining a pool (destroy, reset) trims the C heap.
+const TRIM_AFTER_DRAIN: u64 = 1 << 20;
 
 /// The global limit and total, and the accounts eviction chooses from.
 #[derive(Debug)]
@@ -51,6 +58,10 @@ pub(super) struct Budget {
     /// Sum of the clients' weights: a client without a quota may hold at most
     /// `limit * weight / total_weight` in persistent pages.
     total_weight: AtomicU64,
+    /// Where payloads live.
+    pub(super) arena: Arena,
+    /// Bytes released since the C heap was last trimmed.
+    untrimmed: AtomicU64,
 }
 
 impl Budget {
@@ -60,6 +71,12 @@ impl Budget {
             limit: AtomicU64::new(limit),
             accounts: RwLock::new(Vec::new()),
             total_weight: AtomicU64::new(0),
+            arena: {
+                let a = Arena::default();
+                a.set_limit(limit);
+                a
+            },
+            untrimmed: AtomicU64::new(0),
         }
     }
 
@@ -76,6 +93,7 @@ impl Budget {
     /// Changes the global limit; pages over it are evicted by later puts.
     pub(super) fn set_limit(&self, bytes: u64) {
         self.limit.store(bytes, Relaxed);
+        self.arena.set_limit(bytes);
     }
 
     /// A new client's account: a candidate for eviction whose weight counts in everyone's
@@ -137,6 +155,23 @@ impl Budget {
             }
             account.used.fetch_sub(cost, Relaxed);
             self.used.fetch_sub(cost, Relaxed);
+            self.trim_after(cost, TRIM_AFTER);
+        }
+    }
+
+    /// Trims the C heap once `threshold` bytes were released since the last trim. Payloads go
+    /// back to the kernel with their arena chunks; freed metadata (maps, slot vectors, in
+    /// per-thread malloc arenas) stays resident in the heap unless trimmed.
+    fn trim_after(&self, freed: u64, threshold: u64) {
+        if self.untrimmed.fetch_add(freed, Relaxed) + freed < threshold {
+            return;
+        }
+        if self.untrimmed.swap(0, Relaxed) >= threshold {
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe {
+                libc::malloc_trim(0);
+            }
         }
     }
 
@@ -185,7 +220,7 @@ impl Budget {
                 continue;
             }
             let prev = self.used.fetch_add(cost, Relaxed);
-            if prev + cost > self.limit.load(Relaxed) {
+            if prev + cost + self.arena.overhead() > self.limit.load(Relaxed) {
                 self.used.fetch_sub(cost, Relaxed);
                 account.used.fetch_sub(cost, Relaxed);
                 if self.evict_global(EVICT_BATCH) == 0 {
@@ -336,9 +371,19 @@ impl Budget {
 
     /// Removes every page of a pool; returns how many there were.
     pub(super) fn drain(&self, pool: &Pool) -> u64 {
-        if pool.shared.is_some() {
-            return self.drain_shared(pool);
-        }
+        let n = if pool.shared.is_some() {
+            self.drain_shared(pool)
+        } else {
+            self.drain_private(pool)
+        };
+        // A pool gone is a moment to give memory back, even after smaller frees.
+        self.arena.purge();
+        self.trim_after(0, TRIM_AFTER_DRAIN);
+        n
+    }
+
+    /// Removes every page of a private pool.
+    fn drain_private(&self, pool: &Pool) -> u64 {
         let mut n = 0;
         for shard in pool.shards.iter() {
             let (taken, freed, runs) = {

@@ -190,6 +190,12 @@ impl Engine {
         self.budget.used()
     }
 
+    /// Resident bytes of the payload arena: payloads at their size class plus the free space
+    /// of partly used chunks (which `memory_used` does not include but the limit does).
+    pub fn payload_resident(&self) -> u64 {
+        self.budget.arena.resident()
+    }
+
     /// Changes the global limit; pages over it are evicted by later puts.
     pub fn set_memory_limit(&self, bytes: u64) {
         self.budget.set_limit(bytes);
@@ -558,11 +564,11 @@ impl Tmem for Engine {
                 .codecs
                 .compress(pool.compressor, page, self.cfg.raw_threshold)?
             {
-                Some((enc, bytes)) => Slot::stored(enc, bytes),
+                Some((enc, bytes)) => Slot::stored(&self.budget.arena, enc, bytes),
                 None if pool.persistent
                     || self.cfg.ephemeral_incompressible == IncompressiblePolicy::Store =>
                 {
-                    Slot::stored(Encoding::Raw, page)
+                    Slot::stored(&self.budget.arena, Encoding::Raw, page)
                 }
                 None => {
                     return Err(self.refuse(

@@ -66,9 +66,10 @@ pub(super) const SHARED_PAGE_META: u64 = {
     obj_share + LRU_META + 2 * SLOT_BYTES + std::mem::size_of::<[u32; RUN_PAGES]>() as u64
 };
 
-/// A payload's charge: allocations come in 16-byte granules.
+/// A payload's charge: its arena size class (64-byte granules). The arena's other resident
+/// bytes (partly used chunks) are charged globally, see `Budget::reserve`.
 pub(super) fn payload_cost(len: usize) -> u64 {
-    (len as u64).div_ceil(16) * 16
+    super::arena::class_size(len) as u64
 }
 
 /// Where memory is charged: a client's account (a shared pool's pages are charged to the

@@ -4,6 +4,7 @@
 //! The vhost-user glue talks to the store only through the [`Tmem`] trait, so the store can be
 //! tested and benchmarked in-process and replaced without touching the device code.
 
+mod arena;
 mod budget;
 pub mod codec;
 mod counters;

@@ -7,9 +7,10 @@
 
 use std::ptr::NonNull;
 
+use super::arena::{self, Arena};
 use super::codec::Encoding;
 
-/// A stored page. Owns its payload.
+/// A stored page. Owns its payload, an object of the engine's [`Arena`].
 pub struct Slot {
     /// The payload's first byte, or the fill pattern when `len == 0`.
     word: u64,
@@ -18,8 +19,8 @@ pub struct Slot {
     enc: Encoding,
 }
 
-// SAFETY: a Slot owns its payload allocation exclusively (like a Box<[u8]>), so moving it to
-// or sharing it with another thread is as safe as for a Box.
+// SAFETY: a Slot owns its payload object exclusively (like a Box<[u8]>), and the arena frees
+// from any thread, so moving it to or sharing it with another thread is as safe as for a Box.
 unsafe impl Send for Slot {}
 // SAFETY: see Send; shared access only reads.
 unsafe impl Sync for Slot {}
@@ -43,16 +44,13 @@ impl Slot {
         }
     }
 
-    /// A page stored as `bytes` (1..=65535 bytes), copied into an allocation of exactly that
-    /// size.
-    pub fn stored(enc: Encoding, bytes: &[u8]) -> Slot {
-        assert!(!bytes.is_empty() && bytes.len() <= u16::MAX as usize);
-        let b: Box<[u8]> = bytes.into();
-        let len = b.len() as u16;
-        let p = Box::into_raw(b).cast::<u8>();
+    /// A page stored as `bytes` (1..=`arena::MAX_PAYLOAD` bytes), copied into an arena
+    /// object of its size class.
+    pub fn stored(arena: &Arena, enc: Encoding, bytes: &[u8]) -> Slot {
+        let p = arena.alloc_copy(bytes);
         Slot {
-            word: p as u64,
-            len,
+            word: p.as_ptr() as u64,
+            len: bytes.len() as u16,
             enc,
         }
     }
@@ -62,8 +60,8 @@ impl Slot {
         if self.len == 0 {
             return Payload::Same(self.word);
         }
-        // SAFETY: `word` came from Box::into_raw of a `len`-byte Box<[u8]> in `stored` and is
-        // freed only in Drop, so it points to `len` initialized bytes that live as long as self.
+        // SAFETY: `word` is an arena object holding `len` bytes copied in `stored`, freed only
+        // in Drop, so it points to `len` initialized bytes that live as long as self.
         let bytes =
             unsafe { std::slice::from_raw_parts(self.word as *const u8, self.len as usize) };
         Payload::Stored(self.enc, bytes)
@@ -81,10 +79,8 @@ impl Drop for Slot {
             return;
         }
         let p = NonNull::new(self.word as *mut u8).expect("a stored slot has a payload");
-        let raw = std::ptr::slice_from_raw_parts_mut(p.as_ptr(), self.len as usize);
-        // SAFETY: `raw` is exactly the Box<[u8]> leaked in `stored` (same pointer and length),
-        // and Drop runs once.
-        drop(unsafe { Box::from_raw(raw) });
+        // SAFETY: `p` is the object `stored` allocated for `len` bytes, and Drop runs once.
+        unsafe { arena::free(p, self.len as usize) };
     }
 }
 
@@ -108,9 +104,10 @@ mod tests {
         assert_eq!(s.payload(), Payload::Same(7));
         assert_eq!(s.len(), 0);
         let data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
-        let s = Slot::stored(Encoding::Raw, &data);
+        let a = Arena::default();
+        let s = Slot::stored(&a, Encoding::Raw, &data);
         assert_eq!(s.payload(), Payload::Stored(Encoding::Raw, &data[..]));
-        let t = Slot::stored(Encoding::Lz4, &data[..3]);
+        let t = Slot::stored(&a, Encoding::Lz4, &data[..3]);
         assert_eq!(t.len(), 3);
         drop(s);
         assert_eq!(t.payload(), Payload::Stored(Encoding::Lz4, &data[..3]));
