@@ -38,8 +38,10 @@ use vmm_sys_util::event::{
 use crate::store::{PageKey, PoolSpec, Tmem};
 
 mod chain;
+mod memory;
 pub use chain::MAX_SEGMENTS;
 use chain::{contiguous, read_part, write_part, Chain, ChainError};
+pub use memory::MemoryError;
 
 type Mem = GuestMemoryMmap<()>;
 
@@ -75,6 +77,9 @@ pub enum Error {
     /// Signalling the guest failed.
     #[error("cannot signal the used queue")]
     Signal(#[source] io::Error),
+    /// The frontend's guest memory is refused (the connection ends).
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
 }
 
 impl From<Error> for io::Error {
@@ -95,6 +100,9 @@ pub struct DeviceConfig {
     /// How long a request queue's thread polls for more requests after a burst before it
     /// sleeps (0: never polls).
     pub poll: Duration,
+    /// Accept guest memory whose file can shrink (not a memfd sealed with F_SEAL_SHRINK): a
+    /// frontend that then truncates it kills the daemon with SIGBUS.
+    pub allow_unsealed_memory: bool,
 }
 
 impl DeviceConfig {
@@ -174,7 +182,10 @@ pub struct TmemDevice<S: Tmem> {
     store: Arc<S>,
     client: S::Client,
     cfg: DeviceConfig,
-    mem: parking_lot::RwLock<GuestMemoryAtomic<Mem>>,
+    /// The guest memory this device reads and writes: the frontend's latest map once checked
+    /// (see `update_memory`). Never the handler's own copy, which holds a new map before it
+    /// is checked; so every guest access here, rings included, goes through this one.
+    mem: GuestMemoryAtomic<Mem>,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
     /// One per worker thread; each thread only ever locks its own, so these never contend.
@@ -222,7 +233,7 @@ impl<S: Tmem> TmemDevice<S> {
             store,
             client,
             cfg,
-            mem: parking_lot::RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+            mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             workers,
@@ -281,7 +292,7 @@ impl<S: Tmem> TmemDevice<S> {
         control: bool,
         w: &mut WorkerState<S::Worker>,
     ) -> Result<bool, Error> {
-        let mem = self.mem.read().memory();
+        let mem = self.mem.memory();
         let mut chains = std::mem::take(&mut w.chains);
         let mut used_any = false;
         loop {
@@ -664,9 +675,32 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
-        // The handler passes the atomic it shares with the vrings; keep a handle to it.
-        *self.mem.write() = mem;
-        Ok(())
+        // The handler has already made `mem` its current map (and the vrings'), but nothing
+        // reads through those: this device uses its own copy, replaced only after the check.
+        // On an error the handler ends the connection, and the device keeps the previous map.
+        let map = mem.memory();
+        match memory::check(&map, self.cfg.allow_unsealed_memory) {
+            Ok(unsealed) => {
+                for gpa in unsealed {
+                    tracing::warn!(
+                        client = %self.name,
+                        "guest memory region at {gpa:#x} is not sealed against shrinking; \
+                         accepted because of --allow-unsealed-memory: if its VMM truncates \
+                         it, the daemon dies"
+                    );
+                }
+                // Only this (the handler's) thread takes the lock, so it is never poisoned.
+                self.mem
+                    .lock()
+                    .map_err(|_| io::Error::other("guest memory lock poisoned"))?
+                    .replace((*map).clone());
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(client = %self.name, "refused the frontend's guest memory: {e}");
+                Err(Error::from(e).into())
+            }
+        }
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -696,12 +730,19 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
         let control = queue == shared_proto::CONTROL_QUEUE;
         let mut w = self.workers[thread_id].lock();
         let event_idx = self.event_idx.load(Relaxed);
+        // The vring's own notification helpers read the handler's map, which may be one this
+        // device refused: go through the queue with the device's map instead.
+        let notif = |f: fn(&mut virtio_queue::Queue, &Mem) -> Result<bool, virtio_queue::Error>| {
+            let mem = self.mem.memory();
+            f(vring.get_mut().get_queue_mut(), &mem).map_err(Error::Queue)
+        };
+        let needs_notification = || notif(|q, m| q.needs_notification(m));
         loop {
             if event_idx {
-                vring.disable_notification().map_err(Error::Queue)?;
+                notif(|q, m| q.disable_notification(m).map(|()| false))?;
             }
             let mut used = self.process_queue(vring, control, &mut w)?;
-            if used && vring.needs_notification().map_err(Error::Queue)? {
+            if used && needs_notification()? {
                 vring.signal_used_queue().map_err(Error::Signal)?;
             }
             // After a burst, poll briefly before sleeping: a driver with requests in flight
@@ -711,7 +752,7 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
             while used && !control && !poll.is_zero() {
                 std::hint::spin_loop();
                 if self.process_queue(vring, control, &mut w)? {
-                    if vring.needs_notification().map_err(Error::Queue)? {
+                    if needs_notification()? {
                         vring.signal_used_queue().map_err(Error::Signal)?;
                     }
                     deadline = Instant::now() + poll;
@@ -721,7 +762,7 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
             }
             // With EVENT_IDX, re-enable notifications and go again if the guest added more
             // meanwhile; without it, one pass is enough (the guest kicks for new work).
-            if !event_idx || !vring.enable_notification().map_err(Error::Queue)? {
+            if !event_idx || !notif(|q, m| q.enable_notification(m))? {
                 break;
             }
         }

@@ -32,6 +32,7 @@ fn env_with(engine: Arc<Engine>, name: &str) -> Env {
             queue_size: 256,
             max_pools: 16,
             poll: std::time::Duration::ZERO,
+            allow_unsealed_memory: false,
         },
     )
     .unwrap();
@@ -665,6 +666,7 @@ fn bad_device_config_is_rejected() {
                 queue_size: s,
                 max_pools: 16,
                 poll: std::time::Duration::ZERO,
+                allow_unsealed_memory: false,
             },
         );
         assert!(r.is_err(), "{q} {s}");
