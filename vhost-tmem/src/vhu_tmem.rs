@@ -3,7 +3,8 @@
 //!
 //! Requests are parsed straight out of guest memory with no allocation: the chain's
 //! descriptors go into a fixed array, the small header is copied, and the page of a PUT or GET
-//! is handed to the store as a slice of guest memory when it is contiguous in one region (the
+//! is handed to the store as a raw pointer into guest memory ([`PageSrc`]/[`PageDst`], never a
+//! Rust reference: the guest may write it meanwhile) when it is contiguous in one region (the
 //! normal case), so a page is copied at most once: by the compressor or decompressor itself.
 //! A page split across descriptors or regions goes through the worker's bounce buffer.
 //!
@@ -35,7 +36,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::store::{PageKey, PoolSpec, Tmem};
+use crate::store::{PageDst, PageKey, PageSrc, PoolSpec, Tmem};
 
 mod chain;
 mod memory;
@@ -472,24 +473,18 @@ impl<S: Tmem> TmemDevice<S> {
         let WorkerState {
             store: sw, bounce, ..
         } = w;
+        // The page stays in guest memory, behind a raw pointer (the guest may write it while
+        // the store reads it); `mem` keeps it mapped for this call.
         let direct = contiguous(chain.readable(), ReqHeader::SIZE, PAGE_SIZE)
             .and_then(|a| mem.get_slice(a, PAGE_SIZE).ok());
-        let guard;
-        let page: &[u8] = match &direct {
-            Some(vs) => {
-                guard = vs.ptr_guard();
-                // SAFETY: the slice is PAGE_SIZE bytes of mapped guest memory, kept mapped by the
-                // memory guard `mem` for this call. The guest may change it concurrently; that
-                // only changes what is stored for the guest's own key, and the store reads it as
-                // plain bytes (no length or offset is derived from it).
-                unsafe { std::slice::from_raw_parts(guard.as_ptr(), PAGE_SIZE) }
-            }
+        let page = match direct.as_ref().and_then(PageSrc::guest) {
+            Some(p) => p,
             None => {
                 if read_part(mem, chain.readable(), ReqHeader::SIZE, &mut bounce[..]).is_err() {
                     self.warn(format_args!("PUT page outside guest memory"));
                     return Err(Status::Invalid);
                 }
-                &bounce[..]
+                PageSrc::new(&bounce[..])
             }
         };
         self.store
@@ -508,25 +503,17 @@ impl<S: Tmem> TmemDevice<S> {
         let WorkerState {
             store: sw, bounce, ..
         } = w;
+        // Decompressed straight into guest memory, through a raw pointer.
         let direct = contiguous(chain.writable(), 0, PAGE_SIZE)
             .and_then(|a| mem.get_slice(a, PAGE_SIZE).ok());
-        let guard;
-        let out: &mut [u8] = match &direct {
-            Some(vs) => {
-                guard = vs.ptr_guard_mut();
-                // SAFETY: PAGE_SIZE bytes of mapped, device-writable guest memory kept mapped by
-                // `mem` for this call; no other reference to it is live here (the header was
-                // copied out). Concurrent guest writes can only garble the guest's own page:
-                // the decompressors bound every access by the buffer lengths, not its contents.
-                unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), PAGE_SIZE) }
-            }
-            None => &mut bounce[..],
-        };
+        let guest = direct.as_ref().and_then(PageDst::guest);
+        let bounced = guest.is_none();
+        let out = guest.unwrap_or_else(|| PageDst::new(&mut bounce[..]));
         let hit = self
             .store
             .get(sw, &self.client, key, out, exclusive)
             .map_err(|e| e.status())?;
-        if direct.is_none() && write_part(mem, chain.writable(), 0, &bounce[..]).is_err() {
+        if bounced && write_part(mem, chain.writable(), 0, &bounce[..]).is_err() {
             // A page we cannot deliver is an error, never a silent success.
             self.warn(format_args!("GET page buffer outside guest memory"));
             return Err(Status::Invalid);
