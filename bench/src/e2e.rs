@@ -73,6 +73,7 @@ pub fn run(
                 queue_size: 256,
                 event_idx: true,
                 timeout: Duration::from_secs(60),
+                ..GuestOptions::default()
             },
         )?;
         let pool = g.create_pool(true, None)?;

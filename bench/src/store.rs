@@ -8,6 +8,7 @@ use std::time::Instant;
 use shared_proto::PAGE_SIZE;
 use vhost_tmem::store::codec::{Codecs, Compressor, Encoding};
 use vhost_tmem::store::{ClientConfig, Engine, EngineConfig, PageKey, PoolSpec, Tmem};
+use vhost_tmem::store::{PageDst, PageSrc};
 
 use crate::corpus::Corpus;
 use crate::hist::Histogram;
@@ -262,7 +263,7 @@ pub fn codec(corpus: &Corpus, c: Compressor, rounds: usize) -> Result<(Limit, Li
         for i in 0..corpus.len() {
             let page = corpus.page(i);
             let t0 = Instant::now();
-            let out = codecs.compress(c, page, threshold)?;
+            let out = codecs.compress(c, PageSrc::new(page), threshold)?;
             if out.is_none() {
                 // A page that does not compress is kept raw: a copy is part of the floor.
                 raw.copy_from_slice(page);
@@ -289,7 +290,7 @@ pub fn codec(corpus: &Corpus, c: Compressor, rounds: usize) -> Result<(Limit, Li
         let phase = Instant::now();
         for (enc, b) in &stored {
             let t0 = Instant::now();
-            codecs.decompress(*enc, b, &mut out)?;
+            codecs.decompress(*enc, b, PageDst::new(&mut out))?;
             hd.record(ns(t0));
         }
         secs_d += phase.elapsed().as_secs_f64();

@@ -166,6 +166,11 @@ pub struct ServeArgs {
         DEFAULT_POLL_US,
     ))]
     pub poll_us: Option<u64>,
+    /// Accept guest memory that is not a memfd sealed against shrinking (F_SEAL_SHRINK), such
+    /// as hugetlbfs or /dev/shm files. Unsafe with an untrusted VMM: one that truncates such a
+    /// file under its mapping kills the daemon (SIGBUS) and every client's pages with it.
+    #[arg(long)]
+    pub allow_unsealed_memory: bool,
     /// Control socket for `vhost-tmem stats` and `vhost-tmem ctl`.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
@@ -213,6 +218,7 @@ pub struct FileConfig {
     pub queues: Option<u16>,
     pub queue_size: Option<usize>,
     pub poll_us: Option<u64>,
+    pub allow_unsealed_memory: Option<bool>,
     pub control_socket: Option<PathBuf>,
     pub socket_group: Option<String>,
     pub control_group: Option<String>,
@@ -435,6 +441,8 @@ impl TryFrom<ServeArgs> for DaemonConfig {
                 .unwrap_or(DEFAULT_QUEUE_SIZE),
             max_pools: max_pools as u16,
             poll: std::time::Duration::from_micros(poll_us),
+            allow_unsealed_memory: a.allow_unsealed_memory
+                || file.allow_unsealed_memory.unwrap_or(false),
         };
         device.validate()?;
         debug_assert!(
@@ -532,6 +540,9 @@ mod tests {
         assert_eq!(c.device.request_queues, 1);
         assert_eq!(c.device.poll, std::time::Duration::from_micros(50));
         assert!(c.metrics_listen.is_none());
+        assert!(!c.device.allow_unsealed_memory);
+        let c = cfg(&["--socket-path", "/tmp/x.sock", "--allow-unsealed-memory"]).unwrap();
+        assert!(c.device.allow_unsealed_memory);
         let c = cfg(&["--socket-path", "/tmp/x.sock", "--poll-us", "0"]).unwrap();
         assert!(c.device.poll.is_zero());
         let e = cfg(&["--socket-path", "/tmp/x.sock", "--poll-us", "20000"]).unwrap_err();

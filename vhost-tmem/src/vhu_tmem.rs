@@ -3,7 +3,8 @@
 //!
 //! Requests are parsed straight out of guest memory with no allocation: the chain's
 //! descriptors go into a fixed array, the small header is copied, and the page of a PUT or GET
-//! is handed to the store as a slice of guest memory when it is contiguous in one region (the
+//! is handed to the store as a raw pointer into guest memory ([`PageSrc`]/[`PageDst`], never a
+//! Rust reference: the guest may write it meanwhile) when it is contiguous in one region (the
 //! normal case), so a page is copied at most once: by the compressor or decompressor itself.
 //! A page split across descriptors or regions goes through the worker's bounce buffer.
 //!
@@ -41,11 +42,13 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::store::{PageKey, PoolSpec, Tmem};
+use crate::store::{PageDst, PageKey, PageSrc, PoolSpec, Tmem};
 
 mod chain;
+mod memory;
 pub use chain::MAX_SEGMENTS;
 use chain::{contiguous, read_part, write_part, Chain, ChainError};
+pub use memory::MemoryError;
 
 type Mem = GuestMemoryMmap<()>;
 
@@ -84,6 +87,9 @@ pub enum Error {
     /// The workers were told to exit (not a failure: it ends their event loops).
     #[error("worker stopped")]
     Stopped,
+    /// The frontend's guest memory is refused (the connection ends).
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
 }
 
 impl From<Error> for io::Error {
@@ -104,6 +110,9 @@ pub struct DeviceConfig {
     /// How long a request queue's thread polls for more requests after a burst before it
     /// sleeps (0: never polls).
     pub poll: Duration,
+    /// Accept guest memory whose file can shrink (not a memfd sealed with F_SEAL_SHRINK): a
+    /// frontend that then truncates it kills the daemon with SIGBUS.
+    pub allow_unsealed_memory: bool,
 }
 
 impl DeviceConfig {
@@ -246,7 +255,10 @@ pub struct TmemDevice<S: Tmem> {
     store: Arc<S>,
     client: S::Client,
     cfg: DeviceConfig,
-    mem: parking_lot::RwLock<GuestMemoryAtomic<Mem>>,
+    /// The guest memory this device reads and writes: the frontend's latest map once checked
+    /// (see `update_memory`). Never the handler's own copy, which holds a new map before it
+    /// is checked; so every guest access here, rings included, goes through this one.
+    mem: GuestMemoryAtomic<Mem>,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
     /// One per worker thread; each thread only ever locks its own, so these never contend.
@@ -298,7 +310,7 @@ impl<S: Tmem> TmemDevice<S> {
             store,
             client,
             cfg,
-            mem: parking_lot::RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+            mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             workers,
@@ -436,7 +448,7 @@ impl<S: Tmem> TmemDevice<S> {
         control: bool,
         w: &mut WorkerState<S::Worker>,
     ) -> Result<Pass, Broken> {
-        let mem = self.mem.read().memory();
+        let mem = self.mem.memory();
         let mut chains = std::mem::take(&mut w.chains);
         let mut pass = Pass::Empty;
         let result = loop {
@@ -635,24 +647,18 @@ impl<S: Tmem> TmemDevice<S> {
         let WorkerState {
             store: sw, bounce, ..
         } = w;
+        // The page stays in guest memory, behind a raw pointer (the guest may write it while
+        // the store reads it); `mem` keeps it mapped for this call.
         let direct = contiguous(chain.readable(), ReqHeader::SIZE, PAGE_SIZE)
             .and_then(|a| mem.get_slice(a, PAGE_SIZE).ok());
-        let guard;
-        let page: &[u8] = match &direct {
-            Some(vs) => {
-                guard = vs.ptr_guard();
-                // SAFETY: the slice is PAGE_SIZE bytes of mapped guest memory, kept mapped by the
-                // memory guard `mem` for this call. The guest may change it concurrently; that
-                // only changes what is stored for the guest's own key, and the store reads it as
-                // plain bytes (no length or offset is derived from it).
-                unsafe { std::slice::from_raw_parts(guard.as_ptr(), PAGE_SIZE) }
-            }
+        let page = match direct.as_ref().and_then(PageSrc::guest) {
+            Some(p) => p,
             None => {
                 if read_part(mem, chain.readable(), ReqHeader::SIZE, &mut bounce[..]).is_err() {
                     self.warn(format_args!("PUT page outside guest memory"));
                     return Err(Status::Invalid);
                 }
-                &bounce[..]
+                PageSrc::new(&bounce[..])
             }
         };
         self.store
@@ -671,25 +677,17 @@ impl<S: Tmem> TmemDevice<S> {
         let WorkerState {
             store: sw, bounce, ..
         } = w;
+        // Decompressed straight into guest memory, through a raw pointer.
         let direct = contiguous(chain.writable(), 0, PAGE_SIZE)
             .and_then(|a| mem.get_slice(a, PAGE_SIZE).ok());
-        let guard;
-        let out: &mut [u8] = match &direct {
-            Some(vs) => {
-                guard = vs.ptr_guard_mut();
-                // SAFETY: PAGE_SIZE bytes of mapped, device-writable guest memory kept mapped by
-                // `mem` for this call; no other reference to it is live here (the header was
-                // copied out). Concurrent guest writes can only garble the guest's own page:
-                // the decompressors bound every access by the buffer lengths, not its contents.
-                unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), PAGE_SIZE) }
-            }
-            None => &mut bounce[..],
-        };
+        let guest = direct.as_ref().and_then(PageDst::guest);
+        let bounced = guest.is_none();
+        let out = guest.unwrap_or_else(|| PageDst::new(&mut bounce[..]));
         let hit = self
             .store
             .get(sw, &self.client, key, out, exclusive)
             .map_err(|e| e.status())?;
-        if direct.is_none() && write_part(mem, chain.writable(), 0, &bounce[..]).is_err() {
+        if bounced && write_part(mem, chain.writable(), 0, &bounce[..]).is_err() {
             // A page we cannot deliver is an error, never a silent success.
             self.warn(format_args!("GET page buffer outside guest memory"));
             return Err(Status::Invalid);
@@ -838,11 +836,34 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
-        // The handler passes the atomic it shares with the vrings; keep a handle to it.
-        *self.mem.write() = mem;
-        // Rings that were outside the old memory may be inside the new one.
-        self.mem_generation.fetch_add(1, Relaxed);
-        Ok(())
+        // The handler has already made `mem` its current map (and the vrings'), but nothing
+        // reads through those: this device uses its own copy, replaced only after the check.
+        // On an error the handler ends the connection, and the device keeps the previous map.
+        let map = mem.memory();
+        match memory::check(&map, self.cfg.allow_unsealed_memory) {
+            Ok(unsealed) => {
+                for gpa in unsealed {
+                    tracing::warn!(
+                        client = %self.name,
+                        "guest memory region at {gpa:#x} is not sealed against shrinking; \
+                         accepted because of --allow-unsealed-memory: if its VMM truncates \
+                         it, the daemon dies"
+                    );
+                }
+                // Only this (the handler's) thread takes the lock, so it is never poisoned.
+                self.mem
+                    .lock()
+                    .map_err(|_| io::Error::other("guest memory lock poisoned"))?
+                    .replace((*map).clone());
+                // Rings that were outside the old memory may be inside the new one.
+                self.mem_generation.fetch_add(1, Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(client = %self.name, "refused the frontend's guest memory: {e}");
+                Err(Error::from(e).into())
+            }
+        }
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -917,7 +938,11 @@ impl<S: Tmem> TmemDevice<S> {
         let mut idle_rounds = 0;
         loop {
             if event_idx {
-                self.notification(vring, queue, vring.disable_notification())?;
+                self.notification(
+                    vring,
+                    queue,
+                    self.ring_op(vring, |q, m| q.disable_notification(m)),
+                )?;
             }
             let pass = self.process_queue(vring, queue, control, w)?;
             if pass == Pass::Stopped {
@@ -945,7 +970,13 @@ impl<S: Tmem> TmemDevice<S> {
             }
             // With EVENT_IDX, re-enable notifications and go again if the guest added more
             // meanwhile; without it, one pass is enough (the guest kicks for new work).
-            if !event_idx || !self.notification(vring, queue, vring.enable_notification())? {
+            if !event_idx
+                || !self.notification(
+                    vring,
+                    queue,
+                    self.ring_op(vring, |q, m| q.enable_notification(m)),
+                )?
+            {
                 return Ok(());
             }
             // More work was announced. If this round took none, the index moved after the
@@ -963,6 +994,17 @@ impl<S: Tmem> TmemDevice<S> {
                 return Err(Broken::NoProgress);
             }
         }
+    }
+
+    /// Runs a notification-suppression access on the queue with this device's map: the
+    /// vring's own helpers read the handler's map, which may be one this device refused.
+    fn ring_op<T>(
+        &self,
+        vring: &VringRwLock<GuestMemoryAtomic<Mem>>,
+        f: impl FnOnce(&mut Queue, &Mem) -> Result<T, virtio_queue::Error>,
+    ) -> Result<T, virtio_queue::Error> {
+        let mem = self.mem.memory();
+        f(vring.get_mut().get_queue_mut(), &mem)
     }
 
     /// The result of a notification-suppression access; a failure breaks the queue (the
@@ -989,7 +1031,11 @@ impl<S: Tmem> TmemDevice<S> {
         vring: &VringRwLock<GuestMemoryAtomic<Mem>>,
         queue: u16,
     ) -> Result<(), Broken> {
-        if self.notification(vring, queue, vring.needs_notification())? {
+        if self.notification(
+            vring,
+            queue,
+            self.ring_op(vring, |q, m| q.needs_notification(m)),
+        )? {
             if let Err(e) = vring.signal_used_queue() {
                 self.warn(format_args!("cannot signal queue {queue}: {e}"));
             }

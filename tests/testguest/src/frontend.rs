@@ -4,7 +4,7 @@
 //! the configuration space, as QEMU does for a real guest.
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
 
 use shared_proto::{feature, Config};
@@ -14,7 +14,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::ring::Ring;
-use crate::{gm, Error, GuestOptions, Result};
+use crate::{gm, Error, GuestOptions, RamBacking, Result};
 
 const VIRTIO_F_VERSION_1: u64 = 32;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 29;
@@ -35,15 +35,29 @@ pub(crate) struct Vmm {
     pub(crate) raw_area: u64,
 }
 
-fn memfd(size: u64) -> Result<File> {
+/// Guest RAM as QEMU's memory-backend-memfd makes it: sized, then sealed against shrinking
+/// and growing (and further sealing), unless `seal` is false.
+fn memfd(size: u64, seal: bool) -> Result<File> {
     // SAFETY: memfd_create with a NUL-terminated name; the returned fd is owned by the File.
-    let fd = unsafe { libc::memfd_create(c"tmem-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"tmem-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     if fd < 0 {
         return Err(Error::Memory(std::io::Error::last_os_error()));
     }
     // SAFETY: fd is a fresh descriptor nobody else owns.
     let f = unsafe { File::from_raw_fd(fd) };
     f.set_len(size).map_err(Error::Memory)?;
+    if seal {
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl on a descriptor we own, with an integer argument.
+        if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(Error::Memory(std::io::Error::last_os_error()));
+        }
+    }
     Ok(f)
 }
 
@@ -91,7 +105,7 @@ impl Vmm {
         let per_queue = RING_BLOCK + slot_bytes;
         let raw_area = nq as u64 * per_queue;
         let total = (raw_area + RAW_AREA_BYTES).next_multiple_of(0x20_0000);
-        let file = memfd(total)?;
+        let file = memfd(total, opts.ram != RamBacking::UnsealedMemfd)?;
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
             GuestAddress(0),
             total as usize,
@@ -102,7 +116,12 @@ impl Vmm {
         let region = mem
             .find_region(GuestAddress(0))
             .ok_or(Error::Invalid("no region"))?;
-        frontend.set_mem_table(&[VhostUserMemoryRegionInfo::from_guest_region(region)?])?;
+        let mut info = VhostUserMemoryRegionInfo::from_guest_region(region)?;
+        if let RamBacking::Oversized { extra } = opts.ram {
+            // Declares more than the file holds: the device's mapping then runs past its end.
+            info.memory_size += extra;
+        }
+        frontend.set_mem_table(&[info])?;
 
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut rings = Vec::new();
@@ -166,6 +185,18 @@ impl Vmm {
     /// Reads guest memory.
     pub(crate) fn read(&self, addr: u64, b: &mut [u8]) -> Result<()> {
         self.mem.read_slice(b, GuestAddress(addr)).map_err(gm)
+    }
+
+    /// Truncates the file behind guest RAM to `len` bytes, as a hostile VMM could.
+    pub(crate) fn truncate_ram(&self, len: u64) -> std::io::Result<()> {
+        let region = self
+            .mem
+            .find_region(GuestAddress(0))
+            .ok_or_else(|| std::io::Error::other("no region"))?;
+        let fo = region
+            .file_offset()
+            .ok_or_else(|| std::io::Error::other("anonymous guest RAM"))?;
+        fo.file().set_len(len)
     }
 
     /// Guest RAM size (addresses at or past it are outside guest memory).

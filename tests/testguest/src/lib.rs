@@ -78,6 +78,23 @@ pub struct GuestOptions {
     pub event_idx: bool,
     /// How long to wait for any answer.
     pub timeout: Duration,
+    /// How guest RAM is backed and declared to the device.
+    pub ram: RamBacking,
+}
+
+/// How the VMM backs guest RAM and declares it in SET_MEM_TABLE. Only `SealedMemfd` is what a
+/// well-behaved VMM does; the others are attacks on the daemon.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RamBacking {
+    /// A memfd sealed against shrinking and growing after sizing, as QEMU's
+    /// memory-backend-memfd does by default (`seal=on`).
+    #[default]
+    SealedMemfd,
+    /// A memfd without seals: the VMM could truncate it under the device.
+    UnsealedMemfd,
+    /// A sealed memfd, but the region declared to the device is `extra` bytes longer than the
+    /// file: device accesses past the file's end would fault (SIGBUS).
+    Oversized { extra: u64 },
 }
 
 impl Default for GuestOptions {
@@ -87,6 +104,7 @@ impl Default for GuestOptions {
             queue_size: 256,
             event_idx: true,
             timeout: Duration::from_secs(30),
+            ram: RamBacking::default(),
         }
     }
 }
@@ -151,5 +169,11 @@ impl Guest {
     /// Guest RAM size (addresses at or past it are outside guest memory).
     pub fn ram_size(&self) -> u64 {
         self.vmm.ram_size()
+    }
+
+    /// Hostile VMM: truncates the memfd behind guest RAM to `len` bytes. A sealed memfd (the
+    /// default [`RamBacking`]) refuses with EPERM.
+    pub fn truncate_ram(&self, len: u64) -> std::io::Result<()> {
+        self.vmm.truncate_ram(len)
     }
 }

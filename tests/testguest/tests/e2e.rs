@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::json;
 use shared_proto::{resp_flags, BatchEntry, Op, ReqHeader, RespHeader, Status, PAGE_SIZE};
 use tmem_testguest::daemon::{self, Daemon};
-use tmem_testguest::{pages, Error, Guest, GuestOptions, Req, Seg};
+use tmem_testguest::{pages, Error, Guest, GuestOptions, RamBacking, Req, Seg};
 
 fn connect(d: &Daemon, sock: &str) -> Guest {
     Guest::connect(d.path(sock), GuestOptions::default()).unwrap()
@@ -1331,5 +1331,139 @@ fn a_failing_client_thread_is_restarted() {
     let (hits, _) = put_get_verify(&mut b, 0, bp, [4, 0, 0], 3_000, 100, true);
     assert_eq!(hits, 100);
     let (hits, _) = put_get_verify(&mut a, 0, pool, [5, 0, 0], 4_000, 100, true);
+    assert_eq!(hits, 100);
+}
+
+/// Puts and gets a few pages on a fresh connection to `sock`: the daemon is alive and serving.
+fn still_serving(d: &Daemon, sock: &str, seed: u64) {
+    let mut g = Guest::connect(
+        d.path(sock),
+        GuestOptions {
+            timeout: Duration::from_secs(5),
+            ..GuestOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("daemon not serving {sock}: {e}\n{}", d.log()));
+    let pool = g.create_pool(true, None).unwrap();
+    let (hits, _) = put_get_verify(&mut g, 0, pool, [seed, 0, 0], seed, 100, true);
+    assert_eq!(hits, 100);
+}
+
+#[test]
+fn guest_ram_past_the_end_of_its_file_is_refused() {
+    let d = Daemon::start(&[
+        "--client",
+        "name=bad,socket={dir}/bad.sock",
+        "--client",
+        "name=good,socket={dir}/good.sock",
+    ])
+    .unwrap();
+    let mut good = connect(&d, "good.sock");
+    let gp = good.create_pool(true, None).unwrap();
+    good.put(gp, [1, 0, 0], 0, &pages::page(1)).unwrap();
+
+    // The region declared to the device is 1 MiB longer than the memfd behind it.
+    let extra = 1 << 20;
+    let hostile = Guest::connect(
+        d.path("bad.sock"),
+        GuestOptions {
+            ram: RamBacking::Oversized { extra },
+            timeout: Duration::from_secs(5),
+            ..GuestOptions::default()
+        },
+    );
+    let accepted = hostile.is_ok();
+    if let Ok(mut g) = hostile {
+        // A PUT whose page lies past the file's end, inside the declared region: touching it
+        // faults (SIGBUS) in the daemon.
+        let past_eof = g.ram_size() + 0x1000;
+        let pool = g.create_pool(true, None).unwrap();
+        let hdr = ReqHeader {
+            op: Op::Put as u32,
+            pool_id: pool,
+            ..ReqHeader::default()
+        }
+        .encode()
+        .to_vec();
+        let r = g.raw_chain(
+            1,
+            &[
+                Seg::Read(hdr),
+                Seg::Raw {
+                    addr: past_eof,
+                    len: PAGE_SIZE as u32,
+                    write: false,
+                },
+                Seg::Write(16),
+            ],
+        );
+        eprintln!("PUT past the end of the file: {r:?}");
+    }
+    // The daemon survives, and the other client's pages are intact.
+    let mut out = vec![0u8; PAGE_SIZE];
+    good.get(gp, [1, 0, 0], 0, false, &mut out)
+        .unwrap_or_else(|e| panic!("good client lost its daemon: {e}\n{}", d.log()));
+    assert_eq!(out, pages::page(1));
+    assert!(!accepted, "SET_MEM_TABLE with a region past EOF accepted");
+    assert!(
+        d.log().contains("extends past the end of its file"),
+        "{}",
+        d.log()
+    );
+    // Both clients can connect again (one connection per socket at a time: drop `good` first),
+    // the refused one with proper memory.
+    drop(good);
+    still_serving(&d, "good.sock", 10);
+    still_serving(&d, "bad.sock", 20);
+}
+
+#[test]
+fn unsealed_guest_ram_is_refused_unless_allowed() {
+    let unsealed = GuestOptions {
+        ram: RamBacking::UnsealedMemfd,
+        timeout: Duration::from_secs(5),
+        ..GuestOptions::default()
+    };
+    let d = Daemon::start(&["--client", "name=vm,socket={dir}/vm.sock"]).unwrap();
+    let r = Guest::connect(d.path("vm.sock"), unsealed.clone());
+    assert!(r.is_err(), "memfd without F_SEAL_SHRINK accepted");
+    assert!(
+        d.log().contains("not sealed against shrinking"),
+        "{}",
+        d.log()
+    );
+    still_serving(&d, "vm.sock", 1);
+
+    // The operator can accept unsealable memory knowingly.
+    let d = Daemon::start(&[
+        "--client",
+        "name=vm,socket={dir}/vm.sock",
+        "--allow-unsealed-memory",
+    ])
+    .unwrap();
+    let mut g = Guest::connect(d.path("vm.sock"), unsealed).unwrap();
+    let pool = g.create_pool(true, None).unwrap();
+    let (hits, _) = put_get_verify(&mut g, 0, pool, [1, 0, 0], 0, 100, true);
+    assert_eq!(hits, 100);
+    assert!(d.log().contains("--allow-unsealed-memory"), "{}", d.log());
+}
+
+#[test]
+fn sealed_guest_ram_cannot_be_truncated() {
+    let d = Daemon::start(&["--client", "name=vm,socket={dir}/vm.sock"]).unwrap();
+    let mut g = connect(&d, "vm.sock");
+    let pool = g.create_pool(true, None).unwrap();
+    let (hits, _) = put_get_verify(&mut g, 0, pool, [1, 0, 0], 0, 100, true);
+    assert_eq!(hits, 100);
+    // The attack of a truncating VMM is impossible on the memory the daemon accepts.
+    for len in [0, g.ram_size() / 2, g.ram_size() * 2] {
+        let e = g.truncate_ram(len).unwrap_err();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EPERM),
+            "truncate to {len}: {e}"
+        );
+    }
+    let (hits, _) = put_get_verify(&mut g, 0, pool, [2, 0, 0], 1000, 100, true);
     assert_eq!(hits, 100);
 }

@@ -194,8 +194,19 @@ impl Arena {
 
     /// Copies `bytes` (1..=MAX_PAYLOAD) into a new object of its size class.
     pub(super) fn alloc_copy(&self, bytes: &[u8]) -> NonNull<u8> {
-        assert!(!bytes.is_empty() && bytes.len() <= MAX_PAYLOAD);
-        let class = bytes.len().div_ceil(GRANULE) - 1;
+        // SAFETY: `bytes` is `bytes.len()` readable bytes of another allocation.
+        unsafe { self.alloc_copy_raw(bytes.as_ptr(), bytes.len()) }
+    }
+
+    /// Copies `len` (1..=MAX_PAYLOAD) bytes at `src` into a new object of its size class, in
+    /// one read of `src`: for pages in guest memory, which no Rust reference may cover.
+    ///
+    /// # Safety
+    /// `src` is valid for reads of `len` bytes and does not point into this arena's free
+    /// objects (any other memory, guest memory included, is fine).
+    pub(super) unsafe fn alloc_copy_raw(&self, src: *const u8, len: usize) -> NonNull<u8> {
+        assert!(len > 0 && len <= MAX_PAYLOAD);
+        let class = len.div_ceil(GRANULE) - 1;
         let size = (class + 1) * GRANULE;
         let per_chunk = (CHUNK / size) as u32;
         let inner = &*self.inner;
@@ -248,9 +259,9 @@ impl Arena {
                 (chunk + off) as *mut u8
             }
         };
-        // SAFETY: `p` is a free object of `size >= bytes.len()` bytes in a mapped chunk, now
-        // ours; `bytes` is a different allocation.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len()) };
+        // SAFETY: `p` is a free object of `size >= len` bytes in a mapped chunk, now ours;
+        // `src` is readable for `len` bytes and is not this free object (caller's contract).
+        unsafe { std::ptr::copy_nonoverlapping(src, p, len) };
         NonNull::new(p).expect("chunk addresses are not null")
     }
 }

@@ -4,14 +4,21 @@
 //! Each worker thread owns one [`Codecs`]: an lz4 state and zstd contexts that are built once and
 //! reset cheaply per page, because building a context or zeroing a hash table per 4 KiB page
 //! costs as much as compressing it. lz4 is the C library (through `lz4-sys`'s static build)
-//! because its `extState_fastReset` entry point reuses a caller-owned state; zstd uses the `zstd`
-//! crate's bulk contexts.
+//! because its `extState_fastReset` entry point reuses a caller-owned state; zstd is the C
+//! library through `zstd-sys` (as re-exported by the `zstd` crate), with contexts of our own.
+//!
+//! Pages come in and go out as [`PageSrc`]/[`PageDst`] raw pointers, never Rust references:
+//! they may be guest memory that the guest writes concurrently. The C codecs bound every access
+//! by the lengths they are given, whatever the bytes hold or however they change meanwhile.
 
 use std::ffi::{c_char, c_int, c_void};
 use std::fmt;
 use std::str::FromStr;
 
 use shared_proto::PAGE_SIZE;
+use zstd::zstd_safe::zstd_sys;
+
+use super::page::{PageDst, PageSrc};
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -81,36 +88,15 @@ pub enum Encoding {
     Zstd = 2,
 }
 
-/// If every 8-byte word of `page` is the same, that word: zero and same-filled pages are stored
-/// without payload and never reach a codec.
+/// If every 8-byte word of the page `page` (exactly one page) is the same, that word: zero and
+/// same-filled pages are stored without payload and never reach a codec.
 pub fn same_filled(page: &[u8]) -> Option<u64> {
-    let (words, _) = page.as_chunks::<8>();
-    let first = u64::from_ne_bytes(words[0]);
-    // 256-byte blocks with no exit inside, so the compiler vectorizes them; most pages that
-    // are not same-filled still stop in their first block.
-    for block in words.chunks(32) {
-        let diff = block
-            .iter()
-            .fold(0u64, |d, w| d | (u64::from_ne_bytes(*w) ^ first));
-        if diff != 0 {
-            return None;
-        }
-    }
-    Some(first)
+    PageSrc::new(page).same_filled()
 }
 
-/// Fills `out` with the 8-byte `pattern`.
+/// Fills the page `out` (exactly one page) with the 8-byte `pattern`.
 pub fn fill_same(out: &mut [u8], pattern: u64) {
-    if pattern == 0 {
-        // memset: the common case, and the fastest fill there is.
-        out.fill(0);
-        return;
-    }
-    let bytes = pattern.to_ne_bytes();
-    let (words, _) = out.as_chunks_mut::<8>();
-    for w in words {
-        *w = bytes;
-    }
+    PageDst::new(out).fill(pattern)
 }
 
 // liblz4 1.10, compiled and linked by lz4-sys; these two entry points are not in its bindings.
@@ -134,12 +120,65 @@ extern "C" {
     ) -> c_int;
 }
 
+/// A zstd compression context of our own (the `zstd` crate's take slices only).
+struct ZstdC(std::ptr::NonNull<zstd_sys::ZSTD_CCtx>);
+/// A zstd decompression context of our own.
+struct ZstdD(std::ptr::NonNull<zstd_sys::ZSTD_DCtx>);
+
+// SAFETY: a zstd context is plain heap state with no thread affinity; each is owned by one
+// Codecs and used only through `&mut Codecs`, so by one thread at a time.
+unsafe impl Send for ZstdC {}
+// SAFETY: as for ZstdC.
+unsafe impl Send for ZstdD {}
+
+fn zstd_error(what: &str) -> Error {
+    Error::Zstd(std::io::Error::other(what.to_string()))
+}
+
+impl ZstdC {
+    fn new(level: i32) -> Result<Self, Error> {
+        // SAFETY: no arguments; returns an owned context or null.
+        let c = std::ptr::NonNull::new(unsafe { zstd_sys::ZSTD_createCCtx() })
+            .map(ZstdC)
+            .ok_or_else(|| zstd_error("out of memory"))?;
+        // Pages are always 4 KiB: the frame needs neither size, checksum nor dictionary id.
+        for (p, v) in [
+            (zstd_sys::ZSTD_cParameter::ZSTD_c_compressionLevel, level),
+            (zstd_sys::ZSTD_cParameter::ZSTD_c_contentSizeFlag, 0),
+            (zstd_sys::ZSTD_cParameter::ZSTD_c_checksumFlag, 0),
+            (zstd_sys::ZSTD_cParameter::ZSTD_c_dictIDFlag, 0),
+        ] {
+            // SAFETY: a live context we own; parameters are plain integers.
+            let r = unsafe { zstd_sys::ZSTD_CCtx_setParameter(c.0.as_ptr(), p, v) };
+            // SAFETY: a pure function of its argument.
+            if unsafe { zstd_sys::ZSTD_isError(r) } != 0 {
+                return Err(zstd_error("cannot set a compression parameter"));
+            }
+        }
+        Ok(c)
+    }
+}
+
+impl Drop for ZstdC {
+    fn drop(&mut self) {
+        // SAFETY: the context is ours and freed once.
+        unsafe { zstd_sys::ZSTD_freeCCtx(self.0.as_ptr()) };
+    }
+}
+
+impl Drop for ZstdD {
+    fn drop(&mut self) {
+        // SAFETY: the context is ours and freed once.
+        unsafe { zstd_sys::ZSTD_freeDCtx(self.0.as_ptr()) };
+    }
+}
+
 /// A worker's compressor state. Not shared between threads.
 pub struct Codecs {
     // u64 elements: liblz4 wants its state 8-byte aligned.
     lz4_state: Box<[u64]>,
-    zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
-    unzstd: zstd::bulk::Decompressor<'static>,
+    zstd: Option<(i32, ZstdC)>,
+    unzstd: ZstdD,
     /// Compressed output of the last `compress`.
     out: Box<[u8]>,
 }
@@ -173,7 +212,10 @@ impl Codecs {
                 1,
             );
         }
-        let unzstd = zstd::bulk::Decompressor::new().map_err(Error::Zstd)?;
+        // SAFETY: no arguments; returns an owned context or null.
+        let unzstd = std::ptr::NonNull::new(unsafe { zstd_sys::ZSTD_createDCtx() })
+            .map(ZstdD)
+            .ok_or_else(|| zstd_error("out of memory"))?;
         Ok(Codecs {
             lz4_state,
             zstd: None,
@@ -185,42 +227,35 @@ impl Codecs {
     /// Makes sure the zstd context is built for `level` (rebuilt only when the level changes).
     fn zstd(&mut self, level: i32) -> Result<(), Error> {
         if self.zstd.as_ref().map(|(l, _)| *l) != Some(level) {
-            let mut c = zstd::bulk::Compressor::new(level).map_err(Error::Zstd)?;
-            // Pages are always 4 KiB: the frame needs neither size, checksum nor dictionary id.
-            for p in [
-                zstd::zstd_safe::CParameter::ContentSizeFlag(false),
-                zstd::zstd_safe::CParameter::ChecksumFlag(false),
-                zstd::zstd_safe::CParameter::DictIdFlag(false),
-            ] {
-                c.set_parameter(p).map_err(Error::Zstd)?;
-            }
-            self.zstd = Some((level, c));
+            self.zstd = Some((level, ZstdC::new(level)?));
         }
         Ok(())
     }
 
     /// Compresses one page with `with`; returns the encoding and the output (borrowed from this
-    /// state), or `None` if the output would not be smaller than `limit` bytes.
+    /// state), or `None` if the output would not be smaller than `limit` bytes. The codec reads
+    /// the page once, through its pointer.
     pub fn compress(
         &mut self,
         with: Compressor,
-        page: &[u8],
+        page: PageSrc<'_>,
         limit: usize,
     ) -> Result<Option<(Encoding, &[u8])>, Error> {
-        debug_assert_eq!(page.len(), PAGE_SIZE);
         let limit = limit.min(OUT_CAPACITY);
         let (enc, n) = match with {
             Compressor::None => return Ok(None),
             Compressor::Lz4 => {
                 // SAFETY: the state was fully initialized in new() and is only used by this
-                // thread; src is PAGE_SIZE readable bytes; dst has `limit` writable bytes (<=
-                // OUT_CAPACITY) and liblz4 never writes past dst_capacity.
+                // thread; src is PAGE_SIZE readable bytes (PageSrc's invariant), which liblz4
+                // reads within [src, src + src_size) whatever they hold, also if they change
+                // meanwhile; dst has `limit` writable bytes (<= OUT_CAPACITY) and liblz4 never
+                // writes past dst_capacity.
                 let n = unsafe {
                     LZ4_compress_fast_extState_fastReset(
                         self.lz4_state.as_mut_ptr().cast(),
                         page.as_ptr().cast(),
                         self.out.as_mut_ptr().cast(),
-                        page.len() as c_int,
+                        PAGE_SIZE as c_int,
                         limit as c_int,
                         1,
                     )
@@ -233,12 +268,25 @@ impl Codecs {
             }
             Compressor::Zstd(level) => {
                 self.zstd(level)?;
-                let c = &mut self.zstd.as_mut().expect("built above").1;
-                match c.compress_to_buffer(page, &mut self.out[..limit]) {
-                    Ok(n) => (Encoding::Zstd, n),
+                let c = &self.zstd.as_ref().expect("built above").1;
+                // SAFETY: a live context of ours; dst has `limit` writable bytes of our own
+                // buffer and src PAGE_SIZE readable bytes (PageSrc's invariant); zstd accesses
+                // nothing outside them, whatever the source holds or however it changes.
+                let n = unsafe {
+                    zstd_sys::ZSTD_compress2(
+                        c.0.as_ptr(),
+                        self.out.as_mut_ptr().cast(),
+                        limit,
+                        page.as_ptr().cast(),
+                        PAGE_SIZE,
+                    )
+                };
+                // SAFETY: a pure function of its argument.
+                if unsafe { zstd_sys::ZSTD_isError(n) } != 0 {
                     // "Destination buffer is too small": incompressible within the limit.
-                    Err(_) => return Ok(None),
+                    return Ok(None);
                 }
+                (Encoding::Zstd, n)
             }
         };
         if n >= limit {
@@ -247,39 +295,55 @@ impl Codecs {
         Ok(Some((enc, &self.out[..n])))
     }
 
-    /// Decompresses `payload` into `out`, which must be exactly one page.
+    /// Decompresses `payload` into the page `out`, writing it once.
     pub fn decompress(
         &mut self,
         enc: Encoding,
         payload: &[u8],
-        out: &mut [u8],
+        mut out: PageDst<'_>,
     ) -> Result<(), Error> {
-        debug_assert_eq!(out.len(), PAGE_SIZE);
         let n = match enc {
             Encoding::Raw => {
                 if payload.len() != PAGE_SIZE {
                     return Err(Error::Corrupt);
                 }
-                out.copy_from_slice(payload);
+                out.copy_from(payload);
                 PAGE_SIZE
             }
             Encoding::Lz4 => {
                 // SAFETY: LZ4_decompress_safe reads at most payload.len() bytes from payload and
-                // writes at most out.len() bytes to out, whatever the payload holds.
+                // writes at most PAGE_SIZE bytes to out (PageDst's invariant: PAGE_SIZE
+                // writable), whatever the payload holds; it reads back only bytes it wrote,
+                // so a guest writing the page meanwhile garbles the page, not the bounds.
                 let n = unsafe {
                     lz4_sys::LZ4_decompress_safe(
                         payload.as_ptr().cast(),
                         out.as_mut_ptr().cast(),
                         payload.len() as c_int,
-                        out.len() as c_int,
+                        PAGE_SIZE as c_int,
                     )
                 };
                 usize::try_from(n).map_err(|_| Error::Corrupt)?
             }
-            Encoding::Zstd => self
-                .unzstd
-                .decompress_to_buffer(payload, out)
-                .map_err(|_| Error::Corrupt)?,
+            Encoding::Zstd => {
+                // SAFETY: a live context of ours; zstd writes at most PAGE_SIZE bytes to out
+                // (PageDst's invariant) and reads at most payload.len() from payload, whatever
+                // they hold.
+                let n = unsafe {
+                    zstd_sys::ZSTD_decompressDCtx(
+                        self.unzstd.0.as_ptr(),
+                        out.as_mut_ptr().cast(),
+                        PAGE_SIZE,
+                        payload.as_ptr().cast(),
+                        payload.len(),
+                    )
+                };
+                // SAFETY: a pure function of its argument.
+                if unsafe { zstd_sys::ZSTD_isError(n) } != 0 {
+                    return Err(Error::Corrupt);
+                }
+                n
+            }
         };
         if n != PAGE_SIZE {
             return Err(Error::Corrupt);
@@ -339,10 +403,13 @@ mod tests {
             // Many pages through the same state: the fast reset must not leak history.
             for seed in 0..50 {
                 let page = text_page(seed * 13);
-                let (enc, payload) = c.compress(with, &page, PAGE_SIZE).unwrap().unwrap();
+                let (enc, payload) = c
+                    .compress(with, PageSrc::new(&page), PAGE_SIZE)
+                    .unwrap()
+                    .unwrap();
                 assert!(payload.len() < PAGE_SIZE / 2, "{with}: {}", payload.len());
                 let payload = payload.to_vec();
-                c.decompress(enc, &payload, &mut out).unwrap();
+                c.decompress(enc, &payload, PageDst::new(&mut out)).unwrap();
                 assert_eq!(out, page, "{with} seed {seed}");
             }
         }
@@ -353,25 +420,28 @@ mod tests {
         let mut c = Codecs::new().unwrap();
         let page = random_page(42);
         for with in [Compressor::Lz4, Compressor::Zstd(1), Compressor::None] {
-            assert!(c.compress(with, &page, PAGE_SIZE - 512).unwrap().is_none());
+            assert!(c
+                .compress(with, PageSrc::new(&page), PAGE_SIZE - 512)
+                .unwrap()
+                .is_none());
         }
         let mut out = vec![0u8; PAGE_SIZE];
         let (enc, payload) = c
-            .compress(Compressor::Lz4, &text_page(1), PAGE_SIZE)
+            .compress(Compressor::Lz4, PageSrc::new(&text_page(1)), PAGE_SIZE)
             .unwrap()
             .unwrap();
         let mut bad = payload.to_vec();
         bad.truncate(bad.len() / 2);
         assert!(matches!(
-            c.decompress(enc, &bad, &mut out),
+            c.decompress(enc, &bad, PageDst::new(&mut out)),
             Err(Error::Corrupt)
         ));
         assert!(matches!(
-            c.decompress(Encoding::Zstd, &bad, &mut out),
+            c.decompress(Encoding::Zstd, &bad, PageDst::new(&mut out)),
             Err(Error::Corrupt)
         ));
         assert!(matches!(
-            c.decompress(Encoding::Raw, &bad, &mut out),
+            c.decompress(Encoding::Raw, &bad, PageDst::new(&mut out)),
             Err(Error::Corrupt)
         ));
     }

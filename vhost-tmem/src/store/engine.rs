@@ -12,7 +12,9 @@ use parking_lot::{Mutex, RwLock};
 use shared_proto::{Oid, PAGE_SIZE};
 
 use super::budget::Budget;
-use super::codec::{self, Codecs, Compressor, Encoding};
+#[cfg(test)]
+use super::codec;
+use super::codec::{Codecs, Compressor};
 use super::counters::Counters;
 use super::hash::KeyedState;
 use super::layout::{
@@ -21,7 +23,9 @@ use super::layout::{
     RUN_PAGES, SHARDS, SHARED_PAGE_META, SLOT_BYTES,
 };
 use super::slot::{Payload, Slot};
-use super::{format_uuid, Error, GetHit, PageKey, PoolId, PoolSpec, Result, Tmem, Uuid};
+use super::{
+    format_uuid, Error, GetHit, PageDst, PageKey, PageSrc, PoolId, PoolSpec, Result, Tmem, Uuid,
+};
 
 /// What happens to an ephemeral page that does not compress below the raw threshold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -545,20 +549,23 @@ impl Tmem for Engine {
         Ok(())
     }
 
-    fn put(
+    fn put<'p>(
         &self,
         worker: &mut Worker,
         client: &Arc<Client>,
         page_key: &PageKey,
-        page: &[u8],
+        page: impl Into<PageSrc<'p>>,
     ) -> Result<()> {
+        let page = page.into();
         let pool = client.pool(page_key.pool)?;
         Counters::inc(&client.counters.puts);
         if client.frozen.load(Relaxed) {
             return Err(self.refuse(client, &pool, page_key, Error::Refused("client frozen")));
         }
-        // Zero and same-filled pages never reach the codec.
-        let slot = match codec::same_filled(page) {
+        // Zero and same-filled pages never reach the codec. The check reads words up to the
+        // first that differs (usually within the first 256 bytes), the codec the whole page
+        // once; only an incompressible page is read a second time, to store it raw.
+        let slot = match page.same_filled() {
             Some(w) => Slot::same(w),
             None => match worker
                 .codecs
@@ -568,7 +575,7 @@ impl Tmem for Engine {
                 None if pool.persistent
                     || self.cfg.ephemeral_incompressible == IncompressiblePolicy::Store =>
                 {
-                    Slot::stored(&self.budget.arena, Encoding::Raw, page)
+                    Slot::stored_page(&self.budget.arena, page)
                 }
                 None => {
                     return Err(self.refuse(
@@ -666,14 +673,15 @@ impl Tmem for Engine {
         Ok(())
     }
 
-    fn get(
+    fn get<'p>(
         &self,
         worker: &mut Worker,
         client: &Arc<Client>,
         page_key: &PageKey,
-        out: &mut [u8],
+        out: impl Into<PageDst<'p>>,
         exclusive: bool,
     ) -> Result<GetHit> {
+        let out = out.into();
         let pool = client.pool(page_key.pool)?;
         Counters::inc(&client.counters.gets);
         // Private ephemeral pages move back into the guest: keeping a copy would only waste
@@ -933,10 +941,10 @@ struct AllocatedStructure {
     run_maps_cap: usize,
 }
 
-fn decode(worker: &mut Worker, s: &Slot, out: &mut [u8]) -> Result<()> {
+fn decode(worker: &mut Worker, s: &Slot, mut out: PageDst<'_>) -> Result<()> {
     match s.payload() {
         Payload::Same(w) => {
-            codec::fill_same(out, w);
+            out.fill(w);
             Ok(())
         }
         Payload::Stored(enc, bytes) => Ok(worker.codecs.decompress(enc, bytes, out)?),

@@ -11,6 +11,7 @@ mod counters;
 mod engine;
 mod hash;
 mod layout;
+pub mod page;
 mod slot;
 pub mod stats;
 
@@ -18,6 +19,7 @@ use shared_proto::{Oid, Status, PAGE_SIZE};
 
 use codec::Compressor;
 pub use engine::{Client, ClientConfig, Engine, EngineConfig, IncompressiblePolicy};
+pub use page::{PageDst, PageSrc};
 
 // The defaults of the engine's and the clients' settings, here once for the engine, the
 // configuration file and the command line.
@@ -169,7 +171,10 @@ pub struct GetHit {
 /// The tmem operations, as the device glue uses them.
 ///
 /// Every method is called concurrently from several worker threads. `page` and `out` may point
-/// straight into guest memory: implementations read `page` once and write `out` once.
+/// straight into guest memory that the guest writes concurrently: implementations access them
+/// only through [`PageSrc`]/[`PageDst`] (never as Rust references), read `page` once where they
+/// can and write `out` once. In-process callers pass their own buffers (`&[u8]`, `&Vec<u8>`,
+/// `&mut [u8]`, ... of one page) and get them converted.
 pub trait Tmem: Send + Sync + 'static {
     /// A connected client.
     type Client: Send + Sync;
@@ -186,22 +191,22 @@ pub trait Tmem: Send + Sync + 'static {
     fn destroy_pool(&self, client: &Self::Client, pool: PoolId) -> Result<()>;
 
     /// Stores one page. On any error no copy of the key remains (an older one is dropped too).
-    fn put(
+    fn put<'p>(
         &self,
         worker: &mut Self::Worker,
         client: &Self::Client,
         key: &PageKey,
-        page: &[u8],
+        page: impl Into<PageSrc<'p>>,
     ) -> Result<()>;
 
     /// Loads one page into `out`. Private ephemeral pools always drop their copy on a hit;
     /// other pools when `exclusive` is set.
-    fn get(
+    fn get<'p>(
         &self,
         worker: &mut Self::Worker,
         client: &Self::Client,
         key: &PageKey,
-        out: &mut [u8],
+        out: impl Into<PageDst<'p>>,
         exclusive: bool,
     ) -> Result<GetHit>;
 

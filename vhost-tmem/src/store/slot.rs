@@ -9,6 +9,8 @@ use std::ptr::NonNull;
 
 use super::arena::{self, Arena};
 use super::codec::Encoding;
+use super::page::PageSrc;
+use shared_proto::PAGE_SIZE;
 
 /// A stored page. Owns its payload, an object of the engine's [`Arena`].
 pub struct Slot {
@@ -52,6 +54,19 @@ impl Slot {
             word: p.as_ptr() as u64,
             len: bytes.len() as u16,
             enc,
+        }
+    }
+
+    /// A page stored as it is (raw), copied straight from where it lies, guest memory
+    /// included: the one copy a raw page gets.
+    pub fn stored_page(arena: &Arena, page: PageSrc<'_>) -> Slot {
+        // SAFETY: a `PageSrc` points to PAGE_SIZE readable bytes (its invariant), which are a
+        // guest page or a caller's buffer, never a free arena object.
+        let p = unsafe { arena.alloc_copy_raw(page.as_ptr(), PAGE_SIZE) };
+        Slot {
+            word: p.as_ptr() as u64,
+            len: PAGE_SIZE as u16,
+            enc: Encoding::Raw,
         }
     }
 
