@@ -40,6 +40,7 @@ TEST_LOG := target/test-summary.log
 unit-test: build
 	@echo "== unit and doc tests"
 	$(CARGO) test --release --workspace --lib --bins 2>&1 | tee -a $(TEST_LOG)
+	$(CARGO) test --release -p vhost-tmem --test '*' 2>&1 | tee -a $(TEST_LOG)
 	$(CARGO) test --release --workspace --doc 2>&1 | tee -a $(TEST_LOG)
 
 e2e-test: build
