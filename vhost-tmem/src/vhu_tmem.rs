@@ -373,18 +373,23 @@ impl<S: Tmem> TmemDevice<S> {
         }
     }
 
-    /// Marks queue `index` broken in the ring setup `q`; called with the vring's lock held, so
-    /// that a GET_VRING_BASE (which takes that lock before it calls `stop_vring`) cannot clear
-    /// the mark before it is made.
-    fn mark_broken(&self, index: u16, q: &Queue, why: Broken) {
-        let setup = RingSetup {
+    /// The setup of ring `q` now, under this device's current memory table.
+    fn ring_setup(&self, q: &Queue) -> RingSetup {
+        RingSetup {
             desc: q.desc_table(),
             avail: q.avail_ring(),
             used: q.used_ring(),
             size: q.size(),
             next_avail: q.next_avail(),
             mem_generation: self.mem_generation.load(Relaxed),
-        };
+        }
+    }
+
+    /// Marks queue `index` broken in the ring setup `q`; called with the vring's lock held, so
+    /// that a GET_VRING_BASE (which takes that lock before it calls `stop_vring`) cannot clear
+    /// the mark before it is made.
+    fn mark_broken(&self, index: u16, q: &Queue, why: Broken) {
+        let setup = self.ring_setup(q);
         if let Some(b) = self.broken.get(index as usize) {
             *b.lock() = Some(setup);
         }
@@ -409,14 +414,7 @@ impl<S: Tmem> TmemDevice<S> {
         };
         let state = vring.get_ref();
         let q = state.get_queue();
-        let now = RingSetup {
-            desc: q.desc_table(),
-            avail: q.avail_ring(),
-            used: q.used_ring(),
-            size: q.size(),
-            next_avail: q.next_avail(),
-            mem_generation: self.mem_generation.load(Relaxed),
-        };
+        let now = self.ring_setup(q);
         if now == setup {
             return true;
         }
