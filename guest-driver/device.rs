@@ -70,6 +70,9 @@ pub(crate) struct TmemDev {
     /// is sent after that.
     broken: AtomicBool,
     batch: bool,
+    /// Most entries in a BATCH: the device's `max_batch`, at most [`MAX_BATCH`]. A BATCH the
+    /// device rejects breaks it (see [`TmemDev::send_pending`]), so this limit is honoured.
+    max_batch: usize,
     pub(crate) stats: Counters,
 }
 
@@ -344,7 +347,7 @@ impl TmemDev {
             return;
         }
         let mut pending = self.pending.lock();
-        if pending.len == MAX_BATCH {
+        if pending.len >= self.max_batch {
             self.send_pending(&mut pending);
         }
         let at = pending.len;
@@ -479,7 +482,9 @@ impl TmemDev {
         }
         let vqs = vdev.find_vqs(&names)?;
 
-        let batch = vdev.has_feature(proto::feature::BATCH);
+        let max_batch = usize::from(config.max_batch).min(MAX_BATCH);
+        // A device that takes no batch entry cannot batch at all.
+        let batch = vdev.has_feature(proto::feature::BATCH) && max_batch > 0;
         let build = || -> Result<Arc<TmemDev>> {
             let mut queues = KVec::with_capacity(nvqs, GFP_KERNEL)?;
             for vq in vqs {
@@ -510,6 +515,7 @@ impl TmemDev {
                     pending_len: AtomicUsize::new(0),
                     broken: AtomicBool::new(false),
                     batch,
+                    max_batch,
                     stats: Counters::default(),
                 },
                 GFP_KERNEL,
@@ -525,9 +531,10 @@ impl TmemDev {
             }
         };
         pr_info!(
-            "device ready: {} request queue(s), batch {}, host limit {} pages\n",
+            "device ready: {} request queue(s), batch {} (up to {}), host limit {} pages\n",
             nreq,
             if dev.batch { "on" } else { "off" },
+            dev.max_batch,
             config.limit_pages
         );
         Ok(dev)
