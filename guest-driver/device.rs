@@ -4,10 +4,12 @@
 //!
 //! Requests are synchronous and polled: a request queue carries one request at a time under its
 //! spinlock, and [`TmemDev::call`] spins until the device answers (see the crate documentation
-//! for why). Buffers are allocated at probe, so the swap-out and reclaim paths allocate nothing.
-//! Invalidations are queued and sent in `BATCH` requests; every put and get sends the queued
-//! ones first, so the device sees them in order. The swap and page-cache operations built on
-//! this are in `swap.rs` and `page_cache.rs`.
+//! for why), at most `timeout_ms`: a device that does not answer in time is broken and every
+//! later request fails at once. Answers are checked (used length, token) before use. Buffers are
+//! allocated at probe, so the swap-out and reclaim paths allocate nothing. Invalidations are
+//! queued and sent in `BATCH` requests; every put and get first waits until the invalidations
+//! queued before it have been answered (see [`TmemDev::drain_pending`]). The swap and
+//! page-cache operations built on this are in `swap.rs` and `page_cache.rs`.
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use kernel::{bindings, c_str, new_spinlock, prelude::*, sync::Arc, sync::SpinLock};

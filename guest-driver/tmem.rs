@@ -10,7 +10,8 @@
 //! go there and come back on a read miss.
 //!
 //! Requests are synchronous and polled: a request queue carries one request at a time under its
-//! spinlock, and the driver spins on the used ring until the device answers. The tmem hooks need
+//! spinlock, and the driver spins on the used ring until the device answers, for at most
+//! `timeout_ms` (a module parameter), after which the device is broken and every request fails. The tmem hooks need
 //! a synchronous answer anyway (a swap-in waits for its page); polling saves an interrupt and a
 //! wakeup per page, and lets one path serve the hooks that run under spinlocks, where sleeping
 //! is not allowed. Buffers are allocated at probe, so the swap-out and reclaim paths, which run
