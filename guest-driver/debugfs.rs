@@ -28,6 +28,8 @@ pub(crate) struct Counters {
     pub(crate) cache_pools: AtomicU64,
     pub(crate) cache_shared_pools: AtomicU64,
     pub(crate) failures: AtomicU64,
+    /// Answers whose used length was not what the operation returns.
+    pub(crate) bad_answers: AtomicU64,
     pub(crate) flushes: AtomicU64,
     pub(crate) batches: AtomicU64,
     pub(crate) pools: AtomicU64,
@@ -47,7 +49,7 @@ impl Dir {
         let dir =
             unsafe { bindings::debugfs_create_dir(c_str!("tmem").as_char_ptr(), ptr::null_mut()) };
         let s = &dev.stats;
-        let files: [(&CStr, &AtomicU64); 17] = [
+        let files: [(&CStr, &AtomicU64); 18] = [
             (c_str!("puts"), &s.puts),
             (c_str!("puts_refused"), &s.puts_refused),
             (c_str!("gets"), &s.gets),
@@ -62,6 +64,7 @@ impl Dir {
             (c_str!("cache_pools"), &s.cache_pools),
             (c_str!("cache_shared_pools"), &s.cache_shared_pools),
             (c_str!("failures"), &s.failures),
+            (c_str!("bad_answers"), &s.bad_answers),
             (c_str!("flushes"), &s.flushes),
             (c_str!("batches"), &s.batches),
             (c_str!("pools"), &s.pools),

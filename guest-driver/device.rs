@@ -4,10 +4,12 @@
 //!
 //! Requests are synchronous and polled: a request queue carries one request at a time under its
 //! spinlock, and [`TmemDev::call`] spins until the device answers (see the crate documentation
-//! for why). Buffers are allocated at probe, so the swap-out and reclaim paths allocate nothing.
-//! Invalidations are queued and sent in `BATCH` requests; every put and get sends the queued
-//! ones first, so the device sees them in order. The swap and page-cache operations built on
-//! this are in `swap.rs` and `page_cache.rs`.
+//! for why), at most `timeout_ms`: a device that does not answer in time is broken and every
+//! later request fails at once. Answers are checked (used length, token) before use. Buffers are
+//! allocated at probe, so the swap-out and reclaim paths allocate nothing. Invalidations are
+//! queued and sent in `BATCH` requests; every put and get first waits until the invalidations
+//! queued before it have been answered (see [`TmemDev::drain_pending`]). The swap and
+//! page-cache operations built on this are in `swap.rs` and `page_cache.rs`.
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use kernel::{bindings, c_str, new_spinlock, prelude::*, sync::Arc, sync::SpinLock};
@@ -15,7 +17,7 @@ use kernel::{bindings, c_str, new_spinlock, prelude::*, sync::Arc, sync::SpinLoc
 use crate::backend::Page;
 use crate::debugfs::Counters;
 use crate::proto::{self, BatchEntry, Config, Op, ReqHeader, RespHeader, Status};
-use crate::virtio::{self, ReadSg, Virtqueue, WriteSg};
+use crate::virtio::{self, ExchangeError, ReadSg, Virtqueue, WriteSg};
 
 /// Swap types are below `MAX_SWAPFILES`, which is at most 32 (5 bits in a swap entry).
 pub(crate) const SWAP_TYPES: usize = 32;
@@ -66,7 +68,13 @@ pub(crate) struct TmemDev {
     pub(crate) pending: Pin<KBox<SpinLock<Pending>>>,
     /// `pending.len`, readable without the lock: a store checks it on every page.
     pending_len: AtomicUsize,
+    /// Set once the device stopped answering (or answered what was never asked): no request
+    /// is sent after that.
+    broken: AtomicBool,
     batch: bool,
+    /// Most entries in a BATCH: the device's `max_batch`, at most [`MAX_BATCH`]. A BATCH the
+    /// device rejects breaks it (see [`TmemDev::send_pending`]), so this limit is honoured.
+    max_batch: usize,
     pub(crate) stats: Counters,
 }
 
@@ -97,9 +105,17 @@ impl TmemDev {
         &self.queues[1 + virtio::this_cpu() % n]
     }
 
-    /// Sends one request and spins until the device answers it. `payload` follows the header
-    /// in the readable part, `statuses` status bytes follow the response header (BATCH), and
-    /// the number of entries whose status is not OK is returned with the response.
+    /// Sends one request and spins until the device answers it (at most `timeout_ms`, see
+    /// [`crate::timeout_ns`]). `payload` follows the header in the readable part, `statuses`
+    /// status bytes follow the response header (BATCH), and the number of entries whose status
+    /// is not OK is returned with the response.
+    ///
+    /// The answer is checked before anything in it is used: the used length must be exactly
+    /// what the operation returns (a page and the response for GET, the response and
+    /// `statuses` bytes for BATCH, the response otherwise), else the request fails with EIO
+    /// and nothing is copied: the bounce buffer may still hold an earlier request's page. A
+    /// device that does not answer in time, or returns another request, is broken and every
+    /// later request fails at once.
     fn call(
         &self,
         q: &SpinLock<Vq>,
@@ -108,6 +124,9 @@ impl TmemDev {
         data: Data<'_>,
         statuses: usize,
     ) -> Result<(RespHeader, usize)> {
+        if self.broken.load(Ordering::Acquire) {
+            return Err(ENODEV);
+        }
         let out_len = ReqHeader::SIZE + payload.len();
         let resp_len = RespHeader::SIZE + statuses;
         let mut guard = q.lock();
@@ -125,17 +144,42 @@ impl TmemDev {
         };
         vq.resp[..RespHeader::SIZE].copy_from_slice(&unknown.encode());
 
+        let timeout = crate::timeout_ns();
         let out = ReadSg::bytes(&vq.out, out_len);
         let resp = WriteSg::bytes(&mut vq.resp, resp_len);
-        match data {
-            Data::NoPage => vq.vq.exchange(&mut [out], &mut [resp])?,
-            Data::Out(page) => vq
-                .vq
-                .exchange(&mut [out, ReadSg::page(page)], &mut [resp])?,
+        // A PUT's page is only read by the device; a GET's page goes through the bounce buffer,
+        // so a late write by a device that timed out never reaches a page the kernel owns.
+        let (used, expected) = match data {
+            Data::NoPage => (vq.vq.exchange(&mut [out], &mut [resp], timeout), resp_len),
+            Data::Out(page) => (
+                vq.vq
+                    .exchange(&mut [out, ReadSg::page(page)], &mut [resp], timeout),
+                resp_len,
+            ),
             Data::In(_) => {
                 let bounce = WriteSg::bytes(&mut vq.bounce, proto::PAGE_SIZE);
-                vq.vq.exchange(&mut [out], &mut [bounce, resp])?
+                (
+                    vq.vq.exchange(&mut [out], &mut [bounce, resp], timeout),
+                    proto::PAGE_SIZE + resp_len,
+                )
             }
+        };
+        let used = match used {
+            Ok(used) => used as usize,
+            Err(e) => return Err(self.exchange_failed(hdr, e)),
+        };
+        if used != expected {
+            let count = self.stats.bad_answers.fetch_add(1, Ordering::Relaxed) + 1;
+            if rare(count) {
+                pr_err!(
+                    "{:?}: used length {}, expected {} ({} bad answers)\n",
+                    Op::from_u32(hdr.op),
+                    used,
+                    expected,
+                    count
+                );
+            }
+            return Err(EIO);
         }
         let mut b = [0u8; RespHeader::SIZE];
         b.copy_from_slice(&vq.resp[..RespHeader::SIZE]);
@@ -150,6 +194,35 @@ impl TmemDev {
             .filter(|s| **s != Status::Ok as u8 && **s != Status::Miss as u8)
             .count();
         Ok((resp, failed))
+    }
+
+    /// Records a request the device did not answer: once the device is broken (by a timeout,
+    /// a bad answer, or the virtio core), the driver stops sending. Returns the hook's error.
+    fn exchange_failed(&self, hdr: &ReqHeader, e: ExchangeError) -> Error {
+        match e {
+            ExchangeError::Add(e) => e,
+            ExchangeError::Broken | ExchangeError::TimedOut | ExchangeError::BadToken => {
+                if !self.broken.swap(true, Ordering::AcqRel) {
+                    let op = Op::from_u32(hdr.op);
+                    match e {
+                        ExchangeError::TimedOut => pr_err!(
+                            "device broken: {:?} not answered in {} ms; tmem requests fail from now on\n",
+                            op,
+                            crate::timeout_ns() / 1_000_000
+                        ),
+                        ExchangeError::BadToken => pr_err!(
+                            "device broken: it returned a request not in flight ({:?}); tmem requests fail from now on\n",
+                            op
+                        ),
+                        _ => pr_err!(
+                            "device broken: the virtqueue broke ({:?}); tmem requests fail from now on\n",
+                            op
+                        ),
+                    }
+                }
+                ENODEV
+            }
+        }
     }
 
     /// A request on the control queue that must succeed; returns the response's value.
@@ -175,7 +248,22 @@ impl TmemDev {
         Ok(resp)
     }
 
-    /// Sends the queued invalidations: one of them may name the key a put or get is for.
+    /// Sends the queued invalidations, and waits for the ones another CPU is sending: on
+    /// return, every invalidation queued before the call has been carried out by the device
+    /// (or the device is broken, and every request fails). Puts and gets call this first: one
+    /// of the invalidations may name their key.
+    ///
+    /// Why that holds: `pending_len` is nonzero from the moment an invalidation is queued until
+    /// the BATCH carrying it has been *completed* by the device, because [`Self::send_pending`]
+    /// keeps the pending lock, and sets `pending_len` to 0, only after the device returned the
+    /// BATCH; no entry can be queued in between (the lock is held). An invalidation that
+    /// happened before this call (the hook returned, and the caller synchronized with it: a
+    /// freed swap slot is reused under the swap_info lock, a truncated page is read again
+    /// after the truncation) stored a nonzero `pending_len` with Release that this Acquire load
+    /// sees, or sees a later value: nonzero again (we take the lock, which waits for a BATCH
+    /// in flight, and send whatever is still queued), or the 0 that its own BATCH's completion
+    /// stored. Requests on different queues are served in parallel by the device, so "sent
+    /// before" is not enough: the BATCH must have come back before the PUT or GET is added.
     pub(crate) fn drain_pending(&self) {
         if self.pending_len.load(Ordering::Acquire) != 0 {
             self.send_pending(&mut self.pending.lock());
@@ -242,13 +330,26 @@ impl TmemDev {
                 ..Default::default()
             };
             self.stats.flushes.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = self.call(self.queue_for_cpu(), &hdr, &[], Data::NoPage, 0) {
-                self.transport_failure("flush", e);
+            // Synchronous: the flush is carried out before this hook returns.
+            match self.call(self.queue_for_cpu(), &hdr, &[], Data::NoPage, 0) {
+                Ok((resp, _))
+                    if matches!(
+                        Status::from_u32(resp.status),
+                        Some(Status::Ok | Status::Miss | Status::BadPool)
+                    ) => {}
+                Ok((resp, _)) => {
+                    self.failure("flush", resp.status);
+                    self.unvouched_flush();
+                }
+                Err(e) => {
+                    self.transport_failure("flush", e);
+                    self.unvouched_flush();
+                }
             }
             return;
         }
         let mut pending = self.pending.lock();
-        if pending.len == MAX_BATCH {
+        if pending.len >= self.max_batch {
             self.send_pending(&mut pending);
         }
         let at = pending.len;
@@ -257,9 +358,14 @@ impl TmemDev {
         self.pending_len.store(pending.len, Ordering::Release);
     }
 
-    /// Sends the queued invalidations in one BATCH request. A MISS (nothing to drop) is fine;
-    /// other failures are counted: the core never loads an invalidated swap offset, and a
-    /// page-cache pool whose flush failed (BAD_POOL after a host restart) holds nothing.
+    /// Sends the queued invalidations in one BATCH request and waits for its answer, with the
+    /// pending lock held throughout (see [`Self::drain_pending`] for why). A MISS (nothing to
+    /// drop) is fine; failed entries are counted: the core never loads an invalidated swap
+    /// offset, and a page-cache pool whose flush failed (BAD_POOL after a host restart) holds
+    /// nothing. A BATCH that is not answered properly (no answer in time, a wrong used length,
+    /// a malformed-request status) may or may not have been carried out, so the invalidations
+    /// cannot be vouched for: the device is broken, so that no later get can return a page one
+    /// of them should have dropped.
     pub(crate) fn send_pending(&self, pending: &mut Pending) {
         let n = pending.len;
         if n == 0 {
@@ -269,8 +375,6 @@ impl TmemDev {
             let at = i * BatchEntry::SIZE;
             pending.buf[at..at + BatchEntry::SIZE].copy_from_slice(&entry.encode());
         }
-        pending.len = 0;
-        self.pending_len.store(0, Ordering::Release);
         let hdr = ReqHeader {
             op: Op::Batch as u32,
             count: n as u32,
@@ -279,24 +383,45 @@ impl TmemDev {
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.flushes.fetch_add(n as u64, Ordering::Relaxed);
         let payload = &pending.buf[..n * BatchEntry::SIZE];
-        match self.call(self.queue_for_cpu(), &hdr, payload, Data::NoPage, n) {
+        let answer = self.call(self.queue_for_cpu(), &hdr, payload, Data::NoPage, n);
+        // Only now, with the answer in (or the device broken): every entry has reached the
+        // device, and a put or get that reads 0 below may overtake none of them.
+        pending.len = 0;
+        self.pending_len.store(0, Ordering::Release);
+        match answer {
             Ok((resp, 0)) if resp.status == Status::Ok as u32 => {}
-            Ok((resp, failed)) => {
+            Ok((resp, failed)) if resp.status == Status::Ok as u32 => {
                 let count = self.stats.failures.fetch_add(1, Ordering::Relaxed) + 1;
                 if rare(count) {
                     pr_warn!(
-                        "batch of {} flushes: {}, {} entries failed ({} failures)\n",
+                        "batch of {} flushes: {} entries failed ({} failures)\n",
                         n,
-                        status_name(resp.status),
                         failed,
                         count
                     );
                 }
             }
+            Ok((resp, _)) => {
+                self.failure("batch", resp.status);
+                self.unvouched_flush();
+            }
             Err(e) => {
                 self.transport_failure("batch", e);
+                self.unvouched_flush();
             }
         }
+    }
+
+    /// An invalidation may not have been carried out: stale pages could be read back, so the
+    /// device is broken (fail closed). Nothing to do if it is broken already.
+    fn unvouched_flush(&self) {
+        if self.broken.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.queues[0].lock().vq.break_device();
+        pr_err!(
+            "device broken: an invalidation was not acknowledged; tmem requests fail from now on\n"
+        );
     }
 
     pub(crate) fn destroy_pool(&self, pool: u32, what: &str) {
@@ -359,7 +484,9 @@ impl TmemDev {
         }
         let vqs = vdev.find_vqs(&names)?;
 
-        let batch = vdev.has_feature(proto::feature::BATCH);
+        let max_batch = usize::from(config.max_batch).min(MAX_BATCH);
+        // A device that takes no batch entry cannot batch at all.
+        let batch = vdev.has_feature(proto::feature::BATCH) && max_batch > 0;
         let build = || -> Result<Arc<TmemDev>> {
             let mut queues = KVec::with_capacity(nvqs, GFP_KERNEL)?;
             for vq in vqs {
@@ -388,7 +515,9 @@ impl TmemDev {
                     fs_shared: [const { AtomicBool::new(false) }; FS_SLOTS],
                     pending: KBox::pin_init(new_spinlock!(pending, "tmem_pending"), GFP_KERNEL)?,
                     pending_len: AtomicUsize::new(0),
+                    broken: AtomicBool::new(false),
                     batch,
+                    max_batch,
                     stats: Counters::default(),
                 },
                 GFP_KERNEL,
@@ -404,9 +533,10 @@ impl TmemDev {
             }
         };
         pr_info!(
-            "device ready: {} request queue(s), batch {}, host limit {} pages\n",
+            "device ready: {} request queue(s), batch {} (up to {}), host limit {} pages\n",
             nreq,
             if dev.batch { "on" } else { "off" },
+            dev.max_batch,
             config.limit_pages
         );
         Ok(dev)

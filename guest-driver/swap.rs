@@ -68,6 +68,8 @@ impl backend::Swap for TmemDev {
 
     fn swap_load(&self, type_: u32, offset: usize, page: &Page) -> Result {
         let pool = self.pool(type_).ok_or(ENODEV)?;
+        // Every invalidation queued before is carried out first, as for a store.
+        self.drain_pending();
         let hdr = ReqHeader {
             op: Op::Get as u32,
             pool_id: pool,

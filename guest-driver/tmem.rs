@@ -10,7 +10,8 @@
 //! go there and come back on a read miss.
 //!
 //! Requests are synchronous and polled: a request queue carries one request at a time under its
-//! spinlock, and the driver spins on the used ring until the device answers. The tmem hooks need
+//! spinlock, and the driver spins on the used ring until the device answers, for at most
+//! `timeout_ms` (a module parameter), after which the device is broken and every request fails. The tmem hooks need
 //! a synchronous answer anyway (a swap-in waits for its page); polling saves an interrupt and a
 //! wakeup per page, and lets one path serve the hooks that run under spinlocks, where sleeping
 //! is not allowed. Buffers are allocated at probe, so the swap-out and reclaim paths, which run
@@ -28,6 +29,7 @@
 //! (queues, the request path, batched invalidations), `swap.rs` and `page_cache.rs` (the tmem
 //! operations), `debugfs.rs` (counters). This file binds the device and registers the backend.
 
+use core::sync::atomic::{AtomicU32, Ordering};
 use kernel::{bindings, c_str, prelude::*, sync::Arc};
 
 mod backend;
@@ -66,6 +68,49 @@ static ID_TABLE: [bindings::virtio_device_id; 2] = [
 ];
 
 static FEATURES: [u32; 2] = [proto::feature::MQ, proto::feature::BATCH];
+
+/// `timeout_ms`: how long a request may wait for the device's answer before the driver marks
+/// the device broken (see `docs/guest.md`). Read on every request, settable at `insmod` and in
+/// `/sys/module/tmem/parameters/timeout_ms`; values are clamped to
+/// [`MIN_TIMEOUT_MS`, `MAX_TIMEOUT_MS`].
+static TIMEOUT_MS: AtomicU32 = AtomicU32::new(5000);
+const MIN_TIMEOUT_MS: u32 = 100;
+const MAX_TIMEOUT_MS: u32 = 600_000;
+
+/// The request timeout in nanoseconds.
+pub(crate) fn timeout_ns() -> u64 {
+    let ms = TIMEOUT_MS
+        .load(Ordering::Relaxed)
+        .clamp(MIN_TIMEOUT_MS, MAX_TIMEOUT_MS);
+    u64::from(ms) * 1_000_000
+}
+
+/// A `struct kernel_param` in the `__param` section, where the module loader looks for the
+/// module's parameters (what C's `module_param()` emits; Rust's `module!` in 6.12 has none).
+/// No `parm=` `.modinfo` string: a `#[used]` static there lands in a second `.modinfo` section
+/// (retained, unlike `module!`'s), which the module loader refuses.
+#[repr(transparent)]
+struct Param(bindings::kernel_param);
+
+// SAFETY: the parameter is immutable; the pointers in it are to statics (its name, the kernel's
+// `param_ops_uint`, an atomic the kernel writes as an `unsigned int`).
+unsafe impl Sync for Param {}
+
+#[used]
+#[link_section = "__param"]
+static TIMEOUT_MS_PARAM: Param = Param(bindings::kernel_param {
+    name: c"timeout_ms".as_ptr().cast(),
+    // Only used to pick the lock that serializes the parameter's readers and writers: NULL
+    // means the kernel's global one.
+    mod_: core::ptr::null_mut(),
+    ops: &raw const bindings::param_ops_uint,
+    perm: 0o644,
+    level: -1,
+    flags: 0,
+    __bindgen_anon_1: bindings::kernel_param__bindgen_ty_1 {
+        arg: TIMEOUT_MS.as_ptr().cast(),
+    },
+});
 
 struct TmemModule {
     _driver: virtio::Registration<TmemDriver>,

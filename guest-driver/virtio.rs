@@ -125,15 +125,40 @@ pub(crate) struct Virtqueue(*mut bindings::virtqueue);
 // SAFETY: a virtqueue can be used from any CPU; `&mut self` methods serialize its users.
 unsafe impl Send for Virtqueue {}
 
+/// How [`Virtqueue::exchange`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ExchangeError {
+    /// The device is broken (before or while the request was waiting); nothing more is sent.
+    Broken,
+    /// The device did not answer within the bound: it is broken now.
+    TimedOut,
+    /// The device returned a request that is not the one in flight: it is broken now.
+    BadToken,
+    /// `virtqueue_add_sgs` (or this wrapper) refused the request.
+    Add(Error),
+}
+
 impl Virtqueue {
     /// Adds one request, device-readable buffers `out` then device-writable buffers `inp`,
-    /// notifies the device and spins until the device returns it. Never sleeps.
+    /// notifies the device and spins until the device returns it, for at most `timeout_ns`
+    /// nanoseconds of real time. Never sleeps; returns the used length the device reported.
     ///
-    /// Fails with `EIO` when the device broke (the buffers may then still be written to), or
-    /// with the error of `virtqueue_add_sgs`.
-    pub(crate) fn exchange(&mut self, out: &mut [ReadSg<'_>], inp: &mut [WriteSg<'_>]) -> Result {
+    /// On timeout, or if the device returns anything but this request, the whole device is
+    /// marked broken (`virtio_break_device`): every later request on any of its queues fails at
+    /// once. The request then stays in the ring until the device is reset, so a device that
+    /// is merely slow may still read `out` or write `inp` later: callers pass only buffers
+    /// they own until the reset (the per-queue buffers), or pages it may only read.
+    pub(crate) fn exchange(
+        &mut self,
+        out: &mut [ReadSg<'_>],
+        inp: &mut [WriteSg<'_>],
+        timeout_ns: u64,
+    ) -> core::result::Result<u32, ExchangeError> {
         if out.len() + inp.len() > MAX_SGS {
-            return Err(EINVAL);
+            return Err(ExchangeError::Add(EINVAL));
+        }
+        if self.is_broken() {
+            return Err(ExchangeError::Broken);
         }
         let mut sgs = [ptr::null_mut::<bindings::scatterlist>(); MAX_SGS];
         let readable = out.iter_mut().map(|sg| &mut sg.sg);
@@ -143,7 +168,8 @@ impl Virtqueue {
         }
         // SAFETY: the virtqueue is valid (type invariant) and `&mut self` makes this the only
         // request in flight on it; each scatterlist describes a buffer that is borrowed until
-        // the device returns the request below. The token is any non-null pointer.
+        // the device returns the request below (or, see above, that the caller keeps until
+        // the device is reset). The token is any non-null pointer: the virtqueue's own.
         to_result(unsafe {
             bindings::virtqueue_add_sgs(
                 self.0,
@@ -153,23 +179,84 @@ impl Virtqueue {
                 self.0.cast(),
                 bindings::GFP_ATOMIC,
             )
+        })
+        .map_err(|e| {
+            if self.is_broken() {
+                ExchangeError::Broken
+            } else {
+                ExchangeError::Add(e)
+            }
         })?;
         // SAFETY: as above.
         unsafe { bindings::virtqueue_kick(self.0) };
+        let mut clock = Elapsed::start();
         loop {
             let mut len: c_uint = 0;
-            // SAFETY: as above.
+            // SAFETY: as above. `virtqueue_get_buf` itself breaks the device when the used
+            // ring names a descriptor out of range or not at the head of a request.
             let token = unsafe { bindings::virtqueue_get_buf(self.0, &mut len) };
             if !token.is_null() {
-                return Ok(());
+                if token != self.0.cast() {
+                    self.break_device();
+                    return Err(ExchangeError::BadToken);
+                }
+                return Ok(len);
             }
-            // SAFETY: as above.
-            if unsafe { bindings::virtqueue_is_broken(self.0) } {
-                return Err(EIO);
+            if self.is_broken() {
+                return Err(ExchangeError::Broken);
+            }
+            if clock.elapsed_ns() >= timeout_ns {
+                self.break_device();
+                return Err(ExchangeError::TimedOut);
             }
             core::hint::spin_loop();
         }
     }
+
+    fn is_broken(&self) -> bool {
+        // SAFETY: the virtqueue is valid (type invariant).
+        unsafe { bindings::virtqueue_is_broken(self.0) }
+    }
+
+    /// Marks the device and every one of its virtqueues broken: requests in flight are never
+    /// returned, new ones fail. Callable in atomic context (it takes a spinlock only).
+    pub(crate) fn break_device(&self) {
+        // SAFETY: the virtqueue is valid (type invariant), so is the device it belongs to.
+        unsafe { bindings::virtio_break_device((*self.0).vdev) };
+    }
+}
+
+/// Real time spent since `start`, robust to a clocksource that wraps between timekeeping
+/// updates (a 24-bit ACPI PM timer wraps in 4.7 s, and with interrupts off on the only CPU
+/// nothing updates the timekeeping base): only forward steps between successive reads count,
+/// and the caller reads far more often than the counter wraps.
+struct Elapsed {
+    last: i64,
+    total: u64,
+}
+
+impl Elapsed {
+    fn start() -> Self {
+        Self {
+            last: now_ns(),
+            total: 0,
+        }
+    }
+
+    fn elapsed_ns(&mut self) -> u64 {
+        let now = now_ns();
+        if now > self.last {
+            self.total += (now - self.last) as u64;
+        }
+        self.last = now;
+        self.total
+    }
+}
+
+/// `ktime_get()`: monotonic nanoseconds; usable with interrupts off and spinlocks held.
+fn now_ns() -> i64 {
+    // SAFETY: `ktime_get` has no precondition outside NMI context.
+    unsafe { bindings::ktime_get() }
 }
 
 /// A zeroed scatterlist entry, to be filled in.

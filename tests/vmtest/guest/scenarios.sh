@@ -104,6 +104,50 @@ swap-integrity)
 	stats
 	pass
 	;;
+device-loss)
+	# The daemon is killed (SIGKILL, at the barrier) once the device is in use: its next
+	# request is never answered. The driver must give up after timeout_ms, break the device and
+	# fail every later request at once: swap-outs go to the swap device, the guest never stops
+	# (the heartbeat on the console; the runner checks it goes on after the break). Nothing was
+	# swapped out before the kill, so no process loses a page.
+	load
+	echo 2000 >/sys/module/tmem/parameters/timeout_ms || fail "setting timeout_ms"
+	[ "$(cat /sys/module/tmem/parameters/timeout_ms)" = 2000 ] || fail "timeout_ms does not read back"
+	swap_on
+	at_least pools 1
+	none_of puts
+	exec 3</dev/ttyS1
+	stty -F /dev/ttyS1 -echo
+	(while :; do
+		echo "device-loss: heartbeat $(cut -d' ' -f1 /proc/uptime)"
+		sleep 1
+	done) &
+	BEAT=$!
+	sync_point kill
+	# The first swap-out waits timeout_ms for an answer; every later request fails at once (a
+	# wait per page would not finish in the runner's time).
+	memtouch run 160 31 || fail "workload after the daemon died did not verify"
+	dmesg | grep -q "tmem: device broken: .* not answered in 2000 ms" ||
+		fail "the kernel log does not say the device broke"
+	[ "$(dmesg | grep -c 'tmem: device broken')" -eq 1 ] || fail "the device broke more than once"
+	at_least failures 1
+	[ "$(swap_used_kb)" -gt 0 ] || fail "nothing went to the swap device"
+	memtouch run 160 32 || fail "second workload did not verify"
+	# A mount asks for a pool: refused at once, the filesystem works without tmem.
+	mount_data $DATA /mnt
+	memtouch write /mnt/f 16 33 || fail "write on a filesystem without a pool"
+	drop_cache
+	memtouch verify /mnt/f 16 33 || fail "read on a filesystem without a pool"
+	umount /mnt || fail "umount"
+	swapoff $SWAP || fail "swapoff"
+	kill $BEAT
+	if dmesg | grep -E -q "BUG:|WARNING:|lockup|LOCKUP|Call Trace"; then
+		dmesg | tail -40
+		fail "kernel BUG, WARNING or lockup"
+	fi
+	stats
+	pass
+	;;
 swap-lazy-register)
 	swap_on
 	memtouch hold 64 2 &

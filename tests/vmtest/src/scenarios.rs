@@ -30,6 +30,7 @@ pub const SCENARIOS: &[&str] = &[
     "pagecache-lazy-register",
     "two-guests",
     "overcommit",
+    "device-loss",
 ];
 
 /// How the guests of a scenario are set up.
@@ -175,6 +176,7 @@ impl Runner {
                 );
                 Ok(())
             }
+            ("device-loss", "kill") => kill_daemon(d),
             ("overcommit", "measured") => {
                 let (a, b) = (client("a")?, client("b")?);
                 let used = n(&stats, "memory_used_bytes");
@@ -268,6 +270,17 @@ impl Runner {
                     })
                 }
             }
+            if name == "device-loss" {
+                // The daemon is gone: the console shows what happened instead.
+                check_device_loss(&run.console).map_err(|why| Error::GuestFailed {
+                    who: who.clone(),
+                    why,
+                })?;
+                eprintln!(
+                    "  {name}: {who}: device broken, heartbeat went on, swap fell back to the disk"
+                );
+                continue;
+            }
             let guest = run.guest_stats();
             // Counters are flattened into the client object.
             let host = d.client_stats(g.client).map_err(Error::Daemon)?;
@@ -318,6 +331,9 @@ impl Runner {
                 _ => {}
             }
         }
+        if name == "device-loss" {
+            return Ok(());
+        }
         let stats = d.stats().map_err(Error::Daemon)?;
         let limit = stats["memory_limit_bytes"].as_u64().unwrap_or(0);
         let peak = peak.into_inner();
@@ -343,5 +359,106 @@ impl Runner {
                 dest.display()
             );
         }
+    }
+}
+
+/// Kills the daemon `d` with SIGKILL, as a crash would, and waits until it is gone. `Daemon`
+/// keeps its child process private: the process is the one whose arguments name `d`'s control
+/// socket (its directory is unique to it).
+fn kill_daemon(d: &Daemon) -> Result<()> {
+    let control = d.path("control.sock");
+    let control = control.to_string_lossy();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_daemon = args.first().is_some_and(|a| a.ends_with(b"vhost-tmem"));
+        if is_daemon && args.iter().any(|a| *a == control.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    let [pid] = pids[..] else {
+        return Err(Error::GuestFailed {
+            who: "runner".into(),
+            why: format!("{} daemon processes found for {control}", pids.len()),
+        });
+    };
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .map_err(Error::Process)?;
+    if !status.success() {
+        return Err(Error::GuestFailed {
+            who: "runner".into(),
+            why: format!("kill -KILL {pid}: {status}"),
+        });
+    }
+    // A killed child stays a zombie until `Daemon` reaps it; its sockets close at once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    }) {
+        if Instant::now() > deadline {
+            return Err(Error::GuestFailed {
+                who: "runner".into(),
+                why: format!("daemon {pid} still alive 10 s after SIGKILL"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("  device-loss: daemon {pid} killed");
+    Ok(())
+}
+
+/// What the console of `device-loss` must show: the driver broke the device once, and the
+/// guest kept running after it (heartbeat lines follow the break).
+fn check_device_loss(console: &str) -> std::result::Result<(), String> {
+    let lines: Vec<&str> = console.lines().collect();
+    let broken: Vec<usize> = (0..lines.len())
+        .filter(|i| lines[*i].contains("tmem: device broken"))
+        .collect();
+    let [at] = broken[..] else {
+        return Err(format!(
+            "the console shows {} \"tmem: device broken\" lines, expected 1",
+            broken.len()
+        ));
+    };
+    let beats = lines[at..]
+        .iter()
+        .filter(|l| l.contains("device-loss: heartbeat"))
+        .count();
+    if beats < 3 {
+        return Err(format!(
+            "{beats} heartbeat lines after the device broke, expected 3 or more"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_device_loss;
+
+    #[test]
+    fn device_loss_needs_one_break_then_heartbeats() {
+        let beat = "device-loss: heartbeat 1.0\n";
+        let broken = "[ 9.1] tmem: device broken: Some(Put) not answered in 2000 ms\n";
+        assert!(check_device_loss(&format!("{beat}{broken}{beat}{beat}{beat}")).is_ok());
+        assert!(check_device_loss(&format!("{beat}{beat}{beat}{broken}{beat}")).is_err());
+        assert!(check_device_loss(&format!("{beat}{beat}{beat}")).is_err());
+        assert!(check_device_loss(&format!("{broken}{broken}{beat}{beat}{beat}")).is_err());
     }
 }
