@@ -147,15 +147,24 @@ impl Budget {
         self.accounts.read().len()
     }
 
-    /// Gives `cost` back to `account` and the global total.
+    /// Gives `cost` of freed memory back to `account` and the global total.
     pub(super) fn release(&self, account: &Account, cost: u64, persistent: bool) {
+        if cost > 0 {
+            self.unreserve(account, cost, persistent);
+            self.trim_after(cost, TRIM_AFTER);
+        }
+    }
+
+    /// Gives back the part of a reservation a put did not use. Nothing was freed, so this
+    /// does not count towards trimming the heap: a trim per so many puts would hand the
+    /// heap's free pages to the kernel only for the next allocations to fault them back in.
+    pub(super) fn unreserve(&self, account: &Account, cost: u64, persistent: bool) {
         if cost > 0 {
             if persistent {
                 account.persistent_used.fetch_sub(cost, Relaxed);
             }
             account.used.fetch_sub(cost, Relaxed);
             self.used.fetch_sub(cost, Relaxed);
-            self.trim_after(cost, TRIM_AFTER);
         }
     }
 
@@ -180,6 +189,12 @@ impl Budget {
     pub(super) fn release_pool(&self, pool: &Pool, cost: u64) {
         debug_assert!(pool.shared.is_none());
         self.release(&pool.account, cost, pool.persistent);
+    }
+
+    /// [`Budget::unreserve`] for a private pool.
+    pub(super) fn unreserve_pool(&self, pool: &Pool, cost: u64) {
+        debug_assert!(pool.shared.is_none());
+        self.unreserve(&pool.account, cost, pool.persistent);
     }
 
     /// Charges `cost` to `account` and the global total, evicting ephemeral pages if needed.

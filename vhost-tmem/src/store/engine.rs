@@ -355,7 +355,7 @@ impl Engine {
             let mut g = pool.shard(&key).lock();
             if pool.dead.load(Relaxed) {
                 drop(g);
-                self.budget.release(&client.account, cost, false);
+                self.budget.unreserve(&client.account, cost, false);
                 return Err(Error::BadPool(page_key.pool));
             }
             let sh = &mut *g;
@@ -403,7 +403,7 @@ impl Engine {
                 }
             }
         };
-        self.budget.release(&client.account, cost, false);
+        self.budget.unreserve(&client.account, cost, false);
         match outcome {
             Outcome::Agreed => Ok(()),
             Outcome::Conflict => {
@@ -602,7 +602,7 @@ impl Tmem for Engine {
             let mut g = pool.shard(&key).lock();
             if pool.dead.load(Relaxed) {
                 drop(g);
-                self.budget.release_pool(&pool, reserved);
+                self.budget.unreserve_pool(&pool, reserved);
                 return Err(Error::BadPool(page_key.pool));
             }
             let sh = &mut *g;
@@ -669,7 +669,8 @@ impl Tmem for Engine {
         };
         let freed = old.as_ref().map_or(0, |o| payload_cost(o.len()));
         drop(old);
-        self.budget.release_pool(&pool, reserved - used + freed);
+        self.budget.unreserve_pool(&pool, reserved - used);
+        self.budget.release_pool(&pool, freed);
         Ok(())
     }
 
