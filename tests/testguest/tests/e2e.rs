@@ -414,15 +414,7 @@ fn shared_pool_authorization() {
 
 #[test]
 fn disconnect_and_reconnect_while_others_work() {
-    let d = Arc::new(
-        Daemon::start(&[
-            "--client",
-            "name=a,socket={dir}/a.sock",
-            "--client",
-            "name=b,socket={dir}/b.sock",
-        ])
-        .unwrap(),
-    );
+    let d = Arc::new(two_clients());
     let stop = Arc::new(AtomicBool::new(false));
     let worker = {
         let (d, stop) = (d.clone(), stop.clone());
@@ -1086,15 +1078,7 @@ fn await_disconnect(d: &Daemon, name: &str) -> bool {
 /// pages all along.
 #[test]
 fn hostile_ring_states_break_only_their_queue() {
-    let d = Arc::new(
-        Daemon::start(&[
-            "--client",
-            "name=a,socket={dir}/a.sock",
-            "--client",
-            "name=b,socket={dir}/b.sock",
-        ])
-        .unwrap(),
-    );
+    let d = Arc::new(two_clients());
     let stop = Arc::new(AtomicBool::new(false));
     // b pauses while the daemon's CPU time is measured, so that only a's effect is seen.
     let pause = Arc::new(AtomicBool::new(false));
@@ -1280,13 +1264,7 @@ fn set_fd_limit(pid: u32, soft: u64) -> u64 {
 /// free again, and again after a disconnect.
 #[test]
 fn a_failing_client_thread_is_restarted() {
-    let d = Daemon::start(&[
-        "--client",
-        "name=a,socket={dir}/a.sock",
-        "--client",
-        "name=b,socket={dir}/b.sock",
-    ])
-    .unwrap();
+    let d = two_clients();
     let mut a = connect(&d, "a.sock");
     let pool = a.create_pool(true, None).unwrap();
     put_get_verify(&mut a, 0, pool, [1, 0, 0], 0, 100, true);
@@ -1332,6 +1310,17 @@ fn a_failing_client_thread_is_restarted() {
     assert_eq!(hits, 100);
     let (hits, _) = put_get_verify(&mut a, 0, pool, [5, 0, 0], 4_000, 100, true);
     assert_eq!(hits, 100);
+}
+
+/// A daemon serving clients `a` and `b` on `a.sock` and `b.sock`.
+fn two_clients() -> Daemon {
+    Daemon::start(&[
+        "--client",
+        "name=a,socket={dir}/a.sock",
+        "--client",
+        "name=b,socket={dir}/b.sock",
+    ])
+    .unwrap()
 }
 
 /// Puts and gets a few pages on a fresh connection to `sock`: the daemon is alive and serving.

@@ -34,6 +34,14 @@ fn engine(limit: u64) -> Engine {
 
 const OID: Oid = [1, 2, 3];
 
+/// A client authorized for the shared pool `uuid`.
+fn member(e: &Engine, name: &str, uuid: Uuid) -> Arc<Client> {
+    e.add_client(ClientConfig {
+        shared: vec![uuid],
+        ..ClientConfig::named(name)
+    })
+}
+
 fn key(pool: PoolId, oid: Oid, index: u64) -> PageKey {
     PageKey { pool, oid, index }
 }
@@ -370,14 +378,8 @@ fn quota_evicts_own_pages_only() {
 fn shared_pools_need_authorization() {
     let e = engine(1 << 30);
     let uuid = [9u8; 16];
-    let a = e.add_client(ClientConfig {
-        shared: vec![uuid],
-        ..ClientConfig::named("a")
-    });
-    let b = e.add_client(ClientConfig {
-        shared: vec![uuid],
-        ..ClientConfig::named("b")
-    });
+    let a = member(&e, "a", uuid);
+    let b = member(&e, "b", uuid);
     let m = e.add_client(ClientConfig::named("mallory"));
     let spec = PoolSpec {
         persistent: false,
@@ -507,10 +509,7 @@ fn pool_churn_leaves_nothing_behind() {
     // at what exists now.
     let e = engine(1 << 30);
     let uuid = [7u8; 16];
-    let c = e.add_client(ClientConfig {
-        shared: vec![uuid],
-        ..ClientConfig::named("churn")
-    });
+    let c = member(&e, "churn", uuid);
     let shared = PoolSpec {
         persistent: false,
         shared: Some(uuid),
@@ -674,10 +673,7 @@ fn shared_pool_pages_count_against_the_putters_quota() {
         shared: vec![uuid],
         ..ClientConfig::named("q")
     });
-    let b = e.add_client(ClientConfig {
-        shared: vec![uuid],
-        ..ClientConfig::named("b")
-    });
+    let b = member(&e, "b", uuid);
     let mut w = e.new_worker().unwrap();
     let pq = e.create_pool(&q, shared_spec(uuid)).unwrap();
     let pb = e.create_pool(&b, shared_spec(uuid)).unwrap();
@@ -729,14 +725,8 @@ fn shared_pool_pages_count_against_the_putters_quota() {
 fn shared_pool_first_put_wins() {
     let e = engine(1 << 30);
     let uuid = [5u8; 16];
-    let a = e.add_client(ClientConfig {
-        shared: vec![uuid],
-        ..ClientConfig::named("a")
-    });
-    let b = e.add_client(ClientConfig {
-        shared: vec![uuid],
-        ..ClientConfig::named("b")
-    });
+    let a = member(&e, "a", uuid);
+    let b = member(&e, "b", uuid);
     let mut w = e.new_worker().unwrap();
     let pa = e.create_pool(&a, shared_spec(uuid)).unwrap();
     let pb = e.create_pool(&b, shared_spec(uuid)).unwrap();
