@@ -41,4 +41,21 @@ impl Guest {
             .ok_or(Error::Invalid("no such queue"))?;
         ring.publish(&self.vmm.mem, heads)
     }
+
+    /// Writes `bytes` as they are to queue `q`'s kick file descriptor: with a kick pipe
+    /// ([`crate::NotifyFd::Pipe`]) fewer than 8 bytes is half a kick, which a reader of whole
+    /// 8-byte counters waits for the rest of.
+    pub fn hostile_kick_bytes(&mut self, q: usize, bytes: &[u8]) -> Result<usize> {
+        let ring = self.rings.get(q).ok_or(Error::Invalid("no such queue"))?;
+        ring.kick_raw(bytes).map_err(Error::EventFd)
+    }
+
+    /// Closes the guest's end of queue `q`'s kick file descriptor: the device's end of a kick
+    /// pipe then reads end-of-file. Kicks on `q` go nowhere afterwards.
+    pub fn hostile_close_kick(&mut self, q: usize) -> Result<()> {
+        self.rings
+            .get_mut(q)
+            .ok_or(Error::Invalid("no such queue"))?
+            .close_kick()
+    }
 }
