@@ -108,16 +108,21 @@ fn a_kick_fd_that_is_not_an_eventfd_ends_nothing() {
 // Every attack at once: a hostile client while a well-behaved one stores a million pages.
 
 /// Pages the well-behaved client puts (each a distinct key), verified as it goes and again at
-/// the end.
-const PAGES: u64 = 1_000_000;
+/// the end: a million in release builds (`make e2e-test`), a tenth in debug builds, where every
+/// page costs ten times as much.
+const PAGES: u64 = if cfg!(debug_assertions) {
+    100_000
+} else {
+    1_000_000
+};
 /// Pages put and verified per round of the well-behaved client.
 const CHUNK: usize = 8192;
-/// Quotas and the limit: the good client's quota is far below what a million pages need, so
-/// its puts meet NO_SPACE at its own quota; the limit leaves room for both quotas and the
-/// arena's uncharged allowance, so no put fails at the global limit.
-const GOOD_QUOTA: u64 = 512 << 20;
+/// Quotas and the limit: the good client's quota holds about a fifth of its pages, so its puts
+/// meet NO_SPACE at its own quota; the limit leaves room for both quotas and the arena's
+/// uncharged allowance, so no put fails at the global limit.
+const GOOD_QUOTA: u64 = (PAGES * 512 / 1_000_000) << 20;
 const BAD_QUOTA: u64 = 32 << 20;
-const LIMIT: u64 = 576 << 20;
+const LIMIT: u64 = GOOD_QUOTA + BAD_QUOTA + (32 << 20);
 /// The shared pool both clients are authorized for.
 const UUID: &str = "5a3c1f00-7d2e-4b6a-9c81-0e4f2a6b8d10";
 const UUID_BYTES: [u8; 16] = [
