@@ -205,6 +205,15 @@ impl Vmm {
         fo.file().set_len(len)
     }
 
+    /// Sends SET_VRING_KICK for queue `q` with `fd`, whatever state the ring is in.
+    pub(crate) fn set_vring_kick(
+        &mut self,
+        q: usize,
+        fd: &vmm_sys_util::eventfd::EventFd,
+    ) -> Result<()> {
+        Ok(self.frontend.set_vring_kick(q, fd)?)
+    }
+
     /// Guest RAM size (addresses at or past it are outside guest memory).
     pub(crate) fn ram_size(&self) -> u64 {
         self.mem.last_addr().0 + 1

@@ -2,6 +2,8 @@
 //! What a hostile driver can do to its rings that a correct one never does, for the isolation
 //! tests: the device must survive each with only that queue lost.
 
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
 use crate::{Error, Guest, Result};
 
 impl Guest {
@@ -57,5 +59,18 @@ impl Guest {
             .get_mut(q)
             .ok_or(Error::Invalid("no such queue"))?
             .close_kick()
+    }
+
+    /// Hands the device a new kick eventfd for queue `q` while the queue runs (a VMM stops the
+    /// ring first), a blocking one if `blocking`, and returns the old one, which the device may
+    /// still be waiting on: a kick on it then has the device read the new one.
+    pub fn hostile_replace_kick(&mut self, q: usize, blocking: bool) -> Result<EventFd> {
+        let flags = if blocking { 0 } else { EFD_NONBLOCK };
+        let kick = EventFd::new(flags).map_err(Error::EventFd)?;
+        if q >= self.rings.len() {
+            return Err(Error::Invalid("no such queue"));
+        }
+        self.vmm.set_vring_kick(q, &kick)?;
+        Ok(self.rings[q].replace_kick(kick))
     }
 }

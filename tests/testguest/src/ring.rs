@@ -119,6 +119,12 @@ impl Ring {
         }
     }
 
+    /// Puts `kick` in place of the guest's kick file descriptor; returns the old one.
+    pub(crate) fn replace_kick(&mut self, kick: EventFd) -> EventFd {
+        self.device_kick = None;
+        std::mem::replace(&mut self.kick, kick)
+    }
+
     /// Closes the guest's end of the kick file descriptor (a fresh eventfd takes its place):
     /// the device's end of a kick pipe then reads end-of-file.
     pub(crate) fn close_kick(&mut self) -> Result<()> {

@@ -741,6 +741,20 @@ fn attack_control(d: &Daemon, port: u16) -> String {
     "stats and scrapes answered".into()
 }
 
+/// The open file descriptors of `pid` once the count stays the same for 300 ms (at most 5 s).
+fn settled_fd_count(pid: u32) -> usize {
+    let mut last = fd_count(pid);
+    for _ in 0..16 {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = fd_count(pid);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
 /// `/proc/PID/status` VmRSS, in bytes.
 fn rss(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -809,8 +823,9 @@ fn a_hostile_client_next_to_a_million_verified_pages() {
         std::thread::spawn(move || good_client(&d, ready_tx, done_rx))
     };
     ready_rx.recv().unwrap();
-    // The good client is connected and the hostile one not yet.
-    let fds_before = fd_count(pid);
+    // The good client is connected and the hostile one not yet; the count has settled (the
+    // probe of the metrics port above may still be closing).
+    let fds_before = settled_fd_count(pid);
     let hostile = {
         let d = d.clone();
         std::thread::spawn(move || {
@@ -929,4 +944,29 @@ fn a_hostile_client_next_to_a_million_verified_pages() {
         "daemon file descriptors before and after"
     );
     drop(g);
+}
+
+/// A new kick eventfd for a running queue (a VMM stops the ring first), then a kick on the
+/// old one: the device is still woken by the old one, and the worker read the new one, which
+/// holds nothing: a blocking eventfd waits for good, a non-blocking one fails and ends the
+/// thread.
+#[test]
+fn a_kick_fd_replaced_while_the_queue_runs_ends_nothing() {
+    let d = two_clients();
+    let mut b = connect(&d, "b.sock");
+    let b_pool = b.create_pool(true, None).unwrap();
+    for blocking in [true, false] {
+        let attack = if blocking {
+            "blocking kick swapped in"
+        } else {
+            "non-blocking kick swapped in"
+        };
+        let mut g = hostile(&d, NotifyFd::EventFd, NotifyFd::EventFd);
+        let pool = g.create_pool(true, None).unwrap();
+        g.put(pool, [1, 0, 0], 0, &pages::page(1)).unwrap();
+        let old = g.hostile_replace_kick(1, blocking).unwrap();
+        old.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        only_that_queue_lost(&d, g, &mut b, b_pool, attack);
+    }
 }

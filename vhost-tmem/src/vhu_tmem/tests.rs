@@ -1001,4 +1001,18 @@ fn notify_fds_must_be_eventfds() {
     let (s, _) = std::os::unix::net::UnixStream::pair().unwrap();
     vring.set_call(Some(File::from(std::os::fd::OwnedFd::from(s))));
     assert!(vring.notify_fd_refused());
+    vring.set_call(None);
+    // A running ring keeps the kick it is watched by: a new one (or none) is refused.
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    let kick = |v: &Vring| v.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd());
+    let watched = kick(&vring);
+    vring.set_kick(Some(eventfd()));
+    assert_eq!(kick(&vring), watched);
+    vring.set_kick(None);
+    assert_eq!(kick(&vring), watched);
+    // Disabled, it takes a new one (enabling it again watches that).
+    vring.set_enabled(false);
+    vring.set_kick(Some(eventfd()));
+    assert!(kick(&vring).is_some() && !vring.notify_fd_refused());
 }

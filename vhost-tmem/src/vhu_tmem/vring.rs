@@ -18,6 +18,7 @@ use std::sync::{Arc, RwLockReadGuard, RwLockWriteGuard};
 
 use vhost_user_backend::{VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT};
 use virtio_queue::Error as QueueError;
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryAtomic;
 
 use super::{LogLimiter, Mem};
@@ -174,6 +175,27 @@ impl VringT<Am> for Vring {
     }
 
     fn set_kick(&self, file: Option<File>) {
+        // The crate watches the kick it had when the ring was enabled and reads the current
+        // one: replaced while the ring runs, a kick on the old one has the worker read the
+        // new one, which blocks or fails (ending the thread). A VMM stops the ring
+        // (GET_VRING_BASE) or disables it first; so a running ring keeps its kick. Only the
+        // connection's request thread calls this, so the state cannot change in between.
+        let watched = {
+            let state = self.inner.get_ref();
+            state.get_queue().ready() && state.is_enabled() && state.get_kick().is_some()
+        };
+        if watched {
+            if let Some(suppressed) = self.refused.log.allow() {
+                let thread = std::thread::current();
+                tracing::warn!(
+                    client = thread.name().unwrap_or("?"),
+                    suppressed,
+                    "refused a new kick file descriptor for a running queue: the frontend must \
+                     stop or disable the ring first; the queue keeps its kick"
+                );
+            }
+            return;
+        }
         let file = self.check(file, "kick", &self.refused.kick);
         self.inner.set_kick(file)
     }
