@@ -637,6 +637,19 @@ fn attack_kick_pipe(d: &Daemon, close: bool) -> String {
     "control queue answers".into()
 }
 
+/// A new blocking kick eventfd for the running queue, then a kick on the old one.
+fn attack_kick_replaced(d: &Daemon) -> String {
+    let mut g = Guest::connect(d.path("bad.sock"), bad_opts(Duration::from_secs(5))).unwrap();
+    let pool = g.create_pool(true, None).unwrap();
+    g.put(pool, [1, 0, 0], 0, &pages::page(1)).unwrap();
+    let old = g.hostile_replace_kick(1, true).unwrap();
+    old.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    g.create_pool(false, None)
+        .unwrap_or_else(|e| panic!("the control queue stopped answering: {e}"));
+    "control queue answers".into()
+}
+
 /// Malformed chains (short and unknown headers, pages outside guest memory, no room for a
 /// status) and a flood of garbage: each gets an error status or is returned unused.
 fn attack_malformed(d: &Daemon) -> String {
@@ -856,6 +869,10 @@ fn a_hostile_client_next_to_a_million_verified_pages() {
                     Box::new(|d| attack_kick_pipe(d, false)),
                 ),
                 ("kick pipe closed", Box::new(|d| attack_kick_pipe(d, true))),
+                (
+                    "kick replaced while the queue runs",
+                    Box::new(attack_kick_replaced),
+                ),
                 ("malformed requests", Box::new(attack_malformed)),
                 ("pool churn", Box::new(attack_pool_churn)),
                 ("reconnect churn", Box::new(attack_reconnect_churn)),
