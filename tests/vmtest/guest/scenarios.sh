@@ -192,6 +192,28 @@ swap-unload)
 	[ ! -d /sys/module/tmem ] || fail "tmem still loaded after rmmod"
 	kill -USR1 $HOLD
 	wait $HOLD || fail "held pages did not verify after swapoff and rmmod"
+	# rmmod with a swap area and a filesystem in use (nothing stored, so the module can go):
+	# the driver releases both host pools; the runner checks the daemon at the barrier.
+	exec 3</dev/ttyS1
+	stty -F /dev/ttyS1 -echo
+	# This time the module is loaded the way udev or mdev would: by the device's modalias.
+	dev=$(dirname "$(grep -l 0x003f /sys/bus/virtio/devices/*/device)")
+	mods=/lib/modules/$(uname -r)
+	mkdir -p "$mods" && cp /lib/modules/tmem.ko "$mods/" && depmod || fail "depmod"
+	modprobe "$(cat "$dev/modalias")" || fail "modprobe $(cat "$dev/modalias") (no device alias?)"
+	[ -d $T ] || fail "no $T after modprobe"
+	# Feature bits, from bit 0: SHARED_POOLS (1) negotiated, INDIRECT_DESC (28) refused.
+	features=$(cat "$dev/features")
+	[ "$(echo "$features" | cut -c2)" = 1 ] || fail "SHARED_POOLS not negotiated: $features"
+	[ "$(echo "$features" | cut -c29)" = 0 ] || fail "INDIRECT_DESC negotiated: $features"
+	swapon $SWAP || fail "second swapon"
+	mount_data $DATA /mnt
+	at_least pools 1
+	at_least cache_pools 1
+	rmmod tmem || fail "rmmod with a swap area and a filesystem in use"
+	sync_point unloaded
+	umount /mnt || fail "umount"
+	swapoff $SWAP || fail "second swapoff"
 	pass
 	;;
 swap-host-full)

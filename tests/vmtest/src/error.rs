@@ -109,6 +109,8 @@ pub enum Error {
     SharedPool(serde_json::Value),
     #[error("memory used {used} is over the limit {limit}")]
     OverLimit { used: u64, limit: u64 },
+    #[error("after rmmod the daemon still holds {pools} pools ({pages} pages) of the guest")]
+    PoolsLeft { pools: usize, pages: u64 },
     #[error("nothing was evicted")]
     NothingEvicted,
     #[error("b (weight 300) holds {b} bytes, a (weight 100) {a}")]

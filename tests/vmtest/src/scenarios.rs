@@ -177,6 +177,19 @@ impl Runner {
                 Ok(())
             }
             ("device-loss", "kill") => kill_daemon(d),
+            ("swap-unload", "unloaded") => {
+                // The module is gone: none of its pools may stay on the host.
+                let c = client("guest")?;
+                let pools = c["pools"].as_array().map_or(0, Vec::len);
+                if pools != 0 || n(&c, "stored_pages") != 0 {
+                    return Err(Error::PoolsLeft {
+                        pools,
+                        pages: n(&c, "stored_pages"),
+                    });
+                }
+                eprintln!("  swap-unload: after rmmod the daemon holds no pool of the guest");
+                Ok(())
+            }
             ("overcommit", "measured") => {
                 let (a, b) = (client("a")?, client("b")?);
                 let used = n(&stats, "memory_used_bytes");
