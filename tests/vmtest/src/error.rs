@@ -53,6 +53,8 @@ pub enum Error {
     Daemon(#[source] daemon::Error),
     #[error("no client {0} in the daemon's statistics")]
     NoClient(String),
+    #[error("bad device: {0}")]
+    BadDevice(String),
     #[error("unknown scenario (known: {0})")]
     UnknownScenario(String),
 
