@@ -412,6 +412,12 @@ bad-device)
 	exec 3</dev/ttyS1
 	stty -F /dev/ttyS1 -echo
 	load
+	# 0. A read-only mount asks for a shared pool, which this device fails (not DENIED, an
+	# I/O error): the filesystem gets a private pool instead.
+	mount_data -o ro $DISK2 /mnt2
+	[ "$(stat_of cache_pools)" -eq 1 ] || fail "no pool after the shared pool failed"
+	none_of cache_shared_pools
+	umount /mnt2 || fail "umount /mnt2"
 	mount_data $DATA /mnt
 	F=/mnt/file
 	memtouch write $F 32 70 || fail "write"

@@ -6,8 +6,9 @@
 //! store (one map per pool). It answers like the real device until the runner switches it, at
 //! a barrier, to one [`Fault`]: a `GET` hit answered with a used length that leaves the page
 //! out, flushes answered with an error and not carried out, a `BATCH` answered without its
-//! status bytes, a used-ring entry whose id is out of range. The guest's data must stay
-//! correct (it falls back to the disk), and the guest must neither crash nor hang.
+//! status bytes, a used-ring entry whose id is out of range. It never creates a shared pool
+//! (a host I/O error). The guest's data must stay correct (it falls back to the disk), and the
+//! guest must neither crash nor hang.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -126,6 +127,11 @@ impl Device {
         let mut store = self.store.lock().expect("store lock");
         let mut resp = RespHeader::status(Status::Ok);
         match op {
+            Some(Op::CreatePool) if hdr.flags & req_flags::POOL_SHARED != 0 => {
+                // Always, whatever the fault: a shared pool fails with an error other than
+                // DENIED, and the driver must fall back to a private pool.
+                resp = RespHeader::status(Status::IoError);
+            }
             Some(Op::CreatePool) => {
                 let mut b = [0u8; CreatePool::SIZE];
                 r.read_exact(&mut b)?;
