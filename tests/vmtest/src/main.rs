@@ -14,8 +14,10 @@
 //!
 //! The parts: `images` (what `vm-images/build.sh` built), `disks`, `qemu` (command line,
 //! accelerator), `boot` (QEMU processes and their consoles), `barrier` (meeting points over
-//! the second serial port), `scenarios` (set-up and checks), `demo`, `error`.
+//! the second serial port), `scenarios` (set-up and checks), `baddev` (the misbehaving device
+//! of `bad-device`), `demo`, `error`.
 
+mod baddev;
 mod barrier;
 mod boot;
 mod demo;
@@ -41,7 +43,7 @@ use crate::scenarios::SCENARIOS;
 struct Cli {
     /// Scenarios to run [default: all]: swap-integrity swap-lazy-register swap-unload
     /// swap-host-full pagecache-hits pagecache-coherency pagecache-lazy-register two-guests
-    /// overcommit.
+    /// overcommit device-loss bad-device.
     scenarios: Vec<String>,
     /// Run the demo instead: one guest under memory pressure (swap, then page cache), console
     /// shown live, then the daemon's and the guest's statistics side by side.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tmem_testguest::daemon::Daemon;
 
+use crate::baddev::BadDevice;
 use crate::boot::{GuestSpec, How};
 use crate::disks::{make_ext4, DATA_MIB, DATA_UUID, DISK2_MIB, DISK2_UUID, SHARED_UUID};
 use crate::error::{Error, Result};
@@ -18,6 +19,9 @@ use crate::Runner;
 const TINY_LIMIT: &str = "6M";
 /// The daemon's memory limit in `overcommit`: a fraction of what the two guests put.
 const OVERCOMMIT_LIMIT: &str = "32M";
+
+/// The client name (and socket) of the `bad-device` guest.
+const BAD_CLIENT: &str = "bad";
 
 /// Every scenario, in the order they run by default.
 pub const SCENARIOS: &[&str] = &[
@@ -31,6 +35,7 @@ pub const SCENARIOS: &[&str] = &[
     "two-guests",
     "overcommit",
     "device-loss",
+    "bad-device",
 ];
 
 /// How the guests of a scenario are set up.
@@ -110,6 +115,13 @@ impl Runner {
                 &["--memory-limit", OVERCOMMIT_LIMIT],
                 false,
             ),
+            "bad-device" => {
+                // The guest's device is the runner's misbehaving one (`baddev.rs`), on its own
+                // socket; the daemon only provides the scenario's directory.
+                let mut plan = single(&[])?;
+                plan.guests[0].client = BAD_CLIENT;
+                Ok(plan)
+            }
             _ => single(&[]),
         }
     }
@@ -177,6 +189,19 @@ impl Runner {
                 Ok(())
             }
             ("device-loss", "kill") => kill_daemon(d),
+            ("swap-unload", "unloaded") => {
+                // The module is gone: none of its pools may stay on the host.
+                let c = client("guest")?;
+                let pools = c["pools"].as_array().map_or(0, Vec::len);
+                if pools != 0 || n(&c, "stored_pages") != 0 {
+                    return Err(Error::PoolsLeft {
+                        pools,
+                        pages: n(&c, "stored_pages"),
+                    });
+                }
+                eprintln!("  swap-unload: after rmmod the daemon holds no pool of the guest");
+                Ok(())
+            }
             ("overcommit", "measured") => {
                 let (a, b) = (client("a")?, client("b")?);
                 let used = n(&stats, "memory_used_bytes");
@@ -213,6 +238,11 @@ impl Runner {
 
     /// Boots the scenario's guests against `d` and checks what both sides report.
     fn check(&self, d: &Daemon, name: &str, plan: &Plan) -> Result<()> {
+        let bad = if name == "bad-device" {
+            Some(BadDevice::serve(&d.path(&format!("{BAD_CLIENT}.sock")))?)
+        } else {
+            None
+        };
         let t0 = Instant::now();
         let peak = AtomicU64::new(0);
         let done = AtomicBool::new(false);
@@ -236,7 +266,11 @@ impl Runner {
                     timeout: self.timeout,
                     live: false,
                 },
-                &|b| Self::at_barrier(d, name, b),
+                &|b| match &bad {
+                    // Each barrier names the fault the device shows from then on.
+                    Some(dev) => dev.set_fault(b),
+                    None => Self::at_barrier(d, name, b),
+                },
             );
             done.store(true, Ordering::Relaxed);
             runs
@@ -269,6 +303,10 @@ impl Runner {
                         tail: run.tail(),
                     })
                 }
+            }
+            if name == "bad-device" {
+                // No daemon behind this guest: its script checked the driver's counters.
+                continue;
             }
             if name == "device-loss" {
                 // The daemon is gone: the console shows what happened instead.
@@ -331,7 +369,7 @@ impl Runner {
                 _ => {}
             }
         }
-        if name == "device-loss" {
+        if name == "device-loss" || name == "bad-device" {
             return Ok(());
         }
         let stats = d.stats().map_err(Error::Daemon)?;
