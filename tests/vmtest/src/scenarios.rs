@@ -25,11 +25,23 @@ pub const SCENARIOS: &[&str] = &[
     "swap-lazy-register",
     "swap-unload",
     "swap-host-full",
+    "swap-mq-stress",
     "pagecache-hits",
     "pagecache-coherency",
     "pagecache-lazy-register",
     "two-guests",
     "overcommit",
+    "device-loss",
+];
+
+/// Scenarios whose guests swap: they run on 2 vCPUs against 2 request queues, so that the
+/// swap hooks and the driver's queues race for real.
+const SMP_SCENARIOS: &[&str] = &[
+    "swap-integrity",
+    "swap-lazy-register",
+    "swap-unload",
+    "swap-host-full",
+    "swap-mq-stress",
     "device-loss",
 ];
 
@@ -42,6 +54,11 @@ pub struct Plan {
 impl Runner {
     /// The daemon's arguments and the guests (with their disks, made in `dir`) of a scenario.
     pub fn plan(&self, name: &str, dir: &Path) -> Result<Plan> {
+        let (cpus, request_queues) = if SMP_SCENARIOS.contains(&name) {
+            (2, 2)
+        } else {
+            (1, 1)
+        };
         let single = |extra: &[&str]| -> Result<Plan> {
             let data = dir.join("data.img");
             let disk2 = dir.join("disk2.img");
@@ -52,6 +69,8 @@ impl Runner {
                 "{dir}/tmem.sock".into(),
                 "--name".into(),
                 "guest".into(),
+                "--queues".into(),
+                request_queues.to_string(),
             ];
             daemon_args.extend(extra.iter().map(|s| s.to_string()));
             Ok(Plan {
@@ -60,6 +79,8 @@ impl Runner {
                     client: "guest",
                     role: "",
                     disks: vec![(data, false), (disk2, false)],
+                    cpus,
+                    request_queues,
                 }],
             })
         };
@@ -85,10 +106,14 @@ impl Runner {
                     client: role,
                     role,
                     disks: vec![(data, false), disk2],
+                    cpus,
+                    request_queues,
                 });
                 daemon_args.push("--client".to_string());
                 daemon_args.push(format!("name={role},socket={{dir}}/{role}.sock{opts}"));
             }
+            daemon_args.push("--queues".into());
+            daemon_args.push(request_queues.to_string());
             daemon_args.extend(extra.iter().map(|s| s.to_string()));
             Ok(Plan {
                 daemon_args,
@@ -258,6 +283,11 @@ impl Runner {
                     secs: self.timeout.as_secs(),
                     tail: run.tail(),
                 });
+            }
+            // A lockdep splat, a sleep in atomic context or a WARNING fails the scenario even
+            // if the workload verified: the next run might not be so lucky.
+            if let Some(report) = run.kernel_problem() {
+                return Err(Error::KernelProblem { who, report });
             }
             match run.verdict(name) {
                 Some(Ok(())) => {}
