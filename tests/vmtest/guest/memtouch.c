@@ -8,6 +8,8 @@
  *                            fill, then N rounds that check each page and rewrite it with the
  *                            next round's content (a swapped-out page comes back, changes and
  *                            goes out again, to a new slot), then verify the last round
+ *
+ * With MEMTOUCH_THP set, anonymous memory is advised huge (transparent huge pages).
  *   memtouch write FILE MIB SEED    write MIB of file pages in place (no truncation), fsync
  *   memtouch dwrite FILE MIB SEED   the same with O_DIRECT, bypassing the page cache
  *   memtouch verify FILE MIB SEED [VALID_MIB]
@@ -254,6 +256,32 @@ static int file_verify(const char *path, uint64_t pages, uint64_t seed, uint64_t
 	return 0;
 }
 
+/*
+ * Anonymous memory for PAGES pages. With MEMTOUCH_THP set it is 2 MiB aligned and advised
+ * huge, so that the kernel backs it with transparent huge pages and swaps them out whole.
+ */
+static unsigned char *map_anon(uint64_t pages)
+{
+	const uint64_t huge = 2 << 20;
+	int thp = getenv("MEMTOUCH_THP") != NULL;
+	uint64_t len = pages * PAGE + (thp ? huge : 0);
+	unsigned char *mem;
+
+	mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (mem == MAP_FAILED) {
+		perror("memtouch: mmap");
+		return NULL;
+	}
+	if (thp) {
+		mem = (unsigned char *)(((uintptr_t)mem + huge - 1) & ~(uintptr_t)(huge - 1));
+		if (madvise(mem, pages * PAGE, MADV_HUGEPAGE)) {
+			perror("memtouch: madvise(MADV_HUGEPAGE)");
+			return NULL;
+		}
+	}
+	return mem;
+}
+
 int main(int argc, char **argv)
 {
 	uint64_t counts[KINDS] = { 0 }, pages, seed, i, bad, rounds = 0;
@@ -282,11 +310,9 @@ int main(int argc, char **argv)
 	hold = !strcmp(argv[1], "hold");
 	pages = strtoull(argv[2], NULL, 10) * (1024 * 1024 / PAGE);
 	seed = strtoull(argv[3], NULL, 10);
-	mem = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (mem == MAP_FAILED) {
-		perror("memtouch: mmap");
+	mem = map_anon(pages);
+	if (!mem)
 		return 2;
-	}
 	for (i = 0; i < pages; i++)
 		counts[fill(mem + i * PAGE, seed, i)]++;
 	printf("memtouch: filled %llu pages (zero %llu, same %llu, text %llu, binary %llu, random %llu)\n",

@@ -26,6 +26,8 @@ pub const SCENARIOS: &[&str] = &[
     "swap-unload",
     "swap-host-full",
     "swap-mq-stress",
+    "zswap-coexist",
+    "thp-swap",
     "pagecache-hits",
     "pagecache-coherency",
     "pagecache-lazy-register",
@@ -42,6 +44,8 @@ const SMP_SCENARIOS: &[&str] = &[
     "swap-unload",
     "swap-host-full",
     "swap-mq-stress",
+    "zswap-coexist",
+    "thp-swap",
     "device-loss",
 ];
 
@@ -121,7 +125,7 @@ impl Runner {
             })
         };
         match name {
-            "swap-host-full" => single(&["--memory-limit", TINY_LIMIT]),
+            "swap-host-full" | "zswap-coexist" => single(&["--memory-limit", TINY_LIMIT]),
             "two-guests" => pair(
                 [
                     &format!(",shared={SHARED_UUID}"),
@@ -354,7 +358,9 @@ impl Runner {
                         gets: h("gets"),
                     })
                 }
-                "swap-host-full" if h("puts_refused") == 0 => return Err(Error::NothingRefused),
+                "swap-host-full" | "zswap-coexist" if h("puts_refused") == 0 => {
+                    return Err(Error::NothingRefused)
+                }
                 "pagecache-hits" | "pagecache-lazy-register" if h("get_hits") < 10_000 => {
                     return Err(Error::TooFewHits(h("get_hits")))
                 }
