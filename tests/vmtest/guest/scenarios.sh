@@ -229,6 +229,89 @@ swap-host-full)
 	stats
 	pass
 	;;
+swap-mq-stress)
+	# Two vCPUs, two request queues: three workers rewrite swap-backed memory larger than RAM
+	# round after round, so slots freed on one CPU are reused by swap-outs on the other while
+	# their invalidations may still be queued. Every byte is checked in every round.
+	[ "$(grep -c ^processor /proc/cpuinfo)" -eq 2 ] || fail "expected 2 vCPUs"
+	load
+	dmesg | grep -q "tmem: device ready: 2 request queue(s)" || fail "the device has no 2 request queues"
+	swap_on
+	memtouch rounds 48 40 3 >/tmp/w40 2>&1 &
+	W1=$!
+	memtouch rounds 48 41 3 >/tmp/w41 2>&1 &
+	W2=$!
+	memtouch rounds 48 42 3 >/tmp/w42 2>&1 &
+	W3=$!
+	ok=1
+	for w in $W1 $W2 $W3; do
+		wait $w || ok=0
+	done
+	cat /tmp/w40 /tmp/w41 /tmp/w42
+	[ $ok -eq 1 ] || fail "a worker's pages did not verify"
+	swapoff $SWAP || fail "swapoff"
+	at_least puts 1000
+	at_least hits 1000
+	at_least flushes 1
+	none_of failures
+	none_of bad_answers
+	stats
+	pass
+	;;
+zswap-coexist)
+	# zswap and tmem at once. zswap holds pages first (tmem not loaded yet); then tmem is tried
+	# before zswap, and what the host refuses (its tiny limit) goes to zswap, then to the swap
+	# device. Every page verifies, wherever it was kept.
+	echo 1 >/sys/module/zswap/parameters/enabled || fail "enabling zswap"
+	swap_on
+	memtouch hold 48 50 &
+	HOLD=$!
+	wait_file /tmp/hold.50
+	memtouch run 160 51 || fail "workload with zswap alone did not verify"
+	zs=$(cat /sys/kernel/debug/zswap/stored_pages)
+	[ "$zs" -gt 0 ] || fail "zswap stored nothing"
+	echo "zswap-coexist: zswap holds $zs pages before insmod"
+	load
+	written0=$(awk '$1 == "zswpout" { print $2 }' /proc/vmstat)
+	memtouch run 192 52 || fail "workload with tmem and zswap did not verify"
+	written=$(($(awk '$1 == "zswpout" { print $2 }' /proc/vmstat) - written0))
+	echo "zswap-coexist: zswap took $written pages the host refused"
+	[ "$written" -gt 0 ] || fail "zswap took none of the pages the host refused"
+	at_least puts 1000
+	at_least puts_refused 1
+	at_least hits 1
+	kill -USR1 $HOLD
+	wait $HOLD || fail "pages zswap held before insmod did not verify"
+	swapoff $SWAP || fail "swapoff"
+	none_of failures
+	stats
+	pass
+	;;
+thp-swap)
+	# Transparent huge pages under memory pressure: a THP goes out whole (to the swap device,
+	# tmem stores order-0 pages only) or split (its pages to tmem); every page comes back.
+	echo always >/sys/kernel/mm/transparent_hugepage/enabled || fail "enabling THP"
+	load
+	swap_on
+	MEMTOUCH_THP=1 memtouch hold 64 60 &
+	HOLD=$!
+	wait_file /tmp/hold.60
+	thp=$(awk '$1 == "AnonHugePages:" { print $2 }' /proc/meminfo)
+	[ "$thp" -gt 0 ] || fail "the workload got no transparent huge pages"
+	echo "thp-swap: $thp kB in transparent huge pages"
+	MEMTOUCH_THP=1 memtouch run 160 61 || fail "THP workload under pressure did not verify"
+	out=$(awk '$1 == "thp_swpout" || $1 == "thp_swpout_fallback" { n += $2 } END { print n + 0 }' /proc/vmstat)
+	echo "thp-swap: $out huge pages went to swap (whole or split)"
+	[ "$out" -gt 0 ] || fail "no huge page was swapped out"
+	kill -USR1 $HOLD
+	wait $HOLD || fail "held huge pages did not verify"
+	swapoff $SWAP || fail "swapoff"
+	at_least puts 1000
+	at_least hits 1
+	none_of failures
+	stats
+	pass
+	;;
 demo)
 	load
 	swap_on

@@ -73,6 +73,8 @@ pub enum Error {
     },
     #[error("{who}: {why}")]
     GuestFailed { who: String, why: String },
+    #[error("{who}: the kernel reported a problem:\n{report}")]
+    KernelProblem { who: String, report: String },
     #[error("{who} printed no verdict (QEMU {status}); console tail:\n{tail}")]
     NoVerdict {
         who: String,

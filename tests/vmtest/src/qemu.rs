@@ -26,6 +26,8 @@ pub enum Accel {
 pub struct QemuArgs<'a> {
     pub accel: &'a str,
     pub smp: u32,
+    /// Request queues of the tmem device (QEMU's `num_vqs` is one more: the control queue).
+    pub request_queues: u16,
     pub kernel: &'a Path,
     pub initramfs: &'a Path,
     pub socket: &'a Path,
@@ -39,6 +41,13 @@ pub struct QemuArgs<'a> {
 /// QEMU's arguments (after any `-L` firmware directories).
 pub fn qemu_args(q: &QemuArgs) -> Vec<String> {
     let s = |p: &Path| p.display().to_string();
+    // One host thread per vCPU: SMP races (the driver's queues, the swap hooks on two CPUs)
+    // happen for real only with multi-threaded TCG.
+    let accel = if q.accel == "tcg" && q.smp > 1 {
+        "tcg,thread=multi"
+    } else {
+        q.accel
+    };
     let mut args: Vec<String> = [
         "-nodefaults",
         "-no-user-config",
@@ -50,7 +59,7 @@ pub fn qemu_args(q: &QemuArgs) -> Vec<String> {
         "-serial",
         "stdio",
         "-accel",
-        q.accel,
+        accel,
         "-smp",
         &q.smp.to_string(),
         "-m",
@@ -70,9 +79,12 @@ pub fn qemu_args(q: &QemuArgs) -> Vec<String> {
         &format!("console=ttyS0 panic=-1 no_timer_check {}", q.cmdline),
         "-chardev",
         &format!("socket,id=tmem,path={}", s(q.socket)),
-        // One control queue + one request queue; the config space is 24 bytes.
+        // The control queue + the request queues; the config space is 24 bytes.
         "-device",
-        "vhost-user-test-device-pci,chardev=tmem,virtio-id=63,num_vqs=2,config_size=24",
+        &format!(
+            "vhost-user-test-device-pci,chardev=tmem,virtio-id=63,num_vqs={},config_size=24",
+            1 + q.request_queues
+        ),
         "-drive",
         &format!("file={},format=raw,if=none,id=swap", s(q.swap)),
         "-device",

@@ -29,6 +29,9 @@ pub const SCENARIOS: &[&str] = &[
     "swap-lazy-register",
     "swap-unload",
     "swap-host-full",
+    "swap-mq-stress",
+    "zswap-coexist",
+    "thp-swap",
     "pagecache-hits",
     "pagecache-coherency",
     "pagecache-lazy-register",
@@ -36,6 +39,19 @@ pub const SCENARIOS: &[&str] = &[
     "overcommit",
     "device-loss",
     "bad-device",
+];
+
+/// Scenarios whose guests swap: they run on 2 vCPUs against 2 request queues, so that the
+/// swap hooks and the driver's queues race for real.
+const SMP_SCENARIOS: &[&str] = &[
+    "swap-integrity",
+    "swap-lazy-register",
+    "swap-unload",
+    "swap-host-full",
+    "swap-mq-stress",
+    "zswap-coexist",
+    "thp-swap",
+    "device-loss",
 ];
 
 /// How the guests of a scenario are set up.
@@ -47,6 +63,11 @@ pub struct Plan {
 impl Runner {
     /// The daemon's arguments and the guests (with their disks, made in `dir`) of a scenario.
     pub fn plan(&self, name: &str, dir: &Path) -> Result<Plan> {
+        let (cpus, request_queues) = if SMP_SCENARIOS.contains(&name) {
+            (2, 2)
+        } else {
+            (1, 1)
+        };
         let single = |extra: &[&str]| -> Result<Plan> {
             let data = dir.join("data.img");
             let disk2 = dir.join("disk2.img");
@@ -57,6 +78,8 @@ impl Runner {
                 "{dir}/tmem.sock".into(),
                 "--name".into(),
                 "guest".into(),
+                "--queues".into(),
+                request_queues.to_string(),
             ];
             daemon_args.extend(extra.iter().map(|s| s.to_string()));
             Ok(Plan {
@@ -65,6 +88,8 @@ impl Runner {
                     client: "guest",
                     role: "",
                     disks: vec![(data, false), (disk2, false)],
+                    cpus,
+                    request_queues,
                 }],
             })
         };
@@ -90,10 +115,14 @@ impl Runner {
                     client: role,
                     role,
                     disks: vec![(data, false), disk2],
+                    cpus,
+                    request_queues,
                 });
                 daemon_args.push("--client".to_string());
                 daemon_args.push(format!("name={role},socket={{dir}}/{role}.sock{opts}"));
             }
+            daemon_args.push("--queues".into());
+            daemon_args.push(request_queues.to_string());
             daemon_args.extend(extra.iter().map(|s| s.to_string()));
             Ok(Plan {
                 daemon_args,
@@ -101,7 +130,7 @@ impl Runner {
             })
         };
         match name {
-            "swap-host-full" => single(&["--memory-limit", TINY_LIMIT]),
+            "swap-host-full" | "zswap-coexist" => single(&["--memory-limit", TINY_LIMIT]),
             "two-guests" => pair(
                 [
                     &format!(",shared={SHARED_UUID}"),
@@ -293,6 +322,11 @@ impl Runner {
                     tail: run.tail(),
                 });
             }
+            // A lockdep splat, a sleep in atomic context or a WARNING fails the scenario even
+            // if the workload verified: the next run might not be so lucky.
+            if let Some(report) = run.kernel_problem() {
+                return Err(Error::KernelProblem { who, report });
+            }
             match run.verdict(name) {
                 Some(Ok(())) => {}
                 Some(Err(why)) => return Err(Error::GuestFailed { who, why }),
@@ -362,7 +396,9 @@ impl Runner {
                         gets: h("gets"),
                     })
                 }
-                "swap-host-full" if h("puts_refused") == 0 => return Err(Error::NothingRefused),
+                "swap-host-full" | "zswap-coexist" if h("puts_refused") == 0 => {
+                    return Err(Error::NothingRefused)
+                }
                 "pagecache-hits" | "pagecache-lazy-register" if h("get_hits") < 10_000 => {
                     return Err(Error::TooFewHits(h("get_hits")))
                 }
