@@ -5,6 +5,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -414,4 +415,96 @@ fn reload_applies_the_file_all_or_nothing() {
     // The guest on b was not disturbed.
     store_and_verify(&mut g, true, 77, 10);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Adds, forced and unforced removals, lists and guests connecting, all at once over several
+/// control connections, some on one contested name: every request gets an answer, the daemon
+/// stays up, and once everything is removed the memory and the directory are as before.
+#[test]
+fn concurrent_adds_and_removals_leave_nothing_behind() {
+    let d = Arc::new(Daemon::start(&["--client", "name=a,socket={dir}/a.sock"]).unwrap());
+    let before = used(&d);
+    let dir = d.dir().display().to_string();
+    let mut threads = Vec::new();
+    for t in 0..3 {
+        let (d, dir) = (d.clone(), dir.clone());
+        threads.push(std::thread::spawn(move || {
+            for i in 0..8u64 {
+                let sock = format!("{dir}/own{t}.sock");
+                d.control(&json!({"cmd": "add-client", "spec": format!("name=own{t},socket={sock}")}))
+                    .unwrap();
+                if i % 2 == 0 {
+                    let mut g = guest(Path::new(&sock));
+                    store_and_verify(&mut g, true, t * 1000 + i * 100, 20);
+                    // Removed under the guest's feet.
+                    d.control(&json!({"cmd": "remove-client", "client": format!("own{t}"), "force": true}))
+                        .unwrap();
+                } else {
+                    d.control(&json!({"cmd": "remove-client", "client": format!("own{t}")}))
+                        .unwrap();
+                }
+            }
+        }));
+    }
+    for t in 0..2 {
+        let (d, dir) = (d.clone(), dir.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut answers = std::collections::BTreeSet::new();
+            for i in 0..15 {
+                let r = if (i + t) % 2 == 0 {
+                    d.control(&json!({"cmd": "add-client", "spec": format!("name=same,socket={dir}/same.sock")}))
+                } else {
+                    d.control(&json!({"cmd": "remove-client", "client": "same", "force": i % 3 == 0}))
+                };
+                match r {
+                    Ok(_) => answers.insert("ok".to_string()),
+                    Err(e) => {
+                        let e = e.to_string();
+                        // (JSON-quoted: the names' quotes are escaped.)
+                        let known = [
+                            "a client named",
+                            "is being removed",
+                            "is already being removed",
+                            "no client named",
+                            "has a frontend connected",
+                        ];
+                        assert!(known.iter().any(|k| e.contains(k)), "{e}");
+                            answers.insert(e)
+                    }
+                };
+            }
+        }));
+    }
+    {
+        let d = d.clone();
+        threads.push(std::thread::spawn(move || {
+            for _ in 0..30 {
+                let l = list(&d);
+                assert!(l.iter().any(|c| c["name"] == "a"));
+            }
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    let _ = d.control(&json!({"cmd": "remove-client", "client": "same", "force": true}));
+    let names: Vec<Value> = list(&d).iter().map(|c| c["name"].clone()).collect();
+    assert_eq!(names, vec![json!("a")]);
+    assert_eq!(used(&d), before);
+    let mut left: Vec<String> = std::fs::read_dir(d.dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "a.sock",
+            "a.sock.lock",
+            "control.sock",
+            "control.sock.lock",
+            "daemon.log"
+        ]
+    );
+    assert!(!plain_log(&d).contains("panicked"), "{}", d.log());
 }

@@ -882,8 +882,10 @@ fn removing_a_client_frees_all_it_holds_and_its_share() {
     let er = e.create_pool(&r, EPH).unwrap();
     let sr = e.create_pool(&r, shared_spec(uuid)).unwrap();
     for i in 0..40 {
-        e.put(&mut w, &r, &key(pr, OID, i), &page(1000 + i)).unwrap();
-        e.put(&mut w, &r, &key(er, OID, i), &page(2000 + i)).unwrap();
+        e.put(&mut w, &r, &key(pr, OID, i), &page(1000 + i))
+            .unwrap();
+        e.put(&mut w, &r, &key(er, OID, i), &page(2000 + i))
+            .unwrap();
         e.put(&mut w, &r, &key(sr, [7, 7, 7], i), &page(3000 + i))
             .unwrap();
     }
@@ -907,7 +909,8 @@ fn removing_a_client_frees_all_it_holds_and_its_share() {
     // The other member's pages are untouched.
     let mut out = vec![0u8; PAGE_SIZE];
     for i in 0..50 {
-        e.get(&mut w, &a, &key(sa, OID, i), &mut out, false).unwrap();
+        e.get(&mut w, &a, &key(sa, OID, i), &mut out, false)
+            .unwrap();
         assert_eq!(out, page(i));
     }
     // Its weight left with it: a alone may again fill the whole limit with persistent pages.
