@@ -89,14 +89,18 @@ pub enum Request {
         #[arg(value_parser = pages_arg)]
         pages: std::option::Option<u64>,
     },
-    /// Add a client and serve its socket, as --client does at start:
-    /// name=N,socket=PATH[,quota=SIZE][,weight=W][,compressor=C][,shared=UUID+UUID]
+    /// Add a client and serve its socket, as --client does at start.
+    ///
+    /// SPEC is name=N,socket=PATH[,quota=SIZE][,weight=W][,compressor=C][,shared=UUID+UUID];
+    /// the socket is made as at start (0600, or 0660 for --socket-group).
     AddClient {
         #[arg(value_name = "SPEC")]
         spec: String,
     },
-    /// Stop serving a client: its pools are freed (persistent pages too) and its socket
-    /// removed. Refused while a frontend is connected, unless --force.
+    /// Stop serving a client, free its pools and remove its socket.
+    ///
+    /// Refused while a frontend is connected, unless --force. Every page the client stored is
+    /// dropped, persistent (swap) pages too, and the log says how many.
     RemoveClient {
         client: String,
         /// End the frontend's connection first; the guest loses every page stored here.
@@ -106,8 +110,11 @@ pub enum Request {
     },
     /// List the clients: socket, connected or not, pools, pages, quota, weight.
     ListClients,
-    /// Re-read the configuration file (--config) and apply it, as SIGHUP does: limits, quotas,
-    /// weights, shared pool authorizations and new clients. All or nothing.
+    /// Re-read the configuration file (--config) and apply it, as SIGHUP does.
+    ///
+    /// Applies the memory limit, quotas, weights, shared pool authorizations and new clients,
+    /// all or nothing; reports clients not in the file (it never removes one) and settings that
+    /// need a restart.
     Reload,
 }
 
