@@ -51,6 +51,8 @@ pub enum Error {
     },
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
+    #[error("cannot keep a second descriptor of a listening socket")]
+    Dup(#[source] std::io::Error),
     #[error("client \"{name}\": cannot register the worker exit event")]
     ExitEvent {
         name: String,

@@ -114,9 +114,14 @@ impl Clients {
         let name = b.spec.config.name.clone();
         // SAFETY: the listener's fd is open for as long as `b.listener` lives, which is past
         // this statement; the clone is a descriptor of its own.
-        let listening = unsafe { BorrowedFd::borrow_raw(b.listener.as_raw_fd()) }
-            .try_clone_to_owned()
-            .map_err(Error::Thread)?;
+        let listening =
+            match unsafe { BorrowedFd::borrow_raw(b.listener.as_raw_fd()) }.try_clone_to_owned() {
+                Ok(fd) => fd,
+                Err(e) => {
+                    b.abandon();
+                    return Err(Error::Dup(e));
+                }
+            };
         let client = self.engine.add_client(b.spec.config.clone());
         let ctl = Arc::new(ClientCtl::default());
         let (engine, c, t, dev) = (
@@ -327,18 +332,21 @@ impl Clients {
                     .push(format!("{name}: revoked shared pool {}", format_uuid(u)));
             }
         }
-        for b in bound {
+        let mut bound = bound.into_iter();
+        while let Some(b) = bound.next() {
             let name = b.spec.config.name.clone();
             let socket = endpoint_text(&b.spec.endpoint);
-            // Only a thread that cannot start fails here; what is applied stays applied.
-            self.start(st, b).map_err(|err| {
-                format!(
+            // Only a thread that cannot start fails here (the host is out of resources); what
+            // is applied stays applied, and the answer says what that is.
+            if let Err(err) = self.start(st, b) {
+                bound.for_each(Bound::abandon);
+                return Err(format!(
                     "client \"{name}\": {}; applied before it: {:?}, added: {:?}",
                     error_chain(&err),
                     report.changed,
                     report.added
-                )
-            })?;
+                ));
+            }
             tracing::info!(client = %name, %socket, "client added by reload");
             report.added.push(name);
         }
