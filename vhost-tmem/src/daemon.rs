@@ -370,6 +370,8 @@ pub fn run(cfg: DaemonConfig, args: Option<ServeArgs>) -> Result<(), Error> {
         bound.push((spec.clone(), listener, claim));
     }
     let clients = Clients::new(engine.clone(), cfg.clone(), args);
+    // Served before the control socket answers, so that its first request sees every client.
+    clients.start_all(bound)?;
     if let Some(path) = &cfg.control_socket {
         Controls {
             engine: engine.clone(),
@@ -382,7 +384,6 @@ pub fn run(cfg: DaemonConfig, args: Option<ServeArgs>) -> Result<(), Error> {
         control::serve_metrics(engine.clone(), addr)?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
     }
-    clients.start_all(bound)?;
     match hup {
         Ok(set) => {
             let c = clients.clone();
