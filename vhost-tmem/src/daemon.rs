@@ -3,7 +3,6 @@
 //! control socket and the metrics endpoint.
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -13,7 +12,11 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::config::{DaemonConfig, Endpoint};
+mod clients;
+
+pub use clients::Clients;
+
+use crate::config::{DaemonConfig, Endpoint, ServeArgs};
 use crate::control::{self, Controls};
 use crate::sock::{self, is_socket, Claim};
 use crate::store::{Client, Engine, Tmem};
@@ -48,6 +51,8 @@ pub enum Error {
     },
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
+    #[error("cannot keep a second descriptor of a listening socket")]
+    Dup(#[source] std::io::Error),
     #[error("client \"{name}\": cannot register the worker exit event")]
     ExitEvent {
         name: String,
@@ -138,17 +143,110 @@ impl Drop for Connection {
     }
 }
 
+/// A client thread's link to whoever may stop it (`ctl remove-client`): whether it is told to
+/// stop, and how to end its connection. The serving thread registers each connection here
+/// under the same lock the remover decides under, so that a removal sees every connection
+/// (refuses, or ends it) and none starts after a removal was decided.
+#[derive(Default)]
+pub(crate) struct ClientCtl {
+    state: parking_lot::Mutex<CtlState>,
+    wake: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct CtlState {
+    stopping: bool,
+    conn: Option<vhost_user_backend::ShutdownHandle>,
+}
+
+impl std::fmt::Debug for ClientCtl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.state.lock();
+        f.debug_struct("ClientCtl")
+            .field("stopping", &s.stopping)
+            .field("connected", &s.conn.is_some())
+            .finish()
+    }
+}
+
+/// Why a removal was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum StopRefused {
+    /// A frontend is connected and the removal is not forced.
+    Connected,
+    /// Already being removed.
+    Stopping,
+}
+
+impl ClientCtl {
+    /// Records a new connection; false if the client is being removed (the caller ends it).
+    fn connected(&self, h: vhost_user_backend::ShutdownHandle) -> bool {
+        let mut s = self.state.lock();
+        if s.stopping {
+            return false;
+        }
+        s.conn = Some(h);
+        true
+    }
+
+    fn disconnected(&self) {
+        self.state.lock().conn = None;
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.state.lock().stopping
+    }
+
+    /// Tells the client to stop; with `force`, ends its connection. Returns whether one was
+    /// ended.
+    pub(crate) fn stop(&self, force: bool) -> Result<bool, StopRefused> {
+        let mut s = self.state.lock();
+        if s.stopping {
+            return Err(StopRefused::Stopping);
+        }
+        if s.conn.is_some() && !force {
+            return Err(StopRefused::Connected);
+        }
+        s.stopping = true;
+        self.wake.notify_all();
+        Ok(match s.conn.take() {
+            Some(h) => {
+                h.shutdown();
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// Sleeps for `d` unless told to stop first; returns whether it is told to stop.
+    fn sleep(&self, d: Duration) -> bool {
+        let mut s = self.state.lock();
+        if !s.stopping {
+            self.wake.wait_for(&mut s, d);
+        }
+        s.stopping
+    }
+}
+
+/// How a serving thread ended without an error: told to stop.
+#[derive(Debug)]
+struct Stopped;
+
 /// Serves one client's socket: one frontend at a time, accepting the next when it leaves.
-/// Returns only on an error (the caller restarts it).
+/// Returns when told to stop, or on an error (the caller restarts it).
 fn serve_client(
     engine: &Arc<Engine>,
     client: &Arc<Client>,
     listener: &mut Listener,
+    ctl: &ClientCtl,
     dev_cfg: DeviceConfig,
     served: &mut bool,
-) -> Result<Infallible, Error> {
+) -> Result<Stopped, Error> {
     let name = client.name().to_string();
     loop {
+        if ctl.stopping() {
+            return Ok(Stopped);
+        }
         // Anything a previous connection's stragglers created is gone before the next starts.
         engine.reset_client(client);
         let mut conn = Connection::new(engine, client, &name, dev_cfg)?;
@@ -157,11 +255,24 @@ fn serve_client(
             cause,
         })?;
         *served = true;
+        let handle = conn.daemon.shutdown_handle();
+        if !handle.is_some_and(|h| ctl.connected(h)) {
+            // Accepted just as the client was being removed: not served.
+            conn.daemon.request_shutdown();
+            let _ = conn.daemon.wait();
+            return Ok(Stopped);
+        }
         client.set_connected(true);
         tracing::info!(client = %name, "frontend connected");
         let result = conn.daemon.wait();
         drop(conn);
+        ctl.disconnected();
         client.set_connected(false);
+        if ctl.stopping() {
+            // Removed: the remover frees the pools and says what went.
+            tracing::info!(client = %name, "connection ended: the client is being removed");
+            return Ok(Stopped);
+        }
         engine.reset_client(client);
         use vhost::vhost_user::Error as VuError;
         match result {
@@ -181,13 +292,14 @@ const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest wait between restarts (a client that keeps failing logs at most this often).
 const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Serves a client for as long as the daemon runs. A serving thread that fails (an error,
-/// e.g. no file descriptor left to accept with, or a panic) is logged and started again after
-/// a backoff; nothing of it reaches the other clients.
-fn supervise(
+/// Serves a client until it is removed. A serving thread that fails (an error, e.g. no file
+/// descriptor left to accept with, or a panic) is logged and started again after a backoff;
+/// nothing of it reaches the other clients. A removal wakes it from the backoff.
+pub(crate) fn supervise(
     engine: Arc<Engine>,
     client: Arc<Client>,
     mut listener: Listener,
+    ctl: Arc<ClientCtl>,
     dev_cfg: DeviceConfig,
 ) {
     let name = client.name().to_string();
@@ -195,12 +307,17 @@ fn supervise(
     loop {
         let mut served = false;
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            serve_client(&engine, &client, &mut listener, dev_cfg, &mut served)
+            serve_client(&engine, &client, &mut listener, &ctl, dev_cfg, &mut served)
         }));
+        ctl.disconnected();
         client.set_connected(false);
+        if ctl.stopping() {
+            // Whatever ended it (an accept woken by the removal fails), it is not a failure.
+            return;
+        }
         engine.reset_client(&client);
         let why = match outcome {
-            Ok(Ok(never)) => match never {},
+            Ok(Ok(Stopped)) => return,
             Ok(Err(e)) => error_chain(&e),
             Err(panic) => panic
                 .downcast_ref::<&str>()
@@ -213,7 +330,9 @@ fn supervise(
             backoff = RESTART_BACKOFF_MIN;
         }
         tracing::error!(client = %name, "serving thread failed, restarting in {backoff:?}: {why}");
-        std::thread::sleep(backoff);
+        if ctl.sleep(backoff) {
+            return;
+        }
         backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
     }
 }
@@ -231,12 +350,15 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Runs the daemon; returns only if it cannot be set up (client threads restart themselves).
-pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
+/// `args` is the command line, read again with the configuration file by `ctl reload` and
+/// SIGHUP.
+pub fn run(cfg: DaemonConfig, args: Option<ServeArgs>) -> Result<(), Error> {
+    // Before any thread starts, so that every thread inherits it blocked and only the signal
+    // thread takes it.
+    let hup = block_sighup();
     let engine = Arc::new(Engine::new(cfg.engine.clone()));
     let mut fds = HashSet::new();
-    let mut prepared = Vec::new();
-    // Held until the daemon ends, so that no second daemon takes over a live socket.
-    let mut claims = Vec::new();
+    let mut bound = Vec::new();
     // Bind everything first, so that a bad socket fails the start rather than a thread later.
     for spec in &cfg.clients {
         if let Endpoint::Fd(fd) = spec.endpoint {
@@ -245,13 +367,15 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
             }
         }
         let (listener, claim) = listen(&spec.config.name, &spec.endpoint, cfg.socket_group)?;
-        claims.extend(claim);
-        let client = engine.add_client(spec.config.clone());
-        prepared.push((client, listener));
+        bound.push((spec.clone(), listener, claim));
     }
+    let clients = Clients::new(engine.clone(), cfg.clone(), args);
+    // Served before the control socket answers, so that its first request sees every client.
+    clients.start_all(bound)?;
     if let Some(path) = &cfg.control_socket {
         Controls {
             engine: engine.clone(),
+            admin: Some(clients.clone()),
         }
         .serve(path, cfg.control_group)?;
         tracing::info!(path = %path.display(), "control socket ready");
@@ -260,15 +384,15 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
         control::serve_metrics(engine.clone(), addr)?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
     }
-    let mut threads = Vec::new();
-    for (client, listener) in prepared {
-        let engine = engine.clone();
-        let name = client.name().to_string();
-        let t = std::thread::Builder::new()
-            .name(format!("client-{name}"))
-            .spawn(move || supervise(engine, client, listener, cfg.device))
-            .map_err(Error::Thread)?;
-        threads.push(t);
+    match hup {
+        Ok(set) => {
+            let c = clients.clone();
+            std::thread::Builder::new()
+                .name("signals".into())
+                .spawn(move || reload_on_sighup(set, &c))
+                .map_err(Error::Thread)?;
+        }
+        Err(e) => tracing::warn!("SIGHUP will not reload: cannot block it: {e}"),
     }
     tracing::info!(
         clients = cfg.clients.len(),
@@ -277,9 +401,43 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
         queues = cfg.device.request_queues,
         "vhost-tmem serving"
     );
-    for t in threads {
-        let _ = t.join();
+    // Clients come and go at run time; the daemon serves until it is killed.
+    loop {
+        std::thread::park();
     }
-    drop(claims);
-    Ok(())
+}
+
+/// Blocks SIGHUP in the calling thread (and so in every thread it starts).
+fn block_sighup() -> std::io::Result<libc::sigset_t> {
+    // SAFETY: sigemptyset/sigaddset write into the set we own; pthread_sigmask reads it and
+    // writes no old set (null).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        match libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) {
+            0 => Ok(set),
+            e => Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
+/// Takes SIGHUP (blocked everywhere) one at a time and reloads, as `ctl reload` does.
+fn reload_on_sighup(set: libc::sigset_t, clients: &Clients) {
+    use crate::control::ClientAdmin;
+    loop {
+        let mut sig = 0;
+        // SAFETY: set is a valid signal set and sig a live int.
+        let r = unsafe { libc::sigwait(&set, &mut sig) };
+        if r != 0 {
+            tracing::error!(
+                "SIGHUP will not reload: sigwait failed: {}",
+                std::io::Error::from_raw_os_error(r)
+            );
+            return;
+        }
+        tracing::info!("SIGHUP: reloading the configuration");
+        // The outcome is logged by reload itself.
+        let _ = clients.reload();
+    }
 }
