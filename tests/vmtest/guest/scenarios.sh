@@ -79,6 +79,14 @@ count_hits() {
 	HITS=$(($(stat_of cache_hits) - h0))
 	echo "$SCENARIO: $HITS page-cache hits during: $*"
 }
+# zswap's own counters on one line: why it took or refused pages.
+zswap_counters() {
+	line="zswap:"
+	for f in /sys/kernel/debug/zswap/*; do
+		line="$line $(basename "$f")=$(cat "$f")"
+	done
+	echo "$line"
+}
 swap_used_kb() { awk 'NR > 1 { used += $4 } END { print used + 0 }' /proc/swaps; }
 at_least() { [ "$(stat_of "$1")" -ge "$2" ] || fail "$1 is $(stat_of "$1"), expected at least $2"; }
 none_of() { [ "$(stat_of "$1")" -eq 0 ] || fail "$1 is $(stat_of "$1"), expected 0"; }
@@ -269,12 +277,14 @@ zswap-coexist)
 	wait_file /tmp/hold.50
 	memtouch run 160 51 || fail "workload with zswap alone did not verify"
 	zs=$(cat /sys/kernel/debug/zswap/stored_pages)
+	zswap_counters
 	[ "$zs" -gt 0 ] || fail "zswap stored nothing"
 	echo "zswap-coexist: zswap holds $zs pages before insmod"
 	load
 	written0=$(awk '$1 == "zswpout" { print $2 }' /proc/vmstat)
 	memtouch run 192 52 || fail "workload with tmem and zswap did not verify"
 	written=$(($(awk '$1 == "zswpout" { print $2 }' /proc/vmstat) - written0))
+	zswap_counters
 	echo "zswap-coexist: zswap took $written pages the host refused"
 	[ "$written" -gt 0 ] || fail "zswap took none of the pages the host refused"
 	at_least puts 1000
