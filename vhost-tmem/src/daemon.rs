@@ -15,6 +15,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{DaemonConfig, Endpoint};
 use crate::control::{self, Controls};
+use crate::sandbox;
 use crate::sock::{self, is_socket, Claim};
 use crate::store::{Client, Engine, Tmem};
 use crate::vhu_tmem::{self, DeviceConfig, TmemDevice};
@@ -46,6 +47,8 @@ pub enum Error {
         name: String,
         cause: vhost_user_backend::Error,
     },
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::Error),
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
     #[error("client \"{name}\": cannot register the worker exit event")]
@@ -249,37 +252,54 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
         let client = engine.add_client(spec.config.clone());
         prepared.push((client, listener));
     }
-    if let Some(path) = &cfg.control_socket {
-        Controls {
-            engine: engine.clone(),
-        }
-        .serve(path, cfg.control_group)?;
+    let control = match &cfg.control_socket {
+        Some(path) => Some(
+            Controls {
+                engine: engine.clone(),
+            }
+            .bind(path, cfg.control_group)?,
+        ),
+        None => None,
+    };
+    let metrics = cfg.metrics_listen.map(control::bind_metrics).transpose()?;
+    // Set up: confine the process before any thread exists (namespaces and credentials are
+    // per thread, inherited by the threads started later).
+    let paths = cfg.clients.iter().filter_map(|c| match &c.endpoint {
+        Endpoint::Path(p) => Some(p.as_path()),
+        Endpoint::Fd(_) => None,
+    });
+    let files = sandbox::SocketFiles::record(paths.chain(cfg.control_socket.as_deref()))?;
+    sandbox::block_termination()?;
+    sandbox::enter(&cfg.sandbox, &files)?;
+    if let (Some(c), Some(path)) = (control, &cfg.control_socket) {
+        c.spawn()?;
         tracing::info!(path = %path.display(), "control socket ready");
     }
-    if let Some(addr) = cfg.metrics_listen {
-        control::serve_metrics(engine.clone(), addr)?;
+    if let (Some(m), Some(addr)) = (metrics, cfg.metrics_listen) {
+        m.spawn(engine.clone())?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
     }
-    let mut threads = Vec::new();
     for (client, listener) in prepared {
         let engine = engine.clone();
         let name = client.name().to_string();
-        let t = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name(format!("client-{name}"))
             .spawn(move || supervise(engine, client, listener, cfg.device))
             .map_err(Error::Thread)?;
-        threads.push(t);
     }
     tracing::info!(
         clients = cfg.clients.len(),
         memory_limit = cfg.engine.memory_limit,
         compressor = %cfg.engine.compressor,
         queues = cfg.device.request_queues,
+        sandbox = %cfg.sandbox.mode,
+        user = cfg.sandbox.user.as_ref().map(|u| u.name.as_str()),
         "vhost-tmem serving"
     );
-    for t in threads {
-        let _ = t.join();
-    }
+    // Client threads restart themselves and never end: the daemon ends on a signal.
+    let sig = sandbox::wait_for_termination();
+    tracing::info!(signal = sig, "exiting");
+    files.remove();
     drop(claims);
     Ok(())
 }

@@ -1,0 +1,305 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! The daemon's seccomp allow-list: the syscalls its threads make once it is set up, found by
+//! tracing (`strace -f`) the daemon through the end-to-end tests after the sandbox point, with
+//! arguments pinned where that is cheap and closes something off (threads but no processes,
+//! no executable memory, socket options and fcntl commands the daemon uses, file removal only
+//! in the socket directories). Everything else fails (EPERM), kills or is logged, as
+//! `--seccomp-action` says.
+
+use std::collections::BTreeMap;
+use std::os::fd::RawFd;
+
+use seccompiler::{
+    BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op,
+    SeccompCondition as Cond, SeccompFilter, SeccompRule,
+};
+
+use super::Action;
+
+type Rules = BTreeMap<i64, Vec<SeccompRule>>;
+
+/// A rule whose conditions all hold.
+fn rule(conds: &[(u8, Len, Op, u64)]) -> Result<SeccompRule, BackendError> {
+    SeccompRule::new(
+        conds
+            .iter()
+            .map(|(arg, len, op, v)| Cond::new(*arg, len.clone(), op.clone(), *v))
+            .collect::<Result<_, _>>()?,
+    )
+}
+
+/// Argument `arg` (a 32-bit value) equals `v`.
+fn eq(arg: u8, v: u64) -> (u8, Len, Op, u64) {
+    (arg, Len::Dword, Op::Eq, v)
+}
+
+/// Argument `arg` (32-bit) has none of `bits` set.
+fn none_of(arg: u8, bits: u64) -> (u8, Len, Op, u64) {
+    (arg, Len::Dword, Op::MaskedEq(bits), 0)
+}
+
+/// Argument `arg` (64-bit) has all of `bits` set.
+fn all_of(arg: u8, bits: u64) -> (u8, Len, Op, u64) {
+    (arg, Len::Qword, Op::MaskedEq(bits), bits)
+}
+
+/// One rule per value of argument `arg`: it is one of `values`.
+fn one_of(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, BackendError> {
+    values.iter().map(|v| rule(&[eq(arg, *v)])).collect()
+}
+
+/// The allow-list. `dir_fds`: directories in which files may be removed (the socket files at
+/// exit).
+pub fn rules(dir_fds: &[RawFd]) -> Result<Rules, BackendError> {
+    use libc::*;
+    let mut r = Rules::new();
+    let mut allow = |nr: c_long| {
+        r.insert(nr, Vec::new());
+    };
+    // vhost-user messages (with SCM_RIGHTS), the control socket, /metrics, logging to stderr.
+    for nr in [
+        SYS_read,
+        SYS_write,
+        SYS_writev,
+        SYS_recvmsg,
+        SYS_sendmsg,
+        SYS_recvfrom,
+        SYS_sendto,
+        SYS_shutdown,
+        SYS_close,
+        // Accepting frontends, control and metrics connections on the listeners bound before.
+        SYS_accept4,
+        // The device's event loop: epoll over the vring kick and exit eventfds.
+        SYS_epoll_create1,
+        SYS_epoll_ctl,
+        SYS_epoll_wait,
+        SYS_epoll_pwait,
+        SYS_eventfd2,
+        // Guest memory regions, the payload arena, the allocator, thread stacks.
+        SYS_munmap,
+        SYS_mremap,
+        SYS_madvise,
+        SYS_brk,
+        // Threads: locks, sleeps, the per-thread setup of glibc and Rust's std.
+        SYS_futex,
+        SYS_set_robust_list,
+        SYS_rseq,
+        SYS_sigaltstack,
+        SYS_rt_sigprocmask,
+        SYS_sched_yield,
+        SYS_sched_getaffinity,
+        SYS_nanosleep,
+        SYS_clock_nanosleep,
+        SYS_clock_gettime,
+        SYS_gettid,
+        SYS_getpid,
+        SYS_getrandom,
+        SYS_exit,
+        SYS_exit_group,
+        // The main thread waits for SIGTERM/SIGINT.
+        SYS_rt_sigtimedwait,
+    ] {
+        allow(nr);
+    }
+    // No executable memory: mappings and protection changes without PROT_EXEC.
+    let no_exec = vec![rule(&[none_of(2, PROT_EXEC as u64)])?];
+    r.insert(SYS_mmap, no_exec.clone());
+    r.insert(SYS_mprotect, no_exec);
+    // Threads only, never a new process (clone3's flags are in memory, out of a filter's
+    // reach: it gets ENOSYS from the second filter and glibc falls back to clone).
+    r.insert(SYS_clone, vec![rule(&[all_of(0, CLONE_THREAD as u64)])?]);
+    r.insert(SYS_clone3, Vec::new());
+    // fstat of guest memory files (glibc: newfstatat(fd, "", AT_EMPTY_PATH)), and the socket
+    // files' inodes at exit through the directory descriptors.
+    let mut stat = vec![rule(&[eq(3, AT_EMPTY_PATH as u64)])?];
+    let mut unlink = Vec::new();
+    for fd in dir_fds {
+        stat.push(rule(&[
+            eq(0, *fd as u64),
+            eq(3, AT_SYMLINK_NOFOLLOW as u64),
+        ])?);
+        unlink.push(rule(&[eq(0, *fd as u64), eq(2, 0)])?);
+    }
+    r.insert(SYS_newfstatat, stat);
+    if !unlink.is_empty() {
+        r.insert(SYS_unlinkat, unlink);
+    }
+    // Guest memory seals, descriptor flags.
+    r.insert(
+        SYS_fcntl,
+        one_of(
+            1,
+            &[
+                F_GETFD as u64,
+                F_SETFD as u64,
+                F_GETFL as u64,
+                F_SETFL as u64,
+                F_DUPFD_CLOEXEC as u64,
+                F_GET_SEALS as u64,
+            ],
+        )?,
+    );
+    // Read and write timeouts of control and metrics connections.
+    r.insert(
+        SYS_setsockopt,
+        vec![
+            rule(&[eq(1, SOL_SOCKET as u64), eq(2, SO_RCVTIMEO as u64)])?,
+            rule(&[eq(1, SOL_SOCKET as u64), eq(2, SO_SNDTIMEO as u64)])?,
+        ],
+    );
+    // The control socket's peer check.
+    r.insert(
+        SYS_getsockopt,
+        vec![
+            rule(&[eq(1, SOL_SOCKET as u64), eq(2, SO_PEERCRED as u64)])?,
+            rule(&[eq(1, SOL_SOCKET as u64), eq(2, SO_PEERGROUPS as u64)])?,
+        ],
+    );
+    // Thread names (Rust's std names each thread it starts).
+    r.insert(SYS_prctl, vec![rule(&[eq(0, PR_SET_NAME as u64)])?]);
+    Ok(r)
+}
+
+/// The filters to install, in order: one that turns clone3 into ENOSYS (see [`rules`]), then
+/// the allow-list (other syscalls take `action`; it goes last since it forbids installing
+/// more). Where both give a result the kernel takes ENOSYS over the allow-list's "allow".
+pub fn programs(action: Action, dir_fds: &[RawFd]) -> Result<Vec<BpfProgram>, BackendError> {
+    let arch = std::env::consts::ARCH.try_into()?;
+    let mismatch = match action {
+        Action::Errno => SeccompAction::Errno(libc::EPERM as u32),
+        Action::Kill => SeccompAction::KillProcess,
+        Action::Log => SeccompAction::Log,
+    };
+    let allow = SeccompFilter::new(rules(dir_fds)?, mismatch, SeccompAction::Allow, arch)?;
+    let clone3 = SeccompFilter::new(
+        [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch,
+    )?;
+    Ok(vec![clone3.try_into()?, allow.try_into()?])
+}
+
+/// Sets no_new_privs and installs `progs` on every thread of the process (TSYNC).
+pub fn install(progs: &[BpfProgram]) -> Result<(), seccompiler::Error> {
+    for p in progs {
+        seccompiler::apply_filter_all_threads(p)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `body` in a forked child with the daemon's filters installed and returns how the
+    /// child ended: `Ok(exit code)` or `Err(signal)`. `body` must not allocate (the parent is
+    /// multithreaded) and returns the child's exit code.
+    fn in_sandboxed_child(action: Action, body: fn() -> i32) -> Result<i32, i32> {
+        let progs = programs(action, &[]).unwrap();
+        // SAFETY: the child only installs the prebuilt filters and makes raw syscalls before
+        // _exit; it touches no lock another thread of the parent might have held.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            let code = match install(&progs) {
+                Ok(()) => body(),
+                Err(_) => 100,
+            };
+            // SAFETY: ends the child without running the parent's exit handlers.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: status is a live int; pid is our child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        if libc::WIFEXITED(status) {
+            Ok(libc::WEXITSTATUS(status))
+        } else {
+            Err(libc::WTERMSIG(status))
+        }
+    }
+
+    fn errno() -> i32 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    }
+
+    /// Bit i of the exit code: the i-th forbidden call was refused with EPERM. 64: an allowed
+    /// call failed.
+    fn forbidden_calls() -> i32 {
+        let mut refused = 0;
+        // SAFETY: raw syscalls with valid (or null, where allowed) arguments; none of them
+        // gets past the filter to do anything.
+        unsafe {
+            // Allowed ones work.
+            if libc::getpid() <= 0 || libc::write(2, c"".as_ptr().cast(), 0) != 0 {
+                return 64;
+            }
+            let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+            let calls: [&dyn Fn() -> libc::c_long; 6] = [
+                &|| libc::execve(argv[0], argv.as_ptr(), std::ptr::null()) as libc::c_long,
+                &|| libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as libc::c_long,
+                &|| libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0),
+                &|| libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY) as libc::c_long,
+                // A new process, not a thread.
+                &|| libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0),
+                // Executable memory.
+                &|| {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        4096,
+                        libc::PROT_READ | libc::PROT_EXEC,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    ) as libc::c_long
+                },
+            ];
+            for (i, call) in calls.iter().enumerate() {
+                if call() == -1 && errno() == libc::EPERM {
+                    refused |= 1 << i;
+                }
+            }
+            // Data mappings are allowed.
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                return 64;
+            }
+            // clone3 says ENOSYS, so that glibc falls back to clone.
+            if libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0) != -1
+                || errno() != libc::ENOSYS
+            {
+                return 64;
+            }
+        }
+        refused
+    }
+
+    #[test]
+    fn forbidden_syscalls_are_refused_allowed_ones_work() {
+        assert_eq!(
+            in_sandboxed_child(Action::Errno, forbidden_calls),
+            Ok(0b11_1111),
+            "bits: execve, socket(AF_INET), ptrace, open, clone (process), mmap(PROT_EXEC)"
+        );
+    }
+
+    #[test]
+    fn the_kill_action_kills() {
+        fn exec() -> i32 {
+            let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+            // SAFETY: a valid argv; the filter stops the call.
+            unsafe { libc::execve(argv[0], argv.as_ptr(), std::ptr::null()) };
+            1
+        }
+        assert_eq!(in_sandboxed_child(Action::Kill, exec), Err(libc::SIGSYS));
+        // Logged, not refused: execve goes through (and /bin/true exits 0).
+        assert_eq!(in_sandboxed_child(Action::Log, exec), Ok(0));
+    }
+}
