@@ -206,6 +206,7 @@ pub fn enter(sb: &Sandbox, files: &SocketFiles) -> Result<(), Error> {
         drop_to(u)?;
     }
     if sb.mode != Mode::None {
+        cap_malloc_arenas();
         let progs =
             seccomp::programs(sb.action, &files.dir_fds()).map_err(|source| Error::Filter {
                 mode: sb.mode,
@@ -217,6 +218,17 @@ pub fn enter(sb: &Sandbox, files: &SocketFiles) -> Result<(), Error> {
         })?;
     }
     Ok(())
+}
+
+/// glibc's malloc reads /sys/devices/system/cpu/online when a thread first needs a new arena
+/// (to cap them at 8 per CPU); the sandbox allows opening no file, so the same cap is set now.
+fn cap_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY: mallopt changes a malloc tunable; no pointers.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, (8 * cpus).min(1024) as libc::c_int) };
+    }
 }
 
 fn check(step: &'static str, r: libc::c_int) -> Result<(), Error> {

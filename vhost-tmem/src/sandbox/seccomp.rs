@@ -18,6 +18,9 @@ use super::Action;
 
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 
+/// glibc's internal signal for credential changes in every thread.
+const SIGSETXID: u64 = 33;
+
 /// A rule whose conditions all hold.
 fn rule(conds: &[(u8, Len, Op, u64)]) -> Result<SeccompRule, BackendError> {
     SeccompRule::new(
@@ -60,7 +63,6 @@ pub fn rules(dir_fds: &[RawFd]) -> Result<Rules, BackendError> {
     for nr in [
         SYS_read,
         SYS_write,
-        SYS_writev,
         SYS_recvmsg,
         SYS_sendmsg,
         SYS_recvfrom,
@@ -72,15 +74,17 @@ pub fn rules(dir_fds: &[RawFd]) -> Result<Rules, BackendError> {
         // The device's event loop: epoll over the vring kick and exit eventfds.
         SYS_epoll_create1,
         SYS_epoll_ctl,
+        #[cfg(target_arch = "x86_64")]
         SYS_epoll_wait,
+        #[cfg(not(target_arch = "x86_64"))]
         SYS_epoll_pwait,
         SYS_eventfd2,
-        // Guest memory regions, the payload arena, the allocator, thread stacks.
+        // Guest memory regions, the payload arena, the allocator (malloc_trim too), stacks.
         SYS_munmap,
-        SYS_mremap,
-        SYS_madvise,
         SYS_brk,
-        // Threads: locks, sleeps, the per-thread setup of glibc and Rust's std.
+        // glibc's realloc of a large block (none in the tests; it falls back to copying).
+        SYS_mremap,
+        // Threads: locks, the per-thread setup of glibc and Rust's std, the restart backoff.
         SYS_futex,
         SYS_set_robust_list,
         SYS_rseq,
@@ -88,19 +92,27 @@ pub fn rules(dir_fds: &[RawFd]) -> Result<Rules, BackendError> {
         SYS_rt_sigprocmask,
         SYS_sched_yield,
         SYS_sched_getaffinity,
-        SYS_nanosleep,
         SYS_clock_nanosleep,
-        SYS_clock_gettime,
         SYS_gettid,
-        SYS_getpid,
         SYS_getrandom,
         SYS_exit,
         SYS_exit_group,
+        // The control socket's owner is the daemon's user as it starts serving.
+        SYS_geteuid,
         // The main thread waits for SIGTERM/SIGINT.
         SYS_rt_sigtimedwait,
     ] {
         allow(nr);
     }
+    // The payload arena gives chunks back and keeps its regions out of huge pages; glibc
+    // frees thread stacks and trims the heap.
+    r.insert(
+        SYS_madvise,
+        one_of(2, &[MADV_DONTNEED as u64, MADV_NOHUGEPAGE as u64])?,
+    );
+    // glibc's SIGSETXID handler (setuid and friends across threads), installed at the first
+    // thread: signal 33, the kernel's SIGRTMIN + 1 (libc::SIGRTMIN() is glibc's, above it).
+    r.insert(SYS_rt_sigaction, one_of(0, &[SIGSETXID])?);
     // No executable memory: mappings and protection changes without PROT_EXEC.
     let no_exec = vec![rule(&[none_of(2, PROT_EXEC as u64)])?];
     r.insert(SYS_mmap, no_exec.clone());
@@ -109,9 +121,17 @@ pub fn rules(dir_fds: &[RawFd]) -> Result<Rules, BackendError> {
     // reach: it gets ENOSYS from the second filter and glibc falls back to clone).
     r.insert(SYS_clone, vec![rule(&[all_of(0, CLONE_THREAD as u64)])?]);
     r.insert(SYS_clone3, Vec::new());
-    // fstat of guest memory files (glibc: newfstatat(fd, "", AT_EMPTY_PATH)), and the socket
-    // files' inodes at exit through the directory descriptors.
-    let mut stat = vec![rule(&[eq(3, AT_EMPTY_PATH as u64)])?];
+    // File::metadata of guest memory files: statx(fd, "", AT_EMPTY_PATH), never a path from
+    // the working directory. And the socket files' inodes at exit, through the directory
+    // descriptors (newfstatat).
+    r.insert(
+        SYS_statx,
+        vec![rule(&[
+            (0, Len::Dword, Op::Ne, AT_FDCWD as u32 as u64),
+            eq(2, AT_EMPTY_PATH as u64),
+        ])?],
+    );
+    let mut stat = Vec::new();
     let mut unlink = Vec::new();
     for fd in dir_fds {
         stat.push(rule(&[
@@ -120,24 +140,14 @@ pub fn rules(dir_fds: &[RawFd]) -> Result<Rules, BackendError> {
         ])?);
         unlink.push(rule(&[eq(0, *fd as u64), eq(2, 0)])?);
     }
-    r.insert(SYS_newfstatat, stat);
-    if !unlink.is_empty() {
+    if !stat.is_empty() {
+        r.insert(SYS_newfstatat, stat);
         r.insert(SYS_unlinkat, unlink);
     }
-    // Guest memory seals, descriptor flags.
+    // Guest memory seals; try_clone of control connections.
     r.insert(
         SYS_fcntl,
-        one_of(
-            1,
-            &[
-                F_GETFD as u64,
-                F_SETFD as u64,
-                F_GETFL as u64,
-                F_SETFL as u64,
-                F_DUPFD_CLOEXEC as u64,
-                F_GET_SEALS as u64,
-            ],
-        )?,
+        one_of(1, &[F_GET_SEALS as u64, F_DUPFD_CLOEXEC as u64])?,
     );
     // Read and write timeouts of control and metrics connections.
     r.insert(
