@@ -1505,7 +1505,8 @@ fn proc_status(path: &std::path::Path, key: &str) -> String {
         .join(" ")
 }
 
-/// Every thread of the daemon is under its seccomp filters (two: clone3 and the allow-list),
+/// Every thread of the daemon is under its seccomp filters (three: clone3, openat and the
+/// allow-list),
 /// with no_new_privs; returns the threads' names.
 fn assert_all_threads_sandboxed(pid: u32) -> Vec<String> {
     let mut names = Vec::new();
@@ -1518,7 +1519,7 @@ fn assert_all_threads_sandboxed(pid: u32) -> Vec<String> {
         for (key, want) in [
             ("Seccomp", "2"),
             ("NoNewPrivs", "1"),
-            ("Seccomp_filters", "2"),
+            ("Seccomp_filters", "3"),
         ] {
             assert_eq!(proc_status(&status, key), want, "thread {name}: {key}");
         }

@@ -121,6 +121,11 @@ pub fn rules(dir_fds: &[RawFd]) -> Result<Rules, BackendError> {
     // reach: it gets ENOSYS from the second filter and glibc falls back to clone).
     r.insert(SYS_clone, vec![rule(&[all_of(0, CLONE_THREAD as u64)])?]);
     r.insert(SYS_clone3, Vec::new());
+    // Refused by a filter of their own whatever the action (see REFUSED): here only so that
+    // this filter does not override that answer.
+    for (nr, _) in REFUSED {
+        r.insert(nr, Vec::new());
+    }
     // File::metadata of guest memory files: statx(fd, "", AT_EMPTY_PATH), never a path from
     // the working directory. And the socket files' inodes at exit, through the directory
     // descriptors (newfstatat).
@@ -170,9 +175,20 @@ pub fn rules(dir_fds: &[RawFd]) -> Result<Rules, BackendError> {
     Ok(r)
 }
 
-/// The filters to install, in order: one that turns clone3 into ENOSYS (see [`rules`]), then
-/// the allow-list (other syscalls take `action`; it goes last since it forbids installing
-/// more). Where both give a result the kernel takes ENOSYS over the allow-list's "allow".
+/// Syscalls the daemon's libraries make after setup that get a fixed error in every mode
+/// (even with the kill action): clone3, whose flags a filter cannot see, says ENOSYS so that
+/// glibc creates threads with clone, checked above; openat says EACCES: glibc's malloc reads
+/// /proc/sys/vm/overcommit_memory the first time a thread's heap shrinks and, unable to,
+/// gives the memory back with MADV_DONTNEED (right unless overcommit is strict, mode 2).
+/// Nothing else opens a file once the daemon is set up.
+pub const REFUSED: [(i64, i32); 2] = [
+    (libc::SYS_clone3, libc::ENOSYS),
+    (libc::SYS_openat, libc::EACCES),
+];
+
+/// The filters to install, in order: one per [`REFUSED`] syscall, then the allow-list (other
+/// syscalls take `action`; it goes last since it forbids installing more). Where several
+/// filters answer, the kernel takes an error over the allow-list's "allow".
 pub fn programs(action: Action, dir_fds: &[RawFd]) -> Result<Vec<BpfProgram>, BackendError> {
     let arch = std::env::consts::ARCH.try_into()?;
     let mismatch = match action {
@@ -180,14 +196,19 @@ pub fn programs(action: Action, dir_fds: &[RawFd]) -> Result<Vec<BpfProgram>, Ba
         Action::Kill => SeccompAction::KillProcess,
         Action::Log => SeccompAction::Log,
     };
+    let mut progs = Vec::new();
+    for (nr, errno) in REFUSED {
+        let f = SeccompFilter::new(
+            [(nr, Vec::new())].into_iter().collect(),
+            SeccompAction::Allow,
+            SeccompAction::Errno(errno as u32),
+            arch,
+        )?;
+        progs.push(f.try_into()?);
+    }
     let allow = SeccompFilter::new(rules(dir_fds)?, mismatch, SeccompAction::Allow, arch)?;
-    let clone3 = SeccompFilter::new(
-        [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        arch,
-    )?;
-    Ok(vec![clone3.try_into()?, allow.try_into()?])
+    progs.push(allow.try_into()?);
+    Ok(progs)
 }
 
 /// Sets no_new_privs and installs `progs` on every thread of the process (TSYNC).
@@ -249,7 +270,7 @@ mod tests {
                 &|| libc::execve(argv[0], argv.as_ptr(), std::ptr::null()) as libc::c_long,
                 &|| libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) as libc::c_long,
                 &|| libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0),
-                &|| libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY) as libc::c_long,
+                &|| libc::unlink(c"/nonexistent".as_ptr()) as libc::c_long,
                 // A new process, not a thread.
                 &|| libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0),
                 // Executable memory.
@@ -281,6 +302,11 @@ mod tests {
             if p == libc::MAP_FAILED {
                 return 64;
             }
+            // Opening a file says EACCES whatever the action.
+            if libc::open(c"/etc/passwd".as_ptr(), libc::O_RDONLY) != -1 || errno() != libc::EACCES
+            {
+                return 64;
+            }
             // clone3 says ENOSYS, so that glibc falls back to clone.
             if libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0) != -1
                 || errno() != libc::ENOSYS
@@ -296,7 +322,7 @@ mod tests {
         assert_eq!(
             in_sandboxed_child(Action::Errno, forbidden_calls),
             Ok(0b11_1111),
-            "bits: execve, socket(AF_INET), ptrace, open, clone (process), mmap(PROT_EXEC)"
+            "bits: execve, socket(AF_INET), ptrace, unlink, clone (process), mmap(PROT_EXEC)"
         );
     }
 
