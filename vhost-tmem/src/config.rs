@@ -576,6 +576,11 @@ mod tests {
         assert_eq!(c.device.poll, std::time::Duration::from_micros(50));
         assert!(c.metrics_listen.is_none());
         assert!(!c.device.allow_unsealed_memory);
+        assert_eq!(c.sandbox, Sandbox::default());
+        assert_eq!(
+            (c.sandbox.mode, c.sandbox.action),
+            (SandboxMode::Seccomp, SeccompAction::Errno)
+        );
         let c = cfg(&["--socket-path", "/tmp/x.sock", "--allow-unsealed-memory"]).unwrap();
         assert!(c.device.allow_unsealed_memory);
         let c = cfg(&["--socket-path", "/tmp/x.sock", "--poll-us", "0"]).unwrap();
@@ -761,6 +766,8 @@ compressor = "zstd"
 queues = 2
 socket_group = "0"
 control_group = "root"
+sandbox = "namespace"
+seccomp_action = "log"
 [[client]]
 name = "vm1"
 socket = "/run/vm1.sock"
@@ -780,6 +787,13 @@ quota = 1048576
         assert_eq!(c.clients[0].config.quota, 512 << 20);
         assert_eq!(c.clients[1].config.quota, 1 << 20);
         assert_eq!((c.socket_group, c.control_group), (Some(0), Some(0)));
+        assert_eq!(
+            (c.sandbox.mode, c.sandbox.action),
+            (SandboxMode::Namespace, SeccompAction::Log)
+        );
+        // The command line wins.
+        let c = cfg(&["--config", p.to_str().unwrap(), "--sandbox", "none"]).unwrap();
+        assert_eq!(c.sandbox.mode, SandboxMode::None);
         std::fs::write(&p, "memory_limit = \"2G\"\nbogus = 1\n").unwrap();
         let e = cfg(&["--config", p.to_str().unwrap()]).unwrap_err();
         assert!(e.to_string().contains("invalid configuration file"));
