@@ -254,9 +254,10 @@ fn namespaces() -> Result<(), Error> {
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     if uid != 0 {
         // SAFETY: unshare takes no pointers.
+        let r = unsafe { libc::unshare(libc::CLONE_NEWUSER) };
         check(
             "create a user namespace (not root, and user namespaces are not allowed?)",
-            unsafe { libc::unshare(libc::CLONE_NEWUSER) },
+            r,
         )?;
         let write = |step, path: &str, text: String| {
             std::fs::write(path, text).map_err(|source| Error::Namespace { step, source })
@@ -283,9 +284,10 @@ fn namespaces() -> Result<(), Error> {
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWCGROUP;
     // SAFETY: unshare takes no pointers.
+    let r = unsafe { libc::unshare(flags) };
     check(
         "unshare the mount, network, IPC, UTS and cgroup namespaces",
-        unsafe { libc::unshare(flags) },
+        r,
     )?;
     let null = std::ptr::null::<libc::c_char>();
     // Nothing mounted from here on may reach the host's mount table.

@@ -1769,3 +1769,99 @@ fn user_drop_serves_and_hands_the_sockets_over() {
         d.log()
     );
 }
+
+/// A daemon process the test started itself; killed on drop.
+struct Spawned(std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Without root, `--sandbox namespace` first enters a user namespace that maps only the
+/// daemon's own uid (the test, as root, runs the daemon as nobody).
+#[test]
+fn namespace_sandbox_without_root_enters_a_user_namespace() {
+    use std::os::unix::process::CommandExt;
+    if !root() {
+        eprintln!("skipped: needs root to run the daemon as another user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+    let (sock, ctl) = (dir.path().join("vm.sock"), dir.path().join("control.sock"));
+    let log = dir.path().join("daemon.log");
+    let mut d = Spawned(
+        Command::new(daemon::binary().unwrap())
+            .arg("--socket-path")
+            .arg(&sock)
+            .arg("--control-socket")
+            .arg(&ctl)
+            .args(["--sandbox", "namespace", "--seccomp-action", "kill"])
+            .uid(65534)
+            .gid(65534)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let log = || std::fs::read_to_string(&log).unwrap_or_default();
+    // Serving (and so confined) once the control socket answers.
+    let stats = || {
+        run_to_exit(
+            &[
+                "stats".into(),
+                "--control".into(),
+                ctl.clone().into_os_string(),
+            ],
+            Duration::from_secs(10),
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !stats().status.success() {
+        assert!(
+            d.0.try_wait().unwrap().is_none(),
+            "daemon exited: {}",
+            log()
+        );
+        assert!(std::time::Instant::now() < deadline, "{}", log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = d.0.id();
+    let ns = |p: String| std::fs::read_link(p).unwrap();
+    for kind in ["user", "mnt", "net"] {
+        assert_ne!(
+            ns(format!("/proc/self/ns/{kind}")),
+            ns(format!("/proc/{pid}/ns/{kind}")),
+            "{kind} namespace shared"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(format!("/proc/{pid}/root"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(
+        proc_status(std::path::Path::new(&format!("/proc/{pid}/status")), "Uid"),
+        "65534 65534 65534 65534"
+    );
+    let mut g = Guest::connect(&sock, GuestOptions::default()).unwrap();
+    let pool = g.create_pool(true, None).unwrap();
+    let (hits, _) = put_get_verify(&mut g, 0, pool, [1, 0, 0], 0, 500, true);
+    assert_eq!(hits, 500);
+    drop(g);
+    // SAFETY: kill takes no pointers; the pid is our child's, not yet reaped.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        if let Some(st) = d.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "no exit: {}", log());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(st.code(), Some(0), "{st}: {}", log());
+    assert!(!sock.exists() && !ctl.exists(), "{}", log());
+}
