@@ -233,7 +233,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Runs the daemon; returns only if it cannot be set up (client threads restart themselves).
+/// Runs the daemon: returns an error if it cannot be set up, else serves (client threads
+/// restart themselves) until SIGTERM or SIGINT, then removes its socket files and returns.
 pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
     let engine = Arc::new(Engine::new(cfg.engine.clone()));
     let mut fds = HashSet::new();
@@ -270,7 +271,11 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
     });
     let files = sandbox::SocketFiles::record(paths.chain(cfg.control_socket.as_deref()))?;
     sandbox::block_termination()?;
-    sandbox::enter(&cfg.sandbox, &files)?;
+    if let Err(e) = sandbox::enter(&cfg.sandbox, &files) {
+        // Not serving: the sockets go (the next start would find them stale anyway).
+        files.remove();
+        return Err(e.into());
+    }
     if let (Some(c), Some(path)) = (control, &cfg.control_socket) {
         c.spawn()?;
         tracing::info!(path = %path.display(), "control socket ready");

@@ -148,10 +148,14 @@ pub fn rules(dir_fds: &[RawFd]) -> Result<Rules, BackendError> {
         r.insert(SYS_newfstatat, stat);
         r.insert(SYS_unlinkat, unlink);
     }
-    // Guest memory seals; try_clone of control connections.
+    // Guest memory seals; try_clone of control connections; in debug builds, Rust's std
+    // checks with F_GETFD that a descriptor it closes is open.
     r.insert(
         SYS_fcntl,
-        one_of(1, &[F_GET_SEALS as u64, F_DUPFD_CLOEXEC as u64])?,
+        one_of(
+            1,
+            &[F_GET_SEALS as u64, F_DUPFD_CLOEXEC as u64, F_GETFD as u64],
+        )?,
     );
     // Read and write timeouts of control and metrics connections.
     r.insert(
