@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 # The daemon the tests and the demo start (release: the tests push 100k+ pages through it).
 export VHOST_TMEM_BIN := $(CURDIR)/target/release/vhost-tmem
 
-.PHONY: all deps build lint test unit-test e2e-test bench bench-quick vm-images vm-test demo demo-userspace clean help
+.PHONY: all deps build lint test unit-test e2e-test bench bench-quick vm-images vm-test demo demo-userspace clean help install uninstall install-check
 
 all: build
 
@@ -21,6 +21,7 @@ help:
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
 	@echo "make bench  - the full benchmark: store, limits, vhost-user; report in target/bench, README results"
 	@echo "make bench-quick - the benchmark's smoke run (seconds; part of make test, no timing asserted)"
+	@echo "make install - the daemon, its man pages and bash/zsh/fish completions (PREFIX=$(PREFIX), DESTDIR)"
 
 deps:
 	@bash .ci/install-deps.sh
@@ -68,11 +69,56 @@ vm-test: build vm-images
 	@echo "== VM scenarios (QEMU guests swapping and caching file pages through tmem.ko into the daemon)"
 	./target/release/tmem-vmtest 2>&1 | tee -a $(TEST_LOG)
 
+# Installation: `make build` as the user who builds, then `make install` (as root for /usr/local)
+# only copies the release binary and writes the man pages and completions, generated from the
+# clap definitions by xtask. PREFIX and DESTDIR as usual.
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+MANDIR ?= $(PREFIX)/share/man
+DATADIR ?= $(PREFIX)/share
+BASHCOMPDIR ?= $(DATADIR)/bash-completion/completions
+ZSHCOMPDIR ?= $(DATADIR)/zsh/site-functions
+FISHCOMPDIR ?= $(DATADIR)/fish/vendor_completions.d
+RELEASE_BINS := target/release/vhost-tmem target/release/xtask
+
+$(RELEASE_BINS):
+	$(CARGO) build --release -p vhost-tmem -p xtask --bins
+
+install: $(RELEASE_BINS)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && set -e && \
+	target/release/xtask man "$$tmp/man" && \
+	target/release/xtask completion bash "$$tmp/vhost-tmem" && \
+	target/release/xtask completion zsh "$$tmp/_vhost-tmem" && \
+	target/release/xtask completion fish "$$tmp/vhost-tmem.fish" && \
+	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(MANDIR)/man1" "$(DESTDIR)$(BASHCOMPDIR)" \
+		"$(DESTDIR)$(ZSHCOMPDIR)" "$(DESTDIR)$(FISHCOMPDIR)" && \
+	install -m 0755 target/release/vhost-tmem "$(DESTDIR)$(BINDIR)/vhost-tmem" && \
+	install -m 0644 "$$tmp"/man/*.1 "$(DESTDIR)$(MANDIR)/man1/" && \
+	install -m 0644 "$$tmp/vhost-tmem" "$(DESTDIR)$(BASHCOMPDIR)/vhost-tmem" && \
+	install -m 0644 "$$tmp/_vhost-tmem" "$(DESTDIR)$(ZSHCOMPDIR)/_vhost-tmem" && \
+	install -m 0644 "$$tmp/vhost-tmem.fish" "$(DESTDIR)$(FISHCOMPDIR)/vhost-tmem.fish" && \
+	echo "installed vhost-tmem in $(DESTDIR)$(BINDIR), $$(ls "$$tmp/man" | wc -l) man pages in $(DESTDIR)$(MANDIR)/man1, completions for bash, zsh and fish"
+
+uninstall:
+	rm -f "$(DESTDIR)$(BINDIR)/vhost-tmem" "$(DESTDIR)$(MANDIR)"/man1/vhost-tmem.1 \
+		"$(DESTDIR)$(MANDIR)"/man1/vhost-tmem-*.1 "$(DESTDIR)$(BASHCOMPDIR)/vhost-tmem" \
+		"$(DESTDIR)$(ZSHCOMPDIR)/_vhost-tmem" "$(DESTDIR)$(FISHCOMPDIR)/vhost-tmem.fish"
+
+# `make install DESTDIR=<empty dir>` installs exactly the expected files, and `make uninstall`
+# takes them all away again.
+install-check: build
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && set -e && \
+	$(MAKE) --no-print-directory install DESTDIR="$$tmp" PREFIX=/usr >/dev/null && \
+	bash .ci/check-install.sh "$$tmp" /usr && \
+	$(MAKE) --no-print-directory uninstall DESTDIR="$$tmp" PREFIX=/usr >/dev/null && \
+	left=$$(find "$$tmp" -type f) && [ -z "$$left" ] || { echo "uninstall left: $$left"; exit 1; }
+	@echo "install-check: pass" | tee -a $(TEST_LOG)
+
 # Every test; the last line sums cargo's test results and the VM scenarios.
 test: lint
 	@mkdir -p target && : > $(TEST_LOG)
-	@$(MAKE) --no-print-directory unit-test e2e-test bench-quick vm-test
-	@awk '/^test result:/ { p += $$4; f += $$6 } /^scenario .*: pass$$/ { p++ } /^bench-quick: pass$$/ { p++ } /^scenario .*: FAIL/ { f++ } END { printf "%d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' $(TEST_LOG)
+	@$(MAKE) --no-print-directory unit-test e2e-test bench-quick install-check vm-test
+	@awk '/^test result:/ { p += $$4; f += $$6 } /^scenario .*: pass$$/ { p++ } /^bench-quick: pass$$/ { p++ } /^install-check: pass$$/ { p++ } /^scenario .*: FAIL/ { f++ } END { printf "%d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' $(TEST_LOG)
 
 demo: build vm-images
 	./target/release/tmem-vmtest --demo

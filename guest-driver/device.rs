@@ -46,6 +46,8 @@ pub(crate) struct Pending {
     entries: KVec<BatchEntry>,
     len: usize,
     buf: KVec<u8>,
+    /// The device's status for each entry of the last BATCH.
+    statuses: KVec<u8>,
 }
 
 /// The page carried by a request, if any.
@@ -72,10 +74,21 @@ pub(crate) struct TmemDev {
     /// is sent after that.
     broken: AtomicBool,
     batch: bool,
+    /// Whether the device offers shared pools (`SHARED_POOLS`).
+    pub(crate) shared_pools: bool,
     /// Most entries in a BATCH: the device's `max_batch`, at most [`MAX_BATCH`]. A BATCH the
     /// device rejects breaks it (see [`TmemDev::send_pending`]), so this limit is honoured.
     max_batch: usize,
     pub(crate) stats: Counters,
+}
+
+/// Whether a flush's status means the page is gone: OK, MISS (it was not there), BAD_POOL (no
+/// such pool on the host, so nothing can be served from it either).
+fn flushed(status: u32) -> bool {
+    matches!(
+        Status::from_u32(status),
+        Some(Status::Ok | Status::Miss | Status::BadPool)
+    )
 }
 
 /// Logs the 1st, 2nd, 4th, 8th... occurrence only: failures are counted, not flooded.
@@ -106,9 +119,9 @@ impl TmemDev {
     }
 
     /// Sends one request and spins until the device answers it (at most `timeout_ms`, see
-    /// [`crate::timeout_ns`]). `payload` follows the header in the readable part, `statuses`
-    /// status bytes follow the response header (BATCH), and the number of entries whose status
-    /// is not OK is returned with the response.
+    /// [`crate::timeout_ns`]). `payload` follows the header in the readable part, and
+    /// `statuses.len()` status bytes follow the response header (BATCH); they are copied into
+    /// `statuses`.
     ///
     /// The answer is checked before anything in it is used: the used length must be exactly
     /// what the operation returns (a page and the response for GET, the response and
@@ -122,13 +135,13 @@ impl TmemDev {
         hdr: &ReqHeader,
         payload: &[u8],
         data: Data<'_>,
-        statuses: usize,
-    ) -> Result<(RespHeader, usize)> {
+        statuses: &mut [u8],
+    ) -> Result<RespHeader> {
         if self.broken.load(Ordering::Acquire) {
             return Err(ENODEV);
         }
         let out_len = ReqHeader::SIZE + payload.len();
-        let resp_len = RespHeader::SIZE + statuses;
+        let resp_len = RespHeader::SIZE + statuses.len();
         let mut guard = q.lock();
         let vq = &mut *guard;
         if out_len > vq.out.len() || resp_len > vq.resp.len() {
@@ -189,11 +202,8 @@ impl TmemDev {
                 page.write(&vq.bounce);
             }
         }
-        let failed = vq.resp[RespHeader::SIZE..resp_len]
-            .iter()
-            .filter(|s| **s != Status::Ok as u8 && **s != Status::Miss as u8)
-            .count();
-        Ok((resp, failed))
+        statuses.copy_from_slice(&vq.resp[RespHeader::SIZE..resp_len]);
+        Ok(resp)
     }
 
     /// Records a request the device did not answer: once the device is broken (by a timeout,
@@ -227,7 +237,7 @@ impl TmemDev {
 
     /// A request on the control queue that must succeed; returns the response's value.
     pub(crate) fn control(&self, hdr: &ReqHeader, payload: &[u8]) -> Result<u64> {
-        let (resp, _) = self.call(&self.queues[0], hdr, payload, Data::NoPage, 0)?;
+        let resp = self.call(&self.queues[0], hdr, payload, Data::NoPage, &mut [])?;
         match Status::from_u32(resp.status) {
             Some(Status::Ok) => Ok(resp.value),
             Some(Status::TooManyPools) => Err(ENOSPC),
@@ -244,8 +254,7 @@ impl TmemDev {
 
     /// A request on the control queue whose status the caller interprets.
     pub(crate) fn control_status(&self, hdr: &ReqHeader, payload: &[u8]) -> Result<RespHeader> {
-        let (resp, _) = self.call(&self.queues[0], hdr, payload, Data::NoPage, 0)?;
-        Ok(resp)
+        self.call(&self.queues[0], hdr, payload, Data::NoPage, &mut [])
     }
 
     /// Sends the queued invalidations, and waits for the ones another CPU is sending: on
@@ -280,8 +289,8 @@ impl TmemDev {
         what: &str,
     ) -> Result {
         counters[0].fetch_add(1, Ordering::Relaxed);
-        match self.call(self.queue_for_cpu(), hdr, &[], Data::Out(page), 0) {
-            Ok((resp, _)) => match Status::from_u32(resp.status) {
+        match self.call(self.queue_for_cpu(), hdr, &[], Data::Out(page), &mut []) {
+            Ok(resp) => match Status::from_u32(resp.status) {
                 Some(Status::Ok) => Ok(()),
                 Some(Status::NoSpace | Status::Refused) => {
                     counters[1].fetch_add(1, Ordering::Relaxed);
@@ -303,8 +312,8 @@ impl TmemDev {
         what: &str,
     ) -> Result {
         counters[0].fetch_add(1, Ordering::Relaxed);
-        match self.call(self.queue_for_cpu(), hdr, &[], Data::In(page), 0) {
-            Ok((resp, _)) => match Status::from_u32(resp.status) {
+        match self.call(self.queue_for_cpu(), hdr, &[], Data::In(page), &mut []) {
+            Ok(resp) => match Status::from_u32(resp.status) {
                 Some(Status::Ok) => {
                     counters[1].fetch_add(1, Ordering::Relaxed);
                     Ok(())
@@ -331,15 +340,11 @@ impl TmemDev {
             };
             self.stats.flushes.fetch_add(1, Ordering::Relaxed);
             // Synchronous: the flush is carried out before this hook returns.
-            match self.call(self.queue_for_cpu(), &hdr, &[], Data::NoPage, 0) {
-                Ok((resp, _))
-                    if matches!(
-                        Status::from_u32(resp.status),
-                        Some(Status::Ok | Status::Miss | Status::BadPool)
-                    ) => {}
-                Ok((resp, _)) => {
+            match self.call(self.queue_for_cpu(), &hdr, &[], Data::NoPage, &mut []) {
+                Ok(resp) if flushed(resp.status) => {}
+                Ok(resp) => {
                     self.failure("flush", resp.status);
-                    self.unvouched_flush();
+                    self.flush_failed(&entry);
                 }
                 Err(e) => {
                     self.transport_failure("flush", e);
@@ -360,10 +365,11 @@ impl TmemDev {
 
     /// Sends the queued invalidations in one BATCH request and waits for its answer, with the
     /// pending lock held throughout (see [`Self::drain_pending`] for why). A MISS (nothing to
-    /// drop) is fine; failed entries are counted: the core never loads an invalidated swap
-    /// offset, and a page-cache pool whose flush failed (BAD_POOL after a host restart) holds
-    /// nothing. A BATCH that is not answered properly (no answer in time, a wrong used length,
-    /// a malformed-request status) may or may not have been carried out, so the invalidations
+    /// drop) or BAD_POOL (no such pool, so nothing to serve either) is fine; any other entry
+    /// status is a failed flush (see [`Self::flush_failed`]), handled before `pending_len`
+    /// drops to 0, so that a get ordered after the invalidation sees its outcome. A BATCH
+    /// that is not answered properly (no answer in time, a wrong used length, a
+    /// malformed-request status) may or may not have been carried out, so the invalidations
     /// cannot be vouched for: the device is broken, so that no later get can return a page one
     /// of them should have dropped.
     pub(crate) fn send_pending(&self, pending: &mut Pending) {
@@ -383,25 +389,29 @@ impl TmemDev {
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.flushes.fetch_add(n as u64, Ordering::Relaxed);
         let payload = &pending.buf[..n * BatchEntry::SIZE];
-        let answer = self.call(self.queue_for_cpu(), &hdr, payload, Data::NoPage, n);
-        // Only now, with the answer in (or the device broken): every entry has reached the
-        // device, and a put or get that reads 0 below may overtake none of them.
-        pending.len = 0;
-        self.pending_len.store(0, Ordering::Release);
-        match answer {
-            Ok((resp, 0)) if resp.status == Status::Ok as u32 => {}
-            Ok((resp, failed)) if resp.status == Status::Ok as u32 => {
-                let count = self.stats.failures.fetch_add(1, Ordering::Relaxed) + 1;
-                if rare(count) {
-                    pr_warn!(
-                        "batch of {} flushes: {} entries failed ({} failures)\n",
-                        n,
-                        failed,
-                        count
-                    );
+        let statuses = &mut pending.statuses[..n];
+        match self.call(self.queue_for_cpu(), &hdr, payload, Data::NoPage, statuses) {
+            Ok(resp) if resp.status == Status::Ok as u32 => {
+                let mut failed = 0;
+                for (entry, status) in pending.entries[..n].iter().zip(&pending.statuses[..n]) {
+                    if !flushed(u32::from(*status)) {
+                        failed += 1;
+                        self.flush_failed(entry);
+                    }
+                }
+                if failed > 0 {
+                    let count = self.stats.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    if rare(count) {
+                        pr_warn!(
+                            "batch of {} flushes: {} entries failed ({} failures)\n",
+                            n,
+                            failed,
+                            count
+                        );
+                    }
                 }
             }
-            Ok((resp, _)) => {
+            Ok(resp) => {
                 self.failure("batch", resp.status);
                 self.unvouched_flush();
             }
@@ -410,10 +420,28 @@ impl TmemDev {
                 self.unvouched_flush();
             }
         }
+        // Only now, with the answer in and acted on (or the device broken): every entry has
+        // reached the device, and a put or get that reads 0 below may overtake none of them.
+        pending.len = 0;
+        self.pending_len.store(0, Ordering::Release);
     }
 
-    /// An invalidation may not have been carried out: stale pages could be read back, so the
-    /// device is broken (fail closed). Nothing to do if it is broken already.
+    /// A flush the device answered with an error status: the page (or object) may still be
+    /// on the host. A swap offset is harmless (the core never loads an invalidated offset,
+    /// and a later store replaces the copy), so it is only counted. A page-cache pool could
+    /// serve the stale page to a later get: the filesystem loses its pool (fail closed).
+    fn flush_failed(&self, entry: &BatchEntry) {
+        let fs = self
+            .fs_pools
+            .iter()
+            .position(|p| p.load(Ordering::Acquire) == entry.pool_id);
+        if let Some(fs) = fs {
+            self.release_fs_pool(fs, "a flush failed");
+        }
+    }
+
+    /// An invalidation may not have been carried out, nor any other: stale pages could be read
+    /// back, so the device is broken (fail closed). Nothing to do if it is broken already.
     fn unvouched_flush(&self) {
         if self.broken.swap(true, Ordering::AcqRel) {
             return;
@@ -506,6 +534,7 @@ impl TmemDev {
                 entries: KVec::from_elem(BatchEntry::default(), MAX_BATCH, GFP_KERNEL)?,
                 len: 0,
                 buf: KVec::from_elem(0u8, MAX_BATCH * BatchEntry::SIZE, GFP_KERNEL)?,
+                statuses: KVec::from_elem(0u8, MAX_BATCH, GFP_KERNEL)?,
             };
             Ok(Arc::new(
                 TmemDev {
@@ -517,6 +546,7 @@ impl TmemDev {
                     pending_len: AtomicUsize::new(0),
                     broken: AtomicBool::new(false),
                     batch,
+                    shared_pools: vdev.has_feature(proto::feature::SHARED_POOLS),
                     max_batch,
                     stats: Counters::default(),
                 },

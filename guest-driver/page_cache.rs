@@ -54,6 +54,24 @@ impl TmemDev {
         }
     }
 
+    /// Takes filesystem slot `fs`'s pool away and destroys it on the host: from now on the
+    /// filesystem does not use tmem (until it is mounted again). Never sleeps: it runs from
+    /// the flush path, with the pending lock held.
+    pub(crate) fn release_fs_pool(&self, fs: usize, why: &str) {
+        let pool = self.fs_pools[fs].swap(NO_POOL, Ordering::AcqRel);
+        if pool == NO_POOL {
+            return;
+        }
+        self.stats.cache_pools.fetch_sub(1, Ordering::Relaxed);
+        if self.fs_shared[fs].swap(false, Ordering::Relaxed) {
+            self.stats
+                .cache_shared_pools
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+        self.destroy_pool(pool, "page cache");
+        pr_info!("filesystem {}: host pool {} {}\n", fs, pool, why);
+    }
+
     /// Queues a FLUSH_PAGE or FLUSH_OBJECT for filesystem slot `fs`.
     fn cache_invalidate(&self, fs: u32, op: Op, oid: &Oid, index: u64) {
         let Some((pool, _)) = self.fs_pool(fs) else {
@@ -77,18 +95,21 @@ impl backend::PageCache for TmemDev {
         if slot.load(Ordering::Acquire) != NO_POOL {
             return Err(EBUSY);
         }
+        // Without the device's SHARED_POOLS a shared request would only be refused.
+        let shared = shared.filter(|_| self.shared_pools);
         let (pool, is_shared) = match shared {
             Some(uuid) => match self.create_cache_pool(Some(uuid)) {
                 Ok(pool) => (pool, true),
-                Err(EACCES) => {
-                    // Sharing needs the host's authorization for this UUID.
+                Err(e) => {
+                    // Sharing needs the host's authorization for this UUID (DENIED); any
+                    // other failure of the shared pool falls back to a private one too.
                     pr_info!(
-                        "filesystem {}: shared pool not authorized, using a private one\n",
-                        fs
+                        "filesystem {}: shared pool refused ({:?}), using a private one\n",
+                        fs,
+                        e
                     );
                     (self.create_cache_pool(None)?, false)
                 }
-                Err(e) => return Err(e),
             },
             None => (self.create_cache_pool(None)?, false),
         };
@@ -110,8 +131,10 @@ impl backend::PageCache for TmemDev {
     }
 
     fn cache_put(&self, fs: u32, oid: &Oid, index: usize, page: &Page) -> Result {
-        let (pool, _) = self.fs_pool(fs).ok_or(ENODEV)?;
+        // The pool is read after the queued invalidations are carried out: one that failed
+        // takes the pool away (see `TmemDev::flush_failed`).
         self.drain_pending();
+        let (pool, _) = self.fs_pool(fs).ok_or(ENODEV)?;
         let hdr = ReqHeader {
             op: Op::Put as u32,
             pool_id: pool,
@@ -129,8 +152,9 @@ impl backend::PageCache for TmemDev {
     }
 
     fn cache_get(&self, fs: u32, oid: &Oid, index: usize, page: &Page) -> Result {
-        let (pool, shared) = self.fs_pool(fs).ok_or(ENODEV)?;
+        // As in `cache_put`: a get never reaches a pool whose flush failed.
         self.drain_pending();
+        let (pool, shared) = self.fs_pool(fs).ok_or(ENODEV)?;
         let hdr = ReqHeader {
             op: Op::Get as u32,
             // A private pool's page moves back into this guest's cache; a shared one stays
@@ -184,21 +208,10 @@ impl backend::PageCache for TmemDev {
 
     /// Releases a filesystem's pool (unmount, or the device going away).
     fn cache_exit(&self, fs: u32) {
-        let Some(slot) = self.fs_pools.get(fs as usize) else {
+        if fs as usize >= self.fs_pools.len() {
             return;
-        };
+        }
         self.send_pending(&mut self.pending.lock());
-        let pool = slot.swap(NO_POOL, Ordering::AcqRel);
-        if pool == NO_POOL {
-            return;
-        }
-        self.stats.cache_pools.fetch_sub(1, Ordering::Relaxed);
-        if self.fs_shared[fs as usize].swap(false, Ordering::Relaxed) {
-            self.stats
-                .cache_shared_pools
-                .fetch_sub(1, Ordering::Relaxed);
-        }
-        self.destroy_pool(pool, "page cache");
-        pr_info!("filesystem {}: host pool {} released\n", fs, pool);
+        self.release_fs_pool(fs as usize, "released");
     }
 }

@@ -45,8 +45,13 @@ mod virtio;
 #[path = "../shared-proto/src/wire.rs"]
 mod proto;
 
-use backend::PageCache;
-use device::{TmemDev, FS_SLOTS};
+use backend::{PageCache, Swap};
+use device::{TmemDev, FS_SLOTS, SWAP_TYPES};
+
+// A request carries one kernel page and the protocol's pages are 4 KiB: on a kernel with
+// larger pages only the start of each page would be stored. The module is built out of tree,
+// so no Kconfig `depends on PAGE_SIZE_4KB` can keep it off such a kernel: its build fails.
+kernel::static_assert!(kernel::page::PAGE_SIZE == proto::PAGE_SIZE);
 
 module! {
     type: TmemModule,
@@ -56,6 +61,10 @@ module! {
     license: "GPL",
 }
 
+/// The devices the driver binds to. Its symbol name is what C's `MODULE_DEVICE_TABLE(virtio,
+/// ...)` gives it: modpost finds it by that name and writes the `virtio:d0000003Fv*` alias into
+/// the module's `.modinfo`, so that udev or mdev load the module when the device appears.
+#[export_name = "__mod_virtio__tmem_id_table_device_table"]
 static ID_TABLE: [bindings::virtio_device_id; 2] = [
     bindings::virtio_device_id {
         device: proto::VIRTIO_ID_TMEM,
@@ -67,7 +76,11 @@ static ID_TABLE: [bindings::virtio_device_id; 2] = [
     },
 ];
 
-static FEATURES: [u32; 2] = [proto::feature::MQ, proto::feature::BATCH];
+static FEATURES: [u32; 3] = [
+    proto::feature::MQ,
+    proto::feature::SHARED_POOLS,
+    proto::feature::BATCH,
+];
 
 /// `timeout_ms`: how long a request may wait for the device's answer before the driver marks
 /// the device broken (see `docs/guest.md`). Read on every request, settable at `insmod` and in
@@ -135,6 +148,10 @@ struct TmemDriver;
 impl virtio::Driver for TmemDriver {
     type Data = Bound;
 
+    // Indirect descriptors would make the virtio core allocate a table (GFP_ATOMIC) for every
+    // request of more than one buffer, that is every request, in reclaim.
+    const REFUSED_FEATURES: &'static [u32] = &[virtio::RING_F_INDIRECT_DESC];
+
     fn probe(vdev: &virtio::Device) -> Result<KBox<Bound>> {
         // Allocated first: nothing can fail once the backend is registered.
         let bound = KBox::<Bound>::new_uninit(GFP_KERNEL)?;
@@ -169,7 +186,14 @@ impl virtio::Driver for TmemDriver {
         // Waits for the hooks in flight: none can reach the device after this.
         drop(backend);
         dev.send_pending(&mut dev.pending.lock());
-        // Page-cache pools are the driver's to release now: the core will not ask again.
+        // Every pool is the driver's to release now: the core will not ask again. A swap area
+        // still in use has no page stored (its pages hold module references, so `rmmod`
+        // waits for swapoff) or, when the device is unbound, its pages are `lost` to the
+        // core: either way nothing will load them, and the host must not keep them counted
+        // against this guest's quota and pool limit.
+        for type_ in 0..SWAP_TYPES {
+            dev.swap_invalidate_area(type_ as u32);
+        }
         for fs in 0..FS_SLOTS {
             dev.cache_exit(fs as u32);
         }

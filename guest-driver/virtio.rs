@@ -19,6 +19,9 @@ use crate::backend::Page;
 /// `VIRTIO_DEV_ANY_ID`: any vendor.
 pub(crate) const ANY_VENDOR: u32 = 0xffff_ffff;
 
+/// `VIRTIO_RING_F_INDIRECT_DESC`, a transport feature (virtio 1.x, 6.3).
+pub(crate) const RING_F_INDIRECT_DESC: u32 = 28;
+
 /// Most buffers one request has: a header, a page and a response.
 const MAX_SGS: usize = 3;
 
@@ -339,6 +342,10 @@ pub(crate) trait Driver {
     /// The state of a bound device.
     type Data;
 
+    /// Transport features (ring layout and the like) the driver refuses even when the device
+    /// offers them; the virtio core accepts every one it knows otherwise.
+    const REFUSED_FEATURES: &'static [u32] = &[];
+
     /// Binds to `dev`.
     fn probe(dev: &Device) -> Result<KBox<Self::Data>>;
 
@@ -382,6 +389,7 @@ impl<T: Driver> Registration<T> {
             (*drv).id_table = ids.as_ptr();
             (*drv).feature_table = features.as_ptr();
             (*drv).feature_table_size = features.len() as c_uint;
+            (*drv).validate = Some(Self::validate_callback);
             (*drv).probe = Some(Self::probe_callback);
             (*drv).remove = Some(Self::remove_callback);
             to_result(bindings::__register_virtio_driver(drv, module.as_ptr()))?;
@@ -390,6 +398,17 @@ impl<T: Driver> Registration<T> {
             driver,
             _driver: PhantomData,
         })
+    }
+
+    /// Runs after feature negotiation and before `probe`: what it clears is written to the
+    /// device again, before the virtqueues are set up.
+    unsafe extern "C" fn validate_callback(vdev: *mut bindings::virtio_device) -> c_int {
+        for bit in T::REFUSED_FEATURES {
+            // SAFETY: the virtio core passes the device being probed, whose feature bits are
+            // the driver's to change here (what C's `__virtio_clear_bit()` does).
+            unsafe { (*vdev).features &= !(1u64 << bit) };
+        }
+        0
     }
 
     unsafe extern "C" fn probe_callback(vdev: *mut bindings::virtio_device) -> c_int {

@@ -34,7 +34,7 @@ pub const MAX_POLL_US: u64 = 10_000;
 /// Errors in options or the configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("no client to serve: give --socket-path, --fd, --client or a config file with [[client]] entries")]
+    #[error("no client to serve: give --socket-path, --fd, --client or a config file with [[client]] entries (or --control-socket, to add clients at run time)")]
     NoClients,
     #[error("--socket-path and --fd are for a single client; use --client for more")]
     SingleAndMulti,
@@ -119,7 +119,7 @@ pub enum Command {
 }
 
 /// Options of the daemon itself.
-#[derive(Debug, Default, Args)]
+#[derive(Clone, Debug, Default, Args)]
 pub struct ServeArgs {
     /// Listen for one frontend on this Unix socket (single client; see --client).
     #[arg(long, value_name = "PATH")]
@@ -496,7 +496,9 @@ impl TryFrom<ServeArgs> for DaemonConfig {
         for s in &a.clients {
             clients.push(parse_client_spec(s)?);
         }
-        if clients.is_empty() {
+        let control_socket = a.control_socket.or(file.control_socket);
+        // Without clients, a daemon is useful only if clients can be added at run time.
+        if clients.is_empty() && control_socket.is_none() {
             return Err(Error::NoClients);
         }
         let mut names = HashSet::new();
@@ -544,7 +546,7 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             },
             device,
             clients,
-            control_socket: a.control_socket.or(file.control_socket),
+            control_socket,
             socket_group,
             control_group,
             metrics_listen,
@@ -587,6 +589,15 @@ mod tests {
         assert!(c.device.poll.is_zero());
         let e = cfg(&["--socket-path", "/tmp/x.sock", "--poll-us", "20000"]).unwrap_err();
         assert!(e.to_string().contains("--poll-us 20000 is too long"), "{e}");
+    }
+
+    #[test]
+    fn no_client_at_start_needs_a_control_socket() {
+        // Clients can be added at run time, through the control socket only.
+        let c = cfg(&["--control-socket", "/tmp/c.sock"]).unwrap();
+        assert!(c.clients.is_empty());
+        let e = cfg(&[]).unwrap_err().to_string();
+        assert!(e.contains("--control-socket"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,6 @@
 //! control socket and the metrics endpoint.
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -13,7 +12,11 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::config::{DaemonConfig, Endpoint};
+mod clients;
+
+pub use clients::Clients;
+
+use crate::config::{DaemonConfig, Endpoint, ServeArgs};
 use crate::control::{self, Controls};
 use crate::sandbox;
 use crate::sock::{self, is_socket, Claim};
@@ -51,6 +54,8 @@ pub enum Error {
     Sandbox(#[from] sandbox::Error),
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
+    #[error("cannot keep a second descriptor of a listening socket")]
+    Dup(#[source] std::io::Error),
     #[error("client \"{name}\": cannot register the worker exit event")]
     ExitEvent {
         name: String,
@@ -141,17 +146,110 @@ impl Drop for Connection {
     }
 }
 
+/// A client thread's link to whoever may stop it (`ctl remove-client`): whether it is told to
+/// stop, and how to end its connection. The serving thread registers each connection here
+/// under the same lock the remover decides under, so that a removal sees every connection
+/// (refuses, or ends it) and none starts after a removal was decided.
+#[derive(Default)]
+pub(crate) struct ClientCtl {
+    state: parking_lot::Mutex<CtlState>,
+    wake: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct CtlState {
+    stopping: bool,
+    conn: Option<vhost_user_backend::ShutdownHandle>,
+}
+
+impl std::fmt::Debug for ClientCtl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.state.lock();
+        f.debug_struct("ClientCtl")
+            .field("stopping", &s.stopping)
+            .field("connected", &s.conn.is_some())
+            .finish()
+    }
+}
+
+/// Why a removal was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum StopRefused {
+    /// A frontend is connected and the removal is not forced.
+    Connected,
+    /// Already being removed.
+    Stopping,
+}
+
+impl ClientCtl {
+    /// Records a new connection; false if the client is being removed (the caller ends it).
+    fn connected(&self, h: vhost_user_backend::ShutdownHandle) -> bool {
+        let mut s = self.state.lock();
+        if s.stopping {
+            return false;
+        }
+        s.conn = Some(h);
+        true
+    }
+
+    fn disconnected(&self) {
+        self.state.lock().conn = None;
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.state.lock().stopping
+    }
+
+    /// Tells the client to stop; with `force`, ends its connection. Returns whether one was
+    /// ended.
+    pub(crate) fn stop(&self, force: bool) -> Result<bool, StopRefused> {
+        let mut s = self.state.lock();
+        if s.stopping {
+            return Err(StopRefused::Stopping);
+        }
+        if s.conn.is_some() && !force {
+            return Err(StopRefused::Connected);
+        }
+        s.stopping = true;
+        self.wake.notify_all();
+        Ok(match s.conn.take() {
+            Some(h) => {
+                h.shutdown();
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// Sleeps for `d` unless told to stop first; returns whether it is told to stop.
+    fn sleep(&self, d: Duration) -> bool {
+        let mut s = self.state.lock();
+        if !s.stopping {
+            self.wake.wait_for(&mut s, d);
+        }
+        s.stopping
+    }
+}
+
+/// How a serving thread ended without an error: told to stop.
+#[derive(Debug)]
+struct Stopped;
+
 /// Serves one client's socket: one frontend at a time, accepting the next when it leaves.
-/// Returns only on an error (the caller restarts it).
+/// Returns when told to stop, or on an error (the caller restarts it).
 fn serve_client(
     engine: &Arc<Engine>,
     client: &Arc<Client>,
     listener: &mut Listener,
+    ctl: &ClientCtl,
     dev_cfg: DeviceConfig,
     served: &mut bool,
-) -> Result<Infallible, Error> {
+) -> Result<Stopped, Error> {
     let name = client.name().to_string();
     loop {
+        if ctl.stopping() {
+            return Ok(Stopped);
+        }
         // Anything a previous connection's stragglers created is gone before the next starts.
         engine.reset_client(client);
         let mut conn = Connection::new(engine, client, &name, dev_cfg)?;
@@ -160,11 +258,24 @@ fn serve_client(
             cause,
         })?;
         *served = true;
+        let handle = conn.daemon.shutdown_handle();
+        if !handle.is_some_and(|h| ctl.connected(h)) {
+            // Accepted just as the client was being removed: not served.
+            conn.daemon.request_shutdown();
+            let _ = conn.daemon.wait();
+            return Ok(Stopped);
+        }
         client.set_connected(true);
         tracing::info!(client = %name, "frontend connected");
         let result = conn.daemon.wait();
         drop(conn);
+        ctl.disconnected();
         client.set_connected(false);
+        if ctl.stopping() {
+            // Removed: the remover frees the pools and says what went.
+            tracing::info!(client = %name, "connection ended: the client is being removed");
+            return Ok(Stopped);
+        }
         engine.reset_client(client);
         use vhost::vhost_user::Error as VuError;
         match result {
@@ -184,13 +295,14 @@ const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Longest wait between restarts (a client that keeps failing logs at most this often).
 const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Serves a client for as long as the daemon runs. A serving thread that fails (an error,
-/// e.g. no file descriptor left to accept with, or a panic) is logged and started again after
-/// a backoff; nothing of it reaches the other clients.
-fn supervise(
+/// Serves a client until it is removed. A serving thread that fails (an error, e.g. no file
+/// descriptor left to accept with, or a panic) is logged and started again after a backoff;
+/// nothing of it reaches the other clients. A removal wakes it from the backoff.
+pub(crate) fn supervise(
     engine: Arc<Engine>,
     client: Arc<Client>,
     mut listener: Listener,
+    ctl: Arc<ClientCtl>,
     dev_cfg: DeviceConfig,
 ) {
     let name = client.name().to_string();
@@ -198,12 +310,17 @@ fn supervise(
     loop {
         let mut served = false;
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            serve_client(&engine, &client, &mut listener, dev_cfg, &mut served)
+            serve_client(&engine, &client, &mut listener, &ctl, dev_cfg, &mut served)
         }));
+        ctl.disconnected();
         client.set_connected(false);
+        if ctl.stopping() {
+            // Whatever ended it (an accept woken by the removal fails), it is not a failure.
+            return;
+        }
         engine.reset_client(&client);
         let why = match outcome {
-            Ok(Ok(never)) => match never {},
+            Ok(Ok(Stopped)) => return,
             Ok(Err(e)) => error_chain(&e),
             Err(panic) => panic
                 .downcast_ref::<&str>()
@@ -216,7 +333,9 @@ fn supervise(
             backoff = RESTART_BACKOFF_MIN;
         }
         tracing::error!(client = %name, "serving thread failed, restarting in {backoff:?}: {why}");
-        std::thread::sleep(backoff);
+        if ctl.sleep(backoff) {
+            return;
+        }
         backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
     }
 }
@@ -234,13 +353,13 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Runs the daemon: returns an error if it cannot be set up, else serves (client threads
-/// restart themselves) until SIGTERM or SIGINT, then removes its socket files and returns.
-pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
+/// restart themselves, clients come and go at run time) until SIGTERM or SIGINT, then removes
+/// its socket files and returns. `args` is the command line, read again with the configuration
+/// file by `ctl reload` and SIGHUP.
+pub fn run(cfg: DaemonConfig, args: Option<ServeArgs>) -> Result<(), Error> {
     let engine = Arc::new(Engine::new(cfg.engine.clone()));
     let mut fds = HashSet::new();
-    let mut prepared = Vec::new();
-    // Held until the daemon ends, so that no second daemon takes over a live socket.
-    let mut claims = Vec::new();
+    let mut bound = Vec::new();
     // Bind everything first, so that a bad socket fails the start rather than a thread later.
     for spec in &cfg.clients {
         if let Endpoint::Fd(fd) = spec.endpoint {
@@ -249,14 +368,14 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
             }
         }
         let (listener, claim) = listen(&spec.config.name, &spec.endpoint, cfg.socket_group)?;
-        claims.extend(claim);
-        let client = engine.add_client(spec.config.clone());
-        prepared.push((client, listener));
+        bound.push((spec.clone(), listener, claim));
     }
+    let clients = Clients::new(engine.clone(), cfg.clone(), args);
     let control = match &cfg.control_socket {
         Some(path) => Some(
             Controls {
                 engine: engine.clone(),
+                admin: Some(clients.clone()),
             }
             .bind(path, cfg.control_group)?,
         ),
@@ -270,12 +389,15 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
         Endpoint::Fd(_) => None,
     });
     let files = sandbox::SocketFiles::record(paths.chain(cfg.control_socket.as_deref()))?;
-    sandbox::block_termination()?;
+    // SIGTERM, SIGINT and SIGHUP: blocked in every thread, taken by this one below.
+    sandbox::block_signals()?;
     if let Err(e) = sandbox::enter(&cfg.sandbox, &files) {
         // Not serving: the sockets go (the next start would find them stale anyway).
         files.remove();
         return Err(e.into());
     }
+    // Served before the control socket answers, so that its first request sees every client.
+    clients.start_all(bound)?;
     if let (Some(c), Some(path)) = (control, &cfg.control_socket) {
         c.spawn()?;
         tracing::info!(path = %path.display(), "control socket ready");
@@ -283,14 +405,6 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
     if let (Some(m), Some(addr)) = (metrics, cfg.metrics_listen) {
         m.spawn(engine.clone())?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
-    }
-    for (client, listener) in prepared {
-        let engine = engine.clone();
-        let name = client.name().to_string();
-        std::thread::Builder::new()
-            .name(format!("client-{name}"))
-            .spawn(move || supervise(engine, client, listener, cfg.device))
-            .map_err(Error::Thread)?;
     }
     tracing::info!(
         clients = cfg.clients.len(),
@@ -302,9 +416,17 @@ pub fn run(cfg: DaemonConfig) -> Result<(), Error> {
         "vhost-tmem serving"
     );
     // Client threads restart themselves and never end: the daemon ends on a signal.
-    let sig = sandbox::wait_for_termination();
-    tracing::info!(signal = sig, "exiting");
+    loop {
+        let sig = sandbox::wait_for_signal();
+        if sig != libc::SIGHUP {
+            tracing::info!(signal = sig, "exiting");
+            break;
+        }
+        tracing::info!("SIGHUP: reloading the configuration");
+        // The outcome is logged by reload itself.
+        let _ = control::ClientAdmin::reload(&*clients);
+    }
+    clients.remove_added_socket_files(&files);
     files.remove();
-    drop(claims);
     Ok(())
 }

@@ -66,6 +66,7 @@ fn main() -> ExitCode {
                 if let Some(v) = r.value {
                     println!("{v}");
                 }
+                print!("{}", control::describe(&r));
                 ExitCode::SUCCESS
             }
             Err(e) => report(&e),
@@ -75,11 +76,12 @@ fn main() -> ExitCode {
                 println!("{{\n  \"type\": \"tmem\"\n}}");
                 return ExitCode::SUCCESS;
             }
+            let args = cli.serve.clone();
             let cfg = match DaemonConfig::try_from(cli.serve) {
                 Ok(c) => c,
                 Err(e) => return report(&e),
             };
-            match vhost_tmem::daemon::run(cfg) {
+            match vhost_tmem::daemon::run(cfg, Some(args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => report(&e),
             }

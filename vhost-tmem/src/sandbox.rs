@@ -18,7 +18,7 @@ use std::io;
 use clap::ValueEnum;
 use serde::Deserialize;
 
-pub use exit::{block_termination, wait_for_termination, SocketFiles};
+pub use exit::{block_signals, wait_for_signal, SocketFiles};
 
 /// `--sandbox` values.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -195,6 +195,8 @@ pub fn resolve_user(name: &str) -> Result<User, Error> {
 /// daemon starts any thread (namespaces and credentials are per thread); `files` are the
 /// socket files whose directories stay reachable to remove them at exit.
 pub fn enter(sb: &Sandbox, files: &SocketFiles) -> Result<(), Error> {
+    // Opened while /proc is still there (the namespace mode's empty root hides it).
+    let proc_fd = crate::vhu_tmem::fd_dir();
     if let Some(u) = &sb.user {
         // While still root: the daemon's user must be able to reclaim and remove them later.
         files.chown(u)?;
@@ -207,17 +209,43 @@ pub fn enter(sb: &Sandbox, files: &SocketFiles) -> Result<(), Error> {
     }
     if sb.mode != Mode::None {
         cap_malloc_arenas();
-        let progs =
-            seccomp::programs(sb.action, &files.dir_fds()).map_err(|source| Error::Filter {
-                mode: sb.mode,
-                source,
-            })?;
-        seccomp::install(&progs).map_err(|source| Error::Install {
+        let build = |tier| {
+            seccomp::programs(sb.action, &files.dir_fds(), proc_fd, tier).map_err(|source| {
+                Error::Filter {
+                    mode: sb.mode,
+                    source,
+                }
+            })
+        };
+        let serving = build(seccomp::Tier::Serving)?;
+        let process = build(seccomp::Tier::Process)?;
+        seccomp::install(&process).map_err(|source| Error::Install {
             mode: sb.mode,
             source,
         })?;
+        let _ = SERVING.set(serving);
     }
     Ok(())
+}
+
+/// The serving tier's filters, built by [`enter`] for [`confine_serving_thread`].
+static SERVING: std::sync::OnceLock<Vec<seccompiler::BpfProgram>> = std::sync::OnceLock::new();
+
+/// Stacks the serving tier on the calling thread (a client's thread; its queue workers inherit
+/// it): no file opened, no socket made there, though the control socket's administration may.
+/// Without a sandbox it does nothing. A failure is logged: the thread keeps the process tier.
+pub fn confine_serving_thread() {
+    if let Some(progs) = SERVING.get() {
+        if let Err(e) = seccomp::install_here(progs) {
+            tracing::error!("cannot confine a serving thread further: {e}");
+        }
+    }
+}
+
+/// Whether run-time administration that needs the filesystem (adding clients, reloading the
+/// configuration file) can work in `mode`: not in the namespace sandbox's empty root.
+pub fn sees_filesystem(mode: Mode) -> bool {
+    mode != Mode::Namespace
 }
 
 /// glibc's malloc reads /sys/devices/system/cpu/online when a thread first needs a new arena

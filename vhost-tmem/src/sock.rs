@@ -58,12 +58,37 @@ pub fn is_socket(fd: RawFd) -> bool {
     }
 }
 
-/// A claimed socket path: the lock is held while this lives. The lock file itself is left
-/// behind on exit (unlinking it would let a third daemon lock a fresh file while a second one
-/// holds the unlinked one).
+/// A claimed socket path: the lock is held while this lives. The lock file is left behind on
+/// exit; [`Claim::remove`] gives a path up for good (a removed client).
 #[derive(Debug)]
 pub struct Claim {
     _lock: File,
+}
+
+impl Claim {
+    /// Removes the socket file at `path` (if it is a socket) and then the lock file, with the
+    /// lock still held. A process that opened the lock file before it went and gets the lock
+    /// afterwards sees that it no longer is the file at `PATH.lock` and tries again, so two
+    /// processes never hold a claim on one path.
+    pub fn remove(self, path: &Path) -> io::Result<()> {
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+            _ => {}
+        }
+        match std::fs::remove_file(lock_path(path)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Whether `f` is the file at `path` now (not one unlinked or replaced since it was opened).
+fn is_at(f: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// `PATH.lock`.
@@ -82,23 +107,36 @@ pub fn claim(path: &Path) -> Result<Claim, Error> {
         path: path.to_owned(),
         source,
     };
-    let lock = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&lp)
-        .map_err(lock_err)?;
-    // SAFETY: flock on an fd we own; no memory is involved.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = io::Error::last_os_error();
-        return Err(if e.kind() == io::ErrorKind::WouldBlock {
-            Error::InUse(path.to_owned())
-        } else {
-            lock_err(e)
-        });
-    }
+    // A lock file removed (by `Claim::remove`) between our open and our lock is not the
+    // path's lock any more: open the new one. Each round means another process removed the
+    // path meanwhile, so a few rounds are plenty.
+    let mut rounds = 0;
+    let lock = loop {
+        let lock = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lp)
+            .map_err(lock_err)?;
+        // SAFETY: flock on an fd we own; no memory is involved.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.kind() == io::ErrorKind::WouldBlock {
+                Error::InUse(path.to_owned())
+            } else {
+                lock_err(e)
+            });
+        }
+        if is_at(&lock, &lp) {
+            break lock;
+        }
+        rounds += 1;
+        if rounds == 8 {
+            return Err(Error::InUse(path.to_owned()));
+        }
+    };
     let stale = |source| Error::Stale {
         path: path.to_owned(),
         source,
@@ -376,6 +414,25 @@ mod tests {
         std::fs::write(&f, b"keep").unwrap();
         assert!(matches!(claim(&f), Err(Error::NotASocket(_))));
         assert_eq!(std::fs::read(&f).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn a_removed_claim_leaves_nothing_and_the_path_can_be_claimed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.sock");
+        let (fd, c) = bind(&p, None).unwrap();
+        // A process that opened the lock file before the removal, and locks it after.
+        let stale = File::open(lock_path(&p)).unwrap();
+        drop(fd);
+        c.remove(&p).unwrap();
+        assert!(!p.exists() && !lock_path(&p).exists());
+        // SAFETY: flock on an fd we own.
+        let r = unsafe { libc::flock(stale.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(r, 0);
+        // It holds the old inode's lock, which is no claim: a new claim takes the new file.
+        assert!(!is_at(&stale, &lock_path(&p)));
+        let (_fd, _c) = bind(&p, None).unwrap();
+        assert!(matches!(claim(&p), Err(Error::InUse(_))));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use shared_proto::{
     ReqHeader, RespHeader, Status, MAX_BATCH, MAX_REQUEST_QUEUES, PAGE_SHIFT, PAGE_SIZE,
 };
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -46,9 +46,11 @@ use crate::store::{PageDst, PageKey, PageSrc, PoolSpec, Tmem};
 
 mod chain;
 mod memory;
+mod vring;
 pub use chain::MAX_SEGMENTS;
 use chain::{contiguous, read_part, write_part, Chain, ChainError};
 pub use memory::MemoryError;
+pub use vring::{fd_dir, Vring};
 
 type Mem = GuestMemoryMmap<()>;
 
@@ -404,7 +406,7 @@ impl<S: Tmem> TmemDevice<S> {
     }
 
     /// Whether queue `index` is broken in its current setup; forgets a mark made in another.
-    fn is_broken(&self, index: u16, vring: &VringRwLock<GuestMemoryAtomic<Mem>>) -> bool {
+    fn is_broken(&self, index: u16, vring: &Vring) -> bool {
         let Some(b) = self.broken.get(index as usize) else {
             return false;
         };
@@ -441,7 +443,7 @@ impl<S: Tmem> TmemDevice<S> {
     /// the chains taken before the bad entry are still served.
     fn process_queue(
         &self,
-        vring: &VringRwLock<GuestMemoryAtomic<Mem>>,
+        vring: &Vring,
         index: u16,
         control: bool,
         w: &mut WorkerState<S::Worker>,
@@ -789,7 +791,7 @@ impl<S: Tmem> TmemDevice<S> {
 
 impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
     type Bitmap = ();
-    type Vring = VringRwLock<GuestMemoryAtomic<Mem>>;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         1 + self.cfg.request_queues as usize
@@ -895,7 +897,9 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
             .get(device_event as usize)
             .ok_or(Error::UnknownQueue(device_event))?;
         let control = queue == shared_proto::CONTROL_QUEUE;
-        if self.is_broken(queue, vring) {
+        // A call (or kick) file descriptor that is not an eventfd was refused and logged when
+        // it arrived; the queue waits for an acceptable one.
+        if vring.notify_fd_refused() || self.is_broken(queue, vring) {
             // The kick was consumed; a broken queue waits for its reset without being read.
             return Ok(());
         }
@@ -925,7 +929,7 @@ impl<S: Tmem> TmemDevice<S> {
     /// pass (without); `Err` when the queue broke (it is marked and logged).
     fn serve_queue(
         &self,
-        vring: &VringRwLock<GuestMemoryAtomic<Mem>>,
+        vring: &Vring,
         queue: u16,
         control: bool,
         w: &mut WorkerState<S::Worker>,
@@ -998,7 +1002,7 @@ impl<S: Tmem> TmemDevice<S> {
     /// vring's own helpers read the handler's map, which may be one this device refused.
     fn ring_op<T>(
         &self,
-        vring: &VringRwLock<GuestMemoryAtomic<Mem>>,
+        vring: &Vring,
         f: impl FnOnce(&mut Queue, &Mem) -> Result<T, virtio_queue::Error>,
     ) -> Result<T, virtio_queue::Error> {
         let mem = self.mem.memory();
@@ -1009,7 +1013,7 @@ impl<S: Tmem> TmemDevice<S> {
     /// rings were checked, so only a ring or memory change since can cause one).
     fn notification<T>(
         &self,
-        vring: &VringRwLock<GuestMemoryAtomic<Mem>>,
+        vring: &Vring,
         queue: u16,
         r: Result<T, virtio_queue::Error>,
     ) -> Result<T, Broken> {
@@ -1024,11 +1028,7 @@ impl<S: Tmem> TmemDevice<S> {
 
     /// Signals the guest if it asked for it. A call eventfd that cannot be written is the
     /// frontend's problem, not the ring's: logged, and serving goes on.
-    fn signal(
-        &self,
-        vring: &VringRwLock<GuestMemoryAtomic<Mem>>,
-        queue: u16,
-    ) -> Result<(), Broken> {
+    fn signal(&self, vring: &Vring, queue: u16) -> Result<(), Broken> {
         if self.notification(
             vring,
             queue,

@@ -14,7 +14,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::ring::Ring;
-use crate::{gm, Error, GuestOptions, RamBacking, Result};
+use crate::{gm, Error, GuestOptions, NotifyFd, RamBacking, Result};
 
 const VIRTIO_F_VERSION_1: u64 = 32;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 29;
@@ -126,7 +126,13 @@ impl Vmm {
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut rings = Vec::new();
         for q in 0..nq {
-            let ring = Ring::new(q as u64 * per_queue, opts.queue_size, event_idx)?;
+            // The control queue always gets eventfds: a hostile choice is for request queues.
+            let (call, kick) = if q == 0 {
+                (NotifyFd::EventFd, NotifyFd::EventFd)
+            } else {
+                (opts.call_fd, opts.kick_fd)
+            };
+            let ring = Ring::new(q as u64 * per_queue, opts.queue_size, event_idx, call, kick)?;
             frontend.set_vring_num(q, opts.queue_size)?;
             frontend.set_vring_addr(
                 q,
@@ -141,8 +147,8 @@ impl Vmm {
                 },
             )?;
             frontend.set_vring_base(q, 0)?;
-            frontend.set_vring_call(q, &ring.call)?;
-            frontend.set_vring_kick(q, &ring.kick)?;
+            frontend.set_vring_call(q, ring.device_call())?;
+            frontend.set_vring_kick(q, ring.device_kick())?;
             frontend.set_vring_enable(q, true)?;
             rings.push(ring);
         }
@@ -197,6 +203,15 @@ impl Vmm {
             .file_offset()
             .ok_or_else(|| std::io::Error::other("anonymous guest RAM"))?;
         fo.file().set_len(len)
+    }
+
+    /// Sends SET_VRING_KICK for queue `q` with `fd`, whatever state the ring is in.
+    pub(crate) fn set_vring_kick(
+        &mut self,
+        q: usize,
+        fd: &vmm_sys_util::eventfd::EventFd,
+    ) -> Result<()> {
+        Ok(self.frontend.set_vring_kick(q, fd)?)
     }
 
     /// Guest RAM size (addresses at or past it are outside guest memory).

@@ -80,6 +80,23 @@ pub struct GuestOptions {
     pub timeout: Duration,
     /// How guest RAM is backed and declared to the device.
     pub ram: RamBacking,
+    /// What the request queues' call (used-buffer notification) file descriptors are.
+    pub call_fd: NotifyFd,
+    /// What the request queues' kick (available-buffer notification) file descriptors are.
+    pub kick_fd: NotifyFd,
+}
+
+/// What the VMM hands the device as a request queue's call or kick file descriptor (the
+/// control queue always gets eventfds). Only `EventFd` is what a well-behaved VMM does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NotifyFd {
+    /// An eventfd, as QEMU's irqfd and ioeventfd are.
+    #[default]
+    EventFd,
+    /// A blocking pipe: the device gets the write end of a call pipe (which this guest never
+    /// drains, so it fills after 8192 notifications) or the read end of a kick pipe (written by
+    /// the guest's kicks, or by [`Guest::hostile_kick_bytes`]).
+    Pipe,
 }
 
 /// How the VMM backs guest RAM and declares it in SET_MEM_TABLE. Only `SealedMemfd` is what a
@@ -105,6 +122,8 @@ impl Default for GuestOptions {
             event_idx: true,
             timeout: Duration::from_secs(30),
             ram: RamBacking::default(),
+            call_fd: NotifyFd::default(),
+            kick_fd: NotifyFd::default(),
         }
     }
 }

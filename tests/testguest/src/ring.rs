@@ -3,14 +3,14 @@
 //! on the available ring (with the device's notification suppression) and taking used
 //! elements (with ours), kept apart from what the requests mean.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::{gm, Error, Result};
+use crate::{gm, Error, NotifyFd, Result};
 
 /// The descriptor continues in `next`.
 pub(crate) const VRING_DESC_F_NEXT: u16 = 1;
@@ -31,15 +31,53 @@ pub(crate) struct Ring {
     last_used: u16,
     /// VIRTIO_RING_F_EVENT_IDX was negotiated.
     event_idx: bool,
+    /// The guest's ends: it writes `kick` and waits on `call`.
     pub(crate) kick: EventFd,
     pub(crate) call: EventFd,
+    /// The device's ends, when they are not the same file (pipes).
+    device_kick: Option<EventFd>,
+    device_call: Option<EventFd>,
+}
+
+/// A blocking pipe as (read end, write end), each in an `EventFd`, which is only a wrapper
+/// around a file descriptor and reads or writes 8 bytes at a time.
+fn pipe() -> Result<(EventFd, EventFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(Error::EventFd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: both descriptors are fresh and owned by nobody else.
+    Ok(unsafe { (EventFd::from_raw_fd(fds[0]), EventFd::from_raw_fd(fds[1])) })
 }
 
 impl Ring {
-    /// A ring of `size` entries laid out from `base` (it needs well under 64 KiB there).
-    pub(crate) fn new(base: u64, size: u16, event_idx: bool) -> Result<Ring> {
+    /// A ring of `size` entries laid out from `base` (it needs well under 64 KiB there), with
+    /// call and kick file descriptors of the kinds given.
+    pub(crate) fn new(
+        base: u64,
+        size: u16,
+        event_idx: bool,
+        call: NotifyFd,
+        kick: NotifyFd,
+    ) -> Result<Ring> {
         let n = size as u64;
         let avail = base + 16 * n;
+        let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd);
+        let (call, device_call) = match call {
+            NotifyFd::EventFd => (eventfd()?, None),
+            NotifyFd::Pipe => {
+                let (r, w) = pipe()?;
+                (r, Some(w))
+            }
+        };
+        let (kick, device_kick) = match kick {
+            NotifyFd::EventFd => (eventfd()?, None),
+            NotifyFd::Pipe => {
+                let (r, w) = pipe()?;
+                (w, Some(r))
+            }
+        };
         Ok(Ring {
             size,
             desc: base,
@@ -48,9 +86,50 @@ impl Ring {
             next_avail: 0,
             last_used: 0,
             event_idx,
-            kick: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
-            call: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
+            kick,
+            call,
+            device_kick,
+            device_call,
         })
+    }
+
+    /// The file descriptor the device gets for kicks.
+    pub(crate) fn device_kick(&self) -> &EventFd {
+        self.device_kick.as_ref().unwrap_or(&self.kick)
+    }
+
+    /// The file descriptor the device gets for calls.
+    pub(crate) fn device_call(&self) -> &EventFd {
+        self.device_call.as_ref().unwrap_or(&self.call)
+    }
+
+    /// Whether the guest drains its call file descriptor: a call pipe is left to fill.
+    fn drains_call(&self) -> bool {
+        self.device_call.is_none()
+    }
+
+    /// Writes `bytes` as they are to the guest's end of the kick file descriptor.
+    pub(crate) fn kick_raw(&self, bytes: &[u8]) -> std::io::Result<usize> {
+        // SAFETY: writes from a valid buffer of the given length to a descriptor we own.
+        let r = unsafe { libc::write(self.kick.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    }
+
+    /// Puts `kick` in place of the guest's kick file descriptor; returns the old one.
+    pub(crate) fn replace_kick(&mut self, kick: EventFd) -> EventFd {
+        self.device_kick = None;
+        std::mem::replace(&mut self.kick, kick)
+    }
+
+    /// Closes the guest's end of the kick file descriptor (a fresh eventfd takes its place):
+    /// the device's end of a kick pipe then reads end-of-file.
+    pub(crate) fn close_kick(&mut self) -> Result<()> {
+        self.kick = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        Ok(())
     }
 
     /// Number of descriptors.
@@ -219,10 +298,11 @@ pub(crate) fn reap_any(
         // SAFETY: `pfds` is a valid array of pollfds for the duration of the call.
         unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
         for &q in qs {
-            if pfds
+            // A call pipe is left to fill (see NotifyFd::Pipe).
+            let woken = pfds
                 .iter()
-                .any(|p| p.fd == rings[q].call.as_raw_fd() && p.revents != 0)
-            {
+                .any(|p| p.fd == rings[q].call.as_raw_fd() && p.revents != 0);
+            if woken && rings[q].drains_call() {
                 let _ = rings[q].call.read();
             }
         }

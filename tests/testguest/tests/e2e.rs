@@ -12,82 +12,10 @@ use std::time::Duration;
 use serde_json::json;
 use shared_proto::{resp_flags, BatchEntry, Op, ReqHeader, RespHeader, Status, PAGE_SIZE};
 use tmem_testguest::daemon::{self, Daemon};
-use tmem_testguest::{pages, Error, Guest, GuestOptions, RamBacking, Req, Seg};
+use tmem_testguest::{pages, Error, Guest, GuestOptions, RamBacking, Seg};
 
-fn connect(d: &Daemon, sock: &str) -> Guest {
-    Guest::connect(d.path(sock), GuestOptions::default()).unwrap()
-}
-
-fn status_of(r: Result<(), Error>) -> Option<Status> {
-    match r {
-        Ok(()) => Some(Status::Ok),
-        Err(Error::Status(s)) => Some(s),
-        Err(e) => panic!("transport error: {e}"),
-    }
-}
-
-fn n(v: &serde_json::Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
-}
-
-/// Puts `count` pages (seeds `base..`) into `pool` at depth 32, then gets each back and checks
-/// it byte for byte. Persistent pools must hit every time; ephemeral misses are legal.
-fn put_get_verify(
-    g: &mut Guest,
-    queue: usize,
-    pool: u32,
-    oid: [u64; 3],
-    base: u64,
-    count: u64,
-    persistent: bool,
-) -> (u64, u64) {
-    let store: Vec<Vec<u8>> = (0..count).map(|i| pages::page(base + i)).collect();
-    let reqs = (0..count as usize).map(|i| {
-        (
-            i,
-            Req::Put {
-                pool,
-                oid,
-                index: i as u64,
-                page: &store[i],
-            },
-        )
-    });
-    g.pipeline(queue, 32, reqs, |d| match d.status {
-        // Ephemeral puts may be refused (incompressible page, no room); persistent ones here never.
-        Status::Ok => {}
-        Status::Refused | Status::NoSpace if !persistent => {}
-        s => panic!("put {} failed: {s:?}", d.tag),
-    })
-    .unwrap();
-    let reqs = (0..count as usize).map(|i| {
-        (
-            i,
-            Req::Get {
-                pool,
-                oid,
-                index: i as u64,
-                exclusive: false,
-            },
-        )
-    });
-    let (mut hits, mut misses) = (0, 0);
-    g.pipeline(queue, 32, reqs, |d| match d.status {
-        Status::Ok => {
-            assert!(
-                d.page() == store[d.tag].as_slice(),
-                "page {} differs",
-                d.tag
-            );
-            hits += 1;
-        }
-        Status::Miss if !persistent => misses += 1,
-        s => panic!("get {} failed: {s:?}", d.tag),
-    })
-    .unwrap();
-    assert_eq!(hits + misses, count);
-    (hits, misses)
-}
+mod common;
+use common::*;
 
 #[test]
 fn four_clients_in_parallel_120k_pages() {
@@ -890,11 +818,6 @@ fn a_second_daemon_does_not_steal_live_sockets() {
     assert_eq!(n(&d.client_stats("guest").unwrap()["puts"]), 2);
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 /// `vhost-tmem stats` against the daemon's control socket, bounded in time.
 fn stats_cli(d: &Daemon, bound: Duration) -> std::process::Output {
     run_to_exit(
@@ -934,16 +857,6 @@ fn a_peer_that_does_not_read_does_not_stall_the_control_socket() {
     );
     assert!(out.status.success(), "{out:?}");
     drop(hog);
-}
-
-fn scrape(port: u16, bound: Duration) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(bound)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body)
-        .unwrap_or_else(|e| panic!("scrape not answered within {bound:?}: {e}"));
-    body
 }
 
 #[test]
@@ -1097,17 +1010,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / hz
 }
 
-/// Waits (at most 5 s) until the daemon reports client `name` disconnected.
-fn await_disconnect(d: &Daemon, name: &str) -> bool {
-    for _ in 0..500 {
-        if d.client_stats(name).unwrap()["connected"] == false {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    false
-}
-
 /// A hostile guest puts a request queue in a state no driver can be in (an available index
 /// more than a queue ahead, then a head index past the queue): that queue breaks, the control
 /// queue served by the same worker thread still answers, the daemon does not spin, the
@@ -1191,23 +1093,6 @@ fn hostile_ring_states_break_only_their_queue() {
     // Logged once per attack.
     let log = d.log();
     assert_eq!(log.matches("queue needs reset").count(), 2, "{log}");
-}
-
-/// Open file descriptors of process `pid`.
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
-/// A frontend that connects and completes one request/reply exchange (SET_OWNER, then
-/// GET_FEATURES): when it returns, the daemon has accepted it and built its device.
-fn handshake(d: &Daemon, sock: &str) -> vhost::vhost_user::Frontend {
-    use vhost::VhostBackend;
-    let f = vhost::vhost_user::Frontend::connect(d.path(sock), 2).unwrap();
-    f.set_owner().unwrap();
-    f.get_features().unwrap();
-    f
 }
 
 /// Every connection's resources go with it: 10,000 connect/handshake/disconnect cycles (on 4
@@ -1349,32 +1234,6 @@ fn a_failing_client_thread_is_restarted() {
     assert_eq!(hits, 100);
 }
 
-/// A daemon serving clients `a` and `b` on `a.sock` and `b.sock`.
-fn two_clients() -> Daemon {
-    Daemon::start(&[
-        "--client",
-        "name=a,socket={dir}/a.sock",
-        "--client",
-        "name=b,socket={dir}/b.sock",
-    ])
-    .unwrap()
-}
-
-/// Puts and gets a few pages on a fresh connection to `sock`: the daemon is alive and serving.
-fn still_serving(d: &Daemon, sock: &str, seed: u64) {
-    let mut g = Guest::connect(
-        d.path(sock),
-        GuestOptions {
-            timeout: Duration::from_secs(5),
-            ..GuestOptions::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("daemon not serving {sock}: {e}\n{}", d.log()));
-    let pool = g.create_pool(true, None).unwrap();
-    let (hits, _) = put_get_verify(&mut g, 0, pool, [seed, 0, 0], seed, 100, true);
-    assert_eq!(hits, 100);
-}
-
 #[test]
 fn guest_ram_past_the_end_of_its_file_is_refused() {
     let d = Daemon::start(&[
@@ -1505,9 +1364,10 @@ fn proc_status(path: &std::path::Path, key: &str) -> String {
         .join(" ")
 }
 
-/// Every thread of the daemon is under its seccomp filters (three: clone3, openat and the
-/// allow-list),
-/// with no_new_privs; returns the threads' names.
+/// Every thread of the daemon is under its seccomp filters with no_new_privs: the process
+/// tier's two (clone3, the allow-list with administration) everywhere, and a client's thread
+/// and its queue workers the serving tier's three (clone3, openat, the allow-list) on top;
+/// returns the threads' names.
 fn assert_all_threads_sandboxed(pid: u32) -> Vec<String> {
     let mut names = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
@@ -1515,15 +1375,27 @@ fn assert_all_threads_sandboxed(pid: u32) -> Vec<String> {
         let Ok(name) = std::fs::read_to_string(t.join("comm")) else {
             continue; // ended meanwhile
         };
+        let name = name.trim().to_string();
         let status = t.join("status");
+        // The main thread, control and metrics (and their connections), client removals:
+        // the rest serve a client (its thread, the crate's handler and queue workers).
+        let admin = [
+            "vhost-tmem",
+            "control",
+            "control-conn",
+            "metrics",
+            "metrics-conn",
+        ];
+        let serving = !admin.contains(&name.as_str()) && !name.starts_with("remove-");
+        let filters = if serving { "5" } else { "2" };
         for (key, want) in [
             ("Seccomp", "2"),
             ("NoNewPrivs", "1"),
-            ("Seccomp_filters", "3"),
+            ("Seccomp_filters", filters),
         ] {
             assert_eq!(proc_status(&status, key), want, "thread {name}: {key}");
         }
-        names.push(name.trim().to_string());
+        names.push(name);
     }
     names
 }
@@ -1712,6 +1584,31 @@ fn namespace_sandbox_has_its_own_namespaces_and_an_empty_root() {
     // Its / is empty (and its threads see the same).
     let root_dir = format!("/proc/{pid}/root");
     assert_eq!(std::fs::read_dir(&root_dir).unwrap().count(), 0);
+    // Administration that needs the filesystem is refused, saying why, and changes nothing.
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(tmem_testguest::daemon::binary().unwrap())
+            .arg("ctl")
+            .arg("--control")
+            .arg(d.path("control.sock"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let extra = d.path("extra.sock");
+    for args in [
+        vec![
+            "add-client".to_string(),
+            format!("name=x,socket={}", extra.display()),
+        ],
+        vec!["reload".to_string()],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = ctl(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?} was not refused");
+        let why = String::from_utf8_lossy(&out.stderr);
+        assert!(why.contains("--sandbox namespace"), "{args:?}: {why}");
+    }
+    assert!(!extra.exists());
     let sock = d.path("vm.sock");
     sandboxed_daemon_works(&mut d, &sock, port, true);
     assert_all_gone(&d, &[&d.path("control.sock")]);

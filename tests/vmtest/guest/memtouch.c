@@ -4,6 +4,12 @@
  *
  *   memtouch run MIB SEED    fill MIB of anonymous memory, verify it twice, exit 0 if intact
  *   memtouch hold MIB SEED   fill, create /tmp/hold.SEED, wait for SIGUSR1, verify, exit
+ *   memtouch rounds MIB SEED N
+ *                            fill, then N rounds that check each page and rewrite it with the
+ *                            next round's content (a swapped-out page comes back, changes and
+ *                            goes out again, to a new slot), then verify the last round
+ *
+ * With MEMTOUCH_THP set, anonymous memory is advised huge (transparent huge pages).
  *   memtouch write FILE MIB SEED    write MIB of file pages in place (no truncation), fsync
  *   memtouch dwrite FILE MIB SEED   the same with O_DIRECT, bypassing the page cache
  *   memtouch verify FILE MIB SEED [VALID_MIB]
@@ -140,6 +146,33 @@ static uint64_t verify(unsigned char *mem, uint64_t pages, uint64_t seed, int ba
 	return bad;
 }
 
+/*
+ * Rounds of check-and-rewrite: round r expects seed + r - 1 and writes seed + r, so every
+ * byte is checked once per round and every swapped-out page is brought back and changed.
+ */
+static uint64_t rewrite_rounds(unsigned char *mem, uint64_t pages, uint64_t seed, uint64_t rounds)
+{
+	unsigned char expect[PAGE];
+	uint64_t r, i, bad = 0;
+
+	for (r = 1; r <= rounds; r++) {
+		for (i = 0; i < pages; i++) {
+			fill(expect, seed + r - 1, i);
+			if (memcmp(expect, mem + i * PAGE, PAGE)) {
+				if (bad < 5)
+					fprintf(stderr, "memtouch: round %llu: page %llu differs\n",
+						(unsigned long long)r, (unsigned long long)i);
+				bad++;
+			}
+			fill(mem + i * PAGE, seed + r, i);
+		}
+		printf("memtouch: round %llu of %llu done\n", (unsigned long long)r,
+		       (unsigned long long)rounds);
+		fflush(stdout);
+	}
+	return bad + verify(mem, pages, seed + rounds, 1);
+}
+
 static int file_write(const char *path, uint64_t pages, uint64_t seed, int direct)
 {
 	unsigned char *buf;
@@ -223,9 +256,35 @@ static int file_verify(const char *path, uint64_t pages, uint64_t seed, uint64_t
 	return 0;
 }
 
+/*
+ * Anonymous memory for PAGES pages. With MEMTOUCH_THP set it is 2 MiB aligned and advised
+ * huge, so that the kernel backs it with transparent huge pages and swaps them out whole.
+ */
+static unsigned char *map_anon(uint64_t pages)
+{
+	const uint64_t huge = 2 << 20;
+	int thp = getenv("MEMTOUCH_THP") != NULL;
+	uint64_t len = pages * PAGE + (thp ? huge : 0);
+	unsigned char *mem;
+
+	mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (mem == MAP_FAILED) {
+		perror("memtouch: mmap");
+		return NULL;
+	}
+	if (thp) {
+		mem = (unsigned char *)(((uintptr_t)mem + huge - 1) & ~(uintptr_t)(huge - 1));
+		if (madvise(mem, pages * PAGE, MADV_HUGEPAGE)) {
+			perror("memtouch: madvise(MADV_HUGEPAGE)");
+			return NULL;
+		}
+	}
+	return mem;
+}
+
 int main(int argc, char **argv)
 {
-	uint64_t counts[KINDS] = { 0 }, pages, seed, i, bad;
+	uint64_t counts[KINDS] = { 0 }, pages, seed, i, bad, rounds = 0;
 	unsigned char *mem;
 	char ready[64];
 	int hold;
@@ -241,19 +300,19 @@ int main(int argc, char **argv)
 		pages = strtoull(argv[3], NULL, 10) * (1024 * 1024 / PAGE);
 		return file_write(argv[2], pages, strtoull(argv[4], NULL, 10), argv[1][0] == 'd');
 	}
-	if (argc != 4 || (strcmp(argv[1], "run") && strcmp(argv[1], "hold"))) {
-		fprintf(stderr, "usage: memtouch run|hold MIB SEED | write|dwrite FILE MIB SEED |\n"
-				"       verify FILE MIB SEED [VALID_MIB]\n");
+	if (argc == 5 && !strcmp(argv[1], "rounds"))
+		rounds = strtoull(argv[4], NULL, 10);
+	else if (argc != 4 || (strcmp(argv[1], "run") && strcmp(argv[1], "hold"))) {
+		fprintf(stderr, "usage: memtouch run|hold MIB SEED | rounds MIB SEED N |\n"
+				"       write|dwrite FILE MIB SEED | verify FILE MIB SEED [VALID_MIB]\n");
 		return 2;
 	}
 	hold = !strcmp(argv[1], "hold");
 	pages = strtoull(argv[2], NULL, 10) * (1024 * 1024 / PAGE);
 	seed = strtoull(argv[3], NULL, 10);
-	mem = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (mem == MAP_FAILED) {
-		perror("memtouch: mmap");
+	mem = map_anon(pages);
+	if (!mem)
 		return 2;
-	}
 	for (i = 0; i < pages; i++)
 		counts[fill(mem + i * PAGE, seed, i)]++;
 	printf("memtouch: filled %llu pages (zero %llu, same %llu, text %llu, binary %llu, random %llu)\n",
@@ -276,6 +335,8 @@ int main(int argc, char **argv)
 		while (!released)
 			sleep(1);
 		bad = verify(mem, pages, seed, 0);
+	} else if (rounds) {
+		bad = rewrite_rounds(mem, pages, seed, rounds);
 	} else {
 		bad = verify(mem, pages, seed, 0);
 		bad += verify(mem, pages, seed, 1);

@@ -192,6 +192,28 @@ swap-unload)
 	[ ! -d /sys/module/tmem ] || fail "tmem still loaded after rmmod"
 	kill -USR1 $HOLD
 	wait $HOLD || fail "held pages did not verify after swapoff and rmmod"
+	# rmmod with a swap area and a filesystem in use (nothing stored, so the module can go):
+	# the driver releases both host pools; the runner checks the daemon at the barrier.
+	exec 3</dev/ttyS1
+	stty -F /dev/ttyS1 -echo
+	# This time the module is loaded the way udev or mdev would: by the device's modalias.
+	dev=$(dirname "$(grep -l 0x003f /sys/bus/virtio/devices/*/device)")
+	mods=/lib/modules/$(uname -r)
+	mkdir -p "$mods" && cp /lib/modules/tmem.ko "$mods/" && depmod || fail "depmod"
+	modprobe "$(cat "$dev/modalias")" || fail "modprobe $(cat "$dev/modalias") (no device alias?)"
+	[ -d $T ] || fail "no $T after modprobe"
+	# Feature bits, from bit 0: SHARED_POOLS (1) negotiated, INDIRECT_DESC (28) refused.
+	features=$(cat "$dev/features")
+	[ "$(echo "$features" | cut -c2)" = 1 ] || fail "SHARED_POOLS not negotiated: $features"
+	[ "$(echo "$features" | cut -c29)" = 0 ] || fail "INDIRECT_DESC negotiated: $features"
+	swapon $SWAP || fail "second swapon"
+	mount_data $DATA /mnt
+	at_least pools 1
+	at_least cache_pools 1
+	rmmod tmem || fail "rmmod with a swap area and a filesystem in use"
+	sync_point unloaded
+	umount /mnt || fail "umount"
+	swapoff $SWAP || fail "second swapoff"
 	pass
 	;;
 swap-host-full)
@@ -202,6 +224,89 @@ swap-host-full)
 	memtouch run 256 7 || fail "workload pages did not verify"
 	swapoff $SWAP || fail "swapoff"
 	at_least puts_refused 1
+	at_least hits 1
+	none_of failures
+	stats
+	pass
+	;;
+swap-mq-stress)
+	# Two vCPUs, two request queues: three workers rewrite swap-backed memory larger than RAM
+	# round after round, so slots freed on one CPU are reused by swap-outs on the other while
+	# their invalidations may still be queued. Every byte is checked in every round.
+	[ "$(grep -c ^processor /proc/cpuinfo)" -eq 2 ] || fail "expected 2 vCPUs"
+	load
+	dmesg | grep -q "tmem: device ready: 2 request queue(s)" || fail "the device has no 2 request queues"
+	swap_on
+	memtouch rounds 48 40 3 >/tmp/w40 2>&1 &
+	W1=$!
+	memtouch rounds 48 41 3 >/tmp/w41 2>&1 &
+	W2=$!
+	memtouch rounds 48 42 3 >/tmp/w42 2>&1 &
+	W3=$!
+	ok=1
+	for w in $W1 $W2 $W3; do
+		wait $w || ok=0
+	done
+	cat /tmp/w40 /tmp/w41 /tmp/w42
+	[ $ok -eq 1 ] || fail "a worker's pages did not verify"
+	swapoff $SWAP || fail "swapoff"
+	at_least puts 1000
+	at_least hits 1000
+	at_least flushes 1
+	none_of failures
+	none_of bad_answers
+	stats
+	pass
+	;;
+zswap-coexist)
+	# zswap and tmem at once. zswap holds pages first (tmem not loaded yet); then tmem is tried
+	# before zswap, and what the host refuses (its tiny limit) goes to zswap, then to the swap
+	# device. Every page verifies, wherever it was kept.
+	echo 1 >/sys/module/zswap/parameters/enabled || fail "enabling zswap"
+	swap_on
+	memtouch hold 48 50 &
+	HOLD=$!
+	wait_file /tmp/hold.50
+	memtouch run 160 51 || fail "workload with zswap alone did not verify"
+	zs=$(cat /sys/kernel/debug/zswap/stored_pages)
+	[ "$zs" -gt 0 ] || fail "zswap stored nothing"
+	echo "zswap-coexist: zswap holds $zs pages before insmod"
+	load
+	written0=$(awk '$1 == "zswpout" { print $2 }' /proc/vmstat)
+	memtouch run 192 52 || fail "workload with tmem and zswap did not verify"
+	written=$(($(awk '$1 == "zswpout" { print $2 }' /proc/vmstat) - written0))
+	echo "zswap-coexist: zswap took $written pages the host refused"
+	[ "$written" -gt 0 ] || fail "zswap took none of the pages the host refused"
+	at_least puts 1000
+	at_least puts_refused 1
+	at_least hits 1
+	kill -USR1 $HOLD
+	wait $HOLD || fail "pages zswap held before insmod did not verify"
+	swapoff $SWAP || fail "swapoff"
+	none_of failures
+	stats
+	pass
+	;;
+thp-swap)
+	# Transparent huge pages under memory pressure: a THP goes out whole (to the swap device,
+	# tmem stores order-0 pages only) or split (its pages to tmem); every page comes back.
+	echo always >/sys/kernel/mm/transparent_hugepage/enabled || fail "enabling THP"
+	load
+	swap_on
+	MEMTOUCH_THP=1 memtouch hold 64 60 &
+	HOLD=$!
+	wait_file /tmp/hold.60
+	thp=$(awk '$1 == "AnonHugePages:" { print $2 }' /proc/meminfo)
+	[ "$thp" -gt 0 ] || fail "the workload got no transparent huge pages"
+	echo "thp-swap: $thp kB in transparent huge pages"
+	MEMTOUCH_THP=1 memtouch run 160 61 || fail "THP workload under pressure did not verify"
+	out=$(awk '$1 == "thp_swpout" || $1 == "thp_swpout_fallback" { n += $2 } END { print n + 0 }' /proc/vmstat)
+	echo "thp-swap: $out huge pages went to swap (whole or split)"
+	[ "$out" -gt 0 ] || fail "no huge page was swapped out"
+	kill -USR1 $HOLD
+	wait $HOLD || fail "held huge pages did not verify"
+	swapoff $SWAP || fail "swapoff"
+	at_least puts 1000
 	at_least hits 1
 	none_of failures
 	stats
@@ -380,6 +485,77 @@ overcommit)
 	sync_point measured
 	umount /mnt || fail "umount"
 	none_of failures
+	stats
+	pass
+	;;
+bad-device)
+	# The device is the runner's misbehaving one (tests/vmtest/src/baddev.rs): each barrier
+	# switches it to another wrong way of answering. The data stays correct (reads fall back to
+	# the disk), the guest neither crashes nor hangs, and the driver counts what it saw.
+	exec 3</dev/ttyS1
+	stty -F /dev/ttyS1 -echo
+	load
+	# 0. A read-only mount asks for a shared pool, which this device fails (not DENIED, an
+	# I/O error): the filesystem gets a private pool instead.
+	mount_data -o ro $DISK2 /mnt2
+	[ "$(stat_of cache_pools)" -eq 1 ] || fail "no pool after the shared pool failed"
+	none_of cache_shared_pools
+	umount /mnt2 || fail "umount /mnt2"
+	mount_data $DATA /mnt
+	F=/mnt/file
+	memtouch write $F 32 70 || fail "write"
+	drop_cache
+	memtouch verify $F 32 70 || fail "first read"
+	drop_cache
+	# 1. GET hits answered without the page (16 bytes used): each is a bad answer, the page
+	# comes from the disk, never from what the driver's buffer held before.
+	sync_point short-get
+	h0=$(stat_of cache_hits)
+	memtouch verify $F 32 70 || fail "short GET answers: wrong data"
+	at_least bad_answers 1
+	[ "$(stat_of cache_hits)" -eq "$h0" ] || fail "a short GET answer counted as a hit"
+	echo "bad-device: $(stat_of bad_answers) bad answers"
+	# 2. Flushes fail and drop nothing: the direct write's invalidation cannot be vouched for,
+	# so the filesystem loses its pool, and the new data comes back, not the host's copy.
+	drop_cache
+	sync_point fail-flush
+	memtouch dwrite $F 32 71 || fail "direct write"
+	memtouch verify $F 32 71 || fail "failed flush: stale pages came back"
+	[ "$(stat_of cache_pools)" -eq 0 ] || fail "the filesystem kept its pool after a failed flush"
+	dmesg | grep -q "tmem: filesystem [0-9]*: host pool [0-9]* a flush failed" ||
+		fail "the kernel log does not say the pool went"
+	if dmesg | grep -q "tmem: device broken"; then
+		fail "the device broke before the bad BATCH"
+	fi
+	# 3. A BATCH answered without its status bytes: the device is broken (its invalidations
+	# cannot be vouched for), every later request fails at once, reads go to the disk.
+	umount /mnt || fail "umount"
+	mount_data $DATA /mnt
+	at_least cache_pools 1
+	memtouch verify $F 32 71 || fail "read after remount"
+	drop_cache
+	sync_point batch-length
+	: >$F || fail "truncate"
+	memtouch write $F 32 72 || fail "rewrite"
+	drop_cache
+	memtouch verify $F 32 72 || fail "after the bad BATCH: wrong data"
+	dmesg | grep -q "tmem: device broken: an invalidation was not acknowledged" ||
+		fail "the kernel log does not say the device broke"
+	at_least bad_answers 2
+	# 4. After rmmod and insmod (which resets the device), a used-ring id beyond the ring:
+	# the virtio core breaks the queue, the filesystem gets no pool and reads the disk.
+	rmmod tmem || fail "rmmod with a broken device"
+	sync_point used-id
+	load
+	dmesg | grep -q "out of range" || fail "the virtio core did not report the used id"
+	[ "$(stat_of cache_pools)" -eq 0 ] || fail "a pool despite a broken queue"
+	drop_cache
+	memtouch verify $F 32 72 || fail "after a bad used id: wrong data"
+	umount /mnt || fail "umount"
+	if dmesg | grep -E -q "BUG:|WARNING:|lockup|LOCKUP|Call Trace"; then
+		dmesg | tail -40
+		fail "kernel BUG, WARNING or lockup"
+	fi
 	stats
 	pass
 	;;

@@ -27,6 +27,10 @@ pub struct GuestSpec {
     pub role: &'static str,
     /// The disks after the swap disk: /dev/vdb and /dev/vdc (image, read-only).
     pub disks: Vec<(PathBuf, bool)>,
+    /// Virtual CPUs (the runner's `--smp` overrides it).
+    pub cpus: u32,
+    /// The device's request queues: the daemon's `--queues`, which QEMU must match.
+    pub request_queues: u16,
 }
 
 /// How guests boot: accelerator, time limit, and whether the first console is shown live.
@@ -77,11 +81,53 @@ impl Run {
             .unwrap_or_default()
     }
 
+    /// The first kernel report on the console (BUG, WARNING, lockdep, sleeping in atomic
+    /// context, Oops, lockup), with the lines that follow it.
+    pub fn kernel_problem(&self) -> Option<String> {
+        kernel_problem(&self.console)
+    }
+
     /// The end of the console, for failure messages.
     pub fn tail(&self) -> String {
         let lines: Vec<&str> = self.console.lines().collect();
         lines[lines.len().saturating_sub(25)..].join("\n")
     }
+}
+
+/// What a kernel prints when something is wrong. Lockdep and the atomic-sleep check report as
+/// "WARNING:" and "BUG:" lines; the rest are the headers of Oopses, lockups and hung tasks.
+const KERNEL_PROBLEMS: &[&str] = &[
+    "BUG:",
+    "WARNING:",
+    "kernel BUG at",
+    "Oops:",
+    "general protection fault",
+    "Kernel panic",
+    "Call Trace:",
+    "soft lockup",
+    "hard LOCKUP",
+    "blocked for more than",
+    "list_add corruption",
+    "list_del corruption",
+];
+
+/// The first kernel log line (`[ seconds] text`, PRINTK_TIME is on) that reports a problem,
+/// and up to 30 lines after it. Lines of our own scripts and programs are not kernel lines.
+fn kernel_problem(console: &str) -> Option<String> {
+    let lines: Vec<&str> = console.lines().collect();
+    let is_kernel = |l: &str| {
+        l.trim_start()
+            .strip_prefix('[')
+            .and_then(|r| r.split_once(']'))
+            .is_some_and(|(t, _)| {
+                let t = t.trim();
+                !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || c == '.')
+            })
+    };
+    let first = lines
+        .iter()
+        .position(|l| is_kernel(l) && KERNEL_PROBLEMS.iter().any(|p| l.contains(p)))?;
+    Some(lines[first..lines.len().min(first + 30)].join("\n"))
 }
 
 fn kill_all(children: &mut [Child]) {
@@ -169,7 +215,8 @@ impl Runner {
             }
             cmd.args(qemu_args(&QemuArgs {
                 accel,
-                smp: self.smp,
+                smp: self.smp.unwrap_or(g.cpus),
+                request_queues: g.request_queues,
                 kernel: &self.images.kernel,
                 initramfs: &self.images.initramfs,
                 socket: &socket,
@@ -296,6 +343,30 @@ mod tests {
             timed_out: false,
             status: "exit status: 0".into(),
         }
+    }
+
+    #[test]
+    fn kernel_reports_are_found_and_our_lines_are_not() {
+        let clean = "[    0.000000] Linux version 6.12\n\
+                     [    0.100000] ... MAX_LOCKDEP_SUBCLASSES:  8\n\
+                     device-loss: heartbeat 3.1\n\
+                     guest-result swap-integrity: FAIL (kernel BUG, WARNING or lockup)\n";
+        assert_eq!(run(clean).kernel_problem(), None);
+        let splat = format!(
+            "{clean}[   12.345678] ======================================================\n\
+             [   12.345679] WARNING: possible circular locking dependency detected\n\
+             [   12.345680] 6.12.0 #1 Not tainted\n"
+        );
+        let p = run(&splat).kernel_problem().expect("lockdep splat");
+        assert!(p.starts_with("[   12.345679] WARNING: possible circular locking"));
+        assert!(p.ends_with("Not tainted"));
+        let sleep = "[ 3.2] BUG: sleeping function called from invalid context at mm/x.c:1\n";
+        assert!(run(sleep).kernel_problem().is_some());
+        assert!(
+            run("[ 99.1] watchdog: BUG: soft lockup - CPU#1 stuck for 22s!\n")
+                .kernel_problem()
+                .is_some()
+        );
     }
 
     #[test]

@@ -71,7 +71,8 @@ impl Runner {
             self.images.qemu.display(),
             qemu_args(&QemuArgs {
                 accel: self.accel,
-                smp: self.smp,
+                smp: self.smp.unwrap_or(plan.guests[0].cpus),
+                request_queues: plan.guests[0].request_queues,
                 kernel: &self.images.kernel,
                 initramfs: &self.images.initramfs,
                 socket: &d.path("tmem.sock"),

@@ -53,6 +53,8 @@ pub enum Error {
     Daemon(#[source] daemon::Error),
     #[error("no client {0} in the daemon's statistics")]
     NoClient(String),
+    #[error("bad device: {0}")]
+    BadDevice(String),
     #[error("unknown scenario (known: {0})")]
     UnknownScenario(String),
 
@@ -71,6 +73,8 @@ pub enum Error {
     },
     #[error("{who}: {why}")]
     GuestFailed { who: String, why: String },
+    #[error("{who}: the kernel reported a problem:\n{report}")]
+    KernelProblem { who: String, report: String },
     #[error("{who} printed no verdict (QEMU {status}); console tail:\n{tail}")]
     NoVerdict {
         who: String,
@@ -109,6 +113,8 @@ pub enum Error {
     SharedPool(serde_json::Value),
     #[error("memory used {used} is over the limit {limit}")]
     OverLimit { used: u64, limit: u64 },
+    #[error("after rmmod the daemon still holds {pools} pools ({pages} pages) of the guest")]
+    PoolsLeft { pools: usize, pages: u64 },
     #[error("nothing was evicted")]
     NothingEvicted,
     #[error("b (weight 300) holds {b} bytes, a (weight 100) {a}")]

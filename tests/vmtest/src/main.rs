@@ -14,8 +14,10 @@
 //!
 //! The parts: `images` (what `vm-images/build.sh` built), `disks`, `qemu` (command line,
 //! accelerator), `boot` (QEMU processes and their consoles), `barrier` (meeting points over
-//! the second serial port), `scenarios` (set-up and checks), `demo`, `error`.
+//! the second serial port), `scenarios` (set-up and checks), `baddev` (the misbehaving device
+//! of `bad-device`), `demo`, `error`.
 
+mod baddev;
 mod barrier;
 mod boot;
 mod demo;
@@ -40,8 +42,9 @@ use crate::scenarios::SCENARIOS;
 #[command(name = "tmem-vmtest")]
 struct Cli {
     /// Scenarios to run [default: all]: swap-integrity swap-lazy-register swap-unload
-    /// swap-host-full pagecache-hits pagecache-coherency pagecache-lazy-register two-guests
-    /// overcommit.
+    /// swap-host-full swap-mq-stress zswap-coexist thp-swap pagecache-hits pagecache-coherency
+    /// pagecache-lazy-register two-guests overcommit device-loss
+    /// bad-device.
     scenarios: Vec<String>,
     /// Run the demo instead: one guest under memory pressure (swap, then page cache), console
     /// shown live, then the daemon's and the guest's statistics side by side.
@@ -53,9 +56,9 @@ struct Cli {
     /// Seconds a guest may run before it is killed and its scenario fails.
     #[arg(long, default_value_t = 1200)]
     timeout: u64,
-    /// Virtual CPUs per guest.
-    #[arg(long, default_value_t = 1)]
-    smp: u32,
+    /// Virtual CPUs per guest [default: 2 in the swap scenarios, else 1].
+    #[arg(long)]
+    smp: Option<u32>,
     /// The images file written by vm-images/build.sh.
     #[arg(long, default_value = "target/vm/images.env")]
     images: PathBuf,
@@ -67,7 +70,8 @@ struct Runner {
     images: Images,
     accel: &'static str,
     timeout: Duration,
-    smp: u32,
+    /// Virtual CPUs per guest, if not each scenario's own.
+    smp: Option<u32>,
     root: PathBuf,
 }
 

@@ -26,6 +26,8 @@ pub enum Accel {
 pub struct QemuArgs<'a> {
     pub accel: &'a str,
     pub smp: u32,
+    /// Request queues of the tmem device (QEMU's `num_vqs` is one more: the control queue).
+    pub request_queues: u16,
     pub kernel: &'a Path,
     pub initramfs: &'a Path,
     pub socket: &'a Path,
@@ -39,6 +41,13 @@ pub struct QemuArgs<'a> {
 /// QEMU's arguments (after any `-L` firmware directories).
 pub fn qemu_args(q: &QemuArgs) -> Vec<String> {
     let s = |p: &Path| p.display().to_string();
+    // One host thread per vCPU: SMP races (the driver's queues, the swap hooks on two CPUs)
+    // happen for real only with multi-threaded TCG.
+    let accel = if q.accel == "tcg" && q.smp > 1 {
+        "tcg,thread=multi"
+    } else {
+        q.accel
+    };
     let mut args: Vec<String> = [
         "-nodefaults",
         "-no-user-config",
@@ -50,7 +59,7 @@ pub fn qemu_args(q: &QemuArgs) -> Vec<String> {
         "-serial",
         "stdio",
         "-accel",
-        q.accel,
+        accel,
         "-smp",
         &q.smp.to_string(),
         "-m",
@@ -67,12 +76,19 @@ pub fn qemu_args(q: &QemuArgs) -> Vec<String> {
         // no_timer_check: under TCG on a loaded host the IO-APIC timer check can time out and
         // panic the guest at early boot ("IO-APIC + timer doesn't work!").
         "-append",
-        &format!("console=ttyS0 panic=-1 no_timer_check {}", q.cmdline),
+        &format!(
+            "console=ttyS0 panic=-1 no_timer_check {}{}",
+            tsc_arg(q.accel),
+            q.cmdline
+        ),
         "-chardev",
         &format!("socket,id=tmem,path={}", s(q.socket)),
-        // One control queue + one request queue; the config space is 24 bytes.
+        // The control queue + the request queues; the config space is 24 bytes.
         "-device",
-        "vhost-user-test-device-pci,chardev=tmem,virtio-id=63,num_vqs=2,config_size=24",
+        &format!(
+            "vhost-user-test-device-pci,chardev=tmem,virtio-id=63,num_vqs={},config_size=24",
+            1 + q.request_queues
+        ),
         "-drive",
         &format!("file={},format=raw,if=none,id=swap", s(q.swap)),
         "-device",
@@ -99,6 +115,42 @@ pub fn qemu_args(q: &QemuArgs) -> Vec<String> {
         args.push("chardev:barrier".into());
     }
     args
+}
+
+/// `tsc_early_khz=N ` for TCG guests, whose TSC is the host's: the kernel's own calibration
+/// against the emulated PIT goes wrong when the host is loaded (a guest once measured 56 MHz
+/// instead of 2.6 GHz, its clock ran 46 times fast and the driver's 5 s timeout fired after
+/// 0.1 s), so the runner measures the rate and hands it over.
+fn tsc_arg(accel: &str) -> String {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    if accel != "tcg" {
+        return String::new();
+    }
+    KHZ.get_or_init(host_tsc_khz)
+        .map_or(String::new(), |khz| format!("tsc_early_khz={khz} "))
+}
+
+/// The host's TSC rate: the median of three 100 ms measurements against the monotonic clock.
+#[cfg(target_arch = "x86_64")]
+fn host_tsc_khz() -> Option<u64> {
+    // SAFETY: RDTSC reads a counter; it touches no memory (x86_64 always has it).
+    let rdtsc = || unsafe { std::arch::x86_64::_rdtsc() };
+    let mut rates: Vec<u64> = (0..3)
+        .filter_map(|_| {
+            let (t0, c0) = (std::time::Instant::now(), rdtsc());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let (c1, t1) = (rdtsc(), std::time::Instant::now());
+            let us = t1.duration_since(t0).as_micros() as u64;
+            (us > 0).then(|| c1.wrapping_sub(c0) / us * 1000)
+        })
+        .collect();
+    rates.sort_unstable();
+    rates.get(1).copied().filter(|&khz| khz > 0)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn host_tsc_khz() -> Option<u64> {
+    None
 }
 
 /// Picks the accelerator: KVM only if a guest really boots with it (PVM's KVM here does not).
@@ -149,5 +201,19 @@ pub fn pick_accel(runner: &Runner, want: Accel) -> Result<&'static str> {
     } else {
         eprintln!("accelerator: tcg (a probe guest did not boot under KVM)");
         Ok("tcg")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_host_tsc_rate_is_plausible() {
+        let khz = host_tsc_khz().expect("a rate");
+        assert!((100_000..10_000_000).contains(&khz), "{khz} kHz");
+        assert!(tsc_arg("tcg").starts_with("tsc_early_khz="));
+        assert_eq!(tsc_arg("kvm"), "");
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tmem_testguest::daemon::Daemon;
 
+use crate::baddev::BadDevice;
 use crate::boot::{GuestSpec, How};
 use crate::disks::{make_ext4, DATA_MIB, DATA_UUID, DISK2_MIB, DISK2_UUID, SHARED_UUID};
 use crate::error::{Error, Result};
@@ -19,17 +20,37 @@ const TINY_LIMIT: &str = "6M";
 /// The daemon's memory limit in `overcommit`: a fraction of what the two guests put.
 const OVERCOMMIT_LIMIT: &str = "32M";
 
+/// The client name (and socket) of the `bad-device` guest.
+const BAD_CLIENT: &str = "bad";
+
 /// Every scenario, in the order they run by default.
 pub const SCENARIOS: &[&str] = &[
     "swap-integrity",
     "swap-lazy-register",
     "swap-unload",
     "swap-host-full",
+    "swap-mq-stress",
+    "zswap-coexist",
+    "thp-swap",
     "pagecache-hits",
     "pagecache-coherency",
     "pagecache-lazy-register",
     "two-guests",
     "overcommit",
+    "device-loss",
+    "bad-device",
+];
+
+/// Scenarios whose guests swap: they run on 2 vCPUs against 2 request queues, so that the
+/// swap hooks and the driver's queues race for real.
+const SMP_SCENARIOS: &[&str] = &[
+    "swap-integrity",
+    "swap-lazy-register",
+    "swap-unload",
+    "swap-host-full",
+    "swap-mq-stress",
+    "zswap-coexist",
+    "thp-swap",
     "device-loss",
 ];
 
@@ -42,6 +63,11 @@ pub struct Plan {
 impl Runner {
     /// The daemon's arguments and the guests (with their disks, made in `dir`) of a scenario.
     pub fn plan(&self, name: &str, dir: &Path) -> Result<Plan> {
+        let (cpus, request_queues) = if SMP_SCENARIOS.contains(&name) {
+            (2, 2)
+        } else {
+            (1, 1)
+        };
         let single = |extra: &[&str]| -> Result<Plan> {
             let data = dir.join("data.img");
             let disk2 = dir.join("disk2.img");
@@ -52,6 +78,8 @@ impl Runner {
                 "{dir}/tmem.sock".into(),
                 "--name".into(),
                 "guest".into(),
+                "--queues".into(),
+                request_queues.to_string(),
             ];
             daemon_args.extend(extra.iter().map(|s| s.to_string()));
             Ok(Plan {
@@ -60,6 +88,8 @@ impl Runner {
                     client: "guest",
                     role: "",
                     disks: vec![(data, false), (disk2, false)],
+                    cpus,
+                    request_queues,
                 }],
             })
         };
@@ -85,10 +115,14 @@ impl Runner {
                     client: role,
                     role,
                     disks: vec![(data, false), disk2],
+                    cpus,
+                    request_queues,
                 });
                 daemon_args.push("--client".to_string());
                 daemon_args.push(format!("name={role},socket={{dir}}/{role}.sock{opts}"));
             }
+            daemon_args.push("--queues".into());
+            daemon_args.push(request_queues.to_string());
             daemon_args.extend(extra.iter().map(|s| s.to_string()));
             Ok(Plan {
                 daemon_args,
@@ -96,7 +130,7 @@ impl Runner {
             })
         };
         match name {
-            "swap-host-full" => single(&["--memory-limit", TINY_LIMIT]),
+            "swap-host-full" | "zswap-coexist" => single(&["--memory-limit", TINY_LIMIT]),
             "two-guests" => pair(
                 [
                     &format!(",shared={SHARED_UUID}"),
@@ -110,6 +144,13 @@ impl Runner {
                 &["--memory-limit", OVERCOMMIT_LIMIT],
                 false,
             ),
+            "bad-device" => {
+                // The guest's device is the runner's misbehaving one (`baddev.rs`), on its own
+                // socket; the daemon only provides the scenario's directory.
+                let mut plan = single(&[])?;
+                plan.guests[0].client = BAD_CLIENT;
+                Ok(plan)
+            }
             _ => single(&[]),
         }
     }
@@ -177,6 +218,19 @@ impl Runner {
                 Ok(())
             }
             ("device-loss", "kill") => kill_daemon(d),
+            ("swap-unload", "unloaded") => {
+                // The module is gone: none of its pools may stay on the host.
+                let c = client("guest")?;
+                let pools = c["pools"].as_array().map_or(0, Vec::len);
+                if pools != 0 || n(&c, "stored_pages") != 0 {
+                    return Err(Error::PoolsLeft {
+                        pools,
+                        pages: n(&c, "stored_pages"),
+                    });
+                }
+                eprintln!("  swap-unload: after rmmod the daemon holds no pool of the guest");
+                Ok(())
+            }
             ("overcommit", "measured") => {
                 let (a, b) = (client("a")?, client("b")?);
                 let used = n(&stats, "memory_used_bytes");
@@ -213,6 +267,11 @@ impl Runner {
 
     /// Boots the scenario's guests against `d` and checks what both sides report.
     fn check(&self, d: &Daemon, name: &str, plan: &Plan) -> Result<()> {
+        let bad = if name == "bad-device" {
+            Some(BadDevice::serve(&d.path(&format!("{BAD_CLIENT}.sock")))?)
+        } else {
+            None
+        };
         let t0 = Instant::now();
         let peak = AtomicU64::new(0);
         let done = AtomicBool::new(false);
@@ -236,7 +295,11 @@ impl Runner {
                     timeout: self.timeout,
                     live: false,
                 },
-                &|b| Self::at_barrier(d, name, b),
+                &|b| match &bad {
+                    // Each barrier names the fault the device shows from then on.
+                    Some(dev) => dev.set_fault(b),
+                    None => Self::at_barrier(d, name, b),
+                },
             );
             done.store(true, Ordering::Relaxed);
             runs
@@ -259,6 +322,11 @@ impl Runner {
                     tail: run.tail(),
                 });
             }
+            // A lockdep splat, a sleep in atomic context or a WARNING fails the scenario even
+            // if the workload verified: the next run might not be so lucky.
+            if let Some(report) = run.kernel_problem() {
+                return Err(Error::KernelProblem { who, report });
+            }
             match run.verdict(name) {
                 Some(Ok(())) => {}
                 Some(Err(why)) => return Err(Error::GuestFailed { who, why }),
@@ -269,6 +337,10 @@ impl Runner {
                         tail: run.tail(),
                     })
                 }
+            }
+            if name == "bad-device" {
+                // No daemon behind this guest: its script checked the driver's counters.
+                continue;
             }
             if name == "device-loss" {
                 // The daemon is gone: the console shows what happened instead.
@@ -324,14 +396,16 @@ impl Runner {
                         gets: h("gets"),
                     })
                 }
-                "swap-host-full" if h("puts_refused") == 0 => return Err(Error::NothingRefused),
+                "swap-host-full" | "zswap-coexist" if h("puts_refused") == 0 => {
+                    return Err(Error::NothingRefused)
+                }
                 "pagecache-hits" | "pagecache-lazy-register" if h("get_hits") < 10_000 => {
                     return Err(Error::TooFewHits(h("get_hits")))
                 }
                 _ => {}
             }
         }
-        if name == "device-loss" {
+        if name == "device-loss" || name == "bad-device" {
             return Ok(());
         }
         let stats = d.stats().map_err(Error::Daemon)?;

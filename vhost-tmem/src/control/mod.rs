@@ -18,7 +18,7 @@ use std::sync::Arc;
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 
-use crate::size::parse_size;
+use crate::size::{format_size, parse_size};
 use crate::store::stats::StoreStats;
 use crate::store::{check_memory_limit, check_weight, parse_uuid, Engine};
 
@@ -89,6 +89,173 @@ pub enum Request {
         #[arg(value_parser = pages_arg)]
         pages: std::option::Option<u64>,
     },
+    /// Add a client and serve its socket, as --client does at start.
+    ///
+    /// SPEC is name=N,socket=PATH[,quota=SIZE][,weight=W][,compressor=C][,shared=UUID+UUID];
+    /// the socket is made as at start (0600, or 0660 for --socket-group).
+    AddClient {
+        #[arg(value_name = "SPEC")]
+        spec: String,
+    },
+    /// Stop serving a client, free its pools and remove its socket.
+    ///
+    /// Refused while a frontend is connected, unless --force. Every page the client stored is
+    /// dropped, persistent (swap) pages too, and the log says how many.
+    RemoveClient {
+        client: String,
+        /// End the frontend's connection first; the guest loses every page stored here.
+        #[arg(long)]
+        #[serde(default)]
+        force: bool,
+    },
+    /// List the clients: socket, connected or not, pools, pages, quota, weight.
+    ListClients,
+    /// Re-read the configuration file (--config) and apply it, as SIGHUP does.
+    ///
+    /// Applies the memory limit, quotas, weights, shared pool authorizations and new clients,
+    /// all or nothing; reports clients not in the file (it never removes one) and settings that
+    /// need a restart.
+    Reload,
+}
+
+/// One client as `list-clients` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    pub name: String,
+    /// The socket path, or `fd:N` for an inherited socket.
+    pub socket: String,
+    pub connected: bool,
+    /// Being removed: waiting for its connection to end.
+    #[serde(default)]
+    pub removing: bool,
+    pub pools: u64,
+    /// Pages stored in its private pools.
+    pub pages: u64,
+    /// Bytes charged to it (its quota and share bound these).
+    pub charged_bytes: u64,
+    pub quota_bytes: u64,
+    pub weight: u32,
+}
+
+/// What removing a client freed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    pub client: String,
+    /// Whether a connected frontend was disconnected (`--force`).
+    pub disconnected: bool,
+    pub pools: u64,
+    pub persistent_pages: u64,
+    pub ephemeral_pages: u64,
+    /// Its pages in shared pools (other members keep the pools).
+    pub shared_pages: u64,
+    /// Memory given back (payload and metadata).
+    pub bytes: u64,
+}
+
+/// What a reload did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    /// Settings changed, one line each (`a: quota 32 MiB -> 48 MiB`).
+    pub changed: Vec<String>,
+    /// Clients added.
+    pub added: Vec<String>,
+    /// Clients the daemon serves that the file does not name: a reload never removes one
+    /// (`remove-client` does).
+    pub not_in_file: Vec<String>,
+    /// Settings changed in the file that apply only at the next start.
+    pub needs_restart: Vec<String>,
+}
+
+/// The daemon's clients, as the control socket manages them (the daemon implements this;
+/// the control module only carries the requests).
+pub trait ClientAdmin: Send + Sync + std::fmt::Debug {
+    /// Adds and serves a client given as a `--client` spec.
+    fn add_client(&self, spec: &str) -> Result<(), String>;
+    /// Stops serving a client and frees everything it holds.
+    fn remove_client(&self, name: &str, force: bool) -> Result<Removed, String>;
+    /// Every client served.
+    fn list_clients(&self) -> Vec<ClientInfo>;
+    /// Re-reads the configuration file and applies it.
+    fn reload(&self) -> Result<ReloadReport, String>;
+}
+
+/// An answer's client list, removal or reload report as text for people (`vhost-tmem ctl`);
+/// empty for the other answers.
+pub fn describe(r: &Response) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if let Some(list) = &r.clients {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<13} {:>5} {:>10} {:>10} {:>10} {:>6}  SOCKET",
+            "NAME", "STATE", "POOLS", "PAGES", "CHARGED", "QUOTA", "WEIGHT"
+        );
+        for c in list {
+            let state = if c.removing {
+                "removing"
+            } else if c.connected {
+                "connected"
+            } else {
+                "not connected"
+            };
+            let quota = if c.quota_bytes == 0 {
+                "none".to_string()
+            } else {
+                format_size(c.quota_bytes)
+            };
+            let _ = writeln!(
+                out,
+                "{:<16} {:<13} {:>5} {:>10} {:>10} {:>10} {:>6}  {}",
+                c.name,
+                state,
+                c.pools,
+                c.pages,
+                format_size(c.charged_bytes),
+                quota,
+                c.weight,
+                c.socket
+            );
+        }
+    }
+    if let Some(x) = &r.removed {
+        let _ = writeln!(
+            out,
+            "removed client {}{}: {} pools, {} persistent pages, {} ephemeral pages, {} pages \
+             in shared pools, {} freed",
+            x.client,
+            if x.disconnected {
+                " (its frontend was disconnected)"
+            } else {
+                ""
+            },
+            x.pools,
+            x.persistent_pages,
+            x.ephemeral_pages,
+            x.shared_pages,
+            format_size(x.bytes)
+        );
+    }
+    if let Some(x) = &r.reload {
+        if x.changed.is_empty() && x.added.is_empty() {
+            let _ = writeln!(out, "reloaded: nothing changed");
+        }
+        for c in &x.changed {
+            let _ = writeln!(out, "changed: {c}");
+        }
+        for c in &x.added {
+            let _ = writeln!(out, "added: {c}");
+        }
+        for c in &x.not_in_file {
+            let _ = writeln!(
+                out,
+                "kept: {c} is not in the configuration file (ctl remove-client {c} removes it)"
+            );
+        }
+        for c in &x.needs_restart {
+            let _ = writeln!(out, "not applied: {c}");
+        }
+    }
+    out
 }
 
 /// `vhost-tmem ctl shrink` targets: a number of pages, or `none`.
@@ -112,12 +279,20 @@ pub struct Response {
     pub value: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stats: Option<StoreStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clients: Option<Vec<ClientInfo>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub removed: Option<Removed>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reload: Option<ReloadReport>,
 }
 
 /// What the control server acts on.
 #[derive(Debug, Clone)]
 pub struct Controls {
     pub engine: Arc<Engine>,
+    /// Adding, removing, listing clients and reloading; without it those are refused.
+    pub admin: Option<Arc<dyn ClientAdmin>>,
 }
 
 impl Controls {
@@ -131,6 +306,12 @@ impl Controls {
                 ..Response::default()
             },
         }
+    }
+
+    fn admin(&self) -> Result<&dyn ClientAdmin, String> {
+        self.admin
+            .as_deref()
+            .ok_or_else(|| "this daemon does not manage clients at run time".to_string())
     }
 
     fn try_handle(&self, req: Request) -> Result<Response, String> {
@@ -166,6 +347,12 @@ impl Controls {
             Request::Shrink { client: c, pages } => {
                 client(&c)?.set_shrink_target(pages.unwrap_or(u64::MAX))
             }
+            Request::AddClient { spec } => self.admin()?.add_client(&spec)?,
+            Request::RemoveClient { client, force } => {
+                r.removed = Some(self.admin()?.remove_client(&client, force)?)
+            }
+            Request::ListClients => r.clients = Some(self.admin()?.list_clients()),
+            Request::Reload => r.reload = Some(self.admin()?.reload()?),
         }
         Ok(r)
     }
@@ -240,7 +427,25 @@ mod tests {
                 },
                 r#"{"cmd":"shrink","client":"vm1","pages":null}"#,
             ),
+            (
+                Request::AddClient {
+                    spec: "name=vm3,socket=/run/vm3.sock".into(),
+                },
+                r#"{"cmd":"add-client","spec":"name=vm3,socket=/run/vm3.sock"}"#,
+            ),
+            (
+                Request::RemoveClient {
+                    client: c(),
+                    force: true,
+                },
+                r#"{"cmd":"remove-client","client":"vm1","force":true}"#,
+            ),
+            (Request::ListClients, r#"{"cmd":"list-clients"}"#),
+            (Request::Reload, r#"{"cmd":"reload"}"#),
         ];
+        // A removal without force is not forced.
+        let r: Request = serde_json::from_str(r#"{"cmd":"remove-client","client":"vm1"}"#).unwrap();
+        assert!(matches!(r, Request::RemoveClient { force: false, .. }));
         // A shrink without pages clears the target, as `none` does.
         let r: Request = serde_json::from_str(r#"{"cmd":"shrink","client":"vm1"}"#).unwrap();
         assert!(matches!(r, Request::Shrink { pages: None, .. }));

@@ -186,7 +186,10 @@ mod tests {
     fn controls() -> Controls {
         let engine = Arc::new(Engine::new(EngineConfig::default()));
         engine.add_client(ClientConfig::named("vm1"));
-        Controls { engine }
+        Controls {
+            engine,
+            admin: None,
+        }
     }
 
     #[test]

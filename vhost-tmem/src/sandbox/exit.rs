@@ -90,6 +90,15 @@ impl SocketFiles {
         Ok(SocketFiles(files))
     }
 
+    /// Whether `path` is one of these files and still the socket recorded there (a client
+    /// removed and added again at run time has a new one).
+    pub fn holds(&self, path: &Path) -> bool {
+        self.0.iter().any(|f| {
+            f.path == path
+                && stat_at(&f.dir, &f.name).is_ok_and(|st| (st.st_dev, st.st_ino) == (f.dev, f.ino))
+        })
+    }
+
     /// The directory descriptors (the only ones the filter lets the daemon remove files in).
     pub fn dir_fds(&self) -> Vec<RawFd> {
         self.0.iter().map(|f| f.dir.as_raw_fd()).collect()
@@ -157,13 +166,14 @@ fn termination_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
     }
     set
 }
 
-/// Blocks SIGTERM and SIGINT in the calling thread, and so in every thread it starts later:
-/// only [`wait_for_termination`] takes them. Call before starting any thread.
-pub fn block_termination() -> Result<(), Error> {
+/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread, and so in every thread it starts
+/// later: only [`wait_for_signal`] takes them. Call before starting any thread.
+pub fn block_signals() -> Result<(), Error> {
     let set = termination_signals();
     // SAFETY: set is a live sigset_t; no old mask is asked for.
     let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -173,8 +183,8 @@ pub fn block_termination() -> Result<(), Error> {
     Ok(())
 }
 
-/// Waits until SIGTERM or SIGINT arrives; returns the signal.
-pub fn wait_for_termination() -> libc::c_int {
+/// Waits until SIGTERM, SIGINT or SIGHUP arrives; returns the signal.
+pub fn wait_for_signal() -> libc::c_int {
     let set = termination_signals();
     loop {
         let mut sig = 0;

@@ -18,6 +18,18 @@ use super::Action;
 
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 
+/// Which threads a set of filters is for. Filters stack: a serving thread runs under both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    /// Every thread, installed once the daemon is set up (TSYNC): the serving rules plus what
+    /// run-time administration over the control socket needs (`add-client` claims and binds a
+    /// Unix socket, `reload` reads the configuration file) and installing the serving filters.
+    Process,
+    /// Stacked on the threads that serve frontends (a client's thread and, inherited, its queue
+    /// workers): no file opened, no socket made, nothing in the filesystem changed.
+    Serving,
+}
+
 /// glibc's internal signal for credential changes in every thread.
 const SIGSETXID: u64 = 33;
 
@@ -53,7 +65,7 @@ fn one_of(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, BackendError> {
 
 /// The allow-list. `dir_fds`: directories in which files may be removed (the socket files at
 /// exit).
-pub fn rules(dir_fds: &[RawFd]) -> Result<Rules, BackendError> {
+pub fn rules(dir_fds: &[RawFd], proc_fd: Option<RawFd>, tier: Tier) -> Result<Rules, BackendError> {
     use libc::*;
     let mut r = Rules::new();
     let mut allow = |nr: c_long| {
@@ -173,17 +185,77 @@ pub fn rules(dir_fds: &[RawFd]) -> Result<Rules, BackendError> {
             rule(&[eq(1, SOL_SOCKET as u64), eq(2, SO_PEERGROUPS as u64)])?,
         ],
     );
+    // The kick/call fd check reads /proc/self/fd/N links, relative to that directory only.
+    if let Some(fd) = proc_fd {
+        r.insert(SYS_readlinkat, vec![rule(&[eq(0, fd as u64)])?]);
+    }
     // Thread names (Rust's std names each thread it starts).
     r.insert(SYS_prctl, vec![rule(&[eq(0, PR_SET_NAME as u64)])?]);
+    if tier == Tier::Process {
+        admin_rules(&mut r)?;
+    }
     Ok(r)
+}
+
+/// What run-time administration needs beyond serving: claiming and binding a Unix socket
+/// (lock file, mode, group, stale socket check and removal), reading the configuration file,
+/// and a client thread stacking the serving filters on itself.
+fn admin_rules(r: &mut Rules) -> Result<(), BackendError> {
+    use libc::*;
+    for nr in [
+        SYS_openat,
+        SYS_bind,
+        SYS_listen,
+        SYS_connect,
+        SYS_flock,
+        SYS_fchmod,
+        SYS_fchmodat,
+        SYS_fchown,
+        SYS_fchownat,
+        SYS_renameat,
+        SYS_renameat2,
+        SYS_unlinkat,
+        SYS_newfstatat,
+        SYS_statx,
+        SYS_lseek,
+        SYS_readlinkat,
+        #[cfg(target_arch = "x86_64")]
+        SYS_chmod,
+        #[cfg(target_arch = "x86_64")]
+        SYS_lchown,
+        #[cfg(target_arch = "x86_64")]
+        SYS_rename,
+        #[cfg(target_arch = "x86_64")]
+        SYS_unlink,
+        #[cfg(target_arch = "x86_64")]
+        SYS_readlink,
+    ] {
+        r.insert(nr, Vec::new());
+    }
+    // Unix sockets only: the metrics listener was bound at start, nothing else talks IP.
+    r.insert(SYS_socket, vec![rule(&[eq(0, AF_UNIX as u64)])?]);
+    // seccompiler's apply_filter: no_new_privs (already set), then the filter, without TSYNC.
+    r.insert(
+        SYS_prctl,
+        vec![
+            rule(&[eq(0, PR_SET_NAME as u64)])?,
+            rule(&[eq(0, PR_SET_NO_NEW_PRIVS as u64)])?,
+        ],
+    );
+    r.insert(
+        SYS_seccomp,
+        vec![rule(&[eq(0, SECCOMP_SET_MODE_FILTER as u64), eq(1, 0)])?],
+    );
+    Ok(())
 }
 
 /// Syscalls the daemon's libraries make after setup that get a fixed error in every mode
 /// (even with the kill action): clone3, whose flags a filter cannot see, says ENOSYS so that
-/// glibc creates threads with clone, checked above; openat says EACCES: glibc's malloc reads
+/// glibc creates threads with clone, checked above; openat says EACCES in serving threads
+/// (the process tier allows it for administration): glibc's malloc reads
 /// /proc/sys/vm/overcommit_memory the first time a thread's heap shrinks and, unable to,
 /// gives the memory back with MADV_DONTNEED (right unless overcommit is strict, mode 2).
-/// Nothing else opens a file once the daemon is set up.
+/// Nothing else in a serving thread opens a file.
 pub const REFUSED: [(i64, i32); 2] = [
     (libc::SYS_clone3, libc::ENOSYS),
     (libc::SYS_openat, libc::EACCES),
@@ -192,7 +264,12 @@ pub const REFUSED: [(i64, i32); 2] = [
 /// The filters to install, in order: one per [`REFUSED`] syscall, then the allow-list (other
 /// syscalls take `action`; it goes last since it forbids installing more). Where several
 /// filters answer, the kernel takes an error over the allow-list's "allow".
-pub fn programs(action: Action, dir_fds: &[RawFd]) -> Result<Vec<BpfProgram>, BackendError> {
+pub fn programs(
+    action: Action,
+    dir_fds: &[RawFd],
+    proc_fd: Option<RawFd>,
+    tier: Tier,
+) -> Result<Vec<BpfProgram>, BackendError> {
     let arch = std::env::consts::ARCH.try_into()?;
     let mismatch = match action {
         Action::Errno => SeccompAction::Errno(libc::EPERM as u32),
@@ -201,6 +278,9 @@ pub fn programs(action: Action, dir_fds: &[RawFd]) -> Result<Vec<BpfProgram>, Ba
     };
     let mut progs = Vec::new();
     for (nr, errno) in REFUSED {
+        if tier == Tier::Process && nr == libc::SYS_openat {
+            continue;
+        }
         let f = SeccompFilter::new(
             [(nr, Vec::new())].into_iter().collect(),
             SeccompAction::Allow,
@@ -209,7 +289,12 @@ pub fn programs(action: Action, dir_fds: &[RawFd]) -> Result<Vec<BpfProgram>, Ba
         )?;
         progs.push(f.try_into()?);
     }
-    let allow = SeccompFilter::new(rules(dir_fds)?, mismatch, SeccompAction::Allow, arch)?;
+    let allow = SeccompFilter::new(
+        rules(dir_fds, proc_fd, tier)?,
+        mismatch,
+        SeccompAction::Allow,
+        arch,
+    )?;
     progs.push(allow.try_into()?);
     Ok(progs)
 }
@@ -226,6 +311,14 @@ pub fn install(progs: &[BpfProgram]) -> Result<(), seccompiler::Error> {
     Ok(())
 }
 
+/// Installs `progs` on the calling thread only (and the threads it starts later).
+pub fn install_here(progs: &[BpfProgram]) -> Result<(), seccompiler::Error> {
+    for p in progs {
+        seccompiler::apply_filter(p)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,7 +327,7 @@ mod tests {
     /// child ended: `Ok(exit code)` or `Err(signal)`. `body` must not allocate (the parent is
     /// multithreaded) and returns the child's exit code.
     fn in_sandboxed_child(action: Action, body: fn() -> i32) -> Result<i32, i32> {
-        let progs = programs(action, &[]).unwrap();
+        let progs = programs(action, &[], None, Tier::Serving).unwrap();
         // SAFETY: the child only installs the prebuilt filters and makes raw syscalls before
         // _exit; it touches no lock another thread of the parent might have held.
         let pid = unsafe { libc::fork() };
@@ -335,7 +428,7 @@ mod tests {
 
     #[test]
     fn the_allow_list() {
-        let r = rules(&[7]).unwrap();
+        let r = rules(&[7], Some(8), Tier::Serving).unwrap();
         let names = [
             (libc::SYS_execve, "execve"),
             (libc::SYS_ptrace, "ptrace"),
@@ -347,6 +440,72 @@ mod tests {
         // Printed for the documentation (docs/operations.md gives the count): the entries
         // less the REFUSED ones, which have an entry only so as not to override their errno.
         eprintln!("allow-list: {} syscalls", r.len() - REFUSED.len());
+        // The process tier adds administration, still without processes, exec or IP sockets.
+        let p = rules(&[7], Some(8), Tier::Process).unwrap();
+        for nr in [libc::SYS_execve, libc::SYS_ptrace, libc::SYS_mount] {
+            assert!(!p.contains_key(&nr), "{nr} allowed to the process");
+        }
+        assert!(p.contains_key(&libc::SYS_bind) && !r.contains_key(&libc::SYS_bind));
+    }
+
+    /// A serving thread under both tiers, as the daemon stacks them: what administration may
+    /// do (open a file, make a Unix socket) the serving thread may not.
+    #[test]
+    fn serving_threads_get_less_than_the_process() {
+        fn admin_calls() -> i32 {
+            // SAFETY: raw syscalls with valid arguments; the descriptors are closed again.
+            unsafe {
+                let f = libc::open(c"/proc/self/status".as_ptr(), libc::O_RDONLY);
+                let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                let inet = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                let mut bits = 0;
+                if f >= 0 {
+                    bits |= 1;
+                    libc::close(f);
+                }
+                if s >= 0 {
+                    bits |= 2;
+                    libc::close(s);
+                }
+                if inet >= 0 {
+                    bits |= 4;
+                    libc::close(inet);
+                }
+                bits
+            }
+        }
+        let process = programs(Action::Errno, &[], None, Tier::Process).unwrap();
+        let serving = programs(Action::Errno, &[], None, Tier::Serving).unwrap();
+        let run = |stack_serving: bool| {
+            // SAFETY: as in in_sandboxed_child: only prebuilt filters and raw syscalls.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                let mut code = match install(&process) {
+                    Ok(()) => 0,
+                    Err(_) => 100,
+                };
+                if code == 0 && stack_serving && install_here(&serving).is_err() {
+                    code = 101;
+                }
+                if code == 0 {
+                    code = admin_calls();
+                }
+                // SAFETY: ends the child without running the parent's exit handlers.
+                unsafe { libc::_exit(code) };
+            }
+            let mut status = 0;
+            // SAFETY: status is a live int; pid is our child.
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            assert!(libc::WIFEXITED(status), "child killed: {status}");
+            libc::WEXITSTATUS(status)
+        };
+        assert_eq!(
+            run(false),
+            0b011,
+            "process tier: open and AF_UNIX yes, AF_INET no"
+        );
+        assert_eq!(run(true), 0b000, "serving tier: none of them");
     }
 
     #[test]

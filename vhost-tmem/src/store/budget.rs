@@ -34,7 +34,7 @@ use parking_lot::RwLock;
 use super::arena::Arena;
 use super::layout::{
     compact_lru, payload_cost, remove_run, shared_bits, take_shared_page, Account, LruRef, Pool,
-    RUN_PAGES, SHARDS, SHARED_PAGE_META,
+    RunKey, RUN_PAGES, SHARDS, SHARED_PAGE_META,
 };
 use super::{Error, Result};
 
@@ -97,21 +97,52 @@ impl Budget {
     }
 
     /// A new client's account: a candidate for eviction whose weight counts in everyone's
-    /// persistent share. Clients are never removed, so its id (its index) stays valid.
+    /// persistent share. Its id is its index, which shared pages record as their owner: a
+    /// removed client's id is given again only once nothing is charged to it and nothing
+    /// holds its account (so no page and no eviction in flight can name it).
     pub(super) fn new_client_account(&self, weight: u32, quota: u64) -> Arc<Account> {
         let mut accounts = self.accounts.write();
-        let id = u32::try_from(accounts.len()).expect("fewer than 2^32 clients");
-        let account = Arc::new(Account::new(id, weight, quota));
+        let reuse = accounts.iter().position(|a| {
+            a.retired.load(Relaxed) && Arc::strong_count(a) == 1 && a.used.load(Relaxed) == 0
+        });
+        let id = match reuse {
+            Some(i) => i,
+            None => {
+                assert!(
+                    accounts.len() < u32::MAX as usize,
+                    "fewer than 2^32 clients"
+                );
+                accounts.len()
+            }
+        };
+        let account = Arc::new(Account::new(id as u32, weight, quota));
         self.total_weight
             .fetch_add(account.weight.load(Relaxed).into(), Relaxed);
-        accounts.push(account.clone());
+        match reuse {
+            Some(i) => accounts[i] = account.clone(),
+            None => accounts.push(account.clone()),
+        }
         account
+    }
+
+    /// Takes a removed client's account out of the weights. What is still charged to it is
+    /// released as usual; nothing new is (its client is gone).
+    pub(super) fn retire(&self, account: &Account) {
+        let _g = self.accounts.write();
+        if !account.retired.swap(true, Relaxed) {
+            self.total_weight
+                .fetch_sub(account.weight.load(Relaxed).into(), Relaxed);
+        }
     }
 
     /// Changes a client's weight (and so every client's persistent share).
     pub(super) fn set_weight(&self, account: &Account, weight: u32) {
         // Under the accounts lock, so that concurrent changes keep the total exact.
         let _g = self.accounts.write();
+        if account.retired.load(Relaxed) {
+            // A request that found the client just before it was removed.
+            return;
+        }
         let old = account.weight.swap(weight.max(1), Relaxed);
         self.total_weight.fetch_add(weight.max(1).into(), Relaxed);
         self.total_weight.fetch_sub(old.into(), Relaxed);
@@ -463,6 +494,47 @@ impl Budget {
             for (owner, (charge, pages)) in per_owner {
                 self.release_shared(owner, charge, pages);
             }
+        }
+        n
+    }
+
+    /// Removes every page `owner` put in a shared pool (the other members' stay); returns how
+    /// many.
+    pub(super) fn drain_owner(&self, pool: &Pool, owner: u32) -> u64 {
+        debug_assert!(pool.shared.is_some());
+        let mut n = 0;
+        for shard in pool.shards.iter() {
+            let taken = {
+                let mut g = shard.lock();
+                let sh = &mut *g;
+                let keys: Vec<RunKey> = sh
+                    .objects
+                    .iter()
+                    .flat_map(|(oid, obj)| {
+                        obj.runs().into_iter().map(|run| RunKey { oid: *oid, run })
+                    })
+                    .collect();
+                let mut taken = Vec::new();
+                for key in keys {
+                    let mine = sh.run_mut(&key).map_or(0, |r| shared_bits(r, Some(owner)));
+                    for bit in 0..RUN_PAGES as u32 {
+                        if mine & (1 << bit) != 0 {
+                            taken.push(
+                                take_shared_page(sh, &key, bit, Some(owner)).expect("listed"),
+                            );
+                        }
+                    }
+                }
+                compact_lru(sh);
+                taken
+            };
+            let pages = taken.len() as u64;
+            let charge = taken.iter().map(|t| t.charge).sum();
+            drop(taken);
+            if pages > 0 {
+                self.release_shared(owner, charge, pages);
+            }
+            n += pages;
         }
         n
     }

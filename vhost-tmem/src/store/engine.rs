@@ -116,6 +116,21 @@ impl Client {
         &self.name
     }
 
+    /// Its quota in bytes (0: none).
+    pub fn quota(&self) -> u64 {
+        self.account.quota.load(Relaxed)
+    }
+
+    /// Its eviction weight.
+    pub fn weight(&self) -> u32 {
+        self.account.weight.load(Relaxed)
+    }
+
+    /// The compressor of its private pools.
+    pub fn compressor(&self) -> Compressor {
+        self.compressor
+    }
+
     /// Marks the client connected or not (shown in statistics).
     pub fn set_connected(&self, c: bool) {
         self.connected.store(c, Relaxed);
@@ -138,6 +153,16 @@ impl Client {
             .and_then(|p| p.clone())
             .ok_or(Error::BadPool(id))
     }
+}
+
+/// What [`Engine::remove_client`] freed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientRemoval {
+    pub pools: u64,
+    pub persistent_pages: u64,
+    pub ephemeral_pages: u64,
+    pub shared_pages: u64,
+    pub bytes: u64,
 }
 
 /// The engine: see the module documentation.
@@ -228,6 +253,53 @@ impl Engine {
         } else {
             auth.remove(&uuid);
         }
+    }
+
+    /// The shared pools a client may join.
+    pub fn shared_auth(&self, client: &Client) -> Vec<Uuid> {
+        let mut v: Vec<Uuid> = client.shared_auth.read().iter().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Takes a client out of the engine and frees everything it holds: its pools (persistent
+    /// ones too: the caller decided) and its pages in shared pools, which other members keep.
+    /// Its frontend must be gone (no device uses it any more). Its account leaves the weights,
+    /// so the other clients' shares return to what they were without it.
+    pub fn remove_client(&self, client: &Arc<Client>) -> ClientRemoval {
+        self.clients.write().retain(|c| !Arc::ptr_eq(c, client));
+        let before = client.account.used.load(Relaxed);
+        let mut r = ClientRemoval::default();
+        let pools: Vec<Arc<Pool>> = client.pools.write().drain(..).flatten().collect();
+        for pool in pools {
+            r.pools += 1;
+            match pool.shared {
+                Some(uuid) => self.release_shared_pool(&uuid, &pool),
+                None => {
+                    let n = self.budget.kill_pool(&pool);
+                    if pool.persistent {
+                        r.persistent_pages += n;
+                    } else {
+                        r.ephemeral_pages += n;
+                    }
+                }
+            }
+        }
+        // Shared pools it joined, also earlier connections': its pages there are its own.
+        let shared: Vec<Arc<Pool>> = client
+            .account
+            .pools
+            .lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|p| p.shared.is_some())
+            .collect();
+        for pool in shared {
+            r.shared_pages += self.budget.drain_owner(&pool, client.account.id);
+        }
+        self.budget.retire(&client.account);
+        r.bytes = before.saturating_sub(client.account.used.load(Relaxed));
+        r
     }
 
     /// Drops every ephemeral page of a client's private pools; returns how many.

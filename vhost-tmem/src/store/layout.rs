@@ -92,6 +92,9 @@ pub(super) struct Account {
     pub(super) cursor: AtomicUsize,
     /// Pages evicted from this account.
     pub(super) evictions: AtomicU64,
+    /// Its client was removed: its weight no longer counts, and its id may be given to a new
+    /// client once nothing refers to it any more.
+    pub(super) retired: AtomicBool,
 }
 
 impl Account {
@@ -106,6 +109,7 @@ impl Account {
             pools: Mutex::new(Vec::new()),
             cursor: AtomicUsize::new(0),
             evictions: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
         }
     }
 }

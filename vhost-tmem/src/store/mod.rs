@@ -18,7 +18,7 @@ pub mod stats;
 use shared_proto::{Oid, Status, PAGE_SIZE};
 
 use codec::Compressor;
-pub use engine::{Client, ClientConfig, Engine, EngineConfig, IncompressiblePolicy};
+pub use engine::{Client, ClientConfig, ClientRemoval, Engine, EngineConfig, IncompressiblePolicy};
 pub use page::{PageDst, PageSrc};
 
 // The defaults of the engine's and the clients' settings, here once for the engine, the

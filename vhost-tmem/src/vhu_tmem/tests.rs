@@ -374,7 +374,7 @@ fn bursts_serve_every_chain_in_order() {
 
     let atomic = GuestMemoryAtomic::new(e.mem.clone());
     e.dev.update_memory(atomic.clone()).unwrap();
-    let vring = VringRwLock::new(atomic, 256).unwrap();
+    let vring = Vring::new(atomic, 256).unwrap();
     vring.set_queue_size(256);
     vring
         .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
@@ -679,8 +679,6 @@ fn bad_device_config_is_rejected() {
     }
 }
 
-type Vring = VringRwLock<GuestMemoryAtomic<Mem>>;
-
 /// A device whose request queue 1 is a real vring of `QSIZE` entries laid out at guest address
 /// 0 (by a `MockSplitQueue`), with EVENT_IDX, as a vhost-user frontend would set it up.
 /// `vrings` are thread 0's: the (unused) control queue and queue 1. The test plays the driver
@@ -705,7 +703,7 @@ impl RingEnv {
         dev.update_memory(atomic.clone()).unwrap();
         dev.set_event_idx(true);
         let vrings: Vec<Vring> = (0..2)
-            .map(|_| VringRwLock::new(atomic.clone(), QSIZE).unwrap())
+            .map(|_| Vring::new(atomic.clone(), QSIZE).unwrap())
             .collect();
         let vq = MockSplitQueue::create(&mem, GuestAddress(0), QSIZE);
         let (desc, avail, used) = (vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0);
@@ -963,4 +961,58 @@ fn pages_the_guest_changes_meanwhile() {
         }
         assert!(ok > 0, "{compressor}: {corrupt} corrupt, no good page");
     }
+}
+
+/// A kick or call file descriptor that is not an eventfd (here a pipe) is refused when it
+/// arrives: the vring does not get it, the queue counts as refused until an eventfd or no
+/// descriptor comes, and an eventfd is accepted as it is.
+#[test]
+fn notify_fds_must_be_eventfds() {
+    use std::fs::File;
+    use std::os::fd::FromRawFd;
+    let mem = Mem::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    let vring = Vring::new(GuestMemoryAtomic::new(mem), 256).unwrap();
+    let pipe = || {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into the array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both descriptors are fresh and owned by nobody else.
+        unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+    };
+    let eventfd = || {
+        let (c, _) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).unwrap();
+        // SAFETY: the consumer's descriptor is handed over whole.
+        unsafe { File::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(c)) }
+    };
+    assert!(!vring.notify_fd_refused());
+    let (r, w) = pipe();
+    vring.set_kick(Some(r));
+    assert!(vring.notify_fd_refused() && vring.get_ref().get_kick().is_none());
+    vring.set_kick(Some(eventfd()));
+    assert!(!vring.notify_fd_refused() && vring.get_ref().get_kick().is_some());
+    vring.set_call(Some(w));
+    assert!(vring.notify_fd_refused() && vring.get_ref().get_call().is_none());
+    // No descriptor (a polling frontend) is allowed, and so is an eventfd.
+    vring.set_call(None);
+    assert!(!vring.notify_fd_refused());
+    vring.set_call(Some(eventfd()));
+    assert!(!vring.notify_fd_refused() && vring.get_ref().get_call().is_some());
+    // A socket is no eventfd either.
+    let (s, _) = std::os::unix::net::UnixStream::pair().unwrap();
+    vring.set_call(Some(File::from(std::os::fd::OwnedFd::from(s))));
+    assert!(vring.notify_fd_refused());
+    vring.set_call(None);
+    // A running ring keeps the kick it is watched by: a new one (or none) is refused.
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    let kick = |v: &Vring| v.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd());
+    let watched = kick(&vring);
+    vring.set_kick(Some(eventfd()));
+    assert_eq!(kick(&vring), watched);
+    vring.set_kick(None);
+    assert_eq!(kick(&vring), watched);
+    // Disabled, it takes a new one (enabling it again watches that).
+    vring.set_enabled(false);
+    vring.set_kick(Some(eventfd()));
+    assert!(kick(&vring).is_some() && !vring.notify_fd_refused());
 }

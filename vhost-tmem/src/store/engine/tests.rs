@@ -860,3 +860,69 @@ fn concurrent_shared_pool_members_keep_exact_accounts() {
     }
     assert!(e.shared.lock().is_empty());
 }
+
+#[test]
+fn removing_a_client_frees_all_it_holds_and_its_share() {
+    let limit = 4 << 20;
+    let e = engine(limit);
+    let uuid = [5u8; 16];
+    let a = member(&e, "a", uuid);
+    let mut w = e.new_worker().unwrap();
+    let pa = e.create_pool(&a, PERS).unwrap();
+    let sa = e.create_pool(&a, shared_spec(uuid)).unwrap();
+    for i in 0..50 {
+        e.put(&mut w, &a, &key(pa, OID, i), &page(i)).unwrap();
+        e.put(&mut w, &a, &key(sa, OID, i), &page(i)).unwrap();
+    }
+    let alone = e.memory_used();
+    // With a second client of weight 300, a's persistent share is a quarter of the limit.
+    let r = member(&e, "r", uuid);
+    e.set_weight(&r, 300);
+    let pr = e.create_pool(&r, PERS).unwrap();
+    let er = e.create_pool(&r, EPH).unwrap();
+    let sr = e.create_pool(&r, shared_spec(uuid)).unwrap();
+    for i in 0..40 {
+        e.put(&mut w, &r, &key(pr, OID, i), &page(1000 + i))
+            .unwrap();
+        e.put(&mut w, &r, &key(er, OID, i), &page(2000 + i))
+            .unwrap();
+        e.put(&mut w, &r, &key(sr, [7, 7, 7], i), &page(3000 + i))
+            .unwrap();
+    }
+    // Left the shared pool earlier (a reconnect): its pages there are still its own.
+    e.destroy_pool(&r, sr).unwrap();
+    let gone = e.remove_client(&r);
+    assert_eq!(
+        (
+            gone.pools,
+            gone.persistent_pages,
+            gone.ephemeral_pages,
+            gone.shared_pages
+        ),
+        (2, 40, 40, 40)
+    );
+    assert!(gone.bytes > 0);
+    assert_eq!(e.memory_used(), alone, "accounting back to what it was");
+    assert!(e.client("r").is_none());
+    assert_eq!(e.stats().clients.len(), 1);
+    assert_eq!(e.stats().shared_pools[0].counters.stored_pages, 50);
+    // The other member's pages are untouched.
+    let mut out = vec![0u8; PAGE_SIZE];
+    for i in 0..50 {
+        e.get(&mut w, &a, &key(sa, OID, i), &mut out, false)
+            .unwrap();
+        assert_eq!(out, page(i));
+    }
+    // Its weight left with it: a alone may again fill the whole limit with persistent pages.
+    fill_until_no_space(&e, &mut w, &a, pa, 1 << 32);
+    assert!(e.memory_used() > limit * 9 / 10, "{}", e.memory_used());
+    // A weight change that raced the removal changes nothing.
+    e.set_weight(&r, 5000);
+    assert_eq!(e.budget.persistent_share(&a.account), limit);
+    // Its account's place is taken by the next client once nothing refers to it.
+    drop(r);
+    let n = e.budget.accounts_len();
+    let c = e.add_client(ClientConfig::named("c"));
+    assert_eq!(e.budget.accounts_len(), n);
+    assert_eq!(c.account.used.load(Relaxed), 0);
+}
