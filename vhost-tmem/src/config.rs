@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 use crate::control::Request;
+use crate::sandbox::{Action as SeccompAction, Mode as SandboxMode, Sandbox};
 use crate::size::{format_size, parse_size};
 use crate::store::{
     check_memory_limit, check_weight, parse_uuid, ClientConfig, EngineConfig, IncompressiblePolicy,
@@ -69,6 +70,8 @@ pub enum Error {
     UnknownGroup { option: &'static str, group: String },
     #[error("invalid --metrics-listen \"{0}\": expected PORT or ADDRESS:PORT")]
     BadListen(String),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::Error),
     #[error("cannot read the configuration file {path}")]
     ReadFile {
         path: PathBuf,
@@ -185,6 +188,23 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics over HTTP on PORT (loopback) or ADDRESS:PORT.
     #[arg(long, value_name = "[ADDR:]PORT")]
     pub metrics_listen: Option<String>,
+    #[arg(long, value_enum, help = with_default(
+        "Confinement once set up: none, seccomp (a syscall allow-list) or namespace (seccomp \
+         and new mount/network/IPC/UTS namespaces with an empty root)",
+        "seccomp",
+    ))]
+    pub sandbox: Option<SandboxMode>,
+    #[arg(long, value_enum, help = with_default(
+        "What a syscall outside the seccomp allow-list does: errno (fails with EPERM, the \
+         daemon keeps serving), kill (the daemon dies, every guest's pages with it) or log \
+         (allowed and logged by the kernel)",
+        "errno",
+    ))]
+    pub seccomp_action: Option<SeccompAction>,
+    /// Once the sockets exist, run as this user (name or uid): its uid, gid and groups. Only
+    /// when started as root; the socket and lock files are given to the user.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
     /// Print the vhost-user backend capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -223,6 +243,9 @@ pub struct FileConfig {
     pub socket_group: Option<String>,
     pub control_group: Option<String>,
     pub metrics_listen: Option<String>,
+    pub sandbox: Option<SandboxMode>,
+    pub seccomp_action: Option<SeccompAction>,
+    pub user: Option<String>,
     #[serde(default, rename = "client")]
     pub clients: Vec<FileClient>,
 }
@@ -286,6 +309,8 @@ pub struct DaemonConfig {
     /// Group (gid) of the control socket, whose members may use it.
     pub control_group: Option<u32>,
     pub metrics_listen: Option<SocketAddr>,
+    /// How the daemon confines itself once set up.
+    pub sandbox: Sandbox,
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, Error> {
@@ -502,6 +527,15 @@ impl TryFrom<ServeArgs> for DaemonConfig {
         };
         let socket_group = group("--socket-group", a.socket_group.or(file.socket_group))?;
         let control_group = group("--control-group", a.control_group.or(file.control_group))?;
+        let sandbox = Sandbox {
+            mode: a.sandbox.or(file.sandbox).unwrap_or_default(),
+            action: a.seccomp_action.or(file.seccomp_action).unwrap_or_default(),
+            user: a
+                .user
+                .or(file.user)
+                .map(|u| crate::sandbox::resolve_user(&u))
+                .transpose()?,
+        };
         Ok(DaemonConfig {
             engine: EngineConfig {
                 memory_limit,
@@ -516,6 +550,7 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             socket_group,
             control_group,
             metrics_listen,
+            sandbox,
         })
     }
 }
@@ -543,6 +578,11 @@ mod tests {
         assert_eq!(c.device.poll, std::time::Duration::from_micros(50));
         assert!(c.metrics_listen.is_none());
         assert!(!c.device.allow_unsealed_memory);
+        assert_eq!(c.sandbox, Sandbox::default());
+        assert_eq!(
+            (c.sandbox.mode, c.sandbox.action),
+            (SandboxMode::Seccomp, SeccompAction::Errno)
+        );
         let c = cfg(&["--socket-path", "/tmp/x.sock", "--allow-unsealed-memory"]).unwrap();
         assert!(c.device.allow_unsealed_memory);
         let c = cfg(&["--socket-path", "/tmp/x.sock", "--poll-us", "0"]).unwrap();
@@ -737,6 +777,8 @@ compressor = "zstd"
 queues = 2
 socket_group = "0"
 control_group = "root"
+sandbox = "namespace"
+seccomp_action = "log"
 [[client]]
 name = "vm1"
 socket = "/run/vm1.sock"
@@ -756,6 +798,13 @@ quota = 1048576
         assert_eq!(c.clients[0].config.quota, 512 << 20);
         assert_eq!(c.clients[1].config.quota, 1 << 20);
         assert_eq!((c.socket_group, c.control_group), (Some(0), Some(0)));
+        assert_eq!(
+            (c.sandbox.mode, c.sandbox.action),
+            (SandboxMode::Namespace, SeccompAction::Log)
+        );
+        // The command line wins.
+        let c = cfg(&["--config", p.to_str().unwrap(), "--sandbox", "none"]).unwrap();
+        assert_eq!(c.sandbox.mode, SandboxMode::None);
         std::fs::write(&p, "memory_limit = \"2G\"\nbogus = 1\n").unwrap();
         let e = cfg(&["--config", p.to_str().unwrap()]).unwrap_err();
         assert!(e.to_string().contains("invalid configuration file"));

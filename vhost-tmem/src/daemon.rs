@@ -18,6 +18,7 @@ pub use clients::Clients;
 
 use crate::config::{DaemonConfig, Endpoint, ServeArgs};
 use crate::control::{self, Controls};
+use crate::sandbox;
 use crate::sock::{self, is_socket, Claim};
 use crate::store::{Client, Engine, Tmem};
 use crate::vhu_tmem::{self, DeviceConfig, TmemDevice};
@@ -49,6 +50,8 @@ pub enum Error {
         name: String,
         cause: vhost_user_backend::Error,
     },
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::Error),
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
     #[error("cannot keep a second descriptor of a listening socket")]
@@ -349,13 +352,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Runs the daemon; returns only if it cannot be set up (client threads restart themselves).
-/// `args` is the command line, read again with the configuration file by `ctl reload` and
-/// SIGHUP.
+/// Runs the daemon: returns an error if it cannot be set up, else serves (client threads
+/// restart themselves, clients come and go at run time) until SIGTERM or SIGINT, then removes
+/// its socket files and returns. `args` is the command line, read again with the configuration
+/// file by `ctl reload` and SIGHUP.
 pub fn run(cfg: DaemonConfig, args: Option<ServeArgs>) -> Result<(), Error> {
-    // Before any thread starts, so that every thread inherits it blocked and only the signal
-    // thread takes it.
-    let hup = block_sighup();
     let engine = Arc::new(Engine::new(cfg.engine.clone()));
     let mut fds = HashSet::new();
     let mut bound = Vec::new();
@@ -370,74 +371,62 @@ pub fn run(cfg: DaemonConfig, args: Option<ServeArgs>) -> Result<(), Error> {
         bound.push((spec.clone(), listener, claim));
     }
     let clients = Clients::new(engine.clone(), cfg.clone(), args);
+    let control = match &cfg.control_socket {
+        Some(path) => Some(
+            Controls {
+                engine: engine.clone(),
+                admin: Some(clients.clone()),
+            }
+            .bind(path, cfg.control_group)?,
+        ),
+        None => None,
+    };
+    let metrics = cfg.metrics_listen.map(control::bind_metrics).transpose()?;
+    // Set up: confine the process before any thread exists (namespaces and credentials are
+    // per thread, inherited by the threads started later).
+    let paths = cfg.clients.iter().filter_map(|c| match &c.endpoint {
+        Endpoint::Path(p) => Some(p.as_path()),
+        Endpoint::Fd(_) => None,
+    });
+    let files = sandbox::SocketFiles::record(paths.chain(cfg.control_socket.as_deref()))?;
+    // SIGTERM, SIGINT and SIGHUP: blocked in every thread, taken by this one below.
+    sandbox::block_signals()?;
+    if let Err(e) = sandbox::enter(&cfg.sandbox, &files) {
+        // Not serving: the sockets go (the next start would find them stale anyway).
+        files.remove();
+        return Err(e.into());
+    }
     // Served before the control socket answers, so that its first request sees every client.
     clients.start_all(bound)?;
-    if let Some(path) = &cfg.control_socket {
-        Controls {
-            engine: engine.clone(),
-            admin: Some(clients.clone()),
-        }
-        .serve(path, cfg.control_group)?;
+    if let (Some(c), Some(path)) = (control, &cfg.control_socket) {
+        c.spawn()?;
         tracing::info!(path = %path.display(), "control socket ready");
     }
-    if let Some(addr) = cfg.metrics_listen {
-        control::serve_metrics(engine.clone(), addr)?;
+    if let (Some(m), Some(addr)) = (metrics, cfg.metrics_listen) {
+        m.spawn(engine.clone())?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
-    }
-    match hup {
-        Ok(set) => {
-            let c = clients.clone();
-            std::thread::Builder::new()
-                .name("signals".into())
-                .spawn(move || reload_on_sighup(set, &c))
-                .map_err(Error::Thread)?;
-        }
-        Err(e) => tracing::warn!("SIGHUP will not reload: cannot block it: {e}"),
     }
     tracing::info!(
         clients = cfg.clients.len(),
         memory_limit = cfg.engine.memory_limit,
         compressor = %cfg.engine.compressor,
         queues = cfg.device.request_queues,
+        sandbox = %cfg.sandbox.mode,
+        user = cfg.sandbox.user.as_ref().map(|u| u.name.as_str()),
         "vhost-tmem serving"
     );
-    // Clients come and go at run time; the daemon serves until it is killed.
+    // Client threads restart themselves and never end: the daemon ends on a signal.
     loop {
-        std::thread::park();
-    }
-}
-
-/// Blocks SIGHUP in the calling thread (and so in every thread it starts).
-fn block_sighup() -> std::io::Result<libc::sigset_t> {
-    // SAFETY: sigemptyset/sigaddset write into the set we own; pthread_sigmask reads it and
-    // writes no old set (null).
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-        match libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) {
-            0 => Ok(set),
-            e => Err(std::io::Error::from_raw_os_error(e)),
-        }
-    }
-}
-
-/// Takes SIGHUP (blocked everywhere) one at a time and reloads, as `ctl reload` does.
-fn reload_on_sighup(set: libc::sigset_t, clients: &Clients) {
-    use crate::control::ClientAdmin;
-    loop {
-        let mut sig = 0;
-        // SAFETY: set is a valid signal set and sig a live int.
-        let r = unsafe { libc::sigwait(&set, &mut sig) };
-        if r != 0 {
-            tracing::error!(
-                "SIGHUP will not reload: sigwait failed: {}",
-                std::io::Error::from_raw_os_error(r)
-            );
-            return;
+        let sig = sandbox::wait_for_signal();
+        if sig != libc::SIGHUP {
+            tracing::info!(signal = sig, "exiting");
+            break;
         }
         tracing::info!("SIGHUP: reloading the configuration");
         // The outcome is logged by reload itself.
-        let _ = clients.reload();
+        let _ = control::ClientAdmin::reload(&*clients);
     }
+    clients.remove_added_socket_files(&files);
+    files.remove();
+    Ok(())
 }

@@ -4,6 +4,7 @@
 //! - [`store`]: the tmem engine (clients, pools, pages, compression, eviction), behind a trait.
 //! - [`vhu_tmem`]: the virtio-tmem device as a vhost-user backend.
 //! - [`daemon`]: sockets, one serving thread per client.
+//! - [`sandbox`]: seccomp, namespaces and a user drop once the daemon is set up.
 //! - [`sock`]: Unix socket helpers for the client and control sockets.
 //! - [`config`], [`control`]: command line, configuration file, control socket, metrics.
 //! - [`size`]: sizes such as `64K` or `1G`, parsed and formatted.
@@ -11,6 +12,7 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod sandbox;
 pub mod size;
 pub mod sock;
 pub mod store;

@@ -50,7 +50,7 @@ mod vring;
 pub use chain::MAX_SEGMENTS;
 use chain::{contiguous, read_part, write_part, Chain, ChainError};
 pub use memory::MemoryError;
-pub use vring::Vring;
+pub use vring::{fd_dir, Vring};
 
 type Mem = GuestMemoryMmap<()>;
 

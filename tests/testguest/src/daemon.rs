@@ -127,12 +127,45 @@ impl Daemon {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
+        // The control socket answers once the daemon is set up and confined (it serves only
+        // after the sandbox is in place), so tests see the daemon as it serves.
+        while let Err(e) = d.stats() {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                d.keep = true;
+                return Err(Error::Exited {
+                    status: st.to_string(),
+                    log: d.log(),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(e);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         Ok(d)
     }
 
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends SIGTERM and waits (at most 10 s, then SIGKILL) for the daemon to exit; returns
+    /// how it ended.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill takes no pointers; the pid is our child's, not yet reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return self.child.wait().unwrap_or_else(|e| panic!("wait: {e}"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// The daemon's working directory.

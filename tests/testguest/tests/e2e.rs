@@ -700,12 +700,49 @@ fn command_line_errors_exit_1_with_a_message() {
             "cannot listen on /nonexistent-dir/x.sock",
         ),
         (&["--no-such-option"][..], "unexpected argument"),
+        (
+            &["--socket-path", "/tmp/x.sock", "--sandbox", "jail"][..],
+            "invalid value 'jail' for '--sandbox",
+        ),
+        (
+            &["--socket-path", "/tmp/x.sock", "--seccomp-action", "ignore"][..],
+            "invalid value 'ignore' for '--seccomp-action",
+        ),
     ]);
     for (args, want) in cases {
         let out = Command::new(&bin).args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // --user: only root may change users (as root, the check runs as nobody), and the user
+    // must exist.
+    let user_cases = [
+        (
+            "root",
+            "--user root: only root can change to another user",
+            true,
+        ),
+        (
+            "no-such-user-here",
+            "unknown user \"no-such-user-here\" for --user",
+            false,
+        ),
+    ];
+    for (user, want, as_nobody) in user_cases {
+        if !as_nobody && !root() {
+            continue;
+        }
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--socket-path", "/tmp/x.sock", "--user", user]);
+        if as_nobody && root() {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(65534).gid(65534);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "--user {user}: {err}");
+        assert!(err.contains(want), "--user {user}: {err}");
     }
     let out = Command::new(&bin)
         .arg("--print-capabilities")
@@ -1314,4 +1351,414 @@ fn sealed_guest_ram_cannot_be_truncated() {
     }
     let (hits, _) = put_get_verify(&mut g, 0, pool, [2, 0, 0], 1000, 100, true);
     assert_eq!(hits, 100);
+}
+
+/// `key:` of a /proc status file, whitespace-separated fields joined by one space.
+fn proc_status(path: &std::path::Path, key: &str) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {key} in {}", path.display()))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Every thread of the daemon is under its seccomp filters with no_new_privs: the process
+/// tier's two (clone3, the allow-list with administration) everywhere, and a client's thread
+/// and its queue workers the serving tier's three (clone3, openat, the allow-list) on top;
+/// returns the threads' names.
+fn assert_all_threads_sandboxed(pid: u32) -> Vec<String> {
+    let mut names = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let Ok(name) = std::fs::read_to_string(t.join("comm")) else {
+            continue; // ended meanwhile
+        };
+        let name = name.trim().to_string();
+        let status = t.join("status");
+        // The main thread, control and metrics (and their connections), client removals:
+        // the rest serve a client (its thread, the crate's handler and queue workers).
+        let admin = [
+            "vhost-tmem",
+            "control",
+            "control-conn",
+            "metrics",
+            "metrics-conn",
+        ];
+        let serving = !admin.contains(&name.as_str()) && !name.starts_with("remove-");
+        let filters = if serving { "5" } else { "2" };
+        for (key, want) in [
+            ("Seccomp", "2"),
+            ("NoNewPrivs", "1"),
+            ("Seccomp_filters", filters),
+        ] {
+            assert_eq!(proc_status(&status, key), want, "thread {name}: {key}");
+        }
+        names.push(name);
+    }
+    names
+}
+
+/// What must keep working under every sandbox mode, then a SIGTERM: put/get/verify on new
+/// connections (threads started after the sandbox point), a reconnect, a supervised restart
+/// of the client thread (`restart`: the test lowers the daemon's fd limit, which needs
+/// CAP_SYS_RESOURCE for another user's process), `stats` and `ctl` from outside, a metrics
+/// scrape. The daemon exits 0 (a syscall killed by the filter would show as SIGSYS).
+fn sandboxed_daemon_works(d: &mut Daemon, sock: &std::path::Path, port: u16, restart: bool) {
+    let opts = GuestOptions {
+        timeout: Duration::from_secs(5),
+        ..GuestOptions::default()
+    };
+    let mut g = Guest::connect(sock, opts.clone()).unwrap();
+    let pool = g.create_pool(true, None).unwrap();
+    let (hits, _) = put_get_verify(&mut g, 0, pool, [1, 0, 0], 0, 1_000, true);
+    assert_eq!(hits, 1_000);
+    let names = assert_all_threads_sandboxed(d.pid());
+    for want in ["control", "client-guest", "vring_worker"] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "no {want} thread: {names:?}"
+        );
+    }
+    drop(g);
+    assert!(await_disconnect(d, "guest"), "{}", d.log());
+    let mut g = Guest::connect(sock, opts.clone()).unwrap();
+    let pool = g.create_pool(true, None).unwrap();
+    let (hits, _) = put_get_verify(&mut g, 0, pool, [2, 0, 0], 5_000, 1_000, true);
+    assert_eq!(hits, 1_000);
+    drop(g);
+    assert!(await_disconnect(d, "guest"), "{}", d.log());
+    let mut g = if restart {
+        restart_client_thread(d, sock, &opts)
+    } else {
+        Guest::connect(sock, opts.clone()).unwrap()
+    };
+    let pool = g.create_pool(true, None).unwrap();
+    let (hits, _) = put_get_verify(&mut g, 0, pool, [3, 0, 0], 9_000, 100, true);
+    assert_eq!(hits, 100);
+    let out = stats_cli(d, Duration::from_secs(10));
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(n(&v["clients"][0]["puts"]), 2_100);
+    let ctl = |action: &str| {
+        run_to_exit(
+            &[
+                "ctl".into(),
+                "--control".into(),
+                d.path("control.sock").into_os_string(),
+                action.into(),
+                "guest".into(),
+            ],
+            Duration::from_secs(10),
+        )
+    };
+    assert!(ctl("freeze").status.success());
+    assert!(matches!(
+        g.put(pool, [4, 0, 0], 0, &pages::page(1)),
+        Err(Error::Status(Status::Refused))
+    ));
+    assert!(ctl("thaw").status.success());
+    g.put(pool, [4, 0, 0], 0, &pages::page(1)).unwrap();
+    let body = scrape(port, Duration::from_secs(10));
+    // 2,100 verified, one refused while frozen, one after the thaw.
+    assert!(
+        body.contains("vhost_tmem_client_puts_total{client=\"guest\"} 2102"),
+        "{body}"
+    );
+    drop(g);
+    let st = d.terminate();
+    assert_eq!(st.code(), Some(0), "{st}: {}", d.log());
+    assert!(d.log().contains("exiting"), "{}", d.log());
+    assert_all_gone(d, &[sock]);
+}
+
+/// The client thread fails (no descriptor free to accept with) and is started again; returns
+/// the guest that connected meanwhile.
+fn restart_client_thread(d: &Daemon, sock: &std::path::Path, opts: &GuestOptions) -> Guest {
+    let pid = d.pid();
+    let open: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect();
+    let old = set_fd_limit(pid, (0..).find(|n| !open.contains(n)).unwrap());
+    let waiting = {
+        let (sock, opts) = (sock.to_owned(), opts.clone());
+        std::thread::spawn(move || Guest::connect(sock, opts))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !d.log().contains("serving thread failed") {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    set_fd_limit(pid, old);
+    match waiting.join().unwrap() {
+        Ok(g) => g,
+        Err(_) => Guest::connect(sock, opts.clone()).unwrap(),
+    }
+}
+
+/// The socket files are gone; their lock files stay (see sock::Claim).
+fn assert_all_gone(d: &Daemon, socks: &[&std::path::Path]) {
+    for s in socks {
+        assert!(!s.exists(), "{} left behind: {}", s.display(), d.log());
+        let mut lock = s.as_os_str().to_owned();
+        lock.push(".lock");
+        assert!(std::path::Path::new(&lock).exists());
+    }
+}
+
+/// The sandbox does not get in the way of anything the daemon does (the kill action: a
+/// syscall missing from the allow-list ends the daemon and fails this test), and covers
+/// every thread, including those started for each connection.
+#[test]
+fn seccomp_sandbox_covers_every_thread_and_keeps_everything_working() {
+    let port = free_port();
+    let mut d = Daemon::start(&[
+        "--socket-path",
+        "{dir}/vm.sock",
+        "--metrics-listen",
+        &port.to_string(),
+        "--sandbox",
+        "seccomp",
+        "--seccomp-action",
+        "kill",
+    ])
+    .unwrap();
+    let status = std::path::PathBuf::from(format!("/proc/{}/status", d.pid()));
+    assert_eq!(proc_status(&status, "Seccomp"), "2");
+    assert_eq!(proc_status(&status, "NoNewPrivs"), "1");
+    let sock = d.path("vm.sock");
+    sandboxed_daemon_works(&mut d, &sock, port, true);
+    assert_all_gone(&d, &[&d.path("control.sock")]);
+}
+
+/// The default is the seccomp sandbox (every other test here runs under it).
+#[test]
+fn the_default_sandbox_is_seccomp() {
+    let d = Daemon::start(&["--socket-path", "{dir}/vm.sock"]).unwrap();
+    let status = std::path::PathBuf::from(format!("/proc/{}/status", d.pid()));
+    assert_eq!(proc_status(&status, "Seccomp"), "2");
+    let d = Daemon::start(&["--socket-path", "{dir}/vm.sock", "--sandbox", "none"]).unwrap();
+    let status = std::path::PathBuf::from(format!("/proc/{}/status", d.pid()));
+    assert_eq!(proc_status(&status, "Seccomp"), "0");
+}
+
+fn root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn namespace_sandbox_has_its_own_namespaces_and_an_empty_root() {
+    if !root() {
+        eprintln!("skipped: the test compares namespaces as root (non-root uses a user namespace)");
+        return;
+    }
+    let port = free_port();
+    let mut d = Daemon::start(&[
+        "--socket-path",
+        "{dir}/vm.sock",
+        "--metrics-listen",
+        &port.to_string(),
+        "--sandbox",
+        "namespace",
+        "--seccomp-action",
+        "kill",
+    ])
+    .unwrap();
+    let pid = d.pid();
+    let ns = |p: String| std::fs::read_link(p).unwrap();
+    for kind in ["mnt", "net", "ipc", "uts", "cgroup"] {
+        assert_ne!(
+            ns(format!("/proc/self/ns/{kind}")),
+            ns(format!("/proc/{pid}/ns/{kind}")),
+            "{kind} namespace shared"
+        );
+    }
+    // Root needs no user namespace.
+    assert_eq!(
+        ns("/proc/self/ns/user".into()),
+        ns(format!("/proc/{pid}/ns/user"))
+    );
+    // Its / is empty (and its threads see the same).
+    let root_dir = format!("/proc/{pid}/root");
+    assert_eq!(std::fs::read_dir(&root_dir).unwrap().count(), 0);
+    // Administration that needs the filesystem is refused, saying why, and changes nothing.
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(tmem_testguest::daemon::binary().unwrap())
+            .arg("ctl")
+            .arg("--control")
+            .arg(d.path("control.sock"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let extra = d.path("extra.sock");
+    for args in [
+        vec![
+            "add-client".to_string(),
+            format!("name=x,socket={}", extra.display()),
+        ],
+        vec!["reload".to_string()],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = ctl(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?} was not refused");
+        let why = String::from_utf8_lossy(&out.stderr);
+        assert!(why.contains("--sandbox namespace"), "{args:?}: {why}");
+    }
+    assert!(!extra.exists());
+    let sock = d.path("vm.sock");
+    sandboxed_daemon_works(&mut d, &sock, port, true);
+    assert_all_gone(&d, &[&d.path("control.sock")]);
+}
+
+/// `--user`: the daemon binds as root, then runs as nobody; its socket and lock files are
+/// nobody's (0600: the daemon's user and root may connect), it serves, its control socket
+/// takes nobody's requests, and at exit it removes the sockets it can: the one in a directory
+/// nobody may write to stays behind, with a warning.
+#[test]
+fn user_drop_serves_and_hands_the_sockets_over() {
+    use std::os::unix::fs::MetadataExt;
+    if !root() {
+        eprintln!("skipped: --user needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+    let sock = dir.path().join("vm.sock");
+    let port = free_port();
+    let mut d = Daemon::start(&[
+        "--socket-path",
+        sock.to_str().unwrap(),
+        "--metrics-listen",
+        &port.to_string(),
+        "--user",
+        "nobody",
+    ])
+    .unwrap();
+    let status = std::path::PathBuf::from(format!("/proc/{}/status", d.pid()));
+    assert_eq!(proc_status(&status, "Uid"), "65534 65534 65534 65534");
+    assert_eq!(proc_status(&status, "Gid"), "65534 65534 65534 65534");
+    assert_eq!(proc_status(&status, "Groups"), "65534");
+    assert_eq!(proc_status(&status, "CapEff"), "0000000000000000");
+    for p in [sock.clone(), d.path("control.sock")] {
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!(
+            (m.uid(), m.mode() & 0o777),
+            (65534, 0o600),
+            "{}",
+            p.display()
+        );
+        let mut lock = p.into_os_string();
+        lock.push(".lock");
+        assert_eq!(std::fs::metadata(&lock).unwrap().uid(), 65534);
+    }
+    // The daemon's user is the control socket's owner now.
+    let out = stats_as_nobody(&d);
+    assert!(out.status.success(), "{out:?}");
+    sandboxed_daemon_works(&mut d, &sock, port, false);
+    assert!(d.path("control.sock").exists());
+    assert!(
+        d.log().contains("cannot remove the socket file"),
+        "{}",
+        d.log()
+    );
+}
+
+/// A daemon process the test started itself; killed on drop.
+struct Spawned(std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Without root, `--sandbox namespace` first enters a user namespace that maps only the
+/// daemon's own uid (the test, as root, runs the daemon as nobody).
+#[test]
+fn namespace_sandbox_without_root_enters_a_user_namespace() {
+    use std::os::unix::process::CommandExt;
+    if !root() {
+        eprintln!("skipped: needs root to run the daemon as another user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+    let (sock, ctl) = (dir.path().join("vm.sock"), dir.path().join("control.sock"));
+    let log = dir.path().join("daemon.log");
+    let mut d = Spawned(
+        Command::new(daemon::binary().unwrap())
+            .arg("--socket-path")
+            .arg(&sock)
+            .arg("--control-socket")
+            .arg(&ctl)
+            .args(["--sandbox", "namespace", "--seccomp-action", "kill"])
+            .uid(65534)
+            .gid(65534)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let log = || std::fs::read_to_string(&log).unwrap_or_default();
+    // Serving (and so confined) once the control socket answers.
+    let stats = || {
+        run_to_exit(
+            &[
+                "stats".into(),
+                "--control".into(),
+                ctl.clone().into_os_string(),
+            ],
+            Duration::from_secs(10),
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !stats().status.success() {
+        assert!(
+            d.0.try_wait().unwrap().is_none(),
+            "daemon exited: {}",
+            log()
+        );
+        assert!(std::time::Instant::now() < deadline, "{}", log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = d.0.id();
+    let ns = |p: String| std::fs::read_link(p).unwrap();
+    for kind in ["user", "mnt", "net"] {
+        assert_ne!(
+            ns(format!("/proc/self/ns/{kind}")),
+            ns(format!("/proc/{pid}/ns/{kind}")),
+            "{kind} namespace shared"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(format!("/proc/{pid}/root"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert_eq!(
+        proc_status(std::path::Path::new(&format!("/proc/{pid}/status")), "Uid"),
+        "65534 65534 65534 65534"
+    );
+    let mut g = Guest::connect(&sock, GuestOptions::default()).unwrap();
+    let pool = g.create_pool(true, None).unwrap();
+    let (hits, _) = put_get_verify(&mut g, 0, pool, [1, 0, 0], 0, 500, true);
+    assert_eq!(hits, 500);
+    drop(g);
+    // SAFETY: kill takes no pointers; the pid is our child's, not yet reaped.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        if let Some(st) = d.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "no exit: {}", log());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(st.code(), Some(0), "{st}: {}", log());
+    assert!(!sock.exists() && !ctl.exists(), "{}", log());
 }

@@ -23,8 +23,8 @@ use crate::store::stats::StoreStats;
 use crate::store::{check_memory_limit, check_weight, parse_uuid, Engine};
 
 pub use client::request;
-pub use prometheus::{prometheus, serve_metrics};
-pub use server::Access;
+pub use prometheus::{bind_metrics, prometheus, serve_metrics, MetricsListener};
+pub use server::{Access, BoundControl};
 
 /// Errors of the control interface.
 #[derive(Debug, thiserror::Error)]

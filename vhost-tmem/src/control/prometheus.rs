@@ -132,6 +132,15 @@ pub fn serve_metrics(
     engine: Arc<Engine>,
     addr: SocketAddr,
 ) -> Result<std::thread::JoinHandle<()>, Error> {
+    bind_metrics(addr)?.spawn(engine)
+}
+
+/// The metrics listener, bound but not served yet (the daemon confines itself in between).
+#[derive(Debug)]
+pub struct MetricsListener(TcpListener);
+
+/// Binds the metrics listener of [`serve_metrics`].
+pub fn bind_metrics(addr: SocketAddr) -> Result<MetricsListener, Error> {
     if !addr.ip().is_loopback() {
         tracing::warn!(
             %addr,
@@ -140,28 +149,36 @@ pub fn serve_metrics(
         );
     }
     let listener = TcpListener::bind(addr).map_err(|source| Error::BindMetrics { addr, source })?;
-    let handle = std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            let slots = Slots::default();
-            let busy = RateLimited::default();
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(s) => {
-                        let engine = engine.clone();
-                        conn::dispatch(&slots, "metrics-conn", s, &busy, move |s| {
-                            if let Err(e) = answer(&engine, s) {
-                                tracing::debug!("metrics connection: {e}");
-                            }
-                        });
-                    }
-                    Err(e) => {
-                        busy.log(|n| tracing::warn!("metrics accept failed ({n} times): {e}"))
+    Ok(MetricsListener(listener))
+}
+
+impl MetricsListener {
+    /// Serves `/metrics` on a thread of its own until the process exits.
+    pub fn spawn(self, engine: Arc<Engine>) -> Result<std::thread::JoinHandle<()>, Error> {
+        let listener = self.0;
+        let handle = std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                let slots = Slots::default();
+                let busy = RateLimited::default();
+                for conn in listener.incoming() {
+                    match conn {
+                        Ok(s) => {
+                            let engine = engine.clone();
+                            conn::dispatch(&slots, "metrics-conn", s, &busy, move |s| {
+                                if let Err(e) = answer(&engine, s) {
+                                    tracing::debug!("metrics connection: {e}");
+                                }
+                            });
+                        }
+                        Err(e) => {
+                            busy.log(|n| tracing::warn!("metrics accept failed ({n} times): {e}"))
+                        }
                     }
                 }
-            }
-        })?;
-    Ok(handle)
+            })?;
+        Ok(handle)
+    }
 }
 
 /// Largest request head accepted.

@@ -31,6 +31,16 @@ impl Access {
     }
 }
 
+/// A bound control socket not served yet: the daemon binds everything, confines itself
+/// (sandbox), then starts serving.
+#[derive(Debug)]
+pub struct BoundControl {
+    controls: Controls,
+    listener: UnixListener,
+    claim: crate::sock::Claim,
+    group: Option<u32>,
+}
+
 impl Controls {
     /// Serves the control socket until the process exits: its file is 0600, or 0660 for
     /// `group`, whose members may then use it besides root and the daemon's user.
@@ -39,9 +49,32 @@ impl Controls {
         path: &Path,
         group: Option<u32>,
     ) -> Result<std::thread::JoinHandle<()>, Error> {
+        self.bind(path, group)?.spawn()
+    }
+
+    /// Binds the control socket (see [`Controls::serve`]) without serving it yet.
+    pub fn bind(self, path: &Path, group: Option<u32>) -> Result<BoundControl, Error> {
         let (fd, claim) = crate::sock::bind(path, group)?;
-        let listener = UnixListener::from(fd);
+        Ok(BoundControl {
+            controls: self,
+            listener: UnixListener::from(fd),
+            claim,
+            group,
+        })
+    }
+}
+
+impl BoundControl {
+    /// Serves the socket on a thread of its own until the process exits.
+    pub fn spawn(self) -> Result<std::thread::JoinHandle<()>, Error> {
+        let BoundControl {
+            controls,
+            listener,
+            claim,
+            group,
+        } = self;
         let access = Access {
+            // The daemon's user as it serves (after a --user drop, not root's).
             // SAFETY: geteuid has no preconditions.
             owner: unsafe { libc::geteuid() },
             group,
@@ -57,7 +90,7 @@ impl Controls {
                 for conn in listener.incoming() {
                     match conn {
                         Ok(s) => {
-                            let (this, refused) = (self.clone(), refused.clone());
+                            let (this, refused) = (controls.clone(), refused.clone());
                             conn::dispatch(&slots, "control-conn", s, &busy, move |s| {
                                 if let Err(e) = this.session(s, access, &refused) {
                                     tracing::debug!("control connection: {e}");
@@ -72,7 +105,9 @@ impl Controls {
             })?;
         Ok(handle)
     }
+}
 
+impl Controls {
     fn session(&self, stream: UnixStream, access: Access, refused: &RateLimited) -> io::Result<()> {
         let deadline = Deadline::start();
         stream.set_write_timeout(deadline.next_timeout())?;

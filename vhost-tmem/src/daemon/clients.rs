@@ -133,7 +133,10 @@ impl Clients {
         let listener = b.listener;
         let thread = std::thread::Builder::new()
             .name(format!("client-{name}"))
-            .spawn(move || supervise(engine, c, listener, t, dev));
+            .spawn(move || {
+                crate::sandbox::confine_serving_thread();
+                supervise(engine, c, listener, t, dev)
+            });
         let thread = match thread {
             Ok(t) => t,
             Err(e) => {
@@ -392,6 +395,33 @@ impl Clients {
     }
 }
 
+/// Why `add-client` and `reload` are refused in the namespace sandbox.
+const NO_FILESYSTEM: &str = "not available with --sandbox namespace: the daemon no longer sees \
+     the filesystem (its root is empty); use --sandbox seccomp, or restart the daemon with the \
+     new configuration";
+
+impl Clients {
+    /// At exit: removes the socket files of clients added at run time (those of the start are
+    /// `files`, removed through their directories). Lock files stay, as at start.
+    pub(crate) fn remove_added_socket_files(&self, files: &crate::sandbox::SocketFiles) {
+        use std::os::unix::fs::FileTypeExt;
+        let st = self.state.lock();
+        for e in st.entries.values() {
+            let Endpoint::Path(p) = &e.endpoint else {
+                continue;
+            };
+            if e.claim.is_none() || files.holds(p) {
+                continue;
+            }
+            if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()) {
+                if let Err(err) = std::fs::remove_file(p) {
+                    tracing::warn!(path = %p.display(), "cannot remove the socket file: {err}");
+                }
+            }
+        }
+    }
+}
+
 fn quota_text(q: u64) -> String {
     if q == 0 {
         "none".into()
@@ -404,6 +434,9 @@ impl ClientAdmin for Clients {
     fn add_client(&self, spec: &str) -> Result<(), String> {
         let spec = parse_client_spec(spec).map_err(|e| error_chain(&e))?;
         let mut st = self.state.lock();
+        if !crate::sandbox::sees_filesystem(st.cfg.sandbox.mode) {
+            return Err(NO_FILESYSTEM.into());
+        }
         if let Some(why) = Self::conflict(&st, &spec.config.name, &spec.endpoint) {
             return Err(why);
         }
@@ -499,6 +532,9 @@ impl ClientAdmin for Clients {
     }
 
     fn reload(&self) -> Result<ReloadReport, String> {
+        if !crate::sandbox::sees_filesystem(self.state.lock().cfg.sandbox.mode) {
+            return Err(NO_FILESYSTEM.into());
+        }
         let args = self
             .args
             .as_ref()

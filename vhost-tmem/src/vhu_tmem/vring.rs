@@ -10,11 +10,12 @@
 //! a backend no hook between receiving such a file and using it, except the vring type itself:
 //! so this type refuses anything but an eventfd before the crate sees it.
 
+use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, OnceLock, RwLockReadGuard, RwLockWriteGuard};
 
 use vhost_user_backend::{VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT};
 use virtio_queue::Error as QueueError;
@@ -45,10 +46,32 @@ pub struct Vring {
     refused: Arc<Refused>,
 }
 
+/// `/proc/self/fd`, opened once: the daemon opens it before it confines itself (the namespace
+/// sandbox hides /proc, the seccomp one allows `readlinkat` only relative to it).
+static FD_DIR: OnceLock<Option<OwnedFd>> = OnceLock::new();
+
+/// The descriptor of `/proc/self/fd` the kick and call check reads links in (opened on first
+/// use), or `None` if /proc is not there: then every kick and call is refused.
+pub fn fd_dir() -> Option<RawFd> {
+    FD_DIR
+        .get_or_init(|| File::open("/proc/self/fd").ok().map(OwnedFd::from))
+        .as_ref()
+        .map(AsRawFd::as_raw_fd)
+}
+
 /// What /proc shows for file `f` (e.g. `anon_inode:[eventfd]`, `pipe:[1234]`).
 fn fd_link(f: &File) -> io::Result<String> {
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
-    Ok(link.to_string_lossy().into_owned())
+    let dir = fd_dir().ok_or_else(|| io::Error::other("/proc/self/fd is not available"))?;
+    let name = CString::new(f.as_raw_fd().to_string()).expect("digits only");
+    // Longer links are truncated, and none of those is an eventfd's.
+    let mut buf = [0u8; 64];
+    // SAFETY: name is NUL-terminated, buf is writable for its length, and dir stays open for
+    // the life of the process (a static).
+    let n = unsafe { libc::readlinkat(dir, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(String::from_utf8_lossy(&buf[..n as usize]).into_owned())
 }
 
 impl std::fmt::Debug for Vring {
