@@ -52,9 +52,11 @@ load() {
 	insmod /lib/modules/tmem.ko || fail "insmod tmem.ko"
 	[ -d $T ] || fail "no $T after insmod (device not bound?)"
 }
+# wait_file FILE [PID]: waits for FILE, which process PID (if given) creates.
 wait_file() {
 	i=0
 	while [ ! -e "$1" ]; do
+		[ -z "$2" ] || kill -0 "$2" 2>/dev/null || fail "process $2 ended before it made $1"
 		sleep 1
 		i=$((i + 1))
 		[ $i -lt 900 ] || fail "timed out waiting for $1"
@@ -160,7 +162,7 @@ swap-lazy-register)
 	swap_on
 	memtouch hold 64 2 &
 	HOLD=$!
-	wait_file /tmp/hold.2
+	wait_file /tmp/hold.2 $HOLD
 	memtouch run 160 3 || fail "workload before insmod did not verify"
 	[ "$(swap_used_kb)" -gt 0 ] || fail "nothing was swapped out before insmod"
 	load
@@ -182,7 +184,7 @@ swap-unload)
 	swap_on
 	memtouch hold 64 5 &
 	HOLD=$!
-	wait_file /tmp/hold.5
+	wait_file /tmp/hold.5 $HOLD
 	memtouch run 160 6 || fail "pressure workload did not verify"
 	refs=$(cat /sys/module/tmem/refcnt)
 	[ "$refs" -gt 0 ] || fail "no page of the held workload is in tmem"
@@ -274,7 +276,7 @@ zswap-coexist)
 	swap_on
 	memtouch hold 48 50 &
 	HOLD=$!
-	wait_file /tmp/hold.50
+	wait_file /tmp/hold.50 $HOLD
 	memtouch run 160 51 || fail "workload with zswap alone did not verify"
 	zs=$(cat /sys/kernel/debug/zswap/stored_pages)
 	zswap_counters
@@ -305,7 +307,7 @@ thp-swap)
 	swap_on
 	MEMTOUCH_THP=1 memtouch hold 64 60 &
 	HOLD=$!
-	wait_file /tmp/hold.60
+	wait_file /tmp/hold.60 $HOLD
 	thp=$(awk '$1 == "AnonHugePages:" { print $2 }' /proc/meminfo)
 	[ "$thp" -gt 0 ] || fail "the workload got no transparent huge pages"
 	echo "thp-swap: $thp kB in transparent huge pages"
