@@ -851,6 +851,17 @@ fn concurrent_shared_pool_members_keep_exact_accounts() {
         .collect();
     let clients: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     assert!(e.memory_used() <= 2 << 20);
+    // What eviction skips on stayed exact: per pool, what each member holds there.
+    for c in &clients {
+        let held: u64 = c
+            .account
+            .pools
+            .lock()
+            .iter()
+            .map(|r| r.held.load(Relaxed))
+            .sum();
+        assert_eq!(held, c.account.ephemeral_runs.load(Relaxed), "{}", c.name);
+    }
     for c in &clients {
         e.reset_client(c);
     }
@@ -858,5 +869,68 @@ fn concurrent_shared_pool_members_keep_exact_accounts() {
     for c in e.stats().clients {
         assert_eq!(c.charged_bytes, 0, "{}", c.name);
     }
+    for c in &clients {
+        assert_eq!(c.account.ephemeral_runs.load(Relaxed), 0, "{}", c.name);
+    }
     assert!(e.shared.lock().is_empty());
+}
+
+#[test]
+fn eviction_work_does_not_depend_on_other_members_pages() {
+    // a's puts at its quota look for pages of its own to evict: what b holds in the shared
+    // pool they are both members of must cost them nothing (b could make every failing put
+    // of a's scan its runs).
+    let e = engine(1 << 30);
+    let uuid = [6u8; 16];
+    let a = e.add_client(ClientConfig {
+        quota: 1 << 20,
+        shared: vec![uuid],
+        ..ClientConfig::named("a")
+    });
+    let b = member(&e, "b", uuid);
+    let mut w = e.new_worker().unwrap();
+    let sa = e.create_pool(&a, shared_spec(uuid)).unwrap();
+    let sb = e.create_pool(&b, shared_spec(uuid)).unwrap();
+    let pa = e.create_pool(&a, PERS).unwrap();
+    // b: a run per page, about 250 in each shard's queue.
+    for i in 0..4000 {
+        e.put(&mut w, &b, &key(sb, OID, i * 16), &page(1 << 40 | i))
+            .unwrap();
+    }
+    // a: 32 pages of its own in the pool, behind b's in every queue.
+    for i in 0..32 {
+        e.put(&mut w, &a, &key(sa, [5, 5, 5], i * 16), &page(i))
+            .unwrap();
+    }
+    let examined = || e.budget.lru_examined.load(Relaxed);
+    // Filling the quota with persistent pages evicts a's shared pages, looking at a's only.
+    let stored = fill_until_no_space(&e, &mut w, &a, pa, 7 << 40);
+    assert!(stored > 32);
+    assert!(
+        examined() <= 32,
+        "evicting a's 32 runs examined {} LRU records",
+        examined()
+    );
+    let s = e.stats();
+    assert_eq!(s.clients[0].counters.evictions, 32);
+    assert_eq!(s.shared_pools[0].counters.stored_pages, 4000);
+    // Now a has nothing evictable: its failing puts examine nothing at all.
+    let before = examined();
+    for i in 0..10 {
+        assert!(matches!(
+            e.put(&mut w, &a, &key(pa, OID, stored + i), &page(9 << 40 | i)),
+            Err(Error::NoSpace)
+        ));
+    }
+    assert_eq!(
+        examined() - before,
+        0,
+        "10 failing puts examined LRU records of b's"
+    );
+    for i in (0..4000).step_by(97) {
+        let mut out = vec![0u8; PAGE_SIZE];
+        e.get(&mut w, &a, &key(sa, OID, i * 16), &mut out, false)
+            .unwrap();
+        assert_eq!(out, page(1 << 40 | i));
+    }
 }
