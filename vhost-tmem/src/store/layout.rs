@@ -538,13 +538,14 @@ pub(super) fn member_record_live(
 }
 
 /// [`compact_lru`] for a member's queue in a shared pool: at most one live record per run of
-/// its, so the queue stays O(its runs) whatever others do to the runs it shares.
+/// its, so the queue stays O(its runs) whatever others do to the runs it shares. The
+/// constants are smaller than a private pool's: there is a queue per member and shard.
 pub(super) fn compact_member(
     objects: &HashMap<Oid, Object, KeyedState>,
     owner: u32,
     m: &mut MemberLru,
 ) {
-    if m.lru.len() >= 64 && m.lru.len() >= m.runs + m.runs / 2 {
+    if m.lru.len() >= 16 && m.lru.len() >= m.runs + m.runs / 2 {
         m.lru.retain(|r| member_record_live(objects, owner, r));
     }
     let len = m.lru.len();
