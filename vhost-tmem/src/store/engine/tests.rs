@@ -934,3 +934,48 @@ fn eviction_work_does_not_depend_on_other_members_pages() {
         assert_eq!(out, page(1 << 40 | i));
     }
 }
+
+#[test]
+fn a_members_queues_stay_bounded_by_its_own_runs() {
+    // b's puts and hits renew the runs a shares with it, each renewal a record in a's queue:
+    // compaction keeps a's queues within what a holds (which its pages are charged for).
+    let e = engine(1 << 30);
+    let uuid = [8u8; 16];
+    let a = member(&e, "a", uuid);
+    let b = member(&e, "b", uuid);
+    let mut w = e.new_worker().unwrap();
+    let sa = e.create_pool(&a, shared_spec(uuid)).unwrap();
+    let sb = e.create_pool(&b, shared_spec(uuid)).unwrap();
+    for r in 0..64 {
+        e.put(&mut w, &a, &key(sa, OID, r * 16), &page(r * 16))
+            .unwrap();
+    }
+    let mut out = vec![0u8; PAGE_SIZE];
+    for round in 0..50 {
+        for r in 0..64 {
+            let i = r * 16 + 1 + round % 15;
+            let _ = e.put(&mut w, &b, &key(sb, OID, i), &page(i));
+            e.get(&mut w, &b, &key(sb, OID, r * 16), &mut out, false)
+                .unwrap();
+        }
+    }
+    let pool = a.pool(sa).unwrap();
+    let mut records = 0;
+    for shard in pool.shards.iter() {
+        let sh = shard.lock();
+        if let Some(m) = sh.members.get(&a.account.id) {
+            assert!(
+                m.lru.len() <= 16.max(m.runs + m.runs / 2),
+                "{}",
+                m.lru.len()
+            );
+            records += m.lru.len();
+        }
+    }
+    // And a's eviction looks at those records only.
+    let before = e.budget.lru_examined.load(Relaxed);
+    assert_eq!(e.budget.evict_from(&a.account, 64), 64);
+    assert!(e.budget.lru_examined.load(Relaxed) - before <= records as u64);
+    assert_eq!(a.account.ephemeral_runs.load(Relaxed), 0);
+    assert_eq!(e.stats().shared_pools[0].counters.stored_pages, 64 * 15);
+}
