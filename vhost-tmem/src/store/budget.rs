@@ -19,7 +19,10 @@
 //! Eviction order is LRU of runs within a shard and round-robin across an account's pools and
 //! shards: an approximation of Xen's global LRU that needs no global list. A run is evicted
 //! whole (up to 16 pages), which is also the eviction batch; in a shared pool, only the
-//! account's own pages of the run.
+//! account's own pages of the run. What an eviction attempt costs depends only on what the
+//! account holds: each rotation entry counts what it holds in that pool (pools where that is
+//! 0 are skipped), and a shared pool's shards keep an LRU queue per member, so one member's
+//! eviction never walks past another's runs.
 //!
 //! Nothing a guest can make the store allocate grows without a charge: pools leave their
 //! account's list when destroyed, LRU records of removed runs are compacted away, and maps and
@@ -27,21 +30,19 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use parking_lot::RwLock;
 
 use super::arena::Arena;
 use super::layout::{
-    compact_lru, payload_cost, remove_run, shared_bits, take_shared_page, Account, LruRef, Pool,
-    RunKey, RUN_PAGES, SHARDS, SHARED_PAGE_META,
+    compact_lru, member_record_live, payload_cost, remove_run, shared_bits, take_shared_page,
+    Account, Pool, RunKey, SharedTaken, RUN_PAGES, SHARDS, SHARED_PAGE_META,
 };
 use super::{Error, Result};
 
 /// Pages evicted per round when room is needed (at least; runs go whole).
 const EVICT_BATCH: usize = 16;
-/// LRU records a shared pool's shard looks at per eviction visit for the owner's pages.
-const SHARED_EVICT_SCAN: usize = 64;
 /// Rounds of evict-and-retry before a put gives up.
 const RESERVE_ROUNDS: usize = 64;
 /// Bytes freed (payload and metadata) after which the C heap is trimmed.
@@ -62,6 +63,9 @@ pub(super) struct Budget {
     pub(super) arena: Arena,
     /// Bytes released since the C heap was last trimmed.
     untrimmed: AtomicU64,
+    /// LRU records evictions examined: the work an eviction attempt costs.
+    #[cfg(test)]
+    pub(super) lru_examined: AtomicU64,
 }
 
 impl Budget {
@@ -77,6 +81,8 @@ impl Budget {
                 a
             },
             untrimmed: AtomicU64::new(0),
+            #[cfg(test)]
+            lru_examined: AtomicU64::new(0),
         }
     }
 
@@ -161,7 +167,7 @@ impl Budget {
         for a in self.accounts.read().iter() {
             a.pools
                 .lock()
-                .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), pool));
+                .retain(|r| r.pool.strong_count() > 0 && !std::ptr::eq(r.pool.as_ptr(), pool));
         }
     }
 
@@ -297,14 +303,19 @@ impl Budget {
     }
 
     /// Evicts at least `n` ephemeral pages charged to `account` if it has them, oldest run
-    /// first per shard; returns how many.
+    /// first per shard; returns how many. What it costs depends on what the account holds,
+    /// never on what other clients hold: pools where it holds nothing are skipped, and in a
+    /// shared pool only its own queue is looked at.
     pub(super) fn evict_from(&self, account: &Account, n: usize) -> usize {
-        let pools: Vec<Arc<Pool>> = {
-            let mut list = account.pools.lock();
-            list.retain(|w| w.strong_count() > 0);
-            list.iter().filter_map(Weak::upgrade).collect()
-        };
-        if pools.is_empty() {
+        if account.ephemeral_runs.load(Relaxed) == 0 {
+            return 0;
+        }
+        // Held for the whole round (no copy of the list per put); only shard locks, atomics
+        // and the allocator's locks are taken under it.
+        let mut list = account.pools.lock();
+        list.retain(|r| r.pool.strong_count() > 0);
+        let len = list.len();
+        if len == 0 {
             return 0;
         }
         let mut evicted = 0;
@@ -312,13 +323,21 @@ impl Budget {
         // Visit pools round-robin; within a pool, shards round-robin, one run per visit.
         let mut idle_visits = 0;
         let mut i = start;
-        while evicted < n && idle_visits < pools.len() * SHARDS {
-            let pool = &pools[i % pools.len()];
+        while evicted < n && idle_visits < len * SHARDS {
+            let r = &list[i % len];
             i += 1;
+            let pool = match r.pool.upgrade() {
+                Some(p) if r.held.load(Relaxed) > 0 => p,
+                _ => {
+                    // Nothing of its there: as good as a round of empty shards.
+                    idle_visits += SHARDS;
+                    continue;
+                }
+            };
             let k = if pool.shared.is_some() {
-                self.evict_shared(pool, account.id)
+                self.evict_shared(&pool, account)
             } else {
-                self.evict_one(pool)
+                self.evict_one(&pool)
             };
             match k {
                 0 => idle_visits += 1,
@@ -339,6 +358,8 @@ impl Budget {
             let sh = &mut *g;
             let mut found = None;
             while let Some(r) = sh.lru.pop_front() {
+                #[cfg(test)]
+                self.lru_examined.fetch_add(1, Relaxed);
                 let Some(obj) = sh.objects.get_mut(&r.key.oid) else {
                     continue;
                 };
@@ -362,54 +383,49 @@ impl Budget {
         pages
     }
 
-    /// Evicts the oldest pages `owner` put in the next shard of a shared pool; returns how
-    /// many. Runs with other members' pages only go to the back of the queue: one client's
-    /// need for room never evicts what another is charged for.
-    pub(super) fn evict_shared(&self, pool: &Pool, owner: u32) -> usize {
+    /// Evicts the pages `owner` put in the least recently used of its runs in the next shard
+    /// of a shared pool; returns how many. Only its own queue is looked at: one client's need
+    /// for room never evicts what another is charged for, nor costs more for what others hold.
+    pub(super) fn evict_shared(&self, pool: &Pool, owner: &Account) -> usize {
         let si = pool.evict_cursor.fetch_add(1, Relaxed) % SHARDS;
-        let mut taken = Vec::new();
+        let me = owner.id;
+        // At most 16 pages, kept on the stack: nothing allocated per eviction.
+        let mut taken: [Option<SharedTaken>; RUN_PAGES] = Default::default();
+        let mut pages = 0;
         {
             let mut g = pool.shards[si].lock();
             let sh = &mut *g;
-            // Bounded work per visit; the caller visits every shard of every pool.
-            for _ in 0..SHARED_EVICT_SCAN {
-                let Some(r) = sh.lru.pop_front() else {
-                    break;
-                };
-                let Some(run) = sh.run_mut(&r.key).filter(|run| run.stamp == r.stamp) else {
-                    continue;
-                };
-                let mine = shared_bits(run, Some(owner));
-                if mine != 0 {
-                    for bit in 0..RUN_PAGES as u32 {
-                        if mine & (1 << bit) != 0 {
-                            taken.push(
-                                take_shared_page(sh, &r.key, bit, Some(owner)).expect("listed"),
-                            );
-                        }
+            let mut found = None;
+            if let Some(m) = sh.members.get_mut(&me) {
+                // Stale records here are its own, at most half its runs beyond those
+                // (`compact_member`): the work is bounded by what it holds.
+                while let Some(r) = m.lru.pop_front() {
+                    #[cfg(test)]
+                    self.lru_examined.fetch_add(1, Relaxed);
+                    if member_record_live(&sh.objects, me, &r) {
+                        found = Some(r.key);
+                        break;
                     }
                 }
-                // Other members' pages stay, recorded anew at the back of the queue.
-                let stamp = sh.clock + 1;
-                if let Some(run) = sh.run_mut(&r.key) {
-                    run.stamp = stamp;
-                    sh.clock = stamp;
-                    sh.lru.push_back(LruRef { key: r.key, stamp });
-                }
-                if mine != 0 {
-                    break;
+            }
+            let Some(key) = found else {
+                return 0;
+            };
+            let mine = sh.run_mut(&key).map_or(0, |run| shared_bits(run, Some(me)));
+            for bit in 0..RUN_PAGES as u32 {
+                if mine & (1 << bit) != 0 {
+                    taken[pages] = Some(take_shared_page(sh, &key, bit, Some(me)).expect("listed"));
+                    pages += 1;
                 }
             }
-            compact_lru(sh);
         }
-        let pages = taken.len();
-        let charge: u64 = taken.iter().map(|t| t.charge).sum();
+        let charge: u64 = taken.iter().flatten().map(|t| t.charge).sum();
+        // Payloads are freed here, outside the lock.
         drop(taken);
         if pages > 0 {
-            self.release_shared(owner, charge, pages as u64);
-            self.accounts.read()[owner as usize]
-                .evictions
-                .fetch_add(pages as u64, Relaxed);
+            owner.ephemeral_runs.fetch_sub(pages as u64, Relaxed);
+            self.release(owner, charge, false);
+            owner.evictions.fetch_add(pages as u64, Relaxed);
             pool.counters.evictions.fetch_add(pages as u64, Relaxed);
         }
         pages
@@ -451,6 +467,7 @@ impl Budget {
             };
             if !pool.persistent {
                 pool.account.ephemeral_runs.fetch_sub(runs, Relaxed);
+                pool.held.fetch_sub(runs, Relaxed);
             }
             drop(taken);
             self.release_pool(pool, freed);
@@ -479,6 +496,11 @@ impl Budget {
                         }
                     }
                 }
+                for (owner, m) in sh.members.drain() {
+                    let pages = per_owner.get(&owner).map_or(0, |e| e.1);
+                    m.held.fetch_sub(pages, Relaxed);
+                }
+                sh.members = HashMap::with_hasher(pool.hasher);
                 sh.lru = VecDeque::new();
                 sh.runs = 0;
                 n += sh.counts.stored_pages;
@@ -551,7 +573,7 @@ impl Budget {
         pool.account
             .pools
             .lock()
-            .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), pool));
+            .retain(|r| r.pool.strong_count() > 0 && !std::ptr::eq(r.pool.as_ptr(), pool));
         self.drain(pool)
     }
 }

@@ -4,7 +4,8 @@
 //! Where pages live is in [`layout`](super::layout), how memory is charged and reclaimed in
 //! [`budget`](super::budget), and what the control interface reports in [`stats`](super::stats).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 
@@ -18,9 +19,9 @@ use super::codec::{Codecs, Compressor};
 use super::counters::Counters;
 use super::hash::KeyedState;
 use super::layout::{
-    compact_lru, count_page, key_of, payload_cost, remove_run, shared_bits, take_page,
-    take_shared_page, Account, LruRef, Object, Pool, Run, RunKey, Shard, MAX_STRUCT_COST, OBJ_META,
-    RUN_PAGES, SHARDS, SHARED_PAGE_META, SLOT_BYTES,
+    compact_lru, count_page, key_of, payload_cost, remove_run, renew_shared, shared_bits,
+    take_page, take_shared_page, Account, LruRef, MemberLru, Object, Pool, Rotation, Run, RunKey,
+    Shard, MAX_STRUCT_COST, OBJ_META, RUN_PAGES, SHARDS, SHARED_PAGE_META, SLOT_BYTES,
 };
 use super::slot::{Payload, Slot};
 use super::{
@@ -291,7 +292,7 @@ impl Engine {
             .pools
             .lock()
             .iter()
-            .filter_map(Weak::upgrade)
+            .filter_map(|r| r.pool.upgrade())
             .filter(|p| p.shared.is_some())
             .collect();
         for pool in shared {
@@ -340,12 +341,17 @@ impl Engine {
                 .collect(),
             hasher,
             evict_cursor: AtomicUsize::new(0),
+            held: Arc::new(AtomicU64::new(0)),
+            member_held: Mutex::new(HashMap::new()),
             dead: AtomicBool::new(false),
             members: AtomicU64::new(1),
             counters: Counters::default(),
         });
         if !spec.persistent && spec.shared.is_none() {
-            account.pools.lock().push(Arc::downgrade(&pool));
+            account.pools.lock().push(Rotation {
+                pool: Arc::downgrade(&pool),
+                held: pool.held.clone(),
+            });
         }
         pool
     }
@@ -445,16 +451,14 @@ impl Engine {
                 Some(old) if old.payload() == slot.payload() => Outcome::Agreed,
                 Some(_) => Outcome::Conflict,
                 None => {
+                    let had = shared_bits(run, Some(me)) != 0;
                     run.owners.get_or_insert_with(|| Box::new([0; RUN_PAGES]))[bit as usize] = me;
                     let at = run.pos(bit);
                     run.slots.reserve_exact(usize::from(run.slots.is_empty()));
                     run.slots.insert(at, slot);
                     run.present |= 1 << bit;
-                    let push = (run.stamp == 0 || sh.clock - run.stamp >= window).then(|| {
-                        sh.clock += 1;
-                        run.stamp = sh.clock;
-                        sh.clock
-                    });
+                    // A member's first page in the run needs a record in its queue.
+                    let renew = !had || run.stamp == 0 || sh.clock - run.stamp >= window;
                     count_page(
                         &mut sh.counts,
                         &mut sh.payload_charged,
@@ -467,9 +471,19 @@ impl Engine {
                     }
                     // Under the lock, before anyone can take the page and count it out.
                     client.account.ephemeral_runs.fetch_add(1, Relaxed);
-                    if let Some(stamp) = push {
-                        sh.lru.push_back(LruRef { key, stamp });
-                        compact_lru(sh);
+                    let m = match sh.members.entry(me) {
+                        Entry::Occupied(o) => o.into_mut(),
+                        Entry::Vacant(v) => v.insert(MemberLru {
+                            lru: VecDeque::new(),
+                            runs: 0,
+                            // Its pages here counted in its rotation (made when it joined).
+                            held: pool.member_held.lock().get(&me).cloned().expect("a member"),
+                        }),
+                    };
+                    m.held.fetch_add(1, Relaxed);
+                    m.runs += usize::from(!had);
+                    if renew {
+                        renew_shared(sh, key);
                     }
                     return Ok(());
                 }
@@ -577,9 +591,18 @@ impl Tmem for Engine {
                 };
                 // Its pages in the pool are evicted from its account, also after it leaves
                 // (they stay its own until evicted or the pool goes): once per pool.
+                let held = p
+                    .member_held
+                    .lock()
+                    .entry(client.account.id)
+                    .or_default()
+                    .clone();
                 let mut list = client.account.pools.lock();
-                if !list.iter().any(|w| std::ptr::eq(w.as_ptr(), &*p)) {
-                    list.push(Arc::downgrade(&p));
+                if !list.iter().any(|r| std::ptr::eq(r.pool.as_ptr(), &*p)) {
+                    list.push(Rotation {
+                        pool: Arc::downgrade(&p),
+                        held,
+                    });
                 }
                 drop(list);
                 p
@@ -731,6 +754,7 @@ impl Tmem for Engine {
                 sh.runs += 1;
                 if !pool.persistent {
                     pool.account.ephemeral_runs.fetch_add(1, Relaxed);
+                    pool.held.fetch_add(1, Relaxed);
                 }
             }
             if let Some(stamp) = push {
@@ -827,17 +851,12 @@ impl Tmem for Engine {
                     Err(Error::Miss)
                 }
                 Some((run, r)) => {
-                    let mut push = None;
-                    if !pool.persistent && sh.clock - run.stamp >= window {
-                        // A shared ephemeral hit makes the run recently used again.
-                        sh.clock += 1;
-                        run.stamp = sh.clock;
-                        push = Some(sh.clock);
-                    }
+                    // Only shared pools get here with ephemeral pages (private ones move
+                    // out): a hit makes the run recently used again for its owners.
+                    let renew = !pool.persistent && sh.clock - run.stamp >= window;
                     sh.counts.get_hits += 1;
-                    if let Some(stamp) = push {
-                        sh.lru.push_back(LruRef { key, stamp });
-                        compact_lru(sh);
+                    if renew {
+                        renew_shared(sh, key);
                     }
                     r.map(|()| GetHit { dropped: false })
                 }

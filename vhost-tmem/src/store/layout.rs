@@ -88,7 +88,7 @@ pub(super) struct Account {
     pub(super) ephemeral_runs: AtomicU64,
     /// Ephemeral pools charged here, in eviction rotation: the client's private ones and the
     /// shared pools it joined (until they are destroyed: its pages there stay its own).
-    pub(super) pools: Mutex<Vec<Weak<Pool>>>,
+    pub(super) pools: Mutex<Vec<Rotation>>,
     pub(super) cursor: AtomicUsize,
     /// Pages evicted from this account.
     pub(super) evictions: AtomicU64,
@@ -112,6 +112,26 @@ impl Account {
             retired: AtomicBool::new(false),
         }
     }
+}
+
+/// A pool in an account's eviction rotation, with what the account holds there that can be
+/// evicted (a private pool's runs, its own pages in a shared pool): eviction skips pools where
+/// that is 0, so that its cost never depends on what other clients hold.
+#[derive(Debug)]
+pub(super) struct Rotation {
+    pub(super) pool: Weak<Pool>,
+    pub(super) held: Arc<AtomicU64>,
+}
+
+/// A member's LRU queue in one shard of a shared pool: records of the runs holding pages it
+/// put, so that evicting its pages never looks at other members' runs.
+#[derive(Debug)]
+pub(super) struct MemberLru {
+    pub(super) lru: VecDeque<LruRef>,
+    /// Runs of the shard holding at least one of its pages (one live record each).
+    pub(super) runs: usize,
+    /// Its pages in the pool: the count in its [`Rotation`].
+    pub(super) held: Arc<AtomicU64>,
 }
 
 /// A run's key: the object and the run number (index >> RUN_SHIFT).
@@ -261,7 +281,10 @@ pub(super) struct Shard {
     pub(super) objects: HashMap<Oid, Object, KeyedState>,
     /// Runs in `objects`, so that LRU compaction needs no count.
     pub(super) runs: usize,
+    /// Private ephemeral pools: the LRU queue of runs.
     pub(super) lru: VecDeque<LruRef>,
+    /// Shared pools: a queue per member with pages here (by account id).
+    pub(super) members: HashMap<u32, MemberLru, KeyedState>,
     pub(super) clock: u64,
     /// Gauges and the common request counters of this shard's pages; `memory_used` is
     /// everything charged for the shard, payloads and structure.
@@ -276,6 +299,7 @@ impl Shard {
             objects: HashMap::with_hasher(h),
             runs: 0,
             lru: VecDeque::new(),
+            members: HashMap::with_hasher(h),
             clock: 0,
             counts: CounterSnapshot::default(),
             payload_charged: 0,
@@ -297,6 +321,11 @@ pub(super) struct Pool {
     pub(super) shards: Box<[Mutex<Shard>]>,
     pub(super) hasher: KeyedState,
     pub(super) evict_cursor: AtomicUsize,
+    /// Private ephemeral pools: runs held (the count in the account's [`Rotation`]).
+    pub(super) held: Arc<AtomicU64>,
+    /// Shared pools: each member's pages held, by account id (the counts in the members'
+    /// rotations). A member's entry stays while the pool lives: at most one per client.
+    pub(super) member_held: Mutex<HashMap<u32, Arc<AtomicU64>>>,
     /// Set once the pool is destroyed; puts that raced with it must not insert.
     pub(super) dead: AtomicBool,
     pub(super) members: AtomicU64,
@@ -379,6 +408,7 @@ pub(super) fn remove_run(pool: &Pool, sh: &mut Shard, key: &RunKey) -> Option<(R
     }
     if !pool.persistent {
         pool.account.ephemeral_runs.fetch_sub(1, Relaxed);
+        pool.held.fetch_sub(1, Relaxed);
     }
     Some((run, freed))
 }
@@ -417,10 +447,23 @@ pub(super) fn take_shared_page(
     }
     let slot = run.take(bit).expect("present");
     let emptied = run.present == 0;
+    let left = shared_bits(run, Some(owner)) == 0;
     count_page(&mut sh.counts, &mut sh.payload_charged, &slot, false);
     sh.counts.memory_used -= SHARED_PAGE_META;
     if emptied {
         unlink_run(sh, key, true).expect("the run is there");
+    }
+    let m = sh.members.get_mut(&owner).expect("an owner has a queue");
+    m.held.fetch_sub(1, Relaxed);
+    if left {
+        m.runs -= 1;
+        if m.runs == 0 {
+            // Every record of its is stale now: the queue goes with its room.
+            sh.members.remove(&owner);
+            shrink_map(&mut sh.members);
+        } else {
+            compact_member(&sh.objects, owner, m);
+        }
     }
     let charge = payload_cost(slot.len()) + SHARED_PAGE_META;
     Some(SharedTaken {
@@ -458,6 +501,61 @@ pub(super) fn take_page(
         freed += f;
     }
     Some((slot, freed))
+}
+
+/// Records a shared run as recently used for every member with pages in it: a new stamp and a
+/// record in each of their queues (at most 16), which makes their older records stale.
+pub(super) fn renew_shared(sh: &mut Shard, key: RunKey) {
+    sh.clock += 1;
+    let stamp = sh.clock;
+    let Some(run) = sh.run_mut(&key) else {
+        return;
+    };
+    run.stamp = stamp;
+    let Some(owners) = run.owners.as_deref().copied() else {
+        return;
+    };
+    let present = run.present;
+    for bit in 0..RUN_PAGES {
+        let o = owners[bit];
+        // Once per owner: at its lowest bit.
+        if present & (1 << bit) == 0 || (0..bit).any(|b| present & (1 << b) != 0 && owners[b] == o)
+        {
+            continue;
+        }
+        let m = sh.members.get_mut(&o).expect("an owner has a queue");
+        m.lru.push_back(LruRef { key, stamp });
+        compact_member(&sh.objects, o, m);
+    }
+}
+
+/// Whether a member's record is live: the run has its stamp and pages of the member's.
+pub(super) fn member_record_live(
+    objects: &HashMap<Oid, Object, KeyedState>,
+    owner: u32,
+    r: &LruRef,
+) -> bool {
+    objects
+        .get(&r.key.oid)
+        .and_then(|o| o.get(r.key.run))
+        .is_some_and(|run| run.stamp == r.stamp && shared_bits(run, Some(owner)) != 0)
+}
+
+/// [`compact_lru`] for a member's queue in a shared pool: at most one live record per run of
+/// its, so the queue stays O(its runs) whatever others do to the runs it shares. The
+/// constants are smaller than a private pool's: there is a queue per member and shard.
+pub(super) fn compact_member(
+    objects: &HashMap<Oid, Object, KeyedState>,
+    owner: u32,
+    m: &mut MemberLru,
+) {
+    if m.lru.len() >= 16 && m.lru.len() >= m.runs + m.runs / 2 {
+        m.lru.retain(|r| member_record_live(objects, owner, r));
+    }
+    let len = m.lru.len();
+    if m.lru.capacity() > 2 * len.max(8) {
+        m.lru.shrink_to((len + len / 2).max(8));
+    }
 }
 
 /// Drops stale LRU records once they outnumber live runs by half, so the queue stays

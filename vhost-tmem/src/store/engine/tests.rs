@@ -851,12 +851,26 @@ fn concurrent_shared_pool_members_keep_exact_accounts() {
         .collect();
     let clients: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     assert!(e.memory_used() <= 2 << 20);
+    // What eviction skips on stayed exact: per pool, what each member holds there.
+    for c in &clients {
+        let held: u64 = c
+            .account
+            .pools
+            .lock()
+            .iter()
+            .map(|r| r.held.load(Relaxed))
+            .sum();
+        assert_eq!(held, c.account.ephemeral_runs.load(Relaxed), "{}", c.name);
+    }
     for c in &clients {
         e.reset_client(c);
     }
     assert_eq!(e.memory_used(), 0);
     for c in e.stats().clients {
         assert_eq!(c.charged_bytes, 0, "{}", c.name);
+    }
+    for c in &clients {
+        assert_eq!(c.account.ephemeral_runs.load(Relaxed), 0, "{}", c.name);
     }
     assert!(e.shared.lock().is_empty());
 }
@@ -925,4 +939,109 @@ fn removing_a_client_frees_all_it_holds_and_its_share() {
     let c = e.add_client(ClientConfig::named("c"));
     assert_eq!(e.budget.accounts_len(), n);
     assert_eq!(c.account.used.load(Relaxed), 0);
+}
+
+#[test]
+fn eviction_work_does_not_depend_on_other_members_pages() {
+    // a's puts at its quota look for pages of its own to evict: what b holds in the shared
+    // pool they are both members of must cost them nothing (b could make every failing put
+    // of a's scan its runs).
+    let e = engine(1 << 30);
+    let uuid = [6u8; 16];
+    let a = e.add_client(ClientConfig {
+        quota: 1 << 20,
+        shared: vec![uuid],
+        ..ClientConfig::named("a")
+    });
+    let b = member(&e, "b", uuid);
+    let mut w = e.new_worker().unwrap();
+    let sa = e.create_pool(&a, shared_spec(uuid)).unwrap();
+    let sb = e.create_pool(&b, shared_spec(uuid)).unwrap();
+    let pa = e.create_pool(&a, PERS).unwrap();
+    // b: a run per page, about 250 in each shard's queue.
+    for i in 0..4000 {
+        e.put(&mut w, &b, &key(sb, OID, i * 16), &page(1 << 40 | i))
+            .unwrap();
+    }
+    // a: 32 pages of its own in the pool, behind b's in every queue.
+    for i in 0..32 {
+        e.put(&mut w, &a, &key(sa, [5, 5, 5], i * 16), &page(i))
+            .unwrap();
+    }
+    let examined = || e.budget.lru_examined.load(Relaxed);
+    // Filling the quota with persistent pages evicts a's shared pages, looking at a's only.
+    let stored = fill_until_no_space(&e, &mut w, &a, pa, 7 << 40);
+    assert!(stored > 32);
+    assert!(
+        examined() <= 32,
+        "evicting a's 32 runs examined {} LRU records",
+        examined()
+    );
+    let s = e.stats();
+    assert_eq!(s.clients[0].counters.evictions, 32);
+    assert_eq!(s.shared_pools[0].counters.stored_pages, 4000);
+    // Now a has nothing evictable: its failing puts examine nothing at all.
+    let before = examined();
+    for i in 0..10 {
+        assert!(matches!(
+            e.put(&mut w, &a, &key(pa, OID, stored + i), &page(9 << 40 | i)),
+            Err(Error::NoSpace)
+        ));
+    }
+    assert_eq!(
+        examined() - before,
+        0,
+        "10 failing puts examined LRU records of b's"
+    );
+    for i in (0..4000).step_by(97) {
+        let mut out = vec![0u8; PAGE_SIZE];
+        e.get(&mut w, &a, &key(sa, OID, i * 16), &mut out, false)
+            .unwrap();
+        assert_eq!(out, page(1 << 40 | i));
+    }
+}
+
+#[test]
+fn a_members_queues_stay_bounded_by_its_own_runs() {
+    // b's puts and hits renew the runs a shares with it, each renewal a record in a's queue:
+    // compaction keeps a's queues within what a holds (which its pages are charged for).
+    let e = engine(1 << 30);
+    let uuid = [8u8; 16];
+    let a = member(&e, "a", uuid);
+    let b = member(&e, "b", uuid);
+    let mut w = e.new_worker().unwrap();
+    let sa = e.create_pool(&a, shared_spec(uuid)).unwrap();
+    let sb = e.create_pool(&b, shared_spec(uuid)).unwrap();
+    for r in 0..64 {
+        e.put(&mut w, &a, &key(sa, OID, r * 16), &page(r * 16))
+            .unwrap();
+    }
+    let mut out = vec![0u8; PAGE_SIZE];
+    for round in 0..50 {
+        for r in 0..64 {
+            let i = r * 16 + 1 + round % 15;
+            let _ = e.put(&mut w, &b, &key(sb, OID, i), &page(i));
+            e.get(&mut w, &b, &key(sb, OID, r * 16), &mut out, false)
+                .unwrap();
+        }
+    }
+    let pool = a.pool(sa).unwrap();
+    let mut records = 0;
+    for shard in pool.shards.iter() {
+        let sh = shard.lock();
+        if let Some(m) = sh.members.get(&a.account.id) {
+            assert!(
+                m.lru.len() <= 16.max(m.runs + m.runs / 2),
+                "{}",
+                m.lru.len()
+            );
+            records += m.lru.len();
+        }
+    }
+    // And a's eviction looks at those records only.
+    let before = e.budget.lru_examined.load(Relaxed);
+    assert_eq!(e.budget.evict_from(&a.account, 64), 64);
+    assert!(e.budget.lru_examined.load(Relaxed) - before <= records as u64);
+    assert_eq!(a.account.ephemeral_runs.load(Relaxed), 0);
+    assert_eq!(e.stats().shared_pools[0].counters.stored_pages, 64 * 15);
 }
