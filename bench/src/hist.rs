@@ -58,11 +58,6 @@ impl Histogram {
         self.total += o.total;
     }
 
-    /// Values recorded.
-    pub fn count(&self) -> u64 {
-        self.total
-    }
-
     /// The value at quantile `q` (0..=1); 0 when empty.
     pub fn quantile(&self, q: f64) -> u64 {
         if self.total == 0 {
@@ -123,7 +118,7 @@ mod tests {
         assert!((p99 - 99_000.0).abs() < 99_000.0 * 0.04, "{p99}");
         let mut g = Histogram::default();
         g.merge(&h);
-        assert_eq!(g.count(), 1000);
+        assert_eq!(g.total, 1000);
         assert_eq!(Histogram::default().quantile(0.5), 0);
     }
 }

@@ -8,6 +8,7 @@ mod e2e;
 mod footprint;
 mod hist;
 mod report;
+mod stats;
 mod store;
 
 use std::path::PathBuf;
@@ -17,8 +18,10 @@ use clap::Parser;
 use vhost_tmem::store::codec::Compressor;
 
 use crate::report::{
-    CompressionRow, CorpusRow, E2eRow, EngineRow, FootprintRow, LimitRow, Machine, Report,
+    CompressionRow, CorpusRow, E2eRow, EngineRow, FootprintRow, LimitRow, Machine, PairedRatio,
+    Report,
 };
+use crate::store::{COMPRESS, DECOMPRESS, GET, MEMCPY, PUT};
 
 #[global_allocator]
 static ALLOC: alloc::Counting = alloc::Counting;
@@ -114,7 +117,9 @@ fn run(args: &Args) -> Result<Report, Error> {
     if n < 16 {
         return Err(Error::TooFewPages);
     }
+    // Rounds of the multi-thread store runs; store/limit pairs of the one-thread figures.
     let rounds = if args.quick { 1 } else { 3 };
+    let pairs = if args.quick { 2 } else { 5 };
     let mut threads = vec![1];
     if cores > 1 {
         threads.push(cores);
@@ -125,51 +130,107 @@ fn run(args: &Args) -> Result<Report, Error> {
 
     let mut engine_rows = Vec::new();
     let mut limit_rows = Vec::new();
+    let mut paired_rows = Vec::new();
     let mut ratios = Vec::new();
     let mut footprints = Vec::new();
+    let engine_row = |c: Compressor, corpus: &str, op: &str, t: usize, s: &store::OpStats| {
+        let (p50, p99, ops) = row_stats(s);
+        EngineRow {
+            compressor: c.to_string(),
+            corpus: corpus.to_string(),
+            op: op.to_string(),
+            threads: t,
+            p50_ns: p50,
+            p99_ns: p99,
+            ops_per_s: ops,
+        }
+    };
+    let limit_row = |what: &str, c: &str, corpus: &str, s: &store::OpStats| {
+        let (p50, p99, ops) = row_stats(s);
+        LimitRow {
+            what: what.into(),
+            compressor: c.into(),
+            corpus: corpus.to_string(),
+            p50_ns: p50,
+            p99_ns: p99,
+            ops_per_s: ops,
+        }
+    };
     for c in COMPRESSORS {
-        eprintln!("== in-process store and limits: {c}");
+        eprintln!("== in-process store and limits, interleaved ({pairs} pairs): {c}");
         for corpus in &corpora {
-            for &t in &threads {
+            // One thread: store and limit rounds alternate on the same pages.
+            let p = store::paired(corpus, c, pairs)?;
+            for (op, i) in [("put", PUT), ("get", GET), ("flush", 2)] {
+                engine_rows.push(engine_row(c, corpus.name, op, 1, &p.store_total(i)));
+            }
+            for &t in threads.iter().filter(|&&t| t > 1) {
                 let r = store::run(corpus, c, t, rounds)?;
                 for (op, s) in [("put", &r.put), ("get", &r.get), ("flush", &r.flush)] {
-                    let (p50, p99, ops) = row_stats(s);
-                    engine_rows.push(EngineRow {
-                        compressor: c.to_string(),
-                        corpus: corpus.name.to_string(),
-                        op: op.to_string(),
-                        threads: t,
-                        p50_ns: p50,
-                        p99_ns: p99,
-                        ops_per_s: ops,
-                    });
+                    engine_rows.push(engine_row(c, corpus.name, op, t, s));
                 }
             }
             if c == Compressor::None {
-                let m = store::memcpy(corpus, rounds);
-                limit_rows.push(LimitRow {
-                    what: "memcpy".into(),
-                    compressor: "none".into(),
-                    corpus: corpus.name.to_string(),
-                    p50_ns: m.hist.quantile(0.5),
-                    p99_ns: m.hist.quantile(0.99),
-                    ops_per_s: m.ops_per_s.round(),
-                });
+                limit_rows.push(limit_row(
+                    "memcpy",
+                    "none",
+                    corpus.name,
+                    &p.limit_total(MEMCPY),
+                ));
             }
-            let (comp, decomp, bytes) = store::codec(corpus, c, rounds)?;
-            for (what, l) in [("compress", &comp), ("decompress", &decomp)] {
-                limit_rows.push(LimitRow {
-                    what: what.to_string(),
-                    compressor: c.to_string(),
-                    corpus: corpus.name.to_string(),
-                    p50_ns: l.hist.quantile(0.5),
-                    p99_ns: l.hist.quantile(0.99),
-                    ops_per_s: l.ops_per_s.round(),
-                });
+            for (what, i) in [("compress", COMPRESS), ("decompress", DECOMPRESS)] {
+                limit_rows.push(limit_row(
+                    what,
+                    &c.to_string(),
+                    corpus.name,
+                    &p.limit_total(i),
+                ));
+            }
+            // Per pair: the store round's figure over the limit round's right after it.
+            let p50 = |v: &[[store::OpStats; 3]], i: usize| -> Vec<f64> {
+                v.iter().map(|r| r[i].hist.quantile(0.5) as f64).collect()
+            };
+            let ops = |v: &[[store::OpStats; 3]], i: usize| -> Vec<f64> {
+                v.iter().map(|r| r[i].ops_per_s()).collect()
+            };
+            let (cs, cn) = (c.to_string(), corpus.name);
+            for (what, a, b) in [
+                (
+                    "put p50 / compress p50",
+                    p50(&p.store, PUT),
+                    p50(&p.limits, COMPRESS),
+                ),
+                (
+                    "get p50 / decompress p50",
+                    p50(&p.store, GET),
+                    p50(&p.limits, DECOMPRESS),
+                ),
+                (
+                    "put p50 / memcpy p50",
+                    p50(&p.store, PUT),
+                    p50(&p.limits, MEMCPY),
+                ),
+                (
+                    "get p50 / memcpy p50",
+                    p50(&p.store, GET),
+                    p50(&p.limits, MEMCPY),
+                ),
+                (
+                    "put pages/s / compress pages/s",
+                    ops(&p.store, PUT),
+                    ops(&p.limits, COMPRESS),
+                ),
+                (
+                    "get pages/s / decompress pages/s",
+                    ops(&p.store, GET),
+                    ops(&p.limits, DECOMPRESS),
+                ),
+            ] {
+                paired_rows.push(PairedRatio::new(&cs, cn, what, &a, &b));
             }
             if corpus.name == "mixed" {
                 let fp = footprint::measure(mixed, c, true, footprint::Keys::Dense, mixed.len())?;
-                let bare = bytes as f64 / corpus.len() as f64;
+                let bare = p.bytes as f64 / corpus.len() as f64;
                 ratios.push(CompressionRow {
                     compressor: c.to_string(),
                     corpus: "mixed".into(),
@@ -250,25 +311,45 @@ fn run(args: &Args) -> Result<Report, Error> {
     let queue_counts: Vec<usize> = (1..=e2e::MAX_QUEUES).collect();
     let e2e_rounds = if args.quick { 1 } else { 2 };
     for c in COMPRESSORS {
-        eprintln!("== end to end over vhost-user: {c}");
-        let rows = e2e::run(mixed, c, &queue_counts, &depths, e2e_rounds).map_err(|source| {
-            Error::E2e {
+        eprintln!("== end to end over vhost-user: {c} (QD 64, one queue: {pairs} pairs with in-process rounds)");
+        // The figure the targets judge alternates with in-process rounds on the same pages.
+        let mut ip = store::InProcess::new(mixed, c)?;
+        let mut in_process = || -> Result<[f64; 2], store::Error> {
+            let r = ip.round()?;
+            Ok([r[PUT].ops_per_s(), r[GET].ops_per_s()])
+        };
+        let pairing = e2e::Pairing {
+            queues: 1,
+            depth: 64,
+            rounds: pairs,
+            in_process: &mut in_process,
+        };
+        let rows = e2e::run(mixed, c, &queue_counts, &depths, e2e_rounds, Some(pairing)).map_err(
+            |source| Error::E2e {
                 compressor: c.to_string(),
                 source,
-            }
-        })?;
+            },
+        )?;
         for r in rows {
             let (p50, p99, ops) = row_stats(&r.stats);
-            let base = engine_rows.iter().find(|e| {
-                e.compressor == c.to_string()
-                    && e.corpus == "mixed"
-                    && e.op == r.op
-                    && e.threads == r.queues.min(cores)
-            });
-            let ratio = base
-                .map(|b| b.ops_per_s)
-                .filter(|b| *b > 0.0)
-                .map_or(0.0, |b| (ops / b * 1000.0).round() / 1000.0);
+            let mut ratio = if r.pairs.is_empty() {
+                let base = engine_rows.iter().find(|e| {
+                    e.compressor == c.to_string()
+                        && e.corpus == "mixed"
+                        && e.op == r.op
+                        && e.threads == r.queues.min(cores)
+                });
+                base.map(|b| b.ops_per_s)
+                    .filter(|b| *b > 0.0)
+                    .map_or(0.0, |b| ops / b)
+            } else {
+                let (a, b): (Vec<f64>, Vec<f64>) = r.pairs.iter().copied().unzip();
+                let p = PairedRatio::new(&c.to_string(), "mixed", &report::e2e_what(r.op), &a, &b);
+                let m = p.median;
+                paired_rows.push(p);
+                m
+            };
+            ratio = stats::round3(ratio);
             e2e_rows.push(E2eRow {
                 compressor: c.to_string(),
                 corpus: "mixed".into(),
@@ -285,6 +366,7 @@ fn run(args: &Args) -> Result<Report, Error> {
 
     let mut r = Report {
         mode: if args.quick { "quick" } else { "full" }.into(),
+        paired: paired_rows,
         machine: machine(cores),
         corpora: corpora
             .iter()

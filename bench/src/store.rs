@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use shared_proto::PAGE_SIZE;
 use vhost_tmem::store::codec::{Codecs, Compressor, Encoding};
-use vhost_tmem::store::{ClientConfig, Engine, EngineConfig, PageKey, PoolSpec, Tmem};
+use vhost_tmem::store::{ClientConfig, Engine, EngineConfig, PageKey, PoolId, PoolSpec, Tmem};
 use vhost_tmem::store::{PageDst, PageSrc};
 
 use crate::corpus::Corpus;
@@ -214,86 +214,257 @@ pub fn run(
     Ok(StoreRun { put, get, flush })
 }
 
-/// One limit's figures.
-#[derive(Debug)]
-pub struct Limit {
-    pub hist: Histogram,
-    pub ops_per_s: f64,
+/// The single-thread store on one corpus, a round at a time, so its rounds can alternate
+/// with the limits' rounds on the same pages (and, end to end, with the daemon's).
+pub struct InProcess<'c> {
+    e: Engine,
+    client: <Engine as Tmem>::Client,
+    pool: PoolId,
+    w: <Engine as Tmem>::Worker,
+    out: Vec<u8>,
+    corpus: &'c Corpus,
+    c: Compressor,
 }
 
-fn limit_from(hist: Histogram, secs: f64) -> Limit {
-    let ops_per_s = if secs > 0.0 {
-        hist.count() as f64 / secs
-    } else {
-        0.0
-    };
-    Limit { hist, ops_per_s }
-}
+impl<'c> InProcess<'c> {
+    /// A fresh engine (see [`engine`]) with one persistent pool.
+    pub fn new(corpus: &'c Corpus, c: Compressor) -> Result<Self, Error> {
+        let e = engine(c);
+        let client = e.add_client(ClientConfig::named("bench"));
+        let spec = PoolSpec {
+            persistent: true,
+            shared: None,
+        };
+        let pool = e
+            .create_pool(&client, spec)
+            .map_err(|source| Error::Store {
+                op: "create_pool",
+                source,
+            })?;
+        let w = e.new_worker().map_err(|source| Error::Store {
+            op: "new_worker",
+            source,
+        })?;
+        Ok(Self {
+            e,
+            client,
+            pool,
+            w,
+            out: vec![0u8; PAGE_SIZE],
+            corpus,
+            c,
+        })
+    }
 
-/// A 4 KiB memcpy of every page into one destination, `rounds` times.
-pub fn memcpy(corpus: &Corpus, rounds: usize) -> Limit {
-    let mut out = vec![0u8; PAGE_SIZE];
-    let mut h = Histogram::default();
-    let mut secs = 0.0;
-    for _ in 0..rounds {
+    fn key(&self, i: usize) -> PageKey {
+        PageKey {
+            pool: self.pool,
+            oid: [1, 0, 0],
+            index: i as u64,
+        }
+    }
+
+    /// One round: put every page, get every page (checked, the check untimed), flush every
+    /// page. Returns the put, get and flush figures of this round.
+    pub fn round(&mut self) -> Result<[OpStats; 3], Error> {
+        let corpus = self.corpus;
+        let n = corpus.len() as u64;
+        let mut st = [OpStats::new(), OpStats::new(), OpStats::new()];
         let phase = Instant::now();
         for i in 0..corpus.len() {
+            let key = self.key(i);
             let t0 = Instant::now();
-            out.copy_from_slice(std::hint::black_box(corpus.page(i)));
-            std::hint::black_box(&mut out);
-            h.record(ns(t0));
+            let r = self.e.put(&mut self.w, &self.client, &key, corpus.page(i));
+            st[0].hist.record(ns(t0));
+            r.map_err(|source| Error::Store { op: "put", source })?;
         }
-        secs += phase.elapsed().as_secs_f64();
+        st[0].seconds = phase.elapsed().as_secs_f64();
+        st[0].ops = n;
+        let phase = Instant::now();
+        let mut check = 0.0;
+        for i in 0..corpus.len() {
+            let key = self.key(i);
+            let t0 = Instant::now();
+            let r = self
+                .e
+                .get(&mut self.w, &self.client, &key, &mut self.out, false);
+            st[1].hist.record(ns(t0));
+            r.map_err(|source| Error::Store { op: "get", source })?;
+            let c0 = Instant::now();
+            if self.out != corpus.page(i) {
+                return Err(Error::Corrupt {
+                    corpus: corpus.name,
+                    compressor: self.c.to_string(),
+                    index: i,
+                });
+            }
+            check += c0.elapsed().as_secs_f64();
+        }
+        st[1].seconds = phase.elapsed().as_secs_f64() - check;
+        st[1].ops = n;
+        let phase = Instant::now();
+        for i in 0..corpus.len() {
+            let key = self.key(i);
+            let t0 = Instant::now();
+            let r = self.e.flush_page(&self.client, &key);
+            st[2].hist.record(ns(t0));
+            r.map_err(|source| Error::Store {
+                op: "flush",
+                source,
+            })?;
+        }
+        st[2].seconds = phase.elapsed().as_secs_f64();
+        st[2].ops = n;
+        Ok(st)
     }
-    limit_from(h, secs)
 }
 
-/// The bare codec on every page: compress (with the store's raw threshold), then decompress
-/// what compressed (a page that did not is copied, as a raw page would be).
-/// Returns (compress, decompress, bytes of output over all pages).
-pub fn codec(corpus: &Corpus, c: Compressor, rounds: usize) -> Result<(Limit, Limit, u64), Error> {
-    let threshold = EngineConfig::default().raw_threshold;
-    let mut codecs = Codecs::new()?;
-    let mut stored: Vec<(Encoding, Vec<u8>)> = Vec::with_capacity(corpus.len());
-    let mut hc = Histogram::default();
-    let mut secs_c = 0.0;
-    let mut bytes = 0;
-    let mut raw = vec![0u8; PAGE_SIZE];
-    for r in 0..rounds {
+/// The limits on one corpus, a round at a time: the bare codec (compress with the store's raw
+/// threshold, a page that does not compress copied as a raw page would be; decompress what
+/// compressed) and a 4 KiB memcpy of every page.
+pub struct Limits<'c> {
+    corpus: &'c Corpus,
+    c: Compressor,
+    codecs: Codecs,
+    threshold: usize,
+    /// Every page's codec output, made once outside the timing: decompress reads these.
+    stored: Vec<(Encoding, Vec<u8>)>,
+    /// Bytes of codec output over all pages.
+    pub bytes: u64,
+    raw: Vec<u8>,
+}
+
+impl<'c> Limits<'c> {
+    /// Compresses every page once (untimed) for the decompress rounds.
+    pub fn new(corpus: &'c Corpus, c: Compressor) -> Result<Self, Error> {
+        let threshold = EngineConfig::default().raw_threshold;
+        let mut codecs = Codecs::new()?;
+        let mut stored = Vec::with_capacity(corpus.len());
+        let mut bytes = 0;
         for i in 0..corpus.len() {
             let page = corpus.page(i);
-            let t0 = Instant::now();
-            let out = codecs.compress(c, PageSrc::new(page), threshold)?;
-            if out.is_none() {
-                // A page that does not compress is kept raw: a copy is part of the floor.
-                raw.copy_from_slice(page);
-                std::hint::black_box(&mut raw);
-            }
-            let took = ns(t0);
-            hc.record(took);
-            secs_c += took as f64 * 1e-9;
-            // Keeping the output is the store's work, not the codec's: outside the timing.
-            let kept = match out {
+            let kept = match codecs.compress(c, PageSrc::new(page), threshold)? {
                 Some((enc, b)) => (enc, b.to_vec()),
                 None => (Encoding::Raw, page.to_vec()),
             };
-            if r == 0 {
-                bytes += kept.1.len() as u64;
-                stored.push(kept);
-            }
+            bytes += kept.1.len() as u64;
+            stored.push(kept);
         }
+        Ok(Self {
+            corpus,
+            c,
+            codecs,
+            threshold,
+            stored,
+            bytes,
+            raw: vec![0u8; PAGE_SIZE],
+        })
     }
-    let mut hd = Histogram::default();
-    let mut secs_d = 0.0;
-    let mut out = vec![0u8; PAGE_SIZE];
-    for _ in 0..rounds {
+
+    /// One round: compress, decompress and memcpy every page. Returns their figures.
+    pub fn round(&mut self) -> Result<[OpStats; 3], Error> {
+        let corpus = self.corpus;
+        let n = corpus.len() as u64;
+        let mut st = [OpStats::new(), OpStats::new(), OpStats::new()];
         let phase = Instant::now();
-        for (enc, b) in &stored {
+        for i in 0..corpus.len() {
+            let page = corpus.page(i);
             let t0 = Instant::now();
-            codecs.decompress(*enc, b, PageDst::new(&mut out))?;
-            hd.record(ns(t0));
+            let out = self
+                .codecs
+                .compress(self.c, PageSrc::new(page), self.threshold)?;
+            if out.is_none() {
+                // A page that does not compress is kept raw: a copy is part of the floor.
+                self.raw.copy_from_slice(page);
+                std::hint::black_box(&mut self.raw);
+            } else {
+                std::hint::black_box(out);
+            }
+            st[0].hist.record(ns(t0));
         }
-        secs_d += phase.elapsed().as_secs_f64();
+        st[0].seconds = phase.elapsed().as_secs_f64();
+        st[0].ops = n;
+        let phase = Instant::now();
+        for (enc, b) in &self.stored {
+            let t0 = Instant::now();
+            self.codecs
+                .decompress(*enc, b, PageDst::new(&mut self.raw))?;
+            st[1].hist.record(ns(t0));
+        }
+        st[1].seconds = phase.elapsed().as_secs_f64();
+        st[1].ops = n;
+        let phase = Instant::now();
+        for i in 0..corpus.len() {
+            let t0 = Instant::now();
+            self.raw
+                .copy_from_slice(std::hint::black_box(corpus.page(i)));
+            std::hint::black_box(&mut self.raw);
+            st[2].hist.record(ns(t0));
+        }
+        st[2].seconds = phase.elapsed().as_secs_f64();
+        st[2].ops = n;
+        Ok(st)
     }
-    Ok((limit_from(hc, secs_c), limit_from(hd, secs_d), bytes))
+}
+
+/// Store and limit rounds of one (corpus, compressor), interleaved: each pair is a store
+/// round and then a limit round on the same pages.
+#[derive(Debug)]
+pub struct Paired {
+    /// Per pair: put, get, flush.
+    pub store: Vec<[OpStats; 3]>,
+    /// Per pair: compress, decompress, memcpy.
+    pub limits: Vec<[OpStats; 3]>,
+    /// Bytes of bare codec output over the corpus.
+    pub bytes: u64,
+}
+
+impl Paired {
+    /// Operation `op` of every store round merged.
+    pub fn store_total(&self, op: usize) -> OpStats {
+        total(self.store.iter().map(|r| &r[op]))
+    }
+
+    /// Limit `what` of every limit round merged.
+    pub fn limit_total(&self, what: usize) -> OpStats {
+        total(self.limits.iter().map(|r| &r[what]))
+    }
+}
+
+fn total<'a>(rounds: impl Iterator<Item = &'a OpStats>) -> OpStats {
+    let mut t = OpStats::new();
+    for r in rounds {
+        t.add(&r.hist, r.ops, r.seconds);
+    }
+    t
+}
+
+/// Index of put, get and flush in a store round's figures.
+pub const PUT: usize = 0;
+/// See [`PUT`].
+pub const GET: usize = 1;
+/// Index of compress, decompress and memcpy in a limit round's figures.
+pub const COMPRESS: usize = 0;
+/// See [`COMPRESS`].
+pub const DECOMPRESS: usize = 1;
+/// See [`COMPRESS`].
+pub const MEMCPY: usize = 2;
+
+/// `pairs` store/limit pairs on one thread (ABAB...), after one untimed round of each.
+pub fn paired(corpus: &Corpus, c: Compressor, pairs: usize) -> Result<Paired, Error> {
+    let mut s = InProcess::new(corpus, c)?;
+    let mut l = Limits::new(corpus, c)?;
+    // Warm-up (allocator, page faults, caches): not recorded.
+    s.round()?;
+    l.round()?;
+    let mut p = Paired {
+        store: Vec::with_capacity(pairs),
+        limits: Vec::with_capacity(pairs),
+        bytes: l.bytes,
+    };
+    for _ in 0..pairs {
+        p.store.push(s.round()?);
+        p.limits.push(l.round()?);
+    }
+    Ok(p)
 }
