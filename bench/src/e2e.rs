@@ -11,8 +11,7 @@ use tmem_testguest::{Guest, GuestOptions, Req};
 use vhost_tmem::store::codec::Compressor;
 
 use crate::corpus::Corpus;
-use crate::hist::Histogram;
-use crate::store::OpStats;
+use crate::store::{histogram, Histogram, OpStats};
 
 /// Errors of the end-to-end runs.
 #[derive(Debug, thiserror::Error)]
@@ -178,7 +177,7 @@ fn phase<'c>(
     req: impl Fn(usize) -> Req<'c>,
 ) -> Result<(Histogram, f64, Failure), Error> {
     let sent: Vec<Cell<Option<Instant>>> = vec![Cell::new(None); corpus.len()];
-    let mut h = Histogram::default();
+    let mut h = histogram();
     let mut bad = None;
     let t = Instant::now();
     g.pipeline_queues(
@@ -189,7 +188,7 @@ fn phase<'c>(
             (i, req(i))
         }),
         |done| {
-            h.record(since(&sent[done.tag]));
+            h.saturating_record(since(&sent[done.tag]));
             if bad.is_none() {
                 if done.status != Status::Ok {
                     bad = Some((done.tag, Some(done.status)));

@@ -6,7 +6,6 @@ mod alloc;
 mod corpus;
 mod e2e;
 mod footprint;
-mod hist;
 mod report;
 mod stats;
 mod store;
@@ -88,24 +87,24 @@ fn machine(cores: usize) -> Machine {
         .trim()
         .to_string();
     // Two clock reads per timed operation: what that costs here.
-    let mut h = hist::Histogram::default();
+    let mut h = store::histogram();
     for _ in 0..100_000 {
         let t = Instant::now();
-        h.record(t.elapsed().as_nanos() as u64);
+        h.saturating_record(t.elapsed().as_nanos() as u64);
     }
     Machine {
         cpu_model: model,
         cores,
         memory_gib: (mem_kib / 1048576.0 * 10.0).round() / 10.0,
         kernel,
-        timer_overhead_ns: h.quantile(0.5),
+        timer_overhead_ns: h.value_at_quantile(0.5),
     }
 }
 
 fn row_stats(s: &store::OpStats) -> (u64, u64, f64) {
     (
-        s.hist.quantile(0.5),
-        s.hist.quantile(0.99),
+        s.hist.value_at_quantile(0.5),
+        s.hist.value_at_quantile(0.99),
         s.ops_per_s().round(),
     )
 }
@@ -188,7 +187,9 @@ fn run(args: &Args) -> Result<Report, Error> {
             }
             // Per pair: the store round's figure over the limit round's right after it.
             let p50 = |v: &[[store::OpStats; 3]], i: usize| -> Vec<f64> {
-                v.iter().map(|r| r[i].hist.quantile(0.5) as f64).collect()
+                v.iter()
+                    .map(|r| r[i].hist.value_at_quantile(0.5) as f64)
+                    .collect()
             };
             let ops = |v: &[[store::OpStats; 3]], i: usize| -> Vec<f64> {
                 v.iter().map(|r| r[i].ops_per_s()).collect()

@@ -11,7 +11,6 @@ use vhost_tmem::store::{ClientConfig, Engine, EngineConfig, PageKey, PoolId, Poo
 use vhost_tmem::store::{PageDst, PageSrc};
 
 use crate::corpus::Corpus;
-use crate::hist::Histogram;
 
 /// Errors of the store benchmarks.
 #[derive(Debug, thiserror::Error)]
@@ -35,12 +34,38 @@ pub enum Error {
     Codec(#[from] vhost_tmem::store::codec::Error),
 }
 
+/// Latencies in ns: an HDR histogram with 3 significant digits (0.1 %) from 1 ns to 10 s, so
+/// percentiles need no stored samples; a longer operation counts as 10 s.
+pub type Histogram = hdrhistogram::Histogram<u64>;
+
+/// An empty [`Histogram`]. Fixed bounds: recording never allocates, and histograms from
+/// here always merge.
+pub fn histogram() -> Histogram {
+    Histogram::new_with_bounds(1, 10_000_000_000, 3).expect("1 ns..10 s at 3 digits is valid")
+}
+
+/// Adds `o`'s counts to `h`.
+pub fn merge(h: &mut Histogram, o: &Histogram) {
+    h.add(o)
+        .expect("histograms with the same bounds always merge");
+}
+
 /// One operation's figures.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct OpStats {
     pub hist: Histogram,
     pub ops: u64,
     pub seconds: f64,
+}
+
+impl Default for OpStats {
+    fn default() -> Self {
+        Self {
+            hist: histogram(),
+            ops: 0,
+            seconds: 0.0,
+        }
+    }
 }
 
 impl OpStats {
@@ -51,7 +76,7 @@ impl OpStats {
 
     /// Adds one timed phase.
     pub fn add(&mut self, h: &Histogram, ops: u64, seconds: f64) {
-        self.hist.merge(h);
+        merge(&mut self.hist, h);
         self.ops += ops;
         self.seconds += seconds;
     }
@@ -139,7 +164,7 @@ pub fn run(
                             };
                             let t0 = Instant::now();
                             let r = e.put(&mut w, client, &key, corpus.page(i));
-                            st[0].hist.record(ns(t0));
+                            st[0].hist.saturating_record(ns(t0));
                             r.map_err(|source| Error::Store { op: "put", source })?;
                         }
                         st[0].seconds += phase.elapsed().as_secs_f64();
@@ -156,7 +181,7 @@ pub fn run(
                             };
                             let t0 = Instant::now();
                             let r = e.get(&mut w, client, &key, &mut out, false);
-                            st[1].hist.record(ns(t0));
+                            st[1].hist.saturating_record(ns(t0));
                             r.map_err(|source| Error::Store { op: "get", source })?;
                             let c0 = Instant::now();
                             if out != corpus.page(i) {
@@ -182,7 +207,7 @@ pub fn run(
                             };
                             let t0 = Instant::now();
                             let r = e.flush_page(client, &key);
-                            st[2].hist.record(ns(t0));
+                            st[2].hist.saturating_record(ns(t0));
                             r.map_err(|source| Error::Store {
                                 op: "flush",
                                 source,
@@ -205,7 +230,7 @@ pub fn run(
     for r in results {
         let st = r?;
         for (a, b) in total.iter_mut().zip(st.iter()) {
-            a.hist.merge(&b.hist);
+            merge(&mut a.hist, &b.hist);
             a.ops += b.ops;
             a.seconds = a.seconds.max(b.seconds);
         }
@@ -275,7 +300,7 @@ impl<'c> InProcess<'c> {
             let key = self.key(i);
             let t0 = Instant::now();
             let r = self.e.put(&mut self.w, &self.client, &key, corpus.page(i));
-            st[0].hist.record(ns(t0));
+            st[0].hist.saturating_record(ns(t0));
             r.map_err(|source| Error::Store { op: "put", source })?;
         }
         st[0].seconds = phase.elapsed().as_secs_f64();
@@ -288,7 +313,7 @@ impl<'c> InProcess<'c> {
             let r = self
                 .e
                 .get(&mut self.w, &self.client, &key, &mut self.out, false);
-            st[1].hist.record(ns(t0));
+            st[1].hist.saturating_record(ns(t0));
             r.map_err(|source| Error::Store { op: "get", source })?;
             let c0 = Instant::now();
             if self.out != corpus.page(i) {
@@ -307,7 +332,7 @@ impl<'c> InProcess<'c> {
             let key = self.key(i);
             let t0 = Instant::now();
             let r = self.e.flush_page(&self.client, &key);
-            st[2].hist.record(ns(t0));
+            st[2].hist.saturating_record(ns(t0));
             r.map_err(|source| Error::Store {
                 op: "flush",
                 source,
@@ -380,7 +405,7 @@ impl<'c> Limits<'c> {
             } else {
                 std::hint::black_box(out);
             }
-            st[0].hist.record(ns(t0));
+            st[0].hist.saturating_record(ns(t0));
         }
         st[0].seconds = phase.elapsed().as_secs_f64();
         st[0].ops = n;
@@ -389,7 +414,7 @@ impl<'c> Limits<'c> {
             let t0 = Instant::now();
             self.codecs
                 .decompress(*enc, b, PageDst::new(&mut self.raw))?;
-            st[1].hist.record(ns(t0));
+            st[1].hist.saturating_record(ns(t0));
         }
         st[1].seconds = phase.elapsed().as_secs_f64();
         st[1].ops = n;
@@ -399,7 +424,7 @@ impl<'c> Limits<'c> {
             self.raw
                 .copy_from_slice(std::hint::black_box(corpus.page(i)));
             std::hint::black_box(&mut self.raw);
-            st[2].hist.record(ns(t0));
+            st[2].hist.saturating_record(ns(t0));
         }
         st[2].seconds = phase.elapsed().as_secs_f64();
         st[2].ops = n;
@@ -467,4 +492,35 @@ pub fn paired(corpus: &Corpus, c: Compressor, pairs: usize) -> Result<Paired, Er
         p.limits.push(l.round()?);
     }
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_merge_and_bounds() {
+        let mut h = histogram();
+        for v in 1..=1000u64 {
+            h.saturating_record(v * 100);
+        }
+        // 3 significant digits: within 0.1 % of the exact rank.
+        let p50 = h.value_at_quantile(0.5) as f64;
+        let p99 = h.value_at_quantile(0.99) as f64;
+        assert!((p50 - 50_000.0).abs() <= 50.0, "{p50}");
+        assert!((p99 - 99_000.0).abs() <= 99.0, "{p99}");
+        let mut st = OpStats::new();
+        st.add(&h, 1000, 0.5);
+        st.add(&h, 1000, 0.5);
+        assert_eq!(st.hist.len(), 2000);
+        assert_eq!(st.ops_per_s(), 2000.0);
+        // A clock that did not move, and an operation past the top, are both counted.
+        let mut h = histogram();
+        h.saturating_record(0);
+        h.saturating_record(u64::MAX);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h.value_at_quantile(0.0), 0);
+        assert!(h.value_at_quantile(1.0) >= 10_000_000_000);
+        assert_eq!(OpStats::new().ops_per_s(), 0.0);
+    }
 }
