@@ -431,10 +431,12 @@ fn main() {
         }
         println!("{}", report::terminal(&r));
         println!(
-            "report: {0}/report.md, {0}/report.json, {0}/report.svg ({1} s)",
+            "report: {0}/report.md, {0}/report.json, {0}/report.svg ({1} s)\n",
             args.out.display(),
             r.seconds
         );
+        // Last, so it is what the screen shows when the run ends.
+        println!("{}", report::closing(&r));
         Ok(())
     })();
     if let Err(e) = result {
