@@ -6,6 +6,7 @@ mod alloc;
 mod corpus;
 mod e2e;
 mod footprint;
+mod instr;
 mod report;
 mod stats;
 mod store;
@@ -38,9 +39,20 @@ struct Args {
     /// Replace the generated results section of this README.
     #[arg(long, value_name = "FILE")]
     readme: Option<PathBuf>,
-    /// Pages per corpus (the mixed corpus has twice as many) [default: 4096, quick: 128].
+    /// Pages per corpus (the mixed corpus has twice as many) [default: 4096, quick: 128,
+    /// instructions: 256].
     #[arg(long, value_name = "N")]
     pages: Option<usize>,
+    /// Count instructions per page under callgrind instead of timing (lz4, every corpus):
+    /// writes DIR/instructions.json and the `instructions` key of DIR/report.json if present.
+    #[arg(long, conflicts_with_all = ["quick", "readme"])]
+    instructions: bool,
+    /// Compressor of the instruction counts.
+    #[arg(long, value_name = "NAME", default_value = "lz4")]
+    compressor: Compressor,
+    /// Run one corpus's counted workload (what --instructions runs under callgrind).
+    #[arg(long, value_name = "CORPUS", hide = true)]
+    instructions_workload: Option<String>,
 }
 
 /// Errors of the benchmark run.
@@ -58,6 +70,8 @@ enum Error {
     },
     #[error(transparent)]
     Report(#[from] report::Error),
+    #[error("instruction counts: {0}")]
+    Instr(#[from] instr::Error),
     #[error("--pages must be at least 16")]
     TooFewPages,
 }
@@ -384,6 +398,7 @@ fn run(args: &Args) -> Result<Report, Error> {
         metadata_bytes_per_page: (metadata * 10.0).round() / 10.0,
         rss_bytes_per_stored_page: rss,
         footprint: footprints,
+        instructions: Vec::new(),
         seconds: started.elapsed().as_secs(),
         targets: Vec::new(),
     };
@@ -413,6 +428,17 @@ fn main() {
             std::env::set_var("VHOST_TMEM_BIN", d);
         }
     }
+    if let Some(name) = &args.instructions_workload {
+        let result = (|| -> Result<(), Error> {
+            let corpora = corpus::build(args.pages.unwrap_or(256))?;
+            instr::workload(instr::find(&corpora, name)?, args.compressor)?;
+            Ok(())
+        })();
+        return exit(result);
+    }
+    if args.instructions {
+        return exit(instructions(&args));
+    }
     let result = (|| -> Result<(), Error> {
         let r = run(&args)?;
         std::fs::create_dir_all(&args.out).map_err(|source| report::Error::Write {
@@ -439,6 +465,77 @@ fn main() {
         println!("{}", report::closing(&r));
         Ok(())
     })();
+    exit(result)
+}
+
+/// Counts instructions per page on every corpus under callgrind, one valgrind run each.
+fn instructions(args: &Args) -> Result<(), Error> {
+    let pages = args.pages.unwrap_or(256);
+    if pages < 16 {
+        return Err(Error::TooFewPages);
+    }
+    let exe = std::env::current_exe().map_err(|source| report::Error::Write {
+        path: "the running binary".into(),
+        source,
+    })?;
+    std::fs::create_dir_all(&args.out).map_err(|source| report::Error::Write {
+        path: args.out.display().to_string(),
+        source,
+    })?;
+    let mut rows = Vec::new();
+    for name in [
+        "zero", "same", "text", "binary", "random", "process", "mixed",
+    ] {
+        eprintln!(
+            "== instructions under callgrind: {} on {name}",
+            args.compressor
+        );
+        rows.push(instr::measure(
+            &exe,
+            &args.out,
+            name,
+            pages,
+            args.compressor,
+        )?);
+    }
+    let json = serde_json::to_string_pretty(&rows).expect("the rows serialize");
+    write(args.out.join("instructions.json"), &json)?;
+    let path = args.out.join("report.json");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let mut r = report::check(&text)?;
+        r.instructions = rows.clone();
+        let json = serde_json::to_string_pretty(&r).expect("the report serializes");
+        write(path.clone(), &json)?;
+        write(args.out.join("report.md"), &report::markdown(&r))?;
+        eprintln!("== updated `instructions` in {}", path.display());
+    } else {
+        eprintln!("== no {} yet: `make bench` writes it", path.display());
+    }
+    println!(
+        "instructions per page ({}, {pages} pages per corpus, mixed twice as many):",
+        args.compressor
+    );
+    println!(
+        "{:<8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8} {:>7}",
+        "corpus", "put", "compress", "put/c", "get", "decomp", "get/d", "flush"
+    );
+    for e in &rows {
+        println!(
+            "{:<8} {:>9.0} {:>9.0} {:>8.3} {:>9.0} {:>9.0} {:>8.3} {:>7.0}",
+            e.corpus,
+            e.put_per_page,
+            e.compress_per_page,
+            e.put_to_compress,
+            e.get_per_page,
+            e.decompress_per_page,
+            e.get_to_decompress,
+            e.flush_per_page
+        );
+    }
+    Ok(())
+}
+
+fn exit(result: Result<(), Error>) {
     if let Err(e) = result {
         eprintln!("tmem-bench: {e}");
         let mut src = std::error::Error::source(&e);

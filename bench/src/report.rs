@@ -42,6 +42,8 @@ pub struct Report {
     pub e2e: Vec<E2eRow>,
     pub engine: Vec<EngineRow>,
     pub footprint: Vec<FootprintRow>,
+    /// Instructions per page under callgrind (`make bench-instructions`; empty until it runs).
+    pub instructions: Vec<InstructionRow>,
     pub limits: Vec<LimitRow>,
     pub machine: Machine,
     /// Allocator-counted metadata per stored page with dense keys, the worse pool kind.
@@ -133,6 +135,43 @@ pub struct FootprintRow {
     /// Peak growth of the resident set.
     pub rss_bytes: u64,
     pub rss_bytes_per_page: f64,
+}
+
+/// Instructions per page of the store and the bare codec on one corpus, counted by callgrind.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InstructionRow {
+    pub compress_per_page: f64,
+    pub compressor: String,
+    pub corpus: String,
+    pub decompress_per_page: f64,
+    pub flush_per_page: f64,
+    pub get_per_page: f64,
+    /// get over bare decompress.
+    pub get_to_decompress: f64,
+    pub pages: u64,
+    pub put_per_page: f64,
+    /// put over bare compress (a page that does not compress is copied, as the store keeps it).
+    pub put_to_compress: f64,
+}
+
+impl InstructionRow {
+    /// A row from instructions per page of put, get, flush, compress and decompress.
+    pub fn new(compressor: &str, corpus: &str, pages: u64, v: [f64; 5]) -> Self {
+        let [put, get, flush, comp, decomp] = v.map(|x| (x * 10.0).round() / 10.0);
+        let ratio = |a: f64, b: f64| if b > 0.0 { stats::round3(a / b) } else { 0.0 };
+        InstructionRow {
+            compress_per_page: comp,
+            compressor: compressor.into(),
+            corpus: corpus.into(),
+            decompress_per_page: decomp,
+            flush_per_page: flush,
+            get_per_page: get,
+            get_to_decompress: ratio(get, decomp),
+            pages,
+            put_per_page: put,
+            put_to_compress: ratio(put, comp),
+        }
+    }
 }
 
 /// A physical limit: memcpy or the bare codec.
@@ -615,6 +654,29 @@ pub fn markdown(r: &Report) -> String {
             e.bare_bytes_per_page
         );
     }
+    if !r.instructions.is_empty() {
+        s.push_str(
+            "\n## Instructions per page (callgrind, `make bench-instructions`)\n\n\
+             | compressor | corpus | pages | put | bare compress | put/compress | get | bare decompress | get/decompress | flush |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for e in &r.instructions {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.0} | {:.0} | {:.3} | {:.0} | {:.0} | {:.3} | {:.0} |",
+                e.compressor,
+                e.corpus,
+                e.pages,
+                e.put_per_page,
+                e.compress_per_page,
+                e.put_to_compress,
+                e.get_per_page,
+                e.decompress_per_page,
+                e.get_to_decompress,
+                e.flush_per_page
+            );
+        }
+    }
     s.push_str("\n![latency and throughput per compressor](report.svg)\n");
     s
 }
@@ -990,6 +1052,12 @@ mod tests {
                 .into_iter()
                 .map(footprint)
                 .collect(),
+            instructions: vec![InstructionRow::new(
+                "lz4",
+                "mixed",
+                512,
+                [11000.0, 3000.0, 500.0, 10000.0, 2500.0],
+            )],
             limits: ["memcpy", "compress", "decompress"]
                 .into_iter()
                 .map(limit)
@@ -1061,6 +1129,17 @@ mod tests {
         let mut r = sample();
         r.footprint.retain(|e| e.keys != "scattered");
         assert!(matches!(check(&json(&r)), Err(Error::Incomplete(_))));
+    }
+
+    #[test]
+    fn instruction_ratios() {
+        let i = InstructionRow::new("lz4", "text", 256, [1100.0, 330.0, 50.04, 1000.0, 300.0]);
+        assert_eq!(i.put_to_compress, 1.1);
+        assert_eq!(i.get_to_decompress, 1.1);
+        assert_eq!(i.flush_per_page, 50.0);
+        // Nothing counted for the codec: no ratio rather than infinity.
+        let i = InstructionRow::new("lz4", "zero", 256, [10.0, 10.0, 1.0, 0.0, 0.0]);
+        assert_eq!(i.put_to_compress, 0.0);
     }
 
     #[test]

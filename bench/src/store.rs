@@ -344,6 +344,51 @@ impl<'c> InProcess<'c> {
     }
 }
 
+impl InProcess<'_> {
+    // The workloads `--instructions` counts under callgrind: out of line (callgrind charges
+    // each one's instructions to it), no clock reads, no check (a round checked the pages).
+
+    /// Puts every page.
+    #[inline(never)]
+    pub fn put_all(&mut self) -> Result<(), Error> {
+        for i in 0..self.corpus.len() {
+            let key = self.key(i);
+            self.e
+                .put(&mut self.w, &self.client, &key, self.corpus.page(i))
+                .map_err(|source| Error::Store { op: "put", source })?;
+        }
+        Ok(())
+    }
+
+    /// Gets every page.
+    #[inline(never)]
+    pub fn get_all(&mut self) -> Result<(), Error> {
+        for i in 0..self.corpus.len() {
+            let key = self.key(i);
+            self.e
+                .get(&mut self.w, &self.client, &key, &mut self.out, false)
+                .map_err(|source| Error::Store { op: "get", source })?;
+            std::hint::black_box(&mut self.out);
+        }
+        Ok(())
+    }
+
+    /// Flushes every page.
+    #[inline(never)]
+    pub fn flush_all(&mut self) -> Result<(), Error> {
+        for i in 0..self.corpus.len() {
+            let key = self.key(i);
+            self.e
+                .flush_page(&self.client, &key)
+                .map_err(|source| Error::Store {
+                    op: "flush",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
+
 /// The limits on one corpus, a round at a time: the bare codec (compress with the store's raw
 /// threshold, a page that does not compress copied as a raw page would be; decompress what
 /// compressed) and a 4 KiB memcpy of every page.
@@ -429,6 +474,38 @@ impl<'c> Limits<'c> {
         st[2].seconds = phase.elapsed().as_secs_f64();
         st[2].ops = n;
         Ok(st)
+    }
+}
+
+impl Limits<'_> {
+    /// Compresses every page (a page that does not compress is copied), untimed: see
+    /// [`InProcess::put_all`].
+    #[inline(never)]
+    pub fn compress_all(&mut self) -> Result<(), Error> {
+        for i in 0..self.corpus.len() {
+            let page = self.corpus.page(i);
+            let out = self
+                .codecs
+                .compress(self.c, PageSrc::new(page), self.threshold)?;
+            if out.is_none() {
+                self.raw.copy_from_slice(page);
+                std::hint::black_box(&mut self.raw);
+            } else {
+                std::hint::black_box(out);
+            }
+        }
+        Ok(())
+    }
+
+    /// Decompresses every page's codec output.
+    #[inline(never)]
+    pub fn decompress_all(&mut self) -> Result<(), Error> {
+        for (enc, b) in &self.stored {
+            self.codecs
+                .decompress(*enc, b, PageDst::new(&mut self.raw))?;
+            std::hint::black_box(&mut self.raw);
+        }
+        Ok(())
     }
 }
 
