@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 # The daemon the tests and the demo start (release: the tests push 100k+ pages through it).
 export VHOST_TMEM_BIN := $(CURDIR)/target/release/vhost-tmem
 
-.PHONY: all deps build lint test unit-test e2e-test bench bench-quick vm-images vm-test demo demo-userspace clean help install uninstall install-check
+.PHONY: all deps build lint test unit-test e2e-test bench bench-quick bench-instructions vm-images vm-test demo demo-userspace clean help install uninstall install-check
 
 all: build
 
@@ -21,6 +21,7 @@ help:
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
 	@echo "make bench  - the full benchmark: store, limits, vhost-user; report in target/bench, README results"
 	@echo "make bench-quick - the benchmark's smoke run (seconds; part of make test, no timing asserted)"
+	@echo "make bench-instructions - instructions per put/get/flush vs the bare codec under callgrind (into target/bench/report.json)"
 	@echo "make install - the daemon, its man pages and bash/zsh/fish completions (PREFIX=$(PREFIX), DESTDIR)"
 
 deps:
@@ -58,6 +59,18 @@ bench-quick: build
 	@echo "== benchmark (quick smoke run)"
 	./target/release/tmem-bench --quick --out target/bench-quick 2>&1 | tee -a $(TEST_LOG)
 	@echo "bench-quick: pass" | tee -a $(TEST_LOG)
+
+# Instructions per put/get/flush against the bare codec on the same pages (lz4, every corpus),
+# counted by callgrind: repeatable on a loaded machine, unlike time. Adds `instructions` to
+# target/bench/report.json (when make bench wrote one) and writes target/bench/instructions.json.
+bench-instructions: build
+	@command -v valgrind >/dev/null 2>&1 || { \
+		echo "== installing valgrind"; \
+		sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+		$$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends valgrind; }
+	@echo "== benchmark (instruction counts under callgrind)"
+	./target/release/tmem-bench --instructions --out target/bench
 
 # Guest images: QEMU with the vhost-user test device patch, the patched 6.12 kernel, tmem.ko
 # and the initramfs, cached in ~/.cache/vhost-tmem by a hash of their inputs.

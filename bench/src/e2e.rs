@@ -11,8 +11,7 @@ use tmem_testguest::{Guest, GuestOptions, Req};
 use vhost_tmem::store::codec::Compressor;
 
 use crate::corpus::Corpus;
-use crate::hist::Histogram;
-use crate::store::OpStats;
+use crate::store::{histogram, Histogram, OpStats};
 
 /// Errors of the end-to-end runs.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +29,8 @@ pub enum Error {
     },
     #[error("get at queue depth {depth}: page {index} came back different")]
     Corrupt { depth: usize, index: usize },
+    #[error("the in-process round paired with it: {0}")]
+    InProcess(#[from] crate::store::Error),
 }
 
 /// One (queues, depth, op) figure.
@@ -39,18 +40,32 @@ pub struct Row {
     pub depth: usize,
     pub op: &'static str,
     pub stats: OpStats,
+    /// Interleaved rounds (at the paired queue count and depth only): per pair, this round's
+    /// pages/s end to end and the in-process round's right after it.
+    pub pairs: Vec<(f64, f64)>,
+}
+
+/// Which figure alternates with in-process rounds, and how: after each of its `rounds` timed
+/// rounds, `in_process` runs one in-process round and returns its put and get pages/s.
+pub struct Pairing<'a> {
+    pub queues: usize,
+    pub depth: usize,
+    pub rounds: usize,
+    pub in_process: &'a mut dyn FnMut() -> Result<[f64; 2], crate::store::Error>,
 }
 
 /// Most request queues the daemon offers in these runs.
 pub const MAX_QUEUES: usize = 2;
 
-/// Puts then gets every page of `corpus`, `rounds` times, for each queue count and depth.
+/// Puts then gets every page of `corpus`, `rounds` times, for each queue count and depth; the
+/// figure `pair` names alternates with in-process rounds instead.
 pub fn run(
     corpus: &Corpus,
     c: Compressor,
     queue_counts: &[usize],
     depths: &[usize],
     rounds: usize,
+    mut pair: Option<Pairing<'_>>,
 ) -> Result<Vec<Row>, Error> {
     let comp = c.to_string();
     let queues = MAX_QUEUES.to_string();
@@ -82,6 +97,9 @@ pub fn run(
         for &depth in depths {
             let mut put = OpStats::new();
             let mut get = OpStats::new();
+            let (mut put_pairs, mut get_pairs) = (Vec::new(), Vec::new());
+            let mut paired = pair.as_mut().filter(|p| p.queues == q && p.depth == depth);
+            let rounds = paired.as_ref().map_or(rounds, |p| p.rounds);
             // Round 0 checks every page and is not recorded; the timed rounds leave the pages
             // unread, as a guest's driver does (the device writes into the guest's page).
             for round in 0..=rounds {
@@ -96,6 +114,7 @@ pub fn run(
                 if !check {
                     put.add(&h, n, secs);
                 }
+                let put_ops = n as f64 / secs.max(1e-12);
                 failure("put", depth, bad)?;
                 let (h, secs, bad) = phase(&mut g, &qs, depth, corpus, check, |i| Req::Get {
                     pool,
@@ -106,20 +125,32 @@ pub fn run(
                 if !check {
                     get.add(&h, n, secs);
                 }
+                let get_ops = n as f64 / secs.max(1e-12);
                 failure("get", depth, bad)?;
                 g.flush_object(pool, oid)?;
+                if let Some(p) = paired.as_mut() {
+                    // The warm-up round has its in-process partner too (also unrecorded), so
+                    // every recorded pair has the same neighbours.
+                    let [ip_put, ip_get] = (p.in_process)()?;
+                    if !check {
+                        put_pairs.push((put_ops, ip_put));
+                        get_pairs.push((get_ops, ip_get));
+                    }
+                }
             }
             rows.push(Row {
                 queues: q,
                 depth,
                 op: "put",
                 stats: put,
+                pairs: put_pairs,
             });
             rows.push(Row {
                 queues: q,
                 depth,
                 op: "get",
                 stats: get,
+                pairs: get_pairs,
             });
         }
     }
@@ -146,7 +177,7 @@ fn phase<'c>(
     req: impl Fn(usize) -> Req<'c>,
 ) -> Result<(Histogram, f64, Failure), Error> {
     let sent: Vec<Cell<Option<Instant>>> = vec![Cell::new(None); corpus.len()];
-    let mut h = Histogram::default();
+    let mut h = histogram();
     let mut bad = None;
     let t = Instant::now();
     g.pipeline_queues(
@@ -157,7 +188,7 @@ fn phase<'c>(
             (i, req(i))
         }),
         |done| {
-            h.record(since(&sent[done.tag]));
+            h.saturating_record(since(&sent[done.tag]));
             if bad.is_none() {
                 if done.status != Status::Ok {
                     bad = Some((done.tag, Some(done.status)));

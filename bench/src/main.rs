@@ -6,8 +6,9 @@ mod alloc;
 mod corpus;
 mod e2e;
 mod footprint;
-mod hist;
+mod instr;
 mod report;
+mod stats;
 mod store;
 
 use std::path::PathBuf;
@@ -17,8 +18,10 @@ use clap::Parser;
 use vhost_tmem::store::codec::Compressor;
 
 use crate::report::{
-    CompressionRow, CorpusRow, E2eRow, EngineRow, FootprintRow, LimitRow, Machine, Report,
+    CompressionRow, CorpusRow, E2eRow, EngineRow, FootprintRow, LimitRow, Machine, PairedRatio,
+    Report,
 };
+use crate::store::{COMPRESS, DECOMPRESS, GET, MEMCPY, PUT};
 
 #[global_allocator]
 static ALLOC: alloc::Counting = alloc::Counting;
@@ -36,9 +39,20 @@ struct Args {
     /// Replace the generated results section of this README.
     #[arg(long, value_name = "FILE")]
     readme: Option<PathBuf>,
-    /// Pages per corpus (the mixed corpus has twice as many) [default: 4096, quick: 128].
+    /// Pages per corpus (the mixed corpus has twice as many) [default: 4096, quick: 128,
+    /// instructions: 256].
     #[arg(long, value_name = "N")]
     pages: Option<usize>,
+    /// Count instructions per page under callgrind instead of timing (lz4, every corpus):
+    /// writes DIR/instructions.json and the `instructions` key of DIR/report.json if present.
+    #[arg(long, conflicts_with_all = ["quick", "readme"])]
+    instructions: bool,
+    /// Compressor of the instruction counts.
+    #[arg(long, value_name = "NAME", default_value = "lz4")]
+    compressor: Compressor,
+    /// Run one corpus's counted workload (what --instructions runs under callgrind).
+    #[arg(long, value_name = "CORPUS", hide = true)]
+    instructions_workload: Option<String>,
 }
 
 /// Errors of the benchmark run.
@@ -56,6 +70,8 @@ enum Error {
     },
     #[error(transparent)]
     Report(#[from] report::Error),
+    #[error("instruction counts: {0}")]
+    Instr(#[from] instr::Error),
     #[error("--pages must be at least 16")]
     TooFewPages,
 }
@@ -85,24 +101,24 @@ fn machine(cores: usize) -> Machine {
         .trim()
         .to_string();
     // Two clock reads per timed operation: what that costs here.
-    let mut h = hist::Histogram::default();
+    let mut h = store::histogram();
     for _ in 0..100_000 {
         let t = Instant::now();
-        h.record(t.elapsed().as_nanos() as u64);
+        h.saturating_record(t.elapsed().as_nanos() as u64);
     }
     Machine {
         cpu_model: model,
         cores,
         memory_gib: (mem_kib / 1048576.0 * 10.0).round() / 10.0,
         kernel,
-        timer_overhead_ns: h.quantile(0.5),
+        timer_overhead_ns: h.value_at_quantile(0.5),
     }
 }
 
 fn row_stats(s: &store::OpStats) -> (u64, u64, f64) {
     (
-        s.hist.quantile(0.5),
-        s.hist.quantile(0.99),
+        s.hist.value_at_quantile(0.5),
+        s.hist.value_at_quantile(0.99),
         s.ops_per_s().round(),
     )
 }
@@ -114,7 +130,9 @@ fn run(args: &Args) -> Result<Report, Error> {
     if n < 16 {
         return Err(Error::TooFewPages);
     }
+    // Rounds of the multi-thread store runs; store/limit pairs of the one-thread figures.
     let rounds = if args.quick { 1 } else { 3 };
+    let pairs = if args.quick { 2 } else { 5 };
     let mut threads = vec![1];
     if cores > 1 {
         threads.push(cores);
@@ -125,51 +143,109 @@ fn run(args: &Args) -> Result<Report, Error> {
 
     let mut engine_rows = Vec::new();
     let mut limit_rows = Vec::new();
+    let mut paired_rows = Vec::new();
     let mut ratios = Vec::new();
     let mut footprints = Vec::new();
+    let engine_row = |c: Compressor, corpus: &str, op: &str, t: usize, s: &store::OpStats| {
+        let (p50, p99, ops) = row_stats(s);
+        EngineRow {
+            compressor: c.to_string(),
+            corpus: corpus.to_string(),
+            op: op.to_string(),
+            threads: t,
+            p50_ns: p50,
+            p99_ns: p99,
+            ops_per_s: ops,
+        }
+    };
+    let limit_row = |what: &str, c: &str, corpus: &str, s: &store::OpStats| {
+        let (p50, p99, ops) = row_stats(s);
+        LimitRow {
+            what: what.into(),
+            compressor: c.into(),
+            corpus: corpus.to_string(),
+            p50_ns: p50,
+            p99_ns: p99,
+            ops_per_s: ops,
+        }
+    };
     for c in COMPRESSORS {
-        eprintln!("== in-process store and limits: {c}");
+        eprintln!("== in-process store and limits, interleaved ({pairs} pairs): {c}");
         for corpus in &corpora {
-            for &t in &threads {
+            // One thread: store and limit rounds alternate on the same pages.
+            let p = store::paired(corpus, c, pairs)?;
+            for (op, i) in [("put", PUT), ("get", GET), ("flush", 2)] {
+                engine_rows.push(engine_row(c, corpus.name, op, 1, &p.store_total(i)));
+            }
+            for &t in threads.iter().filter(|&&t| t > 1) {
                 let r = store::run(corpus, c, t, rounds)?;
                 for (op, s) in [("put", &r.put), ("get", &r.get), ("flush", &r.flush)] {
-                    let (p50, p99, ops) = row_stats(s);
-                    engine_rows.push(EngineRow {
-                        compressor: c.to_string(),
-                        corpus: corpus.name.to_string(),
-                        op: op.to_string(),
-                        threads: t,
-                        p50_ns: p50,
-                        p99_ns: p99,
-                        ops_per_s: ops,
-                    });
+                    engine_rows.push(engine_row(c, corpus.name, op, t, s));
                 }
             }
             if c == Compressor::None {
-                let m = store::memcpy(corpus, rounds);
-                limit_rows.push(LimitRow {
-                    what: "memcpy".into(),
-                    compressor: "none".into(),
-                    corpus: corpus.name.to_string(),
-                    p50_ns: m.hist.quantile(0.5),
-                    p99_ns: m.hist.quantile(0.99),
-                    ops_per_s: m.ops_per_s.round(),
-                });
+                limit_rows.push(limit_row(
+                    "memcpy",
+                    "none",
+                    corpus.name,
+                    &p.limit_total(MEMCPY),
+                ));
             }
-            let (comp, decomp, bytes) = store::codec(corpus, c, rounds)?;
-            for (what, l) in [("compress", &comp), ("decompress", &decomp)] {
-                limit_rows.push(LimitRow {
-                    what: what.to_string(),
-                    compressor: c.to_string(),
-                    corpus: corpus.name.to_string(),
-                    p50_ns: l.hist.quantile(0.5),
-                    p99_ns: l.hist.quantile(0.99),
-                    ops_per_s: l.ops_per_s.round(),
-                });
+            for (what, i) in [("compress", COMPRESS), ("decompress", DECOMPRESS)] {
+                limit_rows.push(limit_row(
+                    what,
+                    &c.to_string(),
+                    corpus.name,
+                    &p.limit_total(i),
+                ));
+            }
+            // Per pair: the store round's figure over the limit round's right after it.
+            let p50 = |v: &[[store::OpStats; 3]], i: usize| -> Vec<f64> {
+                v.iter()
+                    .map(|r| r[i].hist.value_at_quantile(0.5) as f64)
+                    .collect()
+            };
+            let ops = |v: &[[store::OpStats; 3]], i: usize| -> Vec<f64> {
+                v.iter().map(|r| r[i].ops_per_s()).collect()
+            };
+            let (cs, cn) = (c.to_string(), corpus.name);
+            for (what, a, b) in [
+                (
+                    "put p50 / compress p50",
+                    p50(&p.store, PUT),
+                    p50(&p.limits, COMPRESS),
+                ),
+                (
+                    "get p50 / decompress p50",
+                    p50(&p.store, GET),
+                    p50(&p.limits, DECOMPRESS),
+                ),
+                (
+                    "put p50 / memcpy p50",
+                    p50(&p.store, PUT),
+                    p50(&p.limits, MEMCPY),
+                ),
+                (
+                    "get p50 / memcpy p50",
+                    p50(&p.store, GET),
+                    p50(&p.limits, MEMCPY),
+                ),
+                (
+                    "put pages/s / compress pages/s",
+                    ops(&p.store, PUT),
+                    ops(&p.limits, COMPRESS),
+                ),
+                (
+                    "get pages/s / decompress pages/s",
+                    ops(&p.store, GET),
+                    ops(&p.limits, DECOMPRESS),
+                ),
+            ] {
+                paired_rows.push(PairedRatio::new(&cs, cn, what, &a, &b));
             }
             if corpus.name == "mixed" {
                 let fp = footprint::measure(mixed, c, true, footprint::Keys::Dense, mixed.len())?;
-                let bare = bytes as f64 / corpus.len() as f64;
+                let bare = p.bytes as f64 / corpus.len() as f64;
                 ratios.push(CompressionRow {
                     compressor: c.to_string(),
                     corpus: "mixed".into(),
@@ -250,25 +326,45 @@ fn run(args: &Args) -> Result<Report, Error> {
     let queue_counts: Vec<usize> = (1..=e2e::MAX_QUEUES).collect();
     let e2e_rounds = if args.quick { 1 } else { 2 };
     for c in COMPRESSORS {
-        eprintln!("== end to end over vhost-user: {c}");
-        let rows = e2e::run(mixed, c, &queue_counts, &depths, e2e_rounds).map_err(|source| {
-            Error::E2e {
+        eprintln!("== end to end over vhost-user: {c} (QD 64, one queue: {pairs} pairs with in-process rounds)");
+        // The figure the targets judge alternates with in-process rounds on the same pages.
+        let mut ip = store::InProcess::new(mixed, c)?;
+        let mut in_process = || -> Result<[f64; 2], store::Error> {
+            let r = ip.round()?;
+            Ok([r[PUT].ops_per_s(), r[GET].ops_per_s()])
+        };
+        let pairing = e2e::Pairing {
+            queues: 1,
+            depth: 64,
+            rounds: pairs,
+            in_process: &mut in_process,
+        };
+        let rows = e2e::run(mixed, c, &queue_counts, &depths, e2e_rounds, Some(pairing)).map_err(
+            |source| Error::E2e {
                 compressor: c.to_string(),
                 source,
-            }
-        })?;
+            },
+        )?;
         for r in rows {
             let (p50, p99, ops) = row_stats(&r.stats);
-            let base = engine_rows.iter().find(|e| {
-                e.compressor == c.to_string()
-                    && e.corpus == "mixed"
-                    && e.op == r.op
-                    && e.threads == r.queues.min(cores)
-            });
-            let ratio = base
-                .map(|b| b.ops_per_s)
-                .filter(|b| *b > 0.0)
-                .map_or(0.0, |b| (ops / b * 1000.0).round() / 1000.0);
+            let mut ratio = if r.pairs.is_empty() {
+                let base = engine_rows.iter().find(|e| {
+                    e.compressor == c.to_string()
+                        && e.corpus == "mixed"
+                        && e.op == r.op
+                        && e.threads == r.queues.min(cores)
+                });
+                base.map(|b| b.ops_per_s)
+                    .filter(|b| *b > 0.0)
+                    .map_or(0.0, |b| ops / b)
+            } else {
+                let (a, b): (Vec<f64>, Vec<f64>) = r.pairs.iter().copied().unzip();
+                let p = PairedRatio::new(&c.to_string(), "mixed", &report::e2e_what(r.op), &a, &b);
+                let m = p.median;
+                paired_rows.push(p);
+                m
+            };
+            ratio = stats::round3(ratio);
             e2e_rows.push(E2eRow {
                 compressor: c.to_string(),
                 corpus: "mixed".into(),
@@ -285,6 +381,7 @@ fn run(args: &Args) -> Result<Report, Error> {
 
     let mut r = Report {
         mode: if args.quick { "quick" } else { "full" }.into(),
+        paired: paired_rows,
         machine: machine(cores),
         corpora: corpora
             .iter()
@@ -301,6 +398,7 @@ fn run(args: &Args) -> Result<Report, Error> {
         metadata_bytes_per_page: (metadata * 10.0).round() / 10.0,
         rss_bytes_per_stored_page: rss,
         footprint: footprints,
+        instructions: Vec::new(),
         seconds: started.elapsed().as_secs(),
         targets: Vec::new(),
     };
@@ -330,6 +428,17 @@ fn main() {
             std::env::set_var("VHOST_TMEM_BIN", d);
         }
     }
+    if let Some(name) = &args.instructions_workload {
+        let result = (|| -> Result<(), Error> {
+            let corpora = corpus::build(args.pages.unwrap_or(256))?;
+            instr::workload(instr::find(&corpora, name)?, args.compressor)?;
+            Ok(())
+        })();
+        return exit(result);
+    }
+    if args.instructions {
+        return exit(instructions(&args));
+    }
     let result = (|| -> Result<(), Error> {
         let r = run(&args)?;
         std::fs::create_dir_all(&args.out).map_err(|source| report::Error::Write {
@@ -348,12 +457,85 @@ fn main() {
         }
         println!("{}", report::terminal(&r));
         println!(
-            "report: {0}/report.md, {0}/report.json, {0}/report.svg ({1} s)",
+            "report: {0}/report.md, {0}/report.json, {0}/report.svg ({1} s)\n",
             args.out.display(),
             r.seconds
         );
+        // Last, so it is what the screen shows when the run ends.
+        println!("{}", report::closing(&r));
         Ok(())
     })();
+    exit(result)
+}
+
+/// Counts instructions per page on every corpus under callgrind, one valgrind run each.
+fn instructions(args: &Args) -> Result<(), Error> {
+    let pages = args.pages.unwrap_or(256);
+    if pages < 16 {
+        return Err(Error::TooFewPages);
+    }
+    let exe = std::env::current_exe().map_err(|source| report::Error::Write {
+        path: "the running binary".into(),
+        source,
+    })?;
+    std::fs::create_dir_all(&args.out).map_err(|source| report::Error::Write {
+        path: args.out.display().to_string(),
+        source,
+    })?;
+    let mut rows = Vec::new();
+    for name in [
+        "zero", "same", "text", "binary", "random", "process", "mixed",
+    ] {
+        eprintln!(
+            "== instructions under callgrind: {} on {name}",
+            args.compressor
+        );
+        rows.push(instr::measure(
+            &exe,
+            &args.out,
+            name,
+            pages,
+            args.compressor,
+        )?);
+    }
+    let json = serde_json::to_string_pretty(&rows).expect("the rows serialize");
+    write(args.out.join("instructions.json"), &json)?;
+    let path = args.out.join("report.json");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let mut r = report::check(&text)?;
+        r.instructions = rows.clone();
+        let json = serde_json::to_string_pretty(&r).expect("the report serializes");
+        write(path.clone(), &json)?;
+        write(args.out.join("report.md"), &report::markdown(&r))?;
+        eprintln!("== updated `instructions` in {}", path.display());
+    } else {
+        eprintln!("== no {} yet: `make bench` writes it", path.display());
+    }
+    println!(
+        "instructions per page ({}, {pages} pages per corpus, mixed twice as many):",
+        args.compressor
+    );
+    println!(
+        "{:<8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8} {:>7}",
+        "corpus", "put", "compress", "put/c", "get", "decomp", "get/d", "flush"
+    );
+    for e in &rows {
+        println!(
+            "{:<8} {:>9.0} {:>9.0} {:>8.3} {:>9.0} {:>9.0} {:>8.3} {:>7.0}",
+            e.corpus,
+            e.put_per_page,
+            e.compress_per_page,
+            e.put_to_compress,
+            e.get_per_page,
+            e.decompress_per_page,
+            e.get_to_decompress,
+            e.flush_per_page
+        );
+    }
+    Ok(())
+}
+
+fn exit(result: Result<(), Error>) {
     if let Err(e) = result {
         eprintln!("tmem-bench: {e}");
         let mut src = std::error::Error::source(&e);

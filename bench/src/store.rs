@@ -7,11 +7,10 @@ use std::time::Instant;
 
 use shared_proto::PAGE_SIZE;
 use vhost_tmem::store::codec::{Codecs, Compressor, Encoding};
-use vhost_tmem::store::{ClientConfig, Engine, EngineConfig, PageKey, PoolSpec, Tmem};
+use vhost_tmem::store::{ClientConfig, Engine, EngineConfig, PageKey, PoolId, PoolSpec, Tmem};
 use vhost_tmem::store::{PageDst, PageSrc};
 
 use crate::corpus::Corpus;
-use crate::hist::Histogram;
 
 /// Errors of the store benchmarks.
 #[derive(Debug, thiserror::Error)]
@@ -35,12 +34,38 @@ pub enum Error {
     Codec(#[from] vhost_tmem::store::codec::Error),
 }
 
+/// Latencies in ns: an HDR histogram with 3 significant digits (0.1 %) from 1 ns to 10 s, so
+/// percentiles need no stored samples; a longer operation counts as 10 s.
+pub type Histogram = hdrhistogram::Histogram<u64>;
+
+/// An empty [`Histogram`]. Fixed bounds: recording never allocates, and histograms from
+/// here always merge.
+pub fn histogram() -> Histogram {
+    Histogram::new_with_bounds(1, 10_000_000_000, 3).expect("1 ns..10 s at 3 digits is valid")
+}
+
+/// Adds `o`'s counts to `h`.
+pub fn merge(h: &mut Histogram, o: &Histogram) {
+    h.add(o)
+        .expect("histograms with the same bounds always merge");
+}
+
 /// One operation's figures.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct OpStats {
     pub hist: Histogram,
     pub ops: u64,
     pub seconds: f64,
+}
+
+impl Default for OpStats {
+    fn default() -> Self {
+        Self {
+            hist: histogram(),
+            ops: 0,
+            seconds: 0.0,
+        }
+    }
 }
 
 impl OpStats {
@@ -51,7 +76,7 @@ impl OpStats {
 
     /// Adds one timed phase.
     pub fn add(&mut self, h: &Histogram, ops: u64, seconds: f64) {
-        self.hist.merge(h);
+        merge(&mut self.hist, h);
         self.ops += ops;
         self.seconds += seconds;
     }
@@ -139,7 +164,7 @@ pub fn run(
                             };
                             let t0 = Instant::now();
                             let r = e.put(&mut w, client, &key, corpus.page(i));
-                            st[0].hist.record(ns(t0));
+                            st[0].hist.saturating_record(ns(t0));
                             r.map_err(|source| Error::Store { op: "put", source })?;
                         }
                         st[0].seconds += phase.elapsed().as_secs_f64();
@@ -156,7 +181,7 @@ pub fn run(
                             };
                             let t0 = Instant::now();
                             let r = e.get(&mut w, client, &key, &mut out, false);
-                            st[1].hist.record(ns(t0));
+                            st[1].hist.saturating_record(ns(t0));
                             r.map_err(|source| Error::Store { op: "get", source })?;
                             let c0 = Instant::now();
                             if out != corpus.page(i) {
@@ -182,7 +207,7 @@ pub fn run(
                             };
                             let t0 = Instant::now();
                             let r = e.flush_page(client, &key);
-                            st[2].hist.record(ns(t0));
+                            st[2].hist.saturating_record(ns(t0));
                             r.map_err(|source| Error::Store {
                                 op: "flush",
                                 source,
@@ -205,7 +230,7 @@ pub fn run(
     for r in results {
         let st = r?;
         for (a, b) in total.iter_mut().zip(st.iter()) {
-            a.hist.merge(&b.hist);
+            merge(&mut a.hist, &b.hist);
             a.ops += b.ops;
             a.seconds = a.seconds.max(b.seconds);
         }
@@ -214,86 +239,365 @@ pub fn run(
     Ok(StoreRun { put, get, flush })
 }
 
-/// One limit's figures.
-#[derive(Debug)]
-pub struct Limit {
-    pub hist: Histogram,
-    pub ops_per_s: f64,
+/// The single-thread store on one corpus, a round at a time, so its rounds can alternate
+/// with the limits' rounds on the same pages (and, end to end, with the daemon's).
+pub struct InProcess<'c> {
+    e: Engine,
+    client: <Engine as Tmem>::Client,
+    pool: PoolId,
+    w: <Engine as Tmem>::Worker,
+    out: Vec<u8>,
+    corpus: &'c Corpus,
+    c: Compressor,
 }
 
-fn limit_from(hist: Histogram, secs: f64) -> Limit {
-    let ops_per_s = if secs > 0.0 {
-        hist.count() as f64 / secs
-    } else {
-        0.0
-    };
-    Limit { hist, ops_per_s }
-}
+impl<'c> InProcess<'c> {
+    /// A fresh engine (see [`engine`]) with one persistent pool.
+    pub fn new(corpus: &'c Corpus, c: Compressor) -> Result<Self, Error> {
+        let e = engine(c);
+        let client = e.add_client(ClientConfig::named("bench"));
+        let spec = PoolSpec {
+            persistent: true,
+            shared: None,
+        };
+        let pool = e
+            .create_pool(&client, spec)
+            .map_err(|source| Error::Store {
+                op: "create_pool",
+                source,
+            })?;
+        let w = e.new_worker().map_err(|source| Error::Store {
+            op: "new_worker",
+            source,
+        })?;
+        Ok(Self {
+            e,
+            client,
+            pool,
+            w,
+            out: vec![0u8; PAGE_SIZE],
+            corpus,
+            c,
+        })
+    }
 
-/// A 4 KiB memcpy of every page into one destination, `rounds` times.
-pub fn memcpy(corpus: &Corpus, rounds: usize) -> Limit {
-    let mut out = vec![0u8; PAGE_SIZE];
-    let mut h = Histogram::default();
-    let mut secs = 0.0;
-    for _ in 0..rounds {
+    fn key(&self, i: usize) -> PageKey {
+        PageKey {
+            pool: self.pool,
+            oid: [1, 0, 0],
+            index: i as u64,
+        }
+    }
+
+    /// One round: put every page, get every page (checked, the check untimed), flush every
+    /// page. Returns the put, get and flush figures of this round.
+    pub fn round(&mut self) -> Result<[OpStats; 3], Error> {
+        let corpus = self.corpus;
+        let n = corpus.len() as u64;
+        let mut st = [OpStats::new(), OpStats::new(), OpStats::new()];
         let phase = Instant::now();
         for i in 0..corpus.len() {
+            let key = self.key(i);
             let t0 = Instant::now();
-            out.copy_from_slice(std::hint::black_box(corpus.page(i)));
-            std::hint::black_box(&mut out);
-            h.record(ns(t0));
+            let r = self.e.put(&mut self.w, &self.client, &key, corpus.page(i));
+            st[0].hist.saturating_record(ns(t0));
+            r.map_err(|source| Error::Store { op: "put", source })?;
         }
-        secs += phase.elapsed().as_secs_f64();
+        st[0].seconds = phase.elapsed().as_secs_f64();
+        st[0].ops = n;
+        let phase = Instant::now();
+        let mut check = 0.0;
+        for i in 0..corpus.len() {
+            let key = self.key(i);
+            let t0 = Instant::now();
+            let r = self
+                .e
+                .get(&mut self.w, &self.client, &key, &mut self.out, false);
+            st[1].hist.saturating_record(ns(t0));
+            r.map_err(|source| Error::Store { op: "get", source })?;
+            let c0 = Instant::now();
+            if self.out != corpus.page(i) {
+                return Err(Error::Corrupt {
+                    corpus: corpus.name,
+                    compressor: self.c.to_string(),
+                    index: i,
+                });
+            }
+            check += c0.elapsed().as_secs_f64();
+        }
+        st[1].seconds = phase.elapsed().as_secs_f64() - check;
+        st[1].ops = n;
+        let phase = Instant::now();
+        for i in 0..corpus.len() {
+            let key = self.key(i);
+            let t0 = Instant::now();
+            let r = self.e.flush_page(&self.client, &key);
+            st[2].hist.saturating_record(ns(t0));
+            r.map_err(|source| Error::Store {
+                op: "flush",
+                source,
+            })?;
+        }
+        st[2].seconds = phase.elapsed().as_secs_f64();
+        st[2].ops = n;
+        Ok(st)
     }
-    limit_from(h, secs)
 }
 
-/// The bare codec on every page: compress (with the store's raw threshold), then decompress
-/// what compressed (a page that did not is copied, as a raw page would be).
-/// Returns (compress, decompress, bytes of output over all pages).
-pub fn codec(corpus: &Corpus, c: Compressor, rounds: usize) -> Result<(Limit, Limit, u64), Error> {
-    let threshold = EngineConfig::default().raw_threshold;
-    let mut codecs = Codecs::new()?;
-    let mut stored: Vec<(Encoding, Vec<u8>)> = Vec::with_capacity(corpus.len());
-    let mut hc = Histogram::default();
-    let mut secs_c = 0.0;
-    let mut bytes = 0;
-    let mut raw = vec![0u8; PAGE_SIZE];
-    for r in 0..rounds {
+impl InProcess<'_> {
+    // The workloads `--instructions` counts under callgrind: out of line (callgrind charges
+    // each one's instructions to it), no clock reads, no check (a round checked the pages).
+
+    /// Puts every page.
+    #[inline(never)]
+    pub fn put_all(&mut self) -> Result<(), Error> {
+        for i in 0..self.corpus.len() {
+            let key = self.key(i);
+            self.e
+                .put(&mut self.w, &self.client, &key, self.corpus.page(i))
+                .map_err(|source| Error::Store { op: "put", source })?;
+        }
+        Ok(())
+    }
+
+    /// Gets every page.
+    #[inline(never)]
+    pub fn get_all(&mut self) -> Result<(), Error> {
+        for i in 0..self.corpus.len() {
+            let key = self.key(i);
+            self.e
+                .get(&mut self.w, &self.client, &key, &mut self.out, false)
+                .map_err(|source| Error::Store { op: "get", source })?;
+            std::hint::black_box(&mut self.out);
+        }
+        Ok(())
+    }
+
+    /// Flushes every page.
+    #[inline(never)]
+    pub fn flush_all(&mut self) -> Result<(), Error> {
+        for i in 0..self.corpus.len() {
+            let key = self.key(i);
+            self.e
+                .flush_page(&self.client, &key)
+                .map_err(|source| Error::Store {
+                    op: "flush",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// The limits on one corpus, a round at a time: the bare codec (compress with the store's raw
+/// threshold, a page that does not compress copied as a raw page would be; decompress what
+/// compressed) and a 4 KiB memcpy of every page.
+pub struct Limits<'c> {
+    corpus: &'c Corpus,
+    c: Compressor,
+    codecs: Codecs,
+    threshold: usize,
+    /// Every page's codec output, made once outside the timing: decompress reads these.
+    stored: Vec<(Encoding, Vec<u8>)>,
+    /// Bytes of codec output over all pages.
+    pub bytes: u64,
+    raw: Vec<u8>,
+}
+
+impl<'c> Limits<'c> {
+    /// Compresses every page once (untimed) for the decompress rounds.
+    pub fn new(corpus: &'c Corpus, c: Compressor) -> Result<Self, Error> {
+        let threshold = EngineConfig::default().raw_threshold;
+        let mut codecs = Codecs::new()?;
+        let mut stored = Vec::with_capacity(corpus.len());
+        let mut bytes = 0;
         for i in 0..corpus.len() {
             let page = corpus.page(i);
-            let t0 = Instant::now();
-            let out = codecs.compress(c, PageSrc::new(page), threshold)?;
-            if out.is_none() {
-                // A page that does not compress is kept raw: a copy is part of the floor.
-                raw.copy_from_slice(page);
-                std::hint::black_box(&mut raw);
-            }
-            let took = ns(t0);
-            hc.record(took);
-            secs_c += took as f64 * 1e-9;
-            // Keeping the output is the store's work, not the codec's: outside the timing.
-            let kept = match out {
+            let kept = match codecs.compress(c, PageSrc::new(page), threshold)? {
                 Some((enc, b)) => (enc, b.to_vec()),
                 None => (Encoding::Raw, page.to_vec()),
             };
-            if r == 0 {
-                bytes += kept.1.len() as u64;
-                stored.push(kept);
+            bytes += kept.1.len() as u64;
+            stored.push(kept);
+        }
+        Ok(Self {
+            corpus,
+            c,
+            codecs,
+            threshold,
+            stored,
+            bytes,
+            raw: vec![0u8; PAGE_SIZE],
+        })
+    }
+
+    /// One round: compress, decompress and memcpy every page. Returns their figures.
+    pub fn round(&mut self) -> Result<[OpStats; 3], Error> {
+        let corpus = self.corpus;
+        let n = corpus.len() as u64;
+        let mut st = [OpStats::new(), OpStats::new(), OpStats::new()];
+        let phase = Instant::now();
+        for i in 0..corpus.len() {
+            let page = corpus.page(i);
+            let t0 = Instant::now();
+            let out = self
+                .codecs
+                .compress(self.c, PageSrc::new(page), self.threshold)?;
+            if out.is_none() {
+                // A page that does not compress is kept raw: a copy is part of the floor.
+                self.raw.copy_from_slice(page);
+                std::hint::black_box(&mut self.raw);
+            } else {
+                std::hint::black_box(out);
+            }
+            st[0].hist.saturating_record(ns(t0));
+        }
+        st[0].seconds = phase.elapsed().as_secs_f64();
+        st[0].ops = n;
+        let phase = Instant::now();
+        for (enc, b) in &self.stored {
+            let t0 = Instant::now();
+            self.codecs
+                .decompress(*enc, b, PageDst::new(&mut self.raw))?;
+            st[1].hist.saturating_record(ns(t0));
+        }
+        st[1].seconds = phase.elapsed().as_secs_f64();
+        st[1].ops = n;
+        let phase = Instant::now();
+        for i in 0..corpus.len() {
+            let t0 = Instant::now();
+            self.raw
+                .copy_from_slice(std::hint::black_box(corpus.page(i)));
+            std::hint::black_box(&mut self.raw);
+            st[2].hist.saturating_record(ns(t0));
+        }
+        st[2].seconds = phase.elapsed().as_secs_f64();
+        st[2].ops = n;
+        Ok(st)
+    }
+}
+
+impl Limits<'_> {
+    /// Compresses every page (a page that does not compress is copied), untimed: see
+    /// [`InProcess::put_all`].
+    #[inline(never)]
+    pub fn compress_all(&mut self) -> Result<(), Error> {
+        for i in 0..self.corpus.len() {
+            let page = self.corpus.page(i);
+            let out = self
+                .codecs
+                .compress(self.c, PageSrc::new(page), self.threshold)?;
+            if out.is_none() {
+                self.raw.copy_from_slice(page);
+                std::hint::black_box(&mut self.raw);
+            } else {
+                std::hint::black_box(out);
             }
         }
+        Ok(())
     }
-    let mut hd = Histogram::default();
-    let mut secs_d = 0.0;
-    let mut out = vec![0u8; PAGE_SIZE];
-    for _ in 0..rounds {
-        let phase = Instant::now();
-        for (enc, b) in &stored {
-            let t0 = Instant::now();
-            codecs.decompress(*enc, b, PageDst::new(&mut out))?;
-            hd.record(ns(t0));
+
+    /// Decompresses every page's codec output.
+    #[inline(never)]
+    pub fn decompress_all(&mut self) -> Result<(), Error> {
+        for (enc, b) in &self.stored {
+            self.codecs
+                .decompress(*enc, b, PageDst::new(&mut self.raw))?;
+            std::hint::black_box(&mut self.raw);
         }
-        secs_d += phase.elapsed().as_secs_f64();
+        Ok(())
     }
-    Ok((limit_from(hc, secs_c), limit_from(hd, secs_d), bytes))
+}
+
+/// Store and limit rounds of one (corpus, compressor), interleaved: each pair is a store
+/// round and then a limit round on the same pages.
+#[derive(Debug)]
+pub struct Paired {
+    /// Per pair: put, get, flush.
+    pub store: Vec<[OpStats; 3]>,
+    /// Per pair: compress, decompress, memcpy.
+    pub limits: Vec<[OpStats; 3]>,
+    /// Bytes of bare codec output over the corpus.
+    pub bytes: u64,
+}
+
+impl Paired {
+    /// Operation `op` of every store round merged.
+    pub fn store_total(&self, op: usize) -> OpStats {
+        total(self.store.iter().map(|r| &r[op]))
+    }
+
+    /// Limit `what` of every limit round merged.
+    pub fn limit_total(&self, what: usize) -> OpStats {
+        total(self.limits.iter().map(|r| &r[what]))
+    }
+}
+
+fn total<'a>(rounds: impl Iterator<Item = &'a OpStats>) -> OpStats {
+    let mut t = OpStats::new();
+    for r in rounds {
+        t.add(&r.hist, r.ops, r.seconds);
+    }
+    t
+}
+
+/// Index of put, get and flush in a store round's figures.
+pub const PUT: usize = 0;
+/// See [`PUT`].
+pub const GET: usize = 1;
+/// Index of compress, decompress and memcpy in a limit round's figures.
+pub const COMPRESS: usize = 0;
+/// See [`COMPRESS`].
+pub const DECOMPRESS: usize = 1;
+/// See [`COMPRESS`].
+pub const MEMCPY: usize = 2;
+
+/// `pairs` store/limit pairs on one thread (ABAB...), after one untimed round of each.
+pub fn paired(corpus: &Corpus, c: Compressor, pairs: usize) -> Result<Paired, Error> {
+    let mut s = InProcess::new(corpus, c)?;
+    let mut l = Limits::new(corpus, c)?;
+    // Warm-up (allocator, page faults, caches): not recorded.
+    s.round()?;
+    l.round()?;
+    let mut p = Paired {
+        store: Vec::with_capacity(pairs),
+        limits: Vec::with_capacity(pairs),
+        bytes: l.bytes,
+    };
+    for _ in 0..pairs {
+        p.store.push(s.round()?);
+        p.limits.push(l.round()?);
+    }
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_merge_and_bounds() {
+        let mut h = histogram();
+        for v in 1..=1000u64 {
+            h.saturating_record(v * 100);
+        }
+        // 3 significant digits: within 0.1 % of the exact rank.
+        let p50 = h.value_at_quantile(0.5) as f64;
+        let p99 = h.value_at_quantile(0.99) as f64;
+        assert!((p50 - 50_000.0).abs() <= 50.0, "{p50}");
+        assert!((p99 - 99_000.0).abs() <= 99.0, "{p99}");
+        let mut st = OpStats::new();
+        st.add(&h, 1000, 0.5);
+        st.add(&h, 1000, 0.5);
+        assert_eq!(st.hist.len(), 2000);
+        assert_eq!(st.ops_per_s(), 2000.0);
+        // A clock that did not move, and an operation past the top, are both counted.
+        let mut h = histogram();
+        h.saturating_record(0);
+        h.saturating_record(u64::MAX);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h.value_at_quantile(0.0), 0);
+        assert!(h.value_at_quantile(1.0) >= 10_000_000_000);
+        assert_eq!(OpStats::new().ops_per_s(), 0.0);
+    }
 }
