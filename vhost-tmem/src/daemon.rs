@@ -147,33 +147,48 @@ fn serve_client(
     dev_cfg: DeviceConfig,
     served: &mut bool,
 ) -> Result<Infallible, Error> {
-    let name = client.name().to_string();
     loop {
-        // Anything a previous connection's stragglers created is gone before the next starts.
-        engine.reset_client(client);
-        let mut conn = Connection::new(engine, client, &name, dev_cfg)?;
-        conn.daemon.start(listener).map_err(|cause| Error::Daemon {
-            name: name.clone(),
-            cause,
-        })?;
+        serve_connection(engine, client, listener, dev_cfg)?;
         *served = true;
-        client.set_connected(true);
-        tracing::info!(client = %name, "frontend connected");
-        let result = conn.daemon.wait();
-        drop(conn);
-        client.set_connected(false);
-        engine.reset_client(client);
-        use vhost::vhost_user::Error as VuError;
-        match result {
-            // wait() reports a peer that closed the socket as an error; it is the normal end.
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                VuError::Disconnected | VuError::PartialMessage,
-            )) => tracing::info!(client = %name, "frontend disconnected"),
-            // A frontend that breaks the protocol loses its connection, not the daemon.
-            Err(e) => tracing::warn!(client = %name, "connection ended: {e}"),
-        }
     }
+}
+
+/// Accepts one frontend on `listener` and serves it with a device of its own until it
+/// disconnects or breaks the protocol (which ends only its connection, logged). The client's
+/// private pools are freed before and after. `Err` only when the connection cannot be set up
+/// or accepted. This is all the daemon does per connection; it is public so that the fuzz
+/// targets (tests/fuzz) can drive exactly this.
+pub fn serve_connection(
+    engine: &Arc<Engine>,
+    client: &Arc<Client>,
+    listener: &mut Listener,
+    dev_cfg: DeviceConfig,
+) -> Result<(), Error> {
+    let name = client.name().to_string();
+    // Anything a previous connection's stragglers created is gone before the next starts.
+    engine.reset_client(client);
+    let mut conn = Connection::new(engine, client, &name, dev_cfg)?;
+    conn.daemon.start(listener).map_err(|cause| Error::Daemon {
+        name: name.clone(),
+        cause,
+    })?;
+    client.set_connected(true);
+    tracing::info!(client = %name, "frontend connected");
+    let result = conn.daemon.wait();
+    drop(conn);
+    client.set_connected(false);
+    engine.reset_client(client);
+    use vhost::vhost_user::Error as VuError;
+    match result {
+        // wait() reports a peer that closed the socket as an error; it is the normal end.
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            VuError::Disconnected | VuError::PartialMessage,
+        )) => tracing::info!(client = %name, "frontend disconnected"),
+        // A frontend that breaks the protocol loses its connection, not the daemon.
+        Err(e) => tracing::warn!(client = %name, "connection ended: {e}"),
+    }
+    Ok(())
 }
 
 /// First wait before a failed client thread is started again; doubled per failure in a row.
