@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 # The daemon the tests and the demo start (release: the tests push 100k+ pages through it).
 export VHOST_TMEM_BIN := $(CURDIR)/target/release/vhost-tmem
 
-.PHONY: all deps build lint test unit-test e2e-test bench bench-quick vm-images vm-test demo demo-userspace clean help
+.PHONY: all deps build lint test unit-test e2e-test bench bench-quick vm-images vm-test demo demo-userspace fuzz clean help
 
 all: build
 
@@ -21,6 +21,7 @@ help:
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
 	@echo "make bench  - the full benchmark: store, limits, vhost-user; report in target/bench, README results"
 	@echo "make bench-quick - the benchmark's smoke run (seconds; part of make test, no timing asserted)"
+	@echo "make fuzz   - each fuzz target for FUZZ_SECONDS (60) with cargo-fuzz (nightly; not part of make test)"
 
 deps:
 	@bash .ci/install-deps.sh
@@ -73,6 +74,13 @@ test: lint
 	@mkdir -p target && : > $(TEST_LOG)
 	@$(MAKE) --no-print-directory unit-test e2e-test bench-quick vm-test
 	@awk '/^test result:/ { p += $$4; f += $$6 } /^scenario .*: pass$$/ { p++ } /^bench-quick: pass$$/ { p++ } /^scenario .*: FAIL/ { f++ } END { printf "%d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' $(TEST_LOG)
+
+# Fuzzing (nightly, cargo-fuzz; installed if missing): FUZZ_SECONDS per target, FUZZ_TARGETS to
+# pick some. Not part of `make test`, whose unit tests run every target over its seed corpus.
+FUZZ_SECONDS ?= 60
+fuzz: deps
+	@echo "== fuzzing ($(FUZZ_SECONDS) s per target)"
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bash .ci/fuzz.sh
 
 demo: build vm-images
 	./target/release/tmem-vmtest --demo
