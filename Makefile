@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 # The daemon the tests and the demo start (release: the tests push 100k+ pages through it).
 export VHOST_TMEM_BIN := $(CURDIR)/target/release/vhost-tmem
 
-.PHONY: all deps build lint test unit-test e2e-test bench bench-quick bench-instructions vm-images vm-test demo demo-userspace clean help install uninstall install-check
+.PHONY: all deps build lint test unit-test e2e-test bench bench-quick bench-instructions vm-images vm-test demo demo-userspace clean help install uninstall install-check fuzz
 
 all: build
 
@@ -23,6 +23,7 @@ help:
 	@echo "make bench-quick - the benchmark's smoke run (seconds; part of make test, no timing asserted)"
 	@echo "make bench-instructions - instructions per put/get/flush vs the bare codec under callgrind (into target/bench/report.json)"
 	@echo "make install - the daemon, its man pages and bash/zsh/fish completions (PREFIX=$(PREFIX), DESTDIR)"
+	@echo "make fuzz   - each fuzz target for FUZZ_SECONDS (60) with cargo-fuzz (nightly; not part of make test)"
 
 deps:
 	@bash .ci/install-deps.sh
@@ -132,6 +133,13 @@ test: lint
 	@mkdir -p target && : > $(TEST_LOG)
 	@$(MAKE) --no-print-directory unit-test e2e-test bench-quick install-check vm-test
 	@awk '/^test result:/ { p += $$4; f += $$6 } /^scenario .*: pass$$/ { p++ } /^bench-quick: pass$$/ { p++ } /^install-check: pass$$/ { p++ } /^scenario .*: FAIL/ { f++ } END { printf "%d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' $(TEST_LOG)
+
+# Fuzzing (nightly, cargo-fuzz; installed if missing): FUZZ_SECONDS per target, FUZZ_TARGETS to
+# pick some. Not part of `make test`, whose unit tests run every target over its seed corpus.
+FUZZ_SECONDS ?= 60
+fuzz: deps
+	@echo "== fuzzing ($(FUZZ_SECONDS) s per target)"
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bash .ci/fuzz.sh
 
 demo: build vm-images
 	./target/release/tmem-vmtest --demo

@@ -245,49 +245,86 @@ fn serve_client(
     dev_cfg: DeviceConfig,
     served: &mut bool,
 ) -> Result<Stopped, Error> {
-    let name = client.name().to_string();
     loop {
-        if ctl.stopping() {
+        if serve_one(engine, client, listener, ctl, dev_cfg, served)? {
             return Ok(Stopped);
-        }
-        // Anything a previous connection's stragglers created is gone before the next starts.
-        engine.reset_client(client);
-        let mut conn = Connection::new(engine, client, &name, dev_cfg)?;
-        conn.daemon.start(listener).map_err(|cause| Error::Daemon {
-            name: name.clone(),
-            cause,
-        })?;
-        *served = true;
-        let handle = conn.daemon.shutdown_handle();
-        if !handle.is_some_and(|h| ctl.connected(h)) {
-            // Accepted just as the client was being removed: not served.
-            conn.daemon.request_shutdown();
-            let _ = conn.daemon.wait();
-            return Ok(Stopped);
-        }
-        client.set_connected(true);
-        tracing::info!(client = %name, "frontend connected");
-        let result = conn.daemon.wait();
-        drop(conn);
-        ctl.disconnected();
-        client.set_connected(false);
-        if ctl.stopping() {
-            // Removed: the remover frees the pools and says what went.
-            tracing::info!(client = %name, "connection ended: the client is being removed");
-            return Ok(Stopped);
-        }
-        engine.reset_client(client);
-        use vhost::vhost_user::Error as VuError;
-        match result {
-            // wait() reports a peer that closed the socket as an error; it is the normal end.
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                VuError::Disconnected | VuError::PartialMessage,
-            )) => tracing::info!(client = %name, "frontend disconnected"),
-            // A frontend that breaks the protocol loses its connection, not the daemon.
-            Err(e) => tracing::warn!(client = %name, "connection ended: {e}"),
         }
     }
+}
+
+/// Accepts one frontend on `listener` and serves it with a device of its own until it
+/// disconnects or breaks the protocol (which ends only its connection, logged). The client's
+/// private pools are freed before and after. `Err` only when the connection cannot be set up
+/// or accepted. This is all the daemon does per connection; it is public so that the fuzz
+/// targets (tests/fuzz) can drive exactly this.
+pub fn serve_connection(
+    engine: &Arc<Engine>,
+    client: &Arc<Client>,
+    listener: &mut Listener,
+    dev_cfg: DeviceConfig,
+) -> Result<(), Error> {
+    serve_one(
+        engine,
+        client,
+        listener,
+        &ClientCtl::default(),
+        dev_cfg,
+        &mut false,
+    )
+    .map(|_| ())
+}
+
+/// One connection of [`serve_client`]; true when the client is being removed (stop serving).
+fn serve_one(
+    engine: &Arc<Engine>,
+    client: &Arc<Client>,
+    listener: &mut Listener,
+    ctl: &ClientCtl,
+    dev_cfg: DeviceConfig,
+    served: &mut bool,
+) -> Result<bool, Error> {
+    let name = client.name().to_string();
+    if ctl.stopping() {
+        return Ok(true);
+    }
+    // Anything a previous connection's stragglers created is gone before the next starts.
+    engine.reset_client(client);
+    let mut conn = Connection::new(engine, client, &name, dev_cfg)?;
+    conn.daemon.start(listener).map_err(|cause| Error::Daemon {
+        name: name.clone(),
+        cause,
+    })?;
+    *served = true;
+    let handle = conn.daemon.shutdown_handle();
+    if !handle.is_some_and(|h| ctl.connected(h)) {
+        // Accepted just as the client was being removed: not served.
+        conn.daemon.request_shutdown();
+        let _ = conn.daemon.wait();
+        return Ok(true);
+    }
+    client.set_connected(true);
+    tracing::info!(client = %name, "frontend connected");
+    let result = conn.daemon.wait();
+    drop(conn);
+    ctl.disconnected();
+    client.set_connected(false);
+    if ctl.stopping() {
+        // Removed: the remover frees the pools and says what went.
+        tracing::info!(client = %name, "connection ended: the client is being removed");
+        return Ok(true);
+    }
+    engine.reset_client(client);
+    use vhost::vhost_user::Error as VuError;
+    match result {
+        // wait() reports a peer that closed the socket as an error; it is the normal end.
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            VuError::Disconnected | VuError::PartialMessage,
+        )) => tracing::info!(client = %name, "frontend disconnected"),
+        // A frontend that breaks the protocol loses its connection, not the daemon.
+        Err(e) => tracing::warn!(client = %name, "connection ended: {e}"),
+    }
+    Ok(false)
 }
 
 /// First wait before a failed client thread is started again; doubled per failure in a row.

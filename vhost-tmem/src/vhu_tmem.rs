@@ -181,6 +181,16 @@ fn prefetch(mem: &Mem, addr: u64) {
     let _ = (mem, addr);
 }
 
+/// Whether the used ring, which the device writes, covers the available index, which it
+/// reads: then every chain returned moves the index, and the queue never runs dry. (Other
+/// overlaps only garble what the guest gets back; virtio-queue's own mock lays the used ring
+/// over the available ring's upper entries.)
+fn used_ring_covers_avail_index(q: &Queue) -> bool {
+    let (used, used_len) = (q.used_ring(), 4 + 8 * q.size() as u64);
+    let idx = q.avail_ring().saturating_add(2);
+    idx < used.saturating_add(used_len) && used < idx.saturating_add(2)
+}
+
 /// A short name for a virtqueue error, for the log.
 fn queue_error(e: &virtio_queue::Error) -> &'static str {
     match e {
@@ -203,6 +213,9 @@ struct WorkerState<W> {
 enum Broken {
     /// The descriptor table, available or used ring is not (wholly) in guest memory.
     RingsOutsideMemory,
+    /// The used ring covers the available index: each chain returned would make more
+    /// available, and the worker would serve forever.
+    RingsOverlap,
     /// The available ring cannot be iterated (an index more than a queue size ahead).
     AvailRing(&'static str),
     /// An available entry names a descriptor past the end of the table.
@@ -219,6 +232,7 @@ impl std::fmt::Display for Broken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Broken::RingsOutsideMemory => f.write_str("rings not in guest memory"),
+            Broken::RingsOverlap => f.write_str("used ring over the available index"),
             Broken::AvailRing(why) => f.write_str(why),
             Broken::HeadOutOfRange(h) => write!(f, "head index {h} past the queue"),
             Broken::UsedRing => f.write_str("used ring not writable"),
@@ -462,6 +476,10 @@ impl<S: Tmem> TmemDevice<S> {
             if !queue.is_valid(&*mem) {
                 self.mark_broken(index, queue, Broken::RingsOutsideMemory);
                 break Err(Broken::RingsOutsideMemory);
+            }
+            if used_ring_covers_avail_index(queue) {
+                self.mark_broken(index, queue, Broken::RingsOverlap);
+                break Err(Broken::RingsOverlap);
             }
             let desc_table = queue.desc_table();
             let size = queue.size();

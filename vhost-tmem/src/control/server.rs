@@ -108,6 +108,19 @@ impl BoundControl {
 }
 
 impl Controls {
+    /// Answers one request line (JSON) as the control socket does: a line that is not a
+    /// request gets an error response, never a closed connection.
+    pub fn answer(&self, line: &str) -> Response {
+        match serde_json::from_str::<Request>(line) {
+            Ok(req) => self.handle(req),
+            Err(e) => Response {
+                ok: false,
+                error: Some(format!("bad request: {e}")),
+                ..Response::default()
+            },
+        }
+    }
+
     fn session(&self, stream: UnixStream, access: Access, refused: &RateLimited) -> io::Result<()> {
         let deadline = Deadline::start();
         stream.set_write_timeout(deadline.next_timeout())?;
@@ -156,15 +169,7 @@ impl Controls {
             if line.trim().is_empty() {
                 continue;
             }
-            let resp = match serde_json::from_str::<Request>(&line) {
-                Ok(req) => self.handle(req),
-                Err(e) => Response {
-                    ok: false,
-                    error: Some(format!("bad request: {e}")),
-                    ..Response::default()
-                },
-            };
-            send(&mut out, &resp)?;
+            send(&mut out, &self.answer(&line))?;
         }
     }
 }

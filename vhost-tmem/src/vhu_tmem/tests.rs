@@ -876,6 +876,23 @@ fn rings_outside_guest_memory_break_the_queue() {
     r.kick().unwrap();
 }
 
+/// A used ring laid over the available ring (found by the `device` fuzz target): every chain
+/// returned moves the available index too, so the worker would serve forever and never see
+/// its exit event. Such a queue is broken until its rings are set up apart.
+#[test]
+fn used_ring_over_the_available_index_breaks_the_queue() {
+    let r = RingEnv::new();
+    r.publish(0);
+    r.set_rings(r.desc, r.avail, r.avail);
+    // The used index ahead of the available one: each chain returned makes more available.
+    r.vrings[1].set_queue_next_used(5);
+    r.kick().unwrap();
+    assert_eq!(r.avail_idx(), 1, "a chain was taken from a broken ring");
+    r.set_rings(r.desc, r.avail, r.used);
+    r.kick().unwrap();
+    assert_eq!(r.used_idx(), 6, "the repaired ring was not served");
+}
+
 /// The guest rewrites the page of a PUT while the device reads it, and the page of a GET while
 /// the device writes it. Whatever is stored is the guest's own business, but the device must
 /// read and write only inside those pages and store only bytes the page held: with every
