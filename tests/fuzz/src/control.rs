@@ -61,7 +61,10 @@ fn engine() -> Arc<Engine> {
 
 /// Runs one input; panics on a finding.
 pub fn run(data: &[u8]) {
-    let controls = Controls { engine: engine() };
+    let controls = Controls {
+        engine: engine(),
+        admin: None,
+    };
     let e = &controls.engine;
     let mut reader = BufReader::new(data.take(MAX_BYTES));
     let mut line = String::new();
@@ -99,6 +102,11 @@ pub fn run(data: &[u8]) {
         let cstats = |name: &str| stats.clients.iter().find(|c| c.name == name).cloned();
         let expect_ok = match &req {
             Request::Stats | Request::Limit { .. } => true,
+            // Run-time administration needs the daemon's client list: none here.
+            Request::AddClient { .. }
+            | Request::RemoveClient { .. }
+            | Request::ListClients
+            | Request::Reload => false,
             Request::Freeze { client: c }
             | Request::Thaw { client: c }
             | Request::Flush { client: c }
@@ -147,6 +155,10 @@ pub fn run(data: &[u8]) {
                 );
             }
             Request::Authorize { .. } | Request::Revoke { .. } => {}
+            Request::AddClient { .. }
+            | Request::RemoveClient { .. }
+            | Request::ListClients
+            | Request::Reload => unreachable!("refused above: no client administration here"),
         }
     }
     let text = prometheus(&e.stats());

@@ -26,7 +26,7 @@ use shared_proto::{
 };
 use vhost_tmem::store::{ClientConfig, Engine, EngineConfig, IncompressiblePolicy};
 use vhost_tmem::vhu_tmem::{DeviceConfig, TmemDevice};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::bindings::virtio_ring::{
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
@@ -35,7 +35,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, Gues
 use vmm_sys_util::epoll::EventSet;
 
 type Mem = GuestMemoryMmap<()>;
-type Vring = VringRwLock<GuestMemoryAtomic<Mem>>;
+use vhost_tmem::vhu_tmem::Vring;
 
 /// Guest memory: two adjacent regions (a page may straddle them), nothing past `MEM_END`.
 const REGION_A: usize = 0x4_0000;
@@ -490,7 +490,7 @@ impl Env {
             .expect("anonymous memory passes the check");
         dev.set_event_idx(s.event_idx);
         let vrings: Vec<Vring> = (0..2)
-            .map(|_| VringRwLock::new(atomic.clone(), MAX_QUEUE).expect("vring"))
+            .map(|_| Vring::new(atomic.clone(), MAX_QUEUE).expect("vring"))
             .collect();
         for (q, v) in vrings.iter().enumerate() {
             let b = ring_base(q as u16);

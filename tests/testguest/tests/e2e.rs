@@ -1477,10 +1477,24 @@ fn sandboxed_daemon_works(d: &mut Daemon, sock: &std::path::Path, port: u16, res
 /// the guest that connected meanwhile.
 fn restart_client_thread(d: &Daemon, sock: &std::path::Path, opts: &GuestOptions) -> Guest {
     let pid = d.pid();
-    let open: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
-        .collect();
+    let fds = || -> std::collections::HashSet<u64> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+            .collect()
+    };
+    // The last connection's descriptors close as its threads end: wait until none changes for
+    // 300 ms, or a descriptor freed after the count would take the accept below the limit.
+    let mut open = fds();
+    let settle = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = fds();
+        if now == open || std::time::Instant::now() > settle {
+            break;
+        }
+        open = now;
+    }
     let old = set_fd_limit(pid, (0..).find(|n| !open.contains(n)).unwrap());
     let waiting = {
         let (sock, opts) = (sock.to_owned(), opts.clone());
