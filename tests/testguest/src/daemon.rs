@@ -69,12 +69,16 @@ impl Daemon {
     /// `{dir}` in an argument is replaced by that directory.
     pub fn start(args: &[&str]) -> Result<Daemon, Error> {
         let bin = binary()?;
+        // A sequence number too: two tests of one process starting daemons within the
+        // clock's resolution got one directory, and each saw the other's clients.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
-            "vhost-tmem-test-{}-{}",
+            "vhost-tmem-test-{}-{}-{}",
             std::process::id(),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
+                .map_or(0, |d| d.as_nanos()),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).map_err(Error::Spawn)?;
         let d = dir.display().to_string();
