@@ -218,7 +218,6 @@ fn admin_rules(r: &mut Rules) -> Result<(), BackendError> {
         SYS_newfstatat,
         SYS_statx,
         SYS_lseek,
-        SYS_readlinkat,
         #[cfg(target_arch = "x86_64")]
         SYS_chmod,
         #[cfg(target_arch = "x86_64")]
@@ -227,8 +226,6 @@ fn admin_rules(r: &mut Rules) -> Result<(), BackendError> {
         SYS_rename,
         #[cfg(target_arch = "x86_64")]
         SYS_unlink,
-        #[cfg(target_arch = "x86_64")]
-        SYS_readlink,
     ] {
         r.insert(nr, Vec::new());
     }
@@ -446,6 +443,13 @@ mod tests {
             assert!(!p.contains_key(&nr), "{nr} allowed to the process");
         }
         assert!(p.contains_key(&libc::SYS_bind) && !r.contains_key(&libc::SYS_bind));
+        // Links are read only in /proc/self/fd, in both tiers.
+        for rules in [&r, &p] {
+            assert!(
+                !rules[&libc::SYS_readlinkat].is_empty(),
+                "readlinkat unpinned"
+            );
+        }
     }
 
     /// A serving thread under both tiers, as the daemon stacks them: what administration may
