@@ -92,6 +92,17 @@ impl Run {
         let lines: Vec<&str> = self.console.lines().collect();
         lines[lines.len().saturating_sub(25)..].join("\n")
     }
+
+    /// The kernel's last messages on the console (lines with a `[ seconds]` stamp), which the
+    /// workload's own output may have pushed out of [`Self::tail`].
+    pub fn kernel_tail(&self) -> String {
+        let lines: Vec<&str> = self
+            .console
+            .lines()
+            .filter(|l| l.trim_start().starts_with('['))
+            .collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
 }
 
 /// What a kernel prints when something is wrong. Lockdep and the atomic-sleep check report as
@@ -376,6 +387,17 @@ mod tests {
         assert_eq!(r.verdict("two-guests"), None);
         let r = run("guest-result swap-unload: FAIL (rmmod tmem)  \n");
         assert_eq!(r.verdict("swap-unload"), Some(Err("rmmod tmem".into())));
+    }
+
+    #[test]
+    fn the_kernel_tail_skips_the_workload_lines() {
+        let mut console = String::from("[    6.7] tmem: device broken\n");
+        for i in 0..40 {
+            console.push_str(&format!("device-loss: heartbeat {i}\n"));
+        }
+        let r = run(&console);
+        assert_eq!(r.kernel_tail(), "[    6.7] tmem: device broken");
+        assert!(!r.tail().contains("tmem"));
     }
 
     #[test]

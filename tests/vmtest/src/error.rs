@@ -73,6 +73,15 @@ pub enum Error {
     },
     #[error("{who}: {why}")]
     GuestFailed { who: String, why: String },
+    /// The guest's script failed a check: the console is the only record CI keeps, so the
+    /// verdict carries the kernel's last messages and the console's end.
+    #[error("{who}: {why}\nkernel log tail:\n{kernel}\nconsole tail:\n{tail}")]
+    GuestCheck {
+        who: String,
+        why: String,
+        kernel: String,
+        tail: String,
+    },
     #[error("{who}: the kernel reported a problem:\n{report}")]
     KernelProblem { who: String, report: String },
     #[error("{who} printed no verdict (QEMU {status}); console tail:\n{tail}")]

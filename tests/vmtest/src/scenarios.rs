@@ -329,7 +329,14 @@ impl Runner {
             }
             match run.verdict(name) {
                 Some(Ok(())) => {}
-                Some(Err(why)) => return Err(Error::GuestFailed { who, why }),
+                Some(Err(why)) => {
+                    return Err(Error::GuestCheck {
+                        who,
+                        why,
+                        kernel: run.kernel_tail(),
+                        tail: run.tail(),
+                    })
+                }
                 None => {
                     return Err(Error::NoVerdict {
                         who,
@@ -344,9 +351,11 @@ impl Runner {
             }
             if name == "device-loss" {
                 // The daemon is gone: the console shows what happened instead.
-                check_device_loss(&run.console).map_err(|why| Error::GuestFailed {
+                check_device_loss(&run.console).map_err(|why| Error::GuestCheck {
                     who: who.clone(),
                     why,
+                    kernel: run.kernel_tail(),
+                    tail: run.tail(),
                 })?;
                 eprintln!(
                     "  {name}: {who}: device broken, heartbeat went on, swap fell back to the disk"
