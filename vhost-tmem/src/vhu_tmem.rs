@@ -280,6 +280,10 @@ pub struct TmemDevice<S: Tmem> {
     /// One per worker thread; each thread only ever locks its own, so these never contend.
     workers: Vec<Mutex<WorkerState<S::Worker>>>,
     exit: (EventConsumer, EventNotifier),
+    /// Set by [`TmemDevice::stop_workers`]: a worker in the middle of serving a queue returns
+    /// after its current burst, however fast the frontend keeps the ring supplied (the exit
+    /// event alone is seen only between events, and a queue that never runs dry is one event).
+    stopping: AtomicBool,
     /// Queues served by each worker thread, as bit masks (computed once).
     thread_masks: Vec<u64>,
     /// Per queue: the ring setup it broke in, while it is broken.
@@ -331,6 +335,7 @@ impl<S: Tmem> TmemDevice<S> {
             acked_features: AtomicU64::new(0),
             workers,
             exit,
+            stopping: AtomicBool::new(false),
             thread_masks: thread_masks(cfg.request_queues),
             broken: (0..=cfg.request_queues).map(|_| Mutex::new(None)).collect(),
             mem_generation: AtomicU64::new(0),
@@ -360,8 +365,10 @@ impl<S: Tmem> TmemDevice<S> {
         Ok(())
     }
 
-    /// Wakes every worker thread so that it exits.
+    /// Wakes every worker thread so that it exits; one busy serving a queue returns after its
+    /// current burst.
     pub fn stop_workers(&self) {
+        self.stopping.store(true, Relaxed);
         if let Err(e) = self.exit.1.notify() {
             tracing::warn!(client = %self.name, "cannot wake worker threads: {e}");
         }
@@ -528,7 +535,7 @@ impl<S: Tmem> TmemDevice<S> {
                 self.mark_broken(index, queue, why);
                 break Err(why);
             }
-            if n == 0 {
+            if n == 0 || self.stopping.load(Relaxed) {
                 break Ok(pass);
             }
         };
@@ -957,6 +964,9 @@ impl<S: Tmem> TmemDevice<S> {
         // correct driver cannot cause two (see the end of the loop).
         let mut idle_rounds = 0;
         loop {
+            if self.stopping.load(Relaxed) {
+                return Ok(());
+            }
             if event_idx {
                 self.notification(
                     vring,
@@ -976,7 +986,7 @@ impl<S: Tmem> TmemDevice<S> {
             // refills the ring within microseconds, and a wakeup costs more than that.
             let poll = self.cfg.poll;
             let mut deadline = Instant::now() + poll;
-            while used && !control && !poll.is_zero() {
+            while used && !control && !poll.is_zero() && !self.stopping.load(Relaxed) {
                 std::hint::spin_loop();
                 match self.process_queue(vring, queue, control, w)? {
                     Pass::Served => {

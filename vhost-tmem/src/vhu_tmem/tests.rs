@@ -2,7 +2,9 @@
 //! Device tests: requests built as descriptor chains with virtio-queue's mock split queue.
 
 use super::*;
-use crate::store::{ClientConfig, Engine, EngineConfig};
+use crate::store::{
+    ClientConfig, Engine, EngineConfig, GetHit, PageDst, PageSrc, PoolId, PoolSpec,
+};
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -683,9 +685,9 @@ fn bad_device_config_is_rejected() {
 /// 0 (by a `MockSplitQueue`), with EVENT_IDX, as a vhost-user frontend would set it up.
 /// `vrings` are thread 0's: the (unused) control queue and queue 1. The test plays the driver
 /// by writing the rings directly, hostile values included.
-struct RingEnv {
+struct RingEnv<S: Tmem = Engine> {
     mem: Mem,
-    dev: Arc<TmemDevice<Engine>>,
+    dev: Arc<TmemDevice<S>>,
     vrings: Vec<Vring>,
     /// Descriptor table, available and used ring addresses.
     desc: u64,
@@ -698,6 +700,12 @@ const QSIZE: u16 = 256;
 impl RingEnv {
     fn new() -> RingEnv {
         let Env { mem, dev, .. } = env();
+        RingEnv::with_device(mem, dev)
+    }
+}
+
+impl<S: Tmem> RingEnv<S> {
+    fn with_device(mem: Mem, dev: TmemDevice<S>) -> RingEnv<S> {
         let dev = Arc::new(dev);
         let atomic = GuestMemoryAtomic::new(mem.clone());
         dev.update_memory(atomic.clone()).unwrap();
@@ -821,6 +829,164 @@ fn avail_index_far_ahead_breaks_the_queue() {
     r.restart_ring(1);
     r.kick().unwrap();
     assert_eq!(r.used_idx(), 2);
+}
+
+/// A store that holds the first put until the test lets it go, so that the test can act while
+/// a worker is in the middle of a burst; everything else goes straight to an [`Engine`].
+struct Gated {
+    engine: Arc<Engine>,
+    first: AtomicBool,
+    entered: std::sync::mpsc::SyncSender<()>,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Tmem for Gated {
+    type Client = <Engine as Tmem>::Client;
+    type Worker = <Engine as Tmem>::Worker;
+
+    fn new_worker(&self) -> crate::store::Result<Self::Worker> {
+        self.engine.new_worker()
+    }
+    fn create_pool(&self, c: &Self::Client, spec: PoolSpec) -> crate::store::Result<PoolId> {
+        self.engine.create_pool(c, spec)
+    }
+    fn destroy_pool(&self, c: &Self::Client, pool: PoolId) -> crate::store::Result<()> {
+        self.engine.destroy_pool(c, pool)
+    }
+    fn put<'p>(
+        &self,
+        w: &mut Self::Worker,
+        c: &Self::Client,
+        key: &PageKey,
+        page: impl Into<PageSrc<'p>>,
+    ) -> crate::store::Result<()> {
+        if self.first.swap(false, Relaxed) {
+            self.entered.send(()).unwrap();
+            self.release.lock().unwrap().recv().unwrap();
+        }
+        self.engine.put(w, c, key, page)
+    }
+    fn get<'p>(
+        &self,
+        w: &mut Self::Worker,
+        c: &Self::Client,
+        key: &PageKey,
+        out: impl Into<PageDst<'p>>,
+        exclusive: bool,
+    ) -> crate::store::Result<GetHit> {
+        self.engine.get(w, c, key, out, exclusive)
+    }
+    fn flush_page(&self, c: &Self::Client, key: &PageKey) -> crate::store::Result<()> {
+        self.engine.flush_page(c, key)
+    }
+    fn flush_object(
+        &self,
+        c: &Self::Client,
+        pool: PoolId,
+        oid: &shared_proto::Oid,
+    ) -> crate::store::Result<u64> {
+        self.engine.flush_object(c, pool, oid)
+    }
+    fn limit_pages(&self, c: &Self::Client) -> u64 {
+        self.engine.limit_pages(c)
+    }
+    fn shrink_target(&self, c: &Self::Client) -> u64 {
+        self.engine.shrink_target(c)
+    }
+    fn reset_client(&self, c: &Self::Client) {
+        self.engine.reset_client(c)
+    }
+}
+
+impl<S: Tmem> RingEnv<S> {
+    /// Publishes a PUT of page `index` in `pool` at descriptors `desc`..`desc + 2`.
+    fn publish_put(&self, desc: u16, pool: PoolId, index: u64) {
+        let h = ReqHeader {
+            op: Op::Put as u32,
+            pool_id: pool,
+            oid: [1, 2, 3],
+            index,
+            ..ReqHeader::default()
+        };
+        self.mem
+            .write_slice(&h.encode(), GuestAddress(HDR))
+            .unwrap();
+        let next = VRING_DESC_F_NEXT as u16;
+        let descs = [
+            SplitDescriptor::new(HDR, 48, next, desc + 1),
+            SplitDescriptor::new(DATA, PAGE_SIZE as u32, next, desc + 2),
+            SplitDescriptor::new(RESP, 16, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        for (i, d) in descs.into_iter().enumerate() {
+            let at = self.desc + 16 * (desc as u64 + i as u64);
+            self.mem
+                .write_obj(RawDescriptor::from(d), GuestAddress(at))
+                .unwrap();
+        }
+        self.publish_head(desc);
+    }
+}
+
+/// A frontend that keeps the ring supplied as fast as the worker serves it must not keep the
+/// worker (and so the connection's teardown, which joins it) forever: once the device is
+/// stopped, the worker returns after the burst it is in, leaving later chains unserved.
+#[test]
+fn a_stopped_worker_returns_after_its_burst_however_full_the_ring() {
+    let engine = Arc::new(Engine::new(EngineConfig::default()));
+    let client = engine.add_client(ClientConfig::named("g"));
+    let pool = engine
+        .create_pool(
+            &client,
+            PoolSpec {
+                persistent: true,
+                shared: None,
+            },
+        )
+        .unwrap();
+    let (entered, on_entry) = std::sync::mpsc::sync_channel(1);
+    let (go, release) = std::sync::mpsc::channel();
+    let store = Arc::new(Gated {
+        engine,
+        first: AtomicBool::new(true),
+        entered,
+        release: std::sync::Mutex::new(release),
+    });
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+    let cfg = DeviceConfig {
+        request_queues: 2,
+        queue_size: 256,
+        max_pools: 16,
+        poll: Duration::ZERO,
+        allow_unsealed_memory: false,
+    };
+    let r = RingEnv::with_device(mem, TmemDevice::new(store, client, "g", cfg).unwrap());
+    for i in 0..4 {
+        r.publish_put(3 * i, pool, u64::from(i));
+    }
+    let (done, finished) = std::sync::mpsc::channel();
+    let (dev, vrings) = (r.dev.clone(), r.vrings.clone());
+    std::thread::spawn(move || {
+        let _ = done.send(dev.handle_event(1, EventSet::IN, &vrings, 0));
+    });
+    // The worker holds the 4 chains it took and waits in the first put: the frontend adds
+    // more, the device is stopped, and the put goes on.
+    on_entry
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the worker never reached the store");
+    for i in 4..8 {
+        r.publish_put(3 * i, pool, u64::from(i));
+    }
+    r.dev.stop_workers();
+    go.send(()).unwrap();
+    finished
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the stopped worker did not return within 10 s")
+        .unwrap();
+    assert_eq!(
+        r.used_idx(),
+        4,
+        "the worker went on serving after it was stopped"
+    );
 }
 
 /// A head index >= the queue size: the chains before it are served, the queue is broken, the
