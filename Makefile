@@ -119,13 +119,14 @@ uninstall:
 		"$(DESTDIR)$(ZSHCOMPDIR)/_vhost-tmem" "$(DESTDIR)$(FISHCOMPDIR)/vhost-tmem.fish"
 
 # `make install DESTDIR=<empty dir>` installs exactly the expected files, and `make uninstall`
-# takes them all away again.
+# takes them all away again; the systemd units in contrib/systemd verify.
 install-check: build
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && set -e && \
 	$(MAKE) --no-print-directory install DESTDIR="$$tmp" PREFIX=/usr >/dev/null && \
 	bash .ci/check-install.sh "$$tmp" /usr && \
 	$(MAKE) --no-print-directory uninstall DESTDIR="$$tmp" PREFIX=/usr >/dev/null && \
 	left=$$(find "$$tmp" -type f) && [ -z "$$left" ] || { echo "uninstall left: $$left"; exit 1; }
+	@bash .ci/check-systemd.sh target/release/vhost-tmem
 	@echo "install-check: pass" | tee -a $(TEST_LOG)
 
 # Every test; the last line sums cargo's test results and the VM scenarios.

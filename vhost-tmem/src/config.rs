@@ -40,7 +40,7 @@ pub enum Error {
     SingleAndMulti,
     #[error("invalid --client \"{spec}\": {why}")]
     ClientSpec { spec: String, why: String },
-    #[error("client \"{0}\": give exactly one of socket= or fd=")]
+    #[error("client \"{0}\": give exactly one of socket=, fd= or listen=")]
     ClientSocket(String),
     #[error("two clients are named \"{0}\"")]
     DuplicateName(String),
@@ -130,7 +130,7 @@ pub struct ServeArgs {
     /// Name of the single client of --socket-path/--fd.
     #[arg(long, default_value = "guest")]
     pub name: String,
-    /// A client: name=N,socket=PATH|fd=FD[,quota=SIZE][,weight=W][,compressor=C][,shared=UUID+UUID]
+    /// A client: name=N,socket=PATH|fd=FD|listen=NAME[,quota=SIZE][,weight=W][,compressor=C][,shared=UUID+UUID]
     #[arg(long = "client", value_name = "SPEC")]
     pub clients: Vec<String>,
     /// TOML configuration file (options given here override it; clients add up).
@@ -274,6 +274,7 @@ pub struct FileClient {
     pub name: String,
     pub socket: Option<PathBuf>,
     pub fd: Option<RawFd>,
+    pub listen: Option<String>,
     pub quota: Option<SizeValue>,
     pub weight: Option<u32>,
     pub compressor: Option<String>,
@@ -288,6 +289,9 @@ pub enum Endpoint {
     Path(PathBuf),
     /// A listening socket inherited as a file descriptor.
     Fd(RawFd),
+    /// A listening socket passed by a service manager under this name (`LISTEN_FDNAMES`,
+    /// systemd's `FileDescriptorName=`).
+    Listen(String),
 }
 
 /// One client: engine settings and endpoint.
@@ -347,7 +351,7 @@ pub fn parse_client_spec(spec: &str) -> Result<ClientSpec, Error> {
         why,
     };
     let mut cfg = ClientConfig::named("");
-    let (mut socket, mut fd) = (None, None);
+    let (mut socket, mut fd, mut listen) = (None, None, None);
     for kv in spec.split(',') {
         let (k, v) = kv
             .split_once('=')
@@ -356,6 +360,7 @@ pub fn parse_client_spec(spec: &str) -> Result<ClientSpec, Error> {
             "name" => cfg.name = v.to_string(),
             "socket" => socket = Some(PathBuf::from(v)),
             "fd" => fd = Some(v.parse().map_err(|_| err(format!("bad fd \"{v}\"")))?),
+            "listen" => listen = Some(v.to_string()),
             "quota" => cfg.quota = parse_size(v)?,
             "weight" => {
                 cfg.weight =
@@ -370,24 +375,31 @@ pub fn parse_client_spec(spec: &str) -> Result<ClientSpec, Error> {
         return Err(err("name= is missing".into()));
     }
     check_name(&cfg.name)?;
-    let endpoint = match (socket, fd) {
-        (Some(p), None) => Endpoint::Path(p),
-        (None, Some(f)) => Endpoint::Fd(f),
-        _ => return Err(Error::ClientSocket(cfg.name)),
-    };
+    let endpoint = endpoint(socket, fd, listen).ok_or(Error::ClientSocket(cfg.name.clone()))?;
     Ok(ClientSpec {
         config: cfg,
         endpoint,
     })
 }
 
+/// The one endpoint given, if exactly one is.
+fn endpoint(
+    socket: Option<PathBuf>,
+    fd: Option<RawFd>,
+    listen: Option<String>,
+) -> Option<Endpoint> {
+    match (socket, fd, listen) {
+        (Some(p), None, None) => Some(Endpoint::Path(p)),
+        (None, Some(f), None) => Some(Endpoint::Fd(f)),
+        (None, None, Some(n)) if !n.is_empty() => Some(Endpoint::Listen(n)),
+        _ => None,
+    }
+}
+
 fn file_client(c: &FileClient) -> Result<ClientSpec, Error> {
     check_name(&c.name)?;
-    let endpoint = match (&c.socket, c.fd) {
-        (Some(p), None) => Endpoint::Path(p.clone()),
-        (None, Some(f)) => Endpoint::Fd(f),
-        _ => return Err(Error::ClientSocket(c.name.clone())),
-    };
+    let endpoint = endpoint(c.socket.clone(), c.fd, c.listen.clone())
+        .ok_or_else(|| Error::ClientSocket(c.name.clone()))?;
     Ok(ClientSpec {
         config: ClientConfig {
             name: c.name.clone(),
@@ -608,6 +620,8 @@ mod tests {
             &format!("name=a,socket=/tmp/a,quota=64M,weight=300,compressor=zstd:3,shared={u}"),
             "--client",
             "name=b,fd=7",
+            "--client",
+            "name=c,listen=vm3",
             "--memory-limit",
             "256M",
             "--queues",
@@ -621,6 +635,7 @@ mod tests {
         assert_eq!(c.clients[0].config.compressor, Some(Compressor::Zstd(3)));
         assert_eq!(c.clients[0].config.shared, vec![parse_uuid(u).unwrap()]);
         assert_eq!(c.clients[1].endpoint, Endpoint::Fd(7));
+        assert_eq!(c.clients[2].endpoint, Endpoint::Listen("vm3".into()));
         assert_eq!(c.metrics_listen.unwrap().to_string(), "127.0.0.1:9187");
     }
 
@@ -632,7 +647,18 @@ mod tests {
                 &["--socket-path", "/x", "--client", "name=a,socket=/y"],
                 "single client",
             ),
-            (&["--client", "name=a"], "exactly one of socket= or fd="),
+            (
+                &["--client", "name=a"],
+                "exactly one of socket=, fd= or listen=",
+            ),
+            (
+                &["--client", "name=a,socket=/a,listen=vm1"],
+                "exactly one of socket=, fd= or listen=",
+            ),
+            (
+                &["--client", "name=a,listen="],
+                "exactly one of socket=, fd= or listen=",
+            ),
             (&["--client", "socket=/a"], "name= is missing"),
             (
                 &["--client", "name=a,socket=/a,colour=red"],
@@ -788,13 +814,17 @@ weight = 200
 name = "vm2"
 socket = "/run/vm2.sock"
 quota = 1048576
+[[client]]
+name = "vm3"
+listen = "vm3"
 "#,
         )
         .unwrap();
         let c = cfg(&["--config", p.to_str().unwrap(), "--memory-limit", "3G"]).unwrap();
         assert_eq!(c.engine.memory_limit, 3 << 30);
         assert_eq!(c.engine.compressor, Compressor::Zstd(1));
-        assert_eq!(c.clients.len(), 2);
+        assert_eq!(c.clients.len(), 3);
+        assert_eq!(c.clients[2].endpoint, Endpoint::Listen("vm3".into()));
         assert_eq!(c.clients[0].config.quota, 512 << 20);
         assert_eq!(c.clients[1].config.quota, 1 << 20);
         assert_eq!((c.socket_group, c.control_group), (Some(0), Some(0)));

@@ -19,6 +19,7 @@ pub use clients::Clients;
 use crate::config::{DaemonConfig, Endpoint, ServeArgs};
 use crate::control::{self, Controls};
 use crate::sandbox;
+use crate::sd;
 use crate::sock::{self, is_socket, Claim};
 use crate::store::{Client, Engine, Tmem};
 use crate::vhu_tmem::{self, DeviceConfig, TmemDevice};
@@ -52,6 +53,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Sandbox(#[from] sandbox::Error),
+    #[error(transparent)]
+    ServiceManager(#[from] sd::Error),
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
     #[error("cannot keep a second descriptor of a listening socket")]
@@ -80,6 +83,7 @@ fn listen(
             let l = unsafe { Listener::from_raw_fd(fd.into_raw_fd()) };
             Ok((l, Some(claim)))
         }
+        Endpoint::Listen(_) => unreachable!("resolved to a descriptor by run"),
         Endpoint::Fd(fd) => {
             if !is_socket(*fd) {
                 return Err(Error::NotASocket {
@@ -395,17 +399,31 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// file by `ctl reload` and SIGHUP.
 pub fn run(cfg: DaemonConfig, args: Option<ServeArgs>) -> Result<(), Error> {
     let engine = Arc::new(Engine::new(cfg.engine.clone()));
+    // Both read (and taken out of the environment) before any thread exists.
+    let notifier = sd::Notifier::from_env()?;
+    let mut passed = sd::ListenFds::from_env()?;
     let mut fds = HashSet::new();
     let mut bound = Vec::new();
     // Bind everything first, so that a bad socket fails the start rather than a thread later.
     for spec in &cfg.clients {
-        if let Endpoint::Fd(fd) = spec.endpoint {
+        let endpoint = match &spec.endpoint {
+            Endpoint::Listen(n) => Endpoint::Fd(passed.take(&spec.config.name, n)?),
+            e => e.clone(),
+        };
+        if let Endpoint::Fd(fd) = endpoint {
             if !fds.insert(fd) {
                 return Err(Error::SharedFd(fd));
             }
         }
-        let (listener, claim) = listen(&spec.config.name, &spec.endpoint, cfg.socket_group)?;
+        let (listener, claim) = listen(&spec.config.name, &endpoint, cfg.socket_group)?;
         bound.push((spec.clone(), listener, claim));
+    }
+    let untaken = passed.untaken();
+    if !untaken.is_empty() {
+        tracing::warn!(
+            sockets = ?untaken,
+            "sockets passed by the service manager that no client listens on"
+        );
     }
     let clients = Clients::new(engine.clone(), cfg.clone(), args);
     let control = match &cfg.control_socket {
@@ -423,7 +441,7 @@ pub fn run(cfg: DaemonConfig, args: Option<ServeArgs>) -> Result<(), Error> {
     // per thread, inherited by the threads started later).
     let paths = cfg.clients.iter().filter_map(|c| match &c.endpoint {
         Endpoint::Path(p) => Some(p.as_path()),
-        Endpoint::Fd(_) => None,
+        Endpoint::Fd(_) | Endpoint::Listen(_) => None,
     });
     let files = sandbox::SocketFiles::record(paths.chain(cfg.control_socket.as_deref()))?;
     // SIGTERM, SIGINT and SIGHUP: blocked in every thread, taken by this one below.
@@ -452,16 +470,21 @@ pub fn run(cfg: DaemonConfig, args: Option<ServeArgs>) -> Result<(), Error> {
         user = cfg.sandbox.user.as_ref().map(|u| u.name.as_str()),
         "vhost-tmem serving"
     );
+    let serving = || format!("serving {} clients", clients.count());
+    notifier.notify(sd::State::Ready, &serving());
     // Client threads restart themselves and never end: the daemon ends on a signal.
     loop {
         let sig = sandbox::wait_for_signal();
         if sig != libc::SIGHUP {
             tracing::info!(signal = sig, "exiting");
+            notifier.notify(sd::State::Stopping, "exiting: removing the sockets");
             break;
         }
         tracing::info!("SIGHUP: reloading the configuration");
+        notifier.notify(sd::State::Reloading, "reloading the configuration");
         // The outcome is logged by reload itself.
         let _ = control::ClientAdmin::reload(&*clients);
+        notifier.notify(sd::State::Ready, &serving());
     }
     clients.remove_added_socket_files(&files);
     files.remove();

@@ -5,6 +5,7 @@
 //! - [`vhu_tmem`]: the virtio-tmem device as a vhost-user backend.
 //! - [`daemon`]: sockets, one serving thread per client.
 //! - [`sandbox`]: seccomp, namespaces and a user drop once the daemon is set up.
+//! - [`sd`]: service managers: sockets passed at start, readiness notifications.
 //! - [`sock`]: Unix socket helpers for the client and control sockets.
 //! - [`config`], [`control`]: command line, configuration file, control socket, metrics.
 //! - [`size`]: sizes such as `64K` or `1G`, parsed and formatted.
@@ -13,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod sandbox;
+pub mod sd;
 pub mod size;
 pub mod sock;
 pub mod store;

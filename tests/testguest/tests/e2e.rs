@@ -693,7 +693,10 @@ fn command_line_errors_exit_1_with_a_message() {
             &["--socket-path", "/tmp/x.sock", "--memory-limit", "ten"][..],
             "invalid size \"ten\"",
         ),
-        (&["--client", "name=a"][..], "exactly one of socket= or fd="),
+        (
+            &["--client", "name=a"][..],
+            "exactly one of socket=, fd= or listen=",
+        ),
         (&["--fd", "987"][..], "fd 987 is not an open socket"),
         (
             &["--socket-path", "/nonexistent-dir/x.sock"][..],

@@ -65,6 +65,7 @@ fn endpoint_text(ep: &Endpoint) -> String {
     match ep {
         Endpoint::Path(p) => p.display().to_string(),
         Endpoint::Fd(fd) => format!("fd:{fd}"),
+        Endpoint::Listen(n) => format!("listen:{n}"),
     }
 }
 
@@ -191,9 +192,9 @@ impl Clients {
             });
         }
         match endpoint {
-            Endpoint::Fd(_) => Some(format!(
-                "client \"{name}\": a client added at run time needs socket=PATH (fd= is for \
-                 sockets inherited at start)"
+            Endpoint::Fd(_) | Endpoint::Listen(_) => Some(format!(
+                "client \"{name}\": a client added at run time needs socket=PATH (fd= and \
+                 listen= are for sockets inherited at start)"
             )),
             Endpoint::Path(p) => st
                 .entries
@@ -401,6 +402,11 @@ const NO_FILESYSTEM: &str = "not available with --sandbox namespace: the daemon 
      new configuration";
 
 impl Clients {
+    /// How many clients are configured (being removed ones included).
+    pub(crate) fn count(&self) -> usize {
+        self.state.lock().entries.len()
+    }
+
     /// At exit: removes the socket files of clients added at run time (those of the start are
     /// `files`, removed through their directories). Lock files stay, as at start.
     pub(crate) fn remove_added_socket_files(&self, files: &crate::sandbox::SocketFiles) {
