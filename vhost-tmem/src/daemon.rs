@@ -21,7 +21,7 @@ use crate::control::{self, Controls};
 use crate::sandbox;
 use crate::size::format_duration;
 use crate::sock::{self, is_socket, Claim};
-use crate::store::{Client, Ended, Engine};
+use crate::store::{Client, Ended, Engine, Reaped};
 use crate::vhu_tmem::{self, DeviceConfig, TmemDevice};
 
 /// Errors that stop the daemon.
@@ -335,8 +335,8 @@ fn serve_one(
 fn settle(engine: &Engine, client: &Arc<Client>) {
     let name = client.name();
     match engine.connection_ended(client) {
-        Ended::Kept { pools: 0, .. } => {}
-        Ended::Kept { pools, bytes } => {
+        Ended::Kept { now: false, .. } => {}
+        Ended::Kept { pools, bytes, .. } => {
             let when = match engine.orphan_timeout() {
                 Some(t) => format!("freed after {} unless it does", format_duration(t)),
                 None => "kept until it does (no orphan timeout)".into(),
@@ -372,11 +372,16 @@ fn reap_orphans(engine: Arc<Engine>) {
     crate::sandbox::confine_serving_thread();
     loop {
         let (freed, next) = engine.reap_orphans();
-        for (client, age, r) in freed {
+        for Reaped {
+            client,
+            orphaned_for,
+            freed: r,
+        } in freed
+        {
             // Dropped by policy, with pages the guest may still want: said at warning level.
             tracing::warn!(
                 client = %client.name(),
-                orphaned_for = %format_duration(age),
+                orphaned_for = %format_duration(Duration::from_secs(orphaned_for.as_secs())),
                 pools = r.pools,
                 persistent_pages = r.persistent_pages,
                 ephemeral_pages = r.ephemeral_pages,

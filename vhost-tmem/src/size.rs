@@ -74,7 +74,7 @@ pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
     [(3_600_000, "h"), (60_000, "m"), (1_000, "s")]
         .iter()
-        .find(|(unit, _)| ms != 0 && ms % unit == 0)
+        .find(|(unit, _)| ms != 0 && ms.is_multiple_of(*unit))
         .map(|(unit, suffix)| format!("{}{suffix}", ms / unit))
         .unwrap_or_else(|| {
             if ms == 0 {

@@ -21,7 +21,7 @@ use shared_proto::{Oid, Status, PAGE_SIZE};
 use codec::Compressor;
 pub use engine::{Client, ClientConfig, ClientRemoval, Engine, EngineConfig, IncompressiblePolicy};
 pub use page::{PageDst, PageSrc};
-pub use session::Ended;
+pub use session::{Ended, Reaped};
 
 // The defaults of the engine's and the clients' settings, here once for the engine, the
 // configuration file and the command line.

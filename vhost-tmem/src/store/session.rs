@@ -30,11 +30,20 @@ pub(crate) struct Session {
 /// What became of a client's pools when its frontend's connection ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ended {
-    /// Kept for a reconnect (its driver negotiated `SESSION`): how many pools, and the bytes
-    /// charged to the client.
-    Kept { pools: u64, bytes: u64 },
+    /// Kept for a reconnect (its driver negotiated `SESSION`): how many pools, the bytes
+    /// charged to the client, and whether they became orphaned now (not at an earlier call).
+    Kept { pools: u64, bytes: u64, now: bool },
     /// Freed: its driver did not negotiate `SESSION`, or the orphan timeout is 0.
     Dropped(ClientRemoval),
+}
+
+/// A client whose orphaned pools [`Engine::reap_orphans`] freed.
+#[derive(Debug)]
+pub struct Reaped {
+    pub client: Arc<Client>,
+    /// How long it was orphaned.
+    pub orphaned_for: Duration,
+    pub freed: ClientRemoval,
 }
 
 /// An orphan timeout as the engine keeps it: milliseconds, `u64::MAX` for none (kept for ever).
@@ -84,12 +93,14 @@ impl Engine {
         let mut s = client.session.lock();
         if s.enabled && self.orphan_timeout() != Some(Duration::ZERO) {
             let pools = client.pool_count();
-            if pools > 0 && s.orphaned.is_none() {
+            let now = pools > 0 && s.orphaned.is_none();
+            if now {
                 s.orphaned = Some((SystemTime::now(), Instant::now()));
             }
             return Ended::Kept {
                 pools,
                 bytes: client.account.used.load(Relaxed),
+                now,
             };
         }
         s.orphaned = None;
@@ -109,9 +120,8 @@ impl Engine {
     }
 
     /// Frees the pools of every client orphaned for longer than the orphan timeout. Returns
-    /// each client freed with how long it was orphaned and what went, and when the next
-    /// orphan is due (`None`: none is).
-    pub fn reap_orphans(&self) -> (Vec<(Arc<Client>, Duration, ClientRemoval)>, Option<Instant>) {
+    /// the clients freed, and when the next orphan is due (`None`: none is).
+    pub fn reap_orphans(&self) -> (Vec<Reaped>, Option<Instant>) {
         let mut freed = Vec::new();
         let Some(timeout) = self.orphan_timeout() else {
             return (freed, None);
@@ -129,7 +139,11 @@ impl Engine {
                 s.orphaned = None;
                 let r = self.drop_pools(&c);
                 drop(s);
-                freed.push((c, now - since, r));
+                freed.push(Reaped {
+                    client: c,
+                    orphaned_for: now - since,
+                    freed: r,
+                });
             } else {
                 next = Some(next.map_or(due, |n| n.min(due)));
             }
@@ -308,9 +322,13 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         let (freed, next) = e.reap_orphans();
         assert_eq!(freed.len(), 1);
-        let (c, age, r) = &freed[0];
-        assert_eq!(c.name(), "a");
-        assert!(*age >= Duration::from_millis(1));
+        let Reaped {
+            client,
+            orphaned_for,
+            freed: r,
+        } = &freed[0];
+        assert_eq!(client.name(), "a");
+        assert!(*orphaned_for >= Duration::from_millis(1));
         assert_eq!((r.pools, r.persistent_pages), (1, 4));
         assert_eq!(next, None);
         assert_eq!(a.orphaned_since(), None);
