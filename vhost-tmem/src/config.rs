@@ -627,6 +627,51 @@ mod tests {
     }
 
     #[test]
+    fn orphan_timeout() {
+        use std::time::Duration;
+        let base = ["--socket-path", "/tmp/x.sock"];
+        let with = |v: &str| cfg(&[&base[..], &["--orphan-timeout", v]].concat());
+        assert_eq!(
+            cfg(&base).unwrap().orphan_timeout,
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(
+            with("90").unwrap().orphan_timeout,
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            with("500ms").unwrap().orphan_timeout,
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(with("0").unwrap().orphan_timeout, Some(Duration::ZERO));
+        assert_eq!(with("off").unwrap().orphan_timeout, None);
+        let e = with("ten minutes").unwrap_err().to_string();
+        assert!(e.contains("invalid duration \"ten minutes\""), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.toml");
+        for (text, want) in [
+            ("orphan_timeout = 30", Some(Duration::from_secs(30))),
+            ("orphan_timeout = \"2h\"", Some(Duration::from_secs(7200))),
+            ("orphan_timeout = \"off\"", None),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let c = cfg(&[&base[..], &["--config", p.to_str().unwrap()]].concat()).unwrap();
+            assert_eq!(c.orphan_timeout, want, "{text}");
+        }
+        // The command line wins.
+        let c = cfg(&[
+            &base[..],
+            &["--config", p.to_str().unwrap(), "--orphan-timeout", "5s"],
+        ]
+        .concat())
+        .unwrap();
+        assert_eq!(c.orphan_timeout, Some(Duration::from_secs(5)));
+        std::fs::write(&p, "orphan_timeout = \"5 parsecs\"").unwrap();
+        let e = cfg(&[&base[..], &["--config", p.to_str().unwrap()]].concat()).unwrap_err();
+        assert!(e.to_string().contains("invalid duration"), "{e}");
+    }
+
+    #[test]
     fn no_client_at_start_needs_a_control_socket() {
         // Clients can be added at run time, through the control socket only.
         let c = cfg(&["--control-socket", "/tmp/c.sock"]).unwrap();
