@@ -256,9 +256,9 @@ fn serve_client(
 /// Accepts one frontend on `listener` and serves it with a device of its own until it
 /// disconnects or breaks the protocol (which ends only its connection, logged). Before and
 /// after, the client's private pools are freed, unless its driver negotiated SESSION (then
-/// they are kept for a reconnect: see [`Engine::connection_ended`]). `Err` only when the connection cannot be set up
-/// or accepted. This is all the daemon does per connection; it is public so that the fuzz
-/// targets (tests/fuzz) can drive exactly this.
+/// they are kept for a reconnect: see [`Engine::connection_ended`]). `Err` only when the
+/// connection cannot be set up or accepted. This is all the daemon does per connection; it is
+/// public so that the fuzz targets (tests/fuzz) can drive exactly this.
 pub fn serve_connection(
     engine: &Arc<Engine>,
     client: &Arc<Client>,
