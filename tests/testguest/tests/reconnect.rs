@@ -396,3 +396,35 @@ fn resets_and_reconnect_loops_do_not_grow_the_daemon() {
     assert_eq!(g.reset().unwrap(), 8);
     assert_eq!(n(&d.stats().unwrap()["memory_used_bytes"]), 0);
 }
+
+#[test]
+fn reload_changes_the_orphan_timeout_of_orphans_already_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("tmem.toml");
+    let write = |timeout: &str| {
+        let tmp = conf.with_extension("tmp");
+        let sock = dir.path().join("a.sock");
+        let body = format!(
+            "orphan_timeout = {timeout}\n[[client]]\nname = \"a\"\nsocket = \"{}\"\n",
+            sock.display()
+        );
+        std::fs::write(&tmp, body).unwrap();
+        std::fs::rename(&tmp, &conf).unwrap();
+    };
+    write("\"off\"");
+    let d = Daemon::start(&["--config", conf.to_str().unwrap()]).unwrap();
+    let mut g = Guest::connect(dir.path().join("a.sock"), session()).unwrap();
+    let p = g.create_pool(true, None).unwrap();
+    put_pages(&mut g, p, [1, 0, 0], 0, 100);
+    drop(g);
+    await_stats(&d, "orphaned", |c| !c["orphaned_since"].is_null());
+    assert!(plain(&d.log()).contains("kept until it does (no orphan timeout)"));
+    write("1");
+    let r = d.control(&serde_json::json!({"cmd": "reload"})).unwrap();
+    let changed = r["reload"]["changed"].to_string();
+    assert!(changed.contains("orphan timeout off -> 1s"), "{changed}");
+    await_stats(&d, "freed under the new timeout", |c| {
+        c["pools"].as_array().unwrap().is_empty()
+    });
+    assert!(plain(&d.log()).contains("orphaned pools freed"));
+}
