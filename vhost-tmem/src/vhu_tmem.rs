@@ -650,14 +650,16 @@ impl<S: Tmem> TmemDevice<S> {
             Op::Reset => {
                 let r = store.reset_client(client);
                 resp.value = r.pools;
-                // Once per driver start; the limiter keeps a driver that loops on it quiet.
-                if r.pools > 0 && self.log.allow().is_some() {
+                // Once per driver start (a boot, a reload), worth a line even when nothing was
+                // kept; the limiter keeps a driver that loops on it quiet.
+                if self.log.allow().is_some() {
                     tracing::info!(
                         client = %self.name,
                         pools = r.pools,
                         persistent_pages = r.persistent_pages,
                         ephemeral_pages = r.ephemeral_pages,
-                        "driver reset: dropped the pools of its previous start"
+                        "driver reset: a driver started, the pools of the one before are \
+                         dropped"
                     );
                 }
                 Ok(())

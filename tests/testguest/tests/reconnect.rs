@@ -221,7 +221,7 @@ fn reset_drops_every_pool() {
     assert_eq!(get_status(&mut g, again, [1, 0, 0], 0), Status::BadPool);
     assert!(d
         .log()
-        .contains("driver reset: dropped the pools of its previous start"));
+        .contains("driver reset: a driver started, the pools of the one before are dropped"));
 }
 
 #[test]
