@@ -452,6 +452,20 @@ impl TmemDev {
         );
     }
 
+    /// RESET (with `SESSION`): drops every pool the host holds for this driver, such as an
+    /// earlier boot's, whose ids the pools created after it must never meet.
+    pub(crate) fn reset(&self) -> Result {
+        let hdr = ReqHeader {
+            op: Op::Reset as u32,
+            ..Default::default()
+        };
+        let dropped = self.control(&hdr, &[])?;
+        if dropped > 0 {
+            pr_info!("host dropped {} pools of an earlier start\n", dropped);
+        }
+        Ok(())
+    }
+
     pub(crate) fn destroy_pool(&self, pool: u32, what: &str) {
         let hdr = ReqHeader {
             op: Op::DestroyPool as u32,

@@ -76,10 +76,11 @@ static ID_TABLE: [bindings::virtio_device_id; 2] = [
     },
 ];
 
-static FEATURES: [u32; 3] = [
+static FEATURES: [u32; 4] = [
     proto::feature::MQ,
     proto::feature::SHARED_POOLS,
     proto::feature::BATCH,
+    proto::feature::SESSION,
 ];
 
 /// `timeout_ms`: how long a request may wait for the device's answer before the driver marks
@@ -160,6 +161,16 @@ impl virtio::Driver for TmemDriver {
         // The core replays the swap areas and filesystems in use at registration: the queues
         // must work by then.
         vdev.ready();
+        // With SESSION the host keeps this driver's pools over a reconnect of the VMM, so it
+        // may still hold those of an earlier boot or binding: drop them before the first pool.
+        if vdev.has_feature(proto::feature::SESSION) {
+            if let Err(e) = dev.reset() {
+                pr_err!("RESET failed: {}\n", e.to_errno());
+                drop(debugfs);
+                teardown(vdev, dev);
+                return Err(e);
+            }
+        }
         match backend::Registration::register(dev.clone(), &THIS_MODULE) {
             Ok(backend) => Ok(bound.write(Bound {
                 backend,

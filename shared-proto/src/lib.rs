@@ -75,16 +75,17 @@ mod tests {
 
     #[test]
     fn op_and_status_decoding() {
-        for v in 1..=7 {
+        for v in 1..=8 {
             assert_eq!(Op::from_u32(v).map(|o| o as u32), Some(v));
         }
         assert_eq!(Op::from_u32(0), None);
-        assert_eq!(Op::from_u32(8), None);
+        assert_eq!(Op::from_u32(9), None);
         for v in 0..=9 {
             assert_eq!(Status::from_u32(v).map(|s| s as u32), Some(v));
         }
         assert_eq!(Status::from_u32(10), None);
         assert!(Op::CreatePool.is_control() && !Op::Put.is_control());
+        assert!(Op::Reset.is_control());
     }
 
     #[test]
@@ -94,5 +95,7 @@ mod tests {
         assert_eq!(writable_len(Op::Get, 0), 16 + 4096);
         assert_eq!(writable_len(Op::Batch, 3), 16 + 3);
         assert_eq!(writable_len(Op::FlushPage, 0), 16);
+        assert_eq!(readable_len(Op::Reset, 0), 48);
+        assert_eq!(writable_len(Op::Reset, 0), 16);
     }
 }

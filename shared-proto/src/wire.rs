@@ -31,6 +31,9 @@ pub mod feature {
     pub const BATCH: u32 = 2;
     /// The device may ask the driver to shrink through `shrink_target_pages`.
     pub const SHRINK: u32 = 3;
+    /// The driver's pools outlive the VMM's connection to the device (a reconnect keeps them),
+    /// and the driver sends `RESET` when it starts, to drop what an earlier boot left.
+    pub const SESSION: u32 = 4;
 }
 
 /// Request operations (`ReqHeader::op`).
@@ -51,6 +54,9 @@ pub enum Op {
     FlushObject = 6,
     /// Several `FlushPage`/`FlushObject` requests in one chain. Payload: `count` [`BatchEntry`].
     Batch = 7,
+    /// Drop every pool of this driver (control queue): sent at probe with `SESSION`, before
+    /// the first CREATE_POOL. `RespHeader::value`: the number of pools dropped.
+    Reset = 8,
 }
 
 impl Op {
@@ -64,13 +70,14 @@ impl Op {
             5 => Op::FlushPage,
             6 => Op::FlushObject,
             7 => Op::Batch,
+            8 => Op::Reset,
             _ => return None,
         })
     }
 
     /// Whether the operation belongs on the control queue (otherwise on a request queue).
     pub const fn is_control(self) -> bool {
-        matches!(self, Op::CreatePool | Op::DestroyPool)
+        matches!(self, Op::CreatePool | Op::DestroyPool | Op::Reset)
     }
 }
 
@@ -354,7 +361,8 @@ pub struct RespHeader {
     pub status: u32,
     /// [`resp_flags`] bits.
     pub flags: u32,
-    /// CREATE_POOL: the new pool id. BATCH: entries that returned OK. Otherwise zero.
+    /// CREATE_POOL: the new pool id. BATCH: entries that returned OK. RESET: pools dropped.
+    /// Otherwise zero.
     pub value: u64,
 }
 
@@ -397,7 +405,7 @@ pub const fn readable_len(op: Op, count: u32) -> usize {
             Op::CreatePool => CreatePool::SIZE,
             Op::Put => PAGE_SIZE,
             Op::Batch => count as usize * BatchEntry::SIZE,
-            Op::DestroyPool | Op::Get | Op::FlushPage | Op::FlushObject => 0,
+            Op::DestroyPool | Op::Get | Op::FlushPage | Op::FlushObject | Op::Reset => 0,
         }
 }
 

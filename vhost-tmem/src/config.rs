@@ -5,17 +5,18 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 use crate::control::Request;
 use crate::sandbox::{Action as SeccompAction, Mode as SandboxMode, Sandbox};
-use crate::size::{format_size, parse_size};
+use crate::size::{format_duration, format_size, parse_duration, parse_size};
 use crate::store::{
     check_memory_limit, check_weight, parse_uuid, ClientConfig, EngineConfig, IncompressiblePolicy,
-    Uuid, DEFAULT_COMPRESSOR, DEFAULT_MAX_POOLS, DEFAULT_MEMORY_LIMIT, DEFAULT_RAW_THRESHOLD,
-    DEFAULT_WEIGHT,
+    Uuid, DEFAULT_COMPRESSOR, DEFAULT_MAX_POOLS, DEFAULT_MEMORY_LIMIT, DEFAULT_ORPHAN_TIMEOUT,
+    DEFAULT_RAW_THRESHOLD, DEFAULT_WEIGHT,
 };
 use crate::vhu_tmem::{DeviceConfig, MAX_QUEUE_SIZE};
 use shared_proto::{MAX_REQUEST_QUEUES, PAGE_SIZE};
@@ -169,6 +170,14 @@ pub struct ServeArgs {
         DEFAULT_POLL_US,
     ))]
     pub poll_us: Option<u64>,
+    #[arg(long, value_name = "DURATION", help = with_default(
+        "How long the pools of a guest whose frontend disconnected wait for it to reconnect \
+         (drivers with the SESSION feature; others lose their pools at once) before they are \
+         freed: seconds, or 500ms, 30s, 10m, 2h; 0 keeps nothing, off keeps them until the \
+         guest's driver resets them or the client is removed",
+        format_duration(DEFAULT_ORPHAN_TIMEOUT),
+    ))]
+    pub orphan_timeout: Option<String>,
     /// Accept guest memory that is not a memfd sealed against shrinking (F_SEAL_SHRINK), such
     /// as hugetlbfs or /dev/shm files. Unsafe with an untrusted VMM: one that truncates such a
     /// file under its mapping kills the daemon (SIGBUS) and every client's pages with it.
@@ -238,6 +247,7 @@ pub struct FileConfig {
     pub queues: Option<u16>,
     pub queue_size: Option<usize>,
     pub poll_us: Option<u64>,
+    pub orphan_timeout: Option<DurationValue>,
     pub allow_unsealed_memory: Option<bool>,
     pub control_socket: Option<PathBuf>,
     pub socket_group: Option<String>,
@@ -263,6 +273,23 @@ impl SizeValue {
         match self {
             SizeValue::Bytes(b) => Ok(*b),
             SizeValue::Text(t) => Ok(parse_size(t)?),
+        }
+    }
+}
+
+/// A duration written as a number of seconds or a string (`"10m"`, `"off"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum DurationValue {
+    Seconds(u64),
+    Text(String),
+}
+
+impl DurationValue {
+    fn duration(&self) -> Result<Option<Duration>, Error> {
+        match self {
+            DurationValue::Seconds(s) => Ok(Some(Duration::from_secs(*s))),
+            DurationValue::Text(t) => Ok(parse_duration(t)?),
         }
     }
 }
@@ -315,6 +342,8 @@ pub struct DaemonConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// How the daemon confines itself once set up.
     pub sandbox: Sandbox,
+    /// How long pools kept for a reconnect wait for their driver (`None`: for ever).
+    pub orphan_timeout: Option<Duration>,
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, Error> {
@@ -548,6 +577,11 @@ impl TryFrom<ServeArgs> for DaemonConfig {
                 .map(|u| crate::sandbox::resolve_user(&u))
                 .transpose()?,
         };
+        let orphan_timeout = match (&a.orphan_timeout, &file.orphan_timeout) {
+            (Some(s), _) => parse_duration(s)?,
+            (None, Some(v)) => v.duration()?,
+            (None, None) => Some(DEFAULT_ORPHAN_TIMEOUT),
+        };
         Ok(DaemonConfig {
             engine: EngineConfig {
                 memory_limit,
@@ -563,6 +597,7 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             control_group,
             metrics_listen,
             sandbox,
+            orphan_timeout,
         })
     }
 }
@@ -601,6 +636,51 @@ mod tests {
         assert!(c.device.poll.is_zero());
         let e = cfg(&["--socket-path", "/tmp/x.sock", "--poll-us", "20000"]).unwrap_err();
         assert!(e.to_string().contains("--poll-us 20000 is too long"), "{e}");
+    }
+
+    #[test]
+    fn orphan_timeout() {
+        use std::time::Duration;
+        let base = ["--socket-path", "/tmp/x.sock"];
+        let with = |v: &str| cfg(&[&base[..], &["--orphan-timeout", v]].concat());
+        assert_eq!(
+            cfg(&base).unwrap().orphan_timeout,
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(
+            with("90").unwrap().orphan_timeout,
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            with("500ms").unwrap().orphan_timeout,
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(with("0").unwrap().orphan_timeout, Some(Duration::ZERO));
+        assert_eq!(with("off").unwrap().orphan_timeout, None);
+        let e = with("ten minutes").unwrap_err().to_string();
+        assert!(e.contains("invalid duration \"ten minutes\""), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.toml");
+        for (text, want) in [
+            ("orphan_timeout = 30", Some(Duration::from_secs(30))),
+            ("orphan_timeout = \"2h\"", Some(Duration::from_secs(7200))),
+            ("orphan_timeout = \"off\"", None),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let c = cfg(&[&base[..], &["--config", p.to_str().unwrap()]].concat()).unwrap();
+            assert_eq!(c.orphan_timeout, want, "{text}");
+        }
+        // The command line wins.
+        let c = cfg(&[
+            &base[..],
+            &["--config", p.to_str().unwrap(), "--orphan-timeout", "5s"],
+        ]
+        .concat())
+        .unwrap();
+        assert_eq!(c.orphan_timeout, Some(Duration::from_secs(5)));
+        std::fs::write(&p, "orphan_timeout = \"5 parsecs\"").unwrap();
+        let e = cfg(&[&base[..], &["--config", p.to_str().unwrap()]].concat()).unwrap_err();
+        assert!(e.to_string().contains("invalid duration"), "{e}");
     }
 
     #[test]

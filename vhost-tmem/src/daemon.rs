@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
@@ -20,8 +20,9 @@ use crate::config::{DaemonConfig, Endpoint, ServeArgs};
 use crate::control::{self, Controls};
 use crate::sandbox;
 use crate::sd;
+use crate::size::format_duration;
 use crate::sock::{self, is_socket, Claim};
-use crate::store::{Client, Engine, Tmem};
+use crate::store::{Client, Ended, Engine, Reaped};
 use crate::vhu_tmem::{self, DeviceConfig, TmemDevice};
 
 /// Errors that stop the daemon.
@@ -257,10 +258,11 @@ fn serve_client(
 }
 
 /// Accepts one frontend on `listener` and serves it with a device of its own until it
-/// disconnects or breaks the protocol (which ends only its connection, logged). The client's
-/// private pools are freed before and after. `Err` only when the connection cannot be set up
-/// or accepted. This is all the daemon does per connection; it is public so that the fuzz
-/// targets (tests/fuzz) can drive exactly this.
+/// disconnects or breaks the protocol (which ends only its connection, logged). Before and
+/// after, the client's private pools are freed, unless its driver negotiated SESSION (then
+/// they are kept for a reconnect: see [`Engine::connection_ended`]). `Err` only when the
+/// connection cannot be set up or accepted. This is all the daemon does per connection; it is
+/// public so that the fuzz targets (tests/fuzz) can drive exactly this.
 pub fn serve_connection(
     engine: &Arc<Engine>,
     client: &Arc<Client>,
@@ -291,8 +293,9 @@ fn serve_one(
     if ctl.stopping() {
         return Ok(true);
     }
-    // Anything a previous connection's stragglers created is gone before the next starts.
-    engine.reset_client(client);
+    // Whatever the last connection left is settled before the next starts: a session's pools
+    // stay (orphaned until a driver claims them), anything else is gone.
+    settle(engine, client);
     let mut conn = Connection::new(engine, client, &name, dev_cfg)?;
     conn.daemon.start(listener).map_err(|cause| Error::Daemon {
         name: name.clone(),
@@ -317,7 +320,7 @@ fn serve_one(
         tracing::info!(client = %name, "connection ended: the client is being removed");
         return Ok(true);
     }
-    engine.reset_client(client);
+    settle(engine, client);
     use vhost::vhost_user::Error as VuError;
     match result {
         // wait() reports a peer that closed the socket as an error; it is the normal end.
@@ -329,6 +332,73 @@ fn serve_one(
         Err(e) => tracing::warn!(client = %name, "connection ended: {e}"),
     }
     Ok(false)
+}
+
+/// Settles what a connection that ended left of `client`'s pools, and says what became of
+/// them if anything did.
+fn settle(engine: &Engine, client: &Arc<Client>) {
+    let name = client.name();
+    match engine.connection_ended(client) {
+        Ended::Kept { now: false, .. } => {}
+        Ended::Kept { pools, bytes, .. } => {
+            let when = match engine.orphan_timeout() {
+                Some(t) => format!("freed after {} unless it does", format_duration(t)),
+                None => "kept until it does (no orphan timeout)".into(),
+            };
+            tracing::info!(
+                client = %name,
+                pools,
+                charged_bytes = bytes,
+                "pools kept for the driver's session: served again when the frontend \
+                 reconnects, {when}"
+            );
+        }
+        Ended::Dropped(r) if r.pools == 0 => {}
+        Ended::Dropped(r) => {
+            // Not silent: a guest that is gone cannot read its swap pages back, but say so.
+            tracing::info!(
+                client = %name,
+                pools = r.pools,
+                persistent_pages = r.persistent_pages,
+                ephemeral_pages = r.ephemeral_pages,
+                "client reset: freed its private pools (its driver keeps no session)"
+            );
+        }
+    }
+}
+
+/// How often the orphan timeout is checked at most: an orphan is freed at most this late.
+const REAP_TICK: Duration = Duration::from_secs(1);
+
+/// Frees the pools of clients orphaned longer than the orphan timeout, for as long as the
+/// daemon runs.
+fn reap_orphans(engine: Arc<Engine>) {
+    crate::sandbox::confine_serving_thread();
+    loop {
+        let (freed, next) = engine.reap_orphans();
+        for Reaped {
+            client,
+            orphaned_for,
+            freed: r,
+        } in freed
+        {
+            // Dropped by policy, with pages the guest may still want: said at warning level.
+            tracing::warn!(
+                client = %client.name(),
+                orphaned_for = %format_duration(Duration::from_secs(orphaned_for.as_secs())),
+                pools = r.pools,
+                persistent_pages = r.persistent_pages,
+                ephemeral_pages = r.ephemeral_pages,
+                bytes = r.bytes,
+                "orphaned pools freed: the frontend did not come back within the orphan timeout"
+            );
+        }
+        let now = Instant::now();
+        let wait = next.map_or(REAP_TICK, |n| {
+            n.saturating_duration_since(now).min(REAP_TICK)
+        });
+        std::thread::sleep(wait.max(Duration::from_millis(10)));
+    }
 }
 
 /// First wait before a failed client thread is started again; doubled per failure in a row.
@@ -359,7 +429,7 @@ pub(crate) fn supervise(
             // Whatever ended it (an accept woken by the removal fails), it is not a failure.
             return;
         }
-        engine.reset_client(&client);
+        settle(&engine, &client);
         let why = match outcome {
             Ok(Ok(Stopped)) => return,
             Ok(Err(e)) => error_chain(&e),
@@ -399,6 +469,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// file by `ctl reload` and SIGHUP.
 pub fn run(cfg: DaemonConfig, args: Option<ServeArgs>) -> Result<(), Error> {
     let engine = Arc::new(Engine::new(cfg.engine.clone()));
+    engine.set_orphan_timeout(cfg.orphan_timeout);
     // Both read (and taken out of the environment) before any thread exists.
     let notifier = sd::Notifier::from_env()?;
     let mut passed = sd::ListenFds::from_env()?;
@@ -457,6 +528,13 @@ pub fn run(cfg: DaemonConfig, args: Option<ServeArgs>) -> Result<(), Error> {
         c.spawn()?;
         tracing::info!(path = %path.display(), "control socket ready");
     }
+    std::thread::Builder::new()
+        .name("orphans".into())
+        .spawn({
+            let engine = engine.clone();
+            move || reap_orphans(engine)
+        })
+        .map_err(Error::Thread)?;
     if let (Some(m), Some(addr)) = (metrics, cfg.metrics_listen) {
         m.spawn(engine.clone())?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");

@@ -654,6 +654,23 @@ impl<S: Tmem> TmemDevice<S> {
             Op::Batch => {
                 return self.batch(mem, chain, count);
             }
+            Op::Reset => {
+                let r = store.reset_client(client);
+                resp.value = r.pools;
+                // Once per driver start (a boot, a reload), worth a line even when nothing was
+                // kept; the limiter keeps a driver that loops on it quiet.
+                if self.log.allow().is_some() {
+                    tracing::info!(
+                        client = %self.name,
+                        pools = r.pools,
+                        persistent_pages = r.persistent_pages,
+                        ephemeral_pages = r.ephemeral_pages,
+                        "driver reset: a driver started, the pools of the one before are \
+                         dropped"
+                    );
+                }
+                Ok(())
+            }
         };
         if let Err(status) = result {
             resp = RespHeader::status(status);
@@ -833,6 +850,7 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
             | 1 << feature::SHARED_POOLS
             | 1 << feature::BATCH
             | 1 << feature::SHRINK
+            | 1 << feature::SESSION
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if self.cfg.request_queues > 1 {
             f |= 1 << feature::MQ;
@@ -842,6 +860,20 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
 
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Relaxed);
+        // The driver's features, replayed by the VMM at every start of the device (also after
+        // a reconnect): whether its pools outlive the connection, and a driver to claim them.
+        let session = features & (1 << feature::SESSION) != 0;
+        let dropped = self.store.driver_features(&self.client, session);
+        if dropped.pools > 0 && self.log.allow().is_some() {
+            tracing::info!(
+                client = %self.name,
+                pools = dropped.pools,
+                persistent_pages = dropped.persistent_pages,
+                ephemeral_pages = dropped.ephemeral_pages,
+                "driver without SESSION: dropped the pools kept for the previous driver's \
+                 session (the guest restarted with another driver)"
+            );
+        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

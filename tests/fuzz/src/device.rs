@@ -1035,7 +1035,7 @@ impl Env {
         let model = self.model.as_mut().expect("checked");
         let pool = model.pools.get(&p.pool).copied();
         let key = pool.map(|pm| (pm.key(p.pool), p.oid, p.index));
-        if pool.is_none() && op != Op::CreatePool && op != Op::Batch {
+        if pool.is_none() && !matches!(op, Op::CreatePool | Op::Batch | Op::Reset) {
             assert_eq!(
                 status,
                 Some(Status::BadPool),
@@ -1074,6 +1074,18 @@ impl Env {
             Op::DestroyPool => {
                 assert_eq!(status, Some(Status::Ok), "{what}: destroying a live pool");
                 model.drop_pool(p.pool);
+            }
+            Op::Reset => {
+                assert_eq!(status, Some(Status::Ok), "{what}");
+                assert_eq!(
+                    resp.value,
+                    model.pools.len() as u64,
+                    "{what}: pools dropped"
+                );
+                let ids: Vec<u32> = model.pools.keys().copied().collect();
+                for id in ids {
+                    model.drop_pool(id);
+                }
             }
             Op::Put => {
                 let pm = pool.expect("checked");

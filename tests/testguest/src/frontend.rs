@@ -89,6 +89,12 @@ impl Vmm {
         if opts.request_queues > 1 {
             features |= 1 << feature::MQ;
         }
+        if opts.session {
+            if dev_features & (1 << feature::SESSION) == 0 {
+                return Err(Error::MissingFeature(feature::SESSION));
+            }
+            features |= 1 << feature::SESSION;
+        }
         features &= dev_features;
         frontend.set_features(features)?;
         let proto = frontend.get_protocol_features()?;

@@ -84,6 +84,10 @@ pub struct GuestOptions {
     pub call_fd: NotifyFd,
     /// What the request queues' kick (available-buffer notification) file descriptors are.
     pub kick_fd: NotifyFd,
+    /// Negotiate VIRTIO_TMEM_F_SESSION: the pools outlive this connection (a later one with
+    /// the feature finds them), and [`Guest::reset`] drops them. Without it (the default, as
+    /// drivers before the feature), the daemon frees them when the connection ends.
+    pub session: bool,
 }
 
 /// What the VMM hands the device as a request queue's call or kick file descriptor (the
@@ -124,6 +128,7 @@ impl Default for GuestOptions {
             ram: RamBacking::default(),
             call_fd: NotifyFd::default(),
             kick_fd: NotifyFd::default(),
+            session: false,
         }
     }
 }

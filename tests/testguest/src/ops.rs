@@ -424,6 +424,20 @@ impl Guest {
         Ok(r.value as u32)
     }
 
+    /// RESET (control queue): drops every pool of this client, as a driver with
+    /// VIRTIO_TMEM_F_SESSION does at probe. Returns how many pools the device dropped.
+    pub fn reset(&mut self) -> Result<u64> {
+        let r = self.control(
+            ReqHeader {
+                op: Op::Reset as u32,
+                ..ReqHeader::default()
+            },
+            &[],
+        )?;
+        ok(status(r.status)?)?;
+        Ok(r.value)
+    }
+
     /// Destroys a pool (control queue).
     pub fn destroy_pool(&mut self, pool: u32) -> Result<()> {
         let r = self.control(

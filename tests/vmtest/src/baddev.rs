@@ -140,6 +140,10 @@ impl Device {
                 store.pools.insert(id, HashMap::new());
                 resp.value = u64::from(id);
             }
+            Some(Op::Reset) => {
+                resp.value = store.pools.len() as u64;
+                store.pools.clear();
+            }
             Some(Op::DestroyPool) => {
                 if store.pools.remove(&hdr.pool_id).is_none() {
                     resp = RespHeader::status(Status::BadPool);

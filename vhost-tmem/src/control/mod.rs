@@ -108,7 +108,8 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
-    /// List the clients: socket, connected or not, pools, pages, quota, weight.
+    /// List the clients: socket, state (connected, orphaned and since when, ...), pools,
+    /// pages, quota, weight.
     ListClients,
     /// Re-read the configuration file (--config) and apply it, as SIGHUP does.
     ///
@@ -128,6 +129,10 @@ pub struct ClientInfo {
     /// Being removed: waiting for its connection to end.
     #[serde(default)]
     pub removing: bool,
+    /// Unix time (seconds) since which its pools wait for their driver to reconnect (freed
+    /// after the orphan timeout); `None` when it is not orphaned.
+    #[serde(default)]
+    pub orphaned_since: Option<u64>,
     pub pools: u64,
     /// Pages stored in its private pools.
     pub pages: u64,
@@ -179,6 +184,16 @@ pub trait ClientAdmin: Send + Sync + std::fmt::Debug {
     fn reload(&self) -> Result<ReloadReport, String>;
 }
 
+/// An age in the largest whole unit: `45s`, `12m`, `3h`, `2d`.
+fn age_text(secs: u64) -> String {
+    match secs {
+        0..=119 => format!("{secs}s"),
+        120..=7199 => format!("{}m", secs / 60),
+        7200..=172_799 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
+}
+
 /// An answer's client list, removal or reload report as text for people (`vhost-tmem ctl`);
 /// empty for the other answers.
 pub fn describe(r: &Response) -> String {
@@ -192,11 +207,14 @@ pub fn describe(r: &Response) -> String {
         );
         for c in list {
             let state = if c.removing {
-                "removing"
+                "removing".to_string()
             } else if c.connected {
-                "connected"
+                "connected".to_string()
+            } else if let Some(since) = c.orphaned_since {
+                let now = crate::store::stats::unix_seconds(std::time::SystemTime::now());
+                format!("orphaned {}", age_text(now.saturating_sub(since)))
             } else {
-                "not connected"
+                "not connected".to_string()
             };
             let quota = if c.quota_bytes == 0 {
                 "none".to_string()

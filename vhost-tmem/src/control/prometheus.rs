@@ -102,6 +102,18 @@ impl Collector for Snapshot {
             "Whether a frontend is connected.",
             &rows,
         )?;
+        let rows: Vec<_> = s
+            .clients
+            .iter()
+            .map(|c| (client(c), c.orphaned_since.is_some() as u64))
+            .collect();
+        family(
+            &mut e,
+            "client_orphaned",
+            false,
+            "Whether the client holds pools kept for a reconnect that no driver has claimed.",
+            &rows,
+        )?;
         for (i, (name, _, counter)) in fields.iter().enumerate() {
             let rows: Vec<_> = s
                 .clients

@@ -21,7 +21,7 @@ use vhost::vhost_user::Listener;
 use super::{error_chain, listen, supervise, ClientCtl, Error, StopRefused};
 use crate::config::{parse_client_spec, ClientSpec, DaemonConfig, Endpoint, ServeArgs};
 use crate::control::{ClientAdmin, ClientInfo, ReloadReport, Removed};
-use crate::size::format_size;
+use crate::size::{format_duration, format_size};
 use crate::sock::Claim;
 use crate::store::{format_uuid, Client, Engine};
 
@@ -298,6 +298,15 @@ impl Clients {
                 format_size(limit)
             ));
         }
+        if st.cfg.orphan_timeout != new.orphan_timeout {
+            e.set_orphan_timeout(new.orphan_timeout);
+            report.changed.push(format!(
+                "orphan timeout {} -> {}",
+                timeout_text(st.cfg.orphan_timeout),
+                timeout_text(new.orphan_timeout)
+            ));
+            st.cfg.orphan_timeout = new.orphan_timeout;
+        }
         for c in &new.clients {
             let Some(entry) = st.entries.get(&c.config.name) else {
                 continue;
@@ -428,6 +437,10 @@ impl Clients {
     }
 }
 
+fn timeout_text(t: Option<Duration>) -> String {
+    t.map_or_else(|| "off".into(), format_duration)
+}
+
 fn quota_text(q: u64) -> String {
     if q == 0 {
         "none".into()
@@ -527,6 +540,7 @@ impl ClientAdmin for Clients {
                     socket: endpoint_text(&e.endpoint),
                     connected: s.is_some_and(|s| s.connected),
                     removing: e.removing,
+                    orphaned_since: s.and_then(|s| s.orphaned_since),
                     pools: s.map_or(0, |s| s.pools.len() as u64),
                     pages: s.map_or(0, |s| s.counters.stored_pages),
                     charged_bytes: s.map_or(0, |s| s.charged_bytes),

@@ -23,6 +23,7 @@ use super::layout::{
     take_page, take_shared_page, Account, LruRef, MemberLru, Object, Pool, Rotation, Run, RunKey,
     Shard, MAX_STRUCT_COST, OBJ_META, RUN_PAGES, SHARDS, SHARED_PAGE_META, SLOT_BYTES,
 };
+use super::session::Session;
 use super::slot::{Payload, Slot};
 use super::{
     format_uuid, Error, GetHit, PageDst, PageKey, PageSrc, PoolId, PoolSpec, Result, Tmem, Uuid,
@@ -109,6 +110,9 @@ pub struct Client {
     /// The shrink request its device advertises in config space, in pages (`u64::MAX`:
     /// none). Kept here, not in the device, so that it outlives reconnections.
     shrink_target: AtomicU64,
+    /// Whether its pools outlive its connection, and since when nobody claims them
+    /// (`store/session.rs`).
+    pub(super) session: Mutex<Session>,
 }
 
 impl Client {
@@ -173,6 +177,9 @@ pub struct Engine {
     pub(super) budget: Budget,
     pub(super) clients: RwLock<Vec<Arc<Client>>>,
     pub(super) shared: Mutex<HashMap<Uuid, Weak<Pool>>>,
+    /// How long pools kept for a reconnect wait for their driver, in milliseconds
+    /// (`u64::MAX`: for ever); see `store/session.rs`.
+    pub(super) orphan_timeout_ms: AtomicU64,
 }
 
 /// Per-worker state of the engine.
@@ -189,6 +196,9 @@ impl Engine {
             cfg,
             clients: RwLock::new(Vec::new()),
             shared: Mutex::new(HashMap::new()),
+            orphan_timeout_ms: AtomicU64::new(super::session::timeout_ms(Some(
+                super::DEFAULT_ORPHAN_TIMEOUT,
+            ))),
         }
     }
 
@@ -205,6 +215,7 @@ impl Engine {
             pools: RwLock::new(Vec::new()),
             counters: Counters::default(),
             shrink_target: AtomicU64::new(u64::MAX),
+            session: Mutex::new(Session::default()),
         });
         self.clients.write().push(client.clone());
         client
@@ -313,7 +324,7 @@ impl Engine {
         n
     }
 
-    fn release_shared_pool(&self, uuid: &Uuid, pool: &Arc<Pool>) {
+    pub(super) fn release_shared_pool(&self, uuid: &Uuid, pool: &Arc<Pool>) {
         if pool.members.fetch_sub(1, Relaxed) != 1 {
             return;
         }
@@ -957,32 +968,12 @@ impl Tmem for Engine {
         client.shrink_target()
     }
 
-    fn reset_client(&self, client: &Arc<Client>) {
-        let pools: Vec<Arc<Pool>> = client.pools.write().drain(..).flatten().collect();
-        let mut persistent = 0;
-        let mut ephemeral = 0;
-        for pool in pools {
-            match pool.shared {
-                Some(uuid) => self.release_shared_pool(&uuid, &pool),
-                None => {
-                    let n = self.budget.kill_pool(&pool);
-                    if pool.persistent {
-                        persistent += n;
-                    } else {
-                        ephemeral += n;
-                    }
-                }
-            }
-        }
-        if persistent + ephemeral > 0 {
-            // Not silent: a guest that is gone cannot read its swap pages back, but say so.
-            tracing::info!(
-                client = %client.name,
-                persistent_pages = persistent,
-                ephemeral_pages = ephemeral,
-                "client reset: freed its private pools"
-            );
-        }
+    fn reset_client(&self, client: &Arc<Client>) -> ClientRemoval {
+        self.reset_session(client)
+    }
+
+    fn driver_features(&self, client: &Arc<Client>, session: bool) -> ClientRemoval {
+        self.negotiated(client, session)
     }
 }
 

@@ -12,6 +12,7 @@ mod engine;
 mod hash;
 mod layout;
 pub mod page;
+mod session;
 mod slot;
 pub mod stats;
 
@@ -20,6 +21,7 @@ use shared_proto::{Oid, Status, PAGE_SIZE};
 use codec::Compressor;
 pub use engine::{Client, ClientConfig, ClientRemoval, Engine, EngineConfig, IncompressiblePolicy};
 pub use page::{PageDst, PageSrc};
+pub use session::{Ended, Reaped};
 
 // The defaults of the engine's and the clients' settings, here once for the engine, the
 // configuration file and the command line.
@@ -36,6 +38,8 @@ pub const DEFAULT_MAX_POOLS: usize = 16;
 pub const DEFAULT_WEIGHT: u32 = 100;
 /// The largest eviction weight (weights are relative; the smallest is 1).
 pub const MAX_WEIGHT: u32 = 10_000;
+/// How long pools kept for a reconnect wait for their driver before they are freed.
+pub const DEFAULT_ORPHAN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 /// The smallest memory limit: one page plus the metadata that stores it.
 pub const MIN_MEMORY_LIMIT: u64 = 2 * PAGE_SIZE as u64;
 
@@ -223,8 +227,14 @@ pub trait Tmem: Send + Sync + 'static {
     /// The shrink request advertised to the client's driver, in pages (`u64::MAX`: none).
     fn shrink_target(&self, client: &Self::Client) -> u64;
 
-    /// The client's driver went away: free its private pools and leave its shared ones.
-    fn reset_client(&self, client: &Self::Client);
+    /// `RESET` from the client's driver: free its private pools and leave its shared ones;
+    /// returns what went.
+    fn reset_client(&self, client: &Self::Client) -> ClientRemoval;
+
+    /// The client's driver set its features, with or without `SESSION` (whether its pools
+    /// outlive the connection). Its pools are claimed again if they were kept for a
+    /// reconnect; a driver without `SESSION` after one with it drops them (returned).
+    fn driver_features(&self, client: &Self::Client, session: bool) -> ClientRemoval;
 }
 
 /// Helpers shared by the store's tests.

@@ -30,6 +30,10 @@ pub struct PoolStats {
 pub struct ClientStats {
     pub name: String,
     pub connected: bool,
+    /// Unix time (seconds) since which it holds pools kept for a reconnect that no driver has
+    /// claimed (freed after the orphan timeout); `None` when it is not orphaned.
+    #[serde(default)]
+    pub orphaned_since: Option<u64>,
     pub frozen: bool,
     pub weight: u32,
     pub quota_bytes: u64,
@@ -103,6 +107,7 @@ impl Engine {
             out.push(ClientStats {
                 name: c.name.clone(),
                 connected: c.connected.load(Relaxed),
+                orphaned_since: c.orphaned_since().map(unix_seconds),
                 frozen: c.frozen.load(Relaxed),
                 weight: c.account.weight.load(Relaxed),
                 quota_bytes: c.account.quota.load(Relaxed),
@@ -140,6 +145,12 @@ impl Engine {
             shared_pools,
         }
     }
+}
+
+/// Seconds since the Unix epoch (0 for a time before it).
+pub fn unix_seconds(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The pool's counters, and the payload part of its memory use.

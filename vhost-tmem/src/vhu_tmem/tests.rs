@@ -606,6 +606,55 @@ fn clients_cannot_reach_each_other() {
 }
 
 #[test]
+fn reset_and_session_features() {
+    let engine = Arc::new(Engine::new(EngineConfig::default()));
+    let e = env_with(engine.clone(), "guest");
+    assert_ne!(e.dev.features() & (1 << feature::SESSION), 0);
+    e.dev.acked_features(1 << feature::SESSION);
+    let pool = e.create_pool(req_flags::POOL_PERSISTENT, [0; 16]).value as u32;
+    assert_eq!(e.put(pool, 1, &page(1)), Some(Status::Ok));
+    // The connection ends and a new device (the reconnect) serves the kept pool.
+    let client = engine.client("guest").unwrap();
+    assert!(matches!(
+        engine.connection_ended(&client),
+        crate::store::Ended::Kept { pools: 1, .. }
+    ));
+    drop(e);
+    let e = env_with(engine.clone(), "guest");
+    e.dev.acked_features(1 << feature::SESSION);
+    assert_eq!(client.orphaned_since(), None);
+    assert_eq!(e.get(pool, 1, 0).1, page(1));
+    // RESET: header only, on the control queue; the value counts the pools dropped.
+    e.header(Op::Reset, 0, 0, 0);
+    e.write(RESP, &[0xff; 16]);
+    assert_eq!(e.run(&[(HDR, 48, false), (RESP, 16, true)], true), 16);
+    assert_eq!((e.status(RESP), e.resp(RESP).value), (Some(Status::Ok), 1));
+    assert_eq!(
+        Status::from_u32(e.get(pool, 1, 0).0.status),
+        Some(Status::BadPool)
+    );
+    // On a request queue, with a payload or with flags: refused.
+    e.header(Op::Reset, 0, 0, 0);
+    e.write(RESP, &[0xff; 16]);
+    e.run(&[(HDR, 48, false), (RESP, 16, true)], false);
+    assert_eq!(e.status(RESP), Some(Status::Unsupported));
+    e.run(&[(HDR, 72, false), (RESP, 16, true)], true);
+    assert_eq!(e.status(RESP), Some(Status::Invalid));
+    e.header(Op::Reset, req_flags::POOL_PERSISTENT, 0, 0);
+    e.run(&[(HDR, 48, false), (RESP, 16, true)], true);
+    assert_eq!(e.status(RESP), Some(Status::Invalid));
+    // A driver without SESSION after one with it: the pools kept for the session go.
+    let pool = e.create_pool(req_flags::POOL_PERSISTENT, [0; 16]).value as u32;
+    assert_eq!(e.put(pool, 1, &page(2)), Some(Status::Ok));
+    e.dev.acked_features(0);
+    assert_eq!(
+        Status::from_u32(e.get(pool, 1, 0).0.status),
+        Some(Status::BadPool)
+    );
+    assert_eq!(engine.memory_used(), 0);
+}
+
+#[test]
 fn config_space_and_features() {
     let e = env();
     let cfg = e.dev.get_config(0, Config::SIZE as u32);
@@ -893,8 +942,11 @@ impl Tmem for Gated {
     fn shrink_target(&self, c: &Self::Client) -> u64 {
         self.engine.shrink_target(c)
     }
-    fn reset_client(&self, c: &Self::Client) {
+    fn reset_client(&self, c: &Self::Client) -> crate::store::ClientRemoval {
         self.engine.reset_client(c)
+    }
+    fn driver_features(&self, c: &Self::Client, session: bool) -> crate::store::ClientRemoval {
+        self.engine.driver_features(c, session)
     }
 }
 

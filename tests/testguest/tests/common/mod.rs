@@ -103,6 +103,28 @@ pub fn fd_count(pid: u32) -> usize {
         .count()
 }
 
+/// The open file descriptors of `pid` once the count stays the same for 300 ms (at most 5 s).
+pub fn settled_fd_count(pid: u32) -> usize {
+    let mut last = fd_count(pid);
+    for _ in 0..16 {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = fd_count(pid);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
+/// `/proc/PID/status` VmRSS, in bytes.
+pub fn rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
 /// A frontend that connects and completes one request/reply exchange (SET_OWNER, then
 /// GET_FEATURES): when it returns, the daemon has accepted it and built its device.
 pub fn handshake(d: &Daemon, sock: &str) -> vhost::vhost_user::Frontend {
