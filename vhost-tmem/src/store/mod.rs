@@ -13,6 +13,8 @@ mod hash;
 mod layout;
 pub mod page;
 mod slot;
+mod snapshot;
+pub mod state;
 pub mod stats;
 
 use shared_proto::{Oid, Status, PAGE_SIZE};
@@ -20,6 +22,8 @@ use shared_proto::{Oid, Status, PAGE_SIZE};
 use codec::Compressor;
 pub use engine::{Client, ClientConfig, ClientRemoval, Engine, EngineConfig, IncompressiblePolicy};
 pub use page::{PageDst, PageSrc};
+pub use slot::Payload;
+pub use snapshot::RestoreError;
 
 // The defaults of the engine's and the clients' settings, here once for the engine, the
 // configuration file and the command line.

@@ -143,7 +143,7 @@ impl Engine {
 }
 
 /// The pool's counters, and the payload part of its memory use.
-fn pool_snapshot(pool: &Pool) -> (CounterSnapshot, u64) {
+pub(super) fn pool_snapshot(pool: &Pool) -> (CounterSnapshot, u64) {
     let mut k = pool.counters.snapshot();
     let mut payload = 0;
     for s in pool.shards.iter() {
