@@ -13,8 +13,10 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 mod clients;
+mod state_file;
 
 pub use clients::Clients;
+pub use state_file::{LoadError, StateFile};
 
 use crate::config::{DaemonConfig, Endpoint, ServeArgs};
 use crate::control::{self, Controls};
@@ -56,6 +58,8 @@ pub enum Error {
     Thread(#[source] std::io::Error),
     #[error("cannot keep a second descriptor of a listening socket")]
     Dup(#[source] std::io::Error),
+    #[error(transparent)]
+    StateFile(#[from] state_file::Error),
     #[error("client \"{name}\": cannot register the worker exit event")]
     ExitEvent {
         name: String,
@@ -287,8 +291,11 @@ fn serve_one(
     if ctl.stopping() {
         return Ok(true);
     }
-    // Anything a previous connection's stragglers created is gone before the next starts.
-    engine.reset_client(client);
+    // Anything a previous connection's stragglers created is gone before the next starts;
+    // pools restored from a state file are kept for the first one.
+    if !client.restored() {
+        engine.reset_client(client);
+    }
     let mut conn = Connection::new(engine, client, &name, dev_cfg)?;
     conn.daemon.start(listener).map_err(|cause| Error::Daemon {
         name: name.clone(),
@@ -303,7 +310,9 @@ fn serve_one(
         return Ok(true);
     }
     client.set_connected(true);
-    tracing::info!(client = %name, "frontend connected");
+    let restored = client.restored();
+    client.clear_restored();
+    tracing::info!(client = %name, restored, "frontend connected");
     let result = conn.daemon.wait();
     drop(conn);
     ctl.disconnected();
@@ -355,7 +364,9 @@ pub(crate) fn supervise(
             // Whatever ended it (an accept woken by the removal fails), it is not a failure.
             return;
         }
-        engine.reset_client(&client);
+        if !client.restored() {
+            engine.reset_client(&client);
+        }
         let why = match outcome {
             Ok(Ok(Stopped)) => return,
             Ok(Err(e)) => error_chain(&e),
@@ -378,7 +389,7 @@ pub(crate) fn supervise(
 }
 
 /// An error with its sources, for one log line.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(e) = source {
@@ -394,7 +405,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// its socket files and returns. `args` is the command line, read again with the configuration
 /// file by `ctl reload` and SIGHUP.
 pub fn run(cfg: DaemonConfig, args: Option<ServeArgs>) -> Result<(), Error> {
-    let engine = Arc::new(Engine::new(cfg.engine.clone()));
+    let mut engine = Arc::new(Engine::new(cfg.engine.clone()));
     let mut fds = HashSet::new();
     let mut bound = Vec::new();
     // Bind everything first, so that a bad socket fails the start rather than a thread later.
@@ -407,6 +418,43 @@ pub fn run(cfg: DaemonConfig, args: Option<ServeArgs>) -> Result<(), Error> {
         let (listener, claim) = listen(&spec.config.name, &spec.endpoint, cfg.socket_group)?;
         bound.push((spec.clone(), listener, claim));
     }
+    // The state a previous daemon handed over, loaded before anything is served (the sockets
+    // are bound first: a start that cannot bind them must not have consumed the file).
+    let add = |e: &Engine| -> Vec<Arc<Client>> {
+        cfg.clients
+            .iter()
+            .map(|c| e.add_client(c.config.clone()))
+            .collect()
+    };
+    let mut made = add(&engine);
+    let state = match cfg.state_file.as_ref().map(|c| {
+        let f = StateFile::open(c)?;
+        f.load(&engine, &made).map(|t| (f, t))
+    }) {
+        None => None,
+        Some(Ok((f, loaded))) => {
+            if loaded.is_none() {
+                // Refused and told to start empty: nothing of it may remain.
+                engine = Arc::new(Engine::new(cfg.engine.clone()));
+                made = add(&engine);
+            }
+            Some(f)
+        }
+        Some(Err(e)) => {
+            for (spec, listener, claim) in bound {
+                drop(listener);
+                if let (Some(claim), Endpoint::Path(p)) = (claim, &spec.endpoint) {
+                    let _ = claim.remove(p);
+                }
+            }
+            return Err(e.into());
+        }
+    };
+    let bound = bound
+        .into_iter()
+        .zip(made)
+        .map(|((spec, listener, claim), client)| (spec, listener, claim, client))
+        .collect();
     let clients = Clients::new(engine.clone(), cfg.clone(), args);
     let control = match &cfg.control_socket {
         Some(path) => Some(
@@ -463,7 +511,20 @@ pub fn run(cfg: DaemonConfig, args: Option<ServeArgs>) -> Result<(), Error> {
         // The outcome is logged by reload itself.
         let _ = control::ClientAdmin::reload(&*clients);
     }
+    let saved = state.map(|f| {
+        // Stop accepting and end every connection: each queue finishes the requests it is
+        // serving and takes no more, so no request is half served and nothing changes while
+        // the state is written.
+        let list = clients.stop_all(HANDOVER_WAIT);
+        f.save(&engine, &list)
+    });
     clients.remove_added_socket_files(&files);
     files.remove();
-    Ok(())
+    match saved {
+        Some(Err(e)) => Err(e.into()),
+        _ => Ok(()),
+    }
 }
+
+/// How long a handover waits for the clients' connections to end before it writes anyway.
+const HANDOVER_WAIT: Duration = Duration::from_secs(10);

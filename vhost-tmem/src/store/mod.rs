@@ -23,7 +23,7 @@ use codec::Compressor;
 pub use engine::{Client, ClientConfig, ClientRemoval, Engine, EngineConfig, IncompressiblePolicy};
 pub use page::{PageDst, PageSrc};
 pub use slot::Payload;
-pub use snapshot::RestoreError;
+pub use snapshot::{RestoreError, DAEMON_VERSION};
 
 // The defaults of the engine's and the clients' settings, here once for the engine, the
 // configuration file and the command line.
