@@ -442,10 +442,17 @@ fn sigterm_mid_traffic_loses_no_acknowledged_persistent_put() {
     let pool = guest.join().unwrap();
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() > 1000, "{} puts acknowledged", acked.len());
+    let log = d.log();
     drop(d);
     let d = start(&args).unwrap();
     let stored = n(&d.client_stats("vm1").unwrap()["stored_pages"]);
-    assert!(stored >= acked.len() as u64, "{stored} < {}", acked.len());
+    assert!(
+        stored >= acked.len() as u64,
+        "{stored} pages loaded, {} acknowledged\n{}\n{}",
+        acked.len(),
+        log,
+        d.log()
+    );
     let mut g = connect(&d, "vm1.sock");
     let reqs = acked.iter().map(|&i| {
         (

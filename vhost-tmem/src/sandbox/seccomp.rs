@@ -450,6 +450,10 @@ mod tests {
             assert!(!p.contains_key(&nr), "{nr} allowed to the process");
         }
         assert!(p.contains_key(&libc::SYS_bind) && !r.contains_key(&libc::SYS_bind));
+        // The state file is fsynced at handover; `ctl handover` signals the daemon itself,
+        // pinned to its pid and SIGTERM (kill(-1) would reach every process it may signal).
+        assert!(p.contains_key(&libc::SYS_fsync) && !r.contains_key(&libc::SYS_fsync));
+        assert!(!r.contains_key(&libc::SYS_kill) && !p[&libc::SYS_kill].is_empty());
         // Links are read only in /proc/self/fd, in both tiers.
         for rules in [&r, &p] {
             assert!(
