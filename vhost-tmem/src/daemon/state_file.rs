@@ -235,13 +235,23 @@ impl StateFile {
                     source,
                 }),
                 StateFileInvalid::StartEmpty => {
-                    let kept = self.rename(&self.name, &self.rejected);
-                    tracing::error!(
-                        path = %path.display(),
-                        kept_as = ?kept.as_ref().map(|_| format!("{}.rejected", path.display())),
-                        "state file refused: {}; starting empty as --state-file-invalid=start-empty says",
-                        crate::daemon::error_chain(&source)
-                    );
+                    let why = crate::daemon::error_chain(&source);
+                    // Kept aside for a look (or a start with more memory), out of the way of
+                    // the next handover and of the next start.
+                    match self.rename(&self.name, &self.rejected) {
+                        Ok(()) => tracing::error!(
+                            path = %path.display(),
+                            kept_as = %format!("{}.rejected", path.display()),
+                            "state file refused: {why}; starting empty as \
+                             --state-file-invalid=start-empty says"
+                        ),
+                        Err(e) => tracing::error!(
+                            path = %path.display(),
+                            "state file refused: {why}; starting empty as \
+                             --state-file-invalid=start-empty says (it could not be kept \
+                             aside: {e})"
+                        ),
+                    }
                     Ok(None)
                 }
             },
