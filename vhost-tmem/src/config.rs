@@ -73,6 +73,10 @@ pub enum Error {
     BadListen(String),
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::Error),
+    #[error("--state-file \"{0}\" names no file")]
+    StateFilePath(PathBuf),
+    #[error("--state-file-invalid is given without --state-file")]
+    StateFileInvalidAlone,
     #[error("cannot read the configuration file {path}")]
     ReadFile {
         path: PathBuf,
@@ -214,6 +218,19 @@ pub struct ServeArgs {
     /// when started as root; the socket and lock files are given to the user.
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
+    /// Hand the daemon's state to its successor through this file: on SIGTERM or `ctl
+    /// handover` the daemon stops serving and writes every client's pools and pages here; at
+    /// start it loads the file (before serving) and removes it.
+    #[arg(long, value_name = "PATH")]
+    pub state_file: Option<PathBuf>,
+    #[arg(long, value_enum, value_name = "WHAT", help = with_default(
+        "What a start does with a state file it cannot load (corrupt, truncated, another \
+         format version, a client no longer configured, pages that do not fit): refuse (the \
+         daemon does not start) or start-empty (it starts without that state and keeps the \
+         file as PATH.rejected)",
+        "refuse",
+    ))]
+    pub state_file_invalid: Option<StateFileInvalid>,
     /// Print the vhost-user backend capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -233,6 +250,33 @@ pub enum Incompressible {
     Refuse,
     /// Store them raw.
     Store,
+}
+
+/// `--state-file-invalid` values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StateFileInvalid {
+    /// The daemon does not start.
+    #[default]
+    Refuse,
+    /// The daemon starts without the file's state (and keeps the file as PATH.rejected).
+    StartEmpty,
+}
+
+impl std::fmt::Display for StateFileInvalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StateFileInvalid::Refuse => "refuse",
+            StateFileInvalid::StartEmpty => "start-empty",
+        })
+    }
+}
+
+/// Where the daemon's state goes at handover and comes from at start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateFileConfig {
+    pub path: PathBuf,
+    pub invalid: StateFileInvalid,
 }
 
 /// The configuration file.
@@ -256,6 +300,8 @@ pub struct FileConfig {
     pub sandbox: Option<SandboxMode>,
     pub seccomp_action: Option<SeccompAction>,
     pub user: Option<String>,
+    pub state_file: Option<PathBuf>,
+    pub state_file_invalid: Option<StateFileInvalid>,
     #[serde(default, rename = "client")]
     pub clients: Vec<FileClient>,
 }
@@ -344,6 +390,8 @@ pub struct DaemonConfig {
     pub sandbox: Sandbox,
     /// How long pools kept for a reconnect wait for their driver (`None`: for ever).
     pub orphan_timeout: Option<Duration>,
+    /// `--state-file`: the state handed over at exit and loaded at start.
+    pub state_file: Option<StateFileConfig>,
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, Error> {
@@ -582,6 +630,20 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             (None, Some(v)) => v.duration()?,
             (None, None) => Some(DEFAULT_ORPHAN_TIMEOUT),
         };
+        let invalid = a.state_file_invalid.or(file.state_file_invalid);
+        let state_file = match a.state_file.or(file.state_file) {
+            Some(path) => {
+                if path.file_name().is_none() {
+                    return Err(Error::StateFilePath(path));
+                }
+                Some(StateFileConfig {
+                    path,
+                    invalid: invalid.unwrap_or_default(),
+                })
+            }
+            None if invalid.is_some() => return Err(Error::StateFileInvalidAlone),
+            None => None,
+        };
         Ok(DaemonConfig {
             engine: EngineConfig {
                 memory_limit,
@@ -598,6 +660,7 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             metrics_listen,
             sandbox,
             orphan_timeout,
+            state_file,
         })
     }
 }
@@ -810,6 +873,14 @@ mod tests {
                 &["--socket-path", "/x", "--config", "/nonexistent.toml"],
                 "cannot read the configuration file",
             ),
+            (
+                &["--socket-path", "/x", "--state-file", "/"],
+                "--state-file \"/\" names no file",
+            ),
+            (
+                &["--socket-path", "/x", "--state-file-invalid", "start-empty"],
+                "--state-file-invalid is given without --state-file",
+            ),
         ];
         for (args, want) in cases {
             let e = cfg(args).unwrap_err().to_string();
@@ -912,9 +983,38 @@ listen = "vm3"
             (c.sandbox.mode, c.sandbox.action),
             (SandboxMode::Namespace, SeccompAction::Log)
         );
+        assert_eq!(c.state_file, None);
         // The command line wins.
         let c = cfg(&["--config", p.to_str().unwrap(), "--sandbox", "none"]).unwrap();
         assert_eq!(c.sandbox.mode, SandboxMode::None);
+        std::fs::write(
+            &p,
+            "state_file = \"/var/lib/t.state\"\nstate_file_invalid = \"start-empty\"\n\
+             [[client]]\nname = \"vm1\"\nsocket = \"/run/vm1.sock\"\n",
+        )
+        .unwrap();
+        let c = cfg(&["--config", p.to_str().unwrap()]).unwrap();
+        let want = StateFileConfig {
+            path: "/var/lib/t.state".into(),
+            invalid: StateFileInvalid::StartEmpty,
+        };
+        assert_eq!(c.state_file.as_ref(), Some(&want));
+        let c = cfg(&[
+            "--config",
+            p.to_str().unwrap(),
+            "--state-file",
+            "/tmp/s",
+            "--state-file-invalid",
+            "refuse",
+        ])
+        .unwrap();
+        let s = c.state_file.unwrap();
+        assert_eq!(
+            (s.path.to_str(), s.invalid),
+            (Some("/tmp/s"), StateFileInvalid::Refuse)
+        );
+        let c = cfg(&["--socket-path", "/x", "--state-file", "s"]).unwrap();
+        assert_eq!(c.state_file.unwrap().invalid, StateFileInvalid::Refuse);
         std::fs::write(&p, "memory_limit = \"2G\"\nbogus = 1\n").unwrap();
         let e = cfg(&["--config", p.to_str().unwrap()]).unwrap_err();
         assert!(e.to_string().contains("invalid configuration file"));

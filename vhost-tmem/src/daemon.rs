@@ -13,8 +13,10 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 mod clients;
+mod state_file;
 
 pub use clients::Clients;
+pub use state_file::{LoadError, StateFile};
 
 use crate::config::{DaemonConfig, Endpoint, ServeArgs};
 use crate::control::{self, Controls};
@@ -60,6 +62,8 @@ pub enum Error {
     Thread(#[source] std::io::Error),
     #[error("cannot keep a second descriptor of a listening socket")]
     Dup(#[source] std::io::Error),
+    #[error(transparent)]
+    StateFile(#[from] state_file::Error),
     #[error("client \"{name}\": cannot register the worker exit event")]
     ExitEvent {
         name: String,
@@ -310,7 +314,9 @@ fn serve_one(
         return Ok(true);
     }
     client.set_connected(true);
-    tracing::info!(client = %name, "frontend connected");
+    let restored = client.restored();
+    client.clear_restored();
+    tracing::info!(client = %name, restored, "frontend connected");
     let result = conn.daemon.wait();
     drop(conn);
     ctl.disconnected();
@@ -452,7 +458,7 @@ pub(crate) fn supervise(
 }
 
 /// An error with its sources, for one log line.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(e) = source {
@@ -468,7 +474,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// its socket files and returns. `args` is the command line, read again with the configuration
 /// file by `ctl reload` and SIGHUP.
 pub fn run(cfg: DaemonConfig, args: Option<ServeArgs>) -> Result<(), Error> {
-    let engine = Arc::new(Engine::new(cfg.engine.clone()));
+    let mut engine = Arc::new(Engine::new(cfg.engine.clone()));
     engine.set_orphan_timeout(cfg.orphan_timeout);
     // Both read (and taken out of the environment) before any thread exists.
     let notifier = sd::Notifier::from_env()?;
@@ -496,6 +502,44 @@ pub fn run(cfg: DaemonConfig, args: Option<ServeArgs>) -> Result<(), Error> {
             "sockets passed by the service manager that no client listens on"
         );
     }
+    // The state a previous daemon handed over, loaded before anything is served (the sockets
+    // are bound first: a start that cannot bind them must not have consumed the file).
+    let add = |e: &Engine| -> Vec<Arc<Client>> {
+        cfg.clients
+            .iter()
+            .map(|c| e.add_client(c.config.clone()))
+            .collect()
+    };
+    let mut made = add(&engine);
+    let state = match cfg.state_file.as_ref().map(|c| {
+        let f = StateFile::open(c)?;
+        f.load(&engine, &made).map(|t| (f, t))
+    }) {
+        None => None,
+        Some(Ok((f, loaded))) => {
+            if loaded.is_none() {
+                // Refused and told to start empty: nothing of it may remain.
+                engine = Arc::new(Engine::new(cfg.engine.clone()));
+                engine.set_orphan_timeout(cfg.orphan_timeout);
+                made = add(&engine);
+            }
+            Some(f)
+        }
+        Some(Err(e)) => {
+            for (spec, listener, claim) in bound {
+                drop(listener);
+                if let (Some(claim), Endpoint::Path(p)) = (claim, &spec.endpoint) {
+                    let _ = claim.remove(p);
+                }
+            }
+            return Err(e.into());
+        }
+    };
+    let bound = bound
+        .into_iter()
+        .zip(made)
+        .map(|((spec, listener, claim), client)| (spec, listener, claim, client))
+        .collect();
     let clients = Clients::new(engine.clone(), cfg.clone(), args);
     let control = match &cfg.control_socket {
         Some(path) => Some(
@@ -564,7 +608,20 @@ pub fn run(cfg: DaemonConfig, args: Option<ServeArgs>) -> Result<(), Error> {
         let _ = control::ClientAdmin::reload(&*clients);
         notifier.notify(sd::State::Ready, &serving());
     }
+    let saved = state.map(|f| {
+        // Stop accepting and end every connection: each queue finishes the requests it is
+        // serving and takes no more, so no request is half served and nothing changes while
+        // the state is written.
+        let list = clients.stop_all(HANDOVER_WAIT);
+        f.save(&engine, &list)
+    });
     clients.remove_added_socket_files(&files);
     files.remove();
-    Ok(())
+    match saved {
+        Some(Err(e)) => Err(e.into()),
+        _ => Ok(()),
+    }
 }
+
+/// How long a handover waits for the clients' connections to end before it writes anyway.
+const HANDOVER_WAIT: Duration = Duration::from_secs(10);

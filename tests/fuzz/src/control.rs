@@ -106,7 +106,8 @@ pub fn run(data: &[u8]) {
             Request::AddClient { .. }
             | Request::RemoveClient { .. }
             | Request::ListClients
-            | Request::Reload => false,
+            | Request::Reload
+            | Request::Handover => false,
             Request::Freeze { client: c }
             | Request::Thaw { client: c }
             | Request::Flush { client: c }
@@ -158,7 +159,8 @@ pub fn run(data: &[u8]) {
             Request::AddClient { .. }
             | Request::RemoveClient { .. }
             | Request::ListClients
-            | Request::Reload => unreachable!("refused above: no client administration here"),
+            | Request::Reload
+            | Request::Handover => unreachable!("refused above: no client administration here"),
         }
     }
     let text = prometheus(&e.stats());

@@ -157,9 +157,14 @@ impl Daemon {
     /// Sends SIGTERM and waits (at most 10 s, then SIGKILL) for the daemon to exit; returns
     /// how it ended.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.terminate_within(Duration::from_secs(10))
+    }
+
+    /// [`Daemon::terminate`] with another bound (a handover writes its state file first).
+    pub fn terminate_within(&mut self, bound: Duration) -> std::process::ExitStatus {
         // SAFETY: kill takes no pointers; the pid is our child's, not yet reaped.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + bound;
         loop {
             if let Ok(Some(st)) = self.child.try_wait() {
                 return st;

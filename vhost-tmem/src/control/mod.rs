@@ -117,6 +117,9 @@ pub enum Request {
     /// all or nothing; reports clients not in the file (it never removes one) and settings that
     /// need a restart.
     Reload,
+    /// End the daemon as SIGTERM does, handing its state over: it stops serving, writes every
+    /// client's pools and pages to --state-file and exits (refused without --state-file).
+    Handover,
 }
 
 /// One client as `list-clients` shows it.
@@ -182,6 +185,8 @@ pub trait ClientAdmin: Send + Sync + std::fmt::Debug {
     fn list_clients(&self) -> Vec<ClientInfo>;
     /// Re-reads the configuration file and applies it.
     fn reload(&self) -> Result<ReloadReport, String>;
+    /// Starts the handover to a successor (the daemon then ends).
+    fn handover(&self) -> Result<(), String>;
 }
 
 /// An age in the largest whole unit: `45s`, `12m`, `3h`, `2d`.
@@ -371,6 +376,7 @@ impl Controls {
             }
             Request::ListClients => r.clients = Some(self.admin()?.list_clients()),
             Request::Reload => r.reload = Some(self.admin()?.reload()?),
+            Request::Handover => self.admin()?.handover()?,
         }
         Ok(r)
     }
@@ -460,6 +466,7 @@ mod tests {
             ),
             (Request::ListClients, r#"{"cmd":"list-clients"}"#),
             (Request::Reload, r#"{"cmd":"reload"}"#),
+            (Request::Handover, r#"{"cmd":"handover"}"#),
         ];
         // A removal without force is not forced.
         let r: Request = serde_json::from_str(r#"{"cmd":"remove-client","client":"vm1"}"#).unwrap();

@@ -39,6 +39,9 @@ pub struct Clients {
     state: Mutex<State>,
     /// Itself, for a removal that completes in the background.
     me: std::sync::Weak<Clients>,
+    /// The daemon's pid, taken before confinement (the sandbox allows no getpid, which then
+    /// fails with -1, and kill(-1) would signal every process the daemon may signal).
+    pid: libc::pid_t,
 }
 
 #[derive(Debug)]
@@ -74,6 +77,8 @@ struct Bound {
     spec: ClientSpec,
     listener: Listener,
     claim: Option<Claim>,
+    /// Its engine client when made before (holding restored state), else made at start.
+    client: Option<Arc<Client>>,
 }
 
 impl Bound {
@@ -97,6 +102,7 @@ impl Clients {
                 entries: BTreeMap::new(),
             }),
             me: me.clone(),
+            pid: std::process::id() as libc::pid_t,
         })
     }
 
@@ -107,6 +113,7 @@ impl Clients {
             spec,
             listener,
             claim,
+            client: None,
         })
     }
 
@@ -123,7 +130,10 @@ impl Clients {
                     return Err(Error::Dup(e));
                 }
             };
-        let client = self.engine.add_client(b.spec.config.clone());
+        let client = match b.client {
+            Some(c) => c,
+            None => self.engine.add_client(b.spec.config.clone()),
+        };
         let ctl = Arc::new(ClientCtl::default());
         let (engine, c, t, dev) = (
             self.engine.clone(),
@@ -163,23 +173,76 @@ impl Clients {
         Ok(())
     }
 
-    /// Serves the clients of the start (their sockets bound by the caller, in order).
+    /// Serves the clients of the start (their sockets bound and their engine clients made by
+    /// the caller, in order).
     pub(crate) fn start_all(
         &self,
-        bound: Vec<(ClientSpec, Listener, Option<Claim>)>,
+        bound: Vec<(ClientSpec, Listener, Option<Claim>, Arc<Client>)>,
     ) -> Result<(), Error> {
         let mut st = self.state.lock();
-        for (spec, listener, claim) in bound {
+        for (spec, listener, claim, client) in bound {
             self.start(
                 &mut st,
                 Bound {
                     spec,
                     listener,
                     claim,
+                    client: Some(client),
                 },
             )?;
         }
         Ok(())
+    }
+
+    /// At handover: stops accepting on every client's socket and ends every connection, then
+    /// waits (at most `wait`) for each client's thread, whose queues finish the requests they
+    /// are serving and take no more; their pools stay. Returns the clients to save, in name
+    /// order (not those being removed: their pools are being freed). Puts of a connection that
+    /// has not ended by then are refused from here on (the client is frozen).
+    pub(crate) fn stop_all(&self, wait: Duration) -> Vec<Arc<Client>> {
+        let start = Instant::now();
+        let (threads, clients) = {
+            let mut st = self.state.lock();
+            let mut threads = Vec::new();
+            let mut clients = Vec::new();
+            for (name, e) in st.entries.iter_mut() {
+                if e.removing {
+                    continue;
+                }
+                // Refused only when it is already stopping: nothing more to do then.
+                let _ = e.ctl.stop(true);
+                // SAFETY: shutdown on a descriptor we own; wakes the thread's accept.
+                unsafe { libc::shutdown(e.listening.as_raw_fd(), libc::SHUT_RD) };
+                threads.push((name.clone(), e.thread.take()));
+                clients.push(e.client.clone());
+            }
+            (threads, clients)
+        };
+        let deadline = start + wait;
+        for (name, t) in threads {
+            let Some(t) = t else { continue };
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                tracing::error!(
+                    client = %name,
+                    "handover: its connection has not ended after {wait:?}; its state is written \
+                     anyway and its puts are refused from now on"
+                );
+            }
+        }
+        for c in &clients {
+            self.engine.set_frozen(c, true);
+        }
+        tracing::info!(
+            clients = clients.len(),
+            ms = start.elapsed().as_millis() as u64,
+            "handover: stopped serving"
+        );
+        clients
     }
 
     /// Why `name` or `endpoint` cannot be taken by a new client, if so.
@@ -594,5 +657,25 @@ impl ClientAdmin for Clients {
             }
         }
         r
+    }
+
+    fn handover(&self) -> Result<(), String> {
+        if self.state.lock().cfg.state_file.is_none() {
+            return Err(
+                "the daemon runs without --state-file: there is no state file to hand \
+                        over through (SIGTERM stops it, dropping every page)"
+                    .into(),
+            );
+        }
+        tracing::info!("ctl handover: the daemon ends and writes its state file");
+        // SIGTERM is blocked in every thread and taken by the main thread, which hands over.
+        // SAFETY: kill takes no pointers; the pid is our own, never 0 or negative.
+        if self.pid <= 0 || unsafe { libc::kill(self.pid, libc::SIGTERM) } != 0 {
+            return Err(format!(
+                "cannot signal the daemon: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
     }
 }

@@ -199,7 +199,8 @@ pub fn rules(dir_fds: &[RawFd], proc_fd: Option<RawFd>, tier: Tier) -> Result<Ru
 
 /// What run-time administration needs beyond serving: claiming and binding a Unix socket
 /// (lock file, mode, group, stale socket check and removal), reading the configuration file,
-/// and a client thread stacking the serving filters on itself.
+/// writing the state file at handover, and a client thread stacking the serving filters on
+/// itself.
 fn admin_rules(r: &mut Rules) -> Result<(), BackendError> {
     use libc::*;
     for nr in [
@@ -229,6 +230,12 @@ fn admin_rules(r: &mut Rules) -> Result<(), BackendError> {
     ] {
         r.insert(nr, Vec::new());
     }
+    // The state file is made durable before it replaces the old one (handover).
+    r.insert(SYS_fsync, Vec::new());
+    // `ctl handover` ends the daemon as SIGTERM does: by sending it to itself, nothing else.
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { getpid() } as u64;
+    r.insert(SYS_kill, vec![rule(&[eq(0, pid), eq(1, SIGTERM as u64)])?]);
     // Unix sockets only: the metrics listener was bound at start, nothing else talks IP.
     r.insert(SYS_socket, vec![rule(&[eq(0, AF_UNIX as u64)])?]);
     // seccompiler's apply_filter: no_new_privs (already set), then the filter, without TSYNC.
@@ -443,6 +450,10 @@ mod tests {
             assert!(!p.contains_key(&nr), "{nr} allowed to the process");
         }
         assert!(p.contains_key(&libc::SYS_bind) && !r.contains_key(&libc::SYS_bind));
+        // The state file is fsynced at handover; `ctl handover` signals the daemon itself,
+        // pinned to its pid and SIGTERM (kill(-1) would reach every process it may signal).
+        assert!(p.contains_key(&libc::SYS_fsync) && !r.contains_key(&libc::SYS_fsync));
+        assert!(!r.contains_key(&libc::SYS_kill) && !p[&libc::SYS_kill].is_empty());
         // Links are read only in /proc/self/fd, in both tiers.
         for rules in [&r, &p] {
             assert!(

@@ -237,11 +237,14 @@ impl Budget {
     /// Charges `cost` to `account` and the global total, evicting ephemeral pages if needed.
     /// Persistent pages of an account without a quota also stay within its
     /// [`persistent_share`](Self::persistent_share); evicting cannot make room for those.
+    /// Without `evict`, a reservation that does not fit fails at once (restoring saved
+    /// state must not evict what it restored a moment before).
     pub(super) fn reserve(
         &self,
         account: &Arc<Account>,
         cost: u64,
         persistent: bool,
+        evict: bool,
     ) -> Result<()> {
         if persistent && account.quota.load(Relaxed) == 0 {
             let share = self.persistent_share(account);
@@ -253,20 +256,20 @@ impl Budget {
         } else if persistent {
             account.persistent_used.fetch_add(cost, Relaxed);
         }
-        let r = self.reserve_total(account, cost);
+        let r = self.reserve_total(account, cost, evict);
         if r.is_err() && persistent {
             account.persistent_used.fetch_sub(cost, Relaxed);
         }
         r
     }
 
-    fn reserve_total(&self, account: &Arc<Account>, cost: u64) -> Result<()> {
+    fn reserve_total(&self, account: &Arc<Account>, cost: u64, evict: bool) -> Result<()> {
         for _ in 0..RESERVE_ROUNDS {
             let quota = account.quota.load(Relaxed);
             let prev = account.used.fetch_add(cost, Relaxed);
             if quota != 0 && prev + cost > quota {
                 account.used.fetch_sub(cost, Relaxed);
-                if self.evict_from(account, EVICT_BATCH) == 0 {
+                if !evict || self.evict_from(account, EVICT_BATCH) == 0 {
                     return Err(Error::NoSpace);
                 }
                 continue;
@@ -275,7 +278,7 @@ impl Budget {
             if prev + cost + self.arena.overhead() > self.limit.load(Relaxed) {
                 self.used.fetch_sub(cost, Relaxed);
                 account.used.fetch_sub(cost, Relaxed);
-                if self.evict_global(EVICT_BATCH) == 0 {
+                if !evict || self.evict_global(EVICT_BATCH) == 0 {
                     return Err(Error::NoSpace);
                 }
                 continue;

@@ -43,11 +43,34 @@ macro_rules! counters {
                     ..CounterSnapshot::default()
                 }
             }
+
+            /// Adds a snapshot's request counters (restoring saved state).
+            pub fn add(&self, s: &CounterSnapshot) {
+                $(self.$r.fetch_add(s.$r, Relaxed);)*
+            }
         }
 
         impl CounterSnapshot {
             /// How many fields there are.
             pub const LEN: usize = [$(stringify!($r),)* $(stringify!($g),)*].len();
+
+            /// How many request counters there are (the first fields).
+            pub const REQUESTS: usize = [$(stringify!($r),)*].len();
+
+            /// The request counters in their fixed order (the state format stores them so).
+            pub fn requests(&self) -> [u64; Self::REQUESTS] {
+                [$(self.$r,)*]
+            }
+
+            /// Request counters from values in their fixed order; missing ones are 0, extra
+            /// ones (a newer daemon's) are ignored.
+            pub fn from_requests(v: &[u64]) -> Self {
+                let mut it = v.iter().copied();
+                CounterSnapshot {
+                    $($r: it.next().unwrap_or(0),)*
+                    ..CounterSnapshot::default()
+                }
+            }
 
             /// Adds another snapshot's request counters.
             pub fn add_requests(&mut self, o: &CounterSnapshot) {

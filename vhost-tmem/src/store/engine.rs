@@ -113,6 +113,9 @@ pub struct Client {
     /// Whether its pools outlive its connection, and since when nobody claims them
     /// (`store/session.rs`).
     pub(super) session: Mutex<Session>,
+    /// It holds pools restored from saved state that no frontend has seen yet: the first
+    /// connection must find them (not reset them as stragglers of a previous one).
+    pub(super) restored: AtomicBool,
 }
 
 impl Client {
@@ -151,7 +154,17 @@ impl Client {
         self.shrink_target.store(pages, Relaxed);
     }
 
-    fn pool(&self, id: PoolId) -> Result<Arc<Pool>> {
+    /// Whether it holds restored pools that no frontend has connected to yet.
+    pub fn restored(&self) -> bool {
+        self.restored.load(Relaxed)
+    }
+
+    /// A frontend connected: restored pools are its own from now on.
+    pub fn clear_restored(&self) {
+        self.restored.store(false, Relaxed);
+    }
+
+    pub(super) fn pool(&self, id: PoolId) -> Result<Arc<Pool>> {
         self.pools
             .read()
             .get(id as usize)
@@ -216,6 +229,7 @@ impl Engine {
             counters: Counters::default(),
             shrink_target: AtomicU64::new(u64::MAX),
             session: Mutex::new(Session::default()),
+            restored: AtomicBool::new(false),
         });
         self.clients.write().push(client.clone());
         client
@@ -280,6 +294,13 @@ impl Engine {
     /// so the other clients' shares return to what they were without it.
     pub fn remove_client(&self, client: &Arc<Client>) -> ClientRemoval {
         self.clients.write().retain(|c| !Arc::ptr_eq(c, client));
+        let r = self.free_client(client);
+        self.budget.retire(&client.account);
+        r
+    }
+
+    /// Frees everything a client holds: its pools and its pages in shared pools.
+    pub(super) fn free_client(&self, client: &Arc<Client>) -> ClientRemoval {
         let before = client.account.used.load(Relaxed);
         let mut r = ClientRemoval::default();
         let pools: Vec<Arc<Pool>> = client.pools.write().drain(..).flatten().collect();
@@ -309,7 +330,6 @@ impl Engine {
         for pool in shared {
             r.shared_pages += self.budget.drain_owner(&pool, client.account.id);
         }
-        self.budget.retire(&client.account);
         r.bytes = before.saturating_sub(client.account.used.load(Relaxed));
         r
     }
@@ -429,11 +449,15 @@ impl Engine {
         pool: &Pool,
         page_key: &PageKey,
         slot: Slot,
+        how: Insert,
     ) -> Result<()> {
         let me = client.account.id;
         let cost = payload_cost(slot.len()) + SHARED_PAGE_META;
-        if let Err(e) = self.budget.reserve(&client.account, cost, false) {
-            return Err(self.refuse(client, pool, page_key, e));
+        if let Err(e) = self
+            .budget
+            .reserve(&client.account, cost, false, how == Insert::Put)
+        {
+            return Err(self.refuse(client, pool, page_key, e, how));
         }
         let (key, bit) = key_of(page_key);
         enum Outcome {
@@ -448,7 +472,7 @@ impl Engine {
                 return Err(Error::BadPool(page_key.pool));
             }
             let sh = &mut *g;
-            sh.counts.puts += 1;
+            sh.counts.puts += u64::from(how == Insert::Put);
             let window = (sh.runs as u64 / 4).max(8);
             let obj = sh
                 .objects
@@ -503,6 +527,9 @@ impl Engine {
         self.budget.unreserve(&client.account, cost, false);
         match outcome {
             Outcome::Agreed => Ok(()),
+            Outcome::Conflict if how == Insert::Restore => Err(Error::Refused(
+                "differs from the shared page stored under this key",
+            )),
             Outcome::Conflict => {
                 Counters::inc(&client.counters.shared_put_conflicts);
                 Counters::inc(&pool.counters.shared_put_conflicts);
@@ -552,7 +579,18 @@ impl Engine {
         n
     }
 
-    fn refuse(&self, client: &Client, pool: &Pool, page_key: &PageKey, err: Error) -> Error {
+    fn refuse(
+        &self,
+        client: &Client,
+        pool: &Pool,
+        page_key: &PageKey,
+        err: Error,
+        how: Insert,
+    ) -> Error {
+        if how == Insert::Restore {
+            // Not a guest's request: nothing to count, and the restore is undone whole.
+            return err;
+        }
         // Never leave an older copy behind a failed put: a later get would return stale data.
         // (In a shared pool only the client's own: what others put is theirs to flush.)
         self.remove_key(client, pool, page_key);
@@ -563,18 +601,18 @@ impl Engine {
     }
 }
 
-impl Tmem for Engine {
-    type Client = Arc<Client>;
-    type Worker = Worker;
+/// Why a slot is inserted: a guest's put, or restoring saved state (which evicts nothing,
+/// counts no request and is undone whole if it fails).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Insert {
+    Put,
+    Restore,
+}
 
-    fn new_worker(&self) -> Result<Worker> {
-        Ok(Worker {
-            codecs: Codecs::new()?,
-        })
-    }
-
-    fn create_pool(&self, client: &Arc<Client>, spec: PoolSpec) -> Result<PoolId> {
-        let pool = match spec.shared {
+impl Engine {
+    /// A new pool for `client`, or the shared pool it joins (not yet in its pool table).
+    fn make_pool(&self, client: &Arc<Client>, spec: PoolSpec) -> Result<Arc<Pool>> {
+        Ok(match spec.shared {
             None => self.new_pool(spec, client.compressor, client.account.clone()),
             Some(uuid) => {
                 if spec.persistent {
@@ -618,101 +656,68 @@ impl Tmem for Engine {
                 drop(list);
                 p
             }
-        };
-        let mut pools = client.pools.write();
-        let slot = match pools.iter().position(Option::is_none) {
-            Some(i) => i,
-            None if pools.len() < self.cfg.max_pools => {
-                pools.push(None);
-                pools.len() - 1
-            }
-            None => {
-                drop(pools);
-                if let Some(uuid) = spec.shared {
-                    self.release_shared_pool(&uuid, &pool);
-                }
-                return Err(Error::TooManyPools(self.cfg.max_pools));
-            }
-        };
-        pools[slot] = Some(pool);
-        Ok(slot as PoolId)
+        })
     }
 
-    fn destroy_pool(&self, client: &Arc<Client>, id: PoolId) -> Result<()> {
-        let pool = {
-            let mut pools = client.pools.write();
-            pools
-                .get_mut(id as usize)
-                .and_then(Option::take)
-                .ok_or(Error::BadPool(id))?
-        };
-        match pool.shared {
-            Some(uuid) => self.release_shared_pool(&uuid, &pool),
-            None => {
-                self.budget.kill_pool(&pool);
-            }
-        }
-        Ok(())
-    }
-
-    fn put<'p>(
+    /// Puts a pool into `client`'s table at `id` (restoring saved state: the guest knows it
+    /// by that id); refused if the id is taken or beyond `max_pools`.
+    pub(super) fn restore_pool(
         &self,
-        worker: &mut Worker,
         client: &Arc<Client>,
-        page_key: &PageKey,
-        page: impl Into<PageSrc<'p>>,
-    ) -> Result<()> {
-        let page = page.into();
-        let pool = client.pool(page_key.pool)?;
-        Counters::inc(&client.counters.puts);
-        if client.frozen.load(Relaxed) {
-            return Err(self.refuse(client, &pool, page_key, Error::Refused("client frozen")));
+        id: PoolId,
+        spec: PoolSpec,
+    ) -> Result<Arc<Pool>> {
+        if id as usize >= self.cfg.max_pools {
+            return Err(Error::TooManyPools(self.cfg.max_pools));
         }
-        // Zero and same-filled pages never reach the codec. The check reads words up to the
-        // first that differs (usually within the first 256 bytes), the codec the whole page
-        // once; only an incompressible page is read a second time, to store it raw.
-        let slot = match page.same_filled() {
-            Some(w) => Slot::same(w),
-            None => match worker
-                .codecs
-                .compress(pool.compressor, page, self.cfg.raw_threshold)?
-            {
-                Some((enc, bytes)) => Slot::stored(&self.budget.arena, enc, bytes),
-                None if pool.persistent
-                    || self.cfg.ephemeral_incompressible == IncompressiblePolicy::Store =>
-                {
-                    Slot::stored_page(&self.budget.arena, page)
-                }
+        let pool = self.make_pool(client, spec)?;
+        let mut pools = client.pools.write();
+        if pools.len() <= id as usize {
+            pools.resize(id as usize + 1, None);
+        }
+        if pools[id as usize].is_some() {
+            drop(pools);
+            match spec.shared {
+                Some(uuid) => self.release_shared_pool(&uuid, &pool),
                 None => {
-                    return Err(self.refuse(
-                        client,
-                        &pool,
-                        page_key,
-                        Error::Refused("incompressible ephemeral page"),
-                    ))
+                    self.budget.kill_pool(&pool);
                 }
-            },
-        };
+            }
+            return Err(Error::InvalidPool("the same pool id is given twice"));
+        }
+        pools[id as usize] = Some(pool.clone());
+        Ok(pool)
+    }
+
+    /// Stores an encoded page under `page_key`, charged to `client` (see [`Tmem::put`]).
+    pub(super) fn insert(
+        &self,
+        client: &Client,
+        pool: &Pool,
+        page_key: &PageKey,
+        slot: Slot,
+        how: Insert,
+    ) -> Result<()> {
         if pool.shared.is_some() {
-            return self.put_shared(client, &pool, page_key, slot);
+            return self.put_shared(client, pool, page_key, slot, how);
         }
         let reserved = payload_cost(slot.len()) + MAX_STRUCT_COST;
-        if let Err(e) = self
-            .budget
-            .reserve(&pool.account, reserved, pool.persistent)
+        if let Err(e) =
+            self.budget
+                .reserve(&pool.account, reserved, pool.persistent, how == Insert::Put)
         {
-            return Err(self.refuse(client, &pool, page_key, e));
+            return Err(self.refuse(client, pool, page_key, e, how));
         }
         let (key, bit) = key_of(page_key);
         let (old, used) = {
             let mut g = pool.shard(&key).lock();
             if pool.dead.load(Relaxed) {
                 drop(g);
-                self.budget.unreserve_pool(&pool, reserved);
+                self.budget.unreserve_pool(pool, reserved);
                 return Err(Error::BadPool(page_key.pool));
             }
             let sh = &mut *g;
-            sh.counts.puts += 1;
+            sh.counts.puts += u64::from(how == Insert::Put);
             // Structure this put adds: object entry, run map entries, LRU share, slot capacity.
             let mut structure = 0;
             let obj = sh.objects.entry(key.oid).or_insert_with(|| {
@@ -776,9 +781,106 @@ impl Tmem for Engine {
         };
         let freed = old.as_ref().map_or(0, |o| payload_cost(o.len()));
         drop(old);
-        self.budget.unreserve_pool(&pool, reserved - used);
-        self.budget.release_pool(&pool, freed);
+        self.budget.unreserve_pool(pool, reserved - used);
+        self.budget.release_pool(pool, freed);
         Ok(())
+    }
+}
+
+impl Tmem for Engine {
+    type Client = Arc<Client>;
+    type Worker = Worker;
+
+    fn new_worker(&self) -> Result<Worker> {
+        Ok(Worker {
+            codecs: Codecs::new()?,
+        })
+    }
+
+    fn create_pool(&self, client: &Arc<Client>, spec: PoolSpec) -> Result<PoolId> {
+        let pool = self.make_pool(client, spec)?;
+        let mut pools = client.pools.write();
+        let slot = match pools.iter().position(Option::is_none) {
+            Some(i) => i,
+            None if pools.len() < self.cfg.max_pools => {
+                pools.push(None);
+                pools.len() - 1
+            }
+            None => {
+                drop(pools);
+                if let Some(uuid) = spec.shared {
+                    self.release_shared_pool(&uuid, &pool);
+                }
+                return Err(Error::TooManyPools(self.cfg.max_pools));
+            }
+        };
+        pools[slot] = Some(pool);
+        Ok(slot as PoolId)
+    }
+
+    fn destroy_pool(&self, client: &Arc<Client>, id: PoolId) -> Result<()> {
+        let pool = {
+            let mut pools = client.pools.write();
+            pools
+                .get_mut(id as usize)
+                .and_then(Option::take)
+                .ok_or(Error::BadPool(id))?
+        };
+        match pool.shared {
+            Some(uuid) => self.release_shared_pool(&uuid, &pool),
+            None => {
+                self.budget.kill_pool(&pool);
+            }
+        }
+        Ok(())
+    }
+
+    fn put<'p>(
+        &self,
+        worker: &mut Worker,
+        client: &Arc<Client>,
+        page_key: &PageKey,
+        page: impl Into<PageSrc<'p>>,
+    ) -> Result<()> {
+        let page = page.into();
+        let pool = client.pool(page_key.pool)?;
+        Counters::inc(&client.counters.puts);
+        if client.frozen.load(Relaxed) {
+            return Err(self.refuse(
+                client,
+                &pool,
+                page_key,
+                Error::Refused("client frozen"),
+                Insert::Put,
+            ));
+        }
+        // Zero and same-filled pages never reach the codec. The check reads words up to the
+        // first that differs (usually within the first 256 bytes), the codec the whole page
+        // once; only an incompressible page is read a second time, to store it raw.
+        let slot = match page.same_filled() {
+            Some(w) => Slot::same(w),
+            None => match worker
+                .codecs
+                .compress(pool.compressor, page, self.cfg.raw_threshold)?
+            {
+                Some((enc, bytes)) => Slot::stored(&self.budget.arena, enc, bytes),
+                None if pool.persistent
+                    || self.cfg.ephemeral_incompressible == IncompressiblePolicy::Store =>
+                {
+                    Slot::stored_page(&self.budget.arena, page)
+                }
+                None => {
+                    return Err(self.refuse(
+                        client,
+                        &pool,
+                        page_key,
+                        Error::Refused("incompressible ephemeral page"),
+                        Insert::Put,
+                    ))
+                }
+            },
+        };
+        self.insert(client, &pool, page_key, slot, Insert::Put)
     }
 
     fn get<'p>(

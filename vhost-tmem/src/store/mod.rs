@@ -14,6 +14,8 @@ mod layout;
 pub mod page;
 mod session;
 mod slot;
+mod snapshot;
+pub mod state;
 pub mod stats;
 
 use shared_proto::{Oid, Status, PAGE_SIZE};
@@ -22,6 +24,8 @@ use codec::Compressor;
 pub use engine::{Client, ClientConfig, ClientRemoval, Engine, EngineConfig, IncompressiblePolicy};
 pub use page::{PageDst, PageSrc};
 pub use session::{Ended, Reaped};
+pub use slot::Payload;
+pub use snapshot::{RestoreError, DAEMON_VERSION};
 
 // The defaults of the engine's and the clients' settings, here once for the engine, the
 // configuration file and the command line.

@@ -154,7 +154,7 @@ pub fn unix_seconds(t: std::time::SystemTime) -> u64 {
 }
 
 /// The pool's counters, and the payload part of its memory use.
-fn pool_snapshot(pool: &Pool) -> (CounterSnapshot, u64) {
+pub(super) fn pool_snapshot(pool: &Pool) -> (CounterSnapshot, u64) {
     let mut k = pool.counters.snapshot();
     let mut payload = 0;
     for s in pool.shards.iter() {
