@@ -33,7 +33,9 @@ const RESP_BUF: usize = RespHeader::SIZE + MAX_BATCH;
 
 /// One virtqueue and the buffers of its one request in flight.
 struct Vq {
-    vq: Virtqueue,
+    /// `None` while the device is frozen (suspend): the queues were given back to the
+    /// transport, and [`TmemDev::restore`] finds new ones.
+    vq: Option<Virtqueue>,
     out: KVec<u8>,
     resp: KVec<u8>,
     /// Where the device writes a page the driver reads (see the crate documentation).
@@ -73,6 +75,9 @@ pub(crate) struct TmemDev {
     /// Set once the device stopped answering (or answered what was never asked): no request
     /// is sent after that.
     broken: AtomicBool,
+    /// Between [`TmemDev::freeze`] and [`TmemDev::restore`]: requests fail (EAGAIN) without
+    /// breaking the device, and queued invalidations wait for the restore.
+    frozen: AtomicBool,
     batch: bool,
     /// Whether the device offers shared pools (`SHARED_POOLS`).
     pub(crate) shared_pools: bool,
@@ -144,6 +149,11 @@ impl TmemDev {
         let resp_len = RespHeader::SIZE + statuses.len();
         let mut guard = q.lock();
         let vq = &mut *guard;
+        let Some(virtqueue) = vq.vq.as_mut() else {
+            // Frozen for a suspend: the host still holds the pages, this request just cannot
+            // reach it now.
+            return Err(EAGAIN);
+        };
         if out_len > vq.out.len() || resp_len > vq.resp.len() {
             return Err(EINVAL);
         }
@@ -163,16 +173,15 @@ impl TmemDev {
         // A PUT's page is only read by the device; a GET's page goes through the bounce buffer,
         // so a late write by a device that timed out never reaches a page the kernel owns.
         let (used, expected) = match data {
-            Data::NoPage => (vq.vq.exchange(&mut [out], &mut [resp], timeout), resp_len),
+            Data::NoPage => (virtqueue.exchange(&mut [out], &mut [resp], timeout), resp_len),
             Data::Out(page) => (
-                vq.vq
-                    .exchange(&mut [out, ReadSg::page(page)], &mut [resp], timeout),
+                virtqueue.exchange(&mut [out, ReadSg::page(page)], &mut [resp], timeout),
                 resp_len,
             ),
             Data::In(_) => {
                 let bounce = WriteSg::bytes(&mut vq.bounce, proto::PAGE_SIZE);
                 (
-                    vq.vq.exchange(&mut [out], &mut [bounce, resp], timeout),
+                    virtqueue.exchange(&mut [out], &mut [bounce, resp], timeout),
                     proto::PAGE_SIZE + resp_len,
                 )
             }
@@ -357,6 +366,12 @@ impl TmemDev {
         if pending.len >= self.max_batch {
             self.send_pending(&mut pending);
         }
+        if pending.len >= self.max_batch {
+            // Frozen with a full batch: this invalidation cannot be vouched for (fail closed).
+            drop(pending);
+            self.unvouched_flush();
+            return;
+        }
         let at = pending.len;
         pending.entries[at] = entry;
         pending.len = at + 1;
@@ -374,7 +389,8 @@ impl TmemDev {
     /// of them should have dropped.
     pub(crate) fn send_pending(&self, pending: &mut Pending) {
         let n = pending.len;
-        if n == 0 {
+        // While frozen the entries wait (every put and get fails until the restore sends them).
+        if n == 0 || self.frozen.load(Ordering::Acquire) {
             return;
         }
         for (i, entry) in pending.entries[..n].iter().enumerate() {
@@ -446,7 +462,10 @@ impl TmemDev {
         if self.broken.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.queues[0].lock().vq.break_device();
+        // Frozen, the queues are gone and the flag alone stops every request.
+        if let Some(vq) = &self.queues[0].lock().vq {
+            vq.break_device();
+        }
         pr_err!(
             "device broken: an invalidation was not acknowledged; tmem requests fail from now on\n"
         );
@@ -514,17 +533,7 @@ impl TmemDev {
             1
         };
         let nvqs = 1 + nreq;
-
-        let mut names = KVec::with_capacity(nvqs, GFP_KERNEL)?;
-        for i in 0..nvqs {
-            let name = if i == 0 {
-                c_str!("tmem-control")
-            } else {
-                c_str!("tmem-request")
-            };
-            names.push(name, GFP_KERNEL)?;
-        }
-        let vqs = vdev.find_vqs(&names)?;
+        let vqs = vdev.find_vqs(&queue_names(nvqs)?)?;
 
         let max_batch = usize::from(config.max_batch).min(MAX_BATCH);
         // A device that takes no batch entry cannot batch at all.
@@ -536,7 +545,7 @@ impl TmemDev {
                 let resp = KVec::from_elem(0u8, RESP_BUF, GFP_KERNEL)?;
                 let bounce = KVec::from_elem(0u8, proto::PAGE_SIZE, GFP_KERNEL)?;
                 let vq = Vq {
-                    vq,
+                    vq: Some(vq),
                     out,
                     resp,
                     bounce,
@@ -559,6 +568,7 @@ impl TmemDev {
                     pending: KBox::pin_init(new_spinlock!(pending, "tmem_pending"), GFP_KERNEL)?,
                     pending_len: AtomicUsize::new(0),
                     broken: AtomicBool::new(false),
+                    frozen: AtomicBool::new(false),
                     batch,
                     shared_pools: vdev.has_feature(proto::feature::SHARED_POOLS),
                     max_batch,
@@ -585,4 +595,65 @@ impl TmemDev {
         );
         Ok(dev)
     }
+
+    /// Suspend: sends the queued invalidations, gives the virtqueues back and resets the
+    /// device. The host keeps the pools (the VMM's connection to it stays; with sessions even a
+    /// reconnect keeps them), so [`Self::restore`] carries on where this stopped. Requests in
+    /// the meantime fail with EAGAIN and leave the device working; none are expected, as
+    /// the kernel freezes tasks before devices.
+    pub(crate) fn freeze(&self, vdev: &virtio::Device) {
+        self.send_pending(&mut self.pending.lock());
+        self.frozen.store(true, Ordering::Release);
+        // Each queue's lock waits for its request in flight; a later request finds no queue.
+        for q in self.queues.iter() {
+            q.lock().vq = None;
+        }
+        vdev.reset();
+        // SAFETY: no request is in flight and every `Virtqueue` handle was dropped above; new
+        // requests find none until `restore` puts new ones in.
+        unsafe { vdev.del_vqs() };
+    }
+
+    /// Resume: finds the virtqueues again (the device was reset and its features negotiated
+    /// again), marks the device ready and sends the invalidations queued while frozen. If the
+    /// queues cannot be set up, the device is broken: every request fails at once.
+    pub(crate) fn restore(&self, vdev: &virtio::Device) -> Result {
+        let vqs = match queue_names(self.queues.len()).and_then(|n| vdev.find_vqs(&n)) {
+            Ok(vqs) => vqs,
+            Err(e) => {
+                self.broken.store(true, Ordering::Release);
+                pr_err!(
+                    "device broken: its queues could not be set up again after a resume ({}); tmem requests fail from now on\n",
+                    e.to_errno()
+                );
+                return Err(e);
+            }
+        };
+        for (q, vq) in self.queues.iter().zip(vqs) {
+            q.lock().vq = Some(vq);
+        }
+        self.frozen.store(false, Ordering::Release);
+        vdev.ready();
+        self.send_pending(&mut self.pending.lock());
+        Ok(())
+    }
+
+    /// Whether the device has its virtqueues (not frozen, nor failed to restore).
+    pub(crate) fn has_queues(&self) -> bool {
+        self.queues.first().is_some_and(|q| q.lock().vq.is_some())
+    }
+}
+
+/// The virtqueue names: the control queue, then the request queues.
+fn queue_names(nvqs: usize) -> Result<KVec<&'static CStr>> {
+    let mut names = KVec::with_capacity(nvqs, GFP_KERNEL)?;
+    for i in 0..nvqs {
+        let name = if i == 0 {
+            c_str!("tmem-control")
+        } else {
+            c_str!("tmem-request")
+        };
+        names.push(name, GFP_KERNEL)?;
+    }
+    Ok(names)
 }

@@ -212,13 +212,29 @@ impl virtio::Driver for TmemDriver {
         teardown(vdev, dev);
         pr_info!("device removed\n");
     }
+
+    fn freeze(vdev: &virtio::Device, bound: &Bound) -> Result {
+        bound.dev.freeze(vdev);
+        pr_info!("suspended: the host keeps the stored pages\n");
+        Ok(())
+    }
+
+    fn restore(vdev: &virtio::Device, bound: &Bound) -> Result {
+        bound.dev.restore(vdev)?;
+        pr_info!("resumed\n");
+        Ok(())
+    }
 }
 
 /// Resets the device and frees the driver's state, once nothing else uses `dev`.
 fn teardown(vdev: &virtio::Device, dev: Arc<TmemDev>) {
     vdev.reset();
-    // SAFETY: the backend is unregistered (or was never registered) and the debugfs files are
-    // gone, so no request is in flight and `dev`, the last user of the queues, goes next.
-    unsafe { vdev.del_vqs() };
+    // Frozen, or a restore that failed, left no queues to delete.
+    if dev.has_queues() {
+        // SAFETY: the backend is unregistered (or was never registered) and the debugfs files
+        // are gone, so no request is in flight and `dev`, the last user of the queues, goes
+        // next.
+        unsafe { vdev.del_vqs() };
+    }
     drop(dev);
 }

@@ -351,6 +351,14 @@ pub(crate) trait Driver {
 
     /// Unbinds from `dev`, which stays valid during the call.
     fn remove(dev: &Device, data: KBox<Self::Data>);
+
+    /// Suspend or hibernation: the device will be reset before [`Driver::restore`], so the
+    /// driver stops using it and gives its virtqueues back. An error refuses the suspend.
+    fn freeze(dev: &Device, data: &Self::Data) -> Result;
+
+    /// Resume: the device was reset and its features negotiated again; the driver sets its
+    /// virtqueues up again. An error leaves the device failed.
+    fn restore(dev: &Device, data: &Self::Data) -> Result;
 }
 
 /// A registered virtio driver; dropping it unregisters it (which removes its devices).
@@ -392,6 +400,11 @@ impl<T: Driver> Registration<T> {
             (*drv).validate = Some(Self::validate_callback);
             (*drv).probe = Some(Self::probe_callback);
             (*drv).remove = Some(Self::remove_callback);
+            #[cfg(CONFIG_PM_SLEEP)]
+            {
+                (*drv).freeze = Some(Self::freeze_callback);
+                (*drv).restore = Some(Self::restore_callback);
+            }
             to_result(bindings::__register_virtio_driver(drv, module.as_ptr()))?;
         }
         Ok(Self {
@@ -438,6 +451,39 @@ impl<T: Driver> Registration<T> {
             KBox::from_raw(data)
         };
         T::remove(dev, data);
+    }
+
+    /// The data `probe_callback` stored for `vdev`, if any.
+    ///
+    /// # Safety
+    ///
+    /// `vdev` is a device this driver probed, valid and bound for `'a`.
+    #[cfg(CONFIG_PM_SLEEP)]
+    unsafe fn data<'a>(vdev: *mut bindings::virtio_device) -> Option<&'a T::Data> {
+        // SAFETY: the caller guarantees `vdev` is valid; `priv_` is null or what
+        // `probe_callback` stored, which `remove_callback` alone takes back (the driver core
+        // does not run remove concurrently with a PM callback of the same device).
+        unsafe { (*vdev).priv_.cast::<T::Data>().as_ref() }
+    }
+
+    #[cfg(CONFIG_PM_SLEEP)]
+    unsafe extern "C" fn freeze_callback(vdev: *mut bindings::virtio_device) -> c_int {
+        // SAFETY: the virtio core passes a device this driver probed, valid during the call.
+        let (dev, data) = unsafe { (Device::from_raw(vdev), Self::data(vdev)) };
+        match data.map_or(Ok(()), |d| T::freeze(dev, d)) {
+            Ok(()) => 0,
+            Err(e) => e.to_errno(),
+        }
+    }
+
+    #[cfg(CONFIG_PM_SLEEP)]
+    unsafe extern "C" fn restore_callback(vdev: *mut bindings::virtio_device) -> c_int {
+        // SAFETY: as in `freeze_callback`.
+        let (dev, data) = unsafe { (Device::from_raw(vdev), Self::data(vdev)) };
+        match data.map_or(Ok(()), |d| T::restore(dev, d)) {
+            Ok(()) => 0,
+            Err(e) => e.to_errno(),
+        }
     }
 }
 

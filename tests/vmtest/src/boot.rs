@@ -217,6 +217,10 @@ impl Runner {
                 d.path(&format!("{}.sock", g.client))
             };
             let mut cmdline = format!("tmem.scenario={scenario}");
+            if scenario == "suspend-resume" {
+                // What the driver logs while the console would be suspended is what matters.
+                cmdline.push_str(" no_console_suspend");
+            }
             if !g.role.is_empty() {
                 cmdline.push_str(&format!(" tmem.role={}", g.role));
             }
@@ -289,9 +293,22 @@ impl Runner {
         let mut status = vec![None; n];
         let mut timed_out = false;
         let mut barrier_error = None;
+        // Past a barrier named `suspend` the guests go to sleep (suspend-to-idle) with their
+        // second serial port as a wakeup source: a byte on it wakes them. One a second, until
+        // the next barrier, as a byte sent before a guest is asleep wakes nothing. (QEMU's RTC
+        // alarm cannot wake a guest from suspend-to-idle: it raises no ACPI RTC event unless the
+        // whole machine is suspended.)
+        let mut waking: Option<Instant> = None;
         while status.iter().any(Option::is_none) {
+            if waking.is_some_and(|t| t.elapsed() >= Duration::from_secs(1)) {
+                for p in ports.iter_mut() {
+                    let _ = p.write_all(b"\n");
+                }
+                waking = Some(Instant::now());
+            }
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(Event::Sync(i, name)) => {
+                    waking = None;
                     if barriers.arrive(i, &name) {
                         if let Err(e) = at_barrier(&name) {
                             barrier_error = Some(Error::Barrier {
@@ -301,6 +318,9 @@ impl Runner {
                             kill_all(&mut children);
                         }
                         barrier::release(&mut ports, &name);
+                        if name == "suspend" {
+                            waking = Some(Instant::now());
+                        }
                     }
                 }
                 Ok(Event::Closed(i)) => closed[i] = true,

@@ -32,6 +32,7 @@ pub const SCENARIOS: &[&str] = &[
     "swap-mq-stress",
     "zswap-coexist",
     "thp-swap",
+    "suspend-resume",
     "pagecache-hits",
     "pagecache-coherency",
     "pagecache-lazy-register",
@@ -51,6 +52,7 @@ const SMP_SCENARIOS: &[&str] = &[
     "swap-mq-stress",
     "zswap-coexist",
     "thp-swap",
+    "suspend-resume",
     "device-loss",
 ];
 
