@@ -267,9 +267,19 @@ fn chart<DB: DrawingBackend>(
         .y_label_area_size(64)
         .build_cartesian_2d(0.0..x_max, 0.0..y_max)
         .map_err(err)?;
+    // Whole seconds and pages; MiB to one decimal.
+    let y_fmt = |v: &f64| {
+        if y_max < 10.0 {
+            format!("{v:.1}")
+        } else {
+            format!("{v:.0}")
+        }
+    };
     c.configure_mesh()
         .x_desc("seconds")
         .y_desc(y_label)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&y_fmt)
         .label_style(("sans-serif", 12))
         .draw()
         .map_err(err)?;

@@ -502,9 +502,15 @@ fn run_mode(runner: &Runner, e: &Experiment, mode: Mode, out: &Path) -> Result<M
                 None => format!("no verdict (QEMU {})", run.status),
             }
         };
+        // Without a result line (stopped, failed), the last sample's count.
+        let sampled = samples
+            .iter()
+            .rev()
+            .find(|s| s.guest == names[i])
+            .and_then(|s| s.values.get("ops").copied());
         outcomes.push(Outcome {
             name: names[i].clone(),
-            ops: r.get("ops").copied().unwrap_or(0),
+            ops: r.get("ops").copied().or(sampled).unwrap_or(0),
             bad: r.get("bad").copied().unwrap_or(0),
             verdict,
         });
