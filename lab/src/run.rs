@@ -483,6 +483,12 @@ fn run_mode(runner: &Runner, e: &Experiment, mode: Mode, out: &Path) -> Result<M
         let r = results[i].clone().unwrap_or_default();
         let console = std::fs::read_to_string(logs.join(format!("{mode}-{}.log", names[i])))
             .unwrap_or_default();
+        // The operations of the last sample: the count when there is no result line.
+        let sampled = samples
+            .iter()
+            .rev()
+            .find(|s| s.guest == names[i])
+            .and_then(|s| s.values.get("ops").copied());
         let run = Run {
             console,
             timed_out,
@@ -496,18 +502,15 @@ fn run_mode(runner: &Runner, e: &Experiment, mode: Mode, out: &Path) -> Result<M
             format!("kernel: {}", p.lines().next().unwrap_or_default().trim())
         } else {
             match &verdicts[i] {
+                Some(v) if v == "pass" && sampled.is_none() => {
+                    "no sample reached the host (second serial port)".to_string()
+                }
                 Some(v) if v == "pass" && r.get("ok") == Some(&1) => "pass".to_string(),
                 Some(v) => v.clone(),
                 None if stuck => "stopped: another guest ended while this one waited".into(),
                 None => format!("no verdict (QEMU {})", run.status),
             }
         };
-        // Without a result line (stopped, failed), the last sample's count.
-        let sampled = samples
-            .iter()
-            .rev()
-            .find(|s| s.guest == names[i])
-            .and_then(|s| s.values.get("ops").copied());
         outcomes.push(Outcome {
             name: names[i].clone(),
             ops: r.get("ops").copied().or(sampled).unwrap_or(0),
