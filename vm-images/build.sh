@@ -113,28 +113,41 @@ do_deps() {
 
 # ---------------------------------------------------------------------------------------- QEMU
 
-# A QEMU on PATH is used only if a probe shows that it attaches a device with virtio-id 63:
-# realize runs virtio_init() (where stock 10.2 asserts) before it talks to the backend, so with
-# no backend the patched QEMU fails with a vhost error and the stock one aborts.
+# A QEMU on PATH is used only if a probe shows that it carries what vm-images/patches/qemu/
+# adds: the device's migratable property (0003), and a realize that waits for its back-end and
+# retries a failed connection (0002: a back-end that hangs up on every connection makes it say
+# "Reconnecting after error" before it gives up), which comes after virtio_init() (where stock
+# 10.2 asserts on virtio-id 63; 0001).
 system_qemu_ok() {
-    local q sock out rc=0
+    local q dir out rc=0 lpid i
     q=$(command -v qemu-system-x86_64) || return 1
-    "$q" -device help 2>/dev/null | grep -q vhost-user-test-device-pci || return 1
-    sock=$(mktemp -u)
-    out=$(timeout 20 "$q" -nodefaults -display none -S -machine pc \
+    "$q" -device vhost-user-test-device-pci,help 2>/dev/null | grep -q 'migratable=' || return 1
+    dir=$(mktemp -d)
+    python3 -c 'import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen(8)
+s.settimeout(60)
+while True:
+    s.accept()[0].close()' "$dir/sock" 2>/dev/null &
+    lpid=$!
+    for i in $(seq 50); do [ -S "$dir/sock" ] && break; sleep 0.1; done
+    out=$(timeout 60 "$q" -nodefaults -display none -S -machine pc \
         -L /usr/share/seabios -L /usr/share/qemu \
-        -chardev socket,id=c,path="$sock",server=on,wait=off \
+        -chardev socket,id=c,path="$dir/sock",reconnect-ms=100 \
         -device vhost-user-test-device-pci,chardev=c,virtio-id=63 2>&1) || rc=$?
-    rm -f "$sock"
+    kill "$lpid" 2>/dev/null
+    wait "$lpid" 2>/dev/null
+    rm -rf "$dir"
     [ "$rc" -ne 134 ] && [ "$rc" -ne 124 ] && ! grep -qiE 'assert|abort' <<<"$out" &&
-        grep -q vhost <<<"$out"
+        grep -q 'Reconnecting after error' <<<"$out"
 }
 
 do_qemu() {
     if [ "${VHOST_TMEM_SYSTEM_QEMU:-1}" = 1 ] && system_qemu_ok; then
         QEMU=$(command -v qemu-system-x86_64)
         QEMU_KEY=system
-        step "qemu: the system's QEMU accepts virtio-id 63, using $QEMU"
+        step "qemu: the system's QEMU has what vm-images/patches/qemu adds, using $QEMU"
         return
     fi
     local apt=$CACHE/apt-sid-src
