@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 # The daemon the tests and the demo start (release: the tests push 100k+ pages through it).
 export VHOST_TMEM_BIN := $(CURDIR)/target/release/vhost-tmem
 
-.PHONY: all deps build lint test unit-test e2e-test bench bench-quick bench-instructions vm-images vm-test demo demo-userspace clean help install uninstall install-check fuzz
+.PHONY: all deps build lint test unit-test e2e-test bench bench-quick bench-instructions vm-images vm-test demo demo-userspace clean help install uninstall install-check fuzz experiment
 
 all: build
 
@@ -15,7 +15,8 @@ help:
 	@echo "make test   - install what is missing, lint, run every test"
 	@echo "make demo   - a real guest (QEMU) swapping into the daemon, with both sides' stats"
 	@echo "make vm-images - build QEMU, the guest kernel, tmem.ko and the initramfs (cached)"
-	@echo "make vm-test - the guest scenarios (part of make test)"
+	@echo "make vm-test - the guest scenarios and the lab's smoke run (part of make test)"
+	@echo "make experiment - the default overcommit experiment, disk/zswap/zram/tmem (about 10 minutes): target/experiment"
 	@echo "make demo-userspace - the daemon serving two userspace guests, with stats"
 	@echo "make build  - release build of the daemon and the test guest"
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
@@ -82,6 +83,17 @@ vm-images: deps
 vm-test: build vm-images
 	@echo "== VM scenarios (QEMU guests swapping and caching file pages through tmem.ko into the daemon)"
 	./target/release/tmem-vmtest 2>&1 | tee -a $(TEST_LOG)
+	@echo "== overcommit lab, smoke run (one small guest, tmem: boots, samples, verifies, reports)"
+	./target/release/vhost-tmem-lab run experiments/smoke.toml --out target/lab-smoke 2>&1 | tee -a $(TEST_LOG)
+	@echo "scenario lab-smoke: pass" | tee -a $(TEST_LOG)
+
+# An overcommit experiment (default: experiments/default.toml, about 10 minutes on 2 cores):
+# report.md, data.csv, result.json and plots in EXPERIMENT_OUT.
+EXPERIMENT ?= experiments/default.toml
+EXPERIMENT_OUT ?= target/experiment
+experiment: build vm-images
+	@echo "== overcommit experiment $(EXPERIMENT)"
+	./target/release/vhost-tmem-lab run $(EXPERIMENT) --out $(EXPERIMENT_OUT)
 
 # Installation: `make build` as the user who builds, then `make install` (as root for /usr/local)
 # only copies the release binary and writes the man pages and completions, generated from the

@@ -6,7 +6,8 @@ set -euo pipefail
 say() { printf 'deps: %s\n' "$*"; }
 need_apt=()
 # systemd: `systemd-analyze verify` checks the units in contrib/systemd (nothing is started).
-for pkg in gcc make pkg-config libc6-dev systemd; do
+# fonts-dejavu-core: the text of the lab's PNG plots (lab/src/report.rs reads the font file).
+for pkg in gcc make pkg-config libc6-dev systemd fonts-dejavu-core; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

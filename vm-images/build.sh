@@ -331,7 +331,7 @@ do_initramfs() {
         step "initramfs: cached $INITRAMFS_KEY"
         return
     fi
-    step "initramfs: busybox-static, tmem.ko, memtouch, scenario scripts"
+    step "initramfs: busybox-static, tmem.ko, memtouch, labload, scenario scripts"
     local work=$CACHE/initramfs/$INITRAMFS_KEY.tmp
     rm -rf "$work" && mkdir -p "$work"/{bin,sbin,dev,proc,sys,tmp,mnt,lib/modules,etc}
     cp "$bb" "$work/bin/busybox"
@@ -341,8 +341,11 @@ do_initramfs() {
     done
     run_logged "memtouch build" "$OUT/initramfs-build.log" \
         gcc -O2 -static -Wall -Wextra -Werror -o "$work/bin/memtouch" "$ROOT/tests/vmtest/guest/memtouch.c"
+    run_logged "labload build" "$OUT/initramfs-build.log" \
+        gcc -O2 -static -Wall -Wextra -Werror -o "$work/bin/labload" "$ROOT/tests/vmtest/guest/labload.c" -lm
     install -m 0755 "$ROOT/tests/vmtest/guest/init" "$work/init"
     install -m 0755 "$ROOT/tests/vmtest/guest/scenarios.sh" "$work/bin/scenarios.sh"
+    install -m 0755 "$ROOT/tests/vmtest/guest/lab.sh" "$work/bin/lab.sh"
     cp "$MODULE" "$work/lib/modules/tmem.ko"
     (cd "$work" && find . -print0 | cpio --null -o -H newc --quiet | gzip -9) >"$INITRAMFS.tmp"
     mv "$INITRAMFS.tmp" "$INITRAMFS"

@@ -14,12 +14,14 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 
 /// Lines the console readers pass on: a guest reached a barrier, or its console closed.
+#[derive(Debug)]
 pub enum Event {
     Sync(usize, String),
     Closed(usize),
 }
 
 /// A guest's barrier port (its ttyS1) before QEMU connected.
+#[derive(Debug)]
 pub struct Port {
     listener: UnixListener,
 }
@@ -62,6 +64,7 @@ impl Port {
 }
 
 /// Which guests wait at which barrier.
+#[derive(Debug)]
 pub struct Barriers {
     guests: usize,
     waiting: BTreeMap<String, Vec<usize>>,

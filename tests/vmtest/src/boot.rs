@@ -16,10 +16,11 @@ use tmem_testguest::daemon::Daemon;
 use crate::barrier::{self, Barriers, Event, Port};
 use crate::disks::{self, SWAP_MIB};
 use crate::error::{Error, Result};
-use crate::qemu::{qemu_args, QemuArgs};
+use crate::qemu::{qemu_args, QemuArgs, GUEST_MIB};
 use crate::Runner;
 
 /// One guest of a scenario.
+#[derive(Debug)]
 pub struct GuestSpec {
     /// The daemon client it is ("guest" in single-guest scenarios, else its role).
     pub client: &'static str,
@@ -34,6 +35,7 @@ pub struct GuestSpec {
 }
 
 /// How guests boot: accelerator, time limit, and whether the first console is shown live.
+#[derive(Debug)]
 pub struct How {
     pub accel: &'static str,
     pub timeout: Duration,
@@ -41,6 +43,7 @@ pub struct How {
 }
 
 /// What a guest run left behind.
+#[derive(Debug)]
 pub struct Run {
     pub console: String,
     pub timed_out: bool,
@@ -231,6 +234,7 @@ impl Runner {
             cmd.args(qemu_args(&QemuArgs {
                 accel,
                 smp: self.smp.unwrap_or(g.cpus),
+                mem_mib: GUEST_MIB,
                 request_queues: g.request_queues,
                 kernel: &self.images.kernel,
                 initramfs: &self.images.initramfs,

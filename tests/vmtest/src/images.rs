@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 /// Paths from `target/vm/images.env`.
+#[derive(Debug)]
 pub struct Images {
     pub qemu: PathBuf,
     pub kernel: PathBuf,

@@ -11,31 +11,15 @@
 //! consoles and the daemon log are kept under `target/vm/logs/NAME/` (always with
 //! `TMEM_VMTEST_KEEP=1`).
 
-//!
-//! The parts: `images` (what `vm-images/build.sh` built), `disks`, `qemu` (command line,
-//! accelerator), `boot` (QEMU processes and their consoles), `barrier` (meeting points over
-//! the second serial port), `scenarios` (set-up and checks), `baddev` (the misbehaving device
-//! of `bad-device`), `demo`, `error`.
-
-mod baddev;
-mod barrier;
-mod boot;
-mod demo;
-mod disks;
-mod error;
-mod images;
-mod qemu;
-mod scenarios;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 
-use crate::images::Images;
-use crate::qemu::Accel;
-use crate::scenarios::SCENARIOS;
+use tmem_vmtest::images::Images;
+use tmem_vmtest::qemu::{self, Accel};
+use tmem_vmtest::{Runner, SCENARIOS};
 
 /// Boots real guests that swap into vhost-tmem and checks what both sides report.
 #[derive(Debug, Parser)]
@@ -62,17 +46,6 @@ struct Cli {
     /// The images file written by vm-images/build.sh.
     #[arg(long, default_value = "target/vm/images.env")]
     images: PathBuf,
-}
-
-/// What every guest of a run shares: images, accelerator, time limit, CPUs, and the
-/// workspace root (for `target/vm/logs`).
-struct Runner {
-    images: Images,
-    accel: &'static str,
-    timeout: Duration,
-    /// Virtual CPUs per guest, if not each scenario's own.
-    smp: Option<u32>,
-    root: PathBuf,
 }
 
 fn main() -> ExitCode {

@@ -23,9 +23,12 @@ pub enum Accel {
 }
 
 /// What differs between guests' command lines.
+#[derive(Debug)]
 pub struct QemuArgs<'a> {
     pub accel: &'a str,
     pub smp: u32,
+    /// Guest RAM in MiB ([`GUEST_MIB`] in the scenarios).
+    pub mem_mib: u64,
     /// Request queues of the tmem device (QEMU's `num_vqs` is one more: the control queue).
     pub request_queues: u16,
     pub kernel: &'a Path,
@@ -66,10 +69,10 @@ pub fn qemu_args(q: &QemuArgs) -> Vec<String> {
         "-smp",
         &q.smp.to_string(),
         "-m",
-        &format!("{GUEST_MIB}M"),
+        &format!("{}M", q.mem_mib),
         // vhost-user needs guest RAM the daemon can map: a shared memfd.
         "-object",
-        &format!("memory-backend-memfd,id=mem,size={GUEST_MIB}M,share=on"),
+        &format!("memory-backend-memfd,id=mem,size={}M,share=on", q.mem_mib),
         "-machine",
         "pc,memory-backend=mem",
         "-kernel",

@@ -58,6 +58,7 @@ const SMP_SCENARIOS: &[&str] = &[
 ];
 
 /// How the guests of a scenario are set up.
+#[derive(Debug)]
 pub struct Plan {
     pub daemon_args: Vec<String>,
     pub guests: Vec<GuestSpec>,
