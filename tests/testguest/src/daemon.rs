@@ -58,9 +58,11 @@ pub fn binary() -> Result<PathBuf, Error> {
 /// A running daemon; killed (and its temporary directory removed) on drop.
 #[derive(Debug)]
 pub struct Daemon {
-    child: Child,
+    /// The process; replaced by [`Daemon::restart`].
+    child: std::sync::Mutex<Child>,
     dir: PathBuf,
-    keep: bool,
+    args: Vec<String>,
+    keep: std::sync::atomic::AtomicBool,
 }
 
 impl Daemon {
@@ -68,7 +70,6 @@ impl Daemon {
     /// directory, and waits until the control socket and every `socket=`/`--socket-path` exist.
     /// `{dir}` in an argument is replaced by that directory.
     pub fn start(args: &[&str]) -> Result<Daemon, Error> {
-        let bin = binary()?;
         // A sequence number too: two tests of one process starting daemons within the
         // clock's resolution got one directory, and each saw the other's clients.
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -83,10 +84,47 @@ impl Daemon {
         std::fs::create_dir_all(&dir).map_err(Error::Spawn)?;
         let d = dir.display().to_string();
         let args: Vec<String> = args.iter().map(|a| a.replace("{dir}", &d)).collect();
-        let mut wait_for = vec![dir.join("control.sock")];
-        for (i, a) in args.iter().enumerate() {
+        let log = std::fs::File::create(dir.join("daemon.log")).map_err(Error::Spawn)?;
+        let child = spawn(&dir, &args, log)?;
+        let d = Daemon {
+            child: std::sync::Mutex::new(child),
+            dir,
+            args,
+            keep: std::sync::atomic::AtomicBool::new(false),
+        };
+        d.wait_serving()?;
+        Ok(d)
+    }
+
+    /// Ends the daemon with SIGTERM (waiting at most `bound`: a handover writes its state file
+    /// first) and starts it again with the same arguments in the same directory (its log goes
+    /// on in the same file), as an operator's restart or upgrade does; returns once the new
+    /// one serves. Fails if the old one did not exit 0 or the new one does not serve.
+    pub fn restart(&self, bound: Duration) -> Result<(), Error> {
+        let st = self.sigterm_wait(bound);
+        if !st.success() {
+            self.keep.store(true, std::sync::atomic::Ordering::Relaxed);
+            return Err(Error::Exited {
+                status: st.to_string(),
+                log: self.log(),
+            });
+        }
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .map_err(Error::Spawn)?;
+        *self.child.lock().unwrap_or_else(|e| e.into_inner()) = spawn(&self.dir, &self.args, log)?;
+        self.wait_serving()
+    }
+
+    /// Waits until the control socket and every client socket exist and the control socket
+    /// answers (it does once the daemon is set up and confined: it serves only after the
+    /// sandbox is in place), so tests see the daemon as it serves.
+    fn wait_serving(&self) -> Result<(), Error> {
+        let mut wait_for = vec![self.dir.join("control.sock")];
+        for (i, a) in self.args.iter().enumerate() {
             if a == "--socket-path" {
-                if let Some(p) = args.get(i + 1) {
+                if let Some(p) = self.args.get(i + 1) {
                     wait_for.push(PathBuf::from(p));
                 }
             }
@@ -96,34 +134,19 @@ impl Daemon {
                 }
             }
         }
-        let log = std::fs::File::create(dir.join("daemon.log")).map_err(Error::Spawn)?;
-        let child = Command::new(bin)
-            .args(&args)
-            .arg("--control-socket")
-            .arg(dir.join("control.sock"))
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(Error::Spawn)?;
-        let mut d = Daemon {
-            child,
-            dir,
-            keep: false,
+        let exited = || -> Option<Error> {
+            let st = self.child.lock().ok()?.try_wait().ok()??;
+            self.keep.store(true, std::sync::atomic::Ordering::Relaxed);
+            Some(Error::Exited {
+                status: st.to_string(),
+                log: self.log(),
+            })
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         for p in &wait_for {
             while !p.exists() {
-                if let Ok(Some(st)) = d.child.try_wait() {
-                    d.keep = true;
-                    return Err(Error::Exited {
-                        status: st.to_string(),
-                        log: d.log(),
-                    });
+                if let Some(e) = exited() {
+                    return Err(e);
                 }
                 if Instant::now() > deadline {
                     return Err(Error::NoSocket(p.clone()));
@@ -131,27 +154,21 @@ impl Daemon {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        // The control socket answers once the daemon is set up and confined (it serves only
-        // after the sandbox is in place), so tests see the daemon as it serves.
-        while let Err(e) = d.stats() {
-            if let Ok(Some(st)) = d.child.try_wait() {
-                d.keep = true;
-                return Err(Error::Exited {
-                    status: st.to_string(),
-                    log: d.log(),
-                });
+        while let Err(e) = self.stats() {
+            if let Some(e) = exited() {
+                return Err(e);
             }
             if Instant::now() > deadline {
                 return Err(e);
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Ok(d)
+        Ok(())
     }
 
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.lock().unwrap_or_else(|e| e.into_inner()).id()
     }
 
     /// Sends SIGTERM and waits (at most 10 s, then SIGKILL) for the daemon to exit; returns
@@ -162,16 +179,21 @@ impl Daemon {
 
     /// [`Daemon::terminate`] with another bound (a handover writes its state file first).
     pub fn terminate_within(&mut self, bound: Duration) -> std::process::ExitStatus {
+        self.sigterm_wait(bound)
+    }
+
+    fn sigterm_wait(&self, bound: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: kill takes no pointers; the pid is our child's, not yet reaped.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
         let deadline = Instant::now() + bound;
         loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
+            if let Ok(Some(st)) = child.try_wait() {
                 return st;
             }
             if Instant::now() > deadline {
-                let _ = self.child.kill();
-                return self.child.wait().unwrap_or_else(|e| panic!("wait: {e}"));
+                let _ = child.kill();
+                return child.wait().unwrap_or_else(|e| panic!("wait: {e}"));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -228,9 +250,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() || self.keep {
+        let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+        if std::thread::panicking() || *self.keep.get_mut() {
             eprintln!(
                 "vhost-tmem log kept in {}:\n{}",
                 self.dir.display(),
@@ -240,4 +263,21 @@ impl Drop for Daemon {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Starts the daemon binary with `args` in `dir`, its stderr to `log`.
+fn spawn(dir: &Path, args: &[String], log: std::fs::File) -> Result<Child, Error> {
+    Command::new(binary()?)
+        .args(args)
+        .arg("--control-socket")
+        .arg(dir.join("control.sock"))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(Error::Spawn)
 }

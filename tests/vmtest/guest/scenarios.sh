@@ -320,6 +320,31 @@ zswap-coexist)
 	stats
 	pass
 	;;
+daemon-upgrade)
+	# The daemon is restarted twice, handing its state over (--state-file), while the guest
+	# holds pages in tmem. QEMU reconnects (reconnect-ms) and the driver, which negotiated
+	# SESSION, is served the restored pools: every page verifies, and comes from tmem.
+	load
+	swap_on
+	memtouch hold 48 80 &
+	HOLD=$!
+	wait_file /tmp/hold.80 $HOLD
+	memtouch run 96 81 || fail "workload before the restarts did not verify"
+	exec 3</dev/ttyS1
+	stty -F /dev/ttyS1 -echo
+	sync_point restart
+	hits=$(stat_of hits)
+	kill -USR1 $HOLD
+	wait $HOLD || fail "pages stored before the restarts did not verify"
+	[ "$(stat_of hits)" -gt "$hits" ] || fail "no page came back from tmem after the restarts"
+	memtouch run 96 82 || fail "workload after the restarts did not verify"
+	swapoff $SWAP || fail "swapoff"
+	echo "daemon-upgrade: $(($(stat_of hits) - hits)) hits after the restarts"
+	none_of failures
+	at_least puts 1000
+	stats
+	pass
+	;;
 suspend-resume)
 	# Suspend-to-idle with pages stored in tmem, woken by the runner through the second serial
 	# port. The driver gives its queues back at freeze and finds new ones at restore (the

@@ -243,6 +243,8 @@ impl Runner {
                 disks: &g.disks,
                 control: Some(&control),
                 cmdline: &cmdline,
+                // The daemon restarts under the guest: QEMU must come back to it.
+                reconnect: scenario == "daemon-upgrade",
             }));
             let mut child = match cmd
                 .stdin(Stdio::null())

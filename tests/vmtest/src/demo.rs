@@ -81,6 +81,7 @@ impl Runner {
                 disks: &plan.guests[0].disks,
                 control: None,
                 cmdline: "tmem.scenario=demo",
+                reconnect: false,
             })
             .join(" ")
         );

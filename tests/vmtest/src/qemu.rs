@@ -39,6 +39,9 @@ pub struct QemuArgs<'a> {
     /// The barrier port (the guest's ttyS1), a Unix socket the runner listens on.
     pub control: Option<&'a Path>,
     pub cmdline: &'a str,
+    /// QEMU waits for the daemon at start and connects again after a disconnect
+    /// (`reconnect-ms`, patch 0002), as an operator's attach line does.
+    pub reconnect: bool,
 }
 
 /// QEMU's arguments (after any `-L` firmware directories).
@@ -85,7 +88,11 @@ pub fn qemu_args(q: &QemuArgs) -> Vec<String> {
             q.cmdline
         ),
         "-chardev",
-        &format!("socket,id=tmem,path={}", s(q.socket)),
+        &format!(
+            "socket,id=tmem,path={}{}",
+            s(q.socket),
+            if q.reconnect { ",reconnect-ms=200" } else { "" }
+        ),
         // The control queue + the request queues; the config space is 24 bytes.
         "-device",
         &format!(

@@ -33,6 +33,7 @@ pub const SCENARIOS: &[&str] = &[
     "zswap-coexist",
     "thp-swap",
     "suspend-resume",
+    "daemon-upgrade",
     "pagecache-hits",
     "pagecache-coherency",
     "pagecache-lazy-register",
@@ -134,6 +135,7 @@ impl Runner {
         };
         match name {
             "swap-host-full" | "zswap-coexist" => single(&["--memory-limit", TINY_LIMIT]),
+            "daemon-upgrade" => single(&["--state-file", "{dir}/state"]),
             "two-guests" => pair(
                 [
                     &format!(",shared={SHARED_UUID}"),
@@ -221,6 +223,38 @@ impl Runner {
                 Ok(())
             }
             ("device-loss", "kill") => kill_daemon(d),
+            ("daemon-upgrade", "restart") => {
+                for round in 1..=2 {
+                    d.restart(Duration::from_secs(120)).map_err(Error::Daemon)?;
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    let c = loop {
+                        let c = d.client_stats("guest").map_err(Error::Daemon)?;
+                        if c["connected"].as_bool() == Some(true) {
+                            break c;
+                        }
+                        if Instant::now() > deadline {
+                            return Err(Error::GuestFailed {
+                                who: "runner".into(),
+                                why: format!("QEMU did not reconnect after restart {round}"),
+                            });
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    };
+                    let pages = n(&c, "stored_pages");
+                    if pages == 0 {
+                        return Err(Error::GuestFailed {
+                            who: "runner".into(),
+                            why: format!(
+                                "the daemon holds no page of the guest after restart {round}"
+                            ),
+                        });
+                    }
+                    eprintln!(
+                        "  daemon-upgrade: restart {round}: state handed over, QEMU reconnected, {pages} pages held"
+                    );
+                }
+                Ok(())
+            }
             ("swap-unload", "unloaded") => {
                 // The module is gone: none of its pools may stay on the host.
                 let c = client("guest")?;
