@@ -181,7 +181,6 @@ writethrough-crash)
 	# nor this shell or init, whose pages may have been in the host too.
 	insmod /lib/modules/tmem.ko writethrough=1 || fail "insmod tmem.ko writethrough=1"
 	[ -d $T ] || fail "no $T after insmod (device not bound?)"
-	echo 2000 >/sys/module/tmem/parameters/timeout_ms || fail "setting timeout_ms"
 	swap_on
 	exec 3</dev/ttyS1
 	stty -F /dev/ttyS1 -echo
@@ -196,6 +195,9 @@ writethrough-crash)
 	memtouch run 160 81 || fail "workload before the kill did not verify"
 	at_least puts 1000
 	echo "writethrough-crash: $(cat /sys/module/tmem/refcnt) pages in the host at the kill"
+	# Only the request the dead daemon never answers waits this long (the default would do, in
+	# 5 s); set late so that a slow host cannot break the device before the kill.
+	echo 2000 >/sys/module/tmem/parameters/timeout_ms || fail "setting timeout_ms"
 	sync_point kill
 	kill -USR1 $HOLD
 	wait $HOLD || fail "pages stored before the kill did not verify (exit status $?)"
