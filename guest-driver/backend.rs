@@ -53,12 +53,16 @@ pub(crate) trait Swap {
     fn swap_init(&self, type_: u32, nr_pages: usize) -> Result;
     /// Stores `page` at `offset`, replacing any older copy; on failure none is left. May sleep.
     fn swap_store(&self, type_: u32, offset: usize, page: &Page) -> Result;
-    /// Fills `page` with the page at `offset`; `ENOENT` if not held. May sleep.
-    fn swap_load(&self, type_: u32, offset: usize, page: &Page) -> Result;
+    /// Fills `page` with the page at `offset`; `ENOENT` if not held. With `exclusive` (the
+    /// swap cache takes the page over), a success also drops the backend's copy. May sleep.
+    fn swap_load(&self, type_: u32, offset: usize, page: &Page, exclusive: bool) -> Result;
     /// Forgets the page at `offset`. Must not sleep (the swap_info lock is held).
     fn swap_invalidate_page(&self, type_: u32, offset: usize);
     /// The area is disabled: releases everything stored for it. May sleep.
     fn swap_invalidate_area(&self, type_: u32);
+    /// Whether every page the backend accepts goes to the swap device too (write-through):
+    /// read once, at registration.
+    fn swap_writethrough(&self) -> bool;
 }
 
 /// Page-cache operations ("cleancache" semantics), called for filesystem slot `fs`. See
@@ -113,6 +117,7 @@ impl<T: Swap + PageCache + Send + Sync> Registration<T> {
                 ops: &Self::OPS,
                 priv_: (&*data as *const T).cast_mut().cast(),
                 owner: owner.as_ptr(),
+                swap_writethrough: data.swap_writethrough(),
             }),
             GFP_KERNEL,
         )?;
@@ -159,10 +164,11 @@ impl<T: Swap + PageCache + Send + Sync> Registration<T> {
         type_: c_uint,
         offset: c_ulong,
         page: *mut bindings::page,
+        exclusive: bool,
     ) -> c_int {
         // SAFETY: called by the tmem core for this backend, with the locked page being read.
         let (data, page) = unsafe { (Self::data(priv_), Page::from_raw(page)) };
-        errno(data.swap_load(type_, offset, page))
+        errno(data.swap_load(type_, offset, page, exclusive))
     }
 
     unsafe extern "C" fn swap_invalidate_page(priv_: *mut c_void, type_: c_uint, offset: c_ulong) {

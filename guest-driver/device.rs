@@ -311,21 +311,22 @@ impl TmemDev {
         }
     }
 
-    /// Sends a GET into `page`, counted in `counters` (gets, hits, misses). A miss returns
-    /// ENOENT; other failures are counted and logged as `what`.
+    /// Sends a GET into `page`, counted in `counters` (gets, hits, misses). A hit returns the
+    /// response flags (`DROPPED`); a miss returns ENOENT; other failures are counted and logged
+    /// as `what`.
     pub(crate) fn get(
         &self,
         hdr: &ReqHeader,
         page: &Page,
         counters: [&AtomicU64; 3],
         what: &str,
-    ) -> Result {
+    ) -> Result<u32> {
         counters[0].fetch_add(1, Ordering::Relaxed);
         match self.call(self.queue_for_cpu(), hdr, &[], Data::In(page), &mut []) {
             Ok(resp) => match Status::from_u32(resp.status) {
                 Some(Status::Ok) => {
                     counters[1].fetch_add(1, Ordering::Relaxed);
-                    Ok(())
+                    Ok(resp.flags)
                 }
                 Some(Status::Miss) => {
                     counters[2].fetch_add(1, Ordering::Relaxed);

@@ -171,7 +171,7 @@ impl backend::PageCache for TmemDev {
         };
         let s = &self.stats;
         let counters = [&s.cache_gets, &s.cache_hits, &s.cache_misses];
-        self.get(&hdr, page, counters, "page-cache get")
+        self.get(&hdr, page, counters, "page-cache get").map(|_| ())
     }
 
     fn cache_invalidate_page(&self, fs: u32, oid: &Oid, index: usize) {

@@ -5,7 +5,8 @@
 //!
 //! A refused put makes the kernel write the page to the swap device. The tmem core loads only
 //! offsets whose last store succeeded, so a failed get of such a page is an I/O error, never
-//! stale or zeroed data.
+//! stale or zeroed data (with write-through, the kernel reads the swap device's copy instead).
+//! A load into the swap cache is an exclusive get: the host drops its copy, as zswap does.
 
 use core::sync::atomic::Ordering;
 use kernel::prelude::*;
@@ -66,18 +67,32 @@ impl backend::Swap for TmemDev {
         self.put(&hdr, page, [&s.puts, &s.puts_refused], "put")
     }
 
-    fn swap_load(&self, type_: u32, offset: usize, page: &Page) -> Result {
+    fn swap_load(&self, type_: u32, offset: usize, page: &Page, exclusive: bool) -> Result {
         let pool = self.pool(type_).ok_or(ENODEV)?;
         // Every invalidation queued before is carried out first, as for a store.
         self.drain_pending();
         let hdr = ReqHeader {
             op: Op::Get as u32,
+            flags: if exclusive {
+                proto::req_flags::GET_EXCLUSIVE
+            } else {
+                0
+            },
             pool_id: pool,
             index: offset as u64,
             ..Default::default()
         };
         let s = &self.stats;
-        self.get(&hdr, page, [&s.gets, &s.hits, &s.misses], "get")
+        let flags = self.get(&hdr, page, [&s.gets, &s.hits, &s.misses], "get")?;
+        if exclusive && flags & proto::resp_flags::DROPPED == 0 {
+            // The core forgets the offset now: a copy the host kept would never be flushed.
+            self.swap_invalidate_page(type_, offset);
+        }
+        Ok(())
+    }
+
+    fn swap_writethrough(&self) -> bool {
+        crate::writethrough()
     }
 
     /// Runs with spinlocks held: queues the invalidation, or sends it at once without BATCH.

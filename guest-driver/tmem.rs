@@ -29,7 +29,7 @@
 //! (queues, the request path, batched invalidations), `swap.rs` and `page_cache.rs` (the tmem
 //! operations), `debugfs.rs` (counters). This file binds the device and registers the backend.
 
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use kernel::{bindings, c_str, prelude::*, sync::Arc};
 
 mod backend;
@@ -99,6 +99,17 @@ pub(crate) fn timeout_ns() -> u64 {
     u64::from(ms) * 1_000_000
 }
 
+/// `writethrough`: every swap page the host takes is written to the swap device as well, so
+/// that a host that crashes loses none (see `docs/guest.md`). Off by default: it costs the
+/// swap-out I/O tmem otherwise saves. Set at `insmod` (or `tmem.writethrough=1` on the kernel
+/// command line); read-only afterwards, because the tmem core takes it at registration.
+static WRITETHROUGH: AtomicBool = AtomicBool::new(false);
+
+/// Whether the `writethrough` parameter is set.
+pub(crate) fn writethrough() -> bool {
+    WRITETHROUGH.load(Ordering::Relaxed)
+}
+
 /// A `struct kernel_param` in the `__param` section, where the module loader looks for the
 /// module's parameters (what C's `module_param()` emits; Rust's `module!` in 6.12 has none).
 /// No `parm=` `.modinfo` string: a `#[used]` static there lands in a second `.modinfo` section
@@ -106,9 +117,25 @@ pub(crate) fn timeout_ns() -> u64 {
 #[repr(transparent)]
 struct Param(bindings::kernel_param);
 
-// SAFETY: the parameter is immutable; the pointers in it are to statics (its name, the kernel's
-// `param_ops_uint`, an atomic the kernel writes as an `unsigned int`).
+// SAFETY: the parameters are immutable; the pointers in them are to statics (a name, the
+// kernel's `param_ops_uint` or `param_ops_bool`, an atomic the kernel writes as an
+// `unsigned int` or a `bool`).
 unsafe impl Sync for Param {}
+
+#[used]
+#[link_section = "__param"]
+static WRITETHROUGH_PARAM: Param = Param(bindings::kernel_param {
+    name: c"writethrough".as_ptr().cast(),
+    mod_: core::ptr::null_mut(),
+    // A `bool` parameter: the kernel writes the atomic as a C `bool` (same layout).
+    ops: &raw const bindings::param_ops_bool,
+    perm: 0o444,
+    level: -1,
+    flags: 0,
+    __bindgen_anon_1: bindings::kernel_param__bindgen_ty_1 {
+        arg: WRITETHROUGH.as_ptr().cast(),
+    },
+});
 
 #[used]
 #[link_section = "__param"]

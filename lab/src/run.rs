@@ -287,6 +287,7 @@ fn run_mode(runner: &Runner, e: &Experiment, mode: Mode, out: &Path) -> Result<M
                 disks: &disks,
                 control: Some(&port_path),
                 cmdline: &e.cmdline(i, mode),
+                reconnect: false,
             }));
             // Its own process group: Ctrl-C reaches the lab, which stops the guests itself.
             let mut child = cmd

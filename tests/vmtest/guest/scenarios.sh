@@ -124,6 +124,13 @@ swap-integrity)
 	memtouch run 256 1 || fail "workload pages did not verify"
 	md5sum -c /tmp/sums >/dev/null || fail "tmpfs files changed across swap"
 	/tmp/busybox-copy true || fail "a program in tmpfs does not run after swap"
+	# What the host keeps once the workload is gone (the core holds a module reference per
+	# stored page; the runner prints the daemon's count at the barrier): pages read back into
+	# the swap cache are dropped by exclusive loads.
+	echo "swap-integrity: $(cat /sys/module/tmem/refcnt) pages stored in the host before swapoff"
+	exec 3</dev/ttyS1
+	stty -F /dev/ttyS1 -echo
+	sync_point held
 	swapoff $SWAP || fail "swapoff"
 	md5sum -c /tmp/sums >/dev/null || fail "tmpfs files changed across swapoff"
 	none_of failures
@@ -170,6 +177,52 @@ device-loss)
 	umount /mnt || fail "umount"
 	swapoff $SWAP || fail "swapoff"
 	kill $BEAT
+	if dmesg | grep -E -q "BUG:|WARNING:|lockup|LOCKUP|Call Trace"; then
+		dmesg | tail -40
+		fail "kernel BUG, WARNING or lockup"
+	fi
+	stats
+	pass
+	;;
+writethrough-crash)
+	# With writethrough=1 every page the host takes goes to the swap device too. The daemon is
+	# killed (SIGKILL, at the barrier) with pages stored: the driver breaks the device at its
+	# next request, and every page only the host could have returned is read from the swap
+	# device instead. Every page verifies and no process gets SIGBUS: not the held workload,
+	# nor this shell or init, whose pages may have been in the host too.
+	insmod /lib/modules/tmem.ko writethrough=1 || fail "insmod tmem.ko writethrough=1"
+	[ -d $T ] || fail "no $T after insmod (device not bound?)"
+	swap_on
+	exec 3</dev/ttyS1
+	stty -F /dev/ttyS1 -echo
+	(while :; do
+		echo "writethrough-crash: heartbeat $(cut -d' ' -f1 /proc/uptime)"
+		sleep 1
+	done) &
+	BEAT=$!
+	memtouch hold 64 80 &
+	HOLD=$!
+	wait_file /tmp/hold.80 $HOLD
+	memtouch run 160 81 || fail "workload before the kill did not verify"
+	at_least puts 1000
+	echo "writethrough-crash: $(cat /sys/module/tmem/refcnt) pages in the host at the kill"
+	# Only the request the dead daemon never answers waits this long (the default would do, in
+	# 5 s); set late so that a slow host cannot break the device before the kill.
+	echo 2000 >/sys/module/tmem/parameters/timeout_ms || fail "setting timeout_ms"
+	sync_point kill
+	kill -USR1 $HOLD
+	wait $HOLD || fail "pages stored before the kill did not verify (exit status $?)"
+	memtouch run 160 82 || fail "workload after the kill did not verify"
+	dmesg | grep -q "tmem: device broken" || fail "the kernel log does not say the device broke"
+	n=$(dmesg | grep -c "load failed .*, reading the swap device")
+	[ "$n" -gt 0 ] || fail "no page was read back from the swap device"
+	echo "writethrough-crash: $n 'reading the swap device' lines (rate-limited)"
+	if dmesg | grep -E "load failed|page lost" | grep -v -q "reading the swap device"; then
+		fail "a page-in failed"
+	fi
+	swapoff $SWAP || fail "swapoff"
+	kill $BEAT
+	[ "$(cat /sys/module/tmem/parameters/writethrough)" = Y ] || fail "writethrough does not read back"
 	if dmesg | grep -E -q "BUG:|WARNING:|lockup|LOCKUP|Call Trace"; then
 		dmesg | tail -40
 		fail "kernel BUG, WARNING or lockup"

@@ -26,9 +26,9 @@ use tmem_vmtest::{Runner, SCENARIOS};
 #[command(name = "tmem-vmtest")]
 struct Cli {
     /// Scenarios to run [default: all]: swap-integrity swap-lazy-register swap-unload
-    /// swap-host-full swap-mq-stress zswap-coexist thp-swap pagecache-hits pagecache-coherency
-    /// pagecache-lazy-register two-guests overcommit device-loss
-    /// bad-device.
+    /// swap-host-full swap-mq-stress zswap-coexist thp-swap suspend-resume daemon-upgrade
+    /// pagecache-hits pagecache-coherency pagecache-lazy-register two-guests overcommit
+    /// device-loss writethrough-crash bad-device.
     scenarios: Vec<String>,
     /// Run the demo instead: one guest under memory pressure (swap, then page cache), console
     /// shown live, then the daemon's and the guest's statistics side by side.

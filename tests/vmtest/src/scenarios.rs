@@ -40,6 +40,7 @@ pub const SCENARIOS: &[&str] = &[
     "two-guests",
     "overcommit",
     "device-loss",
+    "writethrough-crash",
     "bad-device",
 ];
 
@@ -55,7 +56,12 @@ const SMP_SCENARIOS: &[&str] = &[
     "thp-swap",
     "suspend-resume",
     "device-loss",
+    "writethrough-crash",
 ];
+
+/// Scenarios whose daemon the runner kills at the barrier `kill`: the guest's console shows
+/// what happened afterwards, the daemon's statistics are gone.
+const DAEMON_KILLED: &[&str] = &["device-loss", "writethrough-crash"];
 
 /// How the guests of a scenario are set up.
 #[derive(Debug)]
@@ -222,7 +228,7 @@ impl Runner {
                 );
                 Ok(())
             }
-            ("device-loss", "kill") => kill_daemon(d),
+            (_, "kill") if DAEMON_KILLED.contains(&scenario) => kill_daemon(d, scenario),
             ("daemon-upgrade", "restart") => {
                 for round in 1..=2 {
                     d.restart(Duration::from_secs(120)).map_err(Error::Daemon)?;
@@ -253,6 +259,15 @@ impl Runner {
                         "  daemon-upgrade: restart {round}: state handed over, QEMU reconnected, {pages} pages held"
                     );
                 }
+                Ok(())
+            }
+            ("swap-integrity", "held") => {
+                // What the host keeps of the guest's swap once the workload is done: with
+                // exclusive loads, only pages that are not in the guest's memory as well.
+                eprintln!(
+                    "  swap-integrity: the host holds {} pages of the guest before swapoff",
+                    n(&client("guest")?, "stored_pages")
+                );
                 Ok(())
             }
             ("swap-unload", "unloaded") => {
@@ -386,9 +401,9 @@ impl Runner {
                 // No daemon behind this guest: its script checked the driver's counters.
                 continue;
             }
-            if name == "device-loss" {
+            if DAEMON_KILLED.contains(&name) {
                 // The daemon is gone: the console shows what happened instead.
-                check_device_loss(&run.console).map_err(|why| Error::GuestCheck {
+                check_device_loss(&run.console, name).map_err(|why| Error::GuestCheck {
                     who: who.clone(),
                     why,
                     kernel: run.kernel_tail(),
@@ -451,7 +466,7 @@ impl Runner {
                 _ => {}
             }
         }
-        if name == "device-loss" || name == "bad-device" {
+        if DAEMON_KILLED.contains(&name) || name == "bad-device" {
             return Ok(());
         }
         let stats = d.stats().map_err(Error::Daemon)?;
@@ -482,10 +497,10 @@ impl Runner {
     }
 }
 
-/// Kills the daemon `d` with SIGKILL, as a crash would, and waits until it is gone. `Daemon`
-/// keeps its child process private: the process is the one whose arguments name `d`'s control
-/// socket (its directory is unique to it).
-fn kill_daemon(d: &Daemon) -> Result<()> {
+/// Kills the daemon `d` of `scenario` with SIGKILL, as a crash would, and waits until it is
+/// gone. `Daemon` keeps its child process private: the process is the one whose arguments name
+/// `d`'s control socket (its directory is unique to it).
+fn kill_daemon(d: &Daemon, scenario: &str) -> Result<()> {
     let control = d.path("control.sock");
     let control = control.to_string_lossy();
     let mut pids = Vec::new();
@@ -539,13 +554,14 @@ fn kill_daemon(d: &Daemon) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("  device-loss: daemon {pid} killed");
+    eprintln!("  {scenario}: daemon {pid} killed");
     Ok(())
 }
 
-/// What the console of `device-loss` must show: the driver broke the device once, and the
-/// guest kept running after it (heartbeat lines follow the break).
-fn check_device_loss(console: &str) -> std::result::Result<(), String> {
+/// What the console of a scenario whose daemon was killed must show: the driver broke the
+/// device once, and the guest kept running after it (`NAME: heartbeat` lines follow the break).
+fn check_device_loss(console: &str, name: &str) -> std::result::Result<(), String> {
+    let heartbeat = format!("{name}: heartbeat");
     let lines: Vec<&str> = console.lines().collect();
     let broken: Vec<usize> = (0..lines.len())
         .filter(|i| lines[*i].contains("tmem: device broken"))
@@ -558,7 +574,7 @@ fn check_device_loss(console: &str) -> std::result::Result<(), String> {
     };
     let beats = lines[at..]
         .iter()
-        .filter(|l| l.contains("device-loss: heartbeat"))
+        .filter(|l| l.contains(&heartbeat))
         .count();
     if beats < 3 {
         return Err(format!(
@@ -574,11 +590,20 @@ mod tests {
 
     #[test]
     fn device_loss_needs_one_break_then_heartbeats() {
+        let check = |console: String| check_device_loss(&console, "device-loss");
         let beat = "device-loss: heartbeat 1.0\n";
         let broken = "[ 9.1] tmem: device broken: Some(Put) not answered in 2000 ms\n";
-        assert!(check_device_loss(&format!("{beat}{broken}{beat}{beat}{beat}")).is_ok());
-        assert!(check_device_loss(&format!("{beat}{beat}{beat}{broken}{beat}")).is_err());
-        assert!(check_device_loss(&format!("{beat}{beat}{beat}")).is_err());
-        assert!(check_device_loss(&format!("{broken}{broken}{beat}{beat}{beat}")).is_err());
+        assert!(check(format!("{beat}{broken}{beat}{beat}{beat}")).is_ok());
+        assert!(check(format!("{beat}{beat}{beat}{broken}{beat}")).is_err());
+        assert!(check(format!("{beat}{beat}{beat}")).is_err());
+        assert!(check(format!("{broken}{broken}{beat}{beat}{beat}")).is_err());
+        // Another scenario's heartbeat does not count.
+        let other = "writethrough-crash: heartbeat 1.0\n";
+        assert!(check(format!("{broken}{other}{other}{other}")).is_err());
+        assert!(check_device_loss(
+            &format!("{broken}{other}{other}{other}"),
+            "writethrough-crash"
+        )
+        .is_ok());
     }
 }
