@@ -59,6 +59,15 @@ load() {
 	insmod /lib/modules/tmem.ko || fail "insmod tmem.ko"
 	[ -d $T ] || fail "no $T after insmod (device not bound?)"
 }
+# hold_out MIB SEED RUN_MIB WHEN: a process (its pid in HOLD) fills MIB of memory from SEED and
+# waits for SIGUSR1 to verify it; a RUN_MIB workload (seed SEED + 1) then pushes its pages out
+# to swap. WHEN says when, in the failure message.
+hold_out() {
+	memtouch hold "$1" "$2" &
+	HOLD=$!
+	wait_file "/tmp/hold.$2" $HOLD
+	memtouch run "$3" $(($2 + 1)) || fail "workload $4 did not verify"
+}
 # wait_file FILE [PID]: waits for FILE, which process PID (if given) creates.
 wait_file() {
 	i=0
@@ -200,10 +209,7 @@ writethrough-crash)
 		sleep 1
 	done) &
 	BEAT=$!
-	memtouch hold 64 80 &
-	HOLD=$!
-	wait_file /tmp/hold.80 $HOLD
-	memtouch run 160 81 || fail "workload before the kill did not verify"
+	hold_out 64 80 160 "before the kill"
 	at_least puts 1000
 	echo "writethrough-crash: $(cat /sys/module/tmem/refcnt) pages in the host at the kill"
 	# Only the request the dead daemon never answers waits this long (the default would do, in
@@ -232,10 +238,7 @@ writethrough-crash)
 	;;
 swap-lazy-register)
 	swap_on
-	memtouch hold 64 2 &
-	HOLD=$!
-	wait_file /tmp/hold.2 $HOLD
-	memtouch run 160 3 || fail "workload before insmod did not verify"
+	hold_out 64 2 160 "before insmod"
 	[ "$(swap_used_kb)" -gt 0 ] || fail "nothing was swapped out before insmod"
 	load
 	dmesg | grep -q "tmem: backend registered, 1 swap area(s) and 0 filesystem(s) already in use" ||
@@ -254,10 +257,7 @@ swap-lazy-register)
 swap-unload)
 	load
 	swap_on
-	memtouch hold 64 5 &
-	HOLD=$!
-	wait_file /tmp/hold.5 $HOLD
-	memtouch run 160 6 || fail "pressure workload did not verify"
+	hold_out 64 5 160 "under pressure"
 	refs=$(cat /sys/module/tmem/refcnt)
 	[ "$refs" -gt 0 ] || fail "no page of the held workload is in tmem"
 	if rmmod tmem 2>/dev/null; then
@@ -348,10 +348,7 @@ zswap-coexist)
 	echo 1 >/sys/module/zswap/parameters/enabled || fail "enabling zswap"
 	echo 40 >/sys/module/zswap/parameters/max_pool_percent || fail "zswap pool size"
 	swap_on
-	memtouch hold 16 50 &
-	HOLD=$!
-	wait_file /tmp/hold.50 $HOLD
-	memtouch run 160 51 || fail "workload with zswap alone did not verify"
+	hold_out 16 50 160 "with zswap alone"
 	zs=$(cat /sys/kernel/debug/zswap/stored_pages)
 	zswap_counters
 	[ "$zs" -gt 0 ] || fail "zswap stored nothing"
@@ -379,10 +376,7 @@ daemon-upgrade)
 	# SESSION, is served the restored pools: every page verifies, and comes from tmem.
 	load
 	swap_on
-	memtouch hold 48 80 &
-	HOLD=$!
-	wait_file /tmp/hold.80 $HOLD
-	memtouch run 96 81 || fail "workload before the restarts did not verify"
+	hold_out 48 80 96 "before the restarts"
 	exec 3</dev/ttyS1
 	stty -F /dev/ttyS1 -echo
 	sync_point restart
@@ -408,10 +402,7 @@ suspend-resume)
 	load
 	swap_on
 	grep -qw freeze /sys/power/state || fail "no suspend-to-idle: /sys/power/state is $(cat /sys/power/state)"
-	memtouch hold 48 70 &
-	HOLD=$!
-	wait_file /tmp/hold.70 $HOLD
-	memtouch run 96 71 || fail "workload before the suspend did not verify"
+	hold_out 48 70 96 "before the suspend"
 	held=$(stat_of puts)
 	exec 3</dev/ttyS1
 	stty -F /dev/ttyS1 -echo
