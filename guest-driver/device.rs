@@ -173,7 +173,10 @@ impl TmemDev {
         // A PUT's page is only read by the device; a GET's page goes through the bounce buffer,
         // so a late write by a device that timed out never reaches a page the kernel owns.
         let (used, expected) = match data {
-            Data::NoPage => (virtqueue.exchange(&mut [out], &mut [resp], timeout), resp_len),
+            Data::NoPage => (
+                virtqueue.exchange(&mut [out], &mut [resp], timeout),
+                resp_len,
+            ),
             Data::Out(page) => (
                 virtqueue.exchange(&mut [out, ReadSg::page(page)], &mut [resp], timeout),
                 resp_len,
