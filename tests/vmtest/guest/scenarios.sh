@@ -68,6 +68,14 @@ hold_out() {
 	wait_file "/tmp/hold.$2" $HOLD
 	memtouch run "$3" $(($2 + 1)) || fail "workload $4 did not verify"
 }
+# held_back BEFORE AFTER: the hold_out process verifies its pages, at least one of which must
+# come back from tmem; sets hits to the hit count before it.
+held_back() {
+	hits=$(stat_of hits)
+	kill -USR1 $HOLD
+	wait $HOLD || fail "pages stored $1 did not verify"
+	[ "$(stat_of hits)" -gt "$hits" ] || fail "no page came back from tmem $2"
+}
 # wait_file FILE [PID]: waits for FILE, which process PID (if given) creates.
 wait_file() {
 	i=0
@@ -380,10 +388,7 @@ daemon-upgrade)
 	exec 3</dev/ttyS1
 	stty -F /dev/ttyS1 -echo
 	sync_point restart
-	hits=$(stat_of hits)
-	kill -USR1 $HOLD
-	wait $HOLD || fail "pages stored before the restarts did not verify"
-	[ "$(stat_of hits)" -gt "$hits" ] || fail "no page came back from tmem after the restarts"
+	held_back "before the restarts" "after the restarts"
 	memtouch run 96 82 || fail "workload after the restarts did not verify"
 	swapoff $SWAP || fail "swapoff"
 	echo "daemon-upgrade: $(($(stat_of hits) - hits)) hits after the restarts"
@@ -417,10 +422,7 @@ suspend-resume)
 	sync_point resumed
 	dmesg | grep -q "tmem: suspended" || fail "the driver was not frozen"
 	dmesg | grep -q "tmem: resumed" || fail "the driver was not restored"
-	hits=$(stat_of hits)
-	kill -USR1 $HOLD
-	wait $HOLD || fail "pages stored before the suspend did not verify"
-	[ "$(stat_of hits)" -gt "$hits" ] || fail "no page came back from tmem after the resume"
+	held_back "before the suspend" "after the resume"
 	memtouch run 96 72 || fail "workload after the resume did not verify"
 	swapoff $SWAP || fail "swapoff"
 	echo "suspend-resume: $held puts before the suspend, $(($(stat_of hits) - hits)) hits after it"
