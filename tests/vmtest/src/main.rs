@@ -21,6 +21,9 @@ use tmem_vmtest::images::Images;
 use tmem_vmtest::qemu::{self, Accel};
 use tmem_vmtest::{Runner, SCENARIOS};
 
+/// Lines of a failed scenario's details repeated in the closing summary.
+const SUMMARY_DETAIL_LINES: usize = 25;
+
 /// Boots real guests that swap into vhost-tmem and checks what both sides report.
 #[derive(Debug, Parser)]
 #[command(name = "tmem-vmtest")]
@@ -87,12 +90,11 @@ fn main() -> ExitCode {
     } else {
         cli.scenarios.clone()
     };
-    let mut failed = 0;
+    let mut failed: Vec<(&str, String)> = Vec::new();
     for name in &names {
         match runner.scenario(name) {
             Ok(()) => println!("scenario {name}: pass"),
             Err(why) => {
-                failed += 1;
                 // The verdict stays on one line; details follow it.
                 let why = why.to_string();
                 let mut lines = why.lines();
@@ -103,12 +105,23 @@ fn main() -> ExitCode {
                 for l in lines {
                     println!("    {l}");
                 }
+                failed.push((name, why));
             }
         }
     }
-    if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    if failed.is_empty() {
+        return ExitCode::SUCCESS;
     }
+    // CI keeps only the end of the output: name the failures again there, each with the
+    // last lines of its details.
+    println!("== {} of {} scenarios failed", failed.len(), names.len());
+    for (name, why) in &failed {
+        let lines: Vec<&str> = why.lines().collect();
+        println!("scenario {name}: FAIL ({})", lines.first().unwrap_or(&""));
+        let tail = lines.len().saturating_sub(1).min(SUMMARY_DETAIL_LINES);
+        for l in &lines[lines.len() - tail..] {
+            println!("    {l}");
+        }
+    }
+    ExitCode::FAILURE
 }
