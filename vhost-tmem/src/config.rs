@@ -18,7 +18,7 @@ use crate::store::{
     Uuid, DEFAULT_COMPRESSOR, DEFAULT_MAX_POOLS, DEFAULT_MEMORY_LIMIT, DEFAULT_ORPHAN_TIMEOUT,
     DEFAULT_RAW_THRESHOLD, DEFAULT_WEIGHT,
 };
-use crate::vhu_tmem::{DeviceConfig, MAX_QUEUE_SIZE};
+use crate::vhu_tmem::{DeviceConfig, Migration, MAX_QUEUE_SIZE};
 use shared_proto::{MAX_REQUEST_QUEUES, PAGE_SIZE};
 
 // Defaults of the device settings; only the configuration sets them.
@@ -187,6 +187,14 @@ pub struct ServeArgs {
     /// file under its mapping kills the daemon (SIGBUS) and every client's pages with it.
     #[arg(long)]
     pub allow_unsealed_memory: bool,
+    #[arg(long, value_enum, value_name = "WHAT", help = with_default(
+        "Live migration and snapshots of guests (QEMU's migratable=on): off, persistent \
+         (their swap pages go with them, page-cache pools arrive empty) or all (page-cache \
+         pages too). Not off offers dirty-page logging, whose log memory the vhost-user \
+         crate maps without checking its seals: only for VMMs trusted not to truncate it",
+        "off",
+    ))]
+    pub migration: Option<MigrationMode>,
     /// Control socket for `vhost-tmem stats` and `vhost-tmem ctl`.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
@@ -252,6 +260,18 @@ pub enum Incompressible {
     Store,
 }
 
+/// `--migration` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationMode {
+    /// Not offered: QEMU refuses to migrate or snapshot the guest.
+    Off,
+    /// Persistent pools with their pages; ephemeral pools arrive empty.
+    Persistent,
+    /// Every pool with its pages.
+    All,
+}
+
 /// `--state-file-invalid` values.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -293,6 +313,7 @@ pub struct FileConfig {
     pub poll_us: Option<u64>,
     pub orphan_timeout: Option<DurationValue>,
     pub allow_unsealed_memory: Option<bool>,
+    pub migration: Option<MigrationMode>,
     pub control_socket: Option<PathBuf>,
     pub socket_group: Option<String>,
     pub control_group: Option<String>,
@@ -557,6 +578,11 @@ impl TryFrom<ServeArgs> for DaemonConfig {
             poll: std::time::Duration::from_micros(poll_us),
             allow_unsealed_memory: a.allow_unsealed_memory
                 || file.allow_unsealed_memory.unwrap_or(false),
+            migration: match a.migration.or(file.migration) {
+                None | Some(MigrationMode::Off) => Migration::Off,
+                Some(MigrationMode::Persistent) => Migration::Persistent,
+                Some(MigrationMode::All) => Migration::All,
+            },
         };
         device.validate()?;
         debug_assert!(
@@ -693,8 +719,15 @@ mod tests {
             (c.sandbox.mode, c.sandbox.action),
             (SandboxMode::Seccomp, SeccompAction::Errno)
         );
+        assert_eq!(c.device.migration, Migration::Off);
         let c = cfg(&["--socket-path", "/tmp/x.sock", "--allow-unsealed-memory"]).unwrap();
         assert!(c.device.allow_unsealed_memory);
+        let c = cfg(&["--socket-path", "/tmp/x.sock", "--migration", "all"]).unwrap();
+        assert_eq!(c.device.migration, Migration::All);
+        let e = Cli::try_parse_from(["vhost-tmem", "--migration", "yes"]).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("invalid value 'yes' for '--migration"), "{e}");
+        assert!(e.contains("off, persistent, all"), "{e}");
         let c = cfg(&["--socket-path", "/tmp/x.sock", "--poll-us", "0"]).unwrap();
         assert!(c.device.poll.is_zero());
         let e = cfg(&["--socket-path", "/tmp/x.sock", "--poll-us", "20000"]).unwrap_err();

@@ -359,6 +359,16 @@ fn settle(engine: &Engine, client: &Arc<Client>) {
                  reconnects, {when}"
             );
         }
+        Ended::MigratedOut(r) => {
+            tracing::info!(
+                client = %name,
+                pools = r.pools,
+                persistent_pages = r.persistent_pages,
+                ephemeral_pages = r.ephemeral_pages,
+                "client migrated: its frontend took its state to another daemon and \
+                 disconnected; freed its pools here"
+            );
+        }
         Ended::Dropped(r) if r.pools == 0 => {}
         Ended::Dropped(r) => {
             // Not silent: a guest that is gone cannot read its swap pages back, but say so.

@@ -27,7 +27,9 @@ use shared_proto::{
     feature, readable_len, req_flags, resp_flags, writable_len, BatchEntry, Config, CreatePool, Op,
     ReqHeader, RespHeader, Status, MAX_BATCH, MAX_REQUEST_QUEUES, PAGE_SHIFT, PAGE_SIZE,
 };
+use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -46,13 +48,22 @@ use crate::store::{PageDst, PageKey, PageSrc, PoolSpec, Tmem};
 
 mod chain;
 mod memory;
+mod transfer;
 mod vring;
 pub use chain::MAX_SEGMENTS;
 use chain::{contiguous, read_part, write_part, Chain, ChainError};
 pub use memory::MemoryError;
+use transfer::Transfers;
+pub use transfer::{Migration, TransferError, STALL_TIMEOUT};
 pub use vring::{fd_dir, Vring};
 
-type Mem = GuestMemoryMmap<()>;
+/// Guest memory with a dirty-page bitmap that the frontend's log (SET_LOG_BASE) can be put
+/// under, for live migration: writes through vm-memory mark the pages they touch, and the
+/// device marks the pages it writes through raw pointers itself (see `TmemDevice::get`).
+pub type Mem = GuestMemoryMmap<BitmapMmapRegion>;
+
+/// The vhost feature bit of dirty-page logging (VHOST_F_LOG_ALL).
+const VHOST_F_LOG_ALL: u32 = 26;
 
 /// Largest queue the device accepts.
 pub const MAX_QUEUE_SIZE: usize = 1024;
@@ -115,6 +126,8 @@ pub struct DeviceConfig {
     /// Accept guest memory whose file can shrink (not a memfd sealed with F_SEAL_SHRINK): a
     /// frontend that then truncates it kills the daemon with SIGBUS.
     pub allow_unsealed_memory: bool,
+    /// Offer dirty-page logging and device state transfer (live migration), and what goes.
+    pub migration: Migration,
 }
 
 impl DeviceConfig {
@@ -290,6 +303,11 @@ pub struct TmemDevice<S: Tmem> {
     broken: Vec<Mutex<Option<RingSetup>>>,
     /// Bumped by every new memory table.
     mem_generation: AtomicU64,
+    /// The frontend logs dirty pages (VHOST_F_LOG_ALL acked): pages written through raw
+    /// pointers are marked in its log.
+    log_all: AtomicBool,
+    /// Device state transfer (live migration), one at a time.
+    transfers: Transfers,
     log: LogLimiter,
     name: String,
 }
@@ -339,6 +357,8 @@ impl<S: Tmem> TmemDevice<S> {
             thread_masks: thread_masks(cfg.request_queues),
             broken: (0..=cfg.request_queues).map(|_| Mutex::new(None)).collect(),
             mem_generation: AtomicU64::new(0),
+            log_all: AtomicBool::new(false),
+            transfers: Transfers::new(cfg.migration),
             log: LogLimiter::default(),
             name: name.to_string(),
         })
@@ -734,6 +754,13 @@ impl<S: Tmem> TmemDevice<S> {
             self.warn(format_args!("GET page buffer outside guest memory"));
             return Err(Status::Invalid);
         }
+        if !bounced && self.log_all.load(Relaxed) {
+            // Written through a raw pointer, which vm-memory's bitmap did not see (a bounced
+            // page was written through vm-memory, which marked it).
+            if let Some(vs) = &direct {
+                vm_memory::bitmap::Bitmap::mark_dirty(vs.bitmap(), 0, PAGE_SIZE);
+            }
+        }
         Ok(hit)
     }
 
@@ -832,7 +859,7 @@ impl<S: Tmem> TmemDevice<S> {
 }
 
 impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -855,11 +882,16 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
         if self.cfg.request_queues > 1 {
             f |= 1 << feature::MQ;
         }
+        if self.cfg.migration != Migration::Off {
+            f |= 1 << VHOST_F_LOG_ALL;
+        }
         f
     }
 
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Relaxed);
+        self.log_all
+            .store(features & (1 << VHOST_F_LOG_ALL) != 0, Relaxed);
         // The driver's features, replayed by the VMM at every start of the device (also after
         // a reconnect): whether its pools outlive the connection, and a driver to claim them.
         let session = features & (1 << feature::SESSION) != 0;
@@ -877,9 +909,70 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
+        let f = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        if self.cfg.migration == Migration::Off {
+            return f;
+        }
+        // QEMU migrates a vhost-user device only if its backend logs the guest pages it
+        // writes (LOG_SHMFD) and hands over its own state (DEVICE_STATE).
+        f | VhostUserProtocolFeatures::LOG_SHMFD | VhostUserProtocolFeatures::DEVICE_STATE
+    }
+
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: std::fs::File,
+    ) -> io::Result<Option<std::fs::File>> {
+        let what = match direction {
+            VhostTransferStateDirection::SAVE => "save",
+            VhostTransferStateDirection::LOAD => "load",
+        };
+        match self.transfers.start(
+            direction,
+            phase,
+            file,
+            &self.store,
+            &self.client,
+            &self.name,
+        ) {
+            Ok(()) => {
+                tracing::info!(client = %self.name, "device state transfer started ({what})");
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::warn!(client = %self.name, "refused a device state transfer ({what}): {e}");
+                Err(e.into())
+            }
+        }
+    }
+
+    fn check_device_state(&self) -> io::Result<()> {
+        match self.transfers.check() {
+            Ok(done) => {
+                let t = done.tally;
+                tracing::info!(
+                    client = %self.name,
+                    pools = t.pools,
+                    pages = t.pages,
+                    payload_bytes = t.bytes,
+                    ms = done.took.as_millis() as u64,
+                    "device state {}",
+                    if done.save { "saved: freed here when the frontend disconnects, unless the guest runs on here" } else { "loaded" }
+                );
+                if done.save {
+                    self.store.migrated_out(&self.client);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // The frontend learns only that it failed: the reason is for the log.
+                tracing::warn!(client = %self.name, "device state transfer failed: {e}");
+                Err(e.into())
+            }
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -25,7 +25,7 @@ use shared_proto::{
     req_flags, resp_flags, BatchEntry, CreatePool, Op, ReqHeader, RespHeader, Status, PAGE_SIZE,
 };
 use vhost_tmem::store::{ClientConfig, Engine, EngineConfig, IncompressiblePolicy};
-use vhost_tmem::vhu_tmem::{DeviceConfig, TmemDevice};
+use vhost_tmem::vhu_tmem::{DeviceConfig, Migration, TmemDevice};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::bindings::virtio_ring::{
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
@@ -34,7 +34,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-type Mem = GuestMemoryMmap<()>;
+type Mem = vhost_tmem::vhu_tmem::Mem;
 use vhost_tmem::vhu_tmem::Vring;
 
 /// Guest memory: two adjacent regions (a page may straddle them), nothing past `MEM_END`.
@@ -476,6 +476,7 @@ impl Env {
                 max_pools: 1 + (s.max_pools % 8) as u16,
                 poll: std::time::Duration::from_micros(if s.poll { 2 } else { 0 }),
                 allow_unsealed_memory: false,
+                migration: Migration::Off,
             },
         )
         .expect("a valid device configuration");

@@ -28,7 +28,7 @@ use shared_proto::{feature, Op, ReqHeader, PAGE_SIZE};
 use vhost::vhost_user::Listener;
 use vhost_tmem::daemon::serve_connection;
 use vhost_tmem::store::{Client, ClientConfig, Engine, EngineConfig};
-use vhost_tmem::vhu_tmem::DeviceConfig;
+use vhost_tmem::vhu_tmem::{DeviceConfig, Migration};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -583,6 +583,7 @@ pub fn run_with(data: &[u8], checks: Checks) {
             max_pools: 4,
             poll: Duration::ZERO,
             allow_unsealed_memory: false,
+            migration: Migration::Off,
         };
         let r = serve_connection(&srv.engine, &srv.client, &mut listener, cfg);
         let _ = tx.send(r.map_err(|e| e.to_string()));

@@ -91,6 +91,11 @@ pub fn rules(dir_fds: &[RawFd], proc_fd: Option<RawFd>, tier: Tier) -> Result<Ru
         #[cfg(not(target_arch = "x86_64"))]
         SYS_epoll_pwait,
         SYS_eventfd2,
+        // Device state transfers wait for their pipe with a deadline.
+        #[cfg(target_arch = "x86_64")]
+        SYS_poll,
+        #[cfg(not(target_arch = "x86_64"))]
+        SYS_ppoll,
         // Guest memory regions, the payload arena, the allocator (malloc_trim too), stacks.
         SYS_munmap,
         SYS_brk,
@@ -161,12 +166,19 @@ pub fn rules(dir_fds: &[RawFd], proc_fd: Option<RawFd>, tier: Tier) -> Result<Ru
         r.insert(SYS_unlinkat, unlink);
     }
     // Guest memory seals; try_clone of control connections; in debug builds, Rust's std
-    // checks with F_GETFD that a descriptor it closes is open.
+    // checks with F_GETFD that a descriptor it closes is open; device state pipes are made
+    // non-blocking (F_GETFL, F_SETFL).
     r.insert(
         SYS_fcntl,
         one_of(
             1,
-            &[F_GET_SEALS as u64, F_DUPFD_CLOEXEC as u64, F_GETFD as u64],
+            &[
+                F_GET_SEALS as u64,
+                F_DUPFD_CLOEXEC as u64,
+                F_GETFD as u64,
+                F_GETFL as u64,
+                F_SETFL as u64,
+            ],
         )?,
     );
     // Read and write timeouts of control and metrics connections.

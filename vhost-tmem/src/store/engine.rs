@@ -1077,6 +1077,28 @@ impl Tmem for Engine {
     fn driver_features(&self, client: &Arc<Client>, session: bool) -> ClientRemoval {
         self.negotiated(client, session)
     }
+
+    fn save_state(
+        &self,
+        client: &Arc<Client>,
+        w: &mut dyn std::io::Write,
+        ephemeral: bool,
+    ) -> std::io::Result<super::state::Tally> {
+        self.save_client_stream(client, w, ephemeral)
+            .map(|(_, t)| t)
+    }
+
+    fn load_state(
+        &self,
+        client: &Arc<Client>,
+        r: &mut dyn std::io::Read,
+    ) -> std::result::Result<super::state::Tally, super::RestoreError> {
+        self.restore_client_stream(client, r)
+    }
+
+    fn migrated_out(&self, client: &Arc<Client>) {
+        self.mark_migrated(client);
+    }
 }
 
 #[cfg(test)]

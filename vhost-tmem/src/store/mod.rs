@@ -185,7 +185,7 @@ pub struct GetHit {
 /// `&mut [u8]`, ... of one page) and get them converted.
 pub trait Tmem: Send + Sync + 'static {
     /// A connected client.
-    type Client: Send + Sync;
+    type Client: Send + Sync + Clone + 'static;
     /// Per-worker-thread state (compressor contexts, scratch buffers), reused for every page.
     type Worker: Send;
 
@@ -239,6 +239,29 @@ pub trait Tmem: Send + Sync + 'static {
     /// outlive the connection). Its pools are claimed again if they were kept for a
     /// reconnect; a driver without `SESSION` after one with it drops them (returned).
     fn driver_features(&self, client: &Self::Client, session: bool) -> ClientRemoval;
+
+    /// Writes the client's state for a live migration (docs/state-format.md, a one-client
+    /// stream): its pools with their counters, and the pages of its persistent pools (of its
+    /// ephemeral pools too if `ephemeral`; otherwise those arrive empty). Its queues are
+    /// stopped meanwhile.
+    fn save_state(
+        &self,
+        client: &Self::Client,
+        w: &mut dyn std::io::Write,
+        ephemeral: bool,
+    ) -> std::io::Result<state::Tally>;
+
+    /// Loads a stream [`Tmem::save_state`] wrote into the client, which holds no pools:
+    /// all or nothing, within the client's quota and the memory limit.
+    fn load_state(
+        &self,
+        client: &Self::Client,
+        r: &mut dyn std::io::Read,
+    ) -> std::result::Result<state::Tally, RestoreError>;
+
+    /// The client's saved state was read whole by its frontend: its pools go when the
+    /// connection ends, unless its driver starts again first (the migration failed).
+    fn migrated_out(&self, client: &Self::Client);
 }
 
 /// Helpers shared by the store's tests.

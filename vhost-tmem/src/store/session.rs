@@ -25,6 +25,10 @@ pub(crate) struct Session {
     /// Since when it holds pools no driver has claimed: the wall clock (for people) and the
     /// monotonic one (for the timeout).
     orphaned: Option<(SystemTime, Instant)>,
+    /// Its state was handed to another daemon (live migration): when the connection ends its
+    /// pools go, rather than wait for a reconnect; cleared if its driver starts again here
+    /// (the migration failed and the guest runs on).
+    migrated: bool,
 }
 
 /// What became of a client's pools when its frontend's connection ended.
@@ -35,6 +39,8 @@ pub enum Ended {
     Kept { pools: u64, bytes: u64, now: bool },
     /// Freed: its driver did not negotiate `SESSION`, or the orphan timeout is 0.
     Dropped(ClientRemoval),
+    /// Freed: its state went to another daemon (live migration) and its guest runs there.
+    MigratedOut(ClientRemoval),
 }
 
 /// A client whose orphaned pools [`Engine::reap_orphans`] freed.
@@ -91,6 +97,10 @@ impl Engine {
     /// behalf when this is called.
     pub fn connection_ended(&self, client: &Arc<Client>) -> Ended {
         let mut s = client.session.lock();
+        if std::mem::take(&mut s.migrated) {
+            s.orphaned = None;
+            return Ended::MigratedOut(self.drop_pools(client));
+        }
         if s.enabled && self.orphan_timeout() != Some(Duration::ZERO) {
             let pools = client.pool_count();
             let now = pools > 0 && s.orphaned.is_none();
@@ -171,7 +181,15 @@ impl Engine {
         };
         s.enabled = session;
         s.orphaned = None;
+        s.migrated = false;
         dropped
+    }
+
+    /// The client's state was saved for a live migration and the frontend read all of it:
+    /// its pools are freed when the connection ends, unless its driver's features are set
+    /// again before (the VMM restarts the device: the migration failed, the guest runs on).
+    pub(super) fn mark_migrated(&self, client: &Arc<Client>) {
+        client.session.lock().migrated = true;
     }
 
     /// Frees the client's private pools and leaves its shared ones (its pages there stay its

@@ -67,12 +67,14 @@ type Pending = Vec<(Arc<Pool>, CounterSnapshot)>;
 
 impl Engine {
     /// Writes `client`'s section: its request counters, each pool (id, kind, shared UUID,
-    /// counters) and the pages it holds there, in shared pools the pages it put. The caller
+    /// counters) and the pages it holds there, in shared pools the pages it put; the pages of
+    /// ephemeral pools only if `ephemeral` (else those pools are restored empty). The caller
     /// makes sure nothing changes the client meanwhile (its queues are stopped).
     pub fn save_client<W: Write>(
         &self,
         client: &Client,
         w: &mut StateWriter<W>,
+        ephemeral: bool,
     ) -> io::Result<Tally> {
         let mut counters = client.counters.snapshot();
         counters.evictions = client.account.evictions.load(Relaxed);
@@ -93,6 +95,9 @@ impl Engine {
                 shared: pool.shared,
                 counters,
             })?;
+            if !pool.persistent && !ephemeral {
+                continue;
+            }
             for shard in pool.shards.iter() {
                 let g = shard.lock();
                 for (oid, obj) in g.objects.iter() {
@@ -154,12 +159,17 @@ impl Engine {
     }
 
     /// Writes a one-client stream of `client` (live migration); returns the writer.
-    pub fn save_client_stream<W: Write>(&self, client: &Client, w: W) -> io::Result<(W, Tally)> {
+    pub fn save_client_stream<W: Write>(
+        &self,
+        client: &Client,
+        w: W,
+        ephemeral: bool,
+    ) -> io::Result<(W, Tally)> {
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let mut sw = StateWriter::new(w, Scope::Client, DAEMON_VERSION, created, 1)?;
-        self.save_client(client, &mut sw)?;
+        self.save_client(client, &mut sw, ephemeral)?;
         sw.finish()
     }
 

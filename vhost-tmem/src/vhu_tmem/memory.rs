@@ -150,7 +150,7 @@ mod tests {
             check(&map(f, 0, 8192), false),
             Err(MemoryError::Unsealed { .. })
         ));
-        let anon = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8192)]).unwrap();
+        let anon = Mem::from_ranges(&[(GuestAddress(0), 8192)]).unwrap();
         assert!(check(&anon, false).unwrap().is_empty());
     }
 }

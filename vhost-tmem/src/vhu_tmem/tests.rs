@@ -21,7 +21,13 @@ struct Env {
     engine: Arc<Engine>,
 }
 
+mod migration;
+
 fn env_with(engine: Arc<Engine>, name: &str) -> Env {
+    env_cfg(engine, name, Migration::Off)
+}
+
+fn env_cfg(engine: Arc<Engine>, name: &str, migration: Migration) -> Env {
     let client = engine
         .client(name)
         .unwrap_or_else(|| engine.add_client(ClientConfig::named(name)));
@@ -35,6 +41,7 @@ fn env_with(engine: Arc<Engine>, name: &str) -> Env {
             max_pools: 16,
             poll: std::time::Duration::ZERO,
             allow_unsealed_memory: false,
+            migration,
         },
     )
     .unwrap();
@@ -724,6 +731,7 @@ fn bad_device_config_is_rejected() {
                 max_pools: 16,
                 poll: std::time::Duration::ZERO,
                 allow_unsealed_memory: false,
+                migration: Migration::Off,
             },
         );
         assert!(r.is_err(), "{q} {s}");
@@ -948,6 +956,24 @@ impl Tmem for Gated {
     fn driver_features(&self, c: &Self::Client, session: bool) -> crate::store::ClientRemoval {
         self.engine.driver_features(c, session)
     }
+    fn save_state(
+        &self,
+        c: &Self::Client,
+        w: &mut dyn std::io::Write,
+        ephemeral: bool,
+    ) -> std::io::Result<crate::store::state::Tally> {
+        self.engine.save_state(c, w, ephemeral)
+    }
+    fn load_state(
+        &self,
+        c: &Self::Client,
+        r: &mut dyn std::io::Read,
+    ) -> Result<crate::store::state::Tally, crate::store::RestoreError> {
+        self.engine.load_state(c, r)
+    }
+    fn migrated_out(&self, c: &Self::Client) {
+        self.engine.migrated_out(c)
+    }
 }
 
 impl<S: Tmem> RingEnv<S> {
@@ -1010,6 +1036,7 @@ fn a_stopped_worker_returns_after_its_burst_however_full_the_ring() {
         max_pools: 16,
         poll: Duration::ZERO,
         allow_unsealed_memory: false,
+        migration: Migration::Off,
     };
     let r = RingEnv::with_device(mem, TmemDevice::new(store, client, "g", cfg).unwrap());
     for i in 0..4 {

@@ -120,7 +120,7 @@ fn fill(e: &Engine) -> (Arc<Client>, Arc<Client>, Stored) {
 fn save(e: &Engine, clients: &[&Arc<Client>]) -> Vec<u8> {
     let mut w = StateWriter::new(Vec::new(), Scope::Daemon, "t", 0, clients.len() as u32).unwrap();
     for c in clients {
-        e.save_client(c, &mut w).unwrap();
+        e.save_client(c, &mut w, true).unwrap();
     }
     w.finish().unwrap().0
 }
@@ -273,7 +273,7 @@ fn a_revoked_shared_pool_or_a_lower_pool_limit_is_refused() {
 fn one_client_streams_restore_all_or_nothing() {
     let e = engine(1 << 30);
     let (a, _b, pages) = fill(&e);
-    let (bytes, t) = e.save_client_stream(&a, Vec::new()).unwrap();
+    let (bytes, t) = e.save_client_stream(&a, Vec::new(), true).unwrap();
     assert_eq!(t.clients, 1);
     let f = engine(1 << 30);
     for cut in [bytes.len() - 1, bytes.len() / 2, 100] {
