@@ -288,6 +288,9 @@ fn run_mode(runner: &Runner, e: &Experiment, mode: Mode, out: &Path) -> Result<M
                 control: Some(&port_path),
                 cmdline: &e.cmdline(i, mode),
                 reconnect: false,
+                migratable: false,
+                qmp: None,
+                incoming: None,
             }));
             // Its own process group: Ctrl-C reaches the lab, which stops the guests itself.
             let mut child = cmd

@@ -958,6 +958,7 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
                     pools = t.pools,
                     pages = t.pages,
                     payload_bytes = t.bytes,
+                    stream_bytes = done.stream_bytes,
                     ms = done.took.as_millis() as u64,
                     "device state {}",
                     if done.save { "saved: freed here when the frontend disconnects, unless the guest runs on here" } else { "loaded" }

@@ -633,6 +633,38 @@ overcommit)
 	stats
 	pass
 	;;
+migrate | snapshot | migrate-refused)
+	# The guest holds pages in tmem (swap pages, and a file's pages in the page cache's pool)
+	# when it moves to another QEMU served by another daemon: live (migrate: the page cache's
+	# pages go along, --migration all) or through a snapshot file restored by a fresh QEMU
+	# and daemon (snapshot: they are dropped, --migration persistent). A workload runs through
+	# the move. Afterwards every page verifies, and pages stored before the move come back
+	# from tmem, at the target. migrate-refused: the target has no room for the pages, the
+	# migration fails, and the guest runs on at the source with its pages.
+	load
+	swap_on
+	mount_data $DATA /mnt
+	memtouch write /mnt/file 32 40 || fail "write"
+	drop_cache
+	memtouch verify /mnt/file 32 40 || fail "first read"
+	hold_out 48 90 96 "before the migration"
+	exec 3</dev/ttyS1
+	stty -F /dev/ttyS1 -echo
+	(while [ ! -e /tmp/moved ]; do memtouch run 8 95 || exit 1; done) &
+	BG=$!
+	sync_point migrate
+	touch /tmp/moved
+	wait $BG || fail "the workload that ran through the migration did not verify"
+	count_hits memtouch verify /mnt/file 32 40
+	held_back "before the migration" "after the migration"
+	memtouch run 96 92 || fail "workload after the migration did not verify"
+	swapoff $SWAP || fail "swapoff"
+	umount /mnt || fail "umount"
+	echo "$SCENARIO: $(($(stat_of hits) - hits)) swap hits after the migration"
+	none_of failures
+	stats
+	pass
+	;;
 bad-device)
 	# The device is the runner's misbehaving one (tests/vmtest/src/baddev.rs): each barrier
 	# switches it to another wrong way of answering. The data stays correct (reads fall back to

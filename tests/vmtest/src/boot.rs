@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Sender;
@@ -16,6 +17,7 @@ use tmem_testguest::daemon::Daemon;
 use crate::barrier::{self, Barriers, Event, Port};
 use crate::disks::{self, SWAP_MIB};
 use crate::error::{Error, Result};
+use crate::migrate::{Kind, MigrateTo, Qmp};
 use crate::qemu::{qemu_args, QemuArgs, GUEST_MIB};
 use crate::Runner;
 
@@ -34,12 +36,38 @@ pub struct GuestSpec {
     pub request_queues: u16,
 }
 
-/// How guests boot: accelerator, time limit, and whether the first console is shown live.
+/// How guests boot: accelerator, time limit, whether the first console is shown live, and
+/// where the guest moves at a barrier named `migrate` (single-guest scenarios).
 #[derive(Debug)]
-pub struct How {
+pub struct How<'a> {
     pub accel: &'static str,
     pub timeout: Duration,
     pub live: bool,
+    pub migrate: Option<&'a MigrateTo<'a>>,
+}
+
+/// One QEMU process of a guest, started.
+struct Launched {
+    child: Child,
+    port: UnixStream,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// What differs between the QEMU processes of one guest (the source and the target of a
+/// migration).
+struct Launch<'a> {
+    /// The daemon's socket.
+    socket: PathBuf,
+    /// The barrier port's socket.
+    control: PathBuf,
+    qmp: Option<PathBuf>,
+    incoming: Option<String>,
+    log: Arc<Mutex<File>>,
+    show: bool,
+    events: (usize, Sender<Event>),
+    accel: &'static str,
+    scenario: &'a str,
+    swap: &'a std::path::Path,
 }
 
 /// What a guest run left behind.
@@ -181,6 +209,229 @@ fn read_console(
 }
 
 impl Runner {
+    /// Starts one QEMU process of guest `g`, connected to its barrier port, its console
+    /// copied to the log.
+    fn launch(&self, g: &GuestSpec, l: Launch) -> Result<Launched> {
+        let Launch {
+            socket,
+            control,
+            qmp,
+            incoming,
+            log,
+            show,
+            events,
+            accel,
+            scenario,
+            swap,
+        } = l;
+        let port = Port::bind(&control)?;
+        let mut cmdline = format!("tmem.scenario={scenario}");
+        if scenario == "suspend-resume" {
+            // What the driver logs while the console would be suspended is what matters.
+            cmdline.push_str(" no_console_suspend");
+        }
+        if !g.role.is_empty() {
+            cmdline.push_str(&format!(" tmem.role={}", g.role));
+        }
+        let mut cmd = Command::new(&self.images.qemu);
+        for fw in &self.images.firmware {
+            cmd.arg("-L").arg(fw);
+        }
+        cmd.args(qemu_args(&QemuArgs {
+            accel,
+            smp: self.smp.unwrap_or(g.cpus),
+            mem_mib: GUEST_MIB,
+            request_queues: g.request_queues,
+            kernel: &self.images.kernel,
+            initramfs: &self.images.initramfs,
+            socket: &socket,
+            swap,
+            disks: &g.disks,
+            control: Some(&control),
+            cmdline: &cmdline,
+            // The daemon restarts under the guest: QEMU must come back to it.
+            reconnect: scenario == "daemon-upgrade",
+            migratable: qmp.is_some(),
+            qmp: qmp.as_deref(),
+            incoming: incoming.as_deref(),
+        }));
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| Error::QemuSpawn {
+                qemu: self.images.qemu.clone(),
+                source,
+            })?;
+        let port = match port.accept(&mut child) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
+        let out: Box<dyn std::io::Read + Send> = Box::new(child.stdout.take().expect("piped"));
+        let err: Box<dyn std::io::Read + Send> = Box::new(child.stderr.take().expect("piped"));
+        let readers = vec![
+            read_console(out, log.clone(), show, Some(events)),
+            read_console(err, log, true, None),
+        ];
+        Ok(Launched {
+            child,
+            port,
+            readers,
+        })
+    }
+
+    /// Moves the guest of `source` (started with a QMP socket) as `m` says, to a QEMU
+    /// launched as `target` says. Returns the target once the guest runs there; `None` if the
+    /// migration was to fail and did, the guest running on at the source.
+    fn migrate(
+        &self,
+        d: &Daemon,
+        m: &MigrateTo,
+        tag: &str,
+        source: &mut Child,
+        g: &GuestSpec,
+        mut target: Launch,
+    ) -> Result<Option<Launched>> {
+        let mut qa = Qmp::connect(&d.path(&format!("qmp-{tag}.sock")))?;
+        let qmp_b = target.qmp.clone().expect("a QMP socket");
+        let t0 = Instant::now();
+        let (outcome, mut launched): (_, std::result::Result<Launched, Launch>) = match m.kind {
+            Kind::Live => {
+                let uri = format!("unix:{}", d.path(&format!("migrate-{tag}.sock")).display());
+                target.incoming = Some(uri.clone());
+                let b = self.launch(g, target)?;
+                // The target listens for the stream once its QMP socket is up.
+                let _qb = Qmp::connect(&qmp_b)?;
+                (qa.migrate(&uri)?, Ok(b))
+            }
+            Kind::Snapshot => {
+                let file = d.path(&format!("snapshot-{tag}.img"));
+                let _ = std::fs::remove_file(&file);
+                let uri = format!("file:{}", file.display());
+                target.incoming = Some(uri.clone());
+                (qa.migrate(&uri)?, Err(target))
+            }
+        };
+        let took = t0.elapsed();
+        if !outcome.completed {
+            if let Ok(b) = &mut launched {
+                let _ = b.child.kill();
+                let _ = b.child.wait();
+            }
+            if !m.refused {
+                return Err(Error::Migration(format!(
+                    "QEMU says it failed: {}",
+                    outcome.info
+                )));
+            }
+            let state = qa.status()?;
+            if state != "running" {
+                return Err(Error::Migration(format!(
+                    "after the refused migration the source guest is {state}, not running"
+                )));
+            }
+            eprintln!(
+                "  {tag}: the target refused the guest ({}); it runs on at the source",
+                outcome.info["error-desc"]
+                    .as_str()
+                    .unwrap_or("no reason given")
+            );
+            return Ok(None);
+        }
+        if m.refused {
+            return Err(Error::Migration(
+                "the migration completed although the target daemon has no room for the pages"
+                    .into(),
+            ));
+        }
+        // The source is done with the guest.
+        qa.quit();
+        let _ = source.wait();
+        // A snapshot is restored by a QEMU started now, against the fresh daemon.
+        let mut b = match launched {
+            Ok(b) => b,
+            Err(target) => self.launch(g, target)?,
+        };
+        let mut qb = Qmp::connect(&qmp_b)?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let state = qb.status()?;
+            if state == "running" {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = b.child.kill();
+                return Err(Error::Migration(format!(
+                    "the target guest is {state} 120 s after the migration"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.report_migration(d, m, tag, &outcome, took)?;
+        Ok(Some(b))
+    }
+
+    /// Checks both daemons after a migration (the source holds nothing of the guest any
+    /// more, the target holds its pages) and prints the figures.
+    fn report_migration(
+        &self,
+        d: &Daemon,
+        m: &MigrateTo,
+        tag: &str,
+        outcome: &crate::migrate::Outcome,
+        took: Duration,
+    ) -> Result<()> {
+        let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+        // The source's pools go when its QEMU disconnects.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let a = d.client_stats("guest").map_err(Error::Daemon)?;
+            let pools = a["pools"].as_array().map_or(0, Vec::len);
+            if pools == 0 && n(&a, "stored_pages") == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Migration(format!(
+                    "the source daemon still holds {pools} pools ({} pages) of the guest",
+                    n(&a, "stored_pages")
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let b = m.daemon.client_stats("guest").map_err(Error::Daemon)?;
+        let pools = b["pools"].as_array().cloned().unwrap_or_default();
+        let held = |persistent: bool| -> u64 {
+            pools
+                .iter()
+                .filter(|p| (p["kind"] == "persistent") == persistent)
+                .map(|p| n(p, "stored_pages"))
+                .sum()
+        };
+        let (persistent, ephemeral) = (held(true), held(false));
+        if persistent == 0 {
+            return Err(Error::Migration(format!(
+                "the target daemon holds no persistent page of the guest: {b}"
+            )));
+        }
+        let (pages, stored, sent) = crate::migrate::saved_state(&d.log()).unwrap_or_default();
+        eprintln!(
+            "  {tag}: migrated in {:.1} s, downtime {} ms, RAM {} MiB sent; device state: {pages} \
+             pages, {stored} bytes stored, {sent} bytes sent ({:.0} bytes per page, {:.3}x the \
+             stored size); the target holds {persistent} persistent and {ephemeral} ephemeral pages",
+            took.as_secs_f64(),
+            outcome.n("downtime"),
+            outcome.n("ram.transferred") >> 20,
+            sent as f64 / pages.max(1) as f64,
+            sent as f64 / stored.max(1) as f64,
+        );
+        Ok(())
+    }
+
     /// Boots `guests` at once for `scenario`, each against `{dir}/CLIENT.sock` (or
     /// `tmem.sock` for the single client `guest`). Guests meet at barriers: once every guest
     /// printed `guest-sync NAME`, `at_barrier(NAME)` runs and NAME is written back to each
@@ -198,12 +449,19 @@ impl Runner {
             accel,
             timeout,
             live,
+            migrate,
         } = how;
         let (tx, rx) = std::sync::mpsc::channel();
         let mut children = Vec::new();
         let mut ports = Vec::new();
         let mut readers = Vec::new();
         let mut consoles = Vec::new();
+        let mut logs = Vec::new();
+        if migrate.is_some() && guests.len() != 1 {
+            return Err(Error::Migration(
+                "only single-guest scenarios migrate".into(),
+            ));
+        }
         for (i, g) in guests.iter().enumerate() {
             let tag = if g.role.is_empty() {
                 scenario.to_string()
@@ -212,65 +470,11 @@ impl Runner {
             };
             let swap = d.path(&format!("swap-{tag}.img"));
             disks::sparse(&swap, SWAP_MIB)?;
-            let control = d.path(&format!("control-{tag}.sock"));
-            let port = Port::bind(&control)?;
             let socket = if g.client == "guest" {
                 d.path("tmem.sock")
             } else {
                 d.path(&format!("{}.sock", g.client))
             };
-            let mut cmdline = format!("tmem.scenario={scenario}");
-            if scenario == "suspend-resume" {
-                // What the driver logs while the console would be suspended is what matters.
-                cmdline.push_str(" no_console_suspend");
-            }
-            if !g.role.is_empty() {
-                cmdline.push_str(&format!(" tmem.role={}", g.role));
-            }
-            let mut cmd = Command::new(&self.images.qemu);
-            for fw in &self.images.firmware {
-                cmd.arg("-L").arg(fw);
-            }
-            cmd.args(qemu_args(&QemuArgs {
-                accel,
-                smp: self.smp.unwrap_or(g.cpus),
-                mem_mib: GUEST_MIB,
-                request_queues: g.request_queues,
-                kernel: &self.images.kernel,
-                initramfs: &self.images.initramfs,
-                socket: &socket,
-                swap: &swap,
-                disks: &g.disks,
-                control: Some(&control),
-                cmdline: &cmdline,
-                // The daemon restarts under the guest: QEMU must come back to it.
-                reconnect: scenario == "daemon-upgrade",
-            }));
-            let mut child = match cmd
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-            {
-                Ok(c) => c,
-                Err(source) => {
-                    kill_all(&mut children);
-                    return Err(Error::QemuSpawn {
-                        qemu: self.images.qemu.clone(),
-                        source,
-                    });
-                }
-            };
-            let stream = match port.accept(&mut child) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    kill_all(&mut children);
-                    return Err(e);
-                }
-            };
-            ports.push(stream);
             let console_path = d.path(&format!("console-{tag}.log"));
             let log = Arc::new(Mutex::new(File::create(&console_path).map_err(
                 |source| Error::Path {
@@ -279,17 +483,36 @@ impl Runner {
                 },
             )?));
             consoles.push(console_path);
-            let out: Box<dyn std::io::Read + Send> = Box::new(child.stdout.take().expect("piped"));
-            let err: Box<dyn std::io::Read + Send> = Box::new(child.stderr.take().expect("piped"));
-            readers.push(read_console(
-                out,
-                log.clone(),
-                live && i == 0,
-                Some((i, tx.clone())),
-            ));
-            readers.push(read_console(err, log, true, None));
-            children.push(child);
+            logs.push(log.clone());
+            let launched = self.launch(
+                g,
+                Launch {
+                    socket,
+                    control: d.path(&format!("control-{tag}.sock")),
+                    qmp: migrate.map(|_| d.path(&format!("qmp-{tag}.sock"))),
+                    incoming: None,
+                    log,
+                    show: live && i == 0,
+                    events: (i, tx.clone()),
+                    accel,
+                    scenario,
+                    swap: &swap,
+                },
+            );
+            match launched {
+                Ok(l) => {
+                    children.push(l.child);
+                    ports.push(l.port);
+                    readers.extend(l.readers);
+                }
+                Err(e) => {
+                    kill_all(&mut children);
+                    return Err(e);
+                }
+            }
         }
+        // The target of a migration reports as the guest it continues.
+        let target_events = tx.clone();
         drop(tx);
 
         let start = Instant::now();
@@ -316,7 +539,34 @@ impl Runner {
                 Ok(Event::Sync(i, name)) => {
                     waking = None;
                     if barriers.arrive(i, &name) {
-                        if let Err(e) = at_barrier(&name) {
+                        let mut checked = at_barrier(&name);
+                        if let (Ok(()), Some(m), "migrate") = (&checked, migrate, name.as_str()) {
+                            let g = &guests[0];
+                            let tag = scenario.to_string();
+                            let target = Launch {
+                                socket: m.daemon.path("tmem.sock"),
+                                control: d.path(&format!("control-{tag}-target.sock")),
+                                qmp: Some(d.path(&format!("qmp-{tag}-target.sock"))),
+                                incoming: None,
+                                log: logs[0].clone(),
+                                show: live,
+                                events: (0, target_events.clone()),
+                                accel,
+                                scenario,
+                                swap: &d.path(&format!("swap-{tag}.img")),
+                            };
+                            match self.migrate(d, m, &tag, &mut children[0], g, target) {
+                                Ok(Some(moved)) => {
+                                    let source = std::mem::replace(&mut children[0], moved.child);
+                                    drop(source);
+                                    ports[0] = moved.port;
+                                    readers.extend(moved.readers);
+                                }
+                                Ok(None) => {}
+                                Err(e) => checked = Err(e),
+                            }
+                        }
+                        if let Err(e) = checked {
                             barrier_error = Some(Error::Barrier {
                                 name: name.clone(),
                                 source: Box::new(e),

@@ -82,6 +82,9 @@ impl Runner {
                 control: None,
                 cmdline: "tmem.scenario=demo",
                 reconnect: false,
+                migratable: false,
+                qmp: None,
+                incoming: None,
             })
             .join(" ")
         );
@@ -98,6 +101,7 @@ impl Runner {
                     accel: self.accel,
                     timeout: self.timeout,
                     live: true,
+                    migrate: None,
                 },
                 &|_| Ok(()),
             );

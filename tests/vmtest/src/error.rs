@@ -51,6 +51,10 @@ pub enum Error {
     DaemonStart(#[source] daemon::Error),
     #[error("{0}")]
     Daemon(#[source] daemon::Error),
+    #[error("QMP {socket}: {why}")]
+    Qmp { socket: PathBuf, why: String },
+    #[error("migration: {0}")]
+    Migration(String),
     #[error("no client {0} in the daemon's statistics")]
     NoClient(String),
     #[error("bad device: {0}")]

@@ -15,6 +15,7 @@ mod demo;
 pub mod disks;
 pub mod error;
 pub mod images;
+pub mod migrate;
 pub mod qemu;
 mod scenarios;
 

@@ -42,6 +42,12 @@ pub struct QemuArgs<'a> {
     /// QEMU waits for the daemon at start and connects again after a disconnect
     /// (`reconnect-ms`, patch 0002), as an operator's attach line does.
     pub reconnect: bool,
+    /// The device migrates with the daemon's state (`migratable=on`, patch 0003).
+    pub migratable: bool,
+    /// A QMP socket QEMU listens on.
+    pub qmp: Option<&'a Path>,
+    /// `-incoming` (the target of a migration, or a snapshot to restore).
+    pub incoming: Option<&'a str>,
 }
 
 /// QEMU's arguments (after any `-L` firmware directories).
@@ -96,8 +102,9 @@ pub fn qemu_args(q: &QemuArgs) -> Vec<String> {
         // The control queue + the request queues; the config space is 24 bytes.
         "-device",
         &format!(
-            "vhost-user-test-device-pci,chardev=tmem,virtio-id=63,num_vqs={},config_size=24",
-            1 + q.request_queues
+            "vhost-user-test-device-pci,chardev=tmem,virtio-id=63,num_vqs={},config_size=24{}",
+            1 + q.request_queues,
+            if q.migratable { ",migratable=on" } else { "" }
         ),
         "-drive",
         &format!("file={},format=raw,if=none,id=swap", s(q.swap)),
@@ -117,6 +124,14 @@ pub fn qemu_args(q: &QemuArgs) -> Vec<String> {
         ));
         args.push("-device".into());
         args.push(format!("virtio-blk-pci,drive=disk{i}"));
+    }
+    if let Some(qmp) = q.qmp {
+        args.push("-qmp".into());
+        args.push(format!("unix:{},server=on,wait=off", s(qmp)));
+    }
+    if let Some(from) = q.incoming {
+        args.push("-incoming".into());
+        args.push(from.into());
     }
     if let Some(c) = q.control {
         args.push("-chardev".into());
@@ -199,6 +214,7 @@ pub fn pick_accel(runner: &Runner, want: Accel) -> Result<&'static str> {
                 accel: "kvm",
                 timeout: Duration::from_secs(60),
                 live: false,
+                migrate: None,
             },
             &|_| Ok(()),
         )?;

@@ -13,6 +13,7 @@ use crate::baddev::BadDevice;
 use crate::boot::{GuestSpec, How};
 use crate::disks::{make_ext4, DATA_MIB, DATA_UUID, DISK2_MIB, DISK2_UUID, SHARED_UUID};
 use crate::error::{Error, Result};
+use crate::migrate::{Kind, MigrateTo};
 use crate::Runner;
 
 /// The daemon's memory limit in `swap-host-full`: far below the workload.
@@ -41,6 +42,9 @@ pub const SCENARIOS: &[&str] = &[
     "overcommit",
     "device-loss",
     "writethrough-crash",
+    "migrate",
+    "snapshot",
+    "migrate-refused",
     "bad-device",
 ];
 
@@ -57,17 +61,26 @@ const SMP_SCENARIOS: &[&str] = &[
     "suspend-resume",
     "device-loss",
     "writethrough-crash",
+    "migrate",
+    "snapshot",
+    "migrate-refused",
 ];
 
 /// Scenarios whose daemon the runner kills at the barrier `kill`: the guest's console shows
 /// what happened afterwards, the daemon's statistics are gone.
 const DAEMON_KILLED: &[&str] = &["device-loss", "writethrough-crash"];
 
+/// The target daemon's memory limit in `migrate-refused`: less than the guest stores.
+const REFUSING_LIMIT: &str = "2M";
+
 /// How the guests of a scenario are set up.
 #[derive(Debug)]
 pub struct Plan {
     pub daemon_args: Vec<String>,
     pub guests: Vec<GuestSpec>,
+    /// Migration scenarios: how the guest moves, the target daemon's arguments, and whether
+    /// the target is to refuse it.
+    pub migrate: Option<(Kind, Vec<String>, bool)>,
 }
 
 impl Runner {
@@ -93,6 +106,7 @@ impl Runner {
             ];
             daemon_args.extend(extra.iter().map(|s| s.to_string()));
             Ok(Plan {
+                migrate: None,
                 daemon_args,
                 guests: vec![GuestSpec {
                     client: "guest",
@@ -137,11 +151,33 @@ impl Runner {
             Ok(Plan {
                 daemon_args,
                 guests,
+                migrate: None,
             })
         };
         match name {
             "swap-host-full" | "zswap-coexist" => single(&["--memory-limit", TINY_LIMIT]),
             "daemon-upgrade" => single(&["--state-file", "{dir}/state"]),
+            "migrate" | "snapshot" | "migrate-refused" => {
+                // migrate takes the page cache's pages along, the others drop them.
+                let what = if name == "migrate" {
+                    "all"
+                } else {
+                    "persistent"
+                };
+                let mut plan = single(&["--migration", what])?;
+                let mut target = plan.daemon_args.clone();
+                let refused = name == "migrate-refused";
+                if refused {
+                    target.extend(["--memory-limit".to_string(), REFUSING_LIMIT.to_string()]);
+                }
+                let kind = if name == "snapshot" {
+                    Kind::Snapshot
+                } else {
+                    Kind::Live
+                };
+                plan.migrate = Some((kind, target, refused));
+                Ok(plan)
+            }
             "two-guests" => pair(
                 [
                     &format!(",shared={SHARED_UUID}"),
@@ -186,9 +222,16 @@ impl Runner {
         })?;
         let result = self.plan(name, &tmp).and_then(|plan| {
             let d = self.daemon(&plan.daemon_args)?;
-            let result = self.check(&d, name, &plan);
+            let target = match &plan.migrate {
+                Some((_, args, _)) => Some(self.daemon(args)?),
+                None => None,
+            };
+            let result = self.check(&d, target.as_ref(), name, &plan);
             if result.is_err() || std::env::var_os("TMEM_VMTEST_KEEP").is_some() {
                 self.keep(&d, name);
+                if let Some(t) = &target {
+                    self.keep(t, &format!("{name}/target"));
+                }
             }
             result
         });
@@ -317,8 +360,17 @@ impl Runner {
         }
     }
 
-    /// Boots the scenario's guests against `d` and checks what both sides report.
-    fn check(&self, d: &Daemon, name: &str, plan: &Plan) -> Result<()> {
+    /// Boots the scenario's guests against `d` (and migrates them to `target`) and checks what
+    /// both sides report.
+    fn check(&self, d: &Daemon, target: Option<&Daemon>, name: &str, plan: &Plan) -> Result<()> {
+        let migrate = match (&plan.migrate, target) {
+            (Some((kind, _, refused)), Some(daemon)) => Some(MigrateTo {
+                kind: *kind,
+                daemon,
+                refused: *refused,
+            }),
+            _ => None,
+        };
         let bad = if name == "bad-device" {
             Some(BadDevice::serve(&d.path(&format!("{BAD_CLIENT}.sock")))?)
         } else {
@@ -346,6 +398,7 @@ impl Runner {
                     accel: self.accel,
                     timeout: self.timeout,
                     live: false,
+                    migrate: migrate.as_ref(),
                 },
                 &|b| match &bad {
                     // Each barrier names the fault the device shows from then on.
@@ -415,8 +468,13 @@ impl Runner {
                 continue;
             }
             let guest = run.guest_stats();
-            // Counters are flattened into the client object.
-            let host = d.client_stats(g.client).map_err(Error::Daemon)?;
+            // Counters are flattened into the client object. A migrated guest's counters went
+            // along with its state: the target daemon counts everything.
+            let serving = match &migrate {
+                Some(m) if !m.refused => m.daemon,
+                _ => d,
+            };
+            let host = serving.client_stats(g.client).map_err(Error::Daemon)?;
             let h = |k: &str| host[k].as_u64().unwrap_or(0);
             let g = |k: &str| guest.get(k).copied().unwrap_or(0);
             // The two sides count the same requests: any difference is a lost or phantom

@@ -76,13 +76,15 @@ impl From<TransferError> for io::Error {
 pub struct Done {
     pub save: bool,
     pub tally: Tally,
+    /// Bytes that went through the pipe.
+    pub stream_bytes: u64,
     pub took: Duration,
 }
 
 struct Pending {
     save: bool,
     started: Instant,
-    thread: JoinHandle<Result<Tally, String>>,
+    thread: JoinHandle<Result<(Tally, u64), String>>,
 }
 
 /// The device's one transfer at a time.
@@ -143,6 +145,7 @@ impl Transfers {
         let file = Stalling {
             file,
             stall: self.stall,
+            moved: 0,
         };
         let thread = std::thread::Builder::new()
             .name(format!("{name}-state"))
@@ -155,11 +158,12 @@ impl Transfers {
                     let t = store
                         .save_state(&client, &mut w, ephemeral)
                         .map_err(|e| why(&e))?;
-                    w.flush().map_err(|e| why(&e))?;
-                    Ok(t)
+                    let file = w.into_inner().map_err(|e| why(e.error()))?;
+                    Ok((t, file.moved))
                 } else {
                     let mut r = BufReader::with_capacity(BUFFER, file);
-                    store.load_state(&client, &mut r).map_err(|e| why(&e))
+                    let t = store.load_state(&client, &mut r).map_err(|e| why(&e))?;
+                    Ok((t, r.into_inner().moved))
                 }
             })
             .map_err(TransferError::Thread)?;
@@ -179,7 +183,7 @@ impl Transfers {
             .take()
             .ok_or(TransferError::NoTransfer)?;
         let r = p.thread.join().map_err(|_| TransferError::Panicked)?;
-        let tally = match r {
+        let (tally, stream_bytes) = match r {
             Ok(t) => t,
             Err(e) if p.save => return Err(TransferError::Save(e)),
             Err(e) => return Err(TransferError::Load(e)),
@@ -187,6 +191,7 @@ impl Transfers {
         Ok(Done {
             save: p.save,
             tally,
+            stream_bytes,
             took: p.started.elapsed(),
         })
     }
@@ -210,6 +215,8 @@ fn set_nonblocking(f: &File) -> io::Result<()> {
 struct Stalling {
     file: File,
     stall: Duration,
+    /// Bytes read or written so far.
+    moved: u64,
 }
 
 impl Stalling {
@@ -253,7 +260,11 @@ impl Read for Stalling {
             match self.file.read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(libc::POLLIN)?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                r => return r,
+                Ok(n) => {
+                    self.moved += n as u64;
+                    return Ok(n);
+                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -265,7 +276,11 @@ impl Write for Stalling {
             match self.file.write(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(libc::POLLOUT)?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                r => return r,
+                Ok(n) => {
+                    self.moved += n as u64;
+                    return Ok(n);
+                }
+                Err(e) => return Err(e),
             }
         }
     }
