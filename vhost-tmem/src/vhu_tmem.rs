@@ -969,8 +969,11 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
                 Ok(())
             }
             Err(e) => {
-                // The frontend learns only that it failed: the reason is for the log.
-                tracing::warn!(client = %self.name, "device state transfer failed: {e}");
+                // The frontend learns only that it failed: the reason is for the log (where
+                // the transfer itself put why it failed).
+                if !matches!(e, TransferError::Save(_) | TransferError::Load(_)) {
+                    tracing::warn!(client = %self.name, "device state check failed: {e}");
+                }
                 Err(e.into())
             }
         }

@@ -102,6 +102,23 @@ impl std::fmt::Debug for Transfers {
     }
 }
 
+impl Drop for Transfers {
+    fn drop(&mut self) {
+        // The connection ended with a transfer its frontend never checked: wait for it (its
+        // pipe's other end is gone with the frontend, or it stalls), so that nothing it loads
+        // lands after the connection's end was settled.
+        if let Some(p) = self.pending.get_mut().take() {
+            if let Ok(Ok(_)) = p.thread.join() {
+                tracing::info!(
+                    "a device state transfer ({}) ended after its frontend went away without \
+                     checking it",
+                    if p.save { "save" } else { "load" }
+                );
+            }
+        }
+    }
+}
+
 impl Transfers {
     /// Transfers of what `mode` says, failing after [`STALL_TIMEOUT`] without progress.
     pub fn new(mode: Migration) -> Self {
@@ -139,7 +156,7 @@ impl Transfers {
             return Err(TransferError::Busy);
         }
         set_nonblocking(&file).map_err(TransferError::Pipe)?;
-        let (store, client) = (store.clone(), client.clone());
+        let (store, client, who) = (store.clone(), client.clone(), name.to_string());
         let save = direction == VhostTransferStateDirection::SAVE;
         let ephemeral = mode == Migration::All;
         let file = Stalling {
@@ -151,8 +168,14 @@ impl Transfers {
             .name(format!("{name}-state"))
             // Spawned by the client's request thread, whose confinement it inherits.
             .spawn(move || {
-                // The whole chain of causes: the frontend is told nothing, the log all.
-                let why = |e: &dyn std::error::Error| crate::daemon::error_chain(e);
+                // The whole chain of causes: the frontend is told nothing, the log all (here:
+                // a frontend that fails may never ask).
+                let why = |e: &dyn std::error::Error| {
+                    let why = crate::daemon::error_chain(e);
+                    let what = if save { "saving" } else { "loading" };
+                    tracing::warn!(client = %who, "device state transfer failed {what} the state: {why}");
+                    why
+                };
                 if save {
                     let mut w = BufWriter::with_capacity(BUFFER, file);
                     let t = store

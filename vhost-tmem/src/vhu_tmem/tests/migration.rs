@@ -226,3 +226,28 @@ fn a_frontend_that_stops_moving_the_stream_fails_the_transfer() {
     assert_eq!(b.engine.memory_used(), 0);
     drop(w);
 }
+
+#[test]
+fn a_load_nobody_checks_is_over_before_the_connection_is_settled() {
+    let (a, _, _) = source(Migration::Persistent);
+    let bytes = save(&a).unwrap();
+    let b = env_cfg(engine(), "guest", Migration::Persistent);
+    let engine = b.engine.clone();
+    let (r, mut w) = pipe();
+    b.dev.set_device_state_fd(LOAD, STOPPED, r).unwrap();
+    // The frontend sends the stream, the end of it late, and goes away without checking.
+    let (head, tail) = bytes.split_at(bytes.len() - 100);
+    w.write_all(head).unwrap();
+    let tail = tail.to_vec();
+    let late = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        w.write_all(&tail).unwrap();
+    });
+    // The connection ends: the device goes, then what the client holds is settled.
+    drop(b);
+    let client = engine.client("guest").unwrap();
+    assert!(matches!(engine.connection_ended(&client), Ended::Dropped(_)));
+    late.join().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(engine.memory_used(), 0, "a late load left pages behind");
+}
