@@ -246,7 +246,10 @@ fn a_load_nobody_checks_is_over_before_the_connection_is_settled() {
     // The connection ends: the device goes, then what the client holds is settled.
     drop(b);
     let client = engine.client("guest").unwrap();
-    assert!(matches!(engine.connection_ended(&client), Ended::Dropped(_)));
+    assert!(matches!(
+        engine.connection_ended(&client),
+        Ended::Dropped(_)
+    ));
     late.join().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(engine.memory_used(), 0, "a late load left pages behind");
