@@ -780,6 +780,32 @@ mod tests {
     }
 
     #[test]
+    fn migration_from_the_file_and_the_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.toml");
+        let base = [
+            "--socket-path",
+            "/tmp/x.sock",
+            "--config",
+            p.to_str().unwrap(),
+        ];
+        for (text, want) in [
+            ("migration = \"persistent\"", Migration::Persistent),
+            ("migration = \"all\"", Migration::All),
+            ("migration = \"off\"", Migration::Off),
+            ("", Migration::Off),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            assert_eq!(cfg(&base).unwrap().device.migration, want, "{text}");
+        }
+        let c = cfg(&[&base[..], &["--migration", "persistent"]].concat()).unwrap();
+        assert_eq!(c.device.migration, Migration::Persistent);
+        std::fs::write(&p, "migration = true").unwrap();
+        let e = crate::daemon::error_chain(&cfg(&base).unwrap_err());
+        assert!(e.contains("migration"), "{e}");
+    }
+
+    #[test]
     fn no_client_at_start_needs_a_control_socket() {
         // Clients can be added at run time, through the control socket only.
         let c = cfg(&["--control-socket", "/tmp/c.sock"]).unwrap();
