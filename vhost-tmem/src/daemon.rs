@@ -205,6 +205,19 @@ impl ClientCtl {
         self.state.lock().conn = None;
     }
 
+    /// Ends the frontend's connection, if there is one, and keeps serving the client: the
+    /// frontend may connect again. Returns whether one was ended.
+    pub(crate) fn disconnect(&self) -> bool {
+        let s = self.state.lock();
+        match &s.conn {
+            Some(h) if !s.stopping => {
+                h.shutdown();
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn stopping(&self) -> bool {
         self.state.lock().stopping
     }

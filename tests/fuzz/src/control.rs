@@ -104,6 +104,7 @@ pub fn run(data: &[u8]) {
             Request::Stats | Request::Limit { .. } => true,
             // Run-time administration needs the daemon's client list: none here.
             Request::AddClient { .. }
+            | Request::Disconnect { .. }
             | Request::RemoveClient { .. }
             | Request::ListClients
             | Request::Reload
@@ -157,6 +158,7 @@ pub fn run(data: &[u8]) {
             }
             Request::Authorize { .. } | Request::Revoke { .. } => {}
             Request::AddClient { .. }
+            | Request::Disconnect { .. }
             | Request::RemoveClient { .. }
             | Request::ListClients
             | Request::Reload

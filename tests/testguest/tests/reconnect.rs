@@ -428,3 +428,29 @@ fn reload_changes_the_orphan_timeout_of_orphans_already_waiting() {
     });
     assert!(plain(&d.log()).contains("orphaned pools freed"));
 }
+
+#[test]
+fn ctl_disconnect_ends_the_connection_and_the_guest_comes_back_to_its_pages() {
+    let d = Daemon::start(&["--client", "name=a,socket={dir}/a.sock"]).unwrap();
+    let ctl = |client: &str| d.control(&serde_json::json!({"cmd": "disconnect", "client": client}));
+    // Nothing to end yet, and no such client.
+    let e = ctl("a").unwrap_err().to_string();
+    assert!(e.contains("no frontend connected"), "{e}");
+    let e = ctl("zz").unwrap_err().to_string();
+    assert!(e.contains("no client named"), "{e}");
+
+    let mut g = guest(&d, session());
+    let swap = g.create_pool(true, None).unwrap();
+    put_pages(&mut g, swap, [1, 0, 0], 0, N);
+    await_stats(&d, "connected", |c| c["connected"] == true);
+    ctl("a").unwrap();
+    // The daemon ended it (and kept the pools for the driver's session).
+    await_stats(&d, "disconnected by ctl", |c| {
+        c["connected"] == false && !c["orphaned_since"].is_null()
+    });
+    drop(g);
+    assert!(plain(&d.log()).contains("disconnect asked for (ctl)"));
+    // The frontend connects again: its pages are all there.
+    let mut g = guest(&d, session());
+    assert_eq!(verify_pages(&mut g, swap, [1, 0, 0], 0, N), N);
+}

@@ -397,6 +397,25 @@ daemon-upgrade)
 	stats
 	pass
 	;;
+qemu-reconnect)
+	# The daemon ends the guest's connection (ctl disconnect) while the guest holds pages in
+	# tmem; QEMU connects again (reconnect-ms) and the driver, which negotiated SESSION, is
+	# served the pools the daemon kept: every page verifies, and comes from tmem.
+	load
+	swap_on
+	hold_out 48 85 96 "before the disconnect"
+	exec 3</dev/ttyS1
+	stty -F /dev/ttyS1 -echo
+	sync_point cut
+	held_back "before the disconnect" "after the reconnect"
+	memtouch run 96 87 || fail "workload after the reconnect did not verify"
+	swapoff $SWAP || fail "swapoff"
+	echo "qemu-reconnect: $(($(stat_of hits) - hits)) hits after the reconnect"
+	none_of failures
+	at_least puts 1000
+	stats
+	pass
+	;;
 suspend-resume)
 	# Suspend-to-idle with pages stored in tmem, woken by the runner through the second serial
 	# port. The driver gives its queues back at freeze and finds new ones at restore (the

@@ -21,6 +21,9 @@ use crate::migrate::{Kind, MigrateTo, Qmp};
 use crate::qemu::{qemu_args, QemuArgs, GUEST_MIB};
 use crate::Runner;
 
+/// Scenarios whose QEMU connects again after the daemon ends its connection (`reconnect-ms`).
+const RECONNECTING: &[&str] = &["daemon-upgrade", "qemu-reconnect"];
+
 /// One guest of a scenario.
 #[derive(Debug)]
 pub struct GuestSpec {
@@ -250,7 +253,7 @@ impl Runner {
             control: Some(&control),
             cmdline: &cmdline,
             // The daemon restarts under the guest: QEMU must come back to it.
-            reconnect: scenario == "daemon-upgrade",
+            reconnect: RECONNECTING.contains(&scenario),
             migratable: qmp.is_some(),
             qmp: qmp.as_deref(),
             incoming: incoming.as_deref(),

@@ -35,6 +35,7 @@ pub const SCENARIOS: &[&str] = &[
     "thp-swap",
     "suspend-resume",
     "daemon-upgrade",
+    "qemu-reconnect",
     "pagecache-hits",
     "pagecache-coherency",
     "pagecache-lazy-register",
@@ -59,6 +60,7 @@ const SMP_SCENARIOS: &[&str] = &[
     "zswap-coexist",
     "thp-swap",
     "suspend-resume",
+    "qemu-reconnect",
     "device-loss",
     "writethrough-crash",
     "migrate",
@@ -302,6 +304,29 @@ impl Runner {
                         "  daemon-upgrade: restart {round}: state handed over, QEMU reconnected, {pages} pages held"
                     );
                 }
+                Ok(())
+            }
+            ("qemu-reconnect", "cut") => {
+                let before = n(&client("guest")?, "stored_pages");
+                d.control(&serde_json::json!({"cmd": "disconnect", "client": "guest"}))
+                    .map_err(Error::Daemon)?;
+                // Ended (the daemon's thread saw it), then back (QEMU reconnected).
+                let c = await_client(d, "the daemon did not end the connection", |c| {
+                    c["connected"] == false
+                })?;
+                if n(&c, "stored_pages") != before {
+                    return Err(Error::GuestFailed {
+                        who: "runner".into(),
+                        why: format!(
+                            "the daemon holds {} pages after the disconnect, {before} before",
+                            n(&c, "stored_pages")
+                        ),
+                    });
+                }
+                await_client(d, "QEMU did not reconnect", |c| c["connected"] == true)?;
+                eprintln!(
+                    "  qemu-reconnect: connection ended by the daemon, QEMU reconnected, {before} pages kept"
+                );
                 Ok(())
             }
             ("swap-integrity", "held") => {
@@ -552,6 +577,28 @@ impl Runner {
                 dest.display()
             );
         }
+    }
+}
+
+/// Polls the guest client's statistics (every 20 ms, at most 60 s) until `done` holds.
+fn await_client(
+    d: &Daemon,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = d.client_stats("guest").map_err(Error::Daemon)?;
+        if done(&c) {
+            return Ok(c);
+        }
+        if Instant::now() > deadline {
+            return Err(Error::GuestFailed {
+                who: "runner".into(),
+                why: format!("{what} within 60 s: {c}"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -97,6 +97,11 @@ pub enum Request {
         #[arg(value_name = "SPEC")]
         spec: String,
     },
+    /// End the client's frontend connection and keep serving the client.
+    ///
+    /// The frontend may connect again (QEMU does with reconnect-ms); a guest driver with
+    /// sessions keeps its pools and pages meanwhile, as after any disconnect.
+    Disconnect { client: String },
     /// Stop serving a client, free its pools and remove its socket.
     ///
     /// Refused while a frontend is connected, unless --force. Every page the client stored is
@@ -179,6 +184,8 @@ pub struct ReloadReport {
 pub trait ClientAdmin: Send + Sync + std::fmt::Debug {
     /// Adds and serves a client given as a `--client` spec.
     fn add_client(&self, spec: &str) -> Result<(), String>;
+    /// Ends a client's frontend connection (an error if none is connected).
+    fn disconnect(&self, name: &str) -> Result<(), String>;
     /// Stops serving a client and frees everything it holds.
     fn remove_client(&self, name: &str, force: bool) -> Result<Removed, String>;
     /// Every client served.
@@ -371,6 +378,7 @@ impl Controls {
                 client(&c)?.set_shrink_target(pages.unwrap_or(u64::MAX))
             }
             Request::AddClient { spec } => self.admin()?.add_client(&spec)?,
+            Request::Disconnect { client } => self.admin()?.disconnect(&client)?,
             Request::RemoveClient { client, force } => {
                 r.removed = Some(self.admin()?.remove_client(&client, force)?)
             }
@@ -456,6 +464,10 @@ mod tests {
                     spec: "name=vm3,socket=/run/vm3.sock".into(),
                 },
                 r#"{"cmd":"add-client","spec":"name=vm3,socket=/run/vm3.sock"}"#,
+            ),
+            (
+                Request::Disconnect { client: c() },
+                r#"{"cmd":"disconnect","client":"vm1"}"#,
             ),
             (
                 Request::RemoveClient {

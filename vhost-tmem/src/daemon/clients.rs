@@ -530,6 +530,19 @@ impl ClientAdmin for Clients {
         Ok(())
     }
 
+    fn disconnect(&self, name: &str) -> Result<(), String> {
+        let st = self.state.lock();
+        let e = st
+            .entries
+            .get(name)
+            .ok_or_else(|| format!("no client named \"{name}\""))?;
+        if !e.ctl.disconnect() {
+            return Err(format!("client \"{name}\" has no frontend connected"));
+        }
+        tracing::info!(client = %name, "disconnect asked for (ctl): ending the frontend's connection");
+        Ok(())
+    }
+
     fn remove_client(&self, name: &str, force: bool) -> Result<Removed, String> {
         let (thread, disconnected) = {
             let mut st = self.state.lock();
