@@ -416,6 +416,31 @@ qemu-reconnect)
 	stats
 	pass
 	;;
+add-remove-client)
+	# Guest a holds pages in tmem while the runner adds client b (ctl add-client), boots
+	# guest b against it (b swaps, verifies and powers off) and removes b again (ctl
+	# remove-client). Guest a is untouched: every page it stored comes back from tmem.
+	load
+	swap_on
+	if [ "$ROLE" = b ]; then
+		memtouch run 160 76 || fail "guest b's workload did not verify"
+		swapoff $SWAP || fail "swapoff"
+		none_of failures
+		at_least puts 1000
+		stats
+		pass
+		exit 0
+	fi
+	hold_out 48 77 96 "before b was added"
+	exec 3</dev/ttyS1
+	stty -F /dev/ttyS1 -echo
+	sync_point added
+	held_back "before b was added" "after b was removed"
+	swapoff $SWAP || fail "swapoff"
+	none_of failures
+	stats
+	pass
+	;;
 suspend-resume)
 	# Suspend-to-idle with pages stored in tmem, woken by the runner through the second serial
 	# port. The driver gives its queues back at freeze and finds new ones at restore (the

@@ -36,6 +36,7 @@ pub const SCENARIOS: &[&str] = &[
     "suspend-resume",
     "daemon-upgrade",
     "qemu-reconnect",
+    "add-remove-client",
     "pagecache-hits",
     "pagecache-coherency",
     "pagecache-lazy-register",
@@ -83,6 +84,8 @@ pub struct Plan {
     /// Migration scenarios: how the guest moves, the target daemon's arguments, and whether
     /// the target is to refuse it.
     pub migrate: Option<(Kind, Vec<String>, bool)>,
+    /// `add-remove-client`: the guest booted at the barrier `added`, once its client is added.
+    pub later: Option<GuestSpec>,
 }
 
 impl Runner {
@@ -109,6 +112,7 @@ impl Runner {
             daemon_args.extend(extra.iter().map(|s| s.to_string()));
             Ok(Plan {
                 migrate: None,
+                later: None,
                 daemon_args,
                 guests: vec![GuestSpec {
                     client: "guest",
@@ -154,11 +158,24 @@ impl Runner {
                 daemon_args,
                 guests,
                 migrate: None,
+                later: None,
             })
         };
         match name {
             "swap-host-full" | "zswap-coexist" => single(&["--memory-limit", TINY_LIMIT]),
             "daemon-upgrade" => single(&["--state-file", "{dir}/state"]),
+            "add-remove-client" => {
+                // Guest b's client exists only from the barrier `added` on.
+                let mut plan = pair(["", ""], &[], false)?;
+                let at = plan
+                    .daemon_args
+                    .iter()
+                    .position(|a| a.starts_with("name=b,"))
+                    .expect("b's --client");
+                plan.daemon_args.drain(at - 1..=at);
+                plan.later = plan.guests.pop();
+                Ok(plan)
+            }
             "migrate" | "snapshot" | "migrate-refused" => {
                 // migrate takes the page cache's pages along, the others drop them.
                 let what = if name == "migrate" {
@@ -242,7 +259,7 @@ impl Runner {
     }
 
     /// Checks taken while every guest waits at a barrier.
-    fn at_barrier(d: &Daemon, scenario: &str, barrier: &str) -> Result<()> {
+    fn at_barrier(&self, d: &Daemon, scenario: &str, barrier: &str, plan: &Plan) -> Result<()> {
         let stats = d.stats().map_err(Error::Daemon)?;
         let client = |name: &str| -> Result<serde_json::Value> {
             stats["clients"]
@@ -305,6 +322,12 @@ impl Runner {
                     );
                 }
                 Ok(())
+            }
+            ("add-remove-client", "added") => {
+                let Some(b) = &plan.later else {
+                    return Ok(());
+                };
+                self.add_run_remove(d, scenario, b, n(&client("a")?, "stored_pages"))
             }
             ("qemu-reconnect", "cut") => {
                 let before = n(&client("guest")?, "stored_pages");
@@ -385,6 +408,106 @@ impl Runner {
         }
     }
 
+    /// `add-remove-client` while guest a waits at `added`: adds client b, boots guest b
+    /// against it to the end, removes b, and checks that a still holds the `a_pages` pages it
+    /// held before (give or take the few its idle kernel swaps in meanwhile).
+    fn add_run_remove(
+        &self,
+        d: &Daemon,
+        scenario: &str,
+        b: &GuestSpec,
+        a_pages: u64,
+    ) -> Result<()> {
+        let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+        let socket = d.path("b.sock");
+        d.control(&serde_json::json!({
+            "cmd": "add-client",
+            "spec": format!("name=b,socket={}", socket.display()),
+        }))
+        .map_err(Error::Daemon)?;
+        let runs = self.boot(
+            d,
+            scenario,
+            std::slice::from_ref(b),
+            How {
+                accel: self.accel,
+                timeout: self.timeout,
+                live: false,
+                migrate: None,
+            },
+            &|_| Ok(()),
+        )?;
+        let run = runs.first().ok_or(Error::NoGuestRan)?;
+        let who = "guest b".to_string();
+        if run.timed_out {
+            return Err(Error::GuestTimeout {
+                who,
+                secs: self.timeout.as_secs(),
+                tail: run.tail(),
+            });
+        }
+        if let Some(report) = run.kernel_problem() {
+            return Err(Error::KernelProblem { who, report });
+        }
+        match run.verdict(scenario) {
+            Some(Ok(())) => {}
+            Some(Err(why)) => {
+                return Err(Error::GuestCheck {
+                    who,
+                    why,
+                    kernel: run.kernel_tail(),
+                    tail: run.tail(),
+                })
+            }
+            None => {
+                return Err(Error::NoVerdict {
+                    who,
+                    status: run.status.clone(),
+                    tail: run.tail(),
+                })
+            }
+        }
+        let host = d.client_stats("b").map_err(Error::Daemon)?;
+        same_counts(&who, &run.guest_stats(), &host)?;
+        // b's QEMU has exited: the removal needs no --force, and frees what b left.
+        let r = d
+            .control(&serde_json::json!({"cmd": "remove-client", "client": "b"}))
+            .map_err(Error::Daemon)?;
+        let stats = d.stats().map_err(Error::Daemon)?;
+        let names: Vec<&str> = stats["clients"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str())
+            .collect();
+        let a = d.client_stats("a").map_err(Error::Daemon)?;
+        // Guest a idles at the barrier, but its kernel still swaps the odd page in (which
+        // the host then drops: exclusive loads); its pages verify after the barrier.
+        if names != ["a"] || socket.exists() || n(&a, "stored_pages") < a_pages * 95 / 100 {
+            return Err(Error::GuestFailed {
+                who: "runner".into(),
+                why: format!(
+                    "after remove-client b: clients {names:?}, b's socket {}, a holds {} pages \
+                     ({a_pages} before b was added)",
+                    if socket.exists() {
+                        "still there"
+                    } else {
+                        "gone"
+                    },
+                    n(&a, "stored_pages")
+                ),
+            });
+        }
+        eprintln!(
+            "  {scenario}: client b added, its guest ran (daemon puts {}, gets {}) and was \
+             removed ({}); a untouched ({a_pages} pages)",
+            n(&host, "puts"),
+            n(&host, "gets"),
+            r["removed"]
+        );
+        Ok(())
+    }
+
     /// Boots the scenario's guests against `d` (and migrates them to `target`) and checks what
     /// both sides report.
     fn check(&self, d: &Daemon, target: Option<&Daemon>, name: &str, plan: &Plan) -> Result<()> {
@@ -428,7 +551,7 @@ impl Runner {
                 &|b| match &bad {
                     // Each barrier names the fault the device shows from then on.
                     Some(dev) => dev.set_fault(b),
-                    None => Self::at_barrier(d, name, b),
+                    None => self.at_barrier(d, name, b, plan),
                 },
             );
             done.store(true, Ordering::Relaxed);
@@ -501,29 +624,7 @@ impl Runner {
             };
             let host = serving.client_stats(g.client).map_err(Error::Daemon)?;
             let h = |k: &str| host[k].as_u64().unwrap_or(0);
-            let g = |k: &str| guest.get(k).copied().unwrap_or(0);
-            // The two sides count the same requests: any difference is a lost or phantom
-            // request. The daemon counts swap and page-cache requests together.
-            for (gk, hk) in [
-                ("puts", "puts"),
-                ("puts_refused", "puts_refused"),
-                ("gets", "gets"),
-                ("hits", "get_hits"),
-                ("misses", "get_misses"),
-            ] {
-                let (swap, cache) = (g(gk), g(&format!("cache_{gk}")));
-                if swap + cache != h(hk) {
-                    return Err(Error::CountMismatch {
-                        who,
-                        key: gk,
-                        both: swap + cache,
-                        swap,
-                        cache,
-                        host_key: hk,
-                        host: h(hk),
-                    });
-                }
-            }
+            same_counts(&who, &guest, &host)?;
             eprintln!(
                 "  {name}: {who}: daemon puts {} (refused {}), gets {} (hits {}), flushed pages {}, evictions {}",
                 h("puts"),
@@ -578,6 +679,39 @@ impl Runner {
             );
         }
     }
+}
+
+/// The guest's and the daemon's counters of one client agree: they count the same requests,
+/// so any difference is a lost or phantom request. The daemon counts swap and page-cache
+/// requests together; its counters are flattened into the client object.
+fn same_counts(
+    who: &str,
+    guest: &std::collections::BTreeMap<String, u64>,
+    host: &serde_json::Value,
+) -> Result<()> {
+    let h = |k: &str| host[k].as_u64().unwrap_or(0);
+    let g = |k: &str| guest.get(k).copied().unwrap_or(0);
+    for (gk, hk) in [
+        ("puts", "puts"),
+        ("puts_refused", "puts_refused"),
+        ("gets", "gets"),
+        ("hits", "get_hits"),
+        ("misses", "get_misses"),
+    ] {
+        let (swap, cache) = (g(gk), g(&format!("cache_{gk}")));
+        if swap + cache != h(hk) {
+            return Err(Error::CountMismatch {
+                who: who.to_string(),
+                key: gk,
+                both: swap + cache,
+                swap,
+                cache,
+                host_key: hk,
+                host: h(hk),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Polls the guest client's statistics (every 20 ms, at most 60 s) until `done` holds.
