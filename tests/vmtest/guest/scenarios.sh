@@ -91,6 +91,11 @@ drop_cache() {
 	echo 1 >/proc/sys/vm/drop_caches
 }
 mount_data() { mount -t ext4 "$@" || fail "mount $*"; }
+# The barrier port (ttyS1) on fd 3, for sync_point; the runner's answers are not echoed back.
+open_control() {
+	exec 3</dev/ttyS1
+	stty -F /dev/ttyS1 -echo
+}
 sync_point() {
 	echo "guest-sync $1"
 	# Empty lines are the runner's wake bytes (see suspend-resume).
@@ -145,8 +150,7 @@ swap-integrity)
 	# stored page; the runner prints the daemon's count at the barrier): pages read back into
 	# the swap cache are dropped by exclusive loads.
 	echo "swap-integrity: $(cat /sys/module/tmem/refcnt) pages stored in the host before swapoff"
-	exec 3</dev/ttyS1
-	stty -F /dev/ttyS1 -echo
+	open_control
 	sync_point held
 	swapoff $SWAP || fail "swapoff"
 	md5sum -c /tmp/sums >/dev/null || fail "tmpfs files changed across swapoff"
@@ -169,8 +173,7 @@ device-loss)
 	swap_on
 	at_least pools 1
 	none_of puts
-	exec 3</dev/ttyS1
-	stty -F /dev/ttyS1 -echo
+	open_control
 	(while :; do
 		echo "device-loss: heartbeat $(cut -d' ' -f1 /proc/uptime)"
 		sleep 1
@@ -210,8 +213,7 @@ writethrough-crash)
 	insmod /lib/modules/tmem.ko writethrough=1 || fail "insmod tmem.ko writethrough=1"
 	[ -d $T ] || fail "no $T after insmod (device not bound?)"
 	swap_on
-	exec 3</dev/ttyS1
-	stty -F /dev/ttyS1 -echo
+	open_control
 	(while :; do
 		echo "writethrough-crash: heartbeat $(cut -d' ' -f1 /proc/uptime)"
 		sleep 1
@@ -284,8 +286,7 @@ swap-unload)
 	wait $HOLD || fail "held pages did not verify after swapoff and rmmod"
 	# rmmod with a swap area and a filesystem in use (nothing stored, so the module can go):
 	# the driver releases both host pools; the runner checks the daemon at the barrier.
-	exec 3</dev/ttyS1
-	stty -F /dev/ttyS1 -echo
+	open_control
 	# This time the module is loaded the way udev or mdev would: by the device's modalias.
 	dev=$(dirname "$(grep -l 0x003f /sys/bus/virtio/devices/*/device)")
 	mods=/lib/modules/$(uname -r)
@@ -385,8 +386,7 @@ daemon-upgrade)
 	load
 	swap_on
 	hold_out 48 80 96 "before the restarts"
-	exec 3</dev/ttyS1
-	stty -F /dev/ttyS1 -echo
+	open_control
 	sync_point restart
 	held_back "before the restarts" "after the restarts"
 	memtouch run 96 82 || fail "workload after the restarts did not verify"
@@ -404,8 +404,7 @@ qemu-reconnect)
 	load
 	swap_on
 	hold_out 48 85 96 "before the disconnect"
-	exec 3</dev/ttyS1
-	stty -F /dev/ttyS1 -echo
+	open_control
 	sync_point cut
 	held_back "before the disconnect" "after the reconnect"
 	memtouch run 96 87 || fail "workload after the reconnect did not verify"
@@ -432,8 +431,7 @@ add-remove-client)
 		exit 0
 	fi
 	hold_out 48 77 96 "before b was added"
-	exec 3</dev/ttyS1
-	stty -F /dev/ttyS1 -echo
+	open_control
 	sync_point added
 	held_back "before b was added" "after b was removed"
 	swapoff $SWAP || fail "swapoff"
@@ -453,8 +451,7 @@ suspend-resume)
 	grep -qw freeze /sys/power/state || fail "no suspend-to-idle: /sys/power/state is $(cat /sys/power/state)"
 	hold_out 48 70 96 "before the suspend"
 	held=$(stat_of puts)
-	exec 3</dev/ttyS1
-	stty -F /dev/ttyS1 -echo
+	open_control
 	echo enabled >/sys/class/tty/ttyS1/power/wakeup || fail "the serial port cannot wake the guest"
 	sync_point suspend
 	# A wake byte that arrives while the suspend starts aborts it (EBUSY): try again.
@@ -619,8 +616,7 @@ two-guests)
 	# different content, and the same read-only ext4 disk (/dev/vdc), whose UUID the host
 	# authorized for sharing. Guest a writes the shared file, then both mount it read-only;
 	# a reads it into the shared pool and b reads it from there.
-	exec 3</dev/ttyS1
-	stty -F /dev/ttyS1 -echo
+	open_control
 	load
 	mount_data $DATA /mnt
 	if [ "$ROLE" = a ]; then seed=51; else seed=52; fi
@@ -660,8 +656,7 @@ two-guests)
 overcommit)
 	# Two 128 MiB guests each read a 192 MiB file twice against a daemon whose limit holds
 	# a fraction of that: the host evicts ephemeral pages, by weight (b has 3 times a's).
-	exec 3</dev/ttyS1
-	stty -F /dev/ttyS1 -echo
+	open_control
 	load
 	mount_data $DATA /mnt
 	if [ "$ROLE" = a ]; then seed=61; else seed=62; fi
@@ -692,8 +687,7 @@ migrate | snapshot | migrate-refused)
 	drop_cache
 	memtouch verify /mnt/file 32 40 || fail "first read"
 	hold_out 48 90 96 "before the migration"
-	exec 3</dev/ttyS1
-	stty -F /dev/ttyS1 -echo
+	open_control
 	(while [ ! -e /tmp/moved ]; do memtouch run 8 95 || exit 1; done) &
 	BG=$!
 	sync_point migrate
@@ -713,8 +707,7 @@ bad-device)
 	# The device is the runner's misbehaving one (tests/vmtest/src/baddev.rs): each barrier
 	# switches it to another wrong way of answering. The data stays correct (reads fall back to
 	# the disk), the guest neither crashes nor hangs, and the driver counts what it saw.
-	exec 3</dev/ttyS1
-	stty -F /dev/ttyS1 -echo
+	open_control
 	load
 	# 0. A read-only mount asks for a shared pool, which this device fails (not DENIED, an
 	# I/O error): the filesystem gets a private pool instead.
