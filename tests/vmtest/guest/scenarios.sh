@@ -473,9 +473,13 @@ suspend-resume)
 	pass
 	;;
 thp-swap)
-	# Transparent huge pages under memory pressure: a THP goes out whole (to the swap device,
-	# tmem stores order-0 pages only) or split (its pages to tmem); every page comes back.
+	# Transparent huge pages under memory pressure: with a tmem backend registered, reclaim
+	# splits a THP before it gets swap space (kernel patch 0007), so its pages go to tmem, none
+	# to the swap device whole; every page comes back.
 	echo always >/sys/kernel/mm/transparent_hugepage/enabled || fail "enabling THP"
+	# A swap device the kernel takes for an SSD gets whole huge pages (on a rotational one
+	# the kernel finds no room for one and splits it anyway).
+	echo 0 >/sys/block/vda/queue/rotational || fail "marking the swap disk non-rotational"
 	load
 	swap_on
 	MEMTOUCH_THP=1 memtouch hold 64 60 &
@@ -489,6 +493,8 @@ thp-swap)
 	echo "thp-swap: $left kB still in huge pages after the pressure;" \
 		"$(grep -E '^thp_(swpout|swpout_fallback|split_page) ' /proc/vmstat | tr '\n' ' ')"
 	[ "$left" -lt "$thp" ] || fail "no huge page of the held memory was swapped out or split"
+	whole=$(awk '$1 == "thp_swpout" { print $2 }' /proc/vmstat)
+	[ "$whole" -eq 0 ] || fail "$whole huge pages went to the swap device whole, past tmem"
 	kill -USR1 $HOLD
 	wait $HOLD || fail "held huge pages did not verify"
 	swapoff $SWAP || fail "swapoff"
