@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tmem_testguest::daemon::Daemon;
 
 use crate::baddev::BadDevice;
-use crate::boot::{GuestSpec, How};
+use crate::boot::{GuestSpec, How, Run};
 use crate::disks::{make_ext4, DATA_MIB, DATA_UUID, DISK2_MIB, DISK2_UUID, SHARED_UUID};
 use crate::error::{Error, Result};
 use crate::migrate::{Kind, MigrateTo};
@@ -408,6 +408,38 @@ impl Runner {
         }
     }
 
+    /// A guest's run passed: it did not time out, its kernel reported no problem, and its
+    /// script printed `pass` for `scenario`.
+    fn passed(&self, run: &Run, who: &str, scenario: &str) -> Result<()> {
+        let who = who.to_string();
+        if run.timed_out {
+            return Err(Error::GuestTimeout {
+                who,
+                secs: self.timeout.as_secs(),
+                tail: run.tail(),
+            });
+        }
+        // A lockdep splat, a sleep in atomic context or a WARNING fails the scenario even if
+        // the workload verified: the next run might not be so lucky.
+        if let Some(report) = run.kernel_problem() {
+            return Err(Error::KernelProblem { who, report });
+        }
+        match run.verdict(scenario) {
+            Some(Ok(())) => Ok(()),
+            Some(Err(why)) => Err(Error::GuestCheck {
+                who,
+                why,
+                kernel: run.kernel_tail(),
+                tail: run.tail(),
+            }),
+            None => Err(Error::NoVerdict {
+                who,
+                status: run.status.clone(),
+                tail: run.tail(),
+            }),
+        }
+    }
+
     /// `add-remove-client` while guest a waits at `added`: adds client b, boots guest b
     /// against it to the end, removes b, and checks that a still holds the `a_pages` pages it
     /// held before (give or take the few its idle kernel swaps in meanwhile).
@@ -439,34 +471,7 @@ impl Runner {
         )?;
         let run = runs.first().ok_or(Error::NoGuestRan)?;
         let who = "guest b".to_string();
-        if run.timed_out {
-            return Err(Error::GuestTimeout {
-                who,
-                secs: self.timeout.as_secs(),
-                tail: run.tail(),
-            });
-        }
-        if let Some(report) = run.kernel_problem() {
-            return Err(Error::KernelProblem { who, report });
-        }
-        match run.verdict(scenario) {
-            Some(Ok(())) => {}
-            Some(Err(why)) => {
-                return Err(Error::GuestCheck {
-                    who,
-                    why,
-                    kernel: run.kernel_tail(),
-                    tail: run.tail(),
-                })
-            }
-            None => {
-                return Err(Error::NoVerdict {
-                    who,
-                    status: run.status.clone(),
-                    tail: run.tail(),
-                })
-            }
-        }
+        self.passed(run, &who, scenario)?;
         let host = d.client_stats("b").map_err(Error::Daemon)?;
         same_counts(&who, &run.guest_stats(), &host)?;
         // b's QEMU has exited: the removal needs no --force, and frees what b left.
@@ -568,36 +573,7 @@ impl Runner {
             } else {
                 format!("guest {}", g.role)
             };
-            if run.timed_out {
-                return Err(Error::GuestTimeout {
-                    who,
-                    secs: self.timeout.as_secs(),
-                    tail: run.tail(),
-                });
-            }
-            // A lockdep splat, a sleep in atomic context or a WARNING fails the scenario even
-            // if the workload verified: the next run might not be so lucky.
-            if let Some(report) = run.kernel_problem() {
-                return Err(Error::KernelProblem { who, report });
-            }
-            match run.verdict(name) {
-                Some(Ok(())) => {}
-                Some(Err(why)) => {
-                    return Err(Error::GuestCheck {
-                        who,
-                        why,
-                        kernel: run.kernel_tail(),
-                        tail: run.tail(),
-                    })
-                }
-                None => {
-                    return Err(Error::NoVerdict {
-                        who,
-                        status: run.status.clone(),
-                        tail: run.tail(),
-                    })
-                }
-            }
+            self.passed(run, &who, name)?;
             if name == "bad-device" {
                 // No daemon behind this guest: its script checked the driver's counters.
                 continue;
