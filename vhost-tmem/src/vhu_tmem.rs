@@ -103,6 +103,13 @@ pub enum Error {
     /// The frontend's guest memory is refused (the connection ends).
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// A new memory table while the frontend logs dirty pages (the connection ends).
+    #[error(
+        "a new guest memory table while the frontend logs dirty pages (live migration): its \
+         regions would not be in the log, so the guest pages the device writes would not \
+         migrate"
+    )]
+    MemoryWhileLogging,
 }
 
 impl From<Error> for io::Error {
@@ -965,6 +972,8 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
                 );
                 if done.save {
                     self.store.migrated_out(&self.client);
+                } else {
+                    self.store.migrated_in(&self.client);
                 }
                 Ok(())
             }
@@ -990,6 +999,12 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
+        // vhost-user-backend gives new regions an empty bitmap, and the frontend sends its log
+        // again only when the log must grow: writes to them would not be logged.
+        if self.log_all.load(Relaxed) {
+            tracing::warn!(client = %self.name, "refused the frontend's guest memory: {}", Error::MemoryWhileLogging);
+            return Err(Error::MemoryWhileLogging.into());
+        }
         // The handler has already made `mem` its current map (and the vrings'), but nothing
         // reads through those: this device uses its own copy, replaced only after the check.
         // On an error the handler ends the connection, and the device keeps the previous map.

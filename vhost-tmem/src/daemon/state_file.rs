@@ -327,7 +327,7 @@ impl StateFile {
             clients.len() as u32,
         )?;
         for c in clients {
-            engine.save_client(c, &mut w, true)?;
+            engine.save_client(c, &mut w, true, &mut |_| Ok(()))?;
         }
         let (buf, t) = w.finish()?;
         let file = buf.into_inner().map_err(|e| e.into_error())?;

@@ -1099,6 +1099,10 @@ impl Tmem for Engine {
     fn migrated_out(&self, client: &Arc<Client>) {
         self.mark_migrated(client);
     }
+
+    fn migrated_in(&self, client: &Arc<Client>) {
+        self.mark_arrived(client);
+    }
 }
 
 #[cfg(test)]

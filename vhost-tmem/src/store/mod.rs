@@ -262,6 +262,11 @@ pub trait Tmem: Send + Sync + 'static {
     /// The client's saved state was read whole by its frontend: its pools go when the
     /// connection ends, unless its driver starts again first (the migration failed).
     fn migrated_out(&self, client: &Self::Client);
+
+    /// The state [`Tmem::load_state`] loaded was confirmed by the frontend: the same driver
+    /// runs on here, though it may not have set its features yet (QEMU starts the device when
+    /// the guest resumes). Its pools outlive the connection until then, whatever the features.
+    fn migrated_in(&self, client: &Self::Client);
 }
 
 /// Helpers shared by the store's tests.

@@ -29,6 +29,10 @@ pub(crate) struct Session {
     /// pools go, rather than wait for a reconnect; cleared if its driver starts again here
     /// (the migration failed and the guest runs on).
     migrated: bool,
+    /// Its state came from another daemon (live migration) and no driver has set its
+    /// features here yet: its pools outlive the connection, and a driver without `SESSION`
+    /// does not drop them (it is the same driver, moved).
+    arrived: bool,
 }
 
 /// What became of a client's pools when its frontend's connection ended.
@@ -101,7 +105,7 @@ impl Engine {
             s.orphaned = None;
             return Ended::MigratedOut(self.drop_pools(client));
         }
-        if s.enabled && self.orphan_timeout() != Some(Duration::ZERO) {
+        if (s.enabled || s.arrived) && self.orphan_timeout() != Some(Duration::ZERO) {
             let pools = client.pool_count();
             let now = pools > 0 && s.orphaned.is_none();
             if now {
@@ -174,7 +178,7 @@ impl Engine {
     /// guest rebooted into an older one): the pools kept for the session go.
     pub(super) fn negotiated(&self, client: &Arc<Client>, session: bool) -> ClientRemoval {
         let mut s = client.session.lock();
-        let dropped = if s.enabled && !session {
+        let dropped = if s.enabled && !session && !s.arrived {
             self.drop_pools(client)
         } else {
             ClientRemoval::default()
@@ -182,6 +186,7 @@ impl Engine {
         s.enabled = session;
         s.orphaned = None;
         s.migrated = false;
+        s.arrived = false;
         dropped
     }
 
@@ -190,6 +195,12 @@ impl Engine {
     /// again before (the VMM restarts the device: the migration failed, the guest runs on).
     pub(super) fn mark_migrated(&self, client: &Arc<Client>) {
         client.session.lock().migrated = true;
+    }
+
+    /// The client's state was loaded from another daemon: it is kept until its driver's
+    /// features are set here, and then served to that driver whatever they are.
+    pub(super) fn mark_arrived(&self, client: &Arc<Client>) {
+        client.session.lock().arrived = true;
     }
 
     /// Frees the client's private pools and leaves its shared ones (its pages there stay its

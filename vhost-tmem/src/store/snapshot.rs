@@ -62,6 +62,41 @@ pub enum RestoreError {
     Scope,
 }
 
+/// A sink that keeps what is written until [`Spool::drain`], which the saver calls between
+/// shards only: a slow reader (a VMM's pipe) then never blocks the store while the saver holds
+/// a shard's lock, which other clients' requests and eviction may wait for. It holds at most
+/// one shard's pages of the client at a time.
+struct Spool<W> {
+    buf: Vec<u8>,
+    out: W,
+}
+
+impl<W: Write> Spool<W> {
+    fn new(out: W) -> Self {
+        Spool {
+            buf: Vec::new(),
+            out,
+        }
+    }
+
+    fn drain(&mut self) -> io::Result<()> {
+        self.out.write_all(&self.buf)?;
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+impl<W: Write> Write for Spool<W> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Pools whose counters are added once the restore has succeeded.
 type Pending = Vec<(Arc<Pool>, CounterSnapshot)>;
 
@@ -69,12 +104,14 @@ impl Engine {
     /// Writes `client`'s section: its request counters, each pool (id, kind, shared UUID,
     /// counters) and the pages it holds there, in shared pools the pages it put; the pages of
     /// ephemeral pools only if `ephemeral` (else those pools are restored empty). The caller
-    /// makes sure nothing changes the client meanwhile (its queues are stopped).
+    /// makes sure nothing changes the client meanwhile (its queues are stopped). `unlocked`
+    /// is called with the sink after each shard, when no store lock is held.
     pub fn save_client<W: Write>(
         &self,
         client: &Client,
         w: &mut StateWriter<W>,
         ephemeral: bool,
+        unlocked: &mut dyn FnMut(&mut W) -> io::Result<()>,
     ) -> io::Result<Tally> {
         let mut counters = client.counters.snapshot();
         counters.evictions = client.account.evictions.load(Relaxed);
@@ -127,6 +164,8 @@ impl Engine {
                         }
                     }
                 }
+                drop(g);
+                unlocked(w.get_mut())?;
             }
         }
         w.end_client()
@@ -168,9 +207,11 @@ impl Engine {
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let mut sw = StateWriter::new(w, Scope::Client, DAEMON_VERSION, created, 1)?;
-        self.save_client(client, &mut sw, ephemeral)?;
-        sw.finish()
+        let mut sw = StateWriter::new(Spool::new(w), Scope::Client, DAEMON_VERSION, created, 1)?;
+        self.save_client(client, &mut sw, ephemeral, &mut Spool::drain)?;
+        let (mut spool, t) = sw.finish()?;
+        spool.drain()?;
+        Ok((spool.out, t))
     }
 
     /// Restores a one-client stream into `client` (which holds no pools), whatever name the

@@ -371,6 +371,11 @@ impl<W: Write> StateWriter<W> {
         Ok(t)
     }
 
+    /// The sink, between frames.
+    pub(crate) fn get_mut(&mut self) -> &mut W {
+        &mut self.w
+    }
+
     /// Ends the stream; returns the writer (not flushed) and what the stream holds.
     pub fn finish(mut self) -> io::Result<(W, Tally)> {
         assert!(!self.in_client);

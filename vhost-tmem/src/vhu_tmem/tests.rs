@@ -974,6 +974,9 @@ impl Tmem for Gated {
     fn migrated_out(&self, c: &Self::Client) {
         self.engine.migrated_out(c)
     }
+    fn migrated_in(&self, c: &Self::Client) {
+        self.engine.migrated_in(c)
+    }
 }
 
 impl<S: Tmem> RingEnv<S> {

@@ -26,6 +26,11 @@ use crate::store::Tmem;
 /// How long a transfer waits for the frontend to take or give more bytes before it fails.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long a whole transfer may take: a frontend that trickles the stream cannot keep the
+/// thread (and the connection's CHECK_DEVICE_STATE) for ever. QEMU moves gigabytes a second
+/// through the pipe, with the guest stopped.
+pub const TRANSFER_LIMIT: Duration = Duration::from_secs(600);
+
 /// Bytes buffered between the store and the pipe (a pipe holds 64 KiB by default).
 const BUFFER: usize = 256 << 10;
 
@@ -162,6 +167,7 @@ impl Transfers {
         let file = Stalling {
             file,
             stall: self.stall,
+            deadline: Instant::now() + TRANSFER_LIMIT,
             moved: 0,
         };
         let thread = std::thread::Builder::new()
@@ -238,6 +244,8 @@ fn set_nonblocking(f: &File) -> io::Result<()> {
 struct Stalling {
     file: File,
     stall: Duration,
+    /// The end of the whole transfer ([`TRANSFER_LIMIT`]).
+    deadline: Instant,
     /// Bytes read or written so far.
     moved: u64,
 }
@@ -249,17 +257,22 @@ impl Stalling {
             events,
             revents: 0,
         };
-        let deadline = Instant::now() + self.stall;
+        let deadline = (Instant::now() + self.stall).min(self.deadline);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
+                let why = if deadline == self.deadline {
+                    format!(
+                        "the transfer took longer than {} s",
+                        TRANSFER_LIMIT.as_secs()
+                    )
+                } else {
                     format!(
                         "the frontend moved no state through the pipe for {} ms",
                         self.stall.as_millis()
-                    ),
-                ));
+                    )
+                };
+                return Err(io::Error::new(io::ErrorKind::TimedOut, why));
             }
             // SAFETY: one pollfd, valid for the call.
             let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(60_000) as i32 + 1) };

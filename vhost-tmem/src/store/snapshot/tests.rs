@@ -120,7 +120,7 @@ fn fill(e: &Engine) -> (Arc<Client>, Arc<Client>, Stored) {
 fn save(e: &Engine, clients: &[&Arc<Client>]) -> Vec<u8> {
     let mut w = StateWriter::new(Vec::new(), Scope::Daemon, "t", 0, clients.len() as u32).unwrap();
     for c in clients {
-        e.save_client(c, &mut w, true).unwrap();
+        e.save_client(c, &mut w, true, &mut |_| Ok(())).unwrap();
     }
     w.finish().unwrap().0
 }

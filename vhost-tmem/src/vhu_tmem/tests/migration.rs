@@ -254,3 +254,61 @@ fn a_load_nobody_checks_is_over_before_the_connection_is_settled() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(engine.memory_used(), 0, "a late load left pages behind");
 }
+
+#[test]
+fn a_stalled_save_does_not_hold_the_store() {
+    let (mut a, p, _) = source(Migration::Persistent);
+    a.dev.transfers = Transfers::with_stall(Migration::Persistent, Duration::from_secs(20));
+    // About 1 MiB in one object (one shard): more than the pipe and the saver's buffer hold.
+    for i in 40..250u8 {
+        assert_eq!(a.put(p, i.into(), &data(i)), Some(Status::Ok));
+    }
+    // The frontend takes the pipe and reads nothing: the saver blocks on it.
+    let (r, w) = pipe();
+    a.dev.set_device_state_fd(SAVE, STOPPED, w).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // Meanwhile the store serves the pool being saved (as it serves other clients' shared
+    // pools and eviction): no shard lock is held across the blocked write.
+    let t0 = std::time::Instant::now();
+    for i in 0..40u8 {
+        assert_eq!(a.put(p, 100 + u64::from(i), &data(i)), Some(Status::Ok));
+    }
+    let took = t0.elapsed();
+    drop(r);
+    assert!(a.dev.check_device_state().is_err());
+    assert!(
+        took < Duration::from_secs(10),
+        "puts waited {took:?} for the stalled save"
+    );
+}
+
+#[test]
+fn no_new_memory_table_while_the_frontend_logs() {
+    let e = env_cfg(engine(), "guest", Migration::Persistent);
+    let atomic = GuestMemoryAtomic::new(e.mem.clone());
+    e.dev.update_memory(atomic.clone()).unwrap();
+    e.dev
+        .acked_features(1 << feature::SESSION | 1 << VHOST_F_LOG_ALL);
+    let err = e.dev.update_memory(atomic.clone()).unwrap_err().to_string();
+    assert!(err.contains("logs dirty pages"), "{err}");
+    // Logging over (the migration ended or failed): new tables are taken again.
+    e.dev.acked_features(1 << feature::SESSION);
+    e.dev.update_memory(atomic).unwrap();
+}
+
+#[test]
+fn loaded_pools_wait_for_their_driver_whatever_its_features() {
+    let (a, p, _) = source(Migration::Persistent);
+    let bytes = save(&a).unwrap();
+    // A driver without SESSION: the target's pools are its own, moved, and must stay.
+    let b = env_cfg(engine(), "guest", Migration::Persistent);
+    load(&b, &bytes).unwrap();
+    // The target's connection drops before the guest resumes: the pools wait.
+    let client = b.engine.client("guest").unwrap();
+    assert!(matches!(
+        b.engine.connection_ended(&client),
+        Ended::Kept { pools: 2, .. }
+    ));
+    b.dev.acked_features(0);
+    assert_eq!(b.get(p, 7, 0).1, data(7));
+}
