@@ -103,13 +103,6 @@ pub enum Error {
     /// The frontend's guest memory is refused (the connection ends).
     #[error(transparent)]
     Memory(#[from] MemoryError),
-    /// A new memory table while the frontend logs dirty pages (the connection ends).
-    #[error(
-        "a new guest memory table while the frontend logs dirty pages (live migration): its \
-         regions would not be in the log, so the guest pages the device writes would not \
-         migrate"
-    )]
-    MemoryWhileLogging,
 }
 
 impl From<Error> for io::Error {
@@ -999,12 +992,11 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
-        // vhost-user-backend gives new regions an empty bitmap, and the frontend sends its log
-        // again only when the log must grow: writes to them would not be logged.
-        if self.log_all.load(Relaxed) {
-            tracing::warn!(client = %self.name, "refused the frontend's guest memory: {}", Error::MemoryWhileLogging);
-            return Err(Error::MemoryWhileLogging.into());
-        }
+        // vhost-user-backend gives new regions an empty bitmap. QEMU sends SET_LOG_BASE again
+        // after the table when it starts the device with logging on (as after a failed
+        // migration, where refusing the table would break the device under a running guest),
+        // and refuses device_add (memory hotplug) while migrating, so a table does not change
+        // under a running, logging device.
         // The handler has already made `mem` its current map (and the vrings'), but nothing
         // reads through those: this device uses its own copy, replaced only after the check.
         // On an error the handler ends the connection, and the device keeps the previous map.

@@ -283,20 +283,6 @@ fn a_stalled_save_does_not_hold_the_store() {
 }
 
 #[test]
-fn no_new_memory_table_while_the_frontend_logs() {
-    let e = env_cfg(engine(), "guest", Migration::Persistent);
-    let atomic = GuestMemoryAtomic::new(e.mem.clone());
-    e.dev.update_memory(atomic.clone()).unwrap();
-    e.dev
-        .acked_features(1 << feature::SESSION | 1 << VHOST_F_LOG_ALL);
-    let err = e.dev.update_memory(atomic.clone()).unwrap_err().to_string();
-    assert!(err.contains("logs dirty pages"), "{err}");
-    // Logging over (the migration ended or failed): new tables are taken again.
-    e.dev.acked_features(1 << feature::SESSION);
-    e.dev.update_memory(atomic).unwrap();
-}
-
-#[test]
 fn loaded_pools_wait_for_their_driver_whatever_its_features() {
     let (a, p, _) = source(Migration::Persistent);
     let bytes = save(&a).unwrap();
