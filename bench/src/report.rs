@@ -405,13 +405,15 @@ pub fn targets(r: &Report) -> Vec<Target> {
         add(
             format!("resident bytes / (payload + charged metadata) per page ({keys})"),
             worst(keys, &|e| {
+                // A row with nothing accounted (nothing stored) says nothing: no ratio.
                 let accounted = e.payload_bytes_per_page + e.charged_metadata_bytes_per_page;
                 if accounted > 0.0 {
                     e.rss_bytes_per_page / accounted
                 } else {
-                    f64::INFINITY
+                    0.0
                 }
             })
+            .filter(|v| v.is_finite() && *v > 0.0)
             .and_then(counted),
             1.1,
             true,
