@@ -187,7 +187,8 @@ device-loss)
 	memtouch run 160 31 || fail "workload after the daemon died did not verify"
 	dmesg | grep -E -q "tmem: device broken: (.* not answered in 2000 ms|the virtqueue broke)" ||
 		fail "the kernel log does not say the device broke"
-	echo "device-loss: $(dmesg | grep -m1 -o 'tmem: device broken: [^;]*')"
+	# (Not the kernel's words: the runner counts those lines.)
+	echo "device-loss: the driver gave up: $(dmesg | sed -n 's/.*tmem: device broken: \([^;]*\).*/\1/p' | head -n1)"
 	[ "$(dmesg | grep -c 'tmem: device broken')" -eq 1 ] || fail "the device broke more than once"
 	at_least failures 1
 	[ "$(swap_used_kb)" -gt 0 ] || fail "nothing went to the swap device"
