@@ -25,7 +25,7 @@ use crate::sd;
 use crate::size::format_duration;
 use crate::sock::{self, is_socket, Claim};
 use crate::store::{Client, Ended, Engine, Reaped};
-use crate::vhu_tmem::{self, DeviceConfig, TmemDevice};
+use crate::vhu_tmem::{self, DeviceConfig, DirtyLog, GuestBitmap, Migration, TmemDevice};
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -103,22 +103,21 @@ fn listen(
     }
 }
 
-type Device = TmemDevice<Engine>;
-
 /// One connection's device and vhost-user daemon, built before the frontend is accepted.
-/// Dropping it stops the device's worker threads before the daemon joins them.
-struct Connection {
-    daemon: VhostUserDaemon<Arc<Device>>,
-    dev: Arc<Device>,
+/// Dropping it stops the device's worker threads before the daemon joins them. `B` is the
+/// guest memory's dirty-page bitmap: `()` unless the daemon offers migration.
+struct Connection<B: GuestBitmap> {
+    daemon: VhostUserDaemon<Arc<TmemDevice<Engine, B>>>,
+    dev: Arc<TmemDevice<Engine, B>>,
 }
 
-impl Connection {
+impl<B: GuestBitmap> Connection<B> {
     fn new(
         engine: &Arc<Engine>,
         client: &Arc<Client>,
         name: &str,
         dev_cfg: DeviceConfig,
-    ) -> Result<Connection, Error> {
+    ) -> Result<Self, Error> {
         let dev =
             TmemDevice::new(engine.clone(), client.clone(), name, dev_cfg).map_err(|source| {
                 Error::Device {
@@ -148,7 +147,7 @@ impl Connection {
     }
 }
 
-impl Drop for Connection {
+impl<B: GuestBitmap> Drop for Connection<B> {
     fn drop(&mut self) {
         // Before the fields drop: the daemon's drop joins the worker threads.
         self.dev.stop_workers();
@@ -313,25 +312,14 @@ fn serve_one(
     // Whatever the last connection left is settled before the next starts: a session's pools
     // stay (orphaned until a driver claims them), anything else is gone.
     settle(engine, client);
-    let mut conn = Connection::new(engine, client, &name, dev_cfg)?;
-    conn.daemon.start(listener).map_err(|cause| Error::Daemon {
-        name: name.clone(),
-        cause,
-    })?;
-    *served = true;
-    let handle = conn.daemon.shutdown_handle();
-    if !handle.is_some_and(|h| ctl.connected(h)) {
-        // Accepted just as the client was being removed: not served.
-        conn.daemon.request_shutdown();
-        let _ = conn.daemon.wait();
+    let result = if dev_cfg.migration == Migration::Off {
+        serve_frontend::<()>(engine, client, listener, ctl, dev_cfg, served)?
+    } else {
+        serve_frontend::<DirtyLog>(engine, client, listener, ctl, dev_cfg, served)?
+    };
+    let Some(result) = result else {
         return Ok(true);
-    }
-    client.set_connected(true);
-    let restored = client.restored();
-    client.clear_restored();
-    tracing::info!(client = %name, restored, "frontend connected");
-    let result = conn.daemon.wait();
-    drop(conn);
+    };
     ctl.disconnected();
     client.set_connected(false);
     if ctl.stopping() {
@@ -351,6 +339,39 @@ fn serve_one(
         Err(e) => tracing::warn!(client = %name, "connection ended: {e}"),
     }
     Ok(false)
+}
+
+/// Accepts one frontend and serves it until its connection ends, with guest memory carrying
+/// bitmap `B`. `None` when it was accepted just as the client was being removed.
+fn serve_frontend<B: GuestBitmap>(
+    engine: &Arc<Engine>,
+    client: &Arc<Client>,
+    listener: &mut Listener,
+    ctl: &ClientCtl,
+    dev_cfg: DeviceConfig,
+    served: &mut bool,
+) -> Result<Option<Result<(), vhost_user_backend::Error>>, Error> {
+    let name = client.name().to_string();
+    let mut conn = Connection::<B>::new(engine, client, &name, dev_cfg)?;
+    conn.daemon.start(listener).map_err(|cause| Error::Daemon {
+        name: name.clone(),
+        cause,
+    })?;
+    *served = true;
+    let handle = conn.daemon.shutdown_handle();
+    if !handle.is_some_and(|h| ctl.connected(h)) {
+        // Accepted just as the client was being removed: not served.
+        conn.daemon.request_shutdown();
+        let _ = conn.daemon.wait();
+        return Ok(None);
+    }
+    client.set_connected(true);
+    let restored = client.restored();
+    client.clear_restored();
+    tracing::info!(client = %name, restored, "frontend connected");
+    let result = conn.daemon.wait();
+    drop(conn);
+    Ok(Some(result))
 }
 
 /// Settles what a connection that ended left of `client`'s pools, and says what became of

@@ -29,7 +29,6 @@ use shared_proto::{
 };
 use vhost::vhost_user::message::{VhostTransferStateDirection, VhostTransferStatePhase};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -47,11 +46,13 @@ use vmm_sys_util::event::{
 use crate::store::{PageDst, PageKey, PageSrc, PoolSpec, Tmem};
 
 mod chain;
+mod dirty;
 mod memory;
 mod transfer;
 mod vring;
 pub use chain::MAX_SEGMENTS;
 use chain::{contiguous, read_part, write_part, Chain, ChainError};
+pub use dirty::{DirtyLog, GuestBitmap};
 pub use memory::MemoryError;
 use transfer::Transfers;
 pub use transfer::{Migration, TransferError, STALL_TIMEOUT};
@@ -60,7 +61,9 @@ pub use vring::{fd_dir, Vring};
 /// Guest memory with a dirty-page bitmap that the frontend's log (SET_LOG_BASE) can be put
 /// under, for live migration: writes through vm-memory mark the pages they touch, and the
 /// device marks the pages it writes through raw pointers itself (see `TmemDevice::get`).
-pub type Mem = GuestMemoryMmap<BitmapMmapRegion>;
+/// With `--migration off` the device uses `()`, no bitmap at all: vm-memory's generic paths
+/// then compile to plain copies (see [`GuestBitmap`]).
+pub type Mem<B = DirtyLog> = GuestMemoryMmap<B>;
 
 /// The vhost feature bit of dirty-page logging (VHOST_F_LOG_ALL).
 const VHOST_F_LOG_ALL: u32 = 26;
@@ -103,6 +106,9 @@ pub enum Error {
     /// The frontend's guest memory is refused (the connection ends).
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// Migration asked of a device whose guest memory carries no dirty-page bitmap.
+    #[error("migration {0:?} needs guest memory with a dirty-page log (a DirtyLog device)")]
+    NoDirtyLog(Migration),
 }
 
 impl From<Error> for io::Error {
@@ -181,7 +187,7 @@ fn thread_masks(request_queues: u16) -> Vec<u64> {
 
 /// Asks the CPU to start loading the cache line of guest address `addr`, if it is in guest
 /// memory. A hint only: it never faults and changes no state the program can observe.
-fn prefetch(mem: &Mem, addr: u64) {
+fn prefetch<B: GuestBitmap>(mem: &Mem<B>, addr: u64) {
     #[cfg(target_arch = "x86_64")]
     if let Ok(p) = mem.get_host_address(GuestAddress(addr)) {
         // SAFETY: SSE is part of the x86_64 baseline, and a prefetch does not access memory
@@ -280,14 +286,14 @@ struct RingSetup {
 }
 
 /// The device, one per connected client.
-pub struct TmemDevice<S: Tmem> {
+pub struct TmemDevice<S: Tmem, B: GuestBitmap = DirtyLog> {
     store: Arc<S>,
     client: S::Client,
     cfg: DeviceConfig,
     /// The guest memory this device reads and writes: the frontend's latest map once checked
     /// (see `update_memory`). Never the handler's own copy, which holds a new map before it
     /// is checked; so every guest access here, rings included, goes through this one.
-    mem: GuestMemoryAtomic<Mem>,
+    mem: GuestMemoryAtomic<Mem<B>>,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
     /// One per worker thread; each thread only ever locks its own, so these never contend.
@@ -312,7 +318,7 @@ pub struct TmemDevice<S: Tmem> {
     name: String,
 }
 
-impl<S: Tmem> std::fmt::Debug for TmemDevice<S> {
+impl<S: Tmem, B: GuestBitmap> std::fmt::Debug for TmemDevice<S, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TmemDevice")
             .field("name", &self.name)
@@ -321,7 +327,7 @@ impl<S: Tmem> std::fmt::Debug for TmemDevice<S> {
     }
 }
 
-impl<S: Tmem> TmemDevice<S> {
+impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
     /// A device serving `client` from `store`.
     pub fn new(
         store: Arc<S>,
@@ -330,6 +336,9 @@ impl<S: Tmem> TmemDevice<S> {
         cfg: DeviceConfig,
     ) -> Result<Self, Error> {
         cfg.validate()?;
+        if cfg.migration != Migration::Off && !B::LOGS {
+            return Err(Error::NoDirtyLog(cfg.migration));
+        }
         // Thread 0 serves the control queue and request queue 1; each further request queue
         // has a thread of its own.
         let threads = cfg.request_queues as usize;
@@ -447,7 +456,7 @@ impl<S: Tmem> TmemDevice<S> {
     }
 
     /// Whether queue `index` is broken in its current setup; forgets a mark made in another.
-    fn is_broken(&self, index: u16, vring: &Vring) -> bool {
+    fn is_broken(&self, index: u16, vring: &Vring<B>) -> bool {
         let Some(b) = self.broken.get(index as usize) else {
             return false;
         };
@@ -484,7 +493,7 @@ impl<S: Tmem> TmemDevice<S> {
     /// the chains taken before the bad entry are still served.
     fn process_queue(
         &self,
-        vring: &Vring,
+        vring: &Vring<B>,
         index: u16,
         control: bool,
         w: &mut WorkerState<S::Worker>,
@@ -510,7 +519,7 @@ impl<S: Tmem> TmemDevice<S> {
             }
             let desc_table = queue.desc_table();
             let size = queue.size();
-            let mut raw: [Option<DescriptorChain<&Mem>>; BURST] = Default::default();
+            let mut raw: [Option<DescriptorChain<&Mem<B>>>; BURST] = Default::default();
             let mut n = 0;
             let mut bad = None;
             match queue.iter(&*mem) {
@@ -566,7 +575,7 @@ impl<S: Tmem> TmemDevice<S> {
     /// Serves one chain; returns the used length.
     fn serve_chain(
         &self,
-        mem: &Mem,
+        mem: &Mem<B>,
         chain: &Chain,
         control: bool,
         w: &mut WorkerState<S::Worker>,
@@ -701,7 +710,7 @@ impl<S: Tmem> TmemDevice<S> {
 
     fn put(
         &self,
-        mem: &Mem,
+        mem: &Mem<B>,
         chain: &Chain,
         key: &PageKey,
         w: &mut WorkerState<S::Worker>,
@@ -730,7 +739,7 @@ impl<S: Tmem> TmemDevice<S> {
 
     fn get(
         &self,
-        mem: &Mem,
+        mem: &Mem<B>,
         chain: &Chain,
         key: &PageKey,
         exclusive: bool,
@@ -764,7 +773,7 @@ impl<S: Tmem> TmemDevice<S> {
         Ok(hit)
     }
 
-    fn batch(&self, mem: &Mem, chain: &Chain, count: u32) -> u32 {
+    fn batch(&self, mem: &Mem<B>, chain: &Chain, count: u32) -> u32 {
         let mut statuses = [0u8; MAX_BATCH as usize];
         let mut ok = 0u64;
         for (i, status) in statuses.iter_mut().enumerate().take(count as usize) {
@@ -820,7 +829,7 @@ impl<S: Tmem> TmemDevice<S> {
     }
 
     /// Writes the response at offset `at` of the writable part; returns the used length.
-    fn respond(&self, mem: &Mem, chain: &Chain, at: usize, resp: &RespHeader) -> u32 {
+    fn respond(&self, mem: &Mem<B>, chain: &Chain, at: usize, resp: &RespHeader) -> u32 {
         match write_part(mem, chain.writable(), at, &resp.encode()) {
             Ok(()) => (at + RespHeader::SIZE) as u32,
             Err(()) => {
@@ -832,7 +841,7 @@ impl<S: Tmem> TmemDevice<S> {
 
     /// Answers a malformed request: at the response's place for `op` if there is room, else
     /// at the start of the writable part, else not at all.
-    fn fail(&self, mem: &Mem, chain: &Chain, op: Option<Op>, status: Status, why: &str) -> u32 {
+    fn fail(&self, mem: &Mem<B>, chain: &Chain, op: Option<Op>, status: Status, why: &str) -> u32 {
         self.warn(format_args!(
             "{why} (op {op:?}, {} readable / {} writable bytes)",
             chain.read_len, chain.write_len
@@ -858,9 +867,9 @@ impl<S: Tmem> TmemDevice<S> {
     }
 }
 
-impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
-    type Bitmap = BitmapMmapRegion;
-    type Vring = Vring;
+impl<S: Tmem, B: GuestBitmap> VhostUserBackend for TmemDevice<S, B> {
+    type Bitmap = B;
+    type Vring = Vring<B>;
 
     fn num_queues(&self) -> usize {
         1 + self.cfg.request_queues as usize
@@ -991,7 +1000,7 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
         cfg.get(start..end).map(<[u8]>::to_vec).unwrap_or_default()
     }
 
-    fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemoryAtomic<Mem<B>>) -> io::Result<()> {
         // vhost-user-backend gives new regions an empty bitmap. QEMU sends SET_LOG_BASE again
         // after the table when it starts the device with logging on (as after a failed
         // migration, where refusing the table would break the device under a running guest),
@@ -1085,12 +1094,12 @@ impl<S: Tmem> VhostUserBackend for TmemDevice<S> {
     }
 }
 
-impl<S: Tmem> TmemDevice<S> {
+impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
     /// Serves a queue until it is empty with notifications re-enabled (EVENT_IDX) or for one
     /// pass (without); `Err` when the queue broke (it is marked and logged).
     fn serve_queue(
         &self,
-        vring: &Vring,
+        vring: &Vring<B>,
         queue: u16,
         control: bool,
         w: &mut WorkerState<S::Worker>,
@@ -1166,8 +1175,8 @@ impl<S: Tmem> TmemDevice<S> {
     /// vring's own helpers read the handler's map, which may be one this device refused.
     fn ring_op<T>(
         &self,
-        vring: &Vring,
-        f: impl FnOnce(&mut Queue, &Mem) -> Result<T, virtio_queue::Error>,
+        vring: &Vring<B>,
+        f: impl FnOnce(&mut Queue, &Mem<B>) -> Result<T, virtio_queue::Error>,
     ) -> Result<T, virtio_queue::Error> {
         let mem = self.mem.memory();
         f(vring.get_mut().get_queue_mut(), &mem)
@@ -1177,7 +1186,7 @@ impl<S: Tmem> TmemDevice<S> {
     /// rings were checked, so only a ring or memory change since can cause one).
     fn notification<T>(
         &self,
-        vring: &Vring,
+        vring: &Vring<B>,
         queue: u16,
         r: Result<T, virtio_queue::Error>,
     ) -> Result<T, Broken> {
@@ -1192,7 +1201,7 @@ impl<S: Tmem> TmemDevice<S> {
 
     /// Signals the guest if it asked for it. A call eventfd that cannot be written is the
     /// frontend's problem, not the ring's: logged, and serving goes on.
-    fn signal(&self, vring: &Vring, queue: u16) -> Result<(), Broken> {
+    fn signal(&self, vring: &Vring<B>, queue: u16) -> Result<(), Broken> {
         if self.notification(
             vring,
             queue,

@@ -4,12 +4,14 @@
 //! the configuration space, as QEMU does for a real guest.
 
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
 
 use shared_proto::{feature, Config};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::VhostUserDirtyLogRegion;
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -19,6 +21,7 @@ use crate::{gm, Error, GuestOptions, NotifyFd, RamBacking, Result};
 const VIRTIO_F_VERSION_1: u64 = 32;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 29;
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 30;
+const VHOST_F_LOG_ALL: u64 = 26;
 
 /// Guest RAM per queue for its rings, before its request slots.
 const RING_BLOCK: u64 = 0x1_0000;
@@ -33,6 +36,10 @@ pub(crate) struct Vmm {
     per_queue: u64,
     /// Guest-physical base of the scratch area for raw chains.
     pub(crate) raw_area: u64,
+    /// The features acked, for SET_FEATURES again with VHOST_F_LOG_ALL.
+    features: u64,
+    /// The dirty-page log, once started: one bit per 4 KiB guest page.
+    log: Option<File>,
 }
 
 /// Guest RAM as QEMU's memory-backend-memfd makes it: sized, then sealed against shrinking
@@ -98,9 +105,15 @@ impl Vmm {
         features &= dev_features;
         frontend.set_features(features)?;
         let proto = frontend.get_protocol_features()?;
-        let want = VhostUserProtocolFeatures::MQ
+        let mut want = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK;
+        if opts.dirty_log {
+            if !proto.contains(VhostUserProtocolFeatures::LOG_SHMFD) {
+                return Err(Error::Invalid("the device does not offer LOG_SHMFD"));
+            }
+            want |= VhostUserProtocolFeatures::LOG_SHMFD;
+        }
         frontend.set_protocol_features(proto & want)?;
         let got = frontend.get_queue_num()?;
         if got < nq as u64 {
@@ -163,9 +176,48 @@ impl Vmm {
             mem,
             per_queue,
             raw_area,
+            features,
+            log: None,
         };
         let config = vmm.read_config()?;
         Ok((vmm, rings, config))
+    }
+
+    /// Sends SET_LOG_BASE with a fresh log and SET_FEATURES with VHOST_F_LOG_ALL.
+    pub(crate) fn start_dirty_log(&mut self) -> Result<()> {
+        let pages = self.ram_size().div_ceil(4096);
+        let size = pages.div_ceil(8).next_multiple_of(4096);
+        let file = memfd(size, true)?;
+        self.frontend.set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: size,
+                mmap_offset: 0,
+                mmap_handle: file.as_raw_fd(),
+            }),
+        )?;
+        self.frontend
+            .set_features(self.features | 1 << VHOST_F_LOG_ALL)?;
+        self.log = Some(file);
+        Ok(())
+    }
+
+    /// Guest-physical addresses of the pages marked in the log.
+    pub(crate) fn dirty_pages(&self) -> Result<Vec<u64>> {
+        let file = self.log.as_ref().ok_or(Error::Invalid("no dirty log"))?;
+        let mut bits = Vec::new();
+        let mut f = file;
+        f.seek(SeekFrom::Start(0)).map_err(Error::Memory)?;
+        f.read_to_end(&mut bits).map_err(Error::Memory)?;
+        Ok(bits
+            .iter()
+            .enumerate()
+            .flat_map(|(i, b)| {
+                (0..8)
+                    .filter(move |bit| b & (1 << bit) != 0)
+                    .map(move |bit| (i as u64 * 8 + bit) * 4096)
+            })
+            .collect())
     }
 
     /// Guest-physical base of queue `q`'s request slots.

@@ -88,6 +88,10 @@ pub struct GuestOptions {
     /// the feature finds them), and [`Guest::reset`] drops them. Without it (the default, as
     /// drivers before the feature), the daemon frees them when the connection ends.
     pub session: bool,
+    /// Negotiate VHOST_USER_PROTOCOL_F_LOG_SHMFD, so that [`Guest::start_dirty_log`] can put
+    /// a dirty-page log under the device as QEMU does for live migration (the daemon offers it
+    /// only with `--migration` on).
+    pub dirty_log: bool,
 }
 
 /// What the VMM hands the device as a request queue's call or kick file descriptor (the
@@ -129,6 +133,7 @@ impl Default for GuestOptions {
             call_fd: NotifyFd::default(),
             kick_fd: NotifyFd::default(),
             session: false,
+            dirty_log: false,
         }
     }
 }
@@ -193,6 +198,30 @@ impl Guest {
     /// Guest RAM size (addresses at or past it are outside guest memory).
     pub fn ram_size(&self) -> u64 {
         self.vmm.ram_size()
+    }
+
+    /// Gives the device a dirty-page log (SET_LOG_BASE, a memfd of one bit per guest page)
+    /// and turns logging on (VHOST_F_LOG_ALL), as QEMU does when a live migration starts.
+    /// Needs [`GuestOptions::dirty_log`].
+    pub fn start_dirty_log(&mut self) -> Result<()> {
+        self.vmm.start_dirty_log()
+    }
+
+    /// Guest-physical addresses of the pages the device marked dirty in its log so far.
+    pub fn dirty_pages(&self) -> Result<Vec<u64>> {
+        self.vmm.dirty_pages()
+    }
+
+    /// Guest-physical addresses of request slot `s` of queue `q`: (header, page, response).
+    /// The guest uses slot 0 first when all are free.
+    pub fn slot_addrs(&self, q: usize, s: usize) -> (u64, u64, u64) {
+        let (h, p, r, _) = self.slots[q].addrs(s);
+        (h, p, r)
+    }
+
+    /// Guest-physical address of queue `q`'s used ring.
+    pub fn used_ring(&self, q: usize) -> u64 {
+        self.rings[q].used
     }
 
     /// Hostile VMM: truncates the memfd behind guest RAM to `len` bytes. A sealed memfd (the

@@ -110,7 +110,7 @@ impl Slots {
     }
 
     /// Guest-physical layout of slot `s`: (header, page, response, batch area).
-    fn addrs(&self, s: usize) -> (u64, u64, u64, u64) {
+    pub(crate) fn addrs(&self, s: usize) -> (u64, u64, u64, u64) {
         let base = self.base + s as u64 * SLOT_BYTES;
         (base, base + 4096, base + 8192, base + 8192 + 64)
     }

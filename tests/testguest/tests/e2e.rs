@@ -227,6 +227,46 @@ fn exclusive_gets() {
     ));
 }
 
+/// Live migration's dirty-page log: once the frontend sets a log and turns logging on, every
+/// page the device writes is marked (the GET's page, written through a raw pointer; its
+/// response and the used ring, written through vm-memory), and a page it only read is not.
+#[test]
+fn a_dirty_log_marks_every_page_the_device_writes() {
+    let d = Daemon::start(&[
+        "--socket-path",
+        "{dir}/vm.sock",
+        "--migration",
+        "persistent",
+    ])
+    .unwrap();
+    let opts = GuestOptions {
+        dirty_log: true,
+        ..Default::default()
+    };
+    let mut g = Guest::connect(d.path("vm.sock"), opts).unwrap();
+    let pool = g.create_pool(true, None).unwrap();
+    let p = pages::page(11);
+    g.put(pool, [2, 0, 0], 1, &p).unwrap();
+    g.start_dirty_log().unwrap();
+    assert_eq!(g.dirty_pages().unwrap(), Vec::<u64>::new());
+    let mut out = vec![0u8; PAGE_SIZE];
+    g.get(pool, [2, 0, 0], 1, false, &mut out).unwrap();
+    assert_eq!(out, p);
+    let dirty = g.dirty_pages().unwrap();
+    let (header, page, response) = g.slot_addrs(1, 0);
+    let used = g.used_ring(1) & !4095;
+    for (what, addr) in [("page", page), ("response", response), ("used ring", used)] {
+        assert!(
+            dirty.contains(&addr),
+            "{what} at {addr:#x} not marked: {dirty:x?}"
+        );
+    }
+    assert!(
+        !dirty.contains(&header),
+        "the request header was only read: {dirty:x?}"
+    );
+}
+
 #[test]
 fn flush_object_and_batched_flushes() {
     let d = Daemon::start(&["--socket-path", "{dir}/vm.sock"]).unwrap();

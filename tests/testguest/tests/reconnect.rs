@@ -164,7 +164,11 @@ fn a_reconnect_keeps_every_page() {
         .unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains(" orphaned "), "{text}");
-    assert!(d.log().contains("pools kept for the driver's session"));
+    assert!(
+        await_log(&d, "pools kept for the driver's session"),
+        "{}",
+        d.log()
+    );
 
     // The same guest comes back (its driver's features replayed): everything is served.
     let mut g = guest(&d, session());
@@ -418,7 +422,11 @@ fn reload_changes_the_orphan_timeout_of_orphans_already_waiting() {
     put_pages(&mut g, p, [1, 0, 0], 0, 100);
     drop(g);
     await_stats(&d, "orphaned", |c| !c["orphaned_since"].is_null());
-    assert!(plain(&d.log()).contains("kept until it does (no orphan timeout)"));
+    assert!(
+        await_log(&d, "kept until it does (no orphan timeout)"),
+        "{}",
+        d.log()
+    );
     write("1");
     let r = d.control(&serde_json::json!({"cmd": "reload"})).unwrap();
     let changed = r["reload"]["changed"].to_string();
@@ -426,7 +434,7 @@ fn reload_changes_the_orphan_timeout_of_orphans_already_waiting() {
     await_stats(&d, "freed under the new timeout", |c| {
         c["pools"].as_array().unwrap().is_empty()
     });
-    assert!(plain(&d.log()).contains("orphaned pools freed"));
+    assert!(await_log(&d, "orphaned pools freed"), "{}", d.log());
 }
 
 #[test]
@@ -449,7 +457,7 @@ fn ctl_disconnect_ends_the_connection_and_the_guest_comes_back_to_its_pages() {
         c["connected"] == false && !c["orphaned_since"].is_null()
     });
     drop(g);
-    assert!(plain(&d.log()).contains("disconnect asked for (ctl)"));
+    assert!(await_log(&d, "disconnect asked for (ctl)"), "{}", d.log());
     // The frontend connects again: its pages are all there.
     let mut g = guest(&d, session());
     assert_eq!(verify_pages(&mut g, swap, [1, 0, 0], 0, N), N);

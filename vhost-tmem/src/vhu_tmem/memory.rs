@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::Mem;
+use super::{GuestBitmap, Mem};
 
 /// Why a frontend's guest memory is refused.
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +53,10 @@ pub enum MemoryError {
 /// Checks every file-backed region of `mem`. Returns the regions accepted only because
 /// `allow_unsealed` is set (for a warning), or the first reason to refuse the whole map.
 /// Anonymous regions (in-process tests) cannot be truncated and pass.
-pub(super) fn check(mem: &Mem, allow_unsealed: bool) -> Result<Vec<u64>, MemoryError> {
+pub(super) fn check<B: GuestBitmap>(
+    mem: &Mem<B>,
+    allow_unsealed: bool,
+) -> Result<Vec<u64>, MemoryError> {
     let mut unsealed = Vec::new();
     for r in mem.iter() {
         let Some(fo) = r.file_offset() else {
@@ -150,7 +153,7 @@ mod tests {
             check(&map(f, 0, 8192), false),
             Err(MemoryError::Unsealed { .. })
         ));
-        let anon = Mem::from_ranges(&[(GuestAddress(0), 8192)]).unwrap();
+        let anon: Mem = Mem::from_ranges(&[(GuestAddress(0), 8192)]).unwrap();
         assert!(check(&anon, false).unwrap().is_empty());
     }
 }

@@ -721,7 +721,7 @@ fn bad_device_config_is_rejected() {
     let engine = Arc::new(Engine::new(EngineConfig::default()));
     let c = engine.add_client(ClientConfig::named("x"));
     for (q, s) in [(0, 256), (17, 256), (1, 0), (1, 100), (1, 4096)] {
-        let r = TmemDevice::new(
+        let r = TmemDevice::<_, ()>::new(
             engine.clone(),
             c.clone(),
             "x",
@@ -736,6 +736,28 @@ fn bad_device_config_is_rejected() {
         );
         assert!(r.is_err(), "{q} {s}");
     }
+}
+
+#[test]
+fn migration_needs_a_device_with_a_dirty_log() {
+    let engine = Arc::new(Engine::new(EngineConfig::default()));
+    let c = engine.add_client(ClientConfig::named("x"));
+    let cfg = |migration| DeviceConfig {
+        request_queues: 1,
+        queue_size: 256,
+        max_pools: 16,
+        poll: std::time::Duration::ZERO,
+        allow_unsealed_memory: false,
+        migration,
+    };
+    for m in [Migration::Persistent, Migration::All] {
+        let r = TmemDevice::<_, ()>::new(engine.clone(), c.clone(), "x", cfg(m));
+        assert!(matches!(r, Err(Error::NoDirtyLog(_))), "{m:?}");
+        assert!(TmemDevice::<_, DirtyLog>::new(engine.clone(), c.clone(), "x", cfg(m)).is_ok());
+    }
+    let plain = TmemDevice::<_, ()>::new(engine.clone(), c.clone(), "x", cfg(Migration::Off));
+    let proto = plain.unwrap().protocol_features();
+    assert!(!proto.contains(VhostUserProtocolFeatures::LOG_SHMFD));
 }
 
 /// A device whose request queue 1 is a real vring of `QSIZE` entries laid out at guest address

@@ -22,9 +22,9 @@ use virtio_queue::Error as QueueError;
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryAtomic;
 
-use super::{LogLimiter, Mem};
+use super::{GuestBitmap, LogLimiter, Mem};
 
-type Am = GuestMemoryAtomic<Mem>;
+type Am<B> = GuestMemoryAtomic<Mem<B>>;
 
 /// What the frontend sent that was refused, per vring.
 #[derive(Debug, Default)]
@@ -41,8 +41,8 @@ struct Refused {
 /// [`Vring::notify_fd_refused`]), until the frontend sends an eventfd (or no descriptor, for
 /// polling) or stops the ring.
 #[derive(Clone)]
-pub struct Vring {
-    inner: VringRwLock<Am>,
+pub struct Vring<B: GuestBitmap = super::DirtyLog> {
+    inner: VringRwLock<Am<B>>,
     refused: Arc<Refused>,
 }
 
@@ -74,7 +74,7 @@ fn fd_link(f: &File) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&buf[..n as usize]).into_owned())
 }
 
-impl std::fmt::Debug for Vring {
+impl<B: GuestBitmap> std::fmt::Debug for Vring<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vring")
             .field("refused", &self.refused)
@@ -82,7 +82,7 @@ impl std::fmt::Debug for Vring {
     }
 }
 
-impl Vring {
+impl<B: GuestBitmap> Vring<B> {
     /// Whether the frontend's last kick or call file descriptor for this vring was refused:
     /// the queue is not served until it sends an acceptable one.
     pub fn notify_fd_refused(&self) -> bool {
@@ -117,27 +117,27 @@ impl Vring {
     }
 }
 
-impl<'a> VringStateGuard<'a, Am> for Vring {
-    type G = RwLockReadGuard<'a, VringState<Am>>;
+impl<'a, B: GuestBitmap> VringStateGuard<'a, Am<B>> for Vring<B> {
+    type G = RwLockReadGuard<'a, VringState<Am<B>>>;
 }
 
-impl<'a> VringStateMutGuard<'a, Am> for Vring {
-    type G = RwLockWriteGuard<'a, VringState<Am>>;
+impl<'a, B: GuestBitmap> VringStateMutGuard<'a, Am<B>> for Vring<B> {
+    type G = RwLockWriteGuard<'a, VringState<Am<B>>>;
 }
 
-impl VringT<Am> for Vring {
-    fn new(mem: Am, max_queue_size: u16) -> Result<Self, QueueError> {
+impl<B: GuestBitmap> VringT<Am<B>> for Vring<B> {
+    fn new(mem: Am<B>, max_queue_size: u16) -> Result<Self, QueueError> {
         Ok(Vring {
             inner: VringRwLock::new(mem, max_queue_size)?,
             refused: Arc::default(),
         })
     }
 
-    fn get_ref(&self) -> RwLockReadGuard<'_, VringState<Am>> {
+    fn get_ref(&self) -> RwLockReadGuard<'_, VringState<Am<B>>> {
         self.inner.get_ref()
     }
 
-    fn get_mut(&self) -> RwLockWriteGuard<'_, VringState<Am>> {
+    fn get_mut(&self) -> RwLockWriteGuard<'_, VringState<Am<B>>> {
         self.inner.get_mut()
     }
 

@@ -96,6 +96,18 @@ pub fn await_disconnect(d: &Daemon, name: &str) -> bool {
     false
 }
 
+/// Waits (at most 5 s) until the daemon's log contains `text`: the daemon logs what it did
+/// after doing it, so a test that saw the effect (in its stats) may not see the line yet.
+pub fn await_log(d: &Daemon, text: &str) -> bool {
+    for _ in 0..500 {
+        if d.log().contains(text) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
 /// Open file descriptors of process `pid`.
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
