@@ -28,10 +28,7 @@ const SUMMARY_DETAIL_LINES: usize = 25;
 #[derive(Debug, Parser)]
 #[command(name = "tmem-vmtest")]
 struct Cli {
-    /// Scenarios to run [default: all]: swap-integrity swap-lazy-register swap-unload
-    /// swap-host-full swap-mq-stress zswap-coexist thp-swap suspend-resume daemon-upgrade
-    /// pagecache-hits pagecache-coherency pagecache-lazy-register two-guests overcommit
-    /// device-loss writethrough-crash bad-device.
+    /// Scenarios to run [default: all; `--list` names them].
     scenarios: Vec<String>,
     /// Run the demo instead: one guest under memory pressure (swap, then page cache), console
     /// shown live, then the daemon's and the guest's statistics side by side.
@@ -49,10 +46,19 @@ struct Cli {
     /// The images file written by vm-images/build.sh.
     #[arg(long, default_value = "target/vm/images.env")]
     images: PathBuf,
+    /// Print the scenarios, in the order they run by default, and exit.
+    #[arg(long)]
+    list: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.list {
+        for s in SCENARIOS {
+            println!("{s}");
+        }
+        return ExitCode::SUCCESS;
+    }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let images = match Images::load(&root.join(&cli.images)).or_else(|_| Images::load(&cli.images))
     {
