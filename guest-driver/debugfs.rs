@@ -33,6 +33,8 @@ pub(crate) struct Counters {
     pub(crate) flushes: AtomicU64,
     pub(crate) batches: AtomicU64,
     pub(crate) pools: AtomicU64,
+    /// Recovery attempts (see `recovery.rs`).
+    pub(crate) recoveries: AtomicU64,
 }
 
 /// The `tmem` directory, one file per counter of a device; dropping it removes them.
@@ -49,7 +51,7 @@ impl Dir {
         let dir =
             unsafe { bindings::debugfs_create_dir(c_str!("tmem").as_char_ptr(), ptr::null_mut()) };
         let s = &dev.stats;
-        let files: [(&CStr, &AtomicU64); 18] = [
+        let files: [(&CStr, &AtomicU64); 19] = [
             (c_str!("puts"), &s.puts),
             (c_str!("puts_refused"), &s.puts_refused),
             (c_str!("gets"), &s.gets),
@@ -68,6 +70,7 @@ impl Dir {
             (c_str!("flushes"), &s.flushes),
             (c_str!("batches"), &s.batches),
             (c_str!("pools"), &s.pools),
+            (c_str!("recoveries"), &s.recoveries),
         ];
         for (name, counter) in files {
             // SAFETY: debugfs accepts an error pointer as parent (it then does nothing); the

@@ -11,13 +11,14 @@
 //! queued before it have been answered (see [`TmemDev::drain_pending`]). The swap and
 //! page-cache operations built on this are in `swap.rs` and `page_cache.rs`.
 
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use kernel::{bindings, c_str, new_spinlock, prelude::*, sync::Arc, sync::SpinLock};
 
 use crate::backend::Page;
 use crate::debugfs::Counters;
 use crate::proto::{self, BatchEntry, Config, Op, ReqHeader, RespHeader, Status};
 use crate::virtio::{self, ExchangeError, ReadSg, Virtqueue, WriteSg};
+use crate::work::Work;
 
 /// Swap types are below `MAX_SWAPFILES`, which is at most 32 (5 bits in a swap entry).
 pub(crate) const SWAP_TYPES: usize = 32;
@@ -40,6 +41,9 @@ struct Vq {
     resp: KVec<u8>,
     /// Where the device writes a page the driver reads (see the crate documentation).
     bounce: KVec<u8>,
+    /// A request the device did not answer in time is still in the ring: nothing else is sent
+    /// on this queue until the device returns it or is reset (see `recovery.rs`).
+    pub(crate) stalled: bool,
 }
 
 /// Invalidations waiting to be sent in one `BATCH` request.
@@ -50,6 +54,24 @@ pub(crate) struct Pending {
     buf: KVec<u8>,
     /// The device's status for each entry of the last BATCH.
     statuses: KVec<u8>,
+    /// The pools a recovery took from their slots (here, under the same lock as the queued
+    /// invalidations it drops), until it hands them back: see `recovery.rs`.
+    pub(crate) orphans: Orphans,
+}
+
+impl Pending {
+    /// Drops the queued invalidations (a recovery, which ends their epoch).
+    pub(crate) fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+/// Per swap area and per filesystem slot: the pool it had when a recovery began, or
+/// [`NO_POOL`], and whether the area or filesystem went away since (swapoff, unmount): then
+/// the recovery destroys the pool instead of handing it back.
+pub(crate) struct Orphans {
+    pub(crate) swap: [(u32, bool); SWAP_TYPES],
+    pub(crate) fs: [(u32, bool); FS_SLOTS],
 }
 
 /// The page carried by a request, if any.
@@ -71,10 +93,23 @@ pub(crate) struct TmemDev {
     pub(crate) fs_shared: [AtomicBool; FS_SLOTS],
     pub(crate) pending: Pin<KBox<SpinLock<Pending>>>,
     /// `pending.len`, readable without the lock: a store checks it on every page.
-    pending_len: AtomicUsize,
-    /// Set once the device stopped answering (or answered what was never asked): no request
-    /// is sent after that.
-    broken: AtomicBool,
+    pub(crate) pending_len: AtomicUsize,
+    /// Set once the device stopped answering (or answered what was never asked, or lost a
+    /// pool): no request is sent after that, until a recovery sets the device up again.
+    pub(crate) broken: AtomicBool,
+    /// Bumped by every recovery: each request carries the epoch in which its pool ids were
+    /// read, and one from an earlier epoch is never sent (see `recovery.rs`).
+    pub(crate) epoch: AtomicU64,
+    /// The device, from the end of probe until removal begins (null otherwise): a recovery
+    /// needs it, and must not start outside that window.
+    pub(crate) vdev: AtomicPtr<bindings::virtio_device>,
+    /// Runs [`TmemDev::recover`].
+    pub(crate) work: Work,
+    /// The work is queued or running.
+    pub(crate) recovery_queued: AtomicBool,
+    /// `ktime` (ns) before which no recovery starts, and the wait after the last failed one.
+    pub(crate) next_try_ns: AtomicU64,
+    pub(crate) backoff_ms: AtomicU32,
     /// Between [`TmemDev::freeze`] and [`TmemDev::restore`]: requests fail (EAGAIN) without
     /// breaking the device, and queued invalidations wait for the restore.
     frozen: AtomicBool,
@@ -134,6 +169,11 @@ impl TmemDev {
     /// and nothing is copied: the bounce buffer may still hold an earlier request's page. A
     /// device that does not answer in time, or returns another request, is broken and every
     /// later request fails at once.
+    ///
+    /// `epoch` is the epoch in which the caller read the pool ids in the request: a request
+    /// from an epoch a recovery ended is not sent (ENODEV). Only a recovery's own requests
+    /// (`recovery`) are sent while the device is broken.
+    #[allow(clippy::too_many_arguments)]
     fn call(
         &self,
         q: &SpinLock<Vq>,
@@ -141,14 +181,25 @@ impl TmemDev {
         payload: &[u8],
         data: Data<'_>,
         statuses: &mut [u8],
+        epoch: u64,
+        recovery: bool,
     ) -> Result<RespHeader> {
-        if self.broken.load(Ordering::Acquire) {
+        if !recovery && self.broken.load(Ordering::Acquire) {
+            self.kick_recovery();
             return Err(ENODEV);
         }
         let out_len = ReqHeader::SIZE + payload.len();
         let resp_len = RespHeader::SIZE + statuses.len();
         let mut guard = q.lock();
+        // Under the queue lock, which a recovery takes after ending the epoch: a request whose
+        // pool ids are from before it never reaches a pool the host re-created since.
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            return Err(ENODEV);
+        }
         let vq = &mut *guard;
+        if vq.stalled {
+            return Err(ENODEV);
+        }
         let Some(virtqueue) = vq.vq.as_mut() else {
             // Frozen for a suspend: the host still holds the pages, this request just cannot
             // reach it now.
@@ -167,7 +218,11 @@ impl TmemDev {
         };
         vq.resp[..RespHeader::SIZE].copy_from_slice(&unknown.encode());
 
-        let timeout = crate::timeout_ns();
+        let timeout = if recovery {
+            crate::timeout_ns().min(crate::recovery::PROBE_TIMEOUT_NS)
+        } else {
+            crate::timeout_ns()
+        };
         let out = ReadSg::bytes(&vq.out, out_len);
         let resp = WriteSg::bytes(&mut vq.resp, resp_len);
         // A PUT's page is only read by the device; a GET's page goes through the bounce buffer,
@@ -191,7 +246,10 @@ impl TmemDev {
         };
         let used = match used {
             Ok(used) => used as usize,
-            Err(e) => return Err(self.exchange_failed(hdr, e)),
+            Err(e) => {
+                vq.stalled = e == ExchangeError::TimedOut;
+                return Err(self.exchange_failed(hdr, e));
+            }
         };
         if used != expected {
             let count = self.stats.bad_answers.fetch_add(1, Ordering::Relaxed) + 1;
@@ -225,19 +283,20 @@ impl TmemDev {
             ExchangeError::Add(e) => e,
             ExchangeError::Broken | ExchangeError::TimedOut | ExchangeError::BadToken => {
                 if !self.broken.swap(true, Ordering::AcqRel) {
+                    self.schedule_recovery(false);
                     let op = Op::from_u32(hdr.op);
                     match e {
                         ExchangeError::TimedOut => pr_err!(
-                            "device broken: {:?} not answered in {} ms; tmem requests fail from now on\n",
+                            "device broken: {:?} not answered in {} ms; tmem requests fail until it answers again\n",
                             op,
                             crate::timeout_ns() / 1_000_000
                         ),
                         ExchangeError::BadToken => pr_err!(
-                            "device broken: it returned a request not in flight ({:?}); tmem requests fail from now on\n",
+                            "device broken: it returned a request not in flight ({:?}); tmem requests fail until it answers again\n",
                             op
                         ),
                         _ => pr_err!(
-                            "device broken: the virtqueue broke ({:?}); tmem requests fail from now on\n",
+                            "device broken: the virtqueue broke ({:?}); tmem requests fail until it answers again\n",
                             op
                         ),
                     }
@@ -248,8 +307,16 @@ impl TmemDev {
     }
 
     /// A request on the control queue that must succeed; returns the response's value.
-    pub(crate) fn control(&self, hdr: &ReqHeader, payload: &[u8]) -> Result<u64> {
-        let resp = self.call(&self.queues[0], hdr, payload, Data::NoPage, &mut [])?;
+    pub(crate) fn control(&self, hdr: &ReqHeader, payload: &[u8], epoch: u64) -> Result<u64> {
+        let resp = self.call(
+            &self.queues[0],
+            hdr,
+            payload,
+            Data::NoPage,
+            &mut [],
+            epoch,
+            false,
+        )?;
         match Status::from_u32(resp.status) {
             Some(Status::Ok) => Ok(resp.value),
             Some(Status::TooManyPools) => Err(ENOSPC),
@@ -265,8 +332,46 @@ impl TmemDev {
     }
 
     /// A request on the control queue whose status the caller interprets.
-    pub(crate) fn control_status(&self, hdr: &ReqHeader, payload: &[u8]) -> Result<RespHeader> {
-        self.call(&self.queues[0], hdr, payload, Data::NoPage, &mut [])
+    pub(crate) fn control_status(
+        &self,
+        hdr: &ReqHeader,
+        payload: &[u8],
+        epoch: u64,
+    ) -> Result<RespHeader> {
+        self.call(
+            &self.queues[0],
+            hdr,
+            payload,
+            Data::NoPage,
+            &mut [],
+            epoch,
+            false,
+        )
+    }
+
+    /// A recovery's request (sent while the device is broken) on queue `q`: the control
+    /// queue for pool operations, a request queue for the probe of a pool.
+    pub(crate) fn recovery_call(
+        &self,
+        q: usize,
+        hdr: &ReqHeader,
+        payload: &[u8],
+        epoch: u64,
+    ) -> Result<RespHeader> {
+        self.call(
+            &self.queues[q],
+            hdr,
+            payload,
+            Data::NoPage,
+            &mut [],
+            epoch,
+            true,
+        )
+    }
+
+    /// The current epoch (see [`TmemDev::call`]): read it before the pool ids a request uses.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// Sends the queued invalidations, and waits for the ones another CPU is sending: on
@@ -299,14 +404,20 @@ impl TmemDev {
         page: &Page,
         counters: [&AtomicU64; 2],
         what: &str,
+        epoch: u64,
     ) -> Result {
         counters[0].fetch_add(1, Ordering::Relaxed);
-        match self.call(self.queue_for_cpu(), hdr, &[], Data::Out(page), &mut []) {
+        let q = self.queue_for_cpu();
+        match self.call(q, hdr, &[], Data::Out(page), &mut [], epoch, false) {
             Ok(resp) => match Status::from_u32(resp.status) {
                 Some(Status::Ok) => Ok(()),
                 Some(Status::NoSpace | Status::Refused) => {
                     counters[1].fetch_add(1, Ordering::Relaxed);
                     Err(ENOSPC)
+                }
+                Some(Status::BadPool) => {
+                    self.pool_lost(hdr.pool_id, epoch);
+                    Err(self.failure(what, resp.status))
                 }
                 _ => Err(self.failure(what, resp.status)),
             },
@@ -323,10 +434,16 @@ impl TmemDev {
         page: &Page,
         counters: [&AtomicU64; 3],
         what: &str,
+        epoch: u64,
     ) -> Result<u32> {
         counters[0].fetch_add(1, Ordering::Relaxed);
-        match self.call(self.queue_for_cpu(), hdr, &[], Data::In(page), &mut []) {
+        let q = self.queue_for_cpu();
+        match self.call(q, hdr, &[], Data::In(page), &mut [], epoch, false) {
             Ok(resp) => match Status::from_u32(resp.status) {
+                Some(Status::BadPool) => {
+                    self.pool_lost(hdr.pool_id, epoch);
+                    Err(self.failure(what, resp.status))
+                }
                 Some(Status::Ok) => {
                     counters[1].fetch_add(1, Ordering::Relaxed);
                     Ok(resp.flags)
@@ -342,7 +459,9 @@ impl TmemDev {
     }
 
     /// Queues a FLUSH_PAGE or FLUSH_OBJECT, or sends it at once without BATCH. Never sleeps.
-    pub(crate) fn invalidate(&self, entry: BatchEntry) {
+    /// One whose pool id was read in an epoch a recovery ended is dropped: the recovery
+    /// re-creates a page-cache pool, and a swap offset is harmless (see `flush_failed`).
+    pub(crate) fn invalidate(&self, entry: BatchEntry, epoch: u64) {
         if !self.batch {
             let hdr = ReqHeader {
                 op: entry.op,
@@ -353,11 +472,12 @@ impl TmemDev {
             };
             self.stats.flushes.fetch_add(1, Ordering::Relaxed);
             // Synchronous: the flush is carried out before this hook returns.
-            match self.call(self.queue_for_cpu(), &hdr, &[], Data::NoPage, &mut []) {
+            let q = self.queue_for_cpu();
+            match self.call(q, &hdr, &[], Data::NoPage, &mut [], epoch, false) {
                 Ok(resp) if flushed(resp.status) => {}
                 Ok(resp) => {
                     self.failure("flush", resp.status);
-                    self.flush_failed(&entry);
+                    self.flush_failed(&entry, epoch);
                 }
                 Err(e) => {
                     self.transport_failure("flush", e);
@@ -367,6 +487,10 @@ impl TmemDev {
             return;
         }
         let mut pending = self.pending.lock();
+        // A recovery ends an epoch under this lock.
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            return;
+        }
         if pending.len >= self.max_batch {
             self.send_pending(&mut pending);
         }
@@ -410,13 +534,17 @@ impl TmemDev {
         self.stats.flushes.fetch_add(n as u64, Ordering::Relaxed);
         let payload = &pending.buf[..n * BatchEntry::SIZE];
         let statuses = &mut pending.statuses[..n];
-        match self.call(self.queue_for_cpu(), &hdr, payload, Data::NoPage, statuses) {
+        // Every queued entry is of the current epoch: a recovery ends it under this lock,
+        // dropping the entries.
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let q = self.queue_for_cpu();
+        match self.call(q, &hdr, payload, Data::NoPage, statuses, epoch, false) {
             Ok(resp) if resp.status == Status::Ok as u32 => {
                 let mut failed = 0;
                 for (entry, status) in pending.entries[..n].iter().zip(&pending.statuses[..n]) {
                     if !flushed(u32::from(*status)) {
                         failed += 1;
-                        self.flush_failed(entry);
+                        self.flush_failed(entry, epoch);
                     }
                 }
                 if failed > 0 {
@@ -450,13 +578,17 @@ impl TmemDev {
     /// on the host. A swap offset is harmless (the core never loads an invalidated offset,
     /// and a later store replaces the copy), so it is only counted. A page-cache pool could
     /// serve the stale page to a later get: the filesystem loses its pool (fail closed).
-    fn flush_failed(&self, entry: &BatchEntry) {
+    /// `epoch` is the request's: a pool id of an ended epoch is no longer the filesystem's.
+    fn flush_failed(&self, entry: &BatchEntry, epoch: u64) {
+        if self.epoch() != epoch {
+            return;
+        }
         let fs = self
             .fs_pools
             .iter()
             .position(|p| p.load(Ordering::Acquire) == entry.pool_id);
         if let Some(fs) = fs {
-            self.release_fs_pool(fs, "a flush failed");
+            self.release_fs_pool(fs, "a flush failed", epoch);
         }
     }
 
@@ -466,12 +598,13 @@ impl TmemDev {
         if self.broken.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.schedule_recovery(false);
         // Frozen, the queues are gone and the flag alone stops every request.
         if let Some(vq) = &self.queues[0].lock().vq {
             vq.break_device();
         }
         pr_err!(
-            "device broken: an invalidation was not acknowledged; tmem requests fail from now on\n"
+            "device broken: an invalidation was not acknowledged; tmem requests fail until it answers again\n"
         );
     }
 
@@ -482,20 +615,21 @@ impl TmemDev {
             op: Op::Reset as u32,
             ..Default::default()
         };
-        let dropped = self.control(&hdr, &[])?;
+        let dropped = self.control(&hdr, &[], self.epoch())?;
         if dropped > 0 {
             pr_info!("host dropped {} pools of an earlier start\n", dropped);
         }
         Ok(())
     }
 
-    pub(crate) fn destroy_pool(&self, pool: u32, what: &str) {
+    /// Destroys host pool `pool`, whose id was read in `epoch`.
+    pub(crate) fn destroy_pool(&self, pool: u32, what: &str, epoch: u64) {
         let hdr = ReqHeader {
             op: Op::DestroyPool as u32,
             pool_id: pool,
             ..Default::default()
         };
-        if let Err(e) = self.control(&hdr, &[]) {
+        if let Err(e) = self.control(&hdr, &[], epoch) {
             pr_err!("{}: destroying host pool {} failed: {:?}\n", what, pool, e);
         }
     }
@@ -553,6 +687,7 @@ impl TmemDev {
                     out,
                     resp,
                     bounce,
+                    stalled: false,
                 };
                 let q = KBox::pin_init(new_spinlock!(vq, "tmem_vq"), GFP_KERNEL)?;
                 queues.push(q, GFP_KERNEL)?;
@@ -562,6 +697,10 @@ impl TmemDev {
                 len: 0,
                 buf: KVec::from_elem(0u8, MAX_BATCH * BatchEntry::SIZE, GFP_KERNEL)?,
                 statuses: KVec::from_elem(0u8, MAX_BATCH, GFP_KERNEL)?,
+                orphans: Orphans {
+                    swap: [(NO_POOL, false); SWAP_TYPES],
+                    fs: [(NO_POOL, false); FS_SLOTS],
+                },
             };
             Ok(Arc::new(
                 TmemDev {
@@ -572,6 +711,12 @@ impl TmemDev {
                     pending: KBox::pin_init(new_spinlock!(pending, "tmem_pending"), GFP_KERNEL)?,
                     pending_len: AtomicUsize::new(0),
                     broken: AtomicBool::new(false),
+                    epoch: AtomicU64::new(0),
+                    vdev: AtomicPtr::new(core::ptr::null_mut()),
+                    work: Work::new(),
+                    recovery_queued: AtomicBool::new(false),
+                    next_try_ns: AtomicU64::new(0),
+                    backoff_ms: AtomicU32::new(crate::recovery::FIRST_RETRY_MS),
                     frozen: AtomicBool::new(false),
                     batch,
                     shared_pools: vdev.has_feature(proto::feature::SHARED_POOLS),
@@ -582,7 +727,12 @@ impl TmemDev {
             )?)
         };
         let dev = match build() {
-            Ok(dev) => dev,
+            Ok(dev) => {
+                // SAFETY: once, before anything can queue it (`vdev` is null until the end of
+                // probe), in an `Arc`, which never moves its contents.
+                unsafe { dev.work.init(crate::recovery::recover_work) };
+                dev
+            }
             Err(e) => {
                 // SAFETY: the queues were found above, no request was queued and their handles
                 // were dropped with the failed build.
@@ -610,7 +760,10 @@ impl TmemDev {
         self.frozen.store(true, Ordering::Release);
         // Each queue's lock waits for its request in flight; a later request finds no queue.
         for q in self.queues.iter() {
-            q.lock().vq = None;
+            let mut q = q.lock();
+            q.vq = None;
+            // The reset below takes the ring from the device, with any request in it.
+            q.stalled = false;
         }
         vdev.reset();
         // SAFETY: no request is in flight and every `Virtqueue` handle was dropped above; new
@@ -627,7 +780,7 @@ impl TmemDev {
             Err(e) => {
                 self.broken.store(true, Ordering::Release);
                 pr_err!(
-                    "device broken: its queues could not be set up again after a resume ({}); tmem requests fail from now on\n",
+                    "device broken: its queues could not be set up again after a resume ({}); tmem requests fail until it answers again\n",
                     e.to_errno()
                 );
                 return Err(e);
@@ -640,6 +793,35 @@ impl TmemDev {
         vdev.ready();
         self.send_pending(&mut self.pending.lock());
         Ok(())
+    }
+
+    /// Whether the device can be used again without a reset, once it answered what it was
+    /// asked: every queue is there and not broken, and the request left in a queue by a
+    /// timeout has been answered since (then it is consumed). `Err(ENODEV)` if one is still
+    /// unanswered. Takes every queue lock, so that a request sent after this carries the
+    /// current epoch.
+    pub(crate) fn settle_queues(&self) -> Result<bool> {
+        let mut usable = true;
+        for q in self.queues.iter() {
+            let mut q = q.lock();
+            let stalled = q.stalled;
+            let Some(vq) = q.vq.as_mut() else {
+                usable = false;
+                continue;
+            };
+            if vq.is_broken() {
+                usable = false;
+                continue;
+            }
+            if stalled {
+                match vq.take_answer() {
+                    Some(true) => q.stalled = false,
+                    Some(false) => usable = false,
+                    None => return Err(ENODEV),
+                }
+            }
+        }
+        Ok(usable)
     }
 
     /// Whether the device has its virtqueues (not frozen, nor failed to restore).

@@ -17,14 +17,20 @@ use crate::device::{status_name, TmemDev, NO_POOL};
 use crate::proto::{self, BatchEntry, CreatePool, Op, ReqHeader, Status};
 
 impl TmemDev {
-    /// The host pool of filesystem slot `fs` and whether it is shared, if it has one.
-    fn fs_pool(&self, fs: u32) -> Option<(u32, bool)> {
+    /// The host pool of filesystem slot `fs` and whether it is shared, if it has one, and the
+    /// epoch it was read in.
+    fn fs_pool(&self, fs: u32) -> Option<(u32, bool, u64)> {
         let fs = fs as usize;
+        let epoch = self.epoch();
         let pool = self.fs_pools.get(fs)?.load(Ordering::Acquire);
-        (pool != NO_POOL).then(|| (pool, self.fs_shared[fs].load(Ordering::Relaxed)))
+        if pool == NO_POOL {
+            self.kick_if_broken();
+            return None;
+        }
+        Some((pool, self.fs_shared[fs].load(Ordering::Relaxed), epoch))
     }
 
-    fn create_cache_pool(&self, shared: Option<&[u8; 16]>) -> Result<u32> {
+    fn create_cache_pool(&self, shared: Option<&[u8; 16]>, epoch: u64) -> Result<u32> {
         let hdr = ReqHeader {
             op: Op::CreatePool as u32,
             flags: if shared.is_some() {
@@ -39,7 +45,7 @@ impl TmemDev {
             page_size: proto::PAGE_SIZE as u32,
             reserved: 0,
         };
-        let resp = self.control_status(&hdr, &create.encode())?;
+        let resp = self.control_status(&hdr, &create.encode(), epoch)?;
         match Status::from_u32(resp.status) {
             Some(Status::Ok) => u32::try_from(resp.value).map_err(|_| EIO),
             Some(Status::Denied) => Err(EACCES),
@@ -56,8 +62,9 @@ impl TmemDev {
 
     /// Takes filesystem slot `fs`'s pool away and destroys it on the host: from now on the
     /// filesystem does not use tmem (until it is mounted again). Never sleeps: it runs from
-    /// the flush path, with the pending lock held.
-    pub(crate) fn release_fs_pool(&self, fs: usize, why: &str) {
+    /// the flush path, with the pending lock held. `epoch` is the current one (the caller
+    /// holds the pending lock, under which a recovery ends it).
+    pub(crate) fn release_fs_pool(&self, fs: usize, why: &str, epoch: u64) {
         let pool = self.fs_pools[fs].swap(NO_POOL, Ordering::AcqRel);
         if pool == NO_POOL {
             return;
@@ -68,24 +75,25 @@ impl TmemDev {
                 .cache_shared_pools
                 .fetch_sub(1, Ordering::Relaxed);
         }
-        self.destroy_pool(pool, "page cache");
+        self.destroy_pool(pool, "page cache", epoch);
         pr_info!("filesystem {}: host pool {} {}\n", fs, pool, why);
     }
 
     /// Queues a FLUSH_PAGE or FLUSH_OBJECT for filesystem slot `fs`.
     fn cache_invalidate(&self, fs: u32, op: Op, oid: &Oid, index: u64) {
-        let Some((pool, _)) = self.fs_pool(fs) else {
+        let Some((pool, _, epoch)) = self.fs_pool(fs) else {
             return;
         };
         self.stats
             .cache_invalidations
             .fetch_add(1, Ordering::Relaxed);
-        self.invalidate(BatchEntry {
+        let entry = BatchEntry {
             op: op as u32,
             pool_id: pool,
             oid: *oid,
             index,
-        });
+        };
+        self.invalidate(entry, epoch);
     }
 }
 
@@ -97,8 +105,9 @@ impl backend::PageCache for TmemDev {
         }
         // Without the device's SHARED_POOLS a shared request would only be refused.
         let shared = shared.filter(|_| self.shared_pools);
+        let epoch = self.epoch();
         let (pool, is_shared) = match shared {
-            Some(uuid) => match self.create_cache_pool(Some(uuid)) {
+            Some(uuid) => match self.create_cache_pool(Some(uuid), epoch) {
                 Ok(pool) => (pool, true),
                 Err(e) => {
                     // Sharing needs the host's authorization for this UUID (DENIED); any
@@ -108,13 +117,17 @@ impl backend::PageCache for TmemDev {
                         fs,
                         e
                     );
-                    (self.create_cache_pool(None)?, false)
+                    (self.create_cache_pool(None, epoch)?, false)
                 }
             },
-            None => (self.create_cache_pool(None)?, false),
+            None => (self.create_cache_pool(None, epoch)?, false),
         };
         self.fs_shared[fs as usize].store(is_shared, Ordering::Relaxed);
-        slot.store(pool, Ordering::Release);
+        if !self.publish(slot, pool, epoch) {
+            // As in `swap_init`: a recovery began meanwhile.
+            self.fs_shared[fs as usize].store(false, Ordering::Relaxed);
+            return Err(EAGAIN);
+        }
         self.stats.cache_pools.fetch_add(1, Ordering::Relaxed);
         if is_shared {
             self.stats
@@ -134,7 +147,7 @@ impl backend::PageCache for TmemDev {
         // The pool is read after the queued invalidations are carried out: one that failed
         // takes the pool away (see `TmemDev::flush_failed`).
         self.drain_pending();
-        let (pool, _) = self.fs_pool(fs).ok_or(ENODEV)?;
+        let (pool, _, epoch) = self.fs_pool(fs).ok_or(ENODEV)?;
         let hdr = ReqHeader {
             op: Op::Put as u32,
             pool_id: pool,
@@ -148,13 +161,14 @@ impl backend::PageCache for TmemDev {
             page,
             [&s.cache_puts, &s.cache_puts_refused],
             "page-cache put",
+            epoch,
         )
     }
 
     fn cache_get(&self, fs: u32, oid: &Oid, index: usize, page: &Page) -> Result {
         // As in `cache_put`: a get never reaches a pool whose flush failed.
         self.drain_pending();
-        let (pool, shared) = self.fs_pool(fs).ok_or(ENODEV)?;
+        let (pool, shared, epoch) = self.fs_pool(fs).ok_or(ENODEV)?;
         let hdr = ReqHeader {
             op: Op::Get as u32,
             // A private pool's page moves back into this guest's cache; a shared one stays
@@ -171,7 +185,8 @@ impl backend::PageCache for TmemDev {
         };
         let s = &self.stats;
         let counters = [&s.cache_gets, &s.cache_hits, &s.cache_misses];
-        self.get(&hdr, page, counters, "page-cache get").map(|_| ())
+        self.get(&hdr, page, counters, "page-cache get", epoch)
+            .map(|_| ())
     }
 
     fn cache_invalidate_page(&self, fs: u32, oid: &Oid, index: usize) {
@@ -187,14 +202,22 @@ impl backend::PageCache for TmemDev {
         let Some(slot) = self.fs_pools.get(fs as usize) else {
             return;
         };
-        self.send_pending(&mut self.pending.lock());
+        let mut pending = self.pending.lock();
+        self.send_pending(&mut pending);
+        // Under the pending lock, where a recovery takes the pools and ends the epoch (a
+        // recovery that holds this slot's pool re-creates it empty anyway).
+        let epoch = self.epoch();
         let old = slot.swap(NO_POOL, Ordering::AcqRel);
+        drop(pending);
         if old == NO_POOL {
             return;
         }
-        self.destroy_pool(old, "page cache");
-        match self.create_cache_pool(None) {
-            Ok(pool) => slot.store(pool, Ordering::Release),
+        self.destroy_pool(old, "page cache", epoch);
+        match self.create_cache_pool(None, epoch) {
+            Ok(pool) if self.publish(slot, pool, epoch) => {}
+            Ok(_) => {
+                self.stats.cache_pools.fetch_sub(1, Ordering::Relaxed);
+            }
             Err(e) => {
                 self.stats.cache_pools.fetch_sub(1, Ordering::Relaxed);
                 pr_err!(
@@ -211,7 +234,14 @@ impl backend::PageCache for TmemDev {
         if fs as usize >= self.fs_pools.len() {
             return;
         }
-        self.send_pending(&mut self.pending.lock());
-        self.release_fs_pool(fs as usize, "released");
+        let mut pending = self.pending.lock();
+        self.send_pending(&mut pending);
+        if self.fs_pools[fs as usize].load(Ordering::Acquire) == NO_POOL {
+            // A recovery may hold the filesystem's pool: it is to destroy it, not re-create it.
+            let orphan = &mut pending.orphans.fs[fs as usize];
+            orphan.1 = orphan.0 != NO_POOL;
+            return;
+        }
+        self.release_fs_pool(fs as usize, "released", self.epoch());
     }
 }

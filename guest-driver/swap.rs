@@ -16,10 +16,16 @@ use crate::device::{TmemDev, NO_POOL};
 use crate::proto::{self, BatchEntry, CreatePool, Op, ReqHeader};
 
 impl TmemDev {
-    /// The host pool of swap area `type_`, if it has one.
-    fn pool(&self, type_: u32) -> Option<u32> {
+    /// The host pool of swap area `type_`, if it has one, and the epoch it was read in.
+    fn pool(&self, type_: u32) -> Option<(u32, u64)> {
+        let epoch = self.epoch();
         let pool = self.pools.get(type_ as usize)?.load(Ordering::Acquire);
-        (pool != NO_POOL).then_some(pool)
+        if pool == NO_POOL {
+            // A recovery that failed keeps the pools: the next is up to the hooks.
+            self.kick_if_broken();
+            return None;
+        }
+        Some((pool, epoch))
     }
 }
 
@@ -40,9 +46,14 @@ impl backend::Swap for TmemDev {
             page_size: proto::PAGE_SIZE as u32,
             reserved: 0,
         };
-        let id = self.control(&hdr, &create.encode())?;
+        let epoch = self.epoch();
+        let id = self.control(&hdr, &create.encode(), epoch)?;
         let id = u32::try_from(id).map_err(|_| EIO)?;
-        slot.store(id, Ordering::Release);
+        if !self.publish(slot, id, epoch) {
+            // A recovery began meanwhile: the id is of the host it ended, and the area goes
+            // without tmem rather than risk a pool of the new one.
+            return Err(EAGAIN);
+        }
         self.stats.pools.fetch_add(1, Ordering::Relaxed);
         pr_info!(
             "swap area {}: host pool {} ({} pages)\n",
@@ -54,9 +65,9 @@ impl backend::Swap for TmemDev {
     }
 
     fn swap_store(&self, type_: u32, offset: usize, page: &Page) -> Result {
-        let pool = self.pool(type_).ok_or(ENODEV)?;
         // A queued invalidation of this offset must reach the device before the new copy.
         self.drain_pending();
+        let (pool, epoch) = self.pool(type_).ok_or(ENODEV)?;
         let hdr = ReqHeader {
             op: Op::Put as u32,
             pool_id: pool,
@@ -64,13 +75,13 @@ impl backend::Swap for TmemDev {
             ..Default::default()
         };
         let s = &self.stats;
-        self.put(&hdr, page, [&s.puts, &s.puts_refused], "put")
+        self.put(&hdr, page, [&s.puts, &s.puts_refused], "put", epoch)
     }
 
     fn swap_load(&self, type_: u32, offset: usize, page: &Page, exclusive: bool) -> Result {
-        let pool = self.pool(type_).ok_or(ENODEV)?;
         // Every invalidation queued before is carried out first, as for a store.
         self.drain_pending();
+        let (pool, epoch) = self.pool(type_).ok_or(ENODEV)?;
         let hdr = ReqHeader {
             op: Op::Get as u32,
             flags: if exclusive {
@@ -83,7 +94,8 @@ impl backend::Swap for TmemDev {
             ..Default::default()
         };
         let s = &self.stats;
-        let flags = self.get(&hdr, page, [&s.gets, &s.hits, &s.misses], "get")?;
+        let counters = [&s.gets, &s.hits, &s.misses];
+        let flags = self.get(&hdr, page, counters, "get", epoch)?;
         if exclusive && flags & proto::resp_flags::DROPPED == 0 {
             // The core forgets the offset now: a copy the host kept would never be flushed.
             self.swap_invalidate_page(type_, offset);
@@ -97,28 +109,36 @@ impl backend::Swap for TmemDev {
 
     /// Runs with spinlocks held: queues the invalidation, or sends it at once without BATCH.
     fn swap_invalidate_page(&self, type_: u32, offset: usize) {
-        let Some(pool) = self.pool(type_) else {
+        let Some((pool, epoch)) = self.pool(type_) else {
             return;
         };
-        self.invalidate(BatchEntry {
+        let entry = BatchEntry {
             op: Op::FlushPage as u32,
             pool_id: pool,
             oid: [0; 3],
             index: offset as u64,
-        });
+        };
+        self.invalidate(entry, epoch);
     }
 
     fn swap_invalidate_area(&self, type_: u32) {
         let Some(slot) = self.pools.get(type_ as usize) else {
             return;
         };
-        self.send_pending(&mut self.pending.lock());
+        let mut pending = self.pending.lock();
+        self.send_pending(&mut pending);
+        // Under the pending lock, where a recovery takes the pools and ends the epoch.
+        let epoch = self.epoch();
         let pool = slot.swap(NO_POOL, Ordering::AcqRel);
         if pool == NO_POOL {
+            // A recovery may hold the area's pool: it is to destroy it, not hand it back.
+            let orphan = &mut pending.orphans.swap[type_ as usize];
+            orphan.1 = orphan.0 != NO_POOL;
             return;
         }
+        drop(pending);
         self.stats.pools.fetch_sub(1, Ordering::Relaxed);
-        self.destroy_pool(pool, "swap");
+        self.destroy_pool(pool, "swap", epoch);
         pr_info!("swap area {}: host pool {} destroyed\n", type_, pool);
     }
 }

@@ -11,10 +11,10 @@
 //!
 //! Requests are synchronous and polled: a request queue carries one request at a time under its
 //! spinlock, and the driver spins on the used ring until the device answers, for at most
-//! `timeout_ms` (a module parameter), after which the device is broken and every request fails. The tmem hooks need
-//! a synchronous answer anyway (a swap-in waits for its page); polling saves an interrupt and a
-//! wakeup per page, and lets one path serve the hooks that run under spinlocks, where sleeping
-//! is not allowed. Buffers are allocated at probe, so the swap-out and reclaim paths, which run
+//! `timeout_ms` (a module parameter), after which the device is broken and every request fails
+//! until it answers again (`recovery.rs`). The tmem hooks need a synchronous answer anyway (a
+//! swap-in waits for its page); polling saves an interrupt and a wakeup per page, and lets one
+//! path serve the hooks that run under spinlocks, where sleeping is not allowed. Buffers are allocated at probe, so the swap-out and reclaim paths, which run
 //! under memory pressure, allocate nothing. Invalidations are queued and sent in `BATCH`
 //! requests; every put and get sends the queued ones first, so the device sees them in order.
 //!
@@ -26,8 +26,10 @@
 //!
 //! Files, one concern each: `virtio.rs` (a small safe wrapper of the C virtio API),
 //! `backend.rs` (the tmem backend interface as safe traits and its registration), `device.rs`
-//! (queues, the request path, batched invalidations), `swap.rs` and `page_cache.rs` (the tmem
-//! operations), `debugfs.rs` (counters). This file binds the device and registers the backend.
+//! (queues, the request path, batched invalidations), `recovery.rs` (setting a broken device
+//! up again when it answers again), `swap.rs` and `page_cache.rs` (the tmem operations),
+//! `debugfs.rs` (counters), `work.rs` (the recovery's work item). This file binds the device
+//! and registers the backend.
 
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use kernel::{bindings, c_str, prelude::*, sync::Arc};
@@ -36,8 +38,10 @@ mod backend;
 mod debugfs;
 mod device;
 mod page_cache;
+mod recovery;
 mod swap;
 mod virtio;
+mod work;
 
 // The wire format shared with the host daemon, included by path (Kbuild builds one crate).
 // The driver uses the guest side of it only, and its `pub` items are for the host crates.
@@ -199,11 +203,14 @@ impl virtio::Driver for TmemDriver {
             }
         }
         match backend::Registration::register(dev.clone(), &THIS_MODULE) {
-            Ok(backend) => Ok(bound.write(Bound {
-                backend,
-                debugfs,
-                dev,
-            })),
+            Ok(backend) => {
+                dev.enable_recovery(vdev);
+                Ok(bound.write(Bound {
+                    backend,
+                    debugfs,
+                    dev,
+                }))
+            }
             Err(e) => {
                 // EBUSY: another backend (a second virtio-tmem device) is registered; one is
                 // served.
@@ -221,8 +228,10 @@ impl virtio::Driver for TmemDriver {
             debugfs,
             dev,
         } = KBox::into_inner(bound);
-        // Waits for the hooks in flight: none can reach the device after this.
+        // Waits for the hooks in flight: none can reach the device after this, nor queue a
+        // recovery; then waits for a recovery in progress.
         drop(backend);
+        dev.stop_recovery();
         dev.send_pending(&mut dev.pending.lock());
         // Every pool is the driver's to release now: the core will not ask again. A swap area
         // still in use has no page stored (its pages hold module references, so `rmmod`

@@ -6,8 +6,8 @@
 //! use only: driver registration with probe and remove, feature and config-space reads, and
 //! polled virtqueues carrying requests made of scatterlists. The raw bindings and the helpers
 //! for inline C functions come from `vm-images/patches/linux/` (the Rust bindings patch). The
-//! `unsafe` blocks of the driver live here and in `backend.rs` and `debugfs.rs`, so the device
-//! logic in the other files is safe Rust.
+//! `unsafe` blocks of the driver live here and in `backend.rs`, `debugfs.rs` and `work.rs`
+//! (and the work function's one in `recovery.rs`), so the device logic is safe Rust.
 
 use core::marker::PhantomData;
 use core::ptr;
@@ -37,13 +37,13 @@ impl Device {
     /// # Safety
     ///
     /// `ptr` is a device being probed or bound to the driver, valid for `'a`.
-    unsafe fn from_raw<'a>(ptr: *mut bindings::virtio_device) -> &'a Self {
+    pub(crate) unsafe fn from_raw<'a>(ptr: *mut bindings::virtio_device) -> &'a Self {
         // SAFETY: `Device` is a transparent wrapper of `virtio_device`; the caller guarantees
         // the pointer is valid for `'a`.
         unsafe { &*ptr.cast::<Self>() }
     }
 
-    fn as_raw(&self) -> *mut bindings::virtio_device {
+    pub(crate) fn as_raw(&self) -> *mut bindings::virtio_device {
         self.0.get()
     }
 
@@ -105,6 +105,32 @@ impl Device {
         unsafe { bindings::virtio_reset_device(self.as_raw()) };
     }
 
+    /// Resets the device and negotiates again the features agreed at probe, as the core
+    /// does at probe and resume (`virtio_device_restore`, without its driver callback: the
+    /// caller finds its virtqueues next, then [`Device::ready`]). The driver must have given
+    /// its virtqueues back. Sleeps.
+    pub(crate) fn renegotiate(&self) -> Result {
+        let dev = self.as_raw();
+        // SAFETY: the device is valid (type invariant); its config operations are the
+        // transport's, set before probe and never changed; no virtqueue is in use.
+        unsafe {
+            bindings::virtio_reset_device(dev);
+            bindings::virtio_add_status(dev, bindings::VIRTIO_CONFIG_S_ACKNOWLEDGE);
+            bindings::virtio_add_status(dev, bindings::VIRTIO_CONFIG_S_DRIVER);
+            let config = (*dev).config;
+            let finalize = (*config).finalize_features.ok_or(EINVAL)?;
+            to_result(finalize(dev))?;
+            if bindings::virtio_has_feature(dev, bindings::VIRTIO_F_VERSION_1) {
+                bindings::virtio_add_status(dev, bindings::VIRTIO_CONFIG_S_FEATURES_OK);
+                let get_status = (*config).get_status.ok_or(EINVAL)?;
+                if u32::from(get_status(dev)) & bindings::VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+                    return Err(ENODEV);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Frees the virtqueues [`Device::find_vqs`] found.
     ///
     /// # Safety
@@ -133,7 +159,7 @@ unsafe impl Send for Virtqueue {}
 pub(crate) enum ExchangeError {
     /// The device is broken (before or while the request was waiting); nothing more is sent.
     Broken,
-    /// The device did not answer within the bound: it is broken now.
+    /// The device did not answer within the bound; the request stays in the ring.
     TimedOut,
     /// The device returned a request that is not the one in flight: it is broken now.
     BadToken,
@@ -146,11 +172,12 @@ impl Virtqueue {
     /// notifies the device and spins until the device returns it, for at most `timeout_ns`
     /// nanoseconds of real time. Never sleeps; returns the used length the device reported.
     ///
-    /// On timeout, or if the device returns anything but this request, the whole device is
-    /// marked broken (`virtio_break_device`): every later request on any of its queues fails at
-    /// once. The request then stays in the ring until the device is reset, so a device that
-    /// is merely slow may still read `out` or write `inp` later: callers pass only buffers
-    /// they own until the reset (the per-queue buffers), or pages it may only read.
+    /// If the device returns anything but this request, the whole device is marked broken
+    /// (`virtio_break_device`): every later request on any of its queues fails at once. On
+    /// timeout the request stays in the ring, unanswered (see [`Virtqueue::take_answer`]),
+    /// until the device answers it or is reset, so a device that is merely slow may still read
+    /// `out` or write `inp` later: callers pass only buffers they own until then (the
+    /// per-queue buffers), or pages it may only read, and send nothing else on this queue.
     pub(crate) fn exchange(
         &mut self,
         out: &mut [ReadSg<'_>],
@@ -209,14 +236,31 @@ impl Virtqueue {
                 return Err(ExchangeError::Broken);
             }
             if clock.elapsed_ns() >= timeout_ns {
-                self.break_device();
                 return Err(ExchangeError::TimedOut);
             }
             core::hint::spin_loop();
         }
     }
 
-    fn is_broken(&self) -> bool {
+    /// The answer to the request [`Virtqueue::exchange`] gave up on, if the device has
+    /// returned it since: `Some(true)`; `Some(false)` if it returned something else (the device
+    /// is broken now); `None` if not yet. Never waits.
+    pub(crate) fn take_answer(&mut self) -> Option<bool> {
+        let mut len: c_uint = 0;
+        // SAFETY: the virtqueue is valid (type invariant); `&mut self` makes this its only
+        // user, and its one request in flight is the one given up on.
+        let token = unsafe { bindings::virtqueue_get_buf(self.0, &mut len) };
+        if token.is_null() {
+            return self.is_broken().then_some(false);
+        }
+        if token != self.0.cast() {
+            self.break_device();
+            return Some(false);
+        }
+        Some(true)
+    }
+
+    pub(crate) fn is_broken(&self) -> bool {
         // SAFETY: the virtqueue is valid (type invariant).
         unsafe { bindings::virtqueue_is_broken(self.0) }
     }
@@ -257,7 +301,7 @@ impl Elapsed {
 }
 
 /// `ktime_get()`: monotonic nanoseconds; usable with interrupts off and spinlocks held.
-fn now_ns() -> i64 {
+pub(crate) fn now_ns() -> i64 {
     // SAFETY: `ktime_get` has no precondition outside NMI context.
     unsafe { bindings::ktime_get() }
 }

@@ -117,6 +117,23 @@ impl Daemon {
         self.wait_serving()
     }
 
+    /// Starts the daemon again with the same arguments in the same directory (its log goes on
+    /// in the same file) once the running one has died (a crash: the caller killed it), as a
+    /// service manager's restart does; returns once the new one serves. Its sockets are the
+    /// dead one's paths, which it takes over.
+    pub fn respawn(&self) -> Result<(), Error> {
+        {
+            let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = child.wait();
+        }
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .map_err(Error::Spawn)?;
+        *self.child.lock().unwrap_or_else(|e| e.into_inner()) = spawn(&self.dir, &self.args, log)?;
+        self.wait_serving()
+    }
+
     /// Waits until the control socket and every client socket exist and the control socket
     /// answers (it does once the daemon is set up and confined: it serves only after the
     /// sandbox is in place), so tests see the daemon as it serves.

@@ -14,7 +14,7 @@ SWAP=/dev/vda
 DATA=/dev/vdb
 DISK2=/dev/vdc
 COUNTERS="puts puts_refused gets hits misses cache_puts cache_puts_refused cache_gets cache_hits
-cache_misses cache_invalidations failures flushes batches pools cache_pools"
+cache_misses cache_invalidations failures flushes batches pools cache_pools recoveries"
 # Counters of module instances unloaded earlier in the run (the daemon's counters go on).
 SAVED=/tmp/saved-stats
 
@@ -380,6 +380,60 @@ zswap-coexist)
 	wait $HOLD || fail "pages zswap held before insmod did not verify"
 	swapoff $SWAP || fail "swapoff"
 	none_of failures
+	stats
+	pass
+	;;
+device-return)
+	# The daemon is killed (SIGKILL, at the barrier crash) once the device is in use, and the
+	# guest swaps while it is gone: the driver breaks the device, swap-outs go to the swap
+	# device, and its attempts to set the device up again fail. At the barrier return the
+	# daemon starts again, empty, and QEMU reconnects (reconnect-ms): the next attempt resets
+	# the device, finds the swap pool gone and creates a new one, and swap-outs go to the host
+	# again. Nothing was swapped out before the kill, so no process loses a page.
+	# Then again while the guest is idle (see below).
+	load
+	echo 2000 >/sys/module/tmem/parameters/timeout_ms || fail "setting timeout_ms"
+	swap_on
+	at_least pools 1
+	none_of puts
+	open_control
+	sync_point crash
+	memtouch run 160 51 || fail "workload while the daemon was gone did not verify"
+	dmesg | grep -q "tmem: device broken" || fail "the device did not break while the daemon was gone"
+	sync_point return
+	# The driver tries again at most every 32 s, when a hook finds the device broken.
+	for seed in 52 53 54 55 56 57 58 59; do
+		dmesg | grep -q "tmem: device answers again" && break
+		memtouch run 96 $seed || fail "workload while the daemon came back did not verify"
+	done
+	dmesg | grep -q "tmem: device answers again" || fail "the driver did not set the device up again"
+	dmesg | grep -q "tmem: swap area 0: host pool [0-9]* lost with the pages in it; new pool" ||
+		fail "the kernel log does not say the swap pool was re-created"
+	at_least pools 1
+	puts=$(stat_of puts)
+	memtouch run 160 60 || fail "workload after the return did not verify"
+	[ "$(stat_of puts)" -gt "$puts" ] || fail "no put reached the host after the return"
+	echo "device-return: $(stat_of recoveries) recovery attempts, $(($(stat_of puts) - puts)) puts after the last"
+	# Second round: the daemon is killed and started again while the guest is idle (at the
+	# barrier again), so the driver learns it from the first answer, BAD_POOL for its pool.
+	# swapoff first: pages of this shell in tmem would be lost with the daemon.
+	swapoff $SWAP || fail "swapoff"
+	swap_on
+	sync_point again
+	memtouch run 96 61 || fail "workload after the second restart did not verify"
+	for seed in 62 63 64 65 66 67 68 69; do
+		[ "$(dmesg | grep -c 'tmem: device answers again')" -ge 2 ] && break
+		memtouch run 96 $seed || fail "workload while the daemon came back again did not verify"
+	done
+	dmesg | grep -q "tmem: device broken: it does not know pool" ||
+		fail "the driver did not take BAD_POOL for a lost pool"
+	[ "$(dmesg | grep -c 'tmem: device answers again')" -ge 2 ] ||
+		fail "the driver did not set the device up again after the second restart"
+	puts=$(stat_of puts)
+	memtouch run 96 70 || fail "workload after the second return did not verify"
+	[ "$(stat_of puts)" -gt "$puts" ] || fail "no put reached the host after the second return"
+	swapoff $SWAP || fail "swapoff"
+	none_of pools
 	stats
 	pass
 	;;

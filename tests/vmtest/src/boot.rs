@@ -22,7 +22,7 @@ use crate::qemu::{qemu_args, QemuArgs, GUEST_MIB};
 use crate::Runner;
 
 /// Scenarios whose QEMU connects again after the daemon ends its connection (`reconnect-ms`).
-const RECONNECTING: &[&str] = &["daemon-upgrade", "qemu-reconnect"];
+const RECONNECTING: &[&str] = &["daemon-upgrade", "qemu-reconnect", "device-return"];
 
 /// One guest of a scenario.
 #[derive(Debug)]

@@ -43,6 +43,7 @@ pub const SCENARIOS: &[&str] = &[
     "two-guests",
     "overcommit",
     "device-loss",
+    "device-return",
     "writethrough-crash",
     "migrate",
     "snapshot",
@@ -63,6 +64,7 @@ const SMP_SCENARIOS: &[&str] = &[
     "suspend-resume",
     "qemu-reconnect",
     "device-loss",
+    "device-return",
     "writethrough-crash",
     "migrate",
     "snapshot",
@@ -72,6 +74,11 @@ const SMP_SCENARIOS: &[&str] = &[
 /// Scenarios whose daemon the runner kills at the barrier `kill`: the guest's console shows
 /// what happened afterwards, the daemon's statistics are gone.
 const DAEMON_KILLED: &[&str] = &["device-loss", "writethrough-crash"];
+
+/// Scenarios whose daemon the runner kills at the barrier `crash` and starts again, empty, at
+/// the barrier `return`, then kills and starts again at once at `again`: the last one counts
+/// only what the guest sent after it came back.
+const DAEMON_RESPAWNED: &[&str] = &["device-return"];
 
 /// The target daemon's memory limit in `migrate-refused`: less than the guest stores.
 const REFUSING_LIMIT: &str = "2M";
@@ -260,6 +267,16 @@ impl Runner {
 
     /// Checks taken while every guest waits at a barrier.
     fn at_barrier(&self, d: &Daemon, scenario: &str, barrier: &str, plan: &Plan) -> Result<()> {
+        if barrier == "return" && DAEMON_RESPAWNED.contains(&scenario) {
+            // The daemon is dead until this starts it again.
+            d.respawn().map_err(Error::Daemon)?;
+            let c = await_client(d, "QEMU did not reconnect", |c| c["connected"] == true)?;
+            eprintln!(
+                "  {scenario}: daemon started again, QEMU reconnected, {} pools",
+                c["pools"].as_array().map_or(0, Vec::len)
+            );
+            return Ok(());
+        }
         let stats = d.stats().map_err(Error::Daemon)?;
         let client = |name: &str| -> Result<serde_json::Value> {
             stats["clients"]
@@ -291,6 +308,15 @@ impl Runner {
                 Ok(())
             }
             (_, "kill") if DAEMON_KILLED.contains(&scenario) => kill_daemon(d, scenario),
+            (_, "crash") if DAEMON_RESPAWNED.contains(&scenario) => kill_daemon(d, scenario),
+            (_, "again") if DAEMON_RESPAWNED.contains(&scenario) => {
+                // Killed and started again before the guest sends anything.
+                kill_daemon(d, scenario)?;
+                d.respawn().map_err(Error::Daemon)?;
+                await_client(d, "QEMU did not reconnect", |c| c["connected"] == true)?;
+                eprintln!("  {scenario}: daemon killed and started again, QEMU reconnected");
+                Ok(())
+            }
             ("daemon-upgrade", "restart") => {
                 for round in 1..=2 {
                     d.restart(Duration::from_secs(120)).map_err(Error::Daemon)?;
@@ -615,7 +641,18 @@ impl Runner {
             };
             let host = serving.client_stats(g.client).map_err(Error::Daemon)?;
             let h = |k: &str| host[k].as_u64().unwrap_or(0);
-            same_counts(&who, &guest, &host)?;
+            if DAEMON_RESPAWNED.contains(&name) {
+                // The guest counted the requests before the crash too, the new daemon only
+                // those after the driver came back: it must have served some.
+                if h("puts") == 0 {
+                    return Err(Error::GuestFailed {
+                        who: "runner".into(),
+                        why: format!("the restarted daemon served no put: {host}"),
+                    });
+                }
+            } else {
+                same_counts(&who, &guest, &host)?;
+            }
             eprintln!(
                 "  {name}: {who}: daemon puts {} (refused {}), gets {} (hits {}), flushed pages {}, evictions {}",
                 h("puts"),
