@@ -759,16 +759,21 @@ impl TmemDev {
         self.send_pending(&mut self.pending.lock());
         self.frozen.store(true, Ordering::Release);
         // Each queue's lock waits for its request in flight; a later request finds no queue.
+        let mut had_queues = false;
         for q in self.queues.iter() {
             let mut q = q.lock();
-            q.vq = None;
+            had_queues |= q.vq.take().is_some();
             // The reset below takes the ring from the device, with any request in it.
             q.stalled = false;
         }
         vdev.reset();
-        // SAFETY: no request is in flight and every `Virtqueue` handle was dropped above; new
-        // requests find none until `restore` puts new ones in.
-        unsafe { vdev.del_vqs() };
+        // A restore that failed (or a recovery's) left none to delete: the transport may not
+        // take a second deletion (virtio-mmio frees their interrupt again).
+        if had_queues {
+            // SAFETY: no request is in flight and every `Virtqueue` handle was dropped above;
+            // new requests find none until `restore` puts new ones in.
+            unsafe { vdev.del_vqs() };
+        }
     }
 
     /// Resume: finds the virtqueues again (the device was reset and its features negotiated

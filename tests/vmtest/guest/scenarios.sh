@@ -823,6 +823,23 @@ bad-device)
 	dmesg | grep -q "tmem: device broken: an invalidation was not acknowledged" ||
 		fail "the kernel log does not say the device broke"
 	at_least bad_answers 2
+	# 3b. The device answers properly again: the driver resets it (it broke its queues),
+	# sets it up again and gives the filesystem a new, empty pool (invalidations were lost
+	# meanwhile); the data stays correct throughout. Reads find the device broken and start
+	# the recoveries (1 s apart at first).
+	sync_point none
+	for i in 1 2 3 4 5 6 7 8 9 10; do
+		drop_cache
+		memtouch verify $F 32 72 || fail "wrong data while the device came back"
+		dmesg | grep -E "tmem: device (broken|answers again)" | tail -n1 | grep -q "answers again" &&
+			[ "$(stat_of cache_pools)" -ge 1 ] && break
+	done
+	dmesg | grep -E "tmem: device (broken|answers again)" | tail -n1 | grep -q "answers again" ||
+		fail "the driver did not set the device up again"
+	at_least cache_pools 1
+	drop_cache
+	memtouch verify $F 32 72 || fail "after the device came back: wrong data"
+	echo "bad-device: back after $(stat_of recoveries) recovery attempts"
 	# 4. After rmmod and insmod (which resets the device), a used-ring id beyond the ring:
 	# the virtio core breaks the queue, the filesystem gets no pool and reads the disk.
 	rmmod tmem || fail "rmmod with a broken device"
