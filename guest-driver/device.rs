@@ -17,7 +17,7 @@ use kernel::{bindings, c_str, new_spinlock, prelude::*, sync::Arc, sync::SpinLoc
 use crate::backend::Page;
 use crate::debugfs::Counters;
 use crate::proto::{self, BatchEntry, Config, Op, ReqHeader, RespHeader, Status};
-use crate::virtio::{self, ExchangeError, ReadSg, Virtqueue, WriteSg};
+use crate::virtio::{self, Answer, ExchangeError, ReadSg, Virtqueue, WriteSg};
 use crate::work::Work;
 
 /// Swap types are below `MAX_SWAPFILES`, which is at most 32 (5 bits in a swap entry).
@@ -66,12 +66,52 @@ impl Pending {
     }
 }
 
+/// Queues a device has at most: the control queue and the request queues.
+const MAX_QUEUES: usize = 1 + proto::MAX_REQUEST_QUEUES as usize;
+
+/// What [`TmemDev::settle_queues`] found.
+pub(crate) struct Settled {
+    /// Every queue is there, not broken, and has nothing left unanswered.
+    pub(crate) usable: bool,
+    /// A request a timeout left in a ring is still unanswered.
+    pub(crate) unanswered: bool,
+    /// ... and one of those is a CREATE_POOL: a pool may exist on the host whose id the
+    /// driver never learnt.
+    pub(crate) unanswered_create: bool,
+    /// Pools that late CREATE_POOL answers made (`nlate` of them): nobody holds their ids,
+    /// and a restarted daemon may have given them ids the driver held before.
+    pub(crate) late: [u32; MAX_QUEUES],
+    pub(crate) nlate: usize,
+}
+
 /// Per swap area and per filesystem slot: the pool it had when a recovery began, or
 /// [`NO_POOL`], and whether the area or filesystem went away since (swapoff, unmount): then
 /// the recovery destroys the pool instead of handing it back.
 pub(crate) struct Orphans {
     pub(crate) swap: [(u32, bool); SWAP_TYPES],
     pub(crate) fs: [(u32, bool); FS_SLOTS],
+    /// Per swap area: the pool the host lost, for the log once a new one is handed back.
+    pub(crate) swap_lost: [u32; SWAP_TYPES],
+    /// Pools nobody is to hold, destroyed before any pool is asked about (`ndoomed` of them):
+    /// pools late CREATE_POOL answers made, and swap pools that cannot be told from one.
+    pub(crate) doomed: [u32; DOOMED],
+    pub(crate) ndoomed: usize,
+}
+
+/// Most doomed pools: a late pool per queue and every swap pool.
+pub(crate) const DOOMED: usize = MAX_QUEUES + SWAP_TYPES;
+
+impl Orphans {
+    /// Adds `id` to the pools to destroy, if there is room. A queue adds at most one per
+    /// request a timeout left in it, and every swap area one when distrusted; only a device
+    /// that keeps failing between them fills the list, and then an id is forgotten (a pool
+    /// leaks, and could be taken for a kept swap pool: see `recovery.rs`, known gaps).
+    pub(crate) fn doom(&mut self, id: u32) {
+        if self.ndoomed < DOOMED {
+            self.doomed[self.ndoomed] = id;
+            self.ndoomed += 1;
+        }
+    }
 }
 
 /// The page carried by a request, if any.
@@ -110,6 +150,8 @@ pub(crate) struct TmemDev {
     /// `ktime` (ns) before which no recovery starts, and the wait after the last failed one.
     pub(crate) next_try_ns: AtomicU64,
     pub(crate) backoff_ms: AtomicU32,
+    /// Consecutive attempts that found a request a timeout left in a ring still unanswered.
+    pub(crate) unanswered: AtomicU32,
     /// Between [`TmemDev::freeze`] and [`TmemDev::restore`]: requests fail (EAGAIN) without
     /// breaking the device, and queued invalidations wait for the restore.
     frozen: AtomicBool,
@@ -132,7 +174,7 @@ fn flushed(status: u32) -> bool {
 }
 
 /// Logs the 1st, 2nd, 4th, 8th... occurrence only: failures are counted, not flooded.
-fn rare(count: u64) -> bool {
+pub(crate) fn rare(count: u64) -> bool {
     count.is_power_of_two()
 }
 
@@ -479,6 +521,8 @@ impl TmemDev {
                     self.failure("flush", resp.status);
                     self.flush_failed(&entry, epoch);
                 }
+                // Its pool id is of an epoch a recovery ended: that recovery destroys the pool.
+                Err(_) if self.epoch() != epoch => {}
                 Err(e) => {
                     self.transport_failure("flush", e);
                     self.unvouched_flush();
@@ -700,6 +744,9 @@ impl TmemDev {
                 orphans: Orphans {
                     swap: [(NO_POOL, false); SWAP_TYPES],
                     fs: [(NO_POOL, false); FS_SLOTS],
+                    swap_lost: [NO_POOL; SWAP_TYPES],
+                    doomed: [NO_POOL; DOOMED],
+                    ndoomed: 0,
                 },
             };
             Ok(Arc::new(
@@ -717,6 +764,7 @@ impl TmemDev {
                     recovery_queued: AtomicBool::new(false),
                     next_try_ns: AtomicU64::new(0),
                     backoff_ms: AtomicU32::new(crate::recovery::FIRST_RETRY_MS),
+                    unanswered: AtomicU32::new(0),
                     frozen: AtomicBool::new(false),
                     batch,
                     shared_pools: vdev.has_feature(proto::feature::SHARED_POOLS),
@@ -800,33 +848,61 @@ impl TmemDev {
         Ok(())
     }
 
-    /// Whether the device can be used again without a reset, once it answered what it was
-    /// asked: every queue is there and not broken, and the request left in a queue by a
-    /// timeout has been answered since (then it is consumed). `Err(ENODEV)` if one is still
-    /// unanswered. Takes every queue lock, so that a request sent after this carries the
-    /// current epoch.
-    pub(crate) fn settle_queues(&self) -> Result<bool> {
-        let mut usable = true;
+    /// Where the queues stand for a recovery: takes the answers that came since a timeout
+    /// left a request in a ring, and says whether the device can be used again without a
+    /// reset. Takes every queue lock, so that a request sent after this carries the current
+    /// epoch.
+    pub(crate) fn settle_queues(&self) -> Settled {
+        let mut st = Settled {
+            usable: true,
+            unanswered: false,
+            unanswered_create: false,
+            late: [NO_POOL; MAX_QUEUES],
+            nlate: 0,
+        };
         for q in self.queues.iter() {
-            let mut q = q.lock();
-            let stalled = q.stalled;
-            let Some(vq) = q.vq.as_mut() else {
-                usable = false;
+            let mut guard = q.lock();
+            let vq = &mut *guard;
+            let Some(virtqueue) = vq.vq.as_mut() else {
+                st.usable = false;
                 continue;
             };
-            if vq.is_broken() {
-                usable = false;
-                continue;
-            }
-            if stalled {
-                match vq.take_answer() {
-                    Some(true) => q.stalled = false,
-                    Some(false) => usable = false,
-                    None => return Err(ENODEV),
+            if vq.stalled {
+                let mut h = [0u8; ReqHeader::SIZE];
+                h.copy_from_slice(&vq.out[..ReqHeader::SIZE]);
+                let create = ReqHeader::decode(&h).op == Op::CreatePool as u32;
+                match virtqueue.take_answer() {
+                    Answer::Used(len) => {
+                        vq.stalled = false;
+                        let mut r = [0u8; RespHeader::SIZE];
+                        r.copy_from_slice(&vq.resp[..RespHeader::SIZE]);
+                        let resp = RespHeader::decode(&r);
+                        // A pool nobody holds the id of. Only a full answer counts (`call`
+                        // wrote an unknown status over the response before sending).
+                        if create
+                            && len as usize == RespHeader::SIZE
+                            && resp.status == Status::Ok as u32
+                            && st.nlate < MAX_QUEUES
+                        {
+                            if let Ok(id) = u32::try_from(resp.value) {
+                                st.late[st.nlate] = id;
+                                st.nlate += 1;
+                            }
+                        }
+                    }
+                    Answer::Broken => st.usable = false,
+                    Answer::NotYet => {
+                        st.unanswered = true;
+                        st.unanswered_create |= create;
+                        continue;
+                    }
                 }
             }
+            if virtqueue.is_broken() {
+                st.usable = false;
+            }
         }
-        Ok(usable)
+        st
     }
 
     /// Whether the device has its virtqueues (not frozen, nor failed to restore).

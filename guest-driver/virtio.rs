@@ -154,6 +154,16 @@ pub(crate) struct Virtqueue(*mut bindings::virtqueue);
 // SAFETY: a virtqueue can be used from any CPU; `&mut self` methods serialize its users.
 unsafe impl Send for Virtqueue {}
 
+/// What became of a request [`Virtqueue::exchange`] gave up on.
+pub(crate) enum Answer {
+    /// Returned, with this used length.
+    Used(u32),
+    /// Not returned yet.
+    NotYet,
+    /// The device is broken (it returned something else, or the virtio core broke it).
+    Broken,
+}
+
 /// How [`Virtqueue::exchange`] failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ExchangeError {
@@ -243,21 +253,24 @@ impl Virtqueue {
     }
 
     /// The answer to the request [`Virtqueue::exchange`] gave up on, if the device has
-    /// returned it since: `Some(true)`; `Some(false)` if it returned something else (the device
-    /// is broken now); `None` if not yet. Never waits.
-    pub(crate) fn take_answer(&mut self) -> Option<bool> {
+    /// returned it since. Never waits.
+    pub(crate) fn take_answer(&mut self) -> Answer {
         let mut len: c_uint = 0;
         // SAFETY: the virtqueue is valid (type invariant); `&mut self` makes this its only
         // user, and its one request in flight is the one given up on.
         let token = unsafe { bindings::virtqueue_get_buf(self.0, &mut len) };
         if token.is_null() {
-            return self.is_broken().then_some(false);
+            return if self.is_broken() {
+                Answer::Broken
+            } else {
+                Answer::NotYet
+            };
         }
         if token != self.0.cast() {
             self.break_device();
-            return Some(false);
+            return Answer::Broken;
         }
-        Some(true)
+        Answer::Used(len)
     }
 
     pub(crate) fn is_broken(&self) -> bool {
