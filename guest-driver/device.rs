@@ -350,15 +350,7 @@ impl TmemDev {
 
     /// A request on the control queue that must succeed; returns the response's value.
     pub(crate) fn control(&self, hdr: &ReqHeader, payload: &[u8], epoch: u64) -> Result<u64> {
-        let resp = self.call(
-            &self.queues[0],
-            hdr,
-            payload,
-            Data::NoPage,
-            &mut [],
-            epoch,
-            false,
-        )?;
+        let resp = self.control_status(hdr, payload, epoch)?;
         match Status::from_u32(resp.status) {
             Some(Status::Ok) => Ok(resp.value),
             Some(Status::TooManyPools) => Err(ENOSPC),

@@ -309,17 +309,20 @@ impl TmemDev {
         let mut ndead = 0;
         {
             let mut p = self.pending.lock();
-            for t in 0..SWAP_TYPES {
-                let (id, gone) = core::mem::replace(&mut p.orphans.swap[t], (NO_POOL, false));
-                let lost = core::mem::replace(&mut p.orphans.swap_lost[t], NO_POOL);
-                if !is_pool(id) {
-                    continue;
-                }
-                if gone {
+            // The pool an orphan hands back, if any; one whose area went away is to destroy.
+            let mut take = |o: &mut (u32, bool)| {
+                let (id, gone) = core::mem::replace(o, (NO_POOL, false));
+                if gone && is_pool(id) {
                     dead[ndead] = id;
                     ndead += 1;
-                    continue;
                 }
+                (is_pool(id) && !gone).then_some(id)
+            };
+            for t in 0..SWAP_TYPES {
+                let lost = core::mem::replace(&mut p.orphans.swap_lost[t], NO_POOL);
+                let Some(id) = take(&mut p.orphans.swap[t]) else {
+                    continue;
+                };
                 self.pools[t].store(id, Ordering::Release);
                 self.stats.pools.fetch_add(1, Ordering::Relaxed);
                 if lost == NO_POOL {
@@ -334,15 +337,9 @@ impl TmemDev {
                 }
             }
             for i in 0..FS_SLOTS {
-                let (id, gone) = core::mem::replace(&mut p.orphans.fs[i], (NO_POOL, false));
-                if !is_pool(id) {
+                let Some(id) = take(&mut p.orphans.fs[i]) else {
                     continue;
-                }
-                if gone {
-                    dead[ndead] = id;
-                    ndead += 1;
-                    continue;
-                }
+                };
                 self.fs_pools[i].store(id, Ordering::Release);
                 self.stats.cache_pools.fetch_add(1, Ordering::Relaxed);
                 pr_info!("filesystem {}: new host pool {}\n", i, id);
