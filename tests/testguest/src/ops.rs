@@ -236,7 +236,8 @@ impl Guest {
             .map(|&q| self.slots[q].n)
             .min()
             .map_or(1, |n| depth.clamp(1, n));
-        let mut it = reqs.into_iter().peekable();
+        let mut it = reqs.into_iter();
+        let mut exhausted = false;
         let mut in_flight = vec![0usize; qs.len()];
         let mut used = vec![Vec::new(); qs.len()];
         let mut heads: Vec<Vec<u16>> = vec![Vec::with_capacity(depth); qs.len()];
@@ -245,18 +246,22 @@ impl Guest {
             for h in heads.iter_mut() {
                 h.clear();
             }
-            // Fill every queue up to `depth`, round robin.
+            // Fill every queue up to `depth`, round robin. A request is taken from `reqs` only
+            // when it can be sent at once: callers time requests from when they yield them.
             let mut stalled = 0;
-            while it.peek().is_some() && stalled < qs.len() {
+            while !exhausted && stalled < qs.len() {
                 let i = next % qs.len();
                 next += 1;
                 if in_flight[i] >= depth {
                     stalled += 1;
                     continue;
                 }
+                let Some((tag, req)) = it.next() else {
+                    exhausted = true;
+                    break;
+                };
                 stalled = 0;
                 let q = qs[i];
-                let (tag, req) = it.next().expect("peeked");
                 let s = self.slots[q].free.pop().expect("a free slot below depth");
                 let (head, op) = self.submit(q, s, &req)?;
                 self.slots[q].inflight[s] = Some((tag, op));

@@ -267,6 +267,42 @@ fn a_dirty_log_marks_every_page_the_device_writes() {
     );
 }
 
+/// The pipeline takes a request from its caller only when it can send it at once: a caller that
+/// times requests from when it yields them (the benchmark) must not count the wait for the
+/// request before (at depth 1 that doubled every latency).
+#[test]
+fn the_pipeline_takes_a_request_only_when_it_can_send_it() {
+    let d = Daemon::start(&["--socket-path", "{dir}/vm.sock"]).unwrap();
+    let mut g = connect(&d, "vm.sock");
+    let pool = g.create_pool(true, None).unwrap();
+    let page = pages::page(1);
+    for depth in [1usize, 4] {
+        let done = std::cell::Cell::new(0usize);
+        let early = std::cell::RefCell::new(Vec::new());
+        let reqs = (0..40usize).map(|i| {
+            // Request i can be sent once all but depth - 1 of those before it are done.
+            if i >= depth && done.get() < i + 1 - depth {
+                early.borrow_mut().push(i);
+            }
+            let req = tmem_testguest::Req::Put {
+                pool,
+                oid: [3, 0, 0],
+                index: i as u64,
+                page: &page,
+            };
+            (i, req)
+        });
+        g.pipeline(0, depth, reqs, |_| done.set(done.get() + 1))
+            .unwrap();
+        assert_eq!(done.get(), 40);
+        assert_eq!(
+            *early.borrow(),
+            Vec::<usize>::new(),
+            "taken before a slot was free"
+        );
+    }
+}
+
 #[test]
 fn flush_object_and_batched_flushes() {
     let d = Daemon::start(&["--socket-path", "{dir}/vm.sock"]).unwrap();
