@@ -185,6 +185,24 @@ fn thread_masks(request_queues: u16) -> Vec<u64> {
     masks
 }
 
+/// Asks the CPU to start loading every cache line of the page at `p`: the guest wrote it on
+/// another CPU just before, and the compressor's reads would otherwise wait for the lines one
+/// after another (0.4 us of a 7 us QD1 put, measured with a bare QD1 loop). A hint only.
+fn prefetch_page(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..PAGE_SIZE).step_by(64) {
+        // SAFETY: a prefetch does not access memory as far as the program is concerned: it
+        // cannot fault, whatever the address.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                p.wrapping_add(off).cast(),
+            );
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Asks the CPU to start loading the cache line of guest address `addr`, if it is in guest
 /// memory. A hint only: it never faults and changes no state the program can observe.
 fn prefetch<B: GuestBitmap>(mem: &Mem<B>, addr: u64) {
@@ -723,7 +741,10 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
         let direct = contiguous(chain.readable(), ReqHeader::SIZE, PAGE_SIZE)
             .and_then(|a| mem.get_slice(a, PAGE_SIZE).ok());
         let page = match direct.as_ref().and_then(PageSrc::guest) {
-            Some(p) => p,
+            Some(p) => {
+                prefetch_page(p.as_ptr());
+                p
+            }
             None => {
                 if read_part(mem, chain.readable(), ReqHeader::SIZE, &mut bounce[..]).is_err() {
                     self.warn(format_args!("PUT page outside guest memory"));
