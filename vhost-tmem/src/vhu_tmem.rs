@@ -187,7 +187,7 @@ fn thread_masks(request_queues: u16) -> Vec<u64> {
 
 /// Asks the CPU to start loading every cache line of the page at `p`: the guest wrote it on
 /// another CPU just before, and the compressor's reads would otherwise wait for the lines one
-/// after another (0.4 us of a 7 us QD1 put, measured with a bare QD1 loop). A hint only.
+/// after another (`make bench`'s QD1 put row shows it). A hint only.
 fn prefetch_page(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
     for off in (0..PAGE_SIZE).step_by(64) {
