@@ -40,18 +40,32 @@ pub struct Row {
     pub depth: usize,
     pub op: &'static str,
     pub stats: OpStats,
-    /// Interleaved rounds (at the paired queue count and depth only): per pair, this round's
-    /// pages/s end to end and the in-process round's right after it.
-    pub pairs: Vec<(f64, f64)>,
+    /// Interleaved rounds (at the paired queue count and depths only): per pair, this round
+    /// end to end and the in-process round right after it.
+    pub pairs: Vec<Pair>,
 }
 
-/// Which figure alternates with in-process rounds, and how: after each of its `rounds` timed
-/// rounds, `in_process` runs one in-process round and returns its put and get pages/s.
+/// One op's figures of one round: pages/s and the latency p50.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RoundFigures {
+    pub ops_per_s: f64,
+    pub p50_ns: f64,
+}
+
+/// An end-to-end round and the in-process round run right after it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pair {
+    pub e2e: RoundFigures,
+    pub in_process: RoundFigures,
+}
+
+/// Which figures alternate with in-process rounds, and how: after each of their `rounds` timed
+/// rounds, `in_process` runs one in-process round and returns its put and get figures.
 pub struct Pairing<'a> {
     pub queues: usize,
-    pub depth: usize,
+    pub depths: &'a [usize],
     pub rounds: usize,
-    pub in_process: &'a mut dyn FnMut() -> Result<[f64; 2], crate::store::Error>,
+    pub in_process: &'a mut dyn FnMut() -> Result<[RoundFigures; 2], crate::store::Error>,
 }
 
 /// Most request queues the daemon offers in these runs.
@@ -98,7 +112,9 @@ pub fn run(
             let mut put = OpStats::new();
             let mut get = OpStats::new();
             let (mut put_pairs, mut get_pairs) = (Vec::new(), Vec::new());
-            let mut paired = pair.as_mut().filter(|p| p.queues == q && p.depth == depth);
+            let mut paired = pair
+                .as_mut()
+                .filter(|p| p.queues == q && p.depths.contains(&depth));
             let rounds = paired.as_ref().map_or(rounds, |p| p.rounds);
             // Round 0 checks every page and is not recorded; the timed rounds leave the pages
             // unread, as a guest's driver does (the device writes into the guest's page).
@@ -114,7 +130,7 @@ pub fn run(
                 if !check {
                     put.add(&h, n, secs);
                 }
-                let put_ops = n as f64 / secs.max(1e-12);
+                let put_round = figures(&h, n, secs);
                 failure("put", depth, bad)?;
                 let (h, secs, bad) = phase(&mut g, &qs, depth, corpus, check, |i| Req::Get {
                     pool,
@@ -125,7 +141,7 @@ pub fn run(
                 if !check {
                     get.add(&h, n, secs);
                 }
-                let get_ops = n as f64 / secs.max(1e-12);
+                let get_round = figures(&h, n, secs);
                 failure("get", depth, bad)?;
                 g.flush_object(pool, oid)?;
                 if let Some(p) = paired.as_mut() {
@@ -133,8 +149,14 @@ pub fn run(
                     // every recorded pair has the same neighbours.
                     let [ip_put, ip_get] = (p.in_process)()?;
                     if !check {
-                        put_pairs.push((put_ops, ip_put));
-                        get_pairs.push((get_ops, ip_get));
+                        put_pairs.push(Pair {
+                            e2e: put_round,
+                            in_process: ip_put,
+                        });
+                        get_pairs.push(Pair {
+                            e2e: get_round,
+                            in_process: ip_get,
+                        });
                     }
                 }
             }
@@ -155,6 +177,14 @@ pub fn run(
         }
     }
     Ok(rows)
+}
+
+/// A phase's pages/s and p50.
+fn figures(h: &Histogram, n: u64, secs: f64) -> RoundFigures {
+    RoundFigures {
+        ops_per_s: n as f64 / secs.max(1e-12),
+        p50_ns: h.value_at_quantile(0.5) as f64,
+    }
 }
 
 fn since(c: &Cell<Option<Instant>>) -> u64 {

@@ -326,16 +326,21 @@ fn run(args: &Args) -> Result<Report, Error> {
     let queue_counts: Vec<usize> = (1..=e2e::MAX_QUEUES).collect();
     let e2e_rounds = if args.quick { 1 } else { 2 };
     for c in COMPRESSORS {
-        eprintln!("== end to end over vhost-user: {c} (QD 64, one queue: {pairs} pairs with in-process rounds)");
-        // The figure the targets judge alternates with in-process rounds on the same pages.
+        eprintln!(
+            "== end to end over vhost-user: {c} (QD 1 and 64, one queue: {pairs} pairs with in-process rounds)"
+        );
+        // The figures the targets judge alternate with in-process rounds on the same pages.
         let mut ip = store::InProcess::new(mixed, c)?;
-        let mut in_process = || -> Result<[f64; 2], store::Error> {
+        let mut in_process = || -> Result<[e2e::RoundFigures; 2], store::Error> {
             let r = ip.round()?;
-            Ok([r[PUT].ops_per_s(), r[GET].ops_per_s()])
+            Ok([PUT, GET].map(|i| e2e::RoundFigures {
+                ops_per_s: r[i].ops_per_s(),
+                p50_ns: r[i].hist.value_at_quantile(0.5) as f64,
+            }))
         };
         let pairing = e2e::Pairing {
             queues: 1,
-            depth: 64,
+            depths: &[1, 64],
             rounds: pairs,
             in_process: &mut in_process,
         };
@@ -347,7 +352,22 @@ fn run(args: &Args) -> Result<Report, Error> {
         )?;
         for r in rows {
             let (p50, p99, ops) = row_stats(&r.stats);
-            let mut ratio = if r.pairs.is_empty() {
+            if r.depth == 1 && !r.pairs.is_empty() {
+                // The round trip: e2e p50 minus the in-process p50 right after it, in us.
+                let (a, b): (Vec<f64>, Vec<f64>) = r
+                    .pairs
+                    .iter()
+                    .map(|p| (p.e2e.p50_ns / 1000.0, p.in_process.p50_ns / 1000.0))
+                    .unzip();
+                paired_rows.push(PairedRatio::difference(
+                    &c.to_string(),
+                    "mixed",
+                    &report::qd1_what(r.op),
+                    &a,
+                    &b,
+                ));
+            }
+            let mut ratio = if r.pairs.is_empty() || r.depth == 1 {
                 let base = engine_rows.iter().find(|e| {
                     e.compressor == c.to_string()
                         && e.corpus == "mixed"
@@ -358,7 +378,11 @@ fn run(args: &Args) -> Result<Report, Error> {
                     .filter(|b| *b > 0.0)
                     .map_or(0.0, |b| ops / b)
             } else {
-                let (a, b): (Vec<f64>, Vec<f64>) = r.pairs.iter().copied().unzip();
+                let (a, b): (Vec<f64>, Vec<f64>) = r
+                    .pairs
+                    .iter()
+                    .map(|p| (p.e2e.ops_per_s, p.in_process.ops_per_s))
+                    .unzip();
                 let p = PairedRatio::new(&c.to_string(), "mixed", &report::e2e_what(r.op), &a, &b);
                 let m = p.median;
                 paired_rows.push(p);
