@@ -208,6 +208,29 @@ pub struct Experiment {
     #[serde(rename = "guest")]
     pub guests: Vec<Guest>,
     pub workload: Workload,
+    /// The daemon's policies (tmem mode).
+    #[serde(default)]
+    pub tmem: TmemPolicy,
+}
+
+/// What an incompressible swap page does in tmem mode.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Incompressible {
+    /// Stored raw (the daemon's default).
+    #[default]
+    Store,
+    /// Refused: the guest writes it to its swap disk, as zswap does.
+    Refuse,
+}
+
+/// The `[tmem]` table: the daemon's options that are a policy choice, not a size.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TmemPolicy {
+    /// `--persistent-incompressible`.
+    #[serde(default)]
+    pub incompressible: Incompressible,
 }
 
 fn one_u64() -> u64 {
@@ -435,6 +458,9 @@ impl Experiment {
     /// guests never load the driver.
     pub fn daemon_args(&self) -> Vec<String> {
         let mut args = vec!["--memory-limit".to_string(), self.budget.0.to_string()];
+        if self.tmem.incompressible == Incompressible::Refuse {
+            args.extend(["--persistent-incompressible".into(), "refuse".into()]);
+        }
         for g in &self.guests {
             let mut c = format!(
                 "name={},socket={{dir}}/{}.sock,weight={}",
@@ -545,6 +571,21 @@ working_set = "192M"
         assert!(e.contains("budjet"), "{e}");
         let e = err(&GOOD.replace("kind = \"phase\"", "kind = \"phase\"\nops_ = 3"));
         assert!(e.contains("ops_"), "{e}");
+        let e = err(&format!("{GOOD}\n[tmem]\nincompressable = \"refuse\"\n"));
+        assert!(e.contains("incompressable"), "{e}");
+        let e = err(&format!("{GOOD}\n[tmem]\nincompressible = \"drop\"\n"));
+        assert!(e.contains("drop") && e.contains("refuse"), "{e}");
+    }
+
+    #[test]
+    fn the_tmem_table_sets_the_daemons_policy() {
+        let e = Experiment::parse(&format!("{GOOD}\n[tmem]\nincompressible = \"refuse\"\n"))
+            .unwrap();
+        let a = e.daemon_args();
+        assert_eq!(a[2..4], ["--persistent-incompressible", "refuse"]);
+        // By default the daemon keeps its own default.
+        let a = Experiment::parse(GOOD).unwrap().daemon_args();
+        assert!(!a.iter().any(|a| a.contains("incompressible")), "{a:?}");
     }
 
     #[test]

@@ -127,14 +127,18 @@ pub fn markdown(e: &Experiment, r: &Results) -> String {
     let w = &e.workload;
     let _ = writeln!(
         out,
-        "Guests: {}. Host budget {}: with tmem, the daemon's memory limit, shared by weight; in \
-         the other modes each guest gets an even share ({}) as extra RAM, which its zswap pool \
+        "Guests: {}. Host budget {}: with tmem, the daemon's memory limit, shared by weight \
+         (incompressible swap pages {}); in the other modes each guest gets an even share ({}) as extra RAM, which its zswap pool \
          (max_pool_percent) or zram device (disksize) may fill, so every mode has the same host \
          memory. Workload `{}`: working set {}, idle set {}, file set {}, {} accesses per set, \
          zipf {}, {} % writes, seed {}. Accelerator: {} (times under TCG are not performance \
          figures: the counts are the result).\n",
         guests.join(", "),
         e.budget,
+        match e.tmem.incompressible {
+            crate::experiment::Incompressible::Store => "stored raw",
+            crate::experiment::Incompressible::Refuse => "refused, to the swap disk",
+        },
         crate::experiment::Size(e.share()),
         w.kind.name(),
         w.working_set,

@@ -156,9 +156,13 @@ pub struct ServeArgs {
         DEFAULT_RAW_THRESHOLD,
     ))]
     pub raw_threshold: Option<usize>,
-    /// What to do with incompressible ephemeral pages (persistent ones are stored raw).
+    /// What to do with incompressible ephemeral pages [default: refuse]
     #[arg(long, value_enum)]
     pub ephemeral_incompressible: Option<Incompressible>,
+    /// What to do with incompressible persistent (swap) pages: `refuse` sends them to the
+    /// guest's swap device, as zswap does [default: store]
+    #[arg(long, value_enum)]
+    pub persistent_incompressible: Option<Incompressible>,
     #[arg(long, help = with_default("Most pools per client", DEFAULT_MAX_POOLS))]
     pub max_pools: Option<usize>,
     #[arg(long, help = with_default(
@@ -250,11 +254,11 @@ fn with_default(help: &str, default: impl std::fmt::Display) -> String {
     format!("{help} [default: {default}]")
 }
 
-/// `--ephemeral-incompressible` values.
+/// `--ephemeral-incompressible` and `--persistent-incompressible` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Incompressible {
-    /// Refuse them (the guest rereads clean pages from disk).
+    /// Refuse them (the guest rereads clean pages from disk, writes swap pages to its disk).
     Refuse,
     /// Store them raw.
     Store,
@@ -307,6 +311,7 @@ pub struct FileConfig {
     pub compressor: Option<String>,
     pub raw_threshold: Option<usize>,
     pub ephemeral_incompressible: Option<Incompressible>,
+    pub persistent_incompressible: Option<Incompressible>,
     pub max_pools: Option<usize>,
     pub queues: Option<u16>,
     pub queue_size: Option<usize>,
@@ -559,11 +564,21 @@ impl TryFrom<ServeArgs> for DaemonConfig {
         if !(1..=1024).contains(&max_pools) {
             return Err(Error::BadMaxPools(max_pools));
         }
-        let incompressible = match a.ephemeral_incompressible.or(file.ephemeral_incompressible) {
+        let policy = |v: Option<Incompressible>, default| match v {
             Some(Incompressible::Store) => IncompressiblePolicy::Store,
             Some(Incompressible::Refuse) => IncompressiblePolicy::Refuse,
-            None => IncompressiblePolicy::default(),
+            None => default,
         };
+        let defaults = EngineConfig::default();
+        let incompressible = policy(
+            a.ephemeral_incompressible.or(file.ephemeral_incompressible),
+            defaults.ephemeral_incompressible,
+        );
+        let persistent_incompressible = policy(
+            a.persistent_incompressible
+                .or(file.persistent_incompressible),
+            defaults.persistent_incompressible,
+        );
         let poll_us = a.poll_us.or(file.poll_us).unwrap_or(DEFAULT_POLL_US);
         if poll_us > MAX_POLL_US {
             return Err(Error::PollTooLong(poll_us));
@@ -676,6 +691,7 @@ impl TryFrom<ServeArgs> for DaemonConfig {
                 compressor,
                 raw_threshold,
                 ephemeral_incompressible: incompressible,
+                persistent_incompressible,
                 max_pools,
             },
             device,
@@ -1011,6 +1027,7 @@ mod tests {
 memory_limit = "2G"
 compressor = "zstd"
 queues = 2
+persistent_incompressible = "refuse"
 socket_group = "0"
 control_group = "root"
 sandbox = "namespace"
@@ -1033,6 +1050,13 @@ listen = "vm3"
         let c = cfg(&["--config", p.to_str().unwrap(), "--memory-limit", "3G"]).unwrap();
         assert_eq!(c.engine.memory_limit, 3 << 30);
         assert_eq!(c.engine.compressor, Compressor::Zstd(1));
+        assert_eq!(
+            (
+                c.engine.persistent_incompressible,
+                c.engine.ephemeral_incompressible
+            ),
+            (IncompressiblePolicy::Refuse, IncompressiblePolicy::Refuse)
+        );
         assert_eq!(c.clients.len(), 3);
         assert_eq!(c.clients[2].endpoint, Endpoint::Listen("vm3".into()));
         assert_eq!(c.clients[0].config.quota, 512 << 20);
@@ -1044,8 +1068,20 @@ listen = "vm3"
         );
         assert_eq!(c.state_file, None);
         // The command line wins.
-        let c = cfg(&["--config", p.to_str().unwrap(), "--sandbox", "none"]).unwrap();
+        let c = cfg(&[
+            "--config",
+            p.to_str().unwrap(),
+            "--sandbox",
+            "none",
+            "--persistent-incompressible",
+            "store",
+        ])
+        .unwrap();
         assert_eq!(c.sandbox.mode, SandboxMode::None);
+        assert_eq!(
+            c.engine.persistent_incompressible,
+            IncompressiblePolicy::Store
+        );
         std::fs::write(
             &p,
             "state_file = \"/var/lib/t.state\"\nstate_file_invalid = \"start-empty\"\n\

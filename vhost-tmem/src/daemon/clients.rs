@@ -449,6 +449,10 @@ impl Clients {
             "ephemeral_incompressible",
             old.engine.ephemeral_incompressible != new.engine.ephemeral_incompressible,
         );
+        restart(
+            "persistent_incompressible",
+            old.engine.persistent_incompressible != new.engine.persistent_incompressible,
+        );
         restart("max_pools", old.engine.max_pools != new.engine.max_pools);
         restart(
             "queues",

@@ -29,12 +29,11 @@ use super::{
     format_uuid, Error, GetHit, PageDst, PageKey, PageSrc, PoolId, PoolSpec, Result, Tmem, Uuid,
 };
 
-/// What happens to an ephemeral page that does not compress below the raw threshold.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// What happens to a page that does not compress below the raw threshold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IncompressiblePolicy {
-    /// Refuse it: the guest can reread a clean page from disk, so host memory is better spent
-    /// on pages that compress.
-    #[default]
+    /// Refuse it: an ephemeral page is reread from disk, a persistent one goes to the guest's
+    /// swap device, so host memory is spent on pages that compress (as zswap does).
     Refuse,
     /// Store it raw.
     Store,
@@ -47,11 +46,13 @@ pub struct EngineConfig {
     pub memory_limit: u64,
     /// Default compressor (clients may override).
     pub compressor: Compressor,
-    /// A compressed page of this many bytes or more is stored raw (persistent) or handled by
-    /// `ephemeral_incompressible` (ephemeral).
+    /// A compressed page of this many bytes or more is incompressible: stored raw or refused,
+    /// as the policy of its pool's kind says.
     pub raw_threshold: usize,
-    /// Policy for incompressible ephemeral pages.
+    /// Policy for incompressible ephemeral pages (default: refuse).
     pub ephemeral_incompressible: IncompressiblePolicy,
+    /// Policy for incompressible persistent pages (default: store).
+    pub persistent_incompressible: IncompressiblePolicy,
     /// Most pools per client.
     pub max_pools: usize,
 }
@@ -62,7 +63,8 @@ impl Default for EngineConfig {
             memory_limit: super::DEFAULT_MEMORY_LIMIT,
             compressor: super::DEFAULT_COMPRESSOR,
             raw_threshold: super::DEFAULT_RAW_THRESHOLD,
-            ephemeral_incompressible: IncompressiblePolicy::default(),
+            ephemeral_incompressible: IncompressiblePolicy::Refuse,
+            persistent_incompressible: IncompressiblePolicy::Store,
             max_pools: super::DEFAULT_MAX_POOLS,
         }
     }
@@ -864,19 +866,28 @@ impl Tmem for Engine {
                 .compress(pool.compressor, page, self.cfg.raw_threshold)?
             {
                 Some((enc, bytes)) => Slot::stored(&self.budget.arena, enc, bytes),
-                None if pool.persistent
-                    || self.cfg.ephemeral_incompressible == IncompressiblePolicy::Store =>
-                {
-                    Slot::stored_page(&self.budget.arena, page)
-                }
                 None => {
-                    return Err(self.refuse(
-                        client,
-                        &pool,
-                        page_key,
-                        Error::Refused("incompressible ephemeral page"),
-                        Insert::Put,
-                    ))
+                    let (policy, why) = if pool.persistent {
+                        (
+                            self.cfg.persistent_incompressible,
+                            "incompressible persistent page",
+                        )
+                    } else {
+                        (
+                            self.cfg.ephemeral_incompressible,
+                            "incompressible ephemeral page",
+                        )
+                    };
+                    if policy == IncompressiblePolicy::Refuse {
+                        return Err(self.refuse(
+                            client,
+                            &pool,
+                            page_key,
+                            Error::Refused(why),
+                            Insert::Put,
+                        ));
+                    }
+                    Slot::stored_page(&self.budget.arena, page)
                 }
             },
         };

@@ -241,6 +241,32 @@ fn persistent_stored_raw_when_incompressible() {
 }
 
 #[test]
+fn persistent_incompressible_refused_when_told_and_the_old_copy_goes() {
+    let e = Engine::new(EngineConfig {
+        memory_limit: 1 << 30,
+        persistent_incompressible: IncompressiblePolicy::Refuse,
+        ..EngineConfig::default()
+    });
+    let c = e.add_client(ClientConfig::named("a"));
+    let mut w = e.new_worker().unwrap();
+    let p = e.create_pool(&c, PERS).unwrap();
+    let mut out = vec![0u8; PAGE_SIZE];
+    // A page that compresses is stored; the same key rewritten with one that does not is
+    // refused, and the older copy must not be served in its place.
+    e.put(&mut w, &c, &key(p, OID, 1), &page(1)).unwrap();
+    let r = e.put(&mut w, &c, &key(p, OID, 1), &random_page(5));
+    assert!(matches!(r, Err(Error::Refused(_))), "{r:?}");
+    assert!(matches!(
+        e.get(&mut w, &c, &key(p, OID, 1), &mut out, false),
+        Err(Error::Miss)
+    ));
+    let s = e.stats();
+    assert_eq!(s.clients[0].counters.raw_pages, 0);
+    assert_eq!(s.clients[0].counters.stored_pages, 0);
+    assert_eq!(e.memory_used(), 0);
+}
+
+#[test]
 fn ephemeral_eviction_under_limit_persistent_never_evicted() {
     // Room for roughly 40 compressed pages.
     let one = {
