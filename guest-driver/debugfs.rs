@@ -27,6 +27,8 @@ pub(crate) struct Counters {
     pub(crate) cache_invalidations: AtomicU64,
     pub(crate) cache_pools: AtomicU64,
     pub(crate) cache_shared_pools: AtomicU64,
+    /// Filesystem pools replaced by an empty one (`invalidate_bdev()`).
+    pub(crate) cache_pool_resets: AtomicU64,
     pub(crate) failures: AtomicU64,
     /// Answers whose used length was not what the operation returns.
     pub(crate) bad_answers: AtomicU64,
@@ -51,7 +53,7 @@ impl Dir {
         let dir =
             unsafe { bindings::debugfs_create_dir(c_str!("tmem").as_char_ptr(), ptr::null_mut()) };
         let s = &dev.stats;
-        let files: [(&CStr, &AtomicU64); 19] = [
+        let files: [(&CStr, &AtomicU64); 20] = [
             (c_str!("puts"), &s.puts),
             (c_str!("puts_refused"), &s.puts_refused),
             (c_str!("gets"), &s.gets),
@@ -65,6 +67,7 @@ impl Dir {
             (c_str!("cache_invalidations"), &s.cache_invalidations),
             (c_str!("cache_pools"), &s.cache_pools),
             (c_str!("cache_shared_pools"), &s.cache_shared_pools),
+            (c_str!("cache_pool_resets"), &s.cache_pool_resets),
             (c_str!("failures"), &s.failures),
             (c_str!("bad_answers"), &s.bad_answers),
             (c_str!("flushes"), &s.flushes),

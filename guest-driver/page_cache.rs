@@ -212,6 +212,7 @@ impl backend::PageCache for TmemDev {
         if old == NO_POOL {
             return;
         }
+        self.stats.cache_pool_resets.fetch_add(1, Ordering::Relaxed);
         self.destroy_pool(old, "page cache", epoch);
         match self.create_cache_pool(None, epoch) {
             Ok(pool) if self.publish(slot, pool, epoch) => {}

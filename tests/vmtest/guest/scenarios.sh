@@ -14,7 +14,8 @@ SWAP=/dev/vda
 DATA=/dev/vdb
 DISK2=/dev/vdc
 COUNTERS="puts puts_refused gets hits misses cache_puts cache_puts_refused cache_gets cache_hits
-cache_misses cache_invalidations failures flushes batches pools cache_pools recoveries"
+cache_misses cache_invalidations failures flushes batches pools cache_pools cache_pool_resets
+recoveries"
 # Counters of module instances unloaded earlier in the run (the daemon's counters go on).
 SAVED=/tmp/saved-stats
 
@@ -592,6 +593,8 @@ pagecache-hits)
 	umount /mnt || fail "umount"
 	none_of failures
 	none_of cache_pools
+	# umount releases the pool before the filesystem's own invalidate_bdev() would replace it.
+	none_of cache_pool_resets
 	stats
 	pass
 	;;
@@ -639,7 +642,21 @@ pagecache-coherency)
 	echo 3 >/proc/sys/vm/drop_caches
 	count_hits memtouch verify $F 64 34
 	[ "$HITS" -ge "$(pages_of 32)" ] || fail "after inode eviction: only $HITS pages hit"
+	# 7. The block device's buffers flushed (BLKFLSBUF: invalidate_bdev): the pool is replaced
+	# by an empty one with the filesystem's hooks quiesced, and the file still reads right.
+	drop_cache
+	blockdev --flushbufs $DATA || fail "blockdev --flushbufs"
+	[ "$(stat_of cache_pool_resets)" -eq 1 ] || fail "cache_pool_resets is $(stat_of cache_pool_resets) after BLKFLSBUF, expected 1"
+	[ "$(stat_of cache_pools)" -eq 1 ] || fail "no pool after BLKFLSBUF"
+	memtouch verify $F 64 34 || fail "after BLKFLSBUF"
+	drop_cache
+	count_hits memtouch verify $F 64 34
+	[ "$HITS" -ge "$(pages_of 32)" ] || fail "the new pool after BLKFLSBUF: only $HITS pages hit"
 	umount /mnt || fail "umount"
+	# umount releases the pool before the filesystem shuts down: its invalidate_bdev() must not
+	# replace the pool on the way out (destroy, create, destroy).
+	[ "$(stat_of cache_pool_resets)" -eq 1 ] || fail "umount replaced the pool (cache_pool_resets $(stat_of cache_pool_resets))"
+	none_of cache_pools
 	none_of failures
 	stats
 	pass
