@@ -579,8 +579,8 @@ working_set = "192M"
 
     #[test]
     fn the_tmem_table_sets_the_daemons_policy() {
-        let e = Experiment::parse(&format!("{GOOD}\n[tmem]\nincompressible = \"refuse\"\n"))
-            .unwrap();
+        let e =
+            Experiment::parse(&format!("{GOOD}\n[tmem]\nincompressible = \"refuse\"\n")).unwrap();
         let a = e.daemon_args();
         assert_eq!(a[2..4], ["--persistent-incompressible", "refuse"]);
         // By default the daemon keeps its own default.

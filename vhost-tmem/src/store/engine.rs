@@ -19,9 +19,9 @@ use super::codec::{Codecs, Compressor};
 use super::counters::Counters;
 use super::hash::KeyedState;
 use super::layout::{
-    compact_lru, count_page, key_of, payload_cost, remove_run, renew_shared, shared_bits,
-    take_page, take_shared_page, Account, LruRef, MemberLru, Object, Pool, Rotation, Run, RunKey,
-    Shard, MAX_STRUCT_COST, OBJ_META, RUN_PAGES, SHARDS, SHARED_PAGE_META, SLOT_BYTES,
+    compact_lru, count_page, due, key_of, payload_cost, remove_run, renew_shared, shared_bits,
+    take_page, take_shared_page, tick, Account, LruRef, MemberLru, Object, Pool, Rotation, Run,
+    RunKey, Shard, MAX_STRUCT_COST, OBJ_META, RUN_PAGES, SHARDS, SHARED_PAGE_META,
 };
 use super::session::Session;
 use super::slot::{Payload, Slot};
@@ -491,11 +491,10 @@ impl Engine {
                     let had = shared_bits(run, Some(me)) != 0;
                     run.owners.get_or_insert_with(|| Box::new([0; RUN_PAGES]))[bit as usize] = me;
                     let at = run.pos(bit);
-                    run.slots.reserve_exact(usize::from(run.slots.is_empty()));
                     run.slots.insert(at, slot);
                     run.present |= 1 << bit;
                     // A member's first page in the run needs a record in its queue.
-                    let renew = !had || run.stamp == 0 || sh.clock - run.stamp >= window;
+                    let renew = !had || due(sh.clock, run.stamp, window);
                     count_page(
                         &mut sh.counts,
                         &mut sh.payload_charged,
@@ -733,28 +732,24 @@ impl Engine {
             if new_run {
                 structure += pool.run_cost();
             }
-            let cap = run.slots.capacity();
+            let held = run.slots.heap_bytes();
             let at = run.pos(bit);
             let old = if run.present & (1 << bit) != 0 {
                 Some(std::mem::replace(&mut run.slots[at], slot))
             } else {
-                // A run's first page gets a slot vector of one, not the default four: runs
-                // of one page are common (small files, scattered swap slots).
-                run.slots.reserve_exact(usize::from(run.slots.is_empty()));
                 run.slots.insert(at, slot);
                 run.present |= 1 << bit;
                 None
             };
-            structure += (run.slots.capacity() - cap) as u64 * SLOT_BYTES;
+            structure += run.slots.heap_bytes() - held;
             let mut push = None;
             if !pool.persistent {
                 // A run recorded recently is near the LRU's tail already: skip the record, so
                 // a run filled page by page costs one record, not sixteen.
                 let window = (sh.runs as u64 / 4).max(8);
-                if run.stamp == 0 || sh.clock - run.stamp >= window {
-                    sh.clock += 1;
-                    run.stamp = sh.clock;
-                    push = Some(sh.clock);
+                if due(sh.clock, run.stamp, window) {
+                    run.stamp = tick(&mut sh.clock);
+                    push = Some(run.stamp);
                 }
             }
             let added = payload_cost(run.slots[at].len());
@@ -977,7 +972,7 @@ impl Tmem for Engine {
                 Some((run, r)) => {
                     // Only shared pools get here with ephemeral pages (private ones move
                     // out): a hit makes the run recently used again for its owners.
-                    let renew = !pool.persistent && sh.clock - run.stamp >= window;
+                    let renew = !pool.persistent && due(sh.clock, run.stamp, window);
                     sh.counts.get_hits += 1;
                     if renew {
                         renew_shared(sh, key);

@@ -23,7 +23,7 @@ use shared_proto::Oid;
 use super::codec::{Compressor, Encoding};
 use super::counters::{CounterSnapshot, Counters};
 use super::hash::KeyedState;
-use super::slot::{Payload, Slot};
+use super::slot::{Payload, Slot, Slots};
 use super::{PageKey, Uuid};
 
 /// Shards per pool: a power of two, a few times the number of worker threads.
@@ -33,7 +33,8 @@ pub(super) const RUN_SHIFT: u32 = 4;
 /// Pages in a run.
 pub(super) const RUN_PAGES: usize = 1 << RUN_SHIFT;
 
-/// Charged per slot of a run's slot vector (by capacity).
+/// Charged per slot of a run's slot vector (by capacity), beside the vector itself
+/// ([`Slots::heap_bytes`]); a run's single slot is inline and costs nothing extra.
 pub(super) const SLOT_BYTES: u64 = std::mem::size_of::<Slot>() as u64;
 /// Charged per run in an object's run map: its entry (key, run, control byte) at the lowest
 /// load factor the map keeps (7/16, just after it grows), so the charge covers what is
@@ -42,26 +43,30 @@ pub(super) const RUN_META: u64 = ((std::mem::size_of::<(u64, Run)>() + 1) * 16 /
 /// Charged per object per shard: its entry in the shard's object map (an object's single run
 /// lives in it), at the same load factor.
 pub(super) const OBJ_META: u64 = ((std::mem::size_of::<(Oid, Object)>() + 1) * 16 / 7) as u64;
+/// Charged per object (per shard) with runs in a map: the map's own struct, on the heap so
+/// that objects of one run (most of them) do not carry its room.
+pub(super) const MAP_BOX: u64 = std::mem::size_of::<HashMap<u64, Run, KeyedState>>() as u64;
 /// Charged per run of an ephemeral pool: LRU records, by the queue's room. Compaction keeps
 /// the records under one and a half per run and the room under twice the records (beyond a
 /// constant per shard), see `compact_lru`.
 pub(super) const LRU_META: u64 = 3 * std::mem::size_of::<LruRef>() as u64;
 /// The most a put can add besides its payload: a new object, an object's single run moving
-/// into a map with the new run beside it, an LRU share, or the slot vector growing from 8 to 16.
+/// into a map with the new run beside it, an LRU share, and the slots growing (at most from 8
+/// to 16, 128 bytes; from one inline slot to a vector of two, 56).
 pub(super) const MAX_STRUCT_COST: u64 =
-    OBJ_META + 2 * RUN_META + LRU_META + RUN_PAGES as u64 * SLOT_BYTES;
+    OBJ_META + MAP_BOX + 2 * RUN_META + LRU_META + RUN_PAGES as u64 * SLOT_BYTES;
 
 /// Charged per page of a shared pool besides its payload, to the client that put it: at least
 /// the page's share of any structure around it, so that each page's charge can go to its own
 /// client without tracking who created that structure. Per page at most: an object entry
 /// (alone in its shard) or half of one plus a run map entry (two or more runs), a run's LRU
-/// records and owner table (a run of one page), and two slots (a slot vector is at most
-/// twice its length).
+/// records and owner table (a run of one page), and two slots (a run of n pages holds at most
+/// 24 + 16 * cap bytes of slots, cap < 2n for n > 2, so under 32 bytes per page).
 pub(super) const SHARED_PAGE_META: u64 = {
-    let obj_share = if OBJ_META > OBJ_META / 2 + RUN_META {
+    let obj_share = if OBJ_META > (OBJ_META + MAP_BOX) / 2 + RUN_META {
         OBJ_META
     } else {
-        OBJ_META / 2 + RUN_META
+        (OBJ_META + MAP_BOX).div_ceil(2) + RUN_META
     };
     obj_share + LRU_META + 2 * SLOT_BYTES + std::mem::size_of::<[u32; RUN_PAGES]>() as u64
 };
@@ -156,9 +161,11 @@ impl Hash for RunKey {
 pub(super) struct Run {
     /// Bit i: page `run * 16 + i` is stored, at `slots[popcount(present below i)]`.
     pub(super) present: u16,
-    /// LRU stamp of this run's newest record (ephemeral pools).
-    pub(super) stamp: u64,
-    pub(super) slots: Vec<Slot>,
+    /// LRU stamp of this run's newest record (ephemeral pools); 0: none yet. 32 bits keep a
+    /// run at 32 bytes: stamps wrap after 2^32 records in a shard, and a record that old has
+    /// been compacted away long before (a false match would only reorder eviction).
+    pub(super) stamp: u32,
+    pub(super) slots: Slots,
     /// Shared pools only: the account id of the client that put each page (by index bit),
     /// which is charged for it and alone may flush it.
     pub(super) owners: Option<Box<[u32; RUN_PAGES]>>,
@@ -187,7 +194,7 @@ impl Run {
 #[derive(Debug)]
 pub(super) struct LruRef {
     pub(super) key: RunKey,
-    pub(super) stamp: u64,
+    pub(super) stamp: u32,
 }
 
 /// Counts a page in or out of a shard's gauges and its payload charge.
@@ -225,7 +232,10 @@ pub(super) fn count_page(
 #[derive(Debug)]
 pub(super) enum Object {
     One(u64, Run),
-    Many(HashMap<u64, Run, KeyedState>),
+    // Boxed on purpose: inline, the map's struct would make every object's entry 48 bytes
+    // larger, one-run objects included.
+    #[allow(clippy::box_collection)]
+    Many(Box<HashMap<u64, Run, KeyedState>>),
 }
 
 impl Object {
@@ -244,15 +254,16 @@ impl Object {
     }
 
     /// The run numbered `run`, created empty if missing; and the map charge that added
-    /// (`RUN_META` for each run that now sits in a map and did not before).
+    /// (`RUN_META` for each run that now sits in a map and did not before, `MAP_BOX` for a
+    /// new map).
     pub(super) fn run_or_insert(&mut self, run: u64, h: KeyedState) -> (&mut Run, u64) {
         let mut charge = 0;
         if let Object::One(r, x) = self {
             if *r != run {
-                let mut m = HashMap::with_capacity_and_hasher(2, h);
+                let mut m = Box::new(HashMap::with_capacity_and_hasher(2, h));
                 m.insert(*r, std::mem::take(x));
                 *self = Object::Many(m);
-                charge += RUN_META;
+                charge += MAP_BOX + RUN_META;
             }
         }
         match self {
@@ -285,7 +296,8 @@ pub(super) struct Shard {
     pub(super) lru: VecDeque<LruRef>,
     /// Shared pools: a queue per member with pages here (by account id).
     pub(super) members: HashMap<u32, MemberLru, KeyedState>,
-    pub(super) clock: u64,
+    /// The last stamp given (see [`Run::stamp`]).
+    pub(super) clock: u32,
     /// Gauges and the common request counters of this shard's pages; `memory_used` is
     /// everything charged for the shard, payloads and structure.
     pub(super) counts: CounterSnapshot,
@@ -375,7 +387,7 @@ fn unlink_run(sh: &mut Shard, key: &RunKey, ephemeral: bool) -> Option<(Run, u64
                 // Back inline: a map of one would keep the room of every run it ever held.
                 let (r, x) = m.drain().next().expect("one run left");
                 *obj = Object::One(r, x);
-                freed += RUN_META;
+                freed += MAP_BOX + RUN_META;
             } else {
                 shrink_map(m);
             }
@@ -400,7 +412,7 @@ fn unlink_run(sh: &mut Shard, key: &RunKey, ephemeral: bool) -> Option<(Run, u64
 pub(super) fn remove_run(pool: &Pool, sh: &mut Shard, key: &RunKey) -> Option<(Run, u64)> {
     debug_assert!(pool.shared.is_none(), "shared pools charge per page");
     let (run, mut freed) = unlink_run(sh, key, !pool.persistent)?;
-    freed += pool.run_cost() + run.slots.capacity() as u64 * SLOT_BYTES;
+    freed += pool.run_cost() + run.slots.heap_bytes();
     sh.counts.memory_used -= freed;
     for s in &run.slots {
         count_page(&mut sh.counts, &mut sh.payload_charged, s, false);
@@ -503,11 +515,22 @@ pub(super) fn take_page(
     Some((slot, freed))
 }
 
+/// A new stamp from a shard's clock: it moves on, wrapping past 0 (which means "no record").
+pub(super) fn tick(clock: &mut u32) -> u32 {
+    *clock = clock.wrapping_add(1).max(1);
+    *clock
+}
+
+/// Whether a run stamped `stamp` is due a new record: it has none, or its last one is at least
+/// `window` records back in the queue.
+pub(super) fn due(clock: u32, stamp: u32, window: u64) -> bool {
+    stamp == 0 || u64::from(clock.wrapping_sub(stamp)) >= window
+}
+
 /// Records a shared run as recently used for every member with pages in it: a new stamp and a
 /// record in each of their queues (at most 16), which makes their older records stale.
 pub(super) fn renew_shared(sh: &mut Shard, key: RunKey) {
-    sh.clock += 1;
-    let stamp = sh.clock;
+    let stamp = tick(&mut sh.clock);
     let Some(run) = sh.run_mut(&key) else {
         return;
     };

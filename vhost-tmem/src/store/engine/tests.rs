@@ -1,6 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 use super::*;
-use crate::store::layout::{LRU_META, RUN_META};
+use crate::store::layout::{LRU_META, MAP_BOX, RUN_META, SLOT_BYTES};
+
+/// A run's slot vector, besides its room.
+const VEC_BYTES: u64 = std::mem::size_of::<Vec<Slot>>() as u64;
 use crate::store::testutil::random_page;
 use shared_proto::PAGE_SIZE;
 
@@ -115,13 +118,14 @@ fn replacing_put_and_same_filled_pages() {
     let k = &s.clients[0].counters;
     assert_eq!((k.stored_pages, k.same_filled_pages), (3, 2));
     // Same-filled pages cost metadata only: one object with its single run inline, three
-    // slots (capacity 4).
+    // slots (a vector of capacity 4 behind a pointer).
+    let slots = VEC_BYTES + 4 * SLOT_BYTES;
     assert_eq!(
         e.memory_used(),
-        OBJ_META + 4 * SLOT_BYTES + payload_cost(k.compressed_bytes as usize)
+        OBJ_META + slots + payload_cost(k.compressed_bytes as usize)
     );
     assert_eq!(s.clients[0].pools[0].counters.memory_used, e.memory_used());
-    let meta = (OBJ_META + 4 * SLOT_BYTES) as f64 / 3.0;
+    let meta = (OBJ_META + slots) as f64 / 3.0;
     assert_eq!(s.metadata_bytes_per_page, (meta * 10.0).round() / 10.0);
 }
 
@@ -134,9 +138,9 @@ fn object_with_a_second_run_moves_to_a_map_and_charges_follow() {
     let zero = [0u8; PAGE_SIZE];
     for (spec, lru) in [(PERS, 0), (EPH, LRU_META)] {
         let p = e.create_pool(&c, spec).unwrap();
-        // One run: inline in its object.
+        // One run: inline in its object, and its one slot inline in the run.
         e.put(&mut w, &c, &key(p, OID, 3), &zero).unwrap();
-        assert_eq!(e.memory_used(), OBJ_META + SLOT_BYTES + lru);
+        assert_eq!(e.memory_used(), OBJ_META + lru);
         assert_eq!(e.object_shapes(&c, p), (1, 1));
         // Forty runs of one page each over 16 shards (placed by a per-pool random hash):
         // some shards hold several of the object's runs, in a map.
@@ -149,7 +153,10 @@ fn object_with_a_second_run_moves_to_a_map_and_charges_follow() {
         assert!(single < objects, "40 runs over 16 shards: some share one");
         assert_eq!(
             e.memory_used(),
-            objects * OBJ_META + (runs - single) * RUN_META + runs * (SLOT_BYTES + lru)
+            objects * OBJ_META
+                + (objects - single) * MAP_BOX
+                + (runs - single) * RUN_META
+                + runs * lru
         );
         if spec.persistent {
             for &i in &idx {
