@@ -198,6 +198,9 @@ impl Vmm {
         )?;
         self.frontend
             .set_features(self.features | 1 << VHOST_F_LOG_ALL)?;
+        // SET_FEATURES has no reply: a message that has one makes sure the backend logs before
+        // the next request reaches a queue (QEMU waits the same way when it turns logging on).
+        self.frontend.get_features()?;
         self.log = Some(file);
         Ok(())
     }
