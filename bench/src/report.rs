@@ -206,22 +206,17 @@ pub struct PairedRatio {
 impl PairedRatio {
     /// The ratio `a[i] / b[i]` of each pair, summarized.
     pub fn new(compressor: &str, corpus: &str, what: &str, a: &[f64], b: &[f64]) -> Self {
-        let v = stats::per_pair(a, b);
-        let (min, max) = stats::spread(&v);
-        PairedRatio {
-            compressor: compressor.into(),
-            corpus: corpus.into(),
-            max: stats::round3(max),
-            median: stats::round3(stats::median(&v)),
-            min: stats::round3(min),
-            per_pair: v.into_iter().map(stats::round3).collect(),
-            what: what.into(),
-        }
+        Self::summarize(compressor, corpus, what, stats::per_pair(a, b))
     }
 
     /// The difference `a[i] - b[i]` of each pair, summarized.
     pub fn difference(compressor: &str, corpus: &str, what: &str, a: &[f64], b: &[f64]) -> Self {
-        let v: Vec<f64> = a.iter().zip(b).map(|(a, b)| a - b).collect();
+        let v = a.iter().zip(b).map(|(a, b)| a - b).collect();
+        Self::summarize(compressor, corpus, what, v)
+    }
+
+    /// Per-pair values as a figure: their median and spread.
+    fn summarize(compressor: &str, corpus: &str, what: &str, v: Vec<f64>) -> Self {
         let (min, max) = stats::spread(&v);
         PairedRatio {
             compressor: compressor.into(),
