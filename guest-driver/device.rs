@@ -695,7 +695,16 @@ impl TmemDev {
     /// use. On failure the queues are deleted again.
     pub(crate) fn new(vdev: &virtio::Device) -> Result<Arc<TmemDev>> {
         let mut raw = [0u8; Config::SIZE];
-        vdev.read_config(&mut raw);
+        vdev.read_config(&mut raw)?;
+        if raw.iter().all(|&b| b == 0xff) {
+            // What QEMU's virtio-pci reads past a device's config space: an attach line
+            // without `config_size`.
+            pr_err!(
+                "the device's config space is empty (QEMU: config_size={})\n",
+                Config::SIZE
+            );
+            return Err(EINVAL);
+        }
         let config = Config::decode(&raw);
         if u32::from(config.page_shift) != proto::PAGE_SHIFT {
             pr_err!("device page shift {} is not supported\n", config.page_shift);

@@ -53,12 +53,27 @@ impl Device {
         unsafe { bindings::virtio_has_feature(self.as_raw(), bit) }
     }
 
-    /// Reads the start of the device's config space into `buf`.
-    pub(crate) fn read_config(&self, buf: &mut [u8]) {
-        // SAFETY: the device is valid (type invariant) and `buf` is writable for its length.
+    /// Reads the start of the device's config space into `buf`. A space shorter than `buf`
+    /// is `EINVAL`: virtio-pci would stop the read with a BUG (QEMU's
+    /// `vhost-user-test-device` without `config_size=24` offers none at all).
+    pub(crate) fn read_config(&self, buf: &mut [u8]) -> Result {
+        // SAFETY: the device is valid (type invariant).
+        let len = unsafe { bindings::virtio_config_len(self.as_raw()) };
+        if len < buf.len() {
+            pr_err!(
+                "the device's config space has {} bytes, the driver reads {} (QEMU: config_size={})\n",
+                len,
+                buf.len(),
+                buf.len()
+            );
+            return Err(EINVAL);
+        }
+        // SAFETY: the device is valid (type invariant), `buf` is writable for its length, and
+        // the config space holds that many bytes (checked above).
         unsafe {
             bindings::virtio_cread_bytes(self.as_raw(), 0, buf.as_mut_ptr().cast(), buf.len())
         };
+        Ok(())
     }
 
     /// Finds one virtqueue per name. They have no callback: the driver polls them, so the

@@ -21,7 +21,7 @@ use tmem_testguest::daemon::Daemon;
 use tmem_vmtest::barrier::{self, Barriers, Port};
 use tmem_vmtest::boot::Run;
 use tmem_vmtest::disks::{make_ext4, sparse, DATA_UUID};
-use tmem_vmtest::qemu::{qemu_args, QemuArgs};
+use tmem_vmtest::qemu::{qemu_args, QemuArgs, CONFIG_SIZE};
 use tmem_vmtest::Runner;
 
 use crate::error::{Error, Result};
@@ -289,6 +289,7 @@ fn run_mode(runner: &Runner, e: &Experiment, mode: Mode, out: &Path) -> Result<M
                 cmdline: &e.cmdline(i, mode),
                 reconnect: false,
                 migratable: false,
+                config_size: CONFIG_SIZE,
                 qmp: None,
                 incoming: None,
             }));

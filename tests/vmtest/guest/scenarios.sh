@@ -713,7 +713,18 @@ two-guests)
 		umount /shared || fail "umount /shared"
 	fi
 	sync_point written
+	# Sharing is opt-in (tmem_shared) and only from a read-only block device: a read-only
+	# mount without the option, or with it on a writable device, gets a private pool.
 	mount_data -o ro $DISK2 /shared
+	none_of cache_shared_pools
+	umount /shared || fail "umount /shared"
+	mount_data -o ro,tmem_shared $DISK2 /shared
+	none_of cache_shared_pools
+	dmesg | grep -q "tmem_shared needs a read-only block device" ||
+		fail "no warning for tmem_shared on a writable device"
+	umount /shared || fail "umount /shared"
+	blockdev --setro $DISK2 || fail "blockdev --setro"
+	mount_data -o ro,tmem_shared $DISK2 /shared
 	[ "$(stat_of cache_shared_pools)" -eq 1 ] || fail "no shared pool (not authorized?)"
 	sync_point mounted
 	if [ "$ROLE" = a ]; then
@@ -787,6 +798,17 @@ migrate | snapshot | migrate-refused)
 	stats
 	pass
 	;;
+short-config)
+	# QEMU attached the device without config_size: its config space is empty (reads give
+	# 0xff). The driver refuses the device and says what is missing; the kernel runs on.
+	insmod /lib/modules/tmem.ko 2>/dev/null
+	dmesg | grep -q "the device's config space is empty (QEMU: config_size=24)" ||
+		fail "no message naming the missing config space"
+	[ ! -d $T ] || fail "the driver bound a device with no config space"
+	mount_data $DATA /mnt
+	echo data >/mnt/f && sync && umount /mnt || fail "the guest does not run on"
+	pass
+	;;
 bad-device)
 	# The device is the runner's misbehaving one (tests/vmtest/src/baddev.rs): each barrier
 	# switches it to another wrong way of answering. The data stays correct (reads fall back to
@@ -795,10 +817,12 @@ bad-device)
 	load
 	# 0. A read-only mount asks for a shared pool, which this device fails (not DENIED, an
 	# I/O error): the filesystem gets a private pool instead.
-	mount_data -o ro $DISK2 /mnt2
+	blockdev --setro $DISK2 || fail "blockdev --setro"
+	mount_data -o ro,tmem_shared $DISK2 /mnt2
 	[ "$(stat_of cache_pools)" -eq 1 ] || fail "no pool after the shared pool failed"
 	none_of cache_shared_pools
 	umount /mnt2 || fail "umount /mnt2"
+	blockdev --setrw $DISK2 || fail "blockdev --setrw"
 	mount_data $DATA /mnt
 	F=/mnt/file
 	memtouch write $F 32 70 || fail "write"

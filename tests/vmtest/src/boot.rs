@@ -18,7 +18,7 @@ use crate::barrier::{self, Barriers, Event, Port};
 use crate::disks::{self, SWAP_MIB};
 use crate::error::{Error, Result};
 use crate::migrate::{Kind, MigrateTo, Qmp};
-use crate::qemu::{qemu_args, QemuArgs, GUEST_MIB};
+use crate::qemu::{qemu_args, QemuArgs, CONFIG_SIZE, GUEST_MIB};
 use crate::Runner;
 
 /// Scenarios whose QEMU connects again after the daemon ends its connection (`reconnect-ms`).
@@ -255,6 +255,12 @@ impl Runner {
             // The daemon restarts under the guest: QEMU must come back to it.
             reconnect: RECONNECTING.contains(&scenario),
             migratable: qmp.is_some(),
+            // `short-config`: the attach line without `config_size`, a user's likely slip.
+            config_size: if scenario == "short-config" {
+                0
+            } else {
+                CONFIG_SIZE
+            },
             qmp: qmp.as_deref(),
             incoming: incoming.as_deref(),
         }));

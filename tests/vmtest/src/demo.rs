@@ -10,7 +10,7 @@ use tmem_testguest::daemon::Daemon;
 
 use crate::boot::How;
 use crate::error::{Error, Result};
-use crate::qemu::{qemu_args, QemuArgs, GUEST_MIB};
+use crate::qemu::{qemu_args, QemuArgs, CONFIG_SIZE, GUEST_MIB};
 use crate::Runner;
 
 /// The daemon's client figures when it held the most pages.
@@ -83,6 +83,7 @@ impl Runner {
                 cmdline: "tmem.scenario=demo",
                 reconnect: false,
                 migratable: false,
+                config_size: CONFIG_SIZE,
                 qmp: None,
                 incoming: None,
             })

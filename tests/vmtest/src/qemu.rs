@@ -22,6 +22,9 @@ pub enum Accel {
     Tcg,
 }
 
+/// The device's config space (`struct virtio_tmem_config`, docs/virtio-tmem.md).
+pub const CONFIG_SIZE: u16 = shared_proto::Config::SIZE as u16;
+
 /// What differs between guests' command lines.
 #[derive(Debug)]
 pub struct QemuArgs<'a> {
@@ -44,6 +47,9 @@ pub struct QemuArgs<'a> {
     pub reconnect: bool,
     /// The device migrates with the daemon's state (`migratable=on`, patch 0003).
     pub migratable: bool,
+    /// The device's config space in bytes ([`CONFIG_SIZE`]; 0 leaves `config_size` out, as an
+    /// attach line that forgets it does).
+    pub config_size: u16,
     /// A QMP socket QEMU listens on.
     pub qmp: Option<&'a Path>,
     /// `-incoming` (the target of a migration, or a snapshot to restore).
@@ -99,11 +105,16 @@ pub fn qemu_args(q: &QemuArgs) -> Vec<String> {
             s(q.socket),
             if q.reconnect { ",reconnect-ms=200" } else { "" }
         ),
-        // The control queue + the request queues; the config space is 24 bytes.
+        // The control queue + the request queues, and the config space.
         "-device",
         &format!(
-            "vhost-user-test-device-pci,chardev=tmem,virtio-id=63,num_vqs={},config_size=24{}",
+            "vhost-user-test-device-pci,chardev=tmem,virtio-id=63,num_vqs={}{}{}",
             1 + q.request_queues,
+            if q.config_size > 0 {
+                format!(",config_size={}", q.config_size)
+            } else {
+                String::new()
+            },
             if q.migratable { ",migratable=on" } else { "" }
         ),
         "-drive",
