@@ -18,7 +18,7 @@ use crate::backend::Page;
 use crate::debugfs::Counters;
 use crate::proto::{self, BatchEntry, Config, Op, ReqHeader, RespHeader, Status};
 use crate::virtio::{self, Answer, ExchangeError, ReadSg, Virtqueue, WriteSg};
-use crate::work::Work;
+use crate::work::{DelayedWork, Work};
 
 /// Swap types are below `MAX_SWAPFILES`, which is at most 32 (5 bits in a swap entry).
 pub(crate) const SWAP_TYPES: usize = 32;
@@ -145,6 +145,10 @@ pub(crate) struct TmemDev {
     pub(crate) vdev: AtomicPtr<bindings::virtio_device>,
     /// Runs [`TmemDev::recover`].
     pub(crate) work: Work,
+    /// Reads the host's shrink target and gives swap pages back (`shrink.rs`).
+    pub(crate) shrink_work: DelayedWork,
+    /// `shrink_work` requeues itself (from the end of probe until removal).
+    pub(crate) shrink_on: AtomicBool,
     /// The work is queued or running.
     pub(crate) recovery_queued: AtomicBool,
     /// `ktime` (ns) before which no recovery starts, and the wait after the last failed one.
@@ -695,7 +699,7 @@ impl TmemDev {
     /// use. On failure the queues are deleted again.
     pub(crate) fn new(vdev: &virtio::Device) -> Result<Arc<TmemDev>> {
         let mut raw = [0u8; Config::SIZE];
-        vdev.read_config(&mut raw)?;
+        vdev.read_config(0, &mut raw)?;
         if raw.iter().all(|&b| b == 0xff) {
             // What QEMU's virtio-pci reads past a device's config space: an attach line
             // without `config_size`.
@@ -762,6 +766,8 @@ impl TmemDev {
                     epoch: AtomicU64::new(0),
                     vdev: AtomicPtr::new(core::ptr::null_mut()),
                     work: Work::new(),
+                    shrink_work: DelayedWork::new(),
+                    shrink_on: AtomicBool::new(false),
                     recovery_queued: AtomicBool::new(false),
                     next_try_ns: AtomicU64::new(0),
                     backoff_ms: AtomicU32::new(crate::recovery::FIRST_RETRY_MS),
@@ -777,9 +783,16 @@ impl TmemDev {
         };
         let dev = match build() {
             Ok(dev) => {
-                // SAFETY: once, before anything can queue it (`vdev` is null until the end of
-                // probe), in an `Arc`, which never moves its contents.
-                unsafe { dev.work.init(crate::recovery::recover_work) };
+                // SAFETY: once, before anything can queue them (`vdev` is null until the end
+                // of probe, and so is `shrink_on`), in an `Arc`, which never moves its
+                // contents.
+                unsafe {
+                    dev.work.init(crate::recovery::recover_work);
+                    dev.shrink_work.init(crate::shrink::shrink_work);
+                }
+                dev.stats
+                    .shrink_target
+                    .store(crate::shrink::NO_TARGET, Ordering::Relaxed);
                 dev
             }
             Err(e) => {

@@ -65,6 +65,14 @@ impl backend::Swap for TmemDev {
     }
 
     fn swap_store(&self, type_: u32, offset: usize, page: &Page) -> Result {
+        // The host asked for memory back (`shrink.rs`): new pages go to the swap device. A
+        // failed store must leave no copy (the core forgot the offset already): an older one
+        // is flushed.
+        if self.over_shrink_target() {
+            self.stats.shrink_refused.fetch_add(1, Ordering::Relaxed);
+            self.swap_invalidate_page(type_, offset);
+            return Err(ENOSPC);
+        }
         // A queued invalidation of this offset must reach the device before the new copy.
         self.drain_pending();
         let (pool, epoch) = self.pool(type_).ok_or(ENODEV)?;

@@ -39,6 +39,7 @@ mod debugfs;
 mod device;
 mod page_cache;
 mod recovery;
+mod shrink;
 mod swap;
 mod virtio;
 mod work;
@@ -80,11 +81,12 @@ static ID_TABLE: [bindings::virtio_device_id; 2] = [
     },
 ];
 
-static FEATURES: [u32; 4] = [
+static FEATURES: [u32; 5] = [
     proto::feature::MQ,
     proto::feature::SHARED_POOLS,
     proto::feature::BATCH,
     proto::feature::SESSION,
+    proto::feature::SHRINK,
 ];
 
 /// `timeout_ms`: how long a request may wait for the device's answer before the driver marks
@@ -205,6 +207,7 @@ impl virtio::Driver for TmemDriver {
         match backend::Registration::register(dev.clone(), &THIS_MODULE) {
             Ok(backend) => {
                 dev.enable_recovery(vdev);
+                dev.start_shrink(vdev);
                 Ok(bound.write(Bound {
                     backend,
                     debugfs,
@@ -232,6 +235,7 @@ impl virtio::Driver for TmemDriver {
         // recovery; then waits for a recovery in progress.
         drop(backend);
         dev.stop_recovery();
+        dev.stop_shrink();
         dev.send_pending(&mut dev.pending.lock());
         // Every pool is the driver's to release now: the core will not ask again. A swap area
         // still in use has no page stored (its pages hold module references, so `rmmod`

@@ -53,25 +53,29 @@ impl Device {
         unsafe { bindings::virtio_has_feature(self.as_raw(), bit) }
     }
 
-    /// Reads the start of the device's config space into `buf`. A space shorter than `buf`
-    /// is `EINVAL`: virtio-pci would stop the read with a BUG (QEMU's
-    /// `vhost-user-test-device` without `config_size=24` offers none at all).
-    pub(crate) fn read_config(&self, buf: &mut [u8]) -> Result {
+    /// Reads the device's config space from `offset` into `buf`. A space that ends before
+    /// `buf` would is `EINVAL`: virtio-pci would stop the read with a BUG.
+    pub(crate) fn read_config(&self, offset: usize, buf: &mut [u8]) -> Result {
         // SAFETY: the device is valid (type invariant).
         let len = unsafe { bindings::virtio_config_len(self.as_raw()) };
-        if len < buf.len() {
+        let end = offset.checked_add(buf.len()).ok_or(EINVAL)?;
+        if len < end {
             pr_err!(
-                "the device's config space has {} bytes, the driver reads {} (QEMU: config_size={})\n",
+                "the device's config space has {} bytes, the driver reads {}\n",
                 len,
-                buf.len(),
-                buf.len()
+                end
             );
             return Err(EINVAL);
         }
         // SAFETY: the device is valid (type invariant), `buf` is writable for its length, and
-        // the config space holds that many bytes (checked above).
+        // the config space holds that many bytes from `offset` (checked above).
         unsafe {
-            bindings::virtio_cread_bytes(self.as_raw(), 0, buf.as_mut_ptr().cast(), buf.len())
+            bindings::virtio_cread_bytes(
+                self.as_raw(),
+                offset as u32,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
         };
         Ok(())
     }

@@ -15,7 +15,7 @@ DATA=/dev/vdb
 DISK2=/dev/vdc
 COUNTERS="puts puts_refused gets hits misses cache_puts cache_puts_refused cache_gets cache_hits
 cache_misses cache_invalidations failures flushes batches pools cache_pools cache_pool_resets
-recoveries"
+recoveries shrink_writebacks shrink_refused"
 # Counters of module instances unloaded earlier in the run (the daemon's counters go on).
 SAVED=/tmp/saved-stats
 
@@ -321,6 +321,36 @@ swap-host-full)
 	swapoff $SWAP || fail "swapoff"
 	at_least puts_refused 1
 	at_least hits 1
+	none_of failures
+	stats
+	pass
+	;;
+swap-shrink)
+	# The host asks for memory back (the runner sets a shrink target of 2000 pages at the
+	# barrier): the driver writes swap pages back to the swap device until the host holds at
+	# most that many, new swap pages beyond it go to the device, and every page verifies.
+	load
+	[ "$(stat_of shrink_target)" = 18446744073709551615 ] || fail "a shrink target before any request"
+	swap_on
+	open_control
+	hold_out 96 80 160 "before the shrink request"
+	[ "$(cat /sys/module/tmem/refcnt)" -gt 4000 ] || fail "only $(cat /sys/module/tmem/refcnt) pages in the host"
+	sync_point stored
+	i=0
+	while [ "$(stat_of shrink_target)" != 2000 ] || [ "$(cat /sys/module/tmem/refcnt)" -gt 2000 ]; do
+		sleep 1
+		i=$((i + 1))
+		[ $i -lt 300 ] || fail "$(cat /sys/module/tmem/refcnt) swap pages still in the host (target $(stat_of shrink_target))"
+	done
+	echo "swap-shrink: $(stat_of shrink_writebacks) pages written back, $(cat /sys/module/tmem/refcnt) left in the host"
+	at_least shrink_writebacks 2000
+	sync_point shrunk
+	# The pages written back read from the swap device now.
+	kill -USR1 $HOLD
+	wait $HOLD || fail "pages written back did not verify"
+	memtouch run 160 82 || fail "workload after the shrink did not verify"
+	at_least shrink_refused 1
+	swapoff $SWAP || fail "swapoff"
 	none_of failures
 	stats
 	pass

@@ -31,6 +31,7 @@ pub const SCENARIOS: &[&str] = &[
     "swap-unload",
     "swap-host-full",
     "swap-mq-stress",
+    "swap-shrink",
     "zswap-coexist",
     "thp-swap",
     "suspend-resume",
@@ -60,6 +61,7 @@ const SMP_SCENARIOS: &[&str] = &[
     "swap-unload",
     "swap-host-full",
     "swap-mq-stress",
+    "swap-shrink",
     "zswap-coexist",
     "thp-swap",
     "suspend-resume",
@@ -392,6 +394,24 @@ impl Runner {
                 eprintln!(
                     "  qemu-reconnect: connection ended by the daemon, QEMU reconnected, {before} pages kept"
                 );
+                Ok(())
+            }
+            ("swap-shrink", "stored") => {
+                let held = n(&client("guest")?, "stored_pages");
+                d.control(&serde_json::json!({"cmd": "shrink", "client": "guest", "pages": 2000}))
+                    .map_err(Error::Daemon)?;
+                eprintln!("  swap-shrink: {held} pages held, shrink target 2000 set");
+                Ok(())
+            }
+            ("swap-shrink", "shrunk") => {
+                let held = n(&client("guest")?, "stored_pages");
+                if held > 2000 {
+                    return Err(Error::GuestFailed {
+                        who: "runner".into(),
+                        why: format!("the daemon holds {held} pages after the shrink to 2000"),
+                    });
+                }
+                eprintln!("  swap-shrink: the daemon holds {held} pages");
                 Ok(())
             }
             ("swap-integrity", "held") => {
