@@ -86,6 +86,8 @@ vm-test: build vm-images
 	@echo "== overcommit lab, smoke run (one small guest, tmem: boots, samples, verifies, reports)"
 	./target/release/vhost-tmem-lab run experiments/smoke.toml --out target/lab-smoke 2>&1 | tee -a $(TEST_LOG)
 	@echo "scenario lab-smoke: pass" | tee -a $(TEST_LOG)
+	@echo "== overcommit lab, interrupted (SIGINT while the guest runs: guests stopped, partial data kept)"
+	bash lab/interrupt-test.sh 2>&1 | tee -a $(TEST_LOG)
 
 # An overcommit experiment (default: experiments/default.toml, about 10 minutes on 2 cores):
 # report.md, data.csv, result.json and plots in EXPERIMENT_OUT.
