@@ -37,6 +37,8 @@ pub(crate) struct Counters {
     pub(crate) pools: AtomicU64,
     /// Recovery attempts (see `recovery.rs`).
     pub(crate) recoveries: AtomicU64,
+    /// Requests whose caller slept until the queue's interrupt (see `device.rs`).
+    pub(crate) sleeps: AtomicU64,
     /// The host's `shrink_target_pages` as last read (`u64::MAX`: none), the swap pages the
     /// host held then, the pages written back to the swap devices for it, and the new swap
     /// pages sent to the swap device because of it (see `shrink.rs`).
@@ -60,7 +62,7 @@ impl Dir {
         let dir =
             unsafe { bindings::debugfs_create_dir(c_str!("tmem").as_char_ptr(), ptr::null_mut()) };
         let s = &dev.stats;
-        let files: [(&CStr, &AtomicU64); 24] = [
+        let files: [(&CStr, &AtomicU64); 25] = [
             (c_str!("puts"), &s.puts),
             (c_str!("puts_refused"), &s.puts_refused),
             (c_str!("gets"), &s.gets),
@@ -81,6 +83,7 @@ impl Dir {
             (c_str!("batches"), &s.batches),
             (c_str!("pools"), &s.pools),
             (c_str!("recoveries"), &s.recoveries),
+            (c_str!("sleeps"), &s.sleeps),
             (c_str!("shrink_target"), &s.shrink_target),
             (c_str!("swap_stored"), &s.swap_stored),
             (c_str!("shrink_writebacks"), &s.shrink_writebacks),

@@ -2,11 +2,13 @@
 
 //! The virtio-tmem device: its queues, the request path and the batching of invalidations.
 //!
-//! Requests are synchronous and polled: a request queue carries one request at a time under its
-//! spinlock, and [`TmemDev::call`] spins until the device answers (see the crate documentation
-//! for why), at most `timeout_ms`: a device that does not answer in time is broken and every
-//! later request fails at once. Answers are checked (used length, token) before use. Buffers are
-//! allocated at probe, so the swap-out and reclaim paths allocate nothing. Invalidations are
+//! Requests are synchronous: [`TmemDev::call`] returns with the device's answer, or an error
+//! after at most `timeout_ms` (a device that does not answer in time is broken and every later
+//! request fails at once). A caller that must not sleep keeps its queue's lock and spins on the
+//! used ring; one that may sleep (swap-out, swap-in, pool operations) takes a slot of its own,
+//! leaves the queue to others, polls for `poll_us` and then sleeps until the queue's interrupt
+//! (see the crate documentation). Answers are checked (used length, token) before use. Buffers
+//! are allocated at probe, so the swap-out and reclaim paths allocate nothing. Invalidations are
 //! queued and sent in `BATCH` requests; every put and get first waits until the invalidations
 //! queued before it have been answered (see [`TmemDev::drain_pending`]). The swap and
 //! page-cache operations built on this are in `swap.rs` and `page_cache.rs`.
@@ -17,7 +19,8 @@ use kernel::{bindings, c_str, new_spinlock, prelude::*, sync::Arc, sync::SpinLoc
 use crate::backend::Page;
 use crate::debugfs::Counters;
 use crate::proto::{self, BatchEntry, Config, Op, ReqHeader, RespHeader, Status};
-use crate::virtio::{self, Answer, ExchangeError, ReadSg, Virtqueue, WriteSg};
+use crate::virtio::{self, Elapsed, ReadSg, Used, Virtqueue, WriteSg};
+use crate::wait;
 use crate::work::{DelayedWork, Work};
 
 /// Swap types are below `MAX_SWAPFILES`, which is at most 32 (5 bits in a swap entry).
@@ -32,18 +35,127 @@ const OUT_BUF: usize = ReqHeader::SIZE + MAX_BATCH * BatchEntry::SIZE;
 /// Largest writable part after the page: the response and one status byte per batch entry.
 const RESP_BUF: usize = RespHeader::SIZE + MAX_BATCH;
 
-/// One virtqueue and the buffers of its one request in flight.
-struct Vq {
-    /// `None` while the device is frozen (suspend): the queues were given back to the
-    /// transport, and [`TmemDev::restore`] finds new ones.
-    vq: Option<Virtqueue>,
+/// Requests one queue has in flight at most: slot 0 for callers that must not sleep, who keep
+/// the queue's lock until the answer (so slot 0 is free whenever the lock is), and the others
+/// for callers that may sleep, who wait without the lock. A caller that may sleep and finds
+/// no slot free spins on slot 0 instead.
+const SLOTS: usize = 5;
+
+/// Where a slot's request stands.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Free,
+    /// In the ring, its caller waiting.
+    InFlight,
+    /// Returned with this used length; its caller takes the answer.
+    Done(u32),
+    /// Its caller gave up (timeout, broken device): it stays in the ring until the device
+    /// returns it or is reset, and nothing else is sent on the queue meanwhile (see
+    /// `recovery.rs`).
+    Abandoned,
+    /// Given up on, then returned with this used length: for a recovery to look at.
+    Late(u32),
+}
+
+/// The buffers of one request in flight.
+struct Slot {
     out: KVec<u8>,
     resp: KVec<u8>,
     /// Where the device writes a page the driver reads (see the crate documentation).
     bounce: KVec<u8>,
-    /// A request the device did not answer in time is still in the ring: nothing else is sent
-    /// on this queue until the device returns it or is reset (see `recovery.rs`).
-    pub(crate) stalled: bool,
+    state: State,
+    /// Bumped for each request, and when a reset takes the ring away: a waiter that finds
+    /// another number lost its request.
+    seq: u64,
+}
+
+/// One virtqueue and its slots.
+struct Vq {
+    /// `None` while the device is frozen (suspend): the queues were given back to the
+    /// transport, and [`TmemDev::restore`] finds new ones.
+    vq: Option<Virtqueue>,
+    slots: KVec<Slot>,
+    /// Slots that fit the ring at once (at most [`SLOTS`], at least 1).
+    usable: usize,
+    /// Callers asleep until the queue's interrupt: interrupts are on while there are any.
+    sleepers: usize,
+}
+
+impl Vq {
+    /// A request a timeout or a broken device left in the ring: nothing else is sent on the
+    /// queue until a recovery has seen its answer (see `recovery.rs`).
+    fn stalled(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| matches!(s.state, State::Abandoned | State::Late(_)))
+    }
+
+    fn in_flight(&self) -> bool {
+        self.slots.iter().any(|s| s.state == State::InFlight)
+    }
+
+    /// Takes every request the device returned into its slot. Returns whether one of them
+    /// has a caller waiting; with sleepers, interrupts are armed again before returning (with
+    /// EVENT_IDX the device only interrupts for returns past the index the last arming
+    /// recorded). A token that is no request in flight breaks the device.
+    fn reap(&mut self) -> core::result::Result<bool, ExchangeError> {
+        let Vq {
+            vq: Some(vq),
+            slots,
+            sleepers,
+            ..
+        } = self
+        else {
+            return Ok(false);
+        };
+        let mut waited_for = false;
+        loop {
+            match vq.get_used() {
+                Used::Request(token, len) => {
+                    match token.checked_sub(1).and_then(|i| slots.get_mut(i)) {
+                        Some(s) if s.state == State::InFlight => {
+                            s.state = State::Done(len);
+                            waited_for = true;
+                        }
+                        Some(s) if s.state == State::Abandoned => s.state = State::Late(len),
+                        _ => {
+                            vq.break_device();
+                            return Err(ExchangeError::BadToken);
+                        }
+                    }
+                }
+                Used::Nothing => {
+                    if *sleepers > 0 && !vq.enable_cb() {
+                        continue;
+                    }
+                    return Ok(waited_for);
+                }
+                Used::Broken => return Err(ExchangeError::Broken),
+            }
+        }
+    }
+}
+
+/// Whether a caller may sleep while the device answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// Atomic context, or a hook whose contract forbids sleeping: spin.
+    Spin,
+    /// Process context: poll for `poll_us`, then sleep until the interrupt.
+    Sleep,
+}
+
+/// How [`TmemDev::call`]'s exchange failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ExchangeError {
+    /// The device is broken (before or while the request was waiting); nothing more is sent.
+    Broken,
+    /// The device did not answer within the bound; the request stays in the ring.
+    TimedOut,
+    /// The device returned a request that is not in flight: it is broken now.
+    BadToken,
+    /// `virtqueue_add_sgs` refused the request.
+    Add(Error),
 }
 
 /// Invalidations waiting to be sent in one `BATCH` request.
@@ -67,7 +179,7 @@ impl Pending {
 }
 
 /// Queues a device has at most: the control queue and the request queues.
-const MAX_QUEUES: usize = 1 + proto::MAX_REQUEST_QUEUES as usize;
+const MAX_QUEUES: usize = wait::MAX_QUEUES;
 
 /// What [`TmemDev::settle_queues`] found.
 pub(crate) struct Settled {
@@ -80,7 +192,7 @@ pub(crate) struct Settled {
     pub(crate) unanswered_create: bool,
     /// Pools that late CREATE_POOL answers made (`nlate` of them): nobody holds their ids,
     /// and a restarted daemon may have given them ids the driver held before.
-    pub(crate) late: [u32; MAX_QUEUES],
+    pub(crate) late: [u32; MAX_QUEUES * SLOTS],
     pub(crate) nlate: usize,
 }
 
@@ -98,8 +210,8 @@ pub(crate) struct Orphans {
     pub(crate) ndoomed: usize,
 }
 
-/// Most doomed pools: a late pool per queue and every swap pool.
-pub(crate) const DOOMED: usize = MAX_QUEUES + SWAP_TYPES;
+/// Most doomed pools: a late pool per slot and every swap pool.
+pub(crate) const DOOMED: usize = MAX_QUEUES * SLOTS + SWAP_TYPES;
 
 impl Orphans {
     /// Adds `id` to the pools to destroy, if there is room. A queue adds at most one per
@@ -199,22 +311,26 @@ pub(crate) fn status_name(status: u32) -> &'static str {
 }
 
 impl TmemDev {
-    fn queue_for_cpu(&self) -> &SpinLock<Vq> {
-        let n = self.queues.len() - 1;
-        &self.queues[1 + virtio::this_cpu() % n]
+    /// The request queue of the current CPU (an index into `queues`).
+    fn queue_for_cpu(&self) -> usize {
+        // At least one request queue follows the control queue (`new`).
+        let n = self.queues.len().saturating_sub(1).max(1);
+        1 + virtio::this_cpu() % n
     }
 
-    /// Sends one request and spins until the device answers it (at most `timeout_ms`, see
-    /// [`crate::timeout_ns`]). `payload` follows the header in the readable part, and
-    /// `statuses.len()` status bytes follow the response header (BATCH); they are copied into
-    /// `statuses`.
+    /// Sends one request on queue `qi` and waits until the device answers it (at most
+    /// `timeout_ms`, see [`crate::timeout_ns`]): spinning with the queue's lock held, or, when
+    /// `wait` allows and a slot is free, polling for `poll_us` and then sleeping until the
+    /// queue's interrupt, with the queue free for others meanwhile. `payload` follows the
+    /// header in the readable part, and `statuses.len()` status bytes follow the response
+    /// header (BATCH); they are copied into `statuses`.
     ///
     /// The answer is checked before anything in it is used: the used length must be exactly
     /// what the operation returns (a page and the response for GET, the response and
     /// `statuses` bytes for BATCH, the response otherwise), else the request fails with EIO
     /// and nothing is copied: the bounce buffer may still hold an earlier request's page. A
-    /// device that does not answer in time, or returns another request, is broken and every
-    /// later request fails at once.
+    /// device that does not answer in time, or returns what is not in flight, is broken and
+    /// every later request fails at once; a request waiting when that happens gives up too.
     ///
     /// `epoch` is the epoch in which the caller read the pool ids in the request: a request
     /// from an epoch a recovery ended is not sent (ENODEV). Only a recovery's own requests
@@ -222,13 +338,14 @@ impl TmemDev {
     #[allow(clippy::too_many_arguments)]
     fn call(
         &self,
-        q: &SpinLock<Vq>,
+        qi: usize,
         hdr: &ReqHeader,
         payload: &[u8],
         data: Data<'_>,
         statuses: &mut [u8],
         epoch: u64,
         recovery: bool,
+        wait: Wait,
     ) -> Result<RespHeader> {
         if !recovery && self.broken.load(Ordering::Acquire) {
             self.kick_recovery();
@@ -236,67 +353,112 @@ impl TmemDev {
         }
         let out_len = ReqHeader::SIZE + payload.len();
         let resp_len = RespHeader::SIZE + statuses.len();
+        let q = &self.queues[qi];
         let mut guard = q.lock();
         // Under the queue lock, which a recovery takes after ending the epoch: a request whose
         // pool ids are from before it never reaches a pool the host re-created since.
         if self.epoch.load(Ordering::Acquire) != epoch {
             return Err(ENODEV);
         }
-        let vq = &mut *guard;
-        if vq.stalled {
+        if guard.stalled() {
             return Err(ENODEV);
         }
-        let Some(virtqueue) = vq.vq.as_mut() else {
+        if guard.vq.is_none() {
             // Frozen for a suspend: the host still holds the pages, this request just cannot
             // reach it now.
             return Err(EAGAIN);
-        };
-        if out_len > vq.out.len() || resp_len > vq.resp.len() {
+        }
+        if out_len > OUT_BUF || resp_len > RESP_BUF {
             return Err(EINVAL);
         }
-        vq.out[..ReqHeader::SIZE].copy_from_slice(&hdr.encode());
-        vq.out[ReqHeader::SIZE..out_len].copy_from_slice(payload);
+        let vq = &mut *guard;
+        let free = match wait {
+            Wait::Sleep => (1..vq.usable).find(|&i| vq.slots[i].state == State::Free),
+            Wait::Spin => None,
+        };
+        let (i, sleeping) = match free {
+            Some(i) => (i, true),
+            // Slot 0 is free whenever the lock is (its users keep the lock), unless a
+            // request stalled in it, and then the queue is stalled (above).
+            None => (0, false),
+        };
+        let Vq {
+            vq: Some(virtqueue),
+            slots,
+            ..
+        } = vq
+        else {
+            return Err(EAGAIN);
+        };
+        let slot = &mut slots[i];
+        slot.out[..ReqHeader::SIZE].copy_from_slice(&hdr.encode());
+        slot.out[ReqHeader::SIZE..out_len].copy_from_slice(payload);
         // A device that answers without writing the response leaves this unknown status.
         let unknown = RespHeader {
             status: u32::MAX,
             flags: 0,
             value: 0,
         };
-        vq.resp[..RespHeader::SIZE].copy_from_slice(&unknown.encode());
-
+        slot.resp[..RespHeader::SIZE].copy_from_slice(&unknown.encode());
+        let out = ReadSg::bytes(&slot.out, out_len);
+        let resp = WriteSg::bytes(&mut slot.resp, resp_len);
+        let token = i + 1;
+        // SAFETY: the slot's buffers are only touched under the queue lock by the slot's
+        // owner, and the slot stays `InFlight` (then `Abandoned`) until `reap` saw the device
+        // return the request, or a reset took the ring away (`freeze`, which waits for
+        // callers first); the queues and their buffers are freed only after the device was
+        // reset. A PUT's page is only read by the device, and its lender keeps it until this
+        // call returns; a late read after a timeout reads a page the kernel may reuse, which
+        // leaks nothing to the host it did not have. A GET's page goes through the bounce
+        // buffer, so a late write never reaches a page the kernel owns.
+        let added = unsafe {
+            match data {
+                Data::NoPage => virtqueue.add(&mut [out], &mut [resp], token),
+                Data::Out(page) => {
+                    virtqueue.add(&mut [out, ReadSg::page(page)], &mut [resp], token)
+                }
+                Data::In(_) => {
+                    let bounce = WriteSg::bytes(&mut slot.bounce, proto::PAGE_SIZE);
+                    virtqueue.add(&mut [out], &mut [bounce, resp], token)
+                }
+            }
+        };
+        if let Err(e) = added {
+            let e = if virtqueue.is_broken() {
+                ExchangeError::Broken
+            } else {
+                ExchangeError::Add(e)
+            };
+            return Err(self.exchange_failed(hdr, e));
+        }
+        slot.seq = slot.seq.wrapping_add(1);
+        slot.state = State::InFlight;
+        let seq = slot.seq;
+        let expected = match data {
+            Data::In(_) => proto::PAGE_SIZE + resp_len,
+            _ => resp_len,
+        };
         let timeout = if recovery {
             crate::timeout_ns().min(crate::recovery::PROBE_TIMEOUT_NS)
         } else {
             crate::timeout_ns()
         };
-        let out = ReadSg::bytes(&vq.out, out_len);
-        let resp = WriteSg::bytes(&mut vq.resp, resp_len);
-        // A PUT's page is only read by the device; a GET's page goes through the bounce buffer,
-        // so a late write by a device that timed out never reaches a page the kernel owns.
-        let (used, expected) = match data {
-            Data::NoPage => (
-                virtqueue.exchange(&mut [out], &mut [resp], timeout),
-                resp_len,
-            ),
-            Data::Out(page) => (
-                virtqueue.exchange(&mut [out, ReadSg::page(page)], &mut [resp], timeout),
-                resp_len,
-            ),
-            Data::In(_) => {
-                let bounce = WriteSg::bytes(&mut vq.bounce, proto::PAGE_SIZE);
-                (
-                    virtqueue.exchange(&mut [out], &mut [bounce, resp], timeout),
-                    proto::PAGE_SIZE + resp_len,
-                )
+        let mut clock = Elapsed::start();
+        let (mut guard, used) = if sleeping {
+            drop(guard);
+            self.sleep_for_answer(qi, i, seq, hdr, recovery, timeout, &mut clock)?
+        } else {
+            loop {
+                match self.check_slot(&mut guard, qi, i, seq, recovery, timeout, &mut clock) {
+                    Ok(Some(used)) => break (guard, used),
+                    Ok(None) => core::hint::spin_loop(),
+                    Err(e) => return Err(self.exchange_failed(hdr, e)),
+                }
             }
         };
-        let used = match used {
-            Ok(used) => used as usize,
-            Err(e) => {
-                vq.stalled = e == ExchangeError::TimedOut;
-                return Err(self.exchange_failed(hdr, e));
-            }
-        };
+        let slot = &mut guard.slots[i];
+        slot.state = State::Free;
+        let used = used as usize;
         if used != expected {
             let count = self.stats.bad_answers.fetch_add(1, Ordering::Relaxed) + 1;
             if rare(count) {
@@ -311,15 +473,134 @@ impl TmemDev {
             return Err(EIO);
         }
         let mut b = [0u8; RespHeader::SIZE];
-        b.copy_from_slice(&vq.resp[..RespHeader::SIZE]);
+        b.copy_from_slice(&slot.resp[..RespHeader::SIZE]);
         let resp = RespHeader::decode(&b);
         if let Data::In(page) = data {
             if resp.status == Status::Ok as u32 {
-                page.write(&vq.bounce);
+                page.write(&slot.bounce);
             }
         }
-        statuses.copy_from_slice(&vq.resp[RespHeader::SIZE..resp_len]);
+        statuses.copy_from_slice(&slot.resp[RespHeader::SIZE..resp_len]);
         Ok(resp)
+    }
+
+    /// One look at slot `i` of queue `qi` (lock held): takes what the device returned, and
+    /// says whether the slot's request (number `seq`) is answered (its used length), still
+    /// worth waiting for (`None`), or given up on: then the slot is `Abandoned`, left in the
+    /// ring.
+    #[allow(clippy::too_many_arguments)]
+    fn check_slot(
+        &self,
+        vq: &mut Vq,
+        qi: usize,
+        i: usize,
+        seq: u64,
+        recovery: bool,
+        timeout: u64,
+        clock: &mut Elapsed,
+    ) -> core::result::Result<Option<u32>, ExchangeError> {
+        if vq.slots[i].seq != seq || vq.vq.is_none() {
+            // A reset took the ring away (a suspend or a recovery that gave up waiting).
+            return Err(ExchangeError::Broken);
+        }
+        let reaped = vq.reap();
+        if let Ok(true) = reaped {
+            if vq.sleepers > 0 {
+                wait::wake(qi);
+            }
+        }
+        if let State::Done(used) = vq.slots[i].state {
+            return Ok(Some(used));
+        }
+        let e = match reaped {
+            Err(e) => e,
+            // Another request timed out, or answered what was never asked: this one would
+            // only wait out its own timeout.
+            Ok(_) if !recovery && self.broken.load(Ordering::Acquire) => ExchangeError::Broken,
+            Ok(_) if clock.elapsed_ns() >= timeout => ExchangeError::TimedOut,
+            Ok(_) => return Ok(None),
+        };
+        vq.slots[i].state = State::Abandoned;
+        Err(e)
+    }
+
+    /// Waits without the queue lock for slot `i`'s answer: polls for `poll_us`, then sleeps
+    /// until the queue's interrupt (or a caller that took the answer wakes it), at most until
+    /// the timeout. Returns the lock and the used length.
+    #[allow(clippy::too_many_arguments)]
+    fn sleep_for_answer<'a>(
+        &'a self,
+        qi: usize,
+        i: usize,
+        seq: u64,
+        hdr: &ReqHeader,
+        recovery: bool,
+        timeout: u64,
+        clock: &mut Elapsed,
+    ) -> Result<(
+        kernel::sync::lock::Guard<'a, Vq, kernel::sync::lock::spinlock::SpinLockBackend>,
+        u32,
+    )> {
+        let q = &self.queues[qi];
+        let poll_ns = crate::poll_ns();
+        let mut slept = false;
+        loop {
+            let mut guard = q.lock();
+            match self.check_slot(&mut guard, qi, i, seq, recovery, timeout, clock) {
+                Ok(Some(used)) => {
+                    if slept {
+                        self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Ok((guard, used));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    drop(guard);
+                    return Err(self.exchange_failed(hdr, e));
+                }
+            }
+            drop(guard);
+            let elapsed = clock.elapsed_ns();
+            if elapsed < poll_ns {
+                for _ in 0..32 {
+                    core::hint::spin_loop();
+                }
+                continue;
+            }
+            let mut asleep = false;
+            wait::sleep(qi, timeout.saturating_sub(elapsed), || {
+                let mut guard = q.lock();
+                let vq = &mut *guard;
+                if vq.slots[i].seq != seq || vq.slots[i].state != State::InFlight {
+                    return false;
+                }
+                let Some(virtqueue) = vq.vq.as_mut() else {
+                    return false;
+                };
+                vq.sleepers += 1;
+                // False: the device returned requests already, which no interrupt announces.
+                if !virtqueue.enable_cb() {
+                    vq.sleepers -= 1;
+                    if vq.sleepers == 0 {
+                        virtqueue.disable_cb();
+                    }
+                    return false;
+                }
+                asleep = true;
+                true
+            });
+            if asleep {
+                slept = true;
+                let mut guard = q.lock();
+                let vq = &mut *guard;
+                vq.sleepers -= 1;
+                if vq.sleepers == 0 {
+                    if let Some(virtqueue) = vq.vq.as_mut() {
+                        virtqueue.disable_cb();
+                    }
+                }
+            }
+        }
     }
 
     /// Records a request the device did not answer: once the device is broken (by a timeout,
@@ -329,6 +610,7 @@ impl TmemDev {
             ExchangeError::Add(e) => e,
             ExchangeError::Broken | ExchangeError::TimedOut | ExchangeError::BadToken => {
                 if !self.broken.swap(true, Ordering::AcqRel) {
+                    self.wake_waiters();
                     self.schedule_recovery(false);
                     let op = Op::from_u32(hdr.op);
                     match e {
@@ -352,9 +634,22 @@ impl TmemDev {
         }
     }
 
+    /// Wakes every caller asleep until an interrupt: the device broke, and they give up.
+    pub(crate) fn wake_waiters(&self) {
+        for qi in 0..self.queues.len() {
+            wait::wake(qi);
+        }
+    }
+
     /// A request on the control queue that must succeed; returns the response's value.
-    pub(crate) fn control(&self, hdr: &ReqHeader, payload: &[u8], epoch: u64) -> Result<u64> {
-        let resp = self.control_status(hdr, payload, epoch)?;
+    pub(crate) fn control(
+        &self,
+        hdr: &ReqHeader,
+        payload: &[u8],
+        epoch: u64,
+        wait: Wait,
+    ) -> Result<u64> {
+        let resp = self.control_status(hdr, payload, epoch, wait)?;
         match Status::from_u32(resp.status) {
             Some(Status::Ok) => Ok(resp.value),
             Some(Status::TooManyPools) => Err(ENOSPC),
@@ -375,16 +670,9 @@ impl TmemDev {
         hdr: &ReqHeader,
         payload: &[u8],
         epoch: u64,
+        wait: Wait,
     ) -> Result<RespHeader> {
-        self.call(
-            &self.queues[0],
-            hdr,
-            payload,
-            Data::NoPage,
-            &mut [],
-            epoch,
-            false,
-        )
+        self.call(0, hdr, payload, Data::NoPage, &mut [], epoch, false, wait)
     }
 
     /// A recovery's request (sent while the device is broken) on queue `q`: the control
@@ -396,14 +684,16 @@ impl TmemDev {
         payload: &[u8],
         epoch: u64,
     ) -> Result<RespHeader> {
+        // The recovery is a work item: it may sleep.
         self.call(
-            &self.queues[q],
+            q,
             hdr,
             payload,
             Data::NoPage,
             &mut [],
             epoch,
             true,
+            Wait::Sleep,
         )
     }
 
@@ -443,10 +733,11 @@ impl TmemDev {
         counters: [&AtomicU64; 2],
         what: &str,
         epoch: u64,
+        wait: Wait,
     ) -> Result {
         counters[0].fetch_add(1, Ordering::Relaxed);
         let q = self.queue_for_cpu();
-        match self.call(q, hdr, &[], Data::Out(page), &mut [], epoch, false) {
+        match self.call(q, hdr, &[], Data::Out(page), &mut [], epoch, false, wait) {
             Ok(resp) => match Status::from_u32(resp.status) {
                 Some(Status::Ok) => Ok(()),
                 Some(Status::NoSpace | Status::Refused) => {
@@ -473,10 +764,11 @@ impl TmemDev {
         counters: [&AtomicU64; 3],
         what: &str,
         epoch: u64,
+        wait: Wait,
     ) -> Result<u32> {
         counters[0].fetch_add(1, Ordering::Relaxed);
         let q = self.queue_for_cpu();
-        match self.call(q, hdr, &[], Data::In(page), &mut [], epoch, false) {
+        match self.call(q, hdr, &[], Data::In(page), &mut [], epoch, false, wait) {
             Ok(resp) => match Status::from_u32(resp.status) {
                 Some(Status::BadPool) => {
                     self.pool_lost(hdr.pool_id, epoch);
@@ -511,7 +803,16 @@ impl TmemDev {
             self.stats.flushes.fetch_add(1, Ordering::Relaxed);
             // Synchronous: the flush is carried out before this hook returns.
             let q = self.queue_for_cpu();
-            match self.call(q, &hdr, &[], Data::NoPage, &mut [], epoch, false) {
+            match self.call(
+                q,
+                &hdr,
+                &[],
+                Data::NoPage,
+                &mut [],
+                epoch,
+                false,
+                Wait::Spin,
+            ) {
                 Ok(resp) if flushed(resp.status) => {}
                 Ok(resp) => {
                     self.failure("flush", resp.status);
@@ -578,7 +879,17 @@ impl TmemDev {
         // dropping the entries.
         let epoch = self.epoch.load(Ordering::Acquire);
         let q = self.queue_for_cpu();
-        match self.call(q, &hdr, payload, Data::NoPage, statuses, epoch, false) {
+        // The pending lock is held: spin.
+        match self.call(
+            q,
+            &hdr,
+            payload,
+            Data::NoPage,
+            statuses,
+            epoch,
+            false,
+            Wait::Spin,
+        ) {
             Ok(resp) if resp.status == Status::Ok as u32 => {
                 let mut failed = 0;
                 for (entry, status) in pending.entries[..n].iter().zip(&pending.statuses[..n]) {
@@ -638,6 +949,7 @@ impl TmemDev {
         if self.broken.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.wake_waiters();
         self.schedule_recovery(false);
         // Frozen, the queues are gone and the flag alone stops every request.
         if let Some(vq) = &self.queues[0].lock().vq {
@@ -655,7 +967,7 @@ impl TmemDev {
             op: Op::Reset as u32,
             ..Default::default()
         };
-        let dropped = self.control(&hdr, &[], self.epoch())?;
+        let dropped = self.control(&hdr, &[], self.epoch(), Wait::Sleep)?;
         if dropped > 0 {
             pr_info!("host dropped {} pools of an earlier start\n", dropped);
         }
@@ -663,13 +975,13 @@ impl TmemDev {
     }
 
     /// Destroys host pool `pool`, whose id was read in `epoch`.
-    pub(crate) fn destroy_pool(&self, pool: u32, what: &str, epoch: u64) {
+    pub(crate) fn destroy_pool(&self, pool: u32, what: &str, epoch: u64, wait: Wait) {
         let hdr = ReqHeader {
             op: Op::DestroyPool as u32,
             pool_id: pool,
             ..Default::default()
         };
-        if let Err(e) = self.control(&hdr, &[], epoch) {
+        if let Err(e) = self.control(&hdr, &[], epoch, wait) {
             pr_err!("{}: destroying host pool {} failed: {:?}\n", what, pool, e);
         }
     }
@@ -720,7 +1032,7 @@ impl TmemDev {
             1
         };
         let nvqs = 1 + nreq;
-        let vqs = vdev.find_vqs(&queue_names(nvqs)?)?;
+        let vqs = vdev.find_vqs(&queue_names(nvqs)?, wait::callback)?;
 
         let max_batch = usize::from(config.max_batch).min(MAX_BATCH);
         // A device that takes no batch entry cannot batch at all.
@@ -728,15 +1040,24 @@ impl TmemDev {
         let build = || -> Result<Arc<TmemDev>> {
             let mut queues = KVec::with_capacity(nvqs, GFP_KERNEL)?;
             for vq in vqs {
-                let out = KVec::from_elem(0u8, OUT_BUF, GFP_KERNEL)?;
-                let resp = KVec::from_elem(0u8, RESP_BUF, GFP_KERNEL)?;
-                let bounce = KVec::from_elem(0u8, proto::PAGE_SIZE, GFP_KERNEL)?;
+                let mut slots = KVec::with_capacity(SLOTS, GFP_KERNEL)?;
+                for _ in 0..SLOTS {
+                    slots.push(
+                        Slot {
+                            out: KVec::from_elem(0u8, OUT_BUF, GFP_KERNEL)?,
+                            resp: KVec::from_elem(0u8, RESP_BUF, GFP_KERNEL)?,
+                            bounce: KVec::from_elem(0u8, proto::PAGE_SIZE, GFP_KERNEL)?,
+                            state: State::Free,
+                            seq: 0,
+                        },
+                        GFP_KERNEL,
+                    )?;
+                }
                 let vq = Vq {
+                    usable: usable_slots(&vq),
                     vq: Some(vq),
-                    out,
-                    resp,
-                    bounce,
-                    stalled: false,
+                    slots,
+                    sleepers: 0,
                 };
                 let q = KBox::pin_init(new_spinlock!(vq, "tmem_vq"), GFP_KERNEL)?;
                 queues.push(q, GFP_KERNEL)?;
@@ -820,13 +1141,17 @@ impl TmemDev {
     pub(crate) fn freeze(&self, vdev: &virtio::Device) {
         self.send_pending(&mut self.pending.lock());
         self.frozen.store(true, Ordering::Release);
-        // Each queue's lock waits for its request in flight; a later request finds no queue.
+        // A request sent after this finds no queue.
         let mut had_queues = false;
-        for q in self.queues.iter() {
-            let mut q = q.lock();
-            had_queues |= q.vq.take().is_some();
+        for (qi, q) in self.queues.iter().enumerate() {
+            let mut guard = self.idle_queue(qi, q);
+            let vq = &mut *guard;
+            had_queues |= vq.vq.take().is_some();
             // The reset below takes the ring from the device, with any request in it.
-            q.stalled = false;
+            for slot in vq.slots.iter_mut() {
+                slot.state = State::Free;
+                slot.seq = slot.seq.wrapping_add(1);
+            }
         }
         vdev.reset();
         // A restore that failed (or a recovery's) left none to delete: the transport may not
@@ -838,11 +1163,33 @@ impl TmemDev {
         }
     }
 
+    /// Queue `qi`'s lock, once no caller waits on it for an answer: callers that sleep are
+    /// bounded by the timeout, and give up early when the device is broken (a recovery resets
+    /// it then). After twice the timeout the queue is taken anyway: a caller still waiting
+    /// then finds its request gone (`seq`) and fails. Sleeps.
+    fn idle_queue<'a>(
+        &self,
+        qi: usize,
+        q: &'a SpinLock<Vq>,
+    ) -> kernel::sync::lock::Guard<'a, Vq, kernel::sync::lock::spinlock::SpinLockBackend> {
+        let mut clock = Elapsed::start();
+        loop {
+            let guard = q.lock();
+            if !guard.in_flight() || clock.elapsed_ns() >= 2 * crate::timeout_ns() {
+                return guard;
+            }
+            drop(guard);
+            wait::sleep(qi, 1_000_000, || true);
+        }
+    }
+
     /// Resume: finds the virtqueues again (the device was reset and its features negotiated
     /// again), marks the device ready and sends the invalidations queued while frozen. If the
     /// queues cannot be set up, the device is broken: every request fails at once.
     pub(crate) fn restore(&self, vdev: &virtio::Device) -> Result {
-        let vqs = match queue_names(self.queues.len()).and_then(|n| vdev.find_vqs(&n)) {
+        let vqs = match queue_names(self.queues.len())
+            .and_then(|n| vdev.find_vqs(&n, wait::callback))
+        {
             Ok(vqs) => vqs,
             Err(e) => {
                 self.broken.store(true, Ordering::Release);
@@ -854,7 +1201,9 @@ impl TmemDev {
             }
         };
         for (q, vq) in self.queues.iter().zip(vqs) {
-            q.lock().vq = Some(vq);
+            let mut q = q.lock();
+            q.usable = usable_slots(&vq);
+            q.vq = Some(vq);
         }
         self.frozen.store(false, Ordering::Release);
         vdev.ready();
@@ -871,32 +1220,35 @@ impl TmemDev {
             usable: true,
             unanswered: false,
             unanswered_create: false,
-            late: [NO_POOL; MAX_QUEUES],
+            late: [NO_POOL; MAX_QUEUES * SLOTS],
             nlate: 0,
         };
         for q in self.queues.iter() {
             let mut guard = q.lock();
             let vq = &mut *guard;
-            let Some(virtqueue) = vq.vq.as_mut() else {
+            if vq.vq.is_none() {
                 st.usable = false;
                 continue;
-            };
-            if vq.stalled {
+            }
+            if vq.reap().is_err() {
+                st.usable = false;
+            }
+            for slot in vq.slots.iter_mut() {
                 let mut h = [0u8; ReqHeader::SIZE];
-                h.copy_from_slice(&vq.out[..ReqHeader::SIZE]);
+                h.copy_from_slice(&slot.out[..ReqHeader::SIZE]);
                 let create = ReqHeader::decode(&h).op == Op::CreatePool as u32;
-                match virtqueue.take_answer() {
-                    Answer::Used(len) => {
-                        vq.stalled = false;
+                match slot.state {
+                    State::Late(len) => {
+                        slot.state = State::Free;
                         let mut r = [0u8; RespHeader::SIZE];
-                        r.copy_from_slice(&vq.resp[..RespHeader::SIZE]);
+                        r.copy_from_slice(&slot.resp[..RespHeader::SIZE]);
                         let resp = RespHeader::decode(&r);
                         // A pool nobody holds the id of. Only a full answer counts (`call`
                         // wrote an unknown status over the response before sending).
                         if create
                             && len as usize == RespHeader::SIZE
                             && resp.status == Status::Ok as u32
-                            && st.nlate < MAX_QUEUES
+                            && st.nlate < st.late.len()
                         {
                             if let Ok(id) = u32::try_from(resp.value) {
                                 st.late[st.nlate] = id;
@@ -904,15 +1256,16 @@ impl TmemDev {
                             }
                         }
                     }
-                    Answer::Broken => st.usable = false,
-                    Answer::NotYet => {
+                    // Not answered yet; a caller still waiting gives up soon (the device is
+                    // broken), and its request counts as unanswered meanwhile.
+                    State::Abandoned | State::InFlight => {
                         st.unanswered = true;
                         st.unanswered_create |= create;
-                        continue;
                     }
+                    State::Free | State::Done(_) => {}
                 }
             }
-            if virtqueue.is_broken() {
+            if vq.vq.as_ref().is_some_and(|v| v.is_broken()) {
                 st.usable = false;
             }
         }
@@ -923,6 +1276,11 @@ impl TmemDev {
     pub(crate) fn has_queues(&self) -> bool {
         self.queues.first().is_some_and(|q| q.lock().vq.is_some())
     }
+}
+
+/// How many slots fit `vq`'s ring at once.
+fn usable_slots(vq: &Virtqueue) -> usize {
+    (vq.size() / virtio::DESCS_PER_REQUEST).clamp(1, SLOTS)
 }
 
 /// The virtqueue names: the control queue, then the request queues.

@@ -13,7 +13,7 @@ use core::sync::atomic::Ordering;
 use kernel::prelude::*;
 
 use crate::backend::{self, Oid, Page};
-use crate::device::{status_name, TmemDev, NO_POOL};
+use crate::device::{status_name, TmemDev, Wait, NO_POOL};
 use crate::proto::{self, BatchEntry, CreatePool, Op, ReqHeader, Status};
 
 impl TmemDev {
@@ -45,7 +45,8 @@ impl TmemDev {
             page_size: proto::PAGE_SIZE as u32,
             reserved: 0,
         };
-        let resp = self.control_status(&hdr, &create.encode(), epoch)?;
+        // Mount, registration or `invalidate_bdev()`: process context.
+        let resp = self.control_status(&hdr, &create.encode(), epoch, Wait::Sleep)?;
         match Status::from_u32(resp.status) {
             Some(Status::Ok) => u32::try_from(resp.value).map_err(|_| EIO),
             Some(Status::Denied) => Err(EACCES),
@@ -75,7 +76,7 @@ impl TmemDev {
                 .cache_shared_pools
                 .fetch_sub(1, Ordering::Relaxed);
         }
-        self.destroy_pool(pool, "page cache", epoch);
+        self.destroy_pool(pool, "page cache", epoch, Wait::Spin);
         pr_info!("filesystem {}: host pool {} {}\n", fs, pool, why);
     }
 
@@ -162,6 +163,7 @@ impl backend::PageCache for TmemDev {
             [&s.cache_puts, &s.cache_puts_refused],
             "page-cache put",
             epoch,
+            Wait::Spin,
         )
     }
 
@@ -185,7 +187,7 @@ impl backend::PageCache for TmemDev {
         };
         let s = &self.stats;
         let counters = [&s.cache_gets, &s.cache_hits, &s.cache_misses];
-        self.get(&hdr, page, counters, "page-cache get", epoch)
+        self.get(&hdr, page, counters, "page-cache get", epoch, Wait::Spin)
             .map(|_| ())
     }
 
@@ -213,7 +215,7 @@ impl backend::PageCache for TmemDev {
             return;
         }
         self.stats.cache_pool_resets.fetch_add(1, Ordering::Relaxed);
-        self.destroy_pool(old, "page cache", epoch);
+        self.destroy_pool(old, "page cache", epoch, Wait::Sleep);
         match self.create_cache_pool(None, epoch) {
             Ok(pool) if self.publish(slot, pool, epoch) => {}
             Ok(_) => {

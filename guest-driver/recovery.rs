@@ -144,6 +144,7 @@ impl TmemDev {
                 "device broken: it does not know pool {} (the host lost it); tmem requests fail until it is set up again\n",
                 pool
             );
+            self.wake_waiters();
             self.schedule_recovery(true);
         }
         self.kick_recovery();

@@ -12,7 +12,7 @@ use core::sync::atomic::Ordering;
 use kernel::prelude::*;
 
 use crate::backend::{self, Page};
-use crate::device::{TmemDev, NO_POOL};
+use crate::device::{TmemDev, Wait, NO_POOL};
 use crate::proto::{self, BatchEntry, CreatePool, Op, ReqHeader};
 
 impl TmemDev {
@@ -47,7 +47,7 @@ impl backend::Swap for TmemDev {
             reserved: 0,
         };
         let epoch = self.epoch();
-        let id = self.control(&hdr, &create.encode(), epoch)?;
+        let id = self.control(&hdr, &create.encode(), epoch, Wait::Sleep)?;
         let id = u32::try_from(id).map_err(|_| EIO)?;
         if !self.publish(slot, id, epoch) {
             // A recovery began meanwhile: the id is of the host it ended, and the area goes
@@ -83,7 +83,15 @@ impl backend::Swap for TmemDev {
             ..Default::default()
         };
         let s = &self.stats;
-        self.put(&hdr, page, [&s.puts, &s.puts_refused], "put", epoch)
+        // swap_writepage() may sleep (zswap takes a mutex there).
+        self.put(
+            &hdr,
+            page,
+            [&s.puts, &s.puts_refused],
+            "put",
+            epoch,
+            Wait::Sleep,
+        )
     }
 
     fn swap_load(&self, type_: u32, offset: usize, page: &Page, exclusive: bool) -> Result {
@@ -103,7 +111,8 @@ impl backend::Swap for TmemDev {
         };
         let s = &self.stats;
         let counters = [&s.gets, &s.hits, &s.misses];
-        let flags = self.get(&hdr, page, counters, "get", epoch)?;
+        // swap_read_folio() may sleep (zswap takes a mutex there).
+        let flags = self.get(&hdr, page, counters, "get", epoch, Wait::Sleep)?;
         if exclusive && flags & proto::resp_flags::DROPPED == 0 {
             // The core forgets the offset now: a copy the host kept would never be flushed.
             self.swap_invalidate_page(type_, offset);
@@ -146,7 +155,7 @@ impl backend::Swap for TmemDev {
         }
         drop(pending);
         self.stats.pools.fetch_sub(1, Ordering::Relaxed);
-        self.destroy_pool(pool, "swap", epoch);
+        self.destroy_pool(pool, "swap", epoch, Wait::Sleep);
         pr_info!("swap area {}: host pool {} destroyed\n", type_, pool);
     }
 }

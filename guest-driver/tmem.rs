@@ -9,12 +9,13 @@
 //! read-only mounts when the host authorizes it, and clean page-cache pages evicted by reclaim
 //! go there and come back on a read miss.
 //!
-//! Requests are synchronous and polled: a request queue carries one request at a time under its
-//! spinlock, and the driver spins on the used ring until the device answers, for at most
-//! `timeout_ms` (a module parameter), after which the device is broken and every request fails
-//! until it answers again (`recovery.rs`). The tmem hooks need a synchronous answer anyway (a
-//! swap-in waits for its page); polling saves an interrupt and a wakeup per page, and lets one
-//! path serve the hooks that run under spinlocks, where sleeping is not allowed. Buffers are allocated at probe, so the swap-out and reclaim paths, which run
+//! Requests are synchronous: the tmem hooks need their answer before they return (a swap-in
+//! waits for its page). Hooks that must not sleep spin on the used ring with the queue's lock
+//! held; hooks that may (swap-out, swap-in, pool operations) poll for `poll_us` and then sleep
+//! until the queue's interrupt, so a slow answer does not keep the CPU, and several of them
+//! are in flight per queue. Either way a request waits at most `timeout_ms` (module
+//! parameters), after which the device is broken and every request fails until it answers
+//! again (`recovery.rs`). Buffers are allocated at probe, so the swap-out and reclaim paths, which run
 //! under memory pressure, allocate nothing. Invalidations are queued and sent in `BATCH`
 //! requests; every put and get sends the queued ones first, so the device sees them in order.
 //!
@@ -26,7 +27,8 @@
 //!
 //! Files, one concern each: `virtio.rs` (a small safe wrapper of the C virtio API),
 //! `backend.rs` (the tmem backend interface as safe traits and its registration), `device.rs`
-//! (queues, the request path, batched invalidations), `recovery.rs` (setting a broken device
+//! (queues, the request path, batched invalidations), `wait.rs` (sleeping until a queue's
+//! interrupt), `recovery.rs` (setting a broken device
 //! up again when it answers again), `swap.rs` and `page_cache.rs` (the tmem operations),
 //! `debugfs.rs` (counters), `work.rs` (the recovery's work item). This file binds the device
 //! and registers the backend.
@@ -42,6 +44,7 @@ mod recovery;
 mod shrink;
 mod swap;
 mod virtio;
+mod wait;
 mod work;
 
 // The wire format shared with the host daemon, included by path (Kbuild builds one crate).
@@ -105,6 +108,18 @@ pub(crate) fn timeout_ns() -> u64 {
     u64::from(ms) * 1_000_000
 }
 
+/// `poll_us`: how long a request from a hook that may sleep (swap-out, swap-in, pool
+/// operations) polls for its answer before it sleeps until the queue's interrupt (see
+/// `docs/guest.md`). 0 sleeps at once; settable at `insmod` and in
+/// `/sys/module/tmem/parameters/poll_us`, clamped to [`MAX_POLL_US`].
+static POLL_US: AtomicU32 = AtomicU32::new(50);
+const MAX_POLL_US: u32 = 1_000_000;
+
+/// The polling time in nanoseconds.
+pub(crate) fn poll_ns() -> u64 {
+    u64::from(POLL_US.load(Ordering::Relaxed).min(MAX_POLL_US)) * 1000
+}
+
 /// `writethrough`: every swap page the host takes is written to the swap device as well, so
 /// that a host that crashes loses none (see `docs/guest.md`). Off by default: it costs the
 /// swap-out I/O tmem otherwise saves. Set at `insmod` (or `tmem.writethrough=1` on the kernel
@@ -145,6 +160,20 @@ static WRITETHROUGH_PARAM: Param = Param(bindings::kernel_param {
 
 #[used]
 #[link_section = "__param"]
+static POLL_US_PARAM: Param = Param(bindings::kernel_param {
+    name: c"poll_us".as_ptr().cast(),
+    mod_: core::ptr::null_mut(),
+    ops: &raw const bindings::param_ops_uint,
+    perm: 0o644,
+    level: -1,
+    flags: 0,
+    __bindgen_anon_1: bindings::kernel_param__bindgen_ty_1 {
+        arg: POLL_US.as_ptr().cast(),
+    },
+});
+
+#[used]
+#[link_section = "__param"]
 static TIMEOUT_MS_PARAM: Param = Param(bindings::kernel_param {
     name: c"timeout_ms".as_ptr().cast(),
     // Only used to pick the lock that serializes the parameter's readers and writers: NULL
@@ -165,6 +194,8 @@ struct TmemModule {
 
 impl kernel::Module for TmemModule {
     fn init(module: &'static ThisModule) -> Result<Self> {
+        // SAFETY: once, before the driver registers: no virtqueue exists yet.
+        unsafe { wait::init() };
         let driver = virtio::Registration::new(c_str!("tmem"), &ID_TABLE, &FEATURES, module)?;
         Ok(TmemModule { _driver: driver })
     }

@@ -6,8 +6,8 @@
 //! use only: driver registration with probe and remove, feature and config-space reads, and
 //! polled virtqueues carrying requests made of scatterlists. The raw bindings and the helpers
 //! for inline C functions come from `vm-images/patches/linux/` (the Rust bindings patch). The
-//! `unsafe` blocks of the driver live here and in `backend.rs`, `debugfs.rs` and `work.rs`
-//! (and the work function's one in `recovery.rs`), so the device logic is safe Rust.
+//! `unsafe` blocks of the driver live here and in `backend.rs`, `debugfs.rs`, `wait.rs` and
+//! `work.rs` (and the work function's one in `recovery.rs`), so the device logic is safe Rust.
 
 use core::marker::PhantomData;
 use core::ptr;
@@ -24,6 +24,10 @@ pub(crate) const RING_F_INDIRECT_DESC: u32 = 28;
 
 /// Most buffers one request has: a header, a page and a response.
 const MAX_SGS: usize = 3;
+
+/// Descriptors one request takes at most (no indirect descriptors): a queue of `n` entries
+/// holds `n / DESCS_PER_REQUEST` requests at once.
+pub(crate) const DESCS_PER_REQUEST: usize = MAX_SGS;
 
 /// A virtio device the driver is bound to (`struct virtio_device`).
 ///
@@ -80,15 +84,19 @@ impl Device {
         Ok(())
     }
 
-    /// Finds one virtqueue per name. They have no callback: the driver polls them, so the
-    /// device sends no interrupts.
-    pub(crate) fn find_vqs(&self, names: &[&'static CStr]) -> Result<KVec<Virtqueue>> {
+    /// Finds one virtqueue per name, each with `callback` for its interrupts, which start
+    /// disabled: a caller enables them while it waits ([`Virtqueue::enable_cb`]).
+    pub(crate) fn find_vqs(
+        &self,
+        names: &[&'static CStr],
+        callback: unsafe extern "C" fn(*mut bindings::virtqueue),
+    ) -> Result<KVec<Virtqueue>> {
         let mut infos = KVec::with_capacity(names.len(), GFP_KERNEL)?;
         for name in names {
             infos.push(
                 bindings::virtqueue_info {
                     name: name.as_char_ptr(),
-                    callback: None,
+                    callback: Some(callback),
                     ctx: false,
                 },
                 GFP_KERNEL,
@@ -109,6 +117,9 @@ impl Device {
                 ptr::null_mut(),
             )
         })?;
+        for vq in vqs.iter_mut() {
+            vq.disable_cb();
+        }
         Ok(vqs)
     }
 
@@ -162,7 +173,7 @@ impl Device {
     }
 }
 
-/// A virtqueue the driver polls.
+/// A virtqueue.
 ///
 /// # Invariants
 ///
@@ -173,51 +184,35 @@ pub(crate) struct Virtqueue(*mut bindings::virtqueue);
 // SAFETY: a virtqueue can be used from any CPU; `&mut self` methods serialize its users.
 unsafe impl Send for Virtqueue {}
 
-/// What became of a request [`Virtqueue::exchange`] gave up on.
-pub(crate) enum Answer {
-    /// Returned, with this used length.
-    Used(u32),
-    /// Not returned yet.
-    NotYet,
-    /// The device is broken (it returned something else, or the virtio core broke it).
+/// What the device returned, from [`Virtqueue::get_used`].
+pub(crate) enum Used {
+    /// The request added with this token, and the used length.
+    Request(usize, u32),
+    /// Nothing (yet).
+    Nothing,
+    /// The device is broken (the virtio core broke it, for one because the used ring named a
+    /// descriptor out of range or not at the head of a request).
     Broken,
-}
-
-/// How [`Virtqueue::exchange`] failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum ExchangeError {
-    /// The device is broken (before or while the request was waiting); nothing more is sent.
-    Broken,
-    /// The device did not answer within the bound; the request stays in the ring.
-    TimedOut,
-    /// The device returned a request that is not the one in flight: it is broken now.
-    BadToken,
-    /// `virtqueue_add_sgs` (or this wrapper) refused the request.
-    Add(Error),
 }
 
 impl Virtqueue {
     /// Adds one request, device-readable buffers `out` then device-writable buffers `inp`,
-    /// notifies the device and spins until the device returns it, for at most `timeout_ns`
-    /// nanoseconds of real time. Never sleeps; returns the used length the device reported.
+    /// under `token` (not 0: [`Virtqueue::get_used`] returns it with the request), and
+    /// notifies the device.
     ///
-    /// If the device returns anything but this request, the whole device is marked broken
-    /// (`virtio_break_device`): every later request on any of its queues fails at once. On
-    /// timeout the request stays in the ring, unanswered (see [`Virtqueue::take_answer`]),
-    /// until the device answers it or is reset, so a device that is merely slow may still read
-    /// `out` or write `inp` later: callers pass only buffers they own until then (the
-    /// per-queue buffers), or pages it may only read, and send nothing else on this queue.
-    pub(crate) fn exchange(
+    /// # Safety
+    ///
+    /// The buffers stay valid, and are not used by the CPU (the readable ones not written),
+    /// until [`Virtqueue::get_used`] returns the request or the device is reset: the device
+    /// may read and write them until then, whatever the borrows of the scatterlists say.
+    pub(crate) unsafe fn add(
         &mut self,
         out: &mut [ReadSg<'_>],
         inp: &mut [WriteSg<'_>],
-        timeout_ns: u64,
-    ) -> core::result::Result<u32, ExchangeError> {
-        if out.len() + inp.len() > MAX_SGS {
-            return Err(ExchangeError::Add(EINVAL));
-        }
-        if self.is_broken() {
-            return Err(ExchangeError::Broken);
+        token: usize,
+    ) -> Result {
+        if out.len() + inp.len() > MAX_SGS || token == 0 {
+            return Err(EINVAL);
         }
         let mut sgs = [ptr::null_mut::<bindings::scatterlist>(); MAX_SGS];
         let readable = out.iter_mut().map(|sg| &mut sg.sg);
@@ -225,71 +220,58 @@ impl Virtqueue {
         for (slot, sg) in sgs.iter_mut().zip(Iterator::chain(readable, writable)) {
             *slot = sg;
         }
-        // SAFETY: the virtqueue is valid (type invariant) and `&mut self` makes this the only
-        // request in flight on it; each scatterlist describes a buffer that is borrowed until
-        // the device returns the request below (or, see above, that the caller keeps until
-        // the device is reset). The token is any non-null pointer: the virtqueue's own.
+        // SAFETY: the virtqueue is valid (type invariant) and `&mut self` serializes its
+        // users; each scatterlist describes a buffer the caller keeps for the device (see
+        // above). The token is only handed back, never dereferenced.
         to_result(unsafe {
             bindings::virtqueue_add_sgs(
                 self.0,
                 sgs.as_mut_ptr(),
                 out.len() as c_uint,
                 inp.len() as c_uint,
-                self.0.cast(),
+                token as *mut core::ffi::c_void,
                 bindings::GFP_ATOMIC,
             )
-        })
-        .map_err(|e| {
-            if self.is_broken() {
-                ExchangeError::Broken
-            } else {
-                ExchangeError::Add(e)
-            }
         })?;
         // SAFETY: as above.
         unsafe { bindings::virtqueue_kick(self.0) };
-        let mut clock = Elapsed::start();
-        loop {
-            let mut len: c_uint = 0;
-            // SAFETY: as above. `virtqueue_get_buf` itself breaks the device when the used
-            // ring names a descriptor out of range or not at the head of a request.
-            let token = unsafe { bindings::virtqueue_get_buf(self.0, &mut len) };
-            if !token.is_null() {
-                if token != self.0.cast() {
-                    self.break_device();
-                    return Err(ExchangeError::BadToken);
-                }
-                return Ok(len);
-            }
-            if self.is_broken() {
-                return Err(ExchangeError::Broken);
-            }
-            if clock.elapsed_ns() >= timeout_ns {
-                return Err(ExchangeError::TimedOut);
-            }
-            core::hint::spin_loop();
+        Ok(())
+    }
+
+    /// The next request the device returned, if any. Never waits.
+    pub(crate) fn get_used(&mut self) -> Used {
+        let mut len: c_uint = 0;
+        // SAFETY: the virtqueue is valid (type invariant); `&mut self` makes this its only
+        // user. `virtqueue_get_buf` breaks the device when the used ring names a descriptor
+        // out of range or not at the head of a request.
+        let token = unsafe { bindings::virtqueue_get_buf(self.0, &mut len) };
+        if !token.is_null() {
+            Used::Request(token as usize, len)
+        } else if self.is_broken() {
+            Used::Broken
+        } else {
+            Used::Nothing
         }
     }
 
-    /// The answer to the request [`Virtqueue::exchange`] gave up on, if the device has
-    /// returned it since. Never waits.
-    pub(crate) fn take_answer(&mut self) -> Answer {
-        let mut len: c_uint = 0;
-        // SAFETY: the virtqueue is valid (type invariant); `&mut self` makes this its only
-        // user, and its one request in flight is the one given up on.
-        let token = unsafe { bindings::virtqueue_get_buf(self.0, &mut len) };
-        if token.is_null() {
-            return if self.is_broken() {
-                Answer::Broken
-            } else {
-                Answer::NotYet
-            };
-        }
-        if token != self.0.cast() {
-            self.break_device();
-            return Answer::Broken;
-        }
-        Answer::Used(len)
+    /// Asks for an interrupt ([`crate::wait::callback`]) when the device returns a request
+    /// from now on; false if it has returned some already (take them first: no interrupt
+    /// may come for them).
+    pub(crate) fn enable_cb(&mut self) -> bool {
+        // SAFETY: the virtqueue is valid (type invariant); `&mut self` serializes its users.
+        unsafe { bindings::virtqueue_enable_cb(self.0) }
+    }
+
+    /// Asks the device for no more interrupts (a hint: one may still come).
+    pub(crate) fn disable_cb(&mut self) {
+        // SAFETY: as in `enable_cb`.
+        unsafe { bindings::virtqueue_disable_cb(self.0) };
+    }
+
+    /// How many entries the ring has.
+    pub(crate) fn size(&self) -> usize {
+        // SAFETY: the virtqueue is valid (type invariant).
+        unsafe { bindings::virtqueue_get_vring_size(self.0) as usize }
     }
 
     pub(crate) fn is_broken(&self) -> bool {
@@ -309,20 +291,20 @@ impl Virtqueue {
 /// updates (a 24-bit ACPI PM timer wraps in 4.7 s, and with interrupts off on the only CPU
 /// nothing updates the timekeeping base): only forward steps between successive reads count,
 /// and the caller reads far more often than the counter wraps.
-struct Elapsed {
+pub(crate) struct Elapsed {
     last: i64,
     total: u64,
 }
 
 impl Elapsed {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         Self {
             last: now_ns(),
             total: 0,
         }
     }
 
-    fn elapsed_ns(&mut self) -> u64 {
+    pub(crate) fn elapsed_ns(&mut self) -> u64 {
         let now = now_ns();
         if now > self.last {
             self.total += (now - self.last) as u64;

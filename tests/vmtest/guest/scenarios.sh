@@ -15,7 +15,7 @@ DATA=/dev/vdb
 DISK2=/dev/vdc
 COUNTERS="puts puts_refused gets hits misses cache_puts cache_puts_refused cache_gets cache_hits
 cache_misses cache_invalidations failures flushes batches pools cache_pools cache_pool_resets
-recoveries shrink_writebacks shrink_refused"
+recoveries shrink_writebacks shrink_refused sleeps"
 # Counters of module instances unloaded earlier in the run (the daemon's counters go on).
 SAVED=/tmp/saved-stats
 
@@ -362,6 +362,9 @@ swap-mq-stress)
 	[ "$(grep -c ^processor /proc/cpuinfo)" -eq 2 ] || fail "expected 2 vCPUs"
 	load
 	dmesg | grep -q "tmem: device ready: 2 request queue(s)" || fail "the device has no 2 request queues"
+	# Every swap-out and swap-in sleeps until the queue's interrupt (no polling first): up to
+	# four such requests in flight per queue, beside the invalidation batches that spin.
+	echo 0 >/sys/module/tmem/parameters/poll_us || fail "setting poll_us"
 	swap_on
 	memtouch rounds 48 40 3 >/tmp/w40 2>&1 &
 	W1=$!
@@ -379,6 +382,7 @@ swap-mq-stress)
 	at_least puts 1000
 	at_least hits 1000
 	at_least flushes 1
+	at_least sleeps 1000
 	none_of failures
 	none_of bad_answers
 	stats
