@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 # The daemon the tests and the demo start (release: the tests push 100k+ pages through it).
 export VHOST_TMEM_BIN := $(CURDIR)/target/release/vhost-tmem
 
-.PHONY: all deps build lint test unit-test e2e-test bench bench-quick bench-instructions vm-images vm-test demo demo-userspace clean help install uninstall install-check fuzz experiment
+.PHONY: all deps build lint test unit-test e2e-test bench bench-quick bench-instructions vm-images vm-test vm-test-kasan demo demo-userspace clean help install uninstall install-check fuzz experiment
 
 all: build
 
@@ -88,6 +88,14 @@ vm-test: build vm-images
 	@echo "scenario lab-smoke: pass" | tee -a $(TEST_LOG)
 	@echo "== overcommit lab, interrupted (SIGINT while the guest runs: guests stopped, partial data kept)"
 	bash lab/interrupt-test.sh 2>&1 | tee -a $(TEST_LOG)
+
+# The VM scenarios on a KASAN kernel (clang-built, cached beside the plain one; guests get
+# 72 MiB more RAM for KASAN's own use). Not part of `make test`: see docs/guest.md, Testing it.
+vm-test-kasan: build
+	@echo "== guest images with KASAN"
+	KASAN=1 bash vm-images/build.sh
+	@echo "== VM scenarios on the KASAN kernel"
+	./target/release/tmem-vmtest --images target/vm/images-kasan.env
 
 # An overcommit experiment (default: experiments/default.toml, about 10 minutes on 2 cores):
 # report.md, data.csv, result.json and plots in EXPERIMENT_OUT.

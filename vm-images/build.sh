@@ -4,6 +4,11 @@
 #
 #   vm-images/build.sh [deps|qemu|kernel|module|initramfs|all]...   (default: all)
 #
+# With KASAN=1 the kernel gets vm-images/kasan.config on top and is built with clang (Rust
+# code under KASAN needs a clang-built kernel); its kernel, module and initramfs are cached
+# beside the plain ones (names prefixed kasan-) and named in target/vm/images-kasan.env, with
+# the extra guest RAM the KASAN kernel needs, for `make vm-test-kasan`.
+#
 # Heavy artifacts live in $VHOST_TMEM_CACHE (default ~/.cache/vhost-tmem), each in a directory
 # named after a hash of all its inputs, so a rebuild happens only when an input changes and a
 # fresh clone on the same machine reuses them. The paths of the current artifacts are written
@@ -28,6 +33,23 @@ MESON_VERSION=1.9.0
 QEMU_RECIPE=1
 KERNEL_RECIPE=2
 INITRAMFS_RECIPE=1
+
+KASAN=${KASAN:-0}
+if [ "$KASAN" = 1 ]; then
+    FRAGMENTS=("$VM/guest.config" "$VM/kasan.config")
+    VARIANT=kasan-
+    LLVM_ARGS=(LLVM=-14)
+    ENV_FILE=images-kasan.env
+    # The shadow (1/8 of RAM) and the stack depot's 16 MiB hash table: MemTotal of a
+    # 128 MiB KASAN guest is 46 MiB, of a plain one 103 MiB.
+    GUEST_EXTRA_MIB=72
+else
+    FRAGMENTS=("$VM/guest.config")
+    VARIANT=
+    LLVM_ARGS=()
+    ENV_FILE=images.env
+    GUEST_EXTRA_MIB=0
+fi
 
 T0=$(date +%s)
 step() { printf '[vm-images %4ds] %s\n' "$(($(date +%s) - T0))" "$*"; }
@@ -75,6 +97,7 @@ APT_PKGS=(
 
 do_deps() {
     local missing=() p
+    [ "$KASAN" != 1 ] || APT_PKGS+=(clang-14 lld-14 llvm-14)
     for p in "${APT_PKGS[@]}"; do
         dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
     done
@@ -211,10 +234,10 @@ kernel_version() {
 kernel_configure() {
     local work=$1 log=$OUT/kernel-build.log
     shift
-    step "kernel: tinyconfig + vm-images/guest.config"
+    step "kernel: tinyconfig + ${FRAGMENTS[*]#"$ROOT"/}"
     run_logged "make tinyconfig" "$log" "$@" tinyconfig
     run_logged "merge_config.sh" "$log" \
-        bash -c "cd '$work' && scripts/kconfig/merge_config.sh -m .config '$VM/guest.config'"
+        bash -c "cd '$work' && scripts/kconfig/merge_config.sh -m .config ${FRAGMENTS[*]}"
     run_logged "make olddefconfig" "$log" "$@" olddefconfig
     run_logged "make rustavailable" "$log" "$@" rustavailable
     kernel_config_check "$work"
@@ -232,14 +255,15 @@ kernel_config_check() {
         else
             grep -qx "$line" "$config" || die "kernel config: $line did not survive olddefconfig (unmet dependency?)"
         fi
-    done <"$VM/guest.config"
+    done < <(cat "${FRAGMENTS[@]}")
 }
 
 do_kernel() {
     local kver
     kver=$(kernel_version)
     KEY_EXTRA="linux-source-6.12 $kver $(/usr/bin/rustc --version) bindgen $BINDGEN_VERSION recipe $KERNEL_RECIPE"
-    KERNEL_KEY=$(key linux "$VM"/patches/linux/*.patch "$VM/guest.config")
+    [ "$KASAN" != 1 ] || KEY_EXTRA+=" $(clang-14 --version | head -n1)"
+    KERNEL_KEY=$(key "${VARIANT}linux" "$VM"/patches/linux/*.patch "${FRAGMENTS[@]}")
     KDIR=$CACHE/$KERNEL_KEY
     if [ -f "$KDIR/arch/x86/boot/bzImage" ] && [ -f "$KDIR/.built" ]; then
         step "kernel: cached $KERNEL_KEY (linux-source-6.12 $kver)"
@@ -249,7 +273,7 @@ do_kernel() {
     rm -rf "$work" && mkdir -p "$work"
     step "kernel: unpacking linux-source-6.12 $kver"
     tar -C "$work" --strip-components=1 -xf /usr/src/linux-source-6.12.tar.xz
-    local mk=(make -C "$work" -j"$JOBS" RUSTC=/usr/bin/rustc BINDGEN="$BINDGEN" HOSTRUSTC=/usr/bin/rustc)
+    local mk=(make -C "$work" -j"$JOBS" "${LLVM_ARGS[@]}" RUSTC=/usr/bin/rustc BINDGEN="$BINDGEN" HOSTRUSTC=/usr/bin/rustc)
     local log=$OUT/kernel-build.log
     # The patches form a series: each must apply and build on the ones before it. The kernel is
     # configured once the first is applied (it adds CONFIG_TMEM, which guest.config enables);
@@ -285,7 +309,7 @@ do_kernel() {
     fi
     touch "$work/.built"
     rm -rf "$KDIR" && mv "$work" "$KDIR"
-    prune "$CACHE" linux "$KERNEL_KEY"
+    prune "$CACHE" "${VARIANT}linux" "$KERNEL_KEY"
     step "kernel: built $KDIR/arch/x86/boot/bzImage"
 }
 
@@ -293,7 +317,7 @@ do_kernel() {
 
 do_module() {
     KEY_EXTRA="$KERNEL_KEY"
-    MODULE_KEY=$(key tmem-ko "$ROOT"/guest-driver/*.rs "$ROOT/guest-driver/Kbuild" \
+    MODULE_KEY=$(key "${VARIANT}tmem-ko" "$ROOT"/guest-driver/*.rs "$ROOT/guest-driver/Kbuild" \
         "$ROOT/shared-proto/src/wire.rs")
     local dir=$CACHE/modules/$MODULE_KEY
     MODULE=$dir/tmem.ko
@@ -306,7 +330,7 @@ do_module() {
     rm -rf "$work" && mkdir -p "$work/guest-driver" "$work/shared-proto/src"
     cp "$ROOT"/guest-driver/*.rs "$ROOT/guest-driver/Kbuild" "$work/guest-driver/"
     cp "$ROOT/shared-proto/src/wire.rs" "$work/shared-proto/src/"
-    run_logged "tmem.ko build" "$OUT/module-build.log" make -C "$KDIR" M="$work/guest-driver" \
+    run_logged "tmem.ko build" "$OUT/module-build.log" make -C "$KDIR" "${LLVM_ARGS[@]}" M="$work/guest-driver" \
         RUSTC=/usr/bin/rustc BINDGEN="$BINDGEN" modules
     if grep -E '^(warning|error)' "$OUT/module-build.log"; then
         die "tmem.ko built with warnings (see $OUT/module-build.log)"
@@ -314,7 +338,7 @@ do_module() {
     mkdir -p "$dir"
     cp "$work/guest-driver/tmem.ko" "$MODULE"
     rm -rf "$work"
-    prune "$CACHE/modules" tmem-ko "$MODULE_KEY"
+    prune "$CACHE/modules" "${VARIANT}tmem-ko" "$MODULE_KEY"
     step "module: built $MODULE"
 }
 
@@ -325,7 +349,7 @@ do_initramfs() {
     bb=$(dpkg -L busybox-static 2>/dev/null | grep 'bin/busybox$' | head -n1)
     [ -n "$bb" ] && [ -x "$bb" ] || die "busybox-static is not installed"
     KEY_EXTRA="$MODULE_KEY busybox $(dpkg-query -W -f '${Version}' busybox-static) $(gcc --version | head -n1) recipe $INITRAMFS_RECIPE"
-    INITRAMFS_KEY=$(key initramfs "$ROOT"/tests/vmtest/guest/*)
+    INITRAMFS_KEY=$(key "${VARIANT}initramfs" "$ROOT"/tests/vmtest/guest/*)
     INITRAMFS=$CACHE/initramfs/$INITRAMFS_KEY.cpio.gz
     if [ -f "$INITRAMFS" ]; then
         step "initramfs: cached $INITRAMFS_KEY"
@@ -350,12 +374,12 @@ do_initramfs() {
     (cd "$work" && find . -print0 | cpio --null -o -H newc --quiet | gzip -9) >"$INITRAMFS.tmp"
     mv "$INITRAMFS.tmp" "$INITRAMFS"
     rm -rf "$work"
-    prune "$CACHE/initramfs" initramfs "$INITRAMFS_KEY"
+    prune "$CACHE/initramfs" "${VARIANT}initramfs" "$INITRAMFS_KEY"
     step "initramfs: built $INITRAMFS"
 }
 
 write_env() {
-    cat >"$OUT/images.env" <<EOF
+    cat >"$OUT/$ENV_FILE" <<EOF
 QEMU=$QEMU
 KERNEL=$KDIR/arch/x86/boot/bzImage
 KDIR=$KDIR
@@ -363,8 +387,9 @@ MODULE=$MODULE
 INITRAMFS=$INITRAMFS
 FIRMWARE=/usr/share/seabios:/usr/share/qemu
 KERNEL_SOURCE_VERSION=$(kernel_version)
+GUEST_EXTRA_MIB=$GUEST_EXTRA_MIB
 EOF
-    step "images ready: $OUT/images.env"
+    step "images ready: $OUT/$ENV_FILE"
 }
 
 steps=("$@")

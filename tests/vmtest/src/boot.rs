@@ -243,7 +243,7 @@ impl Runner {
         cmd.args(qemu_args(&QemuArgs {
             accel,
             smp: self.smp.unwrap_or(g.cpus),
-            mem_mib: GUEST_MIB,
+            mem_mib: GUEST_MIB + self.images.guest_extra_mib,
             request_queues: g.request_queues,
             kernel: &self.images.kernel,
             initramfs: &self.images.initramfs,

@@ -72,7 +72,7 @@ impl Runner {
             qemu_args(&QemuArgs {
                 accel: self.accel,
                 smp: self.smp.unwrap_or(plan.guests[0].cpus),
-                mem_mib: GUEST_MIB,
+                mem_mib: GUEST_MIB + self.images.guest_extra_mib,
                 request_queues: plan.guests[0].request_queues,
                 kernel: &self.images.kernel,
                 initramfs: &self.images.initramfs,

@@ -18,6 +18,12 @@ pub enum Error {
     },
     #[error("{path}: {key} is missing or does not exist")]
     ImagesKey { path: PathBuf, key: &'static str },
+    #[error("{path}: {key}={value} is not a number of MiB")]
+    ImagesValue {
+        path: PathBuf,
+        key: &'static str,
+        value: String,
+    },
     #[error("cannot create {path}: {source}")]
     Create {
         path: PathBuf,

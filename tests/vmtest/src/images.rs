@@ -14,6 +14,10 @@ pub struct Images {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
     pub firmware: Vec<PathBuf>,
+    /// MiB added to every guest's RAM (`GUEST_EXTRA_MIB`, 0 if absent): a KASAN kernel keeps
+    /// about 90 MiB for itself (shadow, stack depot), so its guests get that much more and
+    /// the scenarios find the memory they were sized for.
+    pub guest_extra_mib: u64,
 }
 
 impl Images {
@@ -46,6 +50,46 @@ impl Images {
                         .collect()
                 })
                 .unwrap_or_default(),
+            guest_extra_mib: match vars.get("GUEST_EXTRA_MIB") {
+                None => 0,
+                Some(v) => v.parse().map_err(|_| Error::ImagesValue {
+                    path: path.to_path_buf(),
+                    key: "GUEST_EXTRA_MIB",
+                    value: v.to_string(),
+                })?,
+            },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An images file naming files that exist, plus `extra` lines.
+    fn images_file(dir: &Path, extra: &str) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        for f in ["qemu", "bzImage", "initramfs"] {
+            std::fs::write(dir.join(f), b"").unwrap();
+        }
+        let text = format!(
+            "QEMU={0}/qemu\nKERNEL={0}/bzImage\nINITRAMFS={0}/initramfs\n{extra}",
+            dir.display()
+        );
+        let path = dir.join("images.env");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn guest_extra_mib_is_read_and_checked() {
+        let dir = std::env::temp_dir().join(format!("tmem-images-{}", std::process::id()));
+        let plain = Images::load(&images_file(&dir, "")).unwrap();
+        assert_eq!(plain.guest_extra_mib, 0);
+        let kasan = Images::load(&images_file(&dir, "GUEST_EXTRA_MIB=96\n")).unwrap();
+        assert_eq!(kasan.guest_extra_mib, 96);
+        let bad = Images::load(&images_file(&dir, "GUEST_EXTRA_MIB=lots\n")).unwrap_err();
+        assert!(bad.to_string().contains("GUEST_EXTRA_MIB=lots"), "{bad}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
