@@ -16,6 +16,7 @@ help:
 	@echo "make demo   - a real guest (QEMU) swapping into the daemon, with both sides' stats"
 	@echo "make vm-images - build QEMU, the guest kernel, tmem.ko and the initramfs (cached)"
 	@echo "make vm-test - the guest scenarios and the lab's smoke run (part of make test)"
+	@echo "make vm-test-kasan - the guest scenarios on a KASAN kernel (clang-built; not part of make test)"
 	@echo "make experiment - the default overcommit experiment, disk/zswap/zram/tmem (about 10 minutes): target/experiment"
 	@echo "make demo-userspace - the daemon serving two userspace guests, with stats"
 	@echo "make build  - release build of the daemon and the test guest"

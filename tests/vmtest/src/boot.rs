@@ -658,6 +658,9 @@ mod tests {
         assert!(p.ends_with("Not tainted"));
         let sleep = "[ 3.2] BUG: sleeping function called from invalid context at mm/x.c:1\n";
         assert!(run(sleep).kernel_problem().is_some());
+        // What `make vm-test-kasan` looks for.
+        let kasan = "[ 7.1] BUG: KASAN: slab-use-after-free in tmem_x+0x1/0x2\n";
+        assert!(run(kasan).kernel_problem().is_some());
         assert!(
             run("[ 99.1] watchdog: BUG: soft lockup - CPU#1 stuck for 22s!\n")
                 .kernel_problem()
