@@ -79,6 +79,8 @@ struct Vq {
     usable: usize,
     /// Callers asleep until the queue's interrupt: interrupts are on while there are any.
     sleepers: usize,
+    /// The queue's index (its wait queue's, see `wait.rs`).
+    index: usize,
 }
 
 impl Vq {
@@ -90,28 +92,35 @@ impl Vq {
             .any(|s| matches!(s.state, State::Abandoned | State::Late(_)))
     }
 
-    fn in_flight(&self) -> bool {
-        self.slots.iter().any(|s| s.state == State::InFlight)
+    /// A caller waits for an answer, or has one to take.
+    fn busy(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| matches!(s.state, State::InFlight | State::Done(_)))
     }
 
-    /// Takes every request the device returned into its slot. Returns whether one of them
-    /// has a caller waiting; with sleepers, interrupts are armed again before returning (with
-    /// EVENT_IDX the device only interrupts for returns past the index the last arming
+    /// Takes every request the device returned into its slot, and wakes the queue's sleepers
+    /// if one of those has a caller waiting: the interrupt that announced it may find nothing
+    /// left to announce. With sleepers, interrupts are armed again after anything was taken
+    /// (with EVENT_IDX the device only interrupts for returns past the index the last arming
     /// recorded). A token that is no request in flight breaks the device.
-    fn reap(&mut self) -> core::result::Result<bool, ExchangeError> {
+    fn reap(&mut self) -> core::result::Result<(), ExchangeError> {
         let Vq {
             vq: Some(vq),
             slots,
             sleepers,
+            index,
             ..
         } = self
         else {
-            return Ok(false);
+            return Ok(());
         };
         let mut waited_for = false;
-        loop {
+        let mut took = false;
+        let result = loop {
             match vq.get_used() {
                 Used::Request(token, len) => {
+                    took = true;
                     match token.checked_sub(1).and_then(|i| slots.get_mut(i)) {
                         Some(s) if s.state == State::InFlight => {
                             s.state = State::Done(len);
@@ -120,19 +129,24 @@ impl Vq {
                         Some(s) if s.state == State::Abandoned => s.state = State::Late(len),
                         _ => {
                             vq.break_device();
-                            return Err(ExchangeError::BadToken);
+                            break Err(ExchangeError::BadToken);
                         }
                     }
                 }
                 Used::Nothing => {
-                    if *sleepers > 0 && !vq.enable_cb() {
+                    if *sleepers > 0 && took && !vq.enable_cb() {
+                        took = false;
                         continue;
                     }
-                    return Ok(waited_for);
+                    break Ok(());
                 }
-                Used::Broken => return Err(ExchangeError::Broken),
+                Used::Broken => break Err(ExchangeError::Broken),
             }
+        };
+        if waited_for && *sleepers > 0 {
+            wait::wake(*index);
         }
+        result
     }
 }
 
@@ -154,6 +168,8 @@ enum ExchangeError {
     TimedOut,
     /// The device returned a request that is not in flight: it is broken now.
     BadToken,
+    /// A reset (suspend, recovery) took the ring away with the request.
+    Reset,
     /// `virtqueue_add_sgs` refused the request.
     Add(Error),
 }
@@ -449,7 +465,7 @@ impl TmemDev {
             self.sleep_for_answer(qi, i, seq, hdr, recovery, timeout, &mut clock)?
         } else {
             loop {
-                match self.check_slot(&mut guard, qi, i, seq, recovery, timeout, &mut clock) {
+                match self.check_slot(&mut guard, i, seq, recovery, timeout, &mut clock) {
                     Ok(Some(used)) => break (guard, used),
                     Ok(None) => core::hint::spin_loop(),
                     Err(e) => return Err(self.exchange_failed(hdr, e)),
@@ -488,27 +504,28 @@ impl TmemDev {
     /// says whether the slot's request (number `seq`) is answered (its used length), still
     /// worth waiting for (`None`), or given up on: then the slot is `Abandoned`, left in the
     /// ring.
-    #[allow(clippy::too_many_arguments)]
     fn check_slot(
         &self,
         vq: &mut Vq,
-        qi: usize,
         i: usize,
         seq: u64,
         recovery: bool,
         timeout: u64,
         clock: &mut Elapsed,
     ) -> core::result::Result<Option<u32>, ExchangeError> {
-        if vq.slots[i].seq != seq || vq.vq.is_none() {
-            // A reset took the ring away (a suspend or a recovery that gave up waiting).
-            return Err(ExchangeError::Broken);
+        if vq.slots[i].seq != seq {
+            // A reset took the ring away with the request (a suspend, or a recovery, after
+            // waiting twice the timeout for this caller).
+            return Err(ExchangeError::Reset);
+        }
+        // An answer taken before a reset is kept for its caller (`freeze`).
+        if let State::Done(used) = vq.slots[i].state {
+            return Ok(Some(used));
+        }
+        if vq.vq.is_none() {
+            return Err(ExchangeError::Reset);
         }
         let reaped = vq.reap();
-        if let Ok(true) = reaped {
-            if vq.sleepers > 0 {
-                wait::wake(qi);
-            }
-        }
         if let State::Done(used) = vq.slots[i].state {
             return Ok(Some(used));
         }
@@ -546,7 +563,7 @@ impl TmemDev {
         let mut slept = false;
         loop {
             let mut guard = q.lock();
-            match self.check_slot(&mut guard, qi, i, seq, recovery, timeout, clock) {
+            match self.check_slot(&mut guard, i, seq, recovery, timeout, clock) {
                 Ok(Some(used)) => {
                     if slept {
                         self.stats.sleeps.fetch_add(1, Ordering::Relaxed);
@@ -568,15 +585,26 @@ impl TmemDev {
                 continue;
             }
             let mut asleep = false;
-            wait::sleep(qi, timeout.saturating_sub(elapsed), || {
+            // In slices of at most a second: a long `timeout_ms` must not look like a hung
+            // task (the loop checks the clock again).
+            let slice = timeout.saturating_sub(elapsed).min(1_000_000_000);
+            wait::sleep(qi, slice, || {
                 let mut guard = q.lock();
                 let vq = &mut *guard;
                 if vq.slots[i].seq != seq || vq.slots[i].state != State::InFlight {
                     return false;
                 }
+                // Checked after joining the wait queue: a breaker sets the flag, then wakes.
+                if !recovery && self.broken.load(Ordering::Acquire) {
+                    return false;
+                }
                 let Some(virtqueue) = vq.vq.as_mut() else {
                     return false;
                 };
+                // No interrupt comes from a broken virtqueue.
+                if virtqueue.is_broken() {
+                    return false;
+                }
                 vq.sleepers += 1;
                 // False: the device returned requests already, which no interrupt announces.
                 if !virtqueue.enable_cb() {
@@ -608,6 +636,10 @@ impl TmemDev {
     fn exchange_failed(&self, hdr: &ReqHeader, e: ExchangeError) -> Error {
         match e {
             ExchangeError::Add(e) => e,
+            // Frozen for a suspend: the host keeps its pages, the device is not broken.
+            ExchangeError::Reset if self.frozen.load(Ordering::Acquire) => EAGAIN,
+            // A recovery's reset: the device is broken already.
+            ExchangeError::Reset => ENODEV,
             ExchangeError::Broken | ExchangeError::TimedOut | ExchangeError::BadToken => {
                 if !self.broken.swap(true, Ordering::AcqRel) {
                     self.wake_waiters();
@@ -1039,7 +1071,7 @@ impl TmemDev {
         let batch = vdev.has_feature(proto::feature::BATCH) && max_batch > 0;
         let build = || -> Result<Arc<TmemDev>> {
             let mut queues = KVec::with_capacity(nvqs, GFP_KERNEL)?;
-            for vq in vqs {
+            for (index, vq) in vqs.into_iter().enumerate() {
                 let mut slots = KVec::with_capacity(SLOTS, GFP_KERNEL)?;
                 for _ in 0..SLOTS {
                     slots.push(
@@ -1058,6 +1090,7 @@ impl TmemDev {
                     vq: Some(vq),
                     slots,
                     sleepers: 0,
+                    index,
                 };
                 let q = KBox::pin_init(new_spinlock!(vq, "tmem_vq"), GFP_KERNEL)?;
                 queues.push(q, GFP_KERNEL)?;
@@ -1148,9 +1181,13 @@ impl TmemDev {
             let vq = &mut *guard;
             had_queues |= vq.vq.take().is_some();
             // The reset below takes the ring from the device, with any request in it.
+            // A caller still waiting after all finds its request gone (`seq`); an answer
+            // already taken stays for its caller.
             for slot in vq.slots.iter_mut() {
-                slot.state = State::Free;
-                slot.seq = slot.seq.wrapping_add(1);
+                if !matches!(slot.state, State::Done(_)) {
+                    slot.state = State::Free;
+                    slot.seq = slot.seq.wrapping_add(1);
+                }
             }
         }
         vdev.reset();
@@ -1163,10 +1200,10 @@ impl TmemDev {
         }
     }
 
-    /// Queue `qi`'s lock, once no caller waits on it for an answer: callers that sleep are
-    /// bounded by the timeout, and give up early when the device is broken (a recovery resets
-    /// it then). After twice the timeout the queue is taken anyway: a caller still waiting
-    /// then finds its request gone (`seq`) and fails. Sleeps.
+    /// Queue `qi`'s lock, once no caller waits on it for an answer nor has one to take:
+    /// callers that sleep are bounded by the timeout, and give up early when the device is
+    /// broken (a recovery resets it then). After twice the timeout the queue is taken anyway:
+    /// a caller still waiting then finds its request gone (`seq`) and fails. Sleeps.
     fn idle_queue<'a>(
         &self,
         qi: usize,
@@ -1175,7 +1212,7 @@ impl TmemDev {
         let mut clock = Elapsed::start();
         loop {
             let guard = q.lock();
-            if !guard.in_flight() || clock.elapsed_ns() >= 2 * crate::timeout_ns() {
+            if !guard.busy() || clock.elapsed_ns() >= 2 * crate::timeout_ns() {
                 return guard;
             }
             drop(guard);

@@ -63,9 +63,10 @@ pub(crate) fn wake(index: usize) {
 }
 
 /// The virtqueue callback (interrupt context): the device returned requests on the queue,
-/// whose sleepers reap them (`device.rs`). It touches nothing else: the callback only runs
-/// while a sleeper has enabled it, and reaping needs the queue's lock, which process context
-/// takes with interrupts on.
+/// whose sleepers take them (`device.rs`). It touches nothing else: taking them needs the
+/// queue's lock, which process context holds with interrupts on. Interrupts are enabled while
+/// a caller sleeps; disabling them is a hint to the device, so a stray one only wakes
+/// sleepers that find nothing and sleep again.
 pub(crate) unsafe extern "C" fn callback(vq: *mut bindings::virtqueue) {
     // SAFETY: the virtio core passes a virtqueue of this driver's device, valid during the
     // call.
