@@ -6,10 +6,12 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
 use std::sync::{Arc, Weak};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use shared_proto::{Oid, PAGE_SIZE};
 
 use super::budget::Budget;
@@ -98,16 +100,75 @@ impl ClientConfig {
     }
 }
 
+/// Numbers clients for the life of the process, so that a worker's copy of a client's pool
+/// table ([`PoolCache`]) is never taken for another client's.
+static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
+
+/// A client's pools by id, with a generation that every change moves on: a worker's copy of
+/// the table ([`PoolCache`]) sees it is stale from one load, so that a request takes neither
+/// the table's lock nor a reference count.
+#[derive(Debug, Default)]
+pub(super) struct PoolTable {
+    table: RwLock<Vec<Option<Arc<Pool>>>>,
+    generation: AtomicU64,
+}
+
+impl PoolTable {
+    pub(super) fn read(&self) -> RwLockReadGuard<'_, Vec<Option<Arc<Pool>>>> {
+        self.table.read()
+    }
+
+    /// The table, to change. The generation moves on first: a request that still sees the
+    /// old one is served as if it came before the change.
+    pub(super) fn write(&self) -> RwLockWriteGuard<'_, Vec<Option<Arc<Pool>>>> {
+        let t = self.table.write();
+        self.generation.fetch_add(1, Release);
+        t
+    }
+}
+
+/// A worker's copy of the pool table of the client it served last.
+#[derive(Debug, Default)]
+struct PoolCache {
+    /// That client's number (0: none yet).
+    client: u64,
+    /// The table's generation the copy is of, or an older one.
+    generation: u64,
+    pools: Vec<Option<Arc<Pool>>>,
+}
+
+impl PoolCache {
+    /// Pool `id` of `client`, from the copy, refreshed if the table changed since. A pool
+    /// destroyed since it was copied is dead (`Pool::dead`): puts into it are refused, and
+    /// the copy lets it go at the next refresh.
+    fn pool(&mut self, client: &Client, id: PoolId) -> Result<&Arc<Pool>> {
+        // Loaded before the table is read: a change in between leaves an older generation
+        // with the newer table, and the next request reads the table again.
+        let generation = client.pools.generation.load(Acquire);
+        if self.client != client.serial || self.generation != generation {
+            self.pools.clone_from(&client.pools.read());
+            self.client = client.serial;
+            self.generation = generation;
+        }
+        self.pools
+            .get(id as usize)
+            .and_then(Option::as_ref)
+            .ok_or(Error::BadPool(id))
+    }
+}
+
 /// A client of the engine (one guest).
 #[derive(Debug)]
 pub struct Client {
     pub(super) name: String,
+    /// Unique for the life of the process (`NEXT_CLIENT`).
+    serial: u64,
     pub(super) compressor: Compressor,
     pub(super) account: Arc<Account>,
     shared_auth: RwLock<HashSet<Uuid>>,
     pub(super) frozen: AtomicBool,
     pub(super) connected: AtomicBool,
-    pub(super) pools: RwLock<Vec<Option<Arc<Pool>>>>,
+    pub(super) pools: PoolTable,
     pub(super) counters: Counters,
     /// The shrink request its device advertises in config space, in pages (`u64::MAX`:
     /// none). Kept here, not in the device, so that it outlives reconnections.
@@ -201,6 +262,7 @@ pub struct Engine {
 #[derive(Debug)]
 pub struct Worker {
     codecs: Codecs,
+    pools: PoolCache,
 }
 
 impl Engine {
@@ -222,12 +284,13 @@ impl Engine {
         let account = self.budget.new_client_account(cfg.weight, cfg.quota);
         let client = Arc::new(Client {
             name: cfg.name,
+            serial: NEXT_CLIENT.fetch_add(1, Relaxed),
             compressor: cfg.compressor.unwrap_or(self.cfg.compressor),
             account,
             shared_auth: RwLock::new(cfg.shared.into_iter().collect()),
             frozen: AtomicBool::new(false),
             connected: AtomicBool::new(false),
-            pools: RwLock::new(Vec::new()),
+            pools: PoolTable::default(),
             counters: Counters::default(),
             shrink_target: AtomicU64::new(u64::MAX),
             session: Mutex::new(Session::default()),
@@ -791,6 +854,7 @@ impl Tmem for Engine {
     fn new_worker(&self) -> Result<Worker> {
         Ok(Worker {
             codecs: Codecs::new()?,
+            pools: PoolCache::default(),
         })
     }
 
@@ -840,12 +904,13 @@ impl Tmem for Engine {
         page: impl Into<PageSrc<'p>>,
     ) -> Result<()> {
         let page = page.into();
-        let pool = client.pool(page_key.pool)?;
+        let Worker { codecs, pools } = worker;
+        let pool = pools.pool(client, page_key.pool)?;
         Counters::inc(&client.counters.puts);
         if client.frozen.load(Relaxed) {
             return Err(self.refuse(
                 client,
-                &pool,
+                pool,
                 page_key,
                 Error::Refused("client frozen"),
                 Insert::Put,
@@ -856,10 +921,7 @@ impl Tmem for Engine {
         // once; only an incompressible page is read a second time, to store it raw.
         let slot = match page.same_filled() {
             Some(w) => Slot::same(w),
-            None => match worker
-                .codecs
-                .compress(pool.compressor, page, self.cfg.raw_threshold)?
-            {
+            None => match codecs.compress(pool.compressor, page, self.cfg.raw_threshold)? {
                 Some((enc, bytes)) => Slot::stored(&self.budget.arena, enc, bytes),
                 None => {
                     let (policy, why) = if pool.persistent {
@@ -876,7 +938,7 @@ impl Tmem for Engine {
                     if policy == IncompressiblePolicy::Refuse {
                         return Err(self.refuse(
                             client,
-                            &pool,
+                            pool,
                             page_key,
                             Error::Refused(why),
                             Insert::Put,
@@ -886,7 +948,7 @@ impl Tmem for Engine {
                 }
             },
         };
-        self.insert(client, &pool, page_key, slot, Insert::Put)
+        self.insert(client, pool, page_key, slot, Insert::Put)
     }
 
     fn get<'p>(
@@ -898,7 +960,8 @@ impl Tmem for Engine {
         exclusive: bool,
     ) -> Result<GetHit> {
         let out = out.into();
-        let pool = client.pool(page_key.pool)?;
+        let Worker { codecs, pools } = worker;
+        let pool = pools.pool(client, page_key.pool)?;
         Counters::inc(&client.counters.gets);
         // Private ephemeral pages move back into the guest: keeping a copy would only waste
         // memory on a page the guest now caches itself.
@@ -917,13 +980,13 @@ impl Tmem for Engine {
                 t
             };
             if let Some(t) = taken {
-                let r = decode(worker, &t.slot, out);
+                let r = decode(codecs, &t.slot, out);
                 let (owner, charge) = (t.owner, t.charge);
                 drop(t);
                 self.budget.release_shared(owner, charge, 1);
                 return self.count_get(
                     client,
-                    &pool,
+                    pool,
                     page_key,
                     r.map(|()| GetHit { dropped: true }),
                 );
@@ -934,7 +997,7 @@ impl Tmem for Engine {
             let taken = {
                 let mut g = pool.shard(&key).lock();
                 g.counts.gets += 1;
-                let t = take_page(&pool, &mut g, &key, bit);
+                let t = take_page(pool, &mut g, &key, bit);
                 if t.is_some() {
                     g.counts.get_hits += 1;
                 } else {
@@ -945,9 +1008,9 @@ impl Tmem for Engine {
             match taken {
                 None => Err(Error::Miss),
                 Some((slot, freed)) => {
-                    let r = decode(worker, &slot, out);
+                    let r = decode(codecs, &slot, out);
                     drop(slot);
-                    self.budget.release_pool(&pool, freed);
+                    self.budget.release_pool(pool, freed);
                     r.map(|()| GetHit { dropped: true })
                 }
             }
@@ -961,7 +1024,7 @@ impl Tmem for Engine {
                 .get_mut(&key.oid)
                 .and_then(|o| o.get_mut(key.run));
             let hit = found.and_then(|run| {
-                let r = decode(worker, run.get(bit)?, out);
+                let r = decode(codecs, run.get(bit)?, out);
                 Some((run, r))
             });
             match hit {
@@ -981,7 +1044,7 @@ impl Tmem for Engine {
                 }
             }
         };
-        self.count_get(client, &pool, page_key, result)
+        self.count_get(client, pool, page_key, result)
     }
 
     fn flush_page(&self, client: &Arc<Client>, page_key: &PageKey) -> Result<()> {
@@ -1158,13 +1221,13 @@ struct AllocatedStructure {
     run_maps_cap: usize,
 }
 
-fn decode(worker: &mut Worker, s: &Slot, mut out: PageDst<'_>) -> Result<()> {
+fn decode(codecs: &mut Codecs, s: &Slot, mut out: PageDst<'_>) -> Result<()> {
     match s.payload() {
         Payload::Same(w) => {
             out.fill(w);
             Ok(())
         }
-        Payload::Stored(enc, bytes) => Ok(worker.codecs.decompress(enc, bytes, out)?),
+        Payload::Stored(enc, bytes) => Ok(codecs.decompress(enc, bytes, out)?),
     }
 }
 

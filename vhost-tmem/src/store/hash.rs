@@ -22,11 +22,27 @@ fn fold(a: u64, b: u64) -> u64 {
 
 impl Hasher for KeyedHasher {
     fn write(&mut self, bytes: &[u8]) {
-        for c in bytes.chunks(8) {
+        // Whole words a word at a time: an `Oid` (`[u64; 3]`) hashes as one 24-byte write,
+        // which inlining turns into three folds.
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            self.write_u64(u64::from_le_bytes(w.try_into().expect("8 bytes")));
+        }
+        for c in words.remainder().chunks(8) {
             let mut w = [0u8; 8];
             w[..c.len()].copy_from_slice(c);
             self.write_u64(u64::from_le_bytes(w));
         }
+    }
+
+    // Slice lengths (the prefix an array's hash writes) and other integers: one fold each,
+    // not a byte write.
+    fn write_usize(&mut self, x: usize) {
+        self.write_u64(x as u64);
+    }
+
+    fn write_u32(&mut self, x: u32) {
+        self.write_u64(u64::from(x));
     }
 
     fn write_u64(&mut self, x: u64) {

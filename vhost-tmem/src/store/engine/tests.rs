@@ -1078,3 +1078,60 @@ fn a_members_queues_stay_bounded_by_its_own_runs() {
     assert_eq!(a.account.ephemeral_runs.load(Relaxed), 0);
     assert_eq!(e.stats().shared_pools[0].counters.stored_pages, 64 * 15);
 }
+
+/// A worker keeps a copy of the pool table of the client it served last: a pool destroyed and
+/// its id given to a new pool, a reset, or another client with the same pool ids must never
+/// be served from that copy.
+#[test]
+fn a_workers_copy_of_the_pool_table_follows_every_change() {
+    let e = engine(1 << 30);
+    let a = e.add_client(ClientConfig::named("a"));
+    let b = e.add_client(ClientConfig::named("b"));
+    let mut w = e.new_worker().unwrap();
+    let mut out = vec![0u8; PAGE_SIZE];
+    let pa = e.create_pool(&a, PERS).unwrap();
+    let pb = e.create_pool(&b, PERS).unwrap();
+    assert_eq!(pa, pb, "both clients' first pool has the same id");
+    e.put(&mut w, &a, &key(pa, OID, 0), &page(1)).unwrap();
+    // The same worker, the other client, the same pool id: b's pool, which is empty.
+    assert!(matches!(
+        e.get(&mut w, &b, &key(pb, OID, 0), &mut out, false),
+        Err(Error::Miss)
+    ));
+    e.put(&mut w, &b, &key(pb, OID, 0), &page(2)).unwrap();
+    e.get(&mut w, &a, &key(pa, OID, 0), &mut out, false)
+        .unwrap();
+    assert_eq!(out, page(1));
+    e.get(&mut w, &b, &key(pb, OID, 0), &mut out, false)
+        .unwrap();
+    assert_eq!(out, page(2));
+
+    // Destroyed: the id is unknown at once, and a new pool that takes the id is empty.
+    e.destroy_pool(&a, pa).unwrap();
+    assert!(matches!(
+        e.get(&mut w, &a, &key(pa, OID, 0), &mut out, false),
+        Err(Error::BadPool(_))
+    ));
+    assert!(matches!(
+        e.put(&mut w, &a, &key(pa, OID, 0), &page(3)),
+        Err(Error::BadPool(_))
+    ));
+    let again = e.create_pool(&a, EPH).unwrap();
+    assert_eq!(again, pa);
+    assert!(matches!(
+        e.get(&mut w, &a, &key(again, OID, 0), &mut out, false),
+        Err(Error::Miss)
+    ));
+    e.put(&mut w, &a, &key(again, OID, 0), &page(4)).unwrap();
+    assert_eq!(e.stats().clients[0].pools.len(), 1);
+
+    // A reset drops every pool: none is served from the copy.
+    e.reset_client(&b);
+    assert!(matches!(
+        e.get(&mut w, &b, &key(pb, OID, 0), &mut out, false),
+        Err(Error::BadPool(_))
+    ));
+    // Nothing a worker copied outlives the pages: every byte is released.
+    e.reset_client(&a);
+    assert_eq!(e.memory_used(), 0);
+}
