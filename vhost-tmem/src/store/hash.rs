@@ -22,15 +22,15 @@ fn fold(a: u64, b: u64) -> u64 {
 
 impl Hasher for KeyedHasher {
     fn write(&mut self, bytes: &[u8]) {
-        // Whole words a word at a time: an `Oid` (`[u64; 3]`) hashes as one 24-byte write,
-        // which inlining turns into three folds.
+        // A word at a time: an `Oid` (`[u64; 3]`) hashes as one 24-byte write, three folds.
         let mut words = bytes.chunks_exact(8);
         for w in &mut words {
             self.write_u64(u64::from_le_bytes(w.try_into().expect("8 bytes")));
         }
-        for c in words.remainder().chunks(8) {
+        let tail = words.remainder();
+        if !tail.is_empty() {
             let mut w = [0u8; 8];
-            w[..c.len()].copy_from_slice(c);
+            w[..tail.len()].copy_from_slice(tail);
             self.write_u64(u64::from_le_bytes(w));
         }
     }
