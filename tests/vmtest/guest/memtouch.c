@@ -8,8 +8,13 @@
  *                            fill, then N rounds that check each page and rewrite it with the
  *                            next round's content (a swapped-out page comes back, changes and
  *                            goes out again, to a new slot), then verify the last round
+ *   memtouch churn MIB SEED  fill, then until SIGUSR1: push every page out (MADV_PAGEOUT),
+ *                            check each and rewrite it with the next round's content; create
+ *                            /tmp/churn.SEED after the first round; verify the last round
  *
- * With MEMTOUCH_THP set, anonymous memory is advised huge (transparent huge pages).
+ * With MEMTOUCH_THP set, anonymous memory is advised huge (transparent huge pages). With
+ * MEMTOUCH_PAGEOUT set, run and hold push their pages out to swap (MADV_PAGEOUT) once filled:
+ * only this process's pages, with no memory pressure on the rest of the guest.
  *   memtouch write FILE MIB SEED    write MIB of file pages in place (no truncation), fsync
  *   memtouch dwrite FILE MIB SEED   the same with O_DIRECT, bypassing the page cache
  *   memtouch verify FILE MIB SEED [VALID_MIB]
@@ -122,6 +127,43 @@ static enum kind fill(unsigned char *p, uint64_t seed, uint64_t n)
 	return kind;
 }
 
+#ifndef MADV_PAGEOUT
+#define MADV_PAGEOUT 21
+#endif
+
+/*
+ * Reclaims PAGES pages at MEM now (anonymous pages go to swap) and says how many are still
+ * resident (mincore: in RAM or in the swap cache). Returns -1 if the kernel refused.
+ */
+static int page_out(unsigned char *mem, uint64_t pages, int quiet)
+{
+	static unsigned char *vec;
+	static uint64_t vec_pages;
+	uint64_t i, resident = 0;
+
+	if (madvise(mem, pages * PAGE, MADV_PAGEOUT)) {
+		perror("memtouch: madvise(MADV_PAGEOUT)");
+		return -1;
+	}
+	if (quiet)
+		return 0;
+	if (vec_pages < pages) {
+		free(vec);
+		vec = malloc(pages);
+		vec_pages = vec ? pages : 0;
+	}
+	if (!vec || mincore(mem, pages * PAGE, vec)) {
+		perror("memtouch: mincore");
+		return -1;
+	}
+	for (i = 0; i < pages; i++)
+		resident += vec[i] & 1;
+	printf("memtouch: paged out %llu of %llu pages\n", (unsigned long long)(pages - resident),
+	       (unsigned long long)pages);
+	fflush(stdout);
+	return 0;
+}
+
 static void on_usr1(int sig)
 {
 	(void)sig;
@@ -171,6 +213,45 @@ static uint64_t rewrite_rounds(unsigned char *mem, uint64_t pages, uint64_t seed
 		fflush(stdout);
 	}
 	return bad + verify(mem, pages, seed + rounds, 1);
+}
+
+/*
+ * Pages out and rewrites round after round until SIGUSR1, so that swap-outs and swap-ins are
+ * under way whenever the signal's sender acts (device-loss kills the daemon meanwhile).
+ */
+static uint64_t churn(unsigned char *mem, uint64_t pages, uint64_t seed)
+{
+	unsigned char expect[PAGE];
+	uint64_t r, i, bad = 0;
+	char ready[64];
+	FILE *f;
+
+	signal(SIGUSR1, on_usr1);
+	for (r = 1; !released; r++) {
+		if (page_out(mem, pages, r > 1))
+			return pages;
+		for (i = 0; i < pages; i++) {
+			fill(expect, seed + r - 1, i);
+			if (memcmp(expect, mem + i * PAGE, PAGE)) {
+				if (bad < 5)
+					fprintf(stderr, "memtouch: churn round %llu: page %llu differs\n",
+						(unsigned long long)r, (unsigned long long)i);
+				bad++;
+			}
+			fill(mem + i * PAGE, seed + r, i);
+		}
+		if (r == 1) {
+			snprintf(ready, sizeof(ready), "/tmp/churn.%llu", (unsigned long long)seed);
+			f = fopen(ready, "w");
+			if (!f) {
+				perror("memtouch: ready file");
+				return pages;
+			}
+			fclose(f);
+		}
+	}
+	printf("memtouch: churned %llu rounds\n", (unsigned long long)(r - 1));
+	return bad + verify(mem, pages, seed + r - 1, 0);
 }
 
 static int file_write(const char *path, uint64_t pages, uint64_t seed, int direct)
@@ -257,9 +338,9 @@ static int file_verify(const char *path, uint64_t pages, uint64_t seed, uint64_t
 }
 
 /*
- * Anonymous memory for PAGES pages. With MEMTOUCH_THP set it is 2 MiB aligned (and advised
- * huge where the kernel has madvise: the test kernel, a tinyconfig, has not, and relies on
- * THP "always"), so that the kernel backs it with transparent huge pages.
+ * Anonymous memory for PAGES pages. With MEMTOUCH_THP set it is 2 MiB aligned and advised
+ * huge (a kernel without madvise relies on THP "always"), so that the kernel backs it with
+ * transparent huge pages.
  */
 static unsigned char *map_anon(uint64_t pages)
 {
@@ -303,8 +384,9 @@ int main(int argc, char **argv)
 	}
 	if (argc == 5 && !strcmp(argv[1], "rounds"))
 		rounds = strtoull(argv[4], NULL, 10);
-	else if (argc != 4 || (strcmp(argv[1], "run") && strcmp(argv[1], "hold"))) {
-		fprintf(stderr, "usage: memtouch run|hold MIB SEED | rounds MIB SEED N |\n"
+	else if (argc != 4 ||
+		 (strcmp(argv[1], "run") && strcmp(argv[1], "hold") && strcmp(argv[1], "churn"))) {
+		fprintf(stderr, "usage: memtouch run|hold|churn MIB SEED | rounds MIB SEED N |\n"
 				"       write|dwrite FILE MIB SEED | verify FILE MIB SEED [VALID_MIB]\n");
 		return 2;
 	}
@@ -321,8 +403,12 @@ int main(int argc, char **argv)
 	       (unsigned long long)counts[SAME], (unsigned long long)counts[TEXT],
 	       (unsigned long long)counts[BINARY], (unsigned long long)counts[RANDOM]);
 	fflush(stdout);
+	if (getenv("MEMTOUCH_PAGEOUT") && page_out(mem, pages, 0))
+		return 2;
 
-	if (hold) {
+	if (!strcmp(argv[1], "churn")) {
+		bad = churn(mem, pages, seed);
+	} else if (hold) {
 		signal(SIGUSR1, on_usr1);
 		snprintf(ready, sizeof(ready), "/tmp/hold.%llu", (unsigned long long)seed);
 		FILE *f = fopen(ready, "w");

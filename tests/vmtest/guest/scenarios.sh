@@ -22,8 +22,8 @@ SAVED=/tmp/saved-stats
 # The test kernel's THP default is "always": an anonymous workload then gets huge pages when
 # memory is not yet fragmented, and a huge page is swapped out whole, past tmem (which stores
 # order-0 pages), so whether a swap-out reaches the device at all would depend on the run
-# (device-loss once saw none after the daemon died). Scenarios get order-0 pages, as with
-# "madvise" (tinyconfig has no madvise); thp-swap turns huge pages on for itself.
+# (device-loss once saw none after the daemon died). Scenarios get order-0 pages: "madvise",
+# and only thp-swap's workload asks for huge pages.
 echo madvise >/sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null
 
 stat_of() { cat "$T/$1" 2>/dev/null || echo 0; }
@@ -163,42 +163,76 @@ swap-integrity)
 	pass
 	;;
 device-loss)
-	# The daemon is killed (SIGKILL, at the barrier) once the device is in use: its next
-	# request is never answered. The driver must give up after timeout_ms, break the device and
-	# fail every later request at once: swap-outs go to the swap device, the guest never stops
-	# (the heartbeat on the console; the runner checks it goes on after the break). Nothing was
-	# swapped out before the kill, so no process loses a page.
+	# The daemon is killed (SIGKILL, at the barrier) mid-swap. At the kill it holds the pages
+	# of a victim, which pushed all of them out (MADV_PAGEOUT: its pages and nobody else's, so
+	# this shell keeps its own) and sleeps, and of a churner, which pages out, reads back and
+	# rewrites its pages round after round. A bystander's pages are in RAM. The next request
+	# is never answered: the driver gives up after timeout_ms, breaks the device and fails
+	# every later request at once. The victim dies of SIGBUS on its first lost page, the
+	# churner finishes or dies the same way (whether its pages were out at the kill is a
+	# matter of timing), the bystander finishes, swap-outs go to the swap device, and the guest
+	# never stops (the heartbeat on the console; the runner checks it goes on after the break).
 	load
 	echo 2000 >/sys/module/tmem/parameters/timeout_ms || fail "setting timeout_ms"
 	[ "$(cat /sys/module/tmem/parameters/timeout_ms)" = 2000 ] || fail "timeout_ms does not read back"
 	swap_on
 	at_least pools 1
-	none_of puts
 	open_control
 	(while :; do
 		echo "device-loss: heartbeat $(cut -d' ' -f1 /proc/uptime)"
 		sleep 1
 	done) &
 	BEAT=$!
+	MEMTOUCH_PAGEOUT=1 memtouch hold 16 30 &
+	VICTIM=$!
+	wait_file /tmp/hold.30 $VICTIM
+	at_least puts 2000
+	memtouch hold 8 31 &
+	BYSTANDER=$!
+	wait_file /tmp/hold.31 $BYSTANDER
+	memtouch churn 8 32 &
+	CHURN=$!
+	wait_file /tmp/churn.32 $CHURN
+	echo "device-loss: $(cat /sys/module/tmem/refcnt) pages in the host before the kill"
 	sync_point kill
+	kill -USR1 $VICTIM
+	wait $VICTIM
+	st=$?
+	# 128 + SIGBUS (7): the page-in failed, the kernel did not hand out a page it does not have.
+	[ $st -eq 135 ] || fail "the process whose pages died with the host exited with $st, not SIGBUS"
+	echo "device-loss: the victim died of SIGBUS"
+	kill -USR1 $CHURN
+	wait $CHURN
+	st=$?
+	case $st in
+	0) echo "device-loss: the churner verified every page (none was in the host at the kill)" ;;
+	135) echo "device-loss: the churner died of SIGBUS" ;;
+	*) fail "the churner exited with $st (1: a page read back wrong)" ;;
+	esac
 	# The first swap-out waits at most timeout_ms for an answer, or finds the ring broken by
 	# QEMU (which fails to stop the vhost-user device when the daemon is gone) if QEMU got
 	# there first: either way the device breaks once, and every later request fails at once (a
 	# wait per page would not finish in the runner's time).
-	memtouch run 160 31 || fail "workload after the daemon died did not verify"
+	memtouch run 160 33 || fail "workload after the daemon died did not verify"
 	dmesg | grep -E -q "tmem: device broken: (.* not answered in 2000 ms|the virtqueue broke)" ||
 		fail "the kernel log does not say the device broke"
 	# (Not the kernel's words: the runner counts those lines.)
 	echo "device-loss: the driver gave up: $(dmesg | sed -n 's/.*tmem: device broken: \([^;]*\).*/\1/p' | head -n1)"
 	[ "$(dmesg | grep -c 'tmem: device broken')" -eq 1 ] || fail "the device broke more than once"
+	n=$(dmesg | grep -c -E "load failed|page lost with its backend")
+	[ "$n" -gt 0 ] || fail "the kernel log shows no failed page-in"
+	echo "device-loss: $n failed page-in lines (rate-limited)"
 	at_least failures 1
 	[ "$(swap_used_kb)" -gt 0 ] || fail "nothing went to the swap device"
-	memtouch run 160 32 || fail "second workload did not verify"
+	memtouch run 160 34 || fail "second workload did not verify"
+	# Its pages went to the swap device under the workloads' pressure, and come back from it.
+	kill -USR1 $BYSTANDER
+	wait $BYSTANDER || fail "the bystander, with no page in the host, did not verify"
 	# A mount asks for a pool: refused at once, the filesystem works without tmem.
 	mount_data $DATA /mnt
-	memtouch write /mnt/f 16 33 || fail "write on a filesystem without a pool"
+	memtouch write /mnt/f 16 35 || fail "write on a filesystem without a pool"
 	drop_cache
-	memtouch verify /mnt/f 16 33 || fail "read on a filesystem without a pool"
+	memtouch verify /mnt/f 16 35 || fail "read on a filesystem without a pool"
 	umount /mnt || fail "umount"
 	swapoff $SWAP || fail "swapoff"
 	kill $BEAT
