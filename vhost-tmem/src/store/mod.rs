@@ -11,6 +11,7 @@ mod counters;
 mod engine;
 mod hash;
 mod layout;
+mod runs;
 pub mod page;
 mod session;
 mod slot;

@@ -19,6 +19,9 @@ pub struct Slot {
     /// Payload length; 0 for a same-filled page.
     len: u16,
     enc: Encoding,
+    /// A byte of the slot's padding lent to whoever holds it: a run of one page keeps its
+    /// page's bit and its reference bit here (see `runs::Run`).
+    tag: u8,
 }
 
 // SAFETY: a Slot owns its payload object exclusively (like a Box<[u8]>), and the arena frees
@@ -43,6 +46,7 @@ impl Slot {
             word: pattern,
             len: 0,
             enc: Encoding::Raw,
+            tag: 0,
         }
     }
 
@@ -54,6 +58,7 @@ impl Slot {
             word: p.as_ptr() as u64,
             len: bytes.len() as u16,
             enc,
+            tag: 0,
         }
     }
 
@@ -67,6 +72,7 @@ impl Slot {
             word: p.as_ptr() as u64,
             len: PAGE_SIZE as u16,
             enc: Encoding::Raw,
+            tag: 0,
         }
     }
 
@@ -85,6 +91,14 @@ impl Slot {
     /// Payload bytes (0 for a same-filled page).
     pub fn len(&self) -> usize {
         self.len as usize
+    }
+
+    pub(super) fn tag(&self) -> u8 {
+        self.tag
+    }
+
+    pub(super) fn set_tag(&mut self, tag: u8) {
+        self.tag = tag;
     }
 }
 

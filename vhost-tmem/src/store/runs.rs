@@ -1,0 +1,873 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Where a shard keeps its runs: found by (object, run number), swept by a CLOCK hand.
+//!
+//! With sparse keys (a page cache of small files, scattered swap slots) a run holds one page,
+//! so the structure around a run is what a page costs. It is kept small:
+//! - an object with one run in the shard is a 48-byte [`OneRun`] (its key and the run) in a
+//!   slab, found through `index`, a table of 4-byte slab positions hashed by object id;
+//! - an object with more runs here gets a [`Node`] (its slot in `index` says so): its runs
+//!   are 32-byte [`NodeRun`]s in a second slab, found through the node's own table of
+//!   positions hashed by run number.
+//!
+//! Slabs grow in fixed chunks, so growing never copies a whole slab under the shard lock, and
+//! stay dense: a removal moves the last entry into the hole and repoints its table slot.
+//! Ephemeral pools evict with reference bits instead of LRU records: the hand sweeps the
+//! index's buckets (and a node's own, at a node), clearing bits, and stops at a run without
+//! one.
+
+use std::hash::{BuildHasher, Hasher};
+use std::ops::{Index, IndexMut};
+
+use hashbrown::HashTable;
+use shared_proto::Oid;
+
+use super::hash::KeyedState;
+use super::layout::{RunKey, RUN_PAGES};
+use super::slot::Slot;
+
+/// Up to 16 consecutive pages of one object: 16 bytes. A run of one page keeps its slot
+/// inline, its page's bit and reference bit in the slot's tag; more pages go behind one
+/// pointer. A run is empty only between its creation and its first page, or its last page's
+/// removal and its own.
+#[derive(Debug, Default)]
+pub(super) enum Run {
+    #[default]
+    Empty,
+    One(Slot),
+    Many(Box<ManyRun>),
+}
+
+const _: () = assert!(std::mem::size_of::<Run>() == 16);
+
+/// The pages of a run of two or more, in index order.
+#[derive(Debug)]
+pub(super) struct ManyRun {
+    /// Bit i: page `run * 16 + i` is stored, at `slots[popcount(present below i)]`.
+    present: u16,
+    referenced: bool,
+    slots: Vec<Slot>,
+}
+
+/// A run of one page: its bit in the tag's low bits, the reference bit in its top one.
+const TAG_BIT: u8 = 0x0f;
+const TAG_REF: u8 = 0x80;
+
+/// Room the vector gets when a run gets its second page: runs grow 2, 4, 8, 16.
+const FIRST_MANY: usize = 2;
+
+fn pos(present: u16, bit: u32) -> usize {
+    (present & ((1u16 << bit) - 1)).count_ones() as usize
+}
+
+impl Run {
+    /// Bit i: page `run * 16 + i` is stored.
+    pub(super) fn present(&self) -> u16 {
+        match self {
+            Run::Empty => 0,
+            Run::One(s) => 1 << (s.tag() & TAG_BIT),
+            Run::Many(m) => m.present,
+        }
+    }
+
+    /// Its pages in index order.
+    pub(super) fn slots(&self) -> &[Slot] {
+        match self {
+            Run::Empty => &[],
+            Run::One(s) => std::slice::from_ref(s),
+            Run::Many(m) => &m.slots,
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.slots().len()
+    }
+
+    pub(super) fn get(&self, bit: u32) -> Option<&Slot> {
+        let present = self.present();
+        (present & (1 << bit) != 0).then(|| &self.slots()[pos(present, bit)])
+    }
+
+    /// Stores `slot` as page `bit`; returns the page it replaced.
+    pub(super) fn put(&mut self, bit: u32, mut slot: Slot) -> Option<Slot> {
+        debug_assert!(bit < RUN_PAGES as u32);
+        match self {
+            Run::Empty => {
+                slot.set_tag(bit as u8);
+                *self = Run::One(slot);
+                None
+            }
+            Run::One(s) if u32::from(s.tag() & TAG_BIT) == bit => {
+                slot.set_tag(s.tag());
+                Some(std::mem::replace(s, slot))
+            }
+            Run::One(_) => {
+                let Run::One(mut first) = std::mem::take(self) else {
+                    unreachable!("matched One")
+                };
+                let (tag, b) = (first.tag(), u32::from(first.tag() & TAG_BIT));
+                first.set_tag(0);
+                let mut slots = Vec::with_capacity(FIRST_MANY);
+                if b < bit {
+                    slots.extend([first, slot]);
+                } else {
+                    slots.extend([slot, first]);
+                }
+                *self = Run::Many(Box::new(ManyRun {
+                    present: (1 << b) | (1 << bit),
+                    referenced: tag & TAG_REF != 0,
+                    slots,
+                }));
+                None
+            }
+            Run::Many(m) => {
+                let at = pos(m.present, bit);
+                if m.present & (1 << bit) != 0 {
+                    Some(std::mem::replace(&mut m.slots[at], slot))
+                } else {
+                    m.slots.insert(at, slot);
+                    m.present |= 1 << bit;
+                    None
+                }
+            }
+        }
+    }
+
+    /// Takes page `bit` out. A run of many keeps its room while it lives (see
+    /// [`Run::heap_bytes`]); a run of one is empty after.
+    pub(super) fn take(&mut self, bit: u32) -> Option<Slot> {
+        match self {
+            Run::One(s) if u32::from(s.tag() & TAG_BIT) == bit => {
+                let Run::One(mut s) = std::mem::take(self) else {
+                    unreachable!("matched One")
+                };
+                s.set_tag(0);
+                Some(s)
+            }
+            Run::Many(m) if m.present & (1 << bit) != 0 => {
+                let at = pos(m.present, bit);
+                m.present &= !(1 << bit);
+                Some(m.slots.remove(at))
+            }
+            _ => None,
+        }
+    }
+
+    /// Heap bytes held besides the run itself: what its charge for slots covers. They only
+    /// grow while the run lives, so a charge taken per insert is given back whole when the run
+    /// goes.
+    pub(super) fn heap_bytes(&self) -> u64 {
+        match self {
+            Run::Empty | Run::One(_) => 0,
+            Run::Many(m) => {
+                (std::mem::size_of::<ManyRun>() + m.slots.capacity() * std::mem::size_of::<Slot>())
+                    as u64
+            }
+        }
+    }
+
+    /// Whether the run was used since the CLOCK hand last passed it (ephemeral pools).
+    pub(super) fn referenced(&self) -> bool {
+        match self {
+            Run::Empty => false,
+            Run::One(s) => s.tag() & TAG_REF != 0,
+            Run::Many(m) => m.referenced,
+        }
+    }
+
+    pub(super) fn set_referenced(&mut self, on: bool) {
+        match self {
+            Run::Empty => {}
+            Run::One(s) => s.set_tag(if on { s.tag() | TAG_REF } else { s.tag() & !TAG_REF }),
+            Run::Many(m) => m.referenced = on,
+        }
+    }
+}
+
+/// An object's only run in the shard, with its key.
+#[derive(Debug)]
+pub(super) struct OneRun {
+    pub(super) oid: Oid,
+    pub(super) run: u64,
+    pub(super) data: Run,
+}
+
+const _: () = assert!(std::mem::size_of::<OneRun>() == 48);
+
+/// A run of an object with several runs in the shard; `node` is the object's node.
+#[derive(Debug)]
+struct NodeRun {
+    run: u64,
+    node: u32,
+    data: Run,
+}
+
+const _: () = assert!(std::mem::size_of::<NodeRun>() == 32);
+
+/// An object with several runs in the shard: their positions in the run slab by run number.
+#[derive(Debug)]
+pub(super) struct Node {
+    oid: Oid,
+    runs: HashTable<u32>,
+    /// The CLOCK hand within the node: a bucket of `runs`.
+    hand: usize,
+}
+
+/// Entries per slab chunk (the first grows to it by doubling, from 4).
+const CHUNK: usize = 32;
+
+/// A vector in chunks of [`CHUNK`]: growing allocates a chunk, never copies the others.
+#[derive(Debug)]
+struct Chunked<T> {
+    chunks: Vec<Vec<T>>,
+    len: usize,
+}
+
+impl<T> Chunked<T> {
+    fn new() -> Self {
+        Chunked {
+            chunks: Vec::new(),
+            len: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Appends; returns the position.
+    fn push(&mut self, v: T) -> usize {
+        match self.chunks.last_mut() {
+            Some(c) if c.len() < CHUNK => c.push(v),
+            _ => {
+                let mut c = Vec::with_capacity(if self.chunks.is_empty() { 4 } else { CHUNK });
+                c.push(v);
+                self.chunks.push(c);
+            }
+        }
+        self.len += 1;
+        self.len - 1
+    }
+
+    /// Removes entry `i`, moving the last one into its place; returns the entry and, if one
+    /// moved, its old position.
+    fn swap_remove(&mut self, i: usize) -> (T, Option<usize>) {
+        assert!(i < self.len, "position {i} of {}", self.len);
+        let chunk = self.chunks.last_mut().expect("not empty");
+        let last = chunk.pop().expect("chunks are never empty");
+        if chunk.is_empty() {
+            self.chunks.pop();
+            let n = self.chunks.len();
+            if self.chunks.capacity() > 2 * n + 4 {
+                self.chunks.shrink_to(n + n / 2);
+            }
+        }
+        self.len -= 1;
+        if i == self.len {
+            (last, None)
+        } else {
+            (std::mem::replace(&mut self[i], last), Some(self.len))
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.chunks.iter().flatten()
+    }
+
+    /// Bytes allocated.
+    fn bytes(&self) -> usize {
+        self.chunks.capacity() * std::mem::size_of::<Vec<T>>()
+            + self
+                .chunks
+                .iter()
+                .map(|c| c.capacity() * std::mem::size_of::<T>())
+                .sum::<usize>()
+    }
+}
+
+impl<T> Index<usize> for Chunked<T> {
+    type Output = T;
+    fn index(&self, i: usize) -> &T {
+        &self.chunks[i / CHUNK][i % CHUNK]
+    }
+}
+
+impl<T> IndexMut<usize> for Chunked<T> {
+    fn index_mut(&mut self, i: usize) -> &mut T {
+        &mut self.chunks[i / CHUNK][i % CHUNK]
+    }
+}
+
+/// An `index` entry that names a node (else a one-run entry).
+const NODE: u32 = 1 << 31;
+/// Entries per slab and nodes per shard at most, so that positions fit their tables' u32s
+/// beside the `NODE` bit. At 32 bytes or more charged per entry a shard reaches it only past
+/// 64 GiB of metadata; a put beyond it is refused.
+const MAX_ENTRIES: usize = (NODE - 1) as usize;
+
+/// Table slots charged per entry of `index` or a node's table: 4 bytes and a control byte at
+/// the lowest load factor a table keeps (7/16, just after it grows).
+pub(super) const TABLE_SLOT: u64 = (5 * 16u64).div_ceil(7);
+/// Charged per object with one run in the shard.
+pub(super) const ONE_META: u64 = std::mem::size_of::<OneRun>() as u64 + TABLE_SLOT;
+/// Charged per run of an object with several in the shard.
+pub(super) const NODE_RUN_META: u64 = std::mem::size_of::<NodeRun>() as u64 + TABLE_SLOT;
+/// Charged per node: its entry in the node vector (up to twice its size with the vector's
+/// room) and its table's smallest allocation (4 buckets and a group of control bytes).
+pub(super) const NODE_META: u64 = 2 * std::mem::size_of::<Node>() as u64 + 4 * 4 + 4 + 16;
+
+fn hash_oid(h: &KeyedState, oid: &Oid) -> u64 {
+    let mut s = h.build_hasher();
+    s.write_u64(oid[0]);
+    s.write_u64(oid[1]);
+    s.write_u64(oid[2]);
+    s.finish()
+}
+
+fn hash_run(h: &KeyedState, run: u64) -> u64 {
+    let mut s = h.build_hasher();
+    s.write_u64(run);
+    s.finish()
+}
+
+/// Where a run is.
+#[derive(Clone, Copy, Debug)]
+enum Loc {
+    /// `ones[i]`.
+    One(usize),
+    /// `many[i]`, of node `n`.
+    Node(usize, usize),
+}
+
+/// A shard's runs.
+#[derive(Debug)]
+pub(super) struct Runs {
+    hasher: KeyedState,
+    /// By object id: a position in `ones`, or `NODE |` one in `nodes`.
+    index: HashTable<u32>,
+    ones: Chunked<OneRun>,
+    nodes: Vec<Node>,
+    many: Chunked<NodeRun>,
+    /// The CLOCK hand: a bucket of `index`.
+    hand: usize,
+}
+
+impl Runs {
+    pub(super) fn new(hasher: KeyedState) -> Self {
+        Runs {
+            hasher,
+            index: HashTable::new(),
+            ones: Chunked::new(),
+            nodes: Vec::new(),
+            many: Chunked::new(),
+            hand: 0,
+        }
+    }
+
+    /// Runs held.
+    pub(super) fn len(&self) -> usize {
+        self.ones.len() + self.many.len()
+    }
+
+    /// Objects with runs here, and how many of them have one run.
+    pub(super) fn shapes(&self) -> (usize, usize) {
+        (self.ones.len() + self.nodes.len(), self.ones.len())
+    }
+
+    fn oid_of<'a>(ones: &'a Chunked<OneRun>, nodes: &'a [Node], e: u32) -> &'a Oid {
+        if e & NODE != 0 {
+            &nodes[(e & !NODE) as usize].oid
+        } else {
+            &ones[e as usize].oid
+        }
+    }
+
+    /// The object's entry in `index`.
+    fn find(&self, oid: &Oid) -> Option<u32> {
+        let (ones, nodes) = (&self.ones, &self.nodes);
+        self.index
+            .find(hash_oid(&self.hasher, oid), |&e| {
+                Self::oid_of(ones, nodes, e) == oid
+            })
+            .copied()
+    }
+
+    fn locate(&self, key: &RunKey) -> Option<Loc> {
+        let e = self.find(&key.oid)?;
+        if e & NODE == 0 {
+            let i = e as usize;
+            return (self.ones[i].run == key.run).then_some(Loc::One(i));
+        }
+        let n = (e & !NODE) as usize;
+        let many = &self.many;
+        let i = *self.nodes[n]
+            .runs
+            .find(hash_run(&self.hasher, key.run), |&i| {
+                many[i as usize].run == key.run
+            })?;
+        Some(Loc::Node(n, i as usize))
+    }
+
+    pub(super) fn get(&self, key: &RunKey) -> Option<&Run> {
+        Some(match self.locate(key)? {
+            Loc::One(i) => &self.ones[i].data,
+            Loc::Node(_, i) => &self.many[i].data,
+        })
+    }
+
+    pub(super) fn get_mut(&mut self, key: &RunKey) -> Option<&mut Run> {
+        Some(match self.locate(key)? {
+            Loc::One(i) => &mut self.ones[i].data,
+            Loc::Node(_, i) => &mut self.many[i].data,
+        })
+    }
+
+    /// Repoints `index`'s entry `from` (for object `oid`) to `to`.
+    fn repoint_index(&mut self, oid: &Oid, from: u32, to: u32) {
+        let slot = self
+            .index
+            .find_mut(hash_oid(&self.hasher, oid), |&e| e == from)
+            .expect("every entry has its index slot");
+        *slot = to;
+    }
+
+    /// Removes `ones[i]`, keeping `index` right for the entry that moves into its place.
+    fn remove_one(&mut self, i: usize) -> OneRun {
+        let (one, moved) = self.ones.swap_remove(i);
+        if let Some(from) = moved {
+            let oid = self.ones[i].oid;
+            self.repoint_index(&oid, from as u32, i as u32);
+        }
+        one
+    }
+
+    /// Removes `many[i]`, keeping its node's table right for the entry that moves into its
+    /// place (the caller has taken `i` out of its own node's table).
+    fn remove_many(&mut self, i: usize) -> NodeRun {
+        let (r, moved) = self.many.swap_remove(i);
+        if let Some(from) = moved {
+            let (run, n) = (self.many[i].run, self.many[i].node as usize);
+            let slot = self.nodes[n]
+                .runs
+                .find_mut(hash_run(&self.hasher, run), |&x| x as usize == from)
+                .expect("every run has its node's slot");
+            *slot = i as u32;
+        }
+        r
+    }
+
+    /// Appends a run to node `n`'s slab entries and table.
+    fn push_many(&mut self, n: usize, run: u64, data: Run) -> usize {
+        let i = self.many.push(NodeRun {
+            run,
+            node: n as u32,
+            data,
+        });
+        let (h, many) = (&self.hasher, &self.many);
+        self.nodes[n]
+            .runs
+            .insert_unique(hash_run(h, run), i as u32, |&x| hash_run(h, many[x as usize].run));
+        i
+    }
+
+    /// The run `key`, created empty if missing, and the charge that added (see the `*_META`
+    /// constants). `None` if the shard can take no more entries.
+    pub(super) fn run_or_insert(&mut self, key: &RunKey) -> Option<(&mut Run, u64)> {
+        let h = hash_oid(&self.hasher, &key.oid);
+        let (ones, nodes) = (&self.ones, &self.nodes);
+        let found = self
+            .index
+            .find(h, |&e| Self::oid_of(ones, nodes, e) == &key.oid)
+            .copied();
+        let full = self.ones.len().max(self.many.len()).max(self.nodes.len()) + 2 > MAX_ENTRIES;
+        match found {
+            None => {
+                if full {
+                    return None;
+                }
+                let i = self.ones.push(OneRun {
+                    oid: key.oid,
+                    run: key.run,
+                    data: Run::Empty,
+                });
+                let (hs, ones, nodes) = (&self.hasher, &self.ones, &self.nodes);
+                self.index.insert_unique(h, i as u32, |&e| {
+                    hash_oid(hs, Self::oid_of(ones, nodes, e))
+                });
+                Some((&mut self.ones[i].data, ONE_META))
+            }
+            Some(e) if e & NODE == 0 && self.ones[e as usize].run == key.run => {
+                Some((&mut self.ones[e as usize].data, 0))
+            }
+            Some(e) if e & NODE == 0 => {
+                // A second run: the object gets a node, and its first run moves there.
+                if full {
+                    return None;
+                }
+                let n = self.nodes.len();
+                self.nodes.push(Node {
+                    oid: key.oid,
+                    runs: HashTable::new(),
+                    hand: 0,
+                });
+                self.repoint_index(&key.oid, e, NODE | n as u32);
+                let first = self.remove_one(e as usize);
+                self.push_many(n, first.run, first.data);
+                let i = self.push_many(n, key.run, Run::Empty);
+                Some((
+                    &mut self.many[i].data,
+                    NODE_META + 2 * NODE_RUN_META - ONE_META,
+                ))
+            }
+            Some(e) => {
+                let n = (e & !NODE) as usize;
+                let many = &self.many;
+                let at = self.nodes[n]
+                    .runs
+                    .find(hash_run(&self.hasher, key.run), |&i| {
+                        many[i as usize].run == key.run
+                    })
+                    .copied();
+                match at {
+                    Some(i) => Some((&mut self.many[i as usize].data, 0)),
+                    None if full => None,
+                    None => {
+                        let i = self.push_many(n, key.run, Run::Empty);
+                        Some((&mut self.many[i].data, NODE_RUN_META))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes run `key` out; returns it and the charge that frees.
+    pub(super) fn remove(&mut self, key: &RunKey) -> Option<(Run, u64)> {
+        let r = match self.locate(key)? {
+            Loc::One(i) => {
+                let h = hash_oid(&self.hasher, &key.oid);
+                self.index
+                    .find_entry(h, |&e| e == i as u32)
+                    .expect("every entry has its index slot")
+                    .remove();
+                let one = self.remove_one(i);
+                (one.data, ONE_META)
+            }
+            Loc::Node(n, i) => {
+                let h = hash_run(&self.hasher, key.run);
+                let node = &mut self.nodes[n];
+                node.runs
+                    .find_entry(h, |&x| x as usize == i)
+                    .expect("every run has its node's slot")
+                    .remove();
+                let left = node.runs.len();
+                let r = self.remove_many(i);
+                let mut freed = NODE_RUN_META;
+                if left == 1 {
+                    // Back to one run: a node of one would keep the room of every run it held.
+                    let j = *self.nodes[n].runs.iter().next().expect("one left") as usize;
+                    let last = self.remove_many(j);
+                    let k = self.ones.push(OneRun {
+                        oid: key.oid,
+                        run: last.run,
+                        data: last.data,
+                    });
+                    self.repoint_index(&key.oid, NODE | n as u32, k as u32);
+                    self.remove_node(n);
+                    freed += NODE_META + NODE_RUN_META - ONE_META;
+                } else {
+                    shrink_table(&mut self.nodes[n].runs, &self.hasher, &self.many);
+                }
+                (r.data, freed)
+            }
+        };
+        shrink_index(&mut self.index, &self.hasher, &self.ones, &self.nodes);
+        Some(r)
+    }
+
+    /// Removes node `n` (its table empty), moving the last node into its place.
+    fn remove_node(&mut self, n: usize) {
+        self.nodes.swap_remove(n);
+        if n < self.nodes.len() {
+            let from = self.nodes.len();
+            for &i in self.nodes[n].runs.iter() {
+                self.many[i as usize].node = n as u32;
+            }
+            let oid = self.nodes[n].oid;
+            self.repoint_index(&oid, NODE | from as u32, NODE | n as u32);
+        }
+        let n = self.nodes.len();
+        if self.nodes.capacity() > 2 * n + 2 {
+            self.nodes.shrink_to(n + n / 2);
+        }
+    }
+
+    /// Run numbers of object `oid` here.
+    pub(super) fn runs_of(&self, oid: &Oid) -> Vec<u64> {
+        match self.find(oid) {
+            None => Vec::new(),
+            Some(e) if e & NODE == 0 => vec![self.ones[e as usize].run],
+            Some(e) => self.nodes[(e & !NODE) as usize]
+                .runs
+                .iter()
+                .map(|&i| self.many[i as usize].run)
+                .collect(),
+        }
+    }
+
+    /// Every run with its key.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (RunKey, &Run)> {
+        let ones = self.ones.iter().map(|o| {
+            (
+                RunKey {
+                    oid: o.oid,
+                    run: o.run,
+                },
+                &o.data,
+            )
+        });
+        let many = self.many.iter().map(|r| {
+            (
+                RunKey {
+                    oid: self.nodes[r.node as usize].oid,
+                    run: r.run,
+                },
+                &r.data,
+            )
+        });
+        ones.chain(many)
+    }
+
+    /// The run the CLOCK hand stops at: the next one without a reference bit, clearing the
+    /// bits of those it passes. `steps` counts the entries looked at.
+    pub(super) fn clock_victim(&mut self, steps: &mut u64) -> Option<RunKey> {
+        if self.len() == 0 {
+            return None;
+        }
+        // Every bit is clear after one sweep, so two find a run; the bound only guards that.
+        let mut budget = 2 * (self.index.num_buckets() + self.many.len()) + 2;
+        loop {
+            if budget == 0 {
+                return None;
+            }
+            budget -= 1;
+            if self.hand >= self.index.num_buckets() {
+                self.hand = 0;
+            }
+            *steps += 1;
+            let Some(&e) = self.index.get_bucket(self.hand) else {
+                self.hand += 1;
+                continue;
+            };
+            if e & NODE == 0 {
+                let one = &mut self.ones[e as usize];
+                if one.data.referenced() {
+                    one.data.set_referenced(false);
+                    self.hand += 1;
+                    continue;
+                }
+                return Some(RunKey {
+                    oid: one.oid,
+                    run: one.run,
+                });
+            }
+            let node = &mut self.nodes[(e & !NODE) as usize];
+            while node.hand < node.runs.num_buckets() {
+                budget = budget.saturating_sub(1);
+                *steps += 1;
+                let Some(&i) = node.runs.get_bucket(node.hand) else {
+                    node.hand += 1;
+                    continue;
+                };
+                let r = &mut self.many[i as usize];
+                if r.data.referenced() {
+                    r.data.set_referenced(false);
+                    node.hand += 1;
+                    continue;
+                }
+                return Some(RunKey {
+                    oid: node.oid,
+                    run: r.run,
+                });
+            }
+            node.hand = 0;
+            self.hand += 1;
+        }
+    }
+
+    /// Bytes allocated: tables, slabs, nodes (what the charges above must cover).
+    pub(super) fn allocated(&self) -> usize {
+        let table = |t: &HashTable<u32>| {
+            if t.num_buckets() == 0 {
+                0
+            } else {
+                t.num_buckets() * 5 + 16
+            }
+        };
+        table(&self.index)
+            + self.ones.bytes()
+            + self.many.bytes()
+            + self.nodes.capacity() * std::mem::size_of::<Node>()
+            + self.nodes.iter().map(|n| table(&n.runs)).sum::<usize>()
+    }
+}
+
+/// Gives back a table's room once it is under a quarter full, so that one that once held many
+/// entries does not keep their room when few remain (nothing is charged for it then).
+/// Shrinking to half full means it takes as many removals again to shrink once more:
+/// amortized O(1) per removal.
+fn shrink_index(index: &mut HashTable<u32>, h: &KeyedState, ones: &Chunked<OneRun>, nodes: &[Node]) {
+    if index.capacity() > 16 && index.capacity() > 4 * index.len() {
+        index.shrink_to(2 * index.len(), |&e| hash_oid(h, Runs::oid_of(ones, nodes, e)));
+    }
+}
+
+fn shrink_table(t: &mut HashTable<u32>, h: &KeyedState, many: &Chunked<NodeRun>) {
+    if t.capacity() > 16 && t.capacity() > 4 * t.len() {
+        t.shrink_to(2 * t.len(), |&i| hash_run(h, many[i as usize].run));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(o: u64, run: u64) -> RunKey {
+        RunKey {
+            oid: [o, 0, 0],
+            run,
+        }
+    }
+
+    fn put(r: &mut Runs, k: &RunKey, bit: u32, w: u64) -> u64 {
+        let (run, charge) = r.run_or_insert(k).expect("room");
+        run.put(bit, Slot::same(w));
+        charge
+    }
+
+    fn word(r: &Runs, k: &RunKey, bit: u32) -> Option<u64> {
+        match r.get(k)?.get(bit)?.payload() {
+            super::super::slot::Payload::Same(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_run_keeps_its_pages_in_index_order_inline_then_behind_a_pointer() {
+        let mut r = Run::Empty;
+        assert_eq!(r.put(5, Slot::same(5)).map(|s| s.len()), None);
+        assert!(matches!(r, Run::One(_)));
+        assert_eq!((r.present(), r.heap_bytes()), (1 << 5, 0));
+        r.set_referenced(true);
+        // Replacing keeps the run's bits.
+        assert!(r.put(5, Slot::same(6)).is_some());
+        assert!(r.referenced() && r.present() == 1 << 5);
+        r.put(2, Slot::same(2));
+        r.put(9, Slot::same(9));
+        assert!(r.referenced(), "the reference bit moves with the run");
+        assert_eq!(r.present(), (1 << 2) | (1 << 5) | (1 << 9));
+        let words: Vec<_> = r.slots().iter().map(|s| s.payload()).collect();
+        use super::super::slot::Payload::Same;
+        assert_eq!(words, [Same(2), Same(6), Same(9)]);
+        let held = r.heap_bytes();
+        assert_eq!(held, (std::mem::size_of::<ManyRun>() + 4 * 16) as u64);
+        assert_eq!(r.take(5).map(|s| s.payload() == Same(6)), Some(true));
+        assert!(r.take(5).is_none());
+        assert_eq!(r.heap_bytes(), held, "the room stays while the run lives");
+        assert_eq!(r.get(9).map(|s| s.payload()), Some(Same(9)));
+        let mut one = Run::Empty;
+        one.put(3, Slot::same(1));
+        assert!(one.take(4).is_none());
+        assert_eq!(one.take(3).map(|s| s.payload() == Same(1)), Some(true));
+        assert!(matches!(one, Run::Empty) && one.len() == 0);
+    }
+
+    #[test]
+    fn objects_move_between_one_run_and_a_node_and_every_run_stays_found() {
+        let mut r = Runs::new(KeyedState::new());
+        let mut charged = 0;
+        // 300 objects of one run, 20 of many: the slabs move entries on every removal.
+        for o in 0..300 {
+            charged += put(&mut r, &key(o, o * 7), 1, o);
+        }
+        for o in 300..320 {
+            for run in 0..40 {
+                charged += put(&mut r, &key(o, run), 0, o * 1000 + run);
+            }
+        }
+        assert_eq!(r.len(), 300 + 20 * 40);
+        assert_eq!(r.shapes(), (320, 300));
+        assert_eq!(charged, 300 * ONE_META + 20 * (NODE_META + 40 * NODE_RUN_META));
+        assert!(r.allocated() as u64 <= charged, "{} > {charged}", r.allocated());
+        // A second run makes a node of a one-run object; removing it makes it one again.
+        charged += put(&mut r, &key(5, 1), 3, 55);
+        assert_eq!(r.shapes(), (320, 299));
+        let mut runs = r.runs_of(&[5, 0, 0]);
+        runs.sort();
+        assert_eq!(runs, [1, 35]);
+        let (_, f) = r.remove(&key(5, 35)).expect("there");
+        charged -= f;
+        assert_eq!(r.shapes(), (320, 300));
+        assert_eq!(word(&r, &key(5, 1), 3), Some(55));
+        // Remove every other object's runs, in an order that moves entries around.
+        for o in (0..320).rev().step_by(2) {
+            for run in r.runs_of(&[o, 0, 0]) {
+                let (_, f) = r.remove(&key(o, run)).expect("listed");
+                charged -= f;
+            }
+            assert!(r.runs_of(&[o, 0, 0]).is_empty());
+        }
+        for o in 0..320 {
+            let left = o % 2 == 0;
+            if o < 300 {
+                let want = if o == 5 { None } else { Some(o) };
+                assert_eq!(word(&r, &key(o, o * 7), 1), want.filter(|_| left), "object {o}");
+            } else {
+                for run in 0..40 {
+                    let want = left.then_some(o * 1000 + run);
+                    assert_eq!(word(&r, &key(o, run), 0), want, "object {o} run {run}");
+                }
+            }
+        }
+        let listed: u64 = r.iter().map(|(_, run)| run.len() as u64).sum();
+        assert_eq!(listed, r.len() as u64);
+        assert!(r.allocated() as u64 <= charged + 64 * 48, "{} > {charged}", r.allocated());
+        // Everything out: nothing charged, next to nothing held.
+        let keys: Vec<_> = r.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            charged -= r.remove(&k).expect("listed").1;
+        }
+        assert_eq!((charged, r.len(), r.shapes()), (0, 0, (0, 0)));
+        assert!(r.allocated() < 1024, "{}", r.allocated());
+    }
+
+    #[test]
+    fn the_clock_passes_referenced_runs_once_and_stops_at_the_others() {
+        let mut r = Runs::new(KeyedState::new());
+        for o in 0..50 {
+            put(&mut r, &key(o, 0), 0, o);
+        }
+        for run in 0..50 {
+            put(&mut r, &key(99, run), 0, run);
+        }
+        let hot = |k: &RunKey| k.oid[0] % 2 == 0 && k.oid[0] != 99 || k.oid[0] == 99 && k.run % 2 == 0;
+        let keys: Vec<_> = r.iter().map(|(k, _)| k).collect();
+        for k in &keys {
+            if hot(k) {
+                r.get_mut(k).expect("there").set_referenced(true);
+            }
+        }
+        // The 50 cold runs go first, each found without a full sweep per eviction.
+        let mut steps = 0;
+        for _ in 0..50 {
+            let k = r.clock_victim(&mut steps).expect("a victim");
+            assert!(!hot(&k), "{k:?} was referenced");
+            r.remove(&k).expect("there");
+        }
+        assert!(steps < 10 * 100, "{steps} steps for 50 evictions of 100 runs");
+        // Their bits were cleared on the way: the rest go too, then nothing is left.
+        for _ in 0..50 {
+            let k = r.clock_victim(&mut steps).expect("a victim");
+            r.remove(&k).expect("there");
+        }
+        assert!(r.clock_victim(&mut steps).is_none());
+    }
+}
