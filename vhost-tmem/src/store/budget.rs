@@ -28,7 +28,7 @@
 //! account's list when destroyed, LRU records of removed runs are compacted away, and maps and
 //! queues give back their room as they empty (see `layout`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -36,9 +36,10 @@ use parking_lot::RwLock;
 
 use super::arena::Arena;
 use super::layout::{
-    compact_lru, member_record_live, payload_cost, remove_run, shared_bits, take_shared_page,
-    Account, Pool, RunKey, SharedTaken, RUN_PAGES, SHARDS, SHARED_PAGE_META,
+    member_record_live, payload_cost, remove_run, shared_bits_at, take_shared_page, Account, Pool,
+    RunKey, SharedTaken, RUN_PAGES, SHARDS, SHARED_PAGE_META,
 };
+use super::runs::Runs;
 use super::{Error, Result};
 
 /// Pages evicted per round when room is needed (at least; runs go whole).
@@ -63,7 +64,7 @@ pub(super) struct Budget {
     pub(super) arena: Arena,
     /// Bytes released since the C heap was last trimmed.
     untrimmed: AtomicU64,
-    /// LRU records evictions examined: the work an eviction attempt costs.
+    /// LRU records and CLOCK entries evictions examined: the work an eviction attempt costs.
     #[cfg(test)]
     pub(super) lru_examined: AtomicU64,
 }
@@ -353,31 +354,23 @@ impl Budget {
         evicted
     }
 
-    /// Evicts the least recently used run of the next shard; returns its pages.
+    /// Evicts a run of the next shard that was not used since the CLOCK hand last passed it;
+    /// returns its pages.
     pub(super) fn evict_one(&self, pool: &Pool) -> usize {
         let si = pool.evict_cursor.fetch_add(1, Relaxed) % SHARDS;
         let (run, freed) = {
             let mut g = pool.shards[si].lock();
             let sh = &mut *g;
-            let mut found = None;
-            while let Some(r) = sh.lru.pop_front() {
-                #[cfg(test)]
-                self.lru_examined.fetch_add(1, Relaxed);
-                let Some(obj) = sh.objects.get_mut(&r.key.oid) else {
-                    continue;
-                };
-                if obj.get(r.key.run).is_some_and(|run| run.stamp == r.stamp) {
-                    found = Some(r.key);
-                    break;
-                }
-            }
-            let Some(key) = found else {
-                compact_lru(sh);
+            let mut steps = 0;
+            let victim = sh.runs.clock_victim(&mut steps);
+            #[cfg(test)]
+            self.lru_examined.fetch_add(steps, Relaxed);
+            let Some(key) = victim else {
                 return 0;
             };
-            remove_run(pool, sh, &key).expect("found above")
+            remove_run(pool, sh, &key).expect("the hand stopped at it")
         };
-        let pages = run.slots.len();
+        let pages = run.len();
         // Payloads are freed here, outside the lock.
         drop(run);
         self.release_pool(pool, freed);
@@ -405,7 +398,7 @@ impl Budget {
                 while let Some(r) = m.lru.pop_front() {
                     #[cfg(test)]
                     self.lru_examined.fetch_add(1, Relaxed);
-                    if member_record_live(&sh.objects, me, &r) {
+                    if member_record_live(&sh.runs, &sh.shared, me, &r) {
                         found = Some(r.key);
                         break;
                     }
@@ -414,7 +407,7 @@ impl Budget {
             let Some(key) = found else {
                 return 0;
             };
-            let mine = sh.run_mut(&key).map_or(0, |run| shared_bits(run, Some(me)));
+            let mine = shared_bits_at(sh, &key, Some(me));
             for bit in 0..RUN_PAGES as u32 {
                 if mine & (1 << bit) != 0 {
                     taken[pages] = Some(take_shared_page(sh, &key, bit, Some(me)).expect("listed"));
@@ -453,17 +446,15 @@ impl Budget {
         for shard in pool.shards.iter() {
             let (taken, freed, runs) = {
                 let mut s = shard.lock();
-                // Fresh, not cleared: a cleared queue would keep its room.
-                s.lru = VecDeque::new();
-                let runs = std::mem::take(&mut s.runs) as u64;
+                let runs = s.runs.len() as u64;
                 let freed = s.counts.memory_used;
                 n += s.counts.stored_pages;
                 // Gauges go to zero; request counters stay.
                 s.counts.clear_gauges();
                 s.payload_charged = 0;
-                let h = pool.hasher;
+                // Fresh, not cleared: cleared tables would keep their room.
                 (
-                    std::mem::replace(&mut s.objects, HashMap::with_hasher(h)),
+                    std::mem::replace(&mut s.runs, Runs::new(pool.hasher)),
                     freed,
                     runs,
                 )
@@ -486,16 +477,13 @@ impl Budget {
                 let mut g = shard.lock();
                 let sh = &mut *g;
                 let mut per_owner: HashMap<u32, (u64, u64)> = HashMap::new();
-                for obj in sh.objects.values() {
-                    for r in obj.runs() {
-                        let run = obj.get(r).expect("listed");
-                        let owners = run.owners.as_ref().expect("shared runs have owners");
-                        for bit in 0..RUN_PAGES as u32 {
-                            if let Some(slot) = run.get(bit) {
-                                let e = per_owner.entry(owners[bit as usize]).or_default();
-                                e.0 += payload_cost(slot.len()) + SHARED_PAGE_META;
-                                e.1 += 1;
-                            }
+                for (key, run) in sh.runs.iter() {
+                    let owners = &sh.shared.get(&key).expect("shared runs have owners").owners;
+                    for bit in 0..RUN_PAGES as u32 {
+                        if let Some(slot) = run.get(bit) {
+                            let e = per_owner.entry(owners[bit as usize]).or_default();
+                            e.0 += payload_cost(slot.len()) + SHARED_PAGE_META;
+                            e.1 += 1;
                         }
                     }
                 }
@@ -504,14 +492,12 @@ impl Budget {
                     m.held.fetch_sub(pages, Relaxed);
                 }
                 sh.members = HashMap::with_hasher(pool.hasher);
-                sh.lru = VecDeque::new();
-                sh.runs = 0;
+                sh.shared = HashMap::with_hasher(pool.hasher);
                 n += sh.counts.stored_pages;
                 sh.counts.clear_gauges();
                 sh.payload_charged = 0;
-                let h = pool.hasher;
                 (
-                    std::mem::replace(&mut sh.objects, HashMap::with_hasher(h)),
+                    std::mem::replace(&mut sh.runs, Runs::new(pool.hasher)),
                     per_owner,
                 )
             };
@@ -532,16 +518,10 @@ impl Budget {
             let taken = {
                 let mut g = shard.lock();
                 let sh = &mut *g;
-                let keys: Vec<RunKey> = sh
-                    .objects
-                    .iter()
-                    .flat_map(|(oid, obj)| {
-                        obj.runs().into_iter().map(|run| RunKey { oid: *oid, run })
-                    })
-                    .collect();
+                let keys: Vec<RunKey> = sh.runs.iter().map(|(k, _)| k).collect();
                 let mut taken = Vec::new();
                 for key in keys {
-                    let mine = sh.run_mut(&key).map_or(0, |r| shared_bits(r, Some(owner)));
+                    let mine = shared_bits_at(sh, &key, Some(owner));
                     for bit in 0..RUN_PAGES as u32 {
                         if mine & (1 << bit) != 0 {
                             taken.push(
@@ -550,7 +530,6 @@ impl Budget {
                         }
                     }
                 }
-                compact_lru(sh);
                 taken
             };
             let pages = taken.len() as u64;

@@ -21,9 +21,9 @@ use super::codec::{Codecs, Compressor};
 use super::counters::Counters;
 use super::hash::KeyedState;
 use super::layout::{
-    compact_lru, count_page, due, key_of, payload_cost, remove_run, renew_shared, shared_bits,
-    take_page, take_shared_page, tick, Account, LruRef, MemberLru, Object, Pool, Rotation, Run,
-    RunKey, Shard, MAX_STRUCT_COST, OBJ_META, RUN_PAGES, SHARDS, SHARED_PAGE_META,
+    count_page, due, key_of, payload_cost, remove_run, renew_shared, shared_bits, shared_bits_at,
+    take_page, take_shared_page, Account, MemberLru, Pool, Rotation, RunKey, Shard,
+    MAX_STRUCT_COST, RUN_PAGES, SHARDS, SHARED_PAGE_META,
 };
 use super::session::Session;
 use super::slot::{Payload, Slot};
@@ -538,36 +538,31 @@ impl Engine {
             }
             let sh = &mut *g;
             sh.counts.puts += u64::from(how == Insert::Put);
-            let window = (sh.runs as u64 / 4).max(8);
-            let obj = sh
-                .objects
-                .entry(key.oid)
-                .or_insert_with(|| Object::One(key.run, Run::default()));
-            let (run, _) = obj.run_or_insert(key.run, pool.hasher);
-            let new_run = run.present == 0;
+            let window = (sh.runs.len() as u64 / 4).max(8);
+            let Some((run, _)) = sh.runs.run_or_insert(&key) else {
+                drop(g);
+                self.budget.unreserve(&client.account, cost, false);
+                return Err(self.refuse(client, pool, page_key, Error::NoSpace, how));
+            };
             match run.get(bit) {
                 // Same codec and settings for every member, and the codecs are deterministic:
                 // equal content gives equal stored bytes.
                 Some(old) if old.payload() == slot.payload() => Outcome::Agreed,
                 Some(_) => Outcome::Conflict,
                 None => {
-                    let had = shared_bits(run, Some(me)) != 0;
-                    run.owners.get_or_insert_with(|| Box::new([0; RUN_PAGES]))[bit as usize] = me;
-                    let at = run.pos(bit);
-                    run.slots.insert(at, slot);
-                    run.present |= 1 << bit;
+                    let sr = sh.shared.entry(key).or_default();
+                    let had = shared_bits(run, &sr.owners, Some(me)) != 0;
+                    sr.owners[bit as usize] = me;
+                    run.put(bit, slot);
                     // A member's first page in the run needs a record in its queue.
-                    let renew = !had || due(sh.clock, run.stamp, window);
+                    let renew = !had || due(sh.clock, sr.stamp, window);
                     count_page(
                         &mut sh.counts,
                         &mut sh.payload_charged,
-                        &run.slots[at],
+                        run.get(bit).expect("just put"),
                         true,
                     );
                     sh.counts.memory_used += SHARED_PAGE_META;
-                    if new_run {
-                        sh.runs += 1;
-                    }
                     // Under the lock, before anyone can take the page and count it out.
                     client.account.ephemeral_runs.fetch_add(1, Relaxed);
                     let m = match sh.members.entry(me) {
@@ -615,14 +610,14 @@ impl Engine {
             let taken = {
                 let mut g = shard.lock();
                 let sh = &mut *g;
-                let runs = match sh.objects.get(oid) {
-                    Some(obj) => obj.runs(),
-                    None => continue,
-                };
+                let runs = sh.runs.runs_of(oid);
+                if runs.is_empty() {
+                    continue;
+                }
                 let mut taken = Vec::new();
                 for run in runs {
                     let key = RunKey { oid: *oid, run };
-                    let mine = sh.run_mut(&key).map_or(0, |r| shared_bits(r, Some(me)));
+                    let mine = shared_bits_at(sh, &key, Some(me));
                     for bit in 0..RUN_PAGES as u32 {
                         if mine & (1 << bit) != 0 {
                             taken.push(take_shared_page(sh, &key, bit, Some(me)).expect("listed"));
@@ -782,60 +777,30 @@ impl Engine {
             }
             let sh = &mut *g;
             sh.counts.puts += u64::from(how == Insert::Put);
-            // Structure this put adds: object entry, run map entries, LRU share, slot capacity.
-            let mut structure = 0;
-            let obj = sh.objects.entry(key.oid).or_insert_with(|| {
-                structure += OBJ_META;
-                Object::One(key.run, Run::default())
-            });
-            let (run, map_charge) = obj.run_or_insert(key.run, pool.hasher);
-            structure += map_charge;
-            // Runs leave the store when their last page does: an empty one is new.
-            let new_run = run.present == 0;
-            if new_run {
-                structure += pool.run_cost();
-            }
-            let held = run.slots.heap_bytes();
-            let at = run.pos(bit);
-            let old = if run.present & (1 << bit) != 0 {
-                Some(std::mem::replace(&mut run.slots[at], slot))
-            } else {
-                run.slots.insert(at, slot);
-                run.present |= 1 << bit;
-                None
+            let Some((run, mut structure)) = sh.runs.run_or_insert(&key) else {
+                drop(g);
+                self.budget.unreserve_pool(pool, reserved);
+                return Err(self.refuse(client, pool, page_key, Error::NoSpace, how));
             };
-            structure += run.slots.heap_bytes() - held;
-            let mut push = None;
+            // Runs leave the store when their last page does: an empty one is new.
+            let new_run = run.present() == 0;
+            let held = run.heap_bytes();
+            let old = run.put(bit, slot);
             if !pool.persistent {
-                // A run recorded recently is near the LRU's tail already: skip the record, so
-                // a run filled page by page costs one record, not sixteen.
-                let window = (sh.runs as u64 / 4).max(8);
-                if due(sh.clock, run.stamp, window) {
-                    run.stamp = tick(&mut sh.clock);
-                    push = Some(run.stamp);
-                }
+                // Used now: the CLOCK hand passes it once before it can be evicted.
+                run.set_referenced(true);
             }
-            let added = payload_cost(run.slots[at].len());
-            count_page(
-                &mut sh.counts,
-                &mut sh.payload_charged,
-                &run.slots[at],
-                true,
-            );
+            structure += run.heap_bytes() - held;
+            let stored = run.get(bit).expect("just put");
+            let added = payload_cost(stored.len());
+            count_page(&mut sh.counts, &mut sh.payload_charged, stored, true);
             sh.counts.memory_used += structure;
             if let Some(o) = &old {
                 count_page(&mut sh.counts, &mut sh.payload_charged, o, false);
             }
-            if new_run {
-                sh.runs += 1;
-                if !pool.persistent {
-                    pool.account.ephemeral_runs.fetch_add(1, Relaxed);
-                    pool.held.fetch_add(1, Relaxed);
-                }
-            }
-            if let Some(stamp) = push {
-                sh.lru.push_back(LruRef { key, stamp });
-                compact_lru(sh);
+            if new_run && !pool.persistent {
+                pool.account.ephemeral_runs.fetch_add(1, Relaxed);
+                pool.held.fetch_add(1, Relaxed);
             }
             (old, added + structure)
         };
@@ -1018,24 +983,24 @@ impl Tmem for Engine {
             let mut g = pool.shard(&key).lock();
             let sh = &mut *g;
             sh.counts.gets += 1;
-            let window = (sh.runs as u64 / 4).max(8);
-            let found = sh
-                .objects
-                .get_mut(&key.oid)
-                .and_then(|o| o.get_mut(key.run));
-            let hit = found.and_then(|run| {
+            let window = (sh.runs.len() as u64 / 4).max(8);
+            let hit = sh.runs.get(&key).and_then(|run| {
                 let r = decode(codecs, run.get(bit)?, out);
-                Some((run, r))
+                Some(r)
             });
             match hit {
                 None => {
                     sh.counts.get_misses += 1;
                     Err(Error::Miss)
                 }
-                Some((run, r)) => {
+                Some(r) => {
                     // Only shared pools get here with ephemeral pages (private ones move
                     // out): a hit makes the run recently used again for its owners.
-                    let renew = !pool.persistent && due(sh.clock, run.stamp, window);
+                    let renew = !pool.persistent
+                        && sh
+                            .shared
+                            .get(&key)
+                            .is_some_and(|sr| due(sh.clock, sr.stamp, window));
                     sh.counts.get_hits += 1;
                     if renew {
                         renew_shared(sh, key);
@@ -1104,17 +1069,17 @@ impl Tmem for Engine {
             let (runs, freed) = {
                 let mut g = shard.lock();
                 let sh = &mut *g;
-                let keys = match sh.objects.get(oid) {
-                    Some(obj) => obj.runs(),
-                    None => continue,
-                };
+                let keys = sh.runs.runs_of(oid);
+                if keys.is_empty() {
+                    continue;
+                }
                 let mut runs = Vec::with_capacity(keys.len());
                 let mut freed = 0;
                 for run in keys {
                     let key = RunKey { oid: *oid, run };
                     let (r, f) = remove_run(&pool, sh, &key).expect("listed above");
-                    n += r.slots.len() as u64;
-                    sh.counts.flushed_pages += r.slots.len() as u64;
+                    n += r.len() as u64;
+                    sh.counts.flushed_pages += r.len() as u64;
                     freed += f;
                     runs.push(r);
                 }
@@ -1176,35 +1141,31 @@ impl Tmem for Engine {
 
 #[cfg(test)]
 impl Engine {
-    /// A pool's object entries over all shards, and how many of them hold a single run
-    /// inline.
+    /// A pool's objects over all shards (per shard), and how many of them hold a single run.
     fn object_shapes(&self, client: &Client, id: PoolId) -> (u64, u64) {
         let pool = client.pool(id).expect("a pool of the client");
         let mut shapes = (0, 0);
         for shard in pool.shards.iter() {
-            for obj in shard.lock().objects.values() {
-                shapes.0 += 1;
-                shapes.1 += matches!(obj, Object::One(..)) as u64;
-            }
+            let (objects, single) = shard.lock().runs.shapes();
+            shapes.0 += objects as u64;
+            shapes.1 += single as u64;
         }
         shapes
     }
 
-    /// What a pool's shards hold allocated beyond what they store, summed over shards: LRU
-    /// records and their capacity, object map capacity, and run map capacity.
+    /// What a pool's shards hold allocated, summed over shards: runs, bytes of the run
+    /// structure (tables, slabs, nodes), and shared pools' LRU records and their capacity.
     fn allocated_structure(&self, client: &Client, id: PoolId) -> AllocatedStructure {
         let pool = client.pool(id).expect("a pool of the client");
         let mut a = AllocatedStructure::default();
         for shard in pool.shards.iter() {
             let sh = shard.lock();
-            a.runs += sh.runs;
-            a.lru_len += sh.lru.len();
-            a.lru_cap += sh.lru.capacity();
-            a.objects_cap += sh.objects.capacity();
-            for obj in sh.objects.values() {
-                if let Object::Many(m) = obj {
-                    a.run_maps_cap += m.capacity();
-                }
+            a.runs += sh.runs.len();
+            a.run_bytes += sh.runs.allocated();
+            a.shared_cap += sh.shared.capacity();
+            for m in sh.members.values() {
+                a.lru_len += m.lru.len();
+                a.lru_cap += m.lru.capacity();
             }
         }
         a
@@ -1215,10 +1176,10 @@ impl Engine {
 #[derive(Debug, Default)]
 struct AllocatedStructure {
     runs: usize,
+    run_bytes: usize,
+    shared_cap: usize,
     lru_len: usize,
     lru_cap: usize,
-    objects_cap: usize,
-    run_maps_cap: usize,
 }
 
 fn decode(codecs: &mut Codecs, s: &Slot, mut out: PageDst<'_>) -> Result<()> {

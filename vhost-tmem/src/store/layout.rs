@@ -1,13 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! How pages are laid out in memory, and what each piece costs.
 //!
-//! A client holds up to `max_pools` pools; a pool is split into shards, each a mutex over
-//! `oid -> run -> Run` maps, where a run is 16 consecutive page indexes of one object. A run
-//! holds a 16-bit presence mask and its pages' 16-byte slots in index order, so a densely used
-//! run costs 16 bytes per page plus its share of one map entry. Runs hash to shards, so
-//! requests from different workers rarely meet on a lock and no lock is global; flushing an
-//! object visits each shard once. The hash is keyed per pool with random seeds because keys
-//! are chosen by untrusted guests.
+//! A client holds up to `max_pools` pools; a pool is split into shards, each a mutex over its
+//! runs ([`Runs`]): a run is 16 consecutive page indexes of one object, with a 16-bit presence
+//! mask and its pages' 16-byte slots in index order, so a densely used run costs 16 bytes per
+//! page plus its share of one entry, and a run of one page 48 to 60 bytes all told. Runs hash
+//! to shards, so requests from different workers rarely meet on a lock and no lock is global;
+//! flushing an object visits each shard once. The hash is keyed per pool with random seeds
+//! because keys are chosen by untrusted guests.
 //!
 //! The helpers here change a shard's contents and its gauges together, under its lock, and
 //! return what they freed, for the caller to release once the lock is dropped.
@@ -23,7 +23,8 @@ use shared_proto::Oid;
 use super::codec::{Compressor, Encoding};
 use super::counters::{CounterSnapshot, Counters};
 use super::hash::KeyedState;
-use super::slot::{Payload, Slot, Slots};
+use super::runs::{Run, Runs, NODE_META, NODE_RUN_META, ONE_META};
+use super::slot::{Payload, Slot};
 use super::{PageKey, Uuid};
 
 /// Shards per pool: a power of two, a few times the number of worker threads.
@@ -34,41 +35,40 @@ pub(super) const RUN_SHIFT: u32 = 4;
 pub(super) const RUN_PAGES: usize = 1 << RUN_SHIFT;
 
 /// Charged per slot of a run's slot vector (by capacity), beside the vector itself
-/// ([`Slots::heap_bytes`]); a run's single slot is inline and costs nothing extra.
+/// ([`Run::heap_bytes`]); a run's single slot is inline and costs nothing extra.
 pub(super) const SLOT_BYTES: u64 = std::mem::size_of::<Slot>() as u64;
-/// Charged per run in an object's run map: its entry (key, run, control byte) at the lowest
-/// load factor the map keeps (7/16, just after it grows), so the charge covers what is
-/// allocated, small maps' minimum sizes included.
-pub(super) const RUN_META: u64 = ((std::mem::size_of::<(u64, Run)>() + 1) * 16 / 7) as u64;
-/// Charged per object per shard: its entry in the shard's object map (an object's single run
-/// lives in it), at the same load factor.
-pub(super) const OBJ_META: u64 = ((std::mem::size_of::<(Oid, Object)>() + 1) * 16 / 7) as u64;
-/// Charged per object (per shard) with runs in a map: the map's own struct, on the heap so
-/// that objects of one run (most of them) do not carry its room.
-pub(super) const MAP_BOX: u64 = std::mem::size_of::<HashMap<u64, Run, KeyedState>>() as u64;
-/// Charged per run of an ephemeral pool: LRU records, by the queue's room. Compaction keeps
-/// the records under one and a half per run and the room under twice the records (beyond a
-/// constant per shard), see `compact_lru`.
+/// Charged per run of a shared pool: its entry in the shard's table of owners and stamps (at
+/// the lowest load factor the table keeps, 7/16) and the owner table.
+pub(super) const SHARED_RUN_META: u64 = ((std::mem::size_of::<(RunKey, SharedRun)>() + 1) * 16 / 7)
+    as u64
+    + std::mem::size_of::<[u32; RUN_PAGES]>() as u64;
+/// Charged per LRU record room of a shared pool's member queues, three per run: compaction
+/// keeps the records under one and a half per run and the room under twice the records
+/// (beyond a constant per queue), see `compact_member`.
 pub(super) const LRU_META: u64 = 3 * std::mem::size_of::<LruRef>() as u64;
-/// The most a put can add besides its payload: a new object, an object's single run moving
-/// into a map with the new run beside it, an LRU share, and the slots growing (at most from 8
-/// to 16, 128 bytes; from one inline slot to a vector of two, 56).
-pub(super) const MAX_STRUCT_COST: u64 =
-    OBJ_META + MAP_BOX + 2 * RUN_META + LRU_META + RUN_PAGES as u64 * SLOT_BYTES;
+/// The most a put can add besides its payload: an object's single run moving into a node with
+/// the new run beside it, and the run's slots growing (at most from 8 to 16, 128 bytes; from
+/// one inline slot to a vector of two, the vector's header and 32).
+pub(super) const MAX_STRUCT_COST: u64 = {
+    let a = NODE_META + 2 * NODE_RUN_META;
+    let b = ONE_META;
+    (if a > b { a } else { b }) + RUN_PAGES as u64 * SLOT_BYTES + 32
+};
 
 /// Charged per page of a shared pool besides its payload, to the client that put it: at least
 /// the page's share of any structure around it, so that each page's charge can go to its own
-/// client without tracking who created that structure. Per page at most: an object entry
-/// (alone in its shard) or half of one plus a run map entry (two or more runs), a run's LRU
-/// records and owner table (a run of one page), and two slots (a run of n pages holds at most
-/// 24 + 16 * cap bytes of slots, cap < 2n for n > 2, so under 32 bytes per page).
+/// client without tracking who created that structure. Per page at most: a one-run entry
+/// (alone in its shard) or half a node and a node run (two or more runs), its run's owner
+/// entry and LRU records (a run of one page), and three slots (a run of n pages holds at
+/// most 32 + 16 * cap bytes of slots, cap < 2n for n > 2, so under 48 bytes per page).
 pub(super) const SHARED_PAGE_META: u64 = {
-    let obj_share = if OBJ_META > (OBJ_META + MAP_BOX) / 2 + RUN_META {
-        OBJ_META
+    let node_share = NODE_META.div_ceil(2) + NODE_RUN_META;
+    let obj_share = if ONE_META > node_share {
+        ONE_META
     } else {
-        (OBJ_META + MAP_BOX).div_ceil(2) + RUN_META
+        node_share
     };
-    obj_share + LRU_META + 2 * SLOT_BYTES + std::mem::size_of::<[u32; RUN_PAGES]>() as u64
+    obj_share + SHARED_RUN_META + LRU_META + 3 * SLOT_BYTES
 };
 
 /// A payload's charge: its arena size class (64-byte granules). The arena's other resident
@@ -156,37 +156,22 @@ impl Hash for RunKey {
     }
 }
 
-/// Up to 16 consecutive pages of one object.
-#[derive(Debug, Default)]
-pub(super) struct Run {
-    /// Bit i: page `run * 16 + i` is stored, at `slots[popcount(present below i)]`.
-    pub(super) present: u16,
-    /// LRU stamp of this run's newest record (ephemeral pools); 0: none yet. 32 bits keep a
-    /// run at 32 bytes: stamps wrap after 2^32 records in a shard, and a record that old has
-    /// been compacted away long before (a false match would only reorder eviction).
+/// A shared pool's run: who put each page (by index bit), who is charged for it and alone may
+/// flush it; and the stamp of the run's newest LRU records in its owners' queues (0: none yet).
+/// 32 bits: stamps wrap after 2^32 records in a shard, and a record that old has been
+/// compacted away long before (a false match would only reorder eviction).
+#[derive(Debug)]
+pub(super) struct SharedRun {
+    pub(super) owners: Box<[u32; RUN_PAGES]>,
     pub(super) stamp: u32,
-    pub(super) slots: Slots,
-    /// Shared pools only: the account id of the client that put each page (by index bit),
-    /// which is charged for it and alone may flush it.
-    pub(super) owners: Option<Box<[u32; RUN_PAGES]>>,
 }
 
-impl Run {
-    pub(super) fn pos(&self, bit: u32) -> usize {
-        (self.present & ((1u16 << bit) - 1)).count_ones() as usize
-    }
-
-    pub(super) fn get(&self, bit: u32) -> Option<&Slot> {
-        (self.present & (1 << bit) != 0).then(|| &self.slots[self.pos(bit)])
-    }
-
-    pub(super) fn take(&mut self, bit: u32) -> Option<Slot> {
-        if self.present & (1 << bit) == 0 {
-            return None;
+impl Default for SharedRun {
+    fn default() -> Self {
+        SharedRun {
+            owners: Box::new([0; RUN_PAGES]),
+            stamp: 0,
         }
-        let at = self.pos(bit);
-        self.present &= !(1 << bit);
-        Some(self.slots.remove(at))
     }
 }
 
@@ -226,77 +211,14 @@ pub(super) fn count_page(
     }
 }
 
-/// An object's runs within one shard. Most objects of a page cache are small files with a
-/// single run: it is kept inline, where a map of one entry would cost a few hundred bytes.
-/// An object that gets a second run moves to a map and stays there until it is gone.
-#[derive(Debug)]
-pub(super) enum Object {
-    One(u64, Run),
-    // Boxed on purpose: inline, the map's struct would make every object's entry 48 bytes
-    // larger, one-run objects included.
-    #[allow(clippy::box_collection)]
-    Many(Box<HashMap<u64, Run, KeyedState>>),
-}
-
-impl Object {
-    pub(super) fn get(&self, run: u64) -> Option<&Run> {
-        match self {
-            Object::One(r, x) => (*r == run).then_some(x),
-            Object::Many(m) => m.get(&run),
-        }
-    }
-
-    pub(super) fn get_mut(&mut self, run: u64) -> Option<&mut Run> {
-        match self {
-            Object::One(r, x) => (*r == run).then_some(x),
-            Object::Many(m) => m.get_mut(&run),
-        }
-    }
-
-    /// The run numbered `run`, created empty if missing; and the map charge that added
-    /// (`RUN_META` for each run that now sits in a map and did not before, `MAP_BOX` for a
-    /// new map).
-    pub(super) fn run_or_insert(&mut self, run: u64, h: KeyedState) -> (&mut Run, u64) {
-        let mut charge = 0;
-        if let Object::One(r, x) = self {
-            if *r != run {
-                let mut m = Box::new(HashMap::with_capacity_and_hasher(2, h));
-                m.insert(*r, std::mem::take(x));
-                *self = Object::Many(m);
-                charge += MAP_BOX + RUN_META;
-            }
-        }
-        match self {
-            Object::One(_, x) => (x, charge),
-            Object::Many(m) => {
-                let x = m.entry(run).or_insert_with(|| {
-                    charge += RUN_META;
-                    Run::default()
-                });
-                (x, charge)
-            }
-        }
-    }
-
-    /// The object's run numbers.
-    pub(super) fn runs(&self) -> Vec<u64> {
-        match self {
-            Object::One(r, _) => vec![*r],
-            Object::Many(m) => m.keys().copied().collect(),
-        }
-    }
-}
-
 #[derive(Debug)]
 pub(super) struct Shard {
-    pub(super) objects: HashMap<Oid, Object, KeyedState>,
-    /// Runs in `objects`, so that LRU compaction needs no count.
-    pub(super) runs: usize,
-    /// Private ephemeral pools: the LRU queue of runs.
-    pub(super) lru: VecDeque<LruRef>,
+    pub(super) runs: Runs,
+    /// Shared pools: each run's owners and LRU stamp.
+    pub(super) shared: HashMap<RunKey, SharedRun, KeyedState>,
     /// Shared pools: a queue per member with pages here (by account id).
     pub(super) members: HashMap<u32, MemberLru, KeyedState>,
-    /// The last stamp given (see [`Run::stamp`]).
+    /// The last stamp given (see [`SharedRun::stamp`]).
     pub(super) clock: u32,
     /// Gauges and the common request counters of this shard's pages; `memory_used` is
     /// everything charged for the shard, payloads and structure.
@@ -308,18 +230,13 @@ pub(super) struct Shard {
 impl Shard {
     pub(super) fn new(h: KeyedState) -> Self {
         Shard {
-            objects: HashMap::with_hasher(h),
-            runs: 0,
-            lru: VecDeque::new(),
+            runs: Runs::new(h),
+            shared: HashMap::with_hasher(h),
             members: HashMap::with_hasher(h),
             clock: 0,
             counts: CounterSnapshot::default(),
             payload_charged: 0,
         }
-    }
-
-    pub(super) fn run_mut(&mut self, key: &RunKey) -> Option<&mut Run> {
-        self.objects.get_mut(&key.oid)?.get_mut(key.run)
     }
 }
 
@@ -351,15 +268,6 @@ impl Pool {
         // High bits: hashbrown uses the low ones for buckets and the top 7 for tags.
         &self.shards[(h >> 40) as usize & (SHARDS - 1)]
     }
-
-    /// A run's charge wherever it sits: its LRU share (ephemeral pools).
-    pub(super) fn run_cost(&self) -> u64 {
-        if self.persistent {
-            0
-        } else {
-            LRU_META
-        }
-    }
 }
 
 /// A page's run and its bit in the run.
@@ -373,48 +281,14 @@ pub(super) fn key_of(key: &PageKey) -> (RunKey, u32) {
     )
 }
 
-/// Takes a whole run out of a shard's maps; returns it and the map entries' charge.
-fn unlink_run(sh: &mut Shard, key: &RunKey, ephemeral: bool) -> Option<(Run, u64)> {
-    let obj = sh.objects.get_mut(&key.oid)?;
-    let (run, mut freed, emptied) = match obj {
-        Object::One(r, _) if *r != key.run => return None,
-        Object::One(_, x) => (std::mem::take(x), 0, true),
-        Object::Many(m) => {
-            let run = m.remove(&key.run)?;
-            let mut freed = RUN_META;
-            let emptied = m.is_empty();
-            if m.len() == 1 {
-                // Back inline: a map of one would keep the room of every run it ever held.
-                let (r, x) = m.drain().next().expect("one run left");
-                *obj = Object::One(r, x);
-                freed += MAP_BOX + RUN_META;
-            } else {
-                shrink_map(m);
-            }
-            (run, freed, emptied)
-        }
-    };
-    if emptied {
-        sh.objects.remove(&key.oid);
-        shrink_map(&mut sh.objects);
-        freed += OBJ_META;
-    }
-    sh.runs -= 1;
-    if ephemeral {
-        // The run's LRU records are stale now; drop them before they outnumber live runs.
-        compact_lru(sh);
-    }
-    Some((run, freed))
-}
-
 /// Takes a whole run of a private pool out of a shard with its bookkeeping; returns it and
 /// the bytes it had charged (payloads and structure), to release once the lock is dropped.
 pub(super) fn remove_run(pool: &Pool, sh: &mut Shard, key: &RunKey) -> Option<(Run, u64)> {
     debug_assert!(pool.shared.is_none(), "shared pools charge per page");
-    let (run, mut freed) = unlink_run(sh, key, !pool.persistent)?;
-    freed += pool.run_cost() + run.slots.heap_bytes();
+    let (run, mut freed) = sh.runs.remove(key)?;
+    freed += run.heap_bytes();
     sh.counts.memory_used -= freed;
-    for s in &run.slots {
+    for s in run.slots() {
         count_page(&mut sh.counts, &mut sh.payload_charged, s, false);
         freed += payload_cost(s.len());
     }
@@ -443,27 +317,30 @@ pub(super) struct SharedTaken {
 }
 
 /// Takes one page out of a shared pool's shard, if it is stored and (with `only`) that
-/// client put it; the run and object go when empty. The caller gives the charge back to the
-/// owner (see [`Budget::release_shared`](super::budget::Budget::release_shared)).
+/// client put it; the run goes when empty. The caller gives the charge back to the owner (see
+/// [`Budget::release_shared`](super::budget::Budget::release_shared)).
 pub(super) fn take_shared_page(
     sh: &mut Shard,
     key: &RunKey,
     bit: u32,
     only: Option<u32>,
 ) -> Option<SharedTaken> {
-    let run = sh.run_mut(key)?;
+    let run = sh.runs.get_mut(key)?;
     run.get(bit)?;
-    let owner = run.owners.as_ref().expect("shared runs have owners")[bit as usize];
+    let owners = *sh.shared.get(key).expect("shared runs have owners").owners;
+    let owner = owners[bit as usize];
     if only.is_some_and(|o| o != owner) {
         return None;
     }
     let slot = run.take(bit).expect("present");
-    let emptied = run.present == 0;
-    let left = shared_bits(run, Some(owner)) == 0;
+    let emptied = run.present() == 0;
+    let left = shared_bits(run, &owners, Some(owner)) == 0;
     count_page(&mut sh.counts, &mut sh.payload_charged, &slot, false);
     sh.counts.memory_used -= SHARED_PAGE_META;
     if emptied {
-        unlink_run(sh, key, true).expect("the run is there");
+        sh.runs.remove(key).expect("the run is there");
+        sh.shared.remove(key);
+        shrink_map(&mut sh.shared);
     }
     let m = sh.members.get_mut(&owner).expect("an owner has a queue");
     m.held.fetch_sub(1, Relaxed);
@@ -474,7 +351,7 @@ pub(super) fn take_shared_page(
             sh.members.remove(&owner);
             shrink_map(&mut sh.members);
         } else {
-            compact_member(&sh.objects, owner, m);
+            compact_member(&sh.runs, &sh.shared, owner, m);
         }
     }
     let charge = payload_cost(slot.len()) + SHARED_PAGE_META;
@@ -485,27 +362,33 @@ pub(super) fn take_shared_page(
     })
 }
 
-/// The bits of a run's pages that `owner` put (all of them with `None`).
-pub(super) fn shared_bits(run: &Run, owner: Option<u32>) -> u16 {
-    let Some(owners) = run.owners.as_ref() else {
-        return 0;
-    };
+/// The bits of a shared run's pages that `owner` put (all of them with `None`).
+pub(super) fn shared_bits(run: &Run, owners: &[u32; RUN_PAGES], owner: Option<u32>) -> u16 {
+    let present = run.present();
     (0..RUN_PAGES as u32)
-        .filter(|&b| run.present & (1 << b) != 0 && owner.is_none_or(|o| owners[b as usize] == o))
+        .filter(|&b| present & (1 << b) != 0 && owner.is_none_or(|o| owners[b as usize] == o))
         .fold(0, |m, b| m | (1 << b))
 }
 
-/// Takes one page out of a shard with its bookkeeping (the run and object go when empty);
-/// returns it and the bytes to release once the lock is dropped.
+/// [`shared_bits`] of run `key` of a shared pool's shard (0 if it is not there).
+pub(super) fn shared_bits_at(sh: &Shard, key: &RunKey, owner: Option<u32>) -> u16 {
+    match (sh.runs.get(key), sh.shared.get(key)) {
+        (Some(run), Some(sr)) => shared_bits(run, &sr.owners, owner),
+        _ => 0,
+    }
+}
+
+/// Takes one page out of a shard with its bookkeeping (the run goes when empty); returns it
+/// and the bytes to release once the lock is dropped.
 pub(super) fn take_page(
     pool: &Pool,
     sh: &mut Shard,
     key: &RunKey,
     bit: u32,
 ) -> Option<(Slot, u64)> {
-    let run = sh.run_mut(key)?;
+    let run = sh.runs.get_mut(key)?;
     let slot = run.take(bit)?;
-    let emptied = run.present == 0;
+    let emptied = run.present() == 0;
     count_page(&mut sh.counts, &mut sh.payload_charged, &slot, false);
     let mut freed = payload_cost(slot.len());
     if emptied {
@@ -531,14 +414,14 @@ pub(super) fn due(clock: u32, stamp: u32, window: u64) -> bool {
 /// record in each of their queues (at most 16), which makes their older records stale.
 pub(super) fn renew_shared(sh: &mut Shard, key: RunKey) {
     let stamp = tick(&mut sh.clock);
-    let Some(run) = sh.run_mut(&key) else {
+    let Some(present) = sh.runs.get(&key).map(Run::present) else {
         return;
     };
-    run.stamp = stamp;
-    let Some(owners) = run.owners.as_deref().copied() else {
+    let Some(sr) = sh.shared.get_mut(&key) else {
         return;
     };
-    let present = run.present;
+    sr.stamp = stamp;
+    let owners = *sr.owners;
     for bit in 0..RUN_PAGES {
         let o = owners[bit];
         // Once per owner: at its lowest bit.
@@ -548,58 +431,41 @@ pub(super) fn renew_shared(sh: &mut Shard, key: RunKey) {
         }
         let m = sh.members.get_mut(&o).expect("an owner has a queue");
         m.lru.push_back(LruRef { key, stamp });
-        compact_member(&sh.objects, o, m);
+        compact_member(&sh.runs, &sh.shared, o, m);
     }
 }
 
 /// Whether a member's record is live: the run has its stamp and pages of the member's.
 pub(super) fn member_record_live(
-    objects: &HashMap<Oid, Object, KeyedState>,
+    runs: &Runs,
+    shared: &HashMap<RunKey, SharedRun, KeyedState>,
     owner: u32,
     r: &LruRef,
 ) -> bool {
-    objects
-        .get(&r.key.oid)
-        .and_then(|o| o.get(r.key.run))
-        .is_some_and(|run| run.stamp == r.stamp && shared_bits(run, Some(owner)) != 0)
+    shared.get(&r.key).is_some_and(|sr| {
+        sr.stamp == r.stamp
+            && runs
+                .get(&r.key)
+                .is_some_and(|run| shared_bits(run, &sr.owners, Some(owner)) != 0)
+    })
 }
 
-/// [`compact_lru`] for a member's queue in a shared pool: at most one live record per run of
-/// its, so the queue stays O(its runs) whatever others do to the runs it shares. The
-/// constants are smaller than a private pool's: there is a queue per member and shard.
+/// Drops a member's stale LRU records in a shared pool once they outnumber its live runs by
+/// half, so the queue stays O(its runs) whatever others do to the runs it shares. The queue's
+/// room shrinks with it (eviction pops records without compacting).
 pub(super) fn compact_member(
-    objects: &HashMap<Oid, Object, KeyedState>,
+    runs: &Runs,
+    shared: &HashMap<RunKey, SharedRun, KeyedState>,
     owner: u32,
     m: &mut MemberLru,
 ) {
     if m.lru.len() >= 16 && m.lru.len() >= m.runs + m.runs / 2 {
-        m.lru.retain(|r| member_record_live(objects, owner, r));
-    }
-    let len = m.lru.len();
-    if m.lru.capacity() > 2 * len.max(8) {
-        m.lru.shrink_to((len + len / 2).max(8));
-    }
-}
-
-/// Drops stale LRU records once they outnumber live runs by half, so the queue stays
-/// O(runs) and within what `LRU_META` charges.
-/// Called wherever records are added (puts, shared hits) or runs leave (flushes, gets,
-/// eviction), so that removals cannot leave records of gone runs behind either. The queue's
-/// room shrinks with it (eviction pops records without compacting).
-pub(super) fn compact_lru(sh: &mut Shard) {
-    if sh.lru.len() >= 64 && sh.lru.len() >= sh.runs + sh.runs / 2 {
-        let objects = &sh.objects;
-        sh.lru.retain(|r| {
-            objects
-                .get(&r.key.oid)
-                .and_then(|o| o.get(r.key.run))
-                .is_some_and(|run| run.stamp == r.stamp)
-        });
+        m.lru.retain(|r| member_record_live(runs, shared, owner, r));
     }
     // Growth doubles the room, so it is at most twice the records; shrinking to one and a
     // half times them leaves a margin both ways, so neither repeats at once.
-    let len = sh.lru.len();
-    if sh.lru.capacity() > 2 * len.max(32) {
-        sh.lru.shrink_to((len + len / 2).max(32));
+    let len = m.lru.len();
+    if m.lru.capacity() > 2 * len.max(8) {
+        m.lru.shrink_to((len + len / 2).max(8));
     }
 }

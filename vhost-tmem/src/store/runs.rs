@@ -48,6 +48,9 @@ pub(super) struct ManyRun {
     slots: Vec<Slot>,
 }
 
+/// Heap bytes of a run of many besides its slot vector's room.
+pub(super) const MANY_RUN_BYTES: u64 = std::mem::size_of::<ManyRun>() as u64;
+
 /// A run of one page: its bit in the tag's low bits, the reference bit in its top one.
 const TAG_BIT: u8 = 0x0f;
 const TAG_REF: u8 = 0x80;
@@ -159,8 +162,7 @@ impl Run {
         match self {
             Run::Empty | Run::One(_) => 0,
             Run::Many(m) => {
-                (std::mem::size_of::<ManyRun>() + m.slots.capacity() * std::mem::size_of::<Slot>())
-                    as u64
+                MANY_RUN_BYTES + (m.slots.capacity() * std::mem::size_of::<Slot>()) as u64
             }
         }
     }
@@ -177,7 +179,11 @@ impl Run {
     pub(super) fn set_referenced(&mut self, on: bool) {
         match self {
             Run::Empty => {}
-            Run::One(s) => s.set_tag(if on { s.tag() | TAG_REF } else { s.tag() & !TAG_REF }),
+            Run::One(s) => s.set_tag(if on {
+                s.tag() | TAG_REF
+            } else {
+                s.tag() & !TAG_REF
+            }),
             Run::Many(m) => m.referenced = on,
         }
     }
@@ -274,6 +280,7 @@ impl<T> Chunked<T> {
     }
 
     /// Bytes allocated.
+    #[cfg(test)]
     fn bytes(&self) -> usize {
         self.chunks.capacity() * std::mem::size_of::<Vec<T>>()
             + self
@@ -369,6 +376,7 @@ impl Runs {
     }
 
     /// Objects with runs here, and how many of them have one run.
+    #[cfg(test)]
     pub(super) fn shapes(&self) -> (usize, usize) {
         (self.ones.len() + self.nodes.len(), self.ones.len())
     }
@@ -465,7 +473,9 @@ impl Runs {
         let (h, many) = (&self.hasher, &self.many);
         self.nodes[n]
             .runs
-            .insert_unique(hash_run(h, run), i as u32, |&x| hash_run(h, many[x as usize].run));
+            .insert_unique(hash_run(h, run), i as u32, |&x| {
+                hash_run(h, many[x as usize].run)
+            });
         i
     }
 
@@ -490,9 +500,8 @@ impl Runs {
                     data: Run::Empty,
                 });
                 let (hs, ones, nodes) = (&self.hasher, &self.ones, &self.nodes);
-                self.index.insert_unique(h, i as u32, |&e| {
-                    hash_oid(hs, Self::oid_of(ones, nodes, e))
-                });
+                self.index
+                    .insert_unique(h, i as u32, |&e| hash_oid(hs, Self::oid_of(ones, nodes, e)));
                 Some((&mut self.ones[i].data, ONE_META))
             }
             Some(e) if e & NODE == 0 && self.ones[e as usize].run == key.run => {
@@ -694,6 +703,7 @@ impl Runs {
     }
 
     /// Bytes allocated: tables, slabs, nodes (what the charges above must cover).
+    #[cfg(test)]
     pub(super) fn allocated(&self) -> usize {
         let table = |t: &HashTable<u32>| {
             if t.num_buckets() == 0 {
@@ -714,9 +724,16 @@ impl Runs {
 /// entries does not keep their room when few remain (nothing is charged for it then).
 /// Shrinking to half full means it takes as many removals again to shrink once more:
 /// amortized O(1) per removal.
-fn shrink_index(index: &mut HashTable<u32>, h: &KeyedState, ones: &Chunked<OneRun>, nodes: &[Node]) {
+fn shrink_index(
+    index: &mut HashTable<u32>,
+    h: &KeyedState,
+    ones: &Chunked<OneRun>,
+    nodes: &[Node],
+) {
     if index.capacity() > 16 && index.capacity() > 4 * index.len() {
-        index.shrink_to(2 * index.len(), |&e| hash_oid(h, Runs::oid_of(ones, nodes, e)));
+        index.shrink_to(2 * index.len(), |&e| {
+            hash_oid(h, Runs::oid_of(ones, nodes, e))
+        });
     }
 }
 
@@ -795,8 +812,15 @@ mod tests {
         }
         assert_eq!(r.len(), 300 + 20 * 40);
         assert_eq!(r.shapes(), (320, 300));
-        assert_eq!(charged, 300 * ONE_META + 20 * (NODE_META + 40 * NODE_RUN_META));
-        assert!(r.allocated() as u64 <= charged, "{} > {charged}", r.allocated());
+        assert_eq!(
+            charged,
+            300 * ONE_META + 20 * (NODE_META + 40 * NODE_RUN_META)
+        );
+        assert!(
+            r.allocated() as u64 <= charged,
+            "{} > {charged}",
+            r.allocated()
+        );
         // A second run makes a node of a one-run object; removing it makes it one again.
         charged += put(&mut r, &key(5, 1), 3, 55);
         assert_eq!(r.shapes(), (320, 299));
@@ -819,7 +843,11 @@ mod tests {
             let left = o % 2 == 0;
             if o < 300 {
                 let want = if o == 5 { None } else { Some(o) };
-                assert_eq!(word(&r, &key(o, o * 7), 1), want.filter(|_| left), "object {o}");
+                assert_eq!(
+                    word(&r, &key(o, o * 7), 1),
+                    want.filter(|_| left),
+                    "object {o}"
+                );
             } else {
                 for run in 0..40 {
                     let want = left.then_some(o * 1000 + run);
@@ -829,7 +857,11 @@ mod tests {
         }
         let listed: u64 = r.iter().map(|(_, run)| run.len() as u64).sum();
         assert_eq!(listed, r.len() as u64);
-        assert!(r.allocated() as u64 <= charged + 64 * 48, "{} > {charged}", r.allocated());
+        assert!(
+            r.allocated() as u64 <= charged + 64 * 48,
+            "{} > {charged}",
+            r.allocated()
+        );
         // Everything out: nothing charged, next to nothing held.
         let keys: Vec<_> = r.iter().map(|(k, _)| k).collect();
         for k in keys {
@@ -848,7 +880,10 @@ mod tests {
         for run in 0..50 {
             put(&mut r, &key(99, run), 0, run);
         }
-        let hot = |k: &RunKey| k.oid[0] % 2 == 0 && k.oid[0] != 99 || k.oid[0] == 99 && k.run % 2 == 0;
+        let hot = |k: &RunKey| {
+            k.oid[0].is_multiple_of(2) && k.oid[0] != 99
+                || k.oid[0] == 99 && k.run.is_multiple_of(2)
+        };
         let keys: Vec<_> = r.iter().map(|(k, _)| k).collect();
         for k in &keys {
             if hot(k) {
@@ -862,7 +897,10 @@ mod tests {
             assert!(!hot(&k), "{k:?} was referenced");
             r.remove(&k).expect("there");
         }
-        assert!(steps < 10 * 100, "{steps} steps for 50 evictions of 100 runs");
+        assert!(
+            steps < 10 * 100,
+            "{steps} steps for 50 evictions of 100 runs"
+        );
         // Their bits were cleared on the way: the rest go too, then nothing is left.
         for _ in 0..50 {
             let k = r.clock_victim(&mut steps).expect("a victim");

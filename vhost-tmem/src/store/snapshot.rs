@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::counters::CounterSnapshot;
 use super::engine::Insert;
-use super::layout::{shared_bits, Object, Pool, Run, RUN_PAGES};
+use super::layout::{shared_bits_at, Pool, RUN_PAGES};
 use super::slot::{Payload, Slot};
 use super::state::{self, ClientRecord, Item, PoolRecord, Scope, StateReader, StateWriter, Tally};
 use super::stats::pool_snapshot;
@@ -137,30 +137,19 @@ impl Engine {
             }
             for shard in pool.shards.iter() {
                 let g = shard.lock();
-                for (oid, obj) in g.objects.iter() {
-                    let mut write = |no: u64, run: &Run| -> io::Result<()> {
-                        let mask = if pool.shared.is_some() {
-                            shared_bits(run, Some(me))
-                        } else {
-                            run.present
-                        };
-                        if mask == 0 {
-                            return Ok(());
-                        }
-                        w.begin_run(id, oid, no, mask)?;
-                        for bit in 0..RUN_PAGES as u32 {
-                            if mask & (1 << bit) != 0 {
-                                w.page(run.get(bit).expect("in the mask").payload());
-                            }
-                        }
-                        Ok(())
+                for (key, run) in g.runs.iter() {
+                    let mask = if pool.shared.is_some() {
+                        shared_bits_at(&g, &key, Some(me))
+                    } else {
+                        run.present()
                     };
-                    match obj {
-                        Object::One(no, run) => write(*no, run)?,
-                        Object::Many(m) => {
-                            for (no, run) in m.iter() {
-                                write(*no, run)?;
-                            }
+                    if mask == 0 {
+                        continue;
+                    }
+                    w.begin_run(id, &key.oid, key.run, mask)?;
+                    for bit in 0..RUN_PAGES as u32 {
+                        if mask & (1 << bit) != 0 {
+                            w.page(run.get(bit).expect("in the mask").payload());
                         }
                     }
                 }

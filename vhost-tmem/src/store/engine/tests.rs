@@ -1,9 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 use super::*;
-use crate::store::layout::{LRU_META, MAP_BOX, RUN_META, SLOT_BYTES};
-
-/// A run's slot vector, besides its room.
-const VEC_BYTES: u64 = std::mem::size_of::<Vec<Slot>>() as u64;
+use crate::store::layout::SLOT_BYTES;
+use crate::store::runs::{MANY_RUN_BYTES, NODE_META, NODE_RUN_META, ONE_META};
 use crate::store::testutil::random_page;
 use shared_proto::PAGE_SIZE;
 
@@ -117,33 +115,34 @@ fn replacing_put_and_same_filled_pages() {
     let s = e.stats();
     let k = &s.clients[0].counters;
     assert_eq!((k.stored_pages, k.same_filled_pages), (3, 2));
-    // Same-filled pages cost metadata only: one object with its single run inline, three
-    // slots (a vector of capacity 4 behind a pointer).
-    let slots = VEC_BYTES + 4 * SLOT_BYTES;
+    // Same-filled pages cost metadata only: one object with its single run, three slots (a
+    // vector of capacity 4 behind a pointer).
+    let slots = MANY_RUN_BYTES + 4 * SLOT_BYTES;
     assert_eq!(
         e.memory_used(),
-        OBJ_META + slots + payload_cost(k.compressed_bytes as usize)
+        ONE_META + slots + payload_cost(k.compressed_bytes as usize)
     );
     assert_eq!(s.clients[0].pools[0].counters.memory_used, e.memory_used());
-    let meta = (OBJ_META + slots) as f64 / 3.0;
+    let meta = (ONE_META + slots) as f64 / 3.0;
     assert_eq!(s.metadata_bytes_per_page, (meta * 10.0).round() / 10.0);
 }
 
 #[test]
-fn object_with_a_second_run_moves_to_a_map_and_charges_follow() {
+fn object_with_a_second_run_in_a_shard_gets_a_node_and_charges_follow() {
     let e = engine(1 << 30);
     let c = e.add_client(ClientConfig::named("a"));
     let mut w = e.new_worker().unwrap();
     let mut out = vec![0u8; PAGE_SIZE];
     let zero = [0u8; PAGE_SIZE];
-    for (spec, lru) in [(PERS, 0), (EPH, LRU_META)] {
+    for spec in [PERS, EPH] {
         let p = e.create_pool(&c, spec).unwrap();
-        // One run: inline in its object, and its one slot inline in the run.
+        // One run: one entry, and its one slot inline in the run; ephemeral pools charge
+        // nothing more (a reference bit, no LRU record).
         e.put(&mut w, &c, &key(p, OID, 3), &zero).unwrap();
-        assert_eq!(e.memory_used(), OBJ_META + lru);
+        assert_eq!(e.memory_used(), ONE_META);
         assert_eq!(e.object_shapes(&c, p), (1, 1));
         // Forty runs of one page each over 16 shards (placed by a per-pool random hash):
-        // some shards hold several of the object's runs, in a map.
+        // some shards hold several of the object's runs, under a node.
         let idx: Vec<u64> = (0..40).map(|r| r * 16 + 3).collect();
         for &i in &idx[1..] {
             e.put(&mut w, &c, &key(p, OID, i), &zero).unwrap();
@@ -153,10 +152,7 @@ fn object_with_a_second_run_moves_to_a_map_and_charges_follow() {
         assert!(single < objects, "40 runs over 16 shards: some share one");
         assert_eq!(
             e.memory_used(),
-            objects * OBJ_META
-                + (objects - single) * MAP_BOX
-                + (runs - single) * RUN_META
-                + runs * lru
+            single * ONE_META + (objects - single) * NODE_META + (runs - single) * NODE_RUN_META
         );
         if spec.persistent {
             for &i in &idx {
@@ -334,6 +330,56 @@ fn ephemeral_eviction_under_limit_persistent_never_evicted() {
         e.get(&mut w, &c, &key(pers, OID, i), &mut out, false)
             .unwrap();
         assert_eq!(out, page(1000 + i));
+    }
+}
+
+#[test]
+fn eviction_passes_over_runs_put_since_the_hand_last_came() {
+    // CLOCK: a put sets its run's reference bit, eviction clears the bits it passes and takes
+    // the first run without one. Runs put again after the hand went by survive the next
+    // evictions; untouched ones go.
+    let e = engine(1 << 30);
+    let c = e.add_client(ClientConfig::named("a"));
+    let mut w = e.new_worker().unwrap();
+    let p = e.create_pool(&c, EPH).unwrap();
+    for o in 0..400u64 {
+        e.put(&mut w, &c, &key(p, [o, 0, 0], 0), &page(o)).unwrap();
+    }
+    // Room for what is there: the next put evicts, and the hand passes every shard's runs.
+    e.set_memory_limit(e.memory_used());
+    let mut o = 400u64;
+    while e.stats().clients[0].counters.evictions == 0 {
+        e.put(&mut w, &c, &key(p, [o, 0, 0], 0), &page(o)).unwrap();
+        o += 1;
+    }
+    let mut out = vec![0u8; PAGE_SIZE];
+    let present = |e: &Engine, i: u64| {
+        let _ = e;
+        let pool = c.pool(p).unwrap();
+        let k = RunKey {
+            oid: [i, 0, 0],
+            run: 0,
+        };
+        let found = pool.shard(&k).lock().runs.get(&k).is_some();
+        found
+    };
+    let touched: Vec<u64> = (0..400).filter(|&i| present(&e, i)).take(40).collect();
+    assert_eq!(touched.len(), 40);
+    for &i in &touched {
+        e.put(&mut w, &c, &key(p, [i, 0, 0], 0), &page(i)).unwrap();
+    }
+    let before = e.stats().clients[0].counters.evictions;
+    for n in 0..100 {
+        e.put(&mut w, &c, &key(p, [1000 + n, 0, 0], 0), &page(1000 + n))
+            .unwrap();
+    }
+    let evicted = e.stats().clients[0].counters.evictions - before;
+    assert!(evicted >= 90, "{evicted} evicted");
+    for &i in &touched {
+        assert!(present(&e, i), "object {i}, put again, was evicted");
+        e.get(&mut w, &c, &key(p, [i, 0, 0], 0), &mut out, false)
+            .unwrap();
+        assert_eq!(out, page(i));
     }
 }
 
@@ -568,15 +614,14 @@ fn pool_churn_leaves_nothing_behind() {
 }
 
 #[test]
-fn emptied_shards_give_back_lru_records_and_map_room() {
+fn emptied_shards_give_back_their_room() {
     let e = engine(1 << 30);
     let c = e.add_client(ClientConfig::named("a"));
     let mut w = e.new_worker().unwrap();
     let zero = [0u8; PAGE_SIZE];
     let p = e.create_pool(&c, EPH).unwrap();
-    // 20,000 objects of one run each, and one object of 2,000 runs, then all flushed: no LRU
-    // records of gone runs may stay (nothing is charged for them any more), and the maps
-    // must not keep room for 20,000 entries.
+    // 20,000 objects of one run each, and one object of 2,000 runs, then all flushed: the
+    // tables and slabs must not keep room for 22,000 entries (nothing is charged for it).
     for o in 0..20_000u64 {
         e.put(&mut w, &c, &key(p, [o, 0, 0], 0), &zero).unwrap();
     }
@@ -584,23 +629,25 @@ fn emptied_shards_give_back_lru_records_and_map_room() {
         e.put(&mut w, &c, &key(p, OID, r * 16), &zero).unwrap();
     }
     let full = e.allocated_structure(&c, p);
-    assert!(full.lru_len >= 22_000, "{full:?}");
+    assert_eq!(full.runs, 22_000, "{full:?}");
+    assert!(
+        full.run_bytes as u64 >= 22_000 * NODE_RUN_META.min(ONE_META) / 2,
+        "{full:?}"
+    );
+    assert!(full.run_bytes as u64 <= e.memory_used(), "{full:?}");
     for o in 0..20_000u64 {
         e.flush_object(&c, p, &[o, 0, 0]).unwrap();
     }
-    // Keep one run of the big object per shard at most: its map must shrink with it.
+    // Keep one run of the big object per shard at most: its nodes go with the others.
     for r in 16..2_000u64 {
         e.flush_page(&c, &key(p, OID, r * 16)).unwrap();
     }
     let a = e.allocated_structure(&c, p);
     assert!(a.runs <= 16, "{a:?}");
-    let slack = 16 * 64; // per shard: compaction starts at 64 records
-    assert!(a.lru_len <= 2 * a.runs + slack, "{a:?}");
-    assert!(a.lru_cap <= 4 * slack, "{a:?}");
-    assert!(a.objects_cap <= 16 * 64, "{a:?}");
-    assert!(a.run_maps_cap <= 16 * 8, "{a:?}");
+    // Per shard at most: a slab's first chunk (32 entries of 48 bytes) and small tables.
+    assert!(a.run_bytes <= 16 * 2048, "{a:?}");
 
-    // Eviction pops records: the queue's room must shrink with it too.
+    // Eviction empties shards too.
     let e = engine(4 << 20);
     let c = e.add_client(ClientConfig::named("a"));
     let eph = e.create_pool(&c, EPH).unwrap();
@@ -616,8 +663,7 @@ fn emptied_shards_give_back_lru_records_and_map_room() {
     }
     let a = e.allocated_structure(&c, eph);
     assert_eq!(a.runs, 0);
-    assert!(a.lru_cap <= 4 * slack, "{a:?}");
-    assert!(a.objects_cap <= 16 * 64, "{a:?}");
+    assert!(a.run_bytes <= 16 * 256, "{a:?}");
 }
 
 /// Puts distinct persistent pages into `pool` until the store refuses one; returns how many
