@@ -86,8 +86,14 @@ impl Run {
     }
 
     pub(super) fn get(&self, bit: u32) -> Option<&Slot> {
-        let present = self.present();
-        (present & (1 << bit) != 0).then(|| &self.slots()[pos(present, bit)])
+        match self {
+            Run::Empty => None,
+            Run::One(s) => (u32::from(s.tag() & TAG_BIT) == bit).then_some(s),
+            Run::Many(m) => m
+                .slots
+                .get(pos(m.present, bit))
+                .filter(|_| m.present & (1 << bit) != 0),
+        }
     }
 
     /// Stores `slot` as page `bit`; returns the page it replaced.
@@ -869,6 +875,58 @@ mod tests {
         }
         assert_eq!((charged, r.len(), r.shapes()), (0, 0, (0, 0)));
         assert!(r.allocated() < 1024, "{}", r.allocated());
+    }
+
+    #[test]
+    fn random_puts_and_removals_match_a_map() {
+        use std::collections::HashMap;
+        let mut r = Runs::new(KeyedState::new());
+        let mut model: HashMap<(u64, u64), u64> = HashMap::new();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut charged = 0u64;
+        for step in 0..40_000u64 {
+            // Few objects and runs: objects keep moving between one run and a node.
+            let k = key(next() % 40, next() % 12);
+            if next() % 3 == 0 {
+                let had = model.remove(&(k.oid[0], k.run));
+                let got = r.remove(&k).map(|(run, f)| {
+                    charged -= f;
+                    match run.get(0).map(|s| s.payload()) {
+                        Some(super::super::slot::Payload::Same(w)) => w,
+                        _ => panic!("a run of one page at bit 0"),
+                    }
+                });
+                assert_eq!(got, had, "remove {k:?} at step {step}");
+            } else {
+                charged += put(&mut r, &k, 0, step);
+                model.insert((k.oid[0], k.run), step);
+            }
+            assert_eq!(word(&r, &k, 0), model.get(&(k.oid[0], k.run)).copied());
+            if step % 1000 == 0 {
+                assert_eq!(r.len(), model.len());
+                for (key, run) in r.iter() {
+                    assert_eq!(
+                        model.get(&(key.oid[0], key.run)).copied(),
+                        word(&r, &key, 0),
+                        "{key:?}"
+                    );
+                    assert_eq!(run.len(), 1);
+                }
+                let objects: std::collections::HashSet<u64> = model.keys().map(|k| k.0).collect();
+                assert_eq!(r.shapes().0, objects.len());
+                assert!(
+                    r.allocated() as u64 <= charged + 4096,
+                    "{} > {charged}",
+                    r.allocated()
+                );
+            }
+        }
     }
 
     #[test]
