@@ -407,10 +407,13 @@ pub fn targets(r: &Report) -> Vec<Target> {
         add(
             format!("resident bytes / (payload + charged metadata) per page ({keys})"),
             worst(keys, &|e| {
-                // A row with nothing accounted (nothing stored) says nothing: no ratio.
+                // Churn has no per-page split: its peak resident growth against the most it
+                // charged. A row with nothing accounted (nothing stored) says nothing.
                 let accounted = e.payload_bytes_per_page + e.charged_metadata_bytes_per_page;
                 if accounted > 0.0 {
                     e.rss_bytes_per_page / accounted
+                } else if e.charged_bytes > 0 {
+                    e.rss_bytes as f64 / e.charged_bytes as f64
                 } else {
                     0.0
                 }

@@ -41,10 +41,13 @@ const WARM_MAX: u64 = 256 << 20;
 const SHARDS: usize = 4;
 /// Resident bytes of a region's header chunk (only its first page is ever touched).
 const HEADER_PAGE: u64 = 4096;
-/// Overhead the limit tolerates before it counts: about one partly used chunk per shard for
-/// each of the 64 classes a page can take, so small limits are not eaten by chunk
-/// granularity. Part of the documented bound of RSS over the limit.
+/// The most overhead the limit tolerates before it counts: about one partly used chunk per
+/// shard for each of the 64 classes a page can take, so that chunk granularity does not eat
+/// a limit. Part of the documented bound of RSS over the limit.
 pub(super) const SLACK: u64 = (SHARDS * (4096 / GRANULE) * CHUNK) as u64;
+/// The tolerated overhead is at most this share of the limit (1/32), so that resident memory
+/// stays within a few percent of a small limit too.
+const SLACK_SHARE: u64 = 32;
 
 /// What one payload of `len` bytes occupies (and is charged): its size class (0 for none).
 pub(super) fn class_size(len: usize) -> usize {
@@ -111,6 +114,8 @@ struct Inner {
     warm: AtomicU64,
     /// The most warm bytes kept.
     warm_cap: AtomicU64,
+    /// Overhead not charged: [`SLACK`], or less for a small limit.
+    slack: AtomicU64,
 }
 
 // SAFETY: the raw addresses in Inner name memory it owns (its regions); every access to chunk
@@ -160,6 +165,7 @@ impl Default for Arena {
                 held: AtomicU64::new(0),
                 warm: AtomicU64::new(0),
                 warm_cap: AtomicU64::new(0),
+                slack: AtomicU64::new(SLACK),
             }),
         }
     }
@@ -167,12 +173,13 @@ impl Default for Arena {
 
 impl Arena {
     /// Resident bytes not holding live payload (free slots in partly used chunks, chunk
-    /// tails and header pages) beyond [`SLACK`]: charged against the global limit. Warm empty
+    /// tails and header pages) beyond the slack ([`SLACK`], at most 1/32 of the limit):
+    /// charged against the global limit. Warm empty
     /// chunks are not: they are reused before any new chunk, so with them the arena never
     /// holds more than its charged peak.
     pub(super) fn overhead(&self) -> u64 {
         let held = self.inner.held.load(Relaxed);
-        held.saturating_sub(self.inner.live() + SLACK)
+        held.saturating_sub(self.inner.live() + self.inner.slack.load(Relaxed))
     }
 
     /// Resident bytes of the arena (payloads, overhead, warm chunks).
@@ -180,8 +187,11 @@ impl Arena {
         self.inner.held.load(Relaxed) + self.inner.warm.load(Relaxed)
     }
 
-    /// Follows the memory limit: how many empty chunks stay warm.
+    /// Follows the memory limit: how many empty chunks stay warm, how much overhead is free.
     pub(super) fn set_limit(&self, limit: u64) {
+        self.inner
+            .slack
+            .store((limit / SLACK_SHARE).min(SLACK), Relaxed);
         self.inner
             .warm_cap
             .store((limit / WARM_SHARE).min(WARM_MAX), Relaxed);
