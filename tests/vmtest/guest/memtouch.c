@@ -189,25 +189,34 @@ static uint64_t verify(unsigned char *mem, uint64_t pages, uint64_t seed, int ba
 }
 
 /*
- * Rounds of check-and-rewrite: round r expects seed + r - 1 and writes seed + r, so every
- * byte is checked once per round and every swapped-out page is brought back and changed.
+ * Round r of check-and-rewrite: expects seed + r - 1 and writes seed + r, so every byte is
+ * checked once per round and every swapped-out page is brought back and changed. Adds the
+ * pages that differed to *bad (the first five are named).
  */
-static uint64_t rewrite_rounds(unsigned char *mem, uint64_t pages, uint64_t seed, uint64_t rounds)
+static void check_rewrite(unsigned char *mem, uint64_t pages, uint64_t seed, uint64_t r,
+			  uint64_t *bad)
 {
 	unsigned char expect[PAGE];
-	uint64_t r, i, bad = 0;
+	uint64_t i;
+
+	for (i = 0; i < pages; i++) {
+		fill(expect, seed + r - 1, i);
+		if (memcmp(expect, mem + i * PAGE, PAGE)) {
+			if (*bad < 5)
+				fprintf(stderr, "memtouch: round %llu: page %llu differs\n",
+					(unsigned long long)r, (unsigned long long)i);
+			(*bad)++;
+		}
+		fill(mem + i * PAGE, seed + r, i);
+	}
+}
+
+static uint64_t rewrite_rounds(unsigned char *mem, uint64_t pages, uint64_t seed, uint64_t rounds)
+{
+	uint64_t r, bad = 0;
 
 	for (r = 1; r <= rounds; r++) {
-		for (i = 0; i < pages; i++) {
-			fill(expect, seed + r - 1, i);
-			if (memcmp(expect, mem + i * PAGE, PAGE)) {
-				if (bad < 5)
-					fprintf(stderr, "memtouch: round %llu: page %llu differs\n",
-						(unsigned long long)r, (unsigned long long)i);
-				bad++;
-			}
-			fill(mem + i * PAGE, seed + r, i);
-		}
+		check_rewrite(mem, pages, seed, r, &bad);
 		printf("memtouch: round %llu of %llu done\n", (unsigned long long)r,
 		       (unsigned long long)rounds);
 		fflush(stdout);
@@ -221,8 +230,7 @@ static uint64_t rewrite_rounds(unsigned char *mem, uint64_t pages, uint64_t seed
  */
 static uint64_t churn(unsigned char *mem, uint64_t pages, uint64_t seed)
 {
-	unsigned char expect[PAGE];
-	uint64_t r, i, bad = 0;
+	uint64_t r, bad = 0;
 	char ready[64];
 	FILE *f;
 
@@ -230,16 +238,7 @@ static uint64_t churn(unsigned char *mem, uint64_t pages, uint64_t seed)
 	for (r = 1; !released; r++) {
 		if (page_out(mem, pages, r > 1))
 			return pages;
-		for (i = 0; i < pages; i++) {
-			fill(expect, seed + r - 1, i);
-			if (memcmp(expect, mem + i * PAGE, PAGE)) {
-				if (bad < 5)
-					fprintf(stderr, "memtouch: churn round %llu: page %llu differs\n",
-						(unsigned long long)r, (unsigned long long)i);
-				bad++;
-			}
-			fill(mem + i * PAGE, seed + r, i);
-		}
+		check_rewrite(mem, pages, seed, r, &bad);
 		if (r == 1) {
 			snprintf(ready, sizeof(ready), "/tmp/churn.%llu", (unsigned long long)seed);
 			f = fopen(ready, "w");

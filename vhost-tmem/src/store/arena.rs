@@ -46,7 +46,8 @@ const HEADER_PAGE: u64 = 4096;
 /// a limit. Part of the documented bound of RSS over the limit.
 pub(super) const SLACK: u64 = (SHARDS * (4096 / GRANULE) * CHUNK) as u64;
 /// The tolerated overhead is at most this share of the limit (1/32), so that resident memory
-/// stays within a few percent of a small limit too.
+/// stays within a few percent of a smaller limit too; but never under half of [`SLACK`], so
+/// that the partly used chunks of a few dozen classes do not take a tiny limit's room.
 const SLACK_SHARE: u64 = 32;
 
 /// What one payload of `len` bytes occupies (and is charged): its size class (0 for none).
@@ -173,7 +174,7 @@ impl Default for Arena {
 
 impl Arena {
     /// Resident bytes not holding live payload (free slots in partly used chunks, chunk
-    /// tails and header pages) beyond the slack ([`SLACK`], at most 1/32 of the limit):
+    /// tails and header pages) beyond the slack ([`SLACK`], less for a limit under 256 MiB):
     /// charged against the global limit. Warm empty
     /// chunks are not: they are reused before any new chunk, so with them the arena never
     /// holds more than its charged peak.
@@ -191,7 +192,7 @@ impl Arena {
     pub(super) fn set_limit(&self, limit: u64) {
         self.inner
             .slack
-            .store((limit / SLACK_SHARE).min(SLACK), Relaxed);
+            .store((limit / SLACK_SHARE).clamp(SLACK / 2, SLACK), Relaxed);
         self.inner
             .warm_cap
             .store((limit / WARM_SHARE).min(WARM_MAX), Relaxed);

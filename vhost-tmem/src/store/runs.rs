@@ -182,6 +182,15 @@ impl Run {
         }
     }
 
+    /// CLOCK's second chance: whether the reference bit was set, clearing it.
+    fn second_chance(&mut self) -> bool {
+        let was = self.referenced();
+        if was {
+            self.set_referenced(false);
+        }
+        was
+    }
+
     pub(super) fn set_referenced(&mut self, on: bool) {
         match self {
             Run::Empty => {}
@@ -674,15 +683,14 @@ impl Runs {
             };
             if e & NODE == 0 {
                 let one = &mut self.ones[e as usize];
-                if one.data.referenced() {
-                    one.data.set_referenced(false);
-                    self.hand += 1;
-                    continue;
+                if !one.data.second_chance() {
+                    return Some(RunKey {
+                        oid: one.oid,
+                        run: one.run,
+                    });
                 }
-                return Some(RunKey {
-                    oid: one.oid,
-                    run: one.run,
-                });
+                self.hand += 1;
+                continue;
             }
             let node = &mut self.nodes[(e & !NODE) as usize];
             while node.hand < node.runs.num_buckets() {
@@ -693,15 +701,13 @@ impl Runs {
                     continue;
                 };
                 let r = &mut self.many[i as usize];
-                if r.data.referenced() {
-                    r.data.set_referenced(false);
-                    node.hand += 1;
-                    continue;
+                if !r.data.second_chance() {
+                    return Some(RunKey {
+                        oid: node.oid,
+                        run: r.run,
+                    });
                 }
-                return Some(RunKey {
-                    oid: node.oid,
-                    run: r.run,
-                });
+                node.hand += 1;
             }
             node.hand = 0;
             self.hand += 1;
