@@ -319,6 +319,86 @@ impl<T> IndexMut<usize> for Chunked<T> {
     }
 }
 
+/// The nodes of a shard, at fixed positions (their runs and index slot name them by position,
+/// so moving one would cost as much as its runs): freed positions are reused, and the vector
+/// shrinks when its tail is free. Free positions below the last node stay allocated: at most
+/// the node count at its peak, whose charge was taken then.
+#[derive(Debug, Default)]
+struct Nodes {
+    slots: Vec<Option<Node>>,
+    /// Free positions; may hold stale ones (popped with the tail, or reused), skipped on use.
+    free: Vec<u32>,
+    live: usize,
+}
+
+impl Nodes {
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.live
+    }
+
+    fn add(&mut self, node: Node) -> usize {
+        self.live += 1;
+        while let Some(k) = self.free.pop() {
+            let k = k as usize;
+            if k < self.slots.len() && self.slots[k].is_none() {
+                self.slots[k] = Some(node);
+                return k;
+            }
+        }
+        self.slots.push(Some(node));
+        self.slots.len() - 1
+    }
+
+    fn remove(&mut self, n: usize) -> Node {
+        let node = self.slots[n].take().expect("a live node");
+        self.live -= 1;
+        self.free.push(n as u32);
+        while matches!(self.slots.last(), Some(None)) {
+            self.slots.pop();
+        }
+        let holes = self.slots.len() - self.live;
+        if self.free.len() > 2 * holes + 8 {
+            // Stale and repeated positions out, so the list stays O(holes): amortized, as it
+            // takes that many frees again to get here.
+            let slots = &self.slots;
+            self.free
+                .retain(|&k| (k as usize) < slots.len() && slots[k as usize].is_none());
+            self.free.sort_unstable();
+            self.free.dedup();
+            self.free.shrink_to(2 * self.free.len() + 8);
+        }
+        if self.slots.capacity() > 2 * self.slots.len() + 2 {
+            self.slots
+                .shrink_to(self.slots.len() + self.slots.len() / 2);
+        }
+        node
+    }
+
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = &Node> {
+        self.slots.iter().flatten()
+    }
+
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
+        self.slots.capacity() * std::mem::size_of::<Option<Node>>() + self.free.capacity() * 4
+    }
+}
+
+impl Index<usize> for Nodes {
+    type Output = Node;
+    fn index(&self, n: usize) -> &Node {
+        self.slots[n].as_ref().expect("a live node")
+    }
+}
+
+impl IndexMut<usize> for Nodes {
+    fn index_mut(&mut self, n: usize) -> &mut Node {
+        self.slots[n].as_mut().expect("a live node")
+    }
+}
+
 /// An `index` entry that names a node (else a one-run entry).
 const NODE: u32 = 1 << 31;
 /// Entries per slab and nodes per shard at most, so that positions fit their tables' u32s
@@ -327,15 +407,19 @@ const NODE: u32 = 1 << 31;
 const MAX_ENTRIES: usize = (NODE - 1) as usize;
 
 /// Table slots charged per entry of `index` or a node's table: 4 bytes and a control byte at
-/// the lowest load factor a table keeps (7/16, just after it grows).
-pub(super) const TABLE_SLOT: u64 = (5 * 16u64).div_ceil(7);
+/// the lowest load factor a table keeps (7/32: it shrinks to half once under a quarter full).
+pub(super) const TABLE_SLOT: u64 = (5 * 32u64).div_ceil(7);
+/// A slab entry's share of the slab's chunk list (a pointer triple per chunk, the list's room
+/// up to twice that).
+const CHUNK_SHARE: u64 = (2 * std::mem::size_of::<Vec<u8>>() as u64).div_ceil(CHUNK as u64);
 /// Charged per object with one run in the shard.
-pub(super) const ONE_META: u64 = std::mem::size_of::<OneRun>() as u64 + TABLE_SLOT;
+pub(super) const ONE_META: u64 = std::mem::size_of::<OneRun>() as u64 + CHUNK_SHARE + TABLE_SLOT;
 /// Charged per run of an object with several in the shard.
-pub(super) const NODE_RUN_META: u64 = std::mem::size_of::<NodeRun>() as u64 + TABLE_SLOT;
-/// Charged per node: its entry in the node vector (up to twice its size with the vector's
-/// room) and its table's smallest allocation (4 buckets and a group of control bytes).
-pub(super) const NODE_META: u64 = 2 * std::mem::size_of::<Node>() as u64 + 4 * 4 + 4 + 16;
+pub(super) const NODE_RUN_META: u64 =
+    std::mem::size_of::<NodeRun>() as u64 + CHUNK_SHARE + TABLE_SLOT;
+/// Charged per node: its slot in the node vector (up to twice its size with the vector's room)
+/// and its table's allocation while it never shrinks (16 buckets and a group of control bytes).
+pub(super) const NODE_META: u64 = 2 * std::mem::size_of::<Option<Node>>() as u64 + 16 * 5 + 16;
 
 fn hash_oid(h: &KeyedState, oid: &Oid) -> u64 {
     let mut s = h.build_hasher();
@@ -367,7 +451,7 @@ pub(super) struct Runs {
     /// By object id: a position in `ones`, or `NODE |` one in `nodes`.
     index: HashTable<u32>,
     ones: Chunked<OneRun>,
-    nodes: Vec<Node>,
+    nodes: Nodes,
     many: Chunked<NodeRun>,
     /// The CLOCK hand: a bucket of `index`.
     hand: usize,
@@ -379,7 +463,7 @@ impl Runs {
             hasher,
             index: HashTable::new(),
             ones: Chunked::new(),
-            nodes: Vec::new(),
+            nodes: Nodes::default(),
             many: Chunked::new(),
             hand: 0,
         }
@@ -396,7 +480,7 @@ impl Runs {
         (self.ones.len() + self.nodes.len(), self.ones.len())
     }
 
-    fn oid_of<'a>(ones: &'a Chunked<OneRun>, nodes: &'a [Node], e: u32) -> &'a Oid {
+    fn oid_of<'a>(ones: &'a Chunked<OneRun>, nodes: &'a Nodes, e: u32) -> &'a Oid {
         if e & NODE != 0 {
             &nodes[(e & !NODE) as usize].oid
         } else {
@@ -503,7 +587,8 @@ impl Runs {
             .index
             .find(h, |&e| Self::oid_of(ones, nodes, e) == &key.oid)
             .copied();
-        let full = self.ones.len().max(self.many.len()).max(self.nodes.len()) + 2 > MAX_ENTRIES;
+        // Totals: a node going back to one run moves its last run into `ones`.
+        let full = self.ones.len() + self.many.len() + 2 > MAX_ENTRIES;
         match found {
             None => {
                 if full {
@@ -527,8 +612,7 @@ impl Runs {
                 if full {
                     return None;
                 }
-                let n = self.nodes.len();
-                self.nodes.push(Node {
+                let n = self.nodes.add(Node {
                     oid: key.oid,
                     runs: HashTable::new(),
                     hand: 0,
@@ -595,7 +679,7 @@ impl Runs {
                         data: last.data,
                     });
                     self.repoint_index(&key.oid, NODE | n as u32, k as u32);
-                    self.remove_node(n);
+                    self.nodes.remove(n);
                     freed += NODE_META + NODE_RUN_META - ONE_META;
                 } else {
                     shrink_table(&mut self.nodes[n].runs, &self.hasher, &self.many);
@@ -605,23 +689,6 @@ impl Runs {
         };
         shrink_index(&mut self.index, &self.hasher, &self.ones, &self.nodes);
         Some(r)
-    }
-
-    /// Removes node `n` (its table empty), moving the last node into its place.
-    fn remove_node(&mut self, n: usize) {
-        self.nodes.swap_remove(n);
-        if n < self.nodes.len() {
-            let from = self.nodes.len();
-            for &i in self.nodes[n].runs.iter() {
-                self.many[i as usize].node = n as u32;
-            }
-            let oid = self.nodes[n].oid;
-            self.repoint_index(&oid, NODE | from as u32, NODE | n as u32);
-        }
-        let n = self.nodes.len();
-        if self.nodes.capacity() > 2 * n + 2 {
-            self.nodes.shrink_to(n + n / 2);
-        }
     }
 
     /// Run numbers of object `oid` here.
@@ -666,15 +733,17 @@ impl Runs {
         if self.len() == 0 {
             return None;
         }
-        // Every bit is clear after one sweep, so two find a run; the bound only guards that.
-        let mut budget = 2 * (self.index.num_buckets() + self.many.len()) + 2;
+        // Every bit the hand passes is cleared and nothing sets one meanwhile (the caller
+        // holds the shard lock), so a run is found within two sweeps after the first wrap;
+        // the count of wraps only guards that.
+        let mut wraps = 0;
         loop {
-            if budget == 0 {
-                return None;
-            }
-            budget -= 1;
             if self.hand >= self.index.num_buckets() {
                 self.hand = 0;
+                wraps += 1;
+                if wraps > 3 {
+                    return None;
+                }
             }
             *steps += 1;
             let Some(&e) = self.index.get_bucket(self.hand) else {
@@ -694,7 +763,6 @@ impl Runs {
             }
             let node = &mut self.nodes[(e & !NODE) as usize];
             while node.hand < node.runs.num_buckets() {
-                budget = budget.saturating_sub(1);
                 *steps += 1;
                 let Some(&i) = node.runs.get_bucket(node.hand) else {
                     node.hand += 1;
@@ -727,7 +795,7 @@ impl Runs {
         table(&self.index)
             + self.ones.bytes()
             + self.many.bytes()
-            + self.nodes.capacity() * std::mem::size_of::<Node>()
+            + self.nodes.bytes()
             + self.nodes.iter().map(|n| table(&n.runs)).sum::<usize>()
     }
 }
@@ -736,12 +804,7 @@ impl Runs {
 /// entries does not keep their room when few remain (nothing is charged for it then).
 /// Shrinking to half full means it takes as many removals again to shrink once more:
 /// amortized O(1) per removal.
-fn shrink_index(
-    index: &mut HashTable<u32>,
-    h: &KeyedState,
-    ones: &Chunked<OneRun>,
-    nodes: &[Node],
-) {
+fn shrink_index(index: &mut HashTable<u32>, h: &KeyedState, ones: &Chunked<OneRun>, nodes: &Nodes) {
     if index.capacity() > 16 && index.capacity() > 4 * index.len() {
         index.shrink_to(2 * index.len(), |&e| {
             hash_oid(h, Runs::oid_of(ones, nodes, e))
@@ -933,6 +996,104 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_clock_finds_a_run_among_sparse_node_tables() {
+        // Nodes whose tables are far emptier than their room: a sweep costs their buckets,
+        // not their runs, and must still end at a run.
+        let mut r = Runs::new(KeyedState::new());
+        for o in 0..1000 {
+            for run in 0..8 {
+                put(&mut r, &key(o, run), 0, run);
+            }
+            for run in 2..8 {
+                r.remove(&key(o, run)).expect("there");
+            }
+        }
+        let keys: Vec<_> = r.iter().map(|(k, _)| k).collect();
+        for k in &keys {
+            r.get_mut(k).expect("there").set_referenced(true);
+        }
+        let mut steps = 0;
+        for left in (1..=keys.len()).rev() {
+            assert_eq!(r.len(), left);
+            let k = r.clock_victim(&mut steps).expect("a run is left");
+            r.remove(&k).expect("there");
+        }
+        assert!(r.clock_victim(&mut steps).is_none());
+    }
+
+    #[test]
+    fn charges_cover_tables_left_emptier_by_removals() {
+        let mut r = Runs::new(KeyedState::new());
+        let mut charged = 0;
+        for o in 0..7169 {
+            charged += put(&mut r, &key(o, 0), 0, o);
+        }
+        assert!(
+            r.allocated() as u64 <= charged,
+            "{} > {charged}",
+            r.allocated()
+        );
+        for o in 3582..7169 {
+            charged -= r.remove(&key(o, 0)).expect("there").1;
+        }
+        assert!(
+            r.allocated() as u64 <= charged,
+            "{} > {charged}",
+            r.allocated()
+        );
+        // Nodes of two runs whose tables once held eight.
+        let mut r = Runs::new(KeyedState::new());
+        let mut charged = 0;
+        for o in 0..500 {
+            for run in 0..8 {
+                charged += put(&mut r, &key(o, run), 0, run);
+            }
+            for run in 2..8 {
+                charged -= r.remove(&key(o, run)).expect("there").1;
+            }
+        }
+        assert!(
+            r.allocated() as u64 <= charged,
+            "{} > {charged}",
+            r.allocated()
+        );
+    }
+
+    #[test]
+    fn freed_node_positions_are_reused_and_a_free_tail_goes() {
+        let mut r = Runs::new(KeyedState::new());
+        // A big object's node last, then small nodes freed before it, in a loop: no node
+        // moves, every run stays found, and the free list stays small.
+        for o in 0..50 {
+            put(&mut r, &key(o, 0), 0, o);
+            put(&mut r, &key(o, 1), 0, o);
+        }
+        for run in 0..500 {
+            put(&mut r, &key(999, run), 0, run);
+        }
+        for round in 0..20u64 {
+            for o in 0..50 {
+                r.remove(&key(o, 1)).expect("there");
+                put(&mut r, &key(o, 1), 0, round);
+            }
+        }
+        assert!(r.nodes.free.len() <= 2 * (r.nodes.slots.len() - r.nodes.live) + 8);
+        for run in 0..500 {
+            assert_eq!(word(&r, &key(999, run), 0), Some(run));
+        }
+        let big: Vec<_> = (0..500).map(|run| key(999, run)).collect();
+        for k in &big {
+            r.remove(k).expect("there");
+        }
+        for o in 0..50 {
+            assert_eq!(word(&r, &key(o, 1), 0), Some(19));
+            r.remove(&key(o, 1)).expect("there");
+            r.remove(&key(o, 0)).expect("there");
+        }
+        assert_eq!((r.len(), r.nodes.len(), r.nodes.slots.len()), (0, 0, 0));
     }
 
     #[test]
