@@ -401,9 +401,9 @@ impl IndexMut<usize> for Nodes {
 
 /// An `index` entry that names a node (else a one-run entry).
 const NODE: u32 = 1 << 31;
-/// Entries per slab and nodes per shard at most, so that positions fit their tables' u32s
-/// beside the `NODE` bit. At 32 bytes or more charged per entry a shard reaches it only past
-/// 64 GiB of metadata; a put beyond it is refused.
+/// Runs per shard at most (both slabs together; nodes are fewer), so that positions fit their
+/// tables' u32s beside the `NODE` bit. At over 50 bytes charged per run a shard reaches it
+/// only past 100 GiB of metadata; a put beyond it is refused.
 const MAX_ENTRIES: usize = (NODE - 1) as usize;
 
 /// Table slots charged per entry of `index` or a node's table: 4 bytes and a control byte at
