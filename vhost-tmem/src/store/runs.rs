@@ -15,6 +15,7 @@
 //! index's buckets (and a node's own, at a node), clearing bits, and stops at a run without
 //! one.
 
+use std::cell::Cell;
 use std::hash::{BuildHasher, Hasher};
 use std::ops::{Index, IndexMut};
 
@@ -448,6 +449,9 @@ enum Loc {
 #[derive(Debug)]
 pub(super) struct Runs {
     hasher: KeyedState,
+    /// The last object id hashed and its hash: a swap device is one object, so nearly every
+    /// look-up repeats the last one's.
+    last_oid: Cell<(Oid, u64)>,
     /// By object id: a position in `ones`, or `NODE |` one in `nodes`.
     index: HashTable<u32>,
     ones: Chunked<OneRun>,
@@ -461,6 +465,7 @@ impl Runs {
     pub(super) fn new(hasher: KeyedState) -> Self {
         Runs {
             hasher,
+            last_oid: Cell::new(([0; 3], hash_oid(&hasher, &[0; 3]))),
             index: HashTable::new(),
             ones: Chunked::new(),
             nodes: Nodes::default(),
@@ -488,13 +493,22 @@ impl Runs {
         }
     }
 
+    /// `hash_oid` of `oid`, remembered for the next look-up.
+    fn oid_hash(&self, oid: &Oid) -> u64 {
+        let (last, h) = self.last_oid.get();
+        if last == *oid {
+            return h;
+        }
+        let h = hash_oid(&self.hasher, oid);
+        self.last_oid.set((*oid, h));
+        h
+    }
+
     /// The object's entry in `index`.
     fn find(&self, oid: &Oid) -> Option<u32> {
         let (ones, nodes) = (&self.ones, &self.nodes);
         self.index
-            .find(hash_oid(&self.hasher, oid), |&e| {
-                Self::oid_of(ones, nodes, e) == oid
-            })
+            .find(self.oid_hash(oid), |&e| Self::oid_of(ones, nodes, e) == oid)
             .copied()
     }
 
@@ -532,7 +546,7 @@ impl Runs {
     fn repoint_index(&mut self, oid: &Oid, from: u32, to: u32) {
         let slot = self
             .index
-            .find_mut(hash_oid(&self.hasher, oid), |&e| e == from)
+            .find_mut(self.oid_hash(oid), |&e| e == from)
             .expect("every entry has its index slot");
         *slot = to;
     }
@@ -581,7 +595,7 @@ impl Runs {
     /// The run `key`, created empty if missing, and the charge that added (see the `*_META`
     /// constants). `None` if the shard can take no more entries.
     pub(super) fn run_or_insert(&mut self, key: &RunKey) -> Option<(&mut Run, u64)> {
-        let h = hash_oid(&self.hasher, &key.oid);
+        let h = self.oid_hash(&key.oid);
         let (ones, nodes) = (&self.ones, &self.nodes);
         let found = self
             .index
@@ -651,7 +665,7 @@ impl Runs {
     pub(super) fn remove(&mut self, key: &RunKey) -> Option<(Run, u64)> {
         let r = match self.locate(key)? {
             Loc::One(i) => {
-                let h = hash_oid(&self.hasher, &key.oid);
+                let h = self.oid_hash(&key.oid);
                 self.index
                     .find_entry(h, |&e| e == i as u32)
                     .expect("every entry has its index slot")
