@@ -18,7 +18,9 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -243,6 +245,9 @@ struct WorkerState<W> {
     store: W,
     bounce: Box<[u8; PAGE_SIZE]>,
     chains: Vec<Result<Chain, (u16, ChainError)>>,
+    /// Per queue, the setup (`next_avail` 0) its rings were last found valid in: passes skip
+    /// the checks, a region look-up per ring, until the rings or the memory table change.
+    valid: Vec<Option<RingSetup>>,
 }
 
 /// Why a queue is broken: a ring state that no correct driver produces.
@@ -366,6 +371,7 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                     store: store.new_worker().map_err(Error::Worker)?,
                     bounce: Box::new([0u8; PAGE_SIZE]),
                     chains: Vec::with_capacity(BURST),
+                    valid: Vec::new(),
                 }))
             })
             .collect::<Result<_, Error>>()?;
@@ -516,6 +522,9 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
         control: bool,
         w: &mut WorkerState<S::Worker>,
     ) -> Result<Pass, Broken> {
+        // The generation before the map: a map newer than the generation read is checked
+        // again once the generation moves (Release in `update_memory`).
+        let mem_generation = self.mem_generation.load(Acquire);
         let mem = self.mem.memory();
         let mut chains = std::mem::take(&mut w.chains);
         let mut pass = Pass::Empty;
@@ -527,13 +536,28 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
             }
             // Every ring access below stays inside these ranges, so once they hold each entry
             // the available index announces can be taken: no pass finds work and takes none.
-            if !queue.is_valid(&*mem) {
-                self.mark_broken(index, queue, Broken::RingsOutsideMemory);
-                break Err(Broken::RingsOutsideMemory);
-            }
-            if used_ring_covers_avail_index(queue) {
-                self.mark_broken(index, queue, Broken::RingsOverlap);
-                break Err(Broken::RingsOverlap);
+            let setup = RingSetup {
+                desc: queue.desc_table(),
+                avail: queue.avail_ring(),
+                used: queue.used_ring(),
+                size: queue.size(),
+                next_avail: 0,
+                mem_generation,
+            };
+            let i = index as usize;
+            if w.valid.get(i).copied().flatten() != Some(setup) {
+                if !queue.is_valid(&*mem) {
+                    self.mark_broken(index, queue, Broken::RingsOutsideMemory);
+                    break Err(Broken::RingsOutsideMemory);
+                }
+                if used_ring_covers_avail_index(queue) {
+                    self.mark_broken(index, queue, Broken::RingsOverlap);
+                    break Err(Broken::RingsOverlap);
+                }
+                if w.valid.len() <= i {
+                    w.valid.resize(i + 1, None);
+                }
+                w.valid[i] = Some(setup);
             }
             let desc_table = queue.desc_table();
             let size = queue.size();
@@ -1047,7 +1071,7 @@ impl<S: Tmem, B: GuestBitmap> VhostUserBackend for TmemDevice<S, B> {
                     .map_err(|_| io::Error::other("guest memory lock poisoned"))?
                     .replace((*map).clone());
                 // Rings that were outside the old memory may be inside the new one.
-                self.mem_generation.fetch_add(1, Relaxed);
+                self.mem_generation.fetch_add(1, Release);
                 Ok(())
             }
             Err(e) => {

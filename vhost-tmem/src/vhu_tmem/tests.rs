@@ -843,6 +843,11 @@ impl<S: Tmem> RingEnv<S> {
         self.mem
             .write_slice(&h.encode(), GuestAddress(HDR))
             .unwrap();
+        self.publish_chain(desc);
+    }
+
+    /// Publishes the chain of [`RingEnv::publish`] without writing its request header.
+    fn publish_chain(&self, desc: u16) {
         let descs = [
             SplitDescriptor::new(HDR, 48, VRING_DESC_F_NEXT as u16, desc + 1),
             SplitDescriptor::new(RESP, 16, VRING_DESC_F_WRITE as u16, 0),
@@ -1144,6 +1149,45 @@ fn rings_outside_guest_memory_break_the_queue() {
     r.kick().expect("the worker failed (its thread would end)");
     assert_eq!(r.used_idx(), 0);
     r.kick().unwrap();
+}
+
+/// Rings found valid are checked again under a new memory table (a worker keeps its verdict
+/// only while the rings and the table stay): here the new table has a hole over the second
+/// half of the descriptor table, so the queue breaks instead of serving on with the verdict
+/// of the old table.
+#[test]
+fn rings_are_checked_again_under_a_new_memory_table() {
+    let mut r = RingEnv::new();
+    r.publish(0);
+    r.kick().unwrap();
+    assert_eq!(r.used_idx(), 1);
+    // The same bytes, but none for descriptors 128-255 (the rings follow the table).
+    let table = 16 * QSIZE as u64;
+    assert_eq!(r.avail, table, "the mock queue's layout changed");
+    let ranges = [(0, table / 2), (table, r.used + 0x1000)];
+    let small = GuestMemoryMmap::from_ranges(
+        &ranges.map(|(start, end)| (GuestAddress(start), (end - start) as usize)),
+    )
+    .unwrap();
+    for (start, end) in ranges {
+        let mut bytes = vec![0u8; (end - start) as usize];
+        r.mem.read_slice(&mut bytes, GuestAddress(start)).unwrap();
+        small.write_slice(&bytes, GuestAddress(start)).unwrap();
+    }
+    r.dev
+        .update_memory(GuestMemoryAtomic::new(small.clone()))
+        .unwrap();
+    r.mem = small;
+    // Its header is outside the new table too: served, it would come back with an empty
+    // answer and move the used index.
+    r.publish_chain(2);
+    r.kick().unwrap();
+    // Read in the new table (the vring's own map is still the old one).
+    let used_idx = u16::from_le(r.mem.read_obj(GuestAddress(r.used + 2)).unwrap());
+    assert_eq!(
+        used_idx, 1,
+        "a chain was taken from rings outside the memory table"
+    );
 }
 
 /// A used ring laid over the available ring (found by the `device` fuzz target): every chain
