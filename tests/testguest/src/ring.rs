@@ -207,12 +207,15 @@ impl Ring {
         self.kick.write(1).map_err(Error::EventFd)
     }
 
-    /// Takes every used element without waiting; re-arms `used_event` first when nothing is
-    /// there, so a completion that lands meanwhile is seen or notified.
+    /// Takes every used element without waiting. With `arm` (the caller will sleep if nothing
+    /// comes), re-arms `used_event` first, so a completion that lands meanwhile is seen or
+    /// notified; a caller that spins leaves it alone, as the kernel driver does, and the
+    /// device has no interrupt to send meanwhile.
     pub(crate) fn collect_used(
         &mut self,
         mem: &GuestMemoryMmap,
         out: &mut Vec<(u32, u32)>,
+        arm: bool,
     ) -> Result<()> {
         loop {
             let (size, used) = (self.size, self.used);
@@ -231,6 +234,9 @@ impl Ring {
                 last = last.wrapping_add(1);
             }
             self.last_used = last;
+            if !arm {
+                return Ok(());
+            }
             if self.event_idx {
                 // used_event: interrupt us on the next used element.
                 mem.store(
@@ -268,18 +274,20 @@ pub(crate) fn reap_any(
     let start = Instant::now();
     let deadline = start + timeout;
     loop {
+        // Poll a little before sleeping, as the kernel driver does: an answer usually comes
+        // within microseconds, a wakeup costs more. Interrupts are asked for only once the
+        // spinning is over.
+        let now = Instant::now();
+        let spinning = now - start < SPIN;
         let mut any = false;
         for (i, &q) in qs.iter().enumerate() {
-            rings[q].collect_used(mem, &mut out[i])?;
+            rings[q].collect_used(mem, &mut out[i], !spinning)?;
             any |= !out[i].is_empty();
         }
         if any {
             return Ok(());
         }
-        let now = Instant::now();
-        // Poll a little before sleeping, as the kernel driver does: an answer usually comes
-        // within microseconds, a wakeup costs more.
-        if now - start < SPIN {
+        if spinning {
             std::hint::spin_loop();
             continue;
         }
