@@ -19,7 +19,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{
-    AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+    fence, AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -308,6 +308,10 @@ struct RingSetup {
     mem_generation: u64,
 }
 
+/// See `TmemDevice::pass_hook`.
+#[cfg(test)]
+type PassHook<S, B> = Box<dyn FnOnce(&TmemDevice<S, B>) + Send>;
+
 /// The device, one per connected client.
 pub struct TmemDevice<S: Tmem, B: GuestBitmap = DirtyLog> {
     store: Arc<S>,
@@ -330,8 +334,12 @@ pub struct TmemDevice<S: Tmem, B: GuestBitmap = DirtyLog> {
     thread_masks: Vec<u64>,
     /// Per queue: the ring setup it broke in, while it is broken.
     broken: Vec<Mutex<Option<RingSetup>>>,
-    /// Bumped by every new memory table.
+    /// Bumped twice by every new memory table, odd while the map is replaced (a seqlock).
     mem_generation: AtomicU64,
+    /// Tests: run once by the next pass between its generation and map reads, to put a new
+    /// memory table exactly there.
+    #[cfg(test)]
+    pass_hook: Mutex<Option<PassHook<S, B>>>,
     /// The frontend logs dirty pages (VHOST_F_LOG_ALL acked): pages written through raw
     /// pointers are marked in its log.
     log_all: AtomicBool,
@@ -390,6 +398,8 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
             thread_masks: thread_masks(cfg.request_queues),
             broken: (0..=cfg.request_queues).map(|_| Mutex::new(None)).collect(),
             mem_generation: AtomicU64::new(0),
+            #[cfg(test)]
+            pass_hook: Mutex::new(None),
             log_all: AtomicBool::new(false),
             transfers: Transfers::new(cfg.migration),
             log: LogLimiter::default(),
@@ -465,7 +475,17 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
     /// that a GET_VRING_BASE (which takes that lock before it calls `stop_vring`) cannot clear
     /// the mark before it is made.
     fn mark_broken(&self, index: u16, q: &Queue, why: Broken) {
-        let setup = self.ring_setup(q);
+        self.mark_broken_in(index, q, why, self.mem_generation.load(Acquire));
+    }
+
+    /// [`Self::mark_broken`] for a verdict made under the map of `generation` (read before
+    /// the map): a newer map then reads as another setup, and the queue is tried again
+    /// instead of staying broken for a table it was never checked against.
+    fn mark_broken_in(&self, index: u16, q: &Queue, why: Broken, generation: u64) {
+        let setup = RingSetup {
+            mem_generation: generation,
+            ..self.ring_setup(q)
+        };
         if let Some(b) = self.broken.get(index as usize) {
             *b.lock() = Some(setup);
         }
@@ -522,10 +542,18 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
         control: bool,
         w: &mut WorkerState<S::Worker>,
     ) -> Result<Pass, Broken> {
-        // The generation before the map: a map newer than the generation read is checked
-        // again once the generation moves (Release in `update_memory`).
-        let mem_generation = self.mem_generation.load(Acquire);
+        // The map's generation, read as a seqlock (odd while `update_memory` replaces the
+        // map): `stable` only when the map read is the one of that generation, and only then
+        // may a verdict on the rings be kept or reused.
+        let before = self.mem_generation.load(Acquire);
+        #[cfg(test)]
+        if let Some(hook) = self.pass_hook.lock().take() {
+            hook(self);
+        }
         let mem = self.mem.memory();
+        fence(Acquire);
+        let mem_generation = self.mem_generation.load(Relaxed);
+        let stable = before == mem_generation && mem_generation.is_multiple_of(2);
         let mut chains = std::mem::take(&mut w.chains);
         let mut pass = Pass::Empty;
         let result = loop {
@@ -545,19 +573,21 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                 mem_generation,
             };
             let i = index as usize;
-            if w.valid.get(i).copied().flatten() != Some(setup) {
+            if !stable || w.valid.get(i).copied().flatten() != Some(setup) {
                 if !queue.is_valid(&*mem) {
-                    self.mark_broken(index, queue, Broken::RingsOutsideMemory);
+                    self.mark_broken_in(index, queue, Broken::RingsOutsideMemory, before);
                     break Err(Broken::RingsOutsideMemory);
                 }
                 if used_ring_covers_avail_index(queue) {
-                    self.mark_broken(index, queue, Broken::RingsOverlap);
+                    self.mark_broken_in(index, queue, Broken::RingsOverlap, before);
                     break Err(Broken::RingsOverlap);
                 }
-                if w.valid.len() <= i {
-                    w.valid.resize(i + 1, None);
+                if stable {
+                    if w.valid.len() <= i {
+                        w.valid.resize(i + 1, None);
+                    }
+                    w.valid[i] = Some(setup);
                 }
-                w.valid[i] = Some(setup);
             }
             let desc_table = queue.desc_table();
             let size = queue.size();
@@ -603,7 +633,7 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                 pass = Pass::Served;
             }
             if let Some(why) = bad {
-                self.mark_broken(index, queue, why);
+                self.mark_broken_in(index, queue, why, before);
                 break Err(why);
             }
             if n == 0 || self.stopping.load(Relaxed) {
@@ -1065,13 +1095,20 @@ impl<S: Tmem, B: GuestBitmap> VhostUserBackend for TmemDevice<S, B> {
                          it, the daemon dies"
                     );
                 }
+                // A seqlock around the replacement (odd meanwhile), so that a worker knows
+                // which map a generation names: rings found valid are trusted only under the
+                // map they were checked against, and rings that were outside the old memory
+                // may be inside the new one.
+                self.mem_generation.fetch_add(1, Relaxed);
+                fence(Release);
                 // Only this (the handler's) thread takes the lock, so it is never poisoned.
-                self.mem
+                let replaced = self
+                    .mem
                     .lock()
-                    .map_err(|_| io::Error::other("guest memory lock poisoned"))?
-                    .replace((*map).clone());
-                // Rings that were outside the old memory may be inside the new one.
+                    .map_err(|_| io::Error::other("guest memory lock poisoned"))
+                    .map(|m| m.replace((*map).clone()));
                 self.mem_generation.fetch_add(1, Release);
+                replaced?;
                 Ok(())
             }
             Err(e) => {

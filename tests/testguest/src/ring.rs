@@ -209,8 +209,8 @@ impl Ring {
 
     /// Takes every used element without waiting. With `arm` (the caller will sleep if nothing
     /// comes), re-arms `used_event` first, so a completion that lands meanwhile is seen or
-    /// notified; a caller that spins leaves it alone, as the kernel driver does, and the
-    /// device has no interrupt to send meanwhile.
+    /// notified; a caller that spins leaves it alone, as the kernel driver does, so the
+    /// device sends at most one interrupt (for the last armed index) meanwhile.
     pub(crate) fn collect_used(
         &mut self,
         mem: &GuestMemoryMmap,

@@ -289,10 +289,11 @@ impl Arena {
     }
 }
 
-/// Asks for the `len` bytes at `addr` to be brought into the cache for writing: the next
-/// object of a class was last written long ago, and a copy into cold memory stalls the put
-/// that makes it (the next locked instruction waits for every missed store). Prefetching it
-/// one put of that class ahead hides the misses behind the compression of the pages between.
+/// Asks for the `len` bytes at `addr` to be brought into the cache (`prefetchw` where the
+/// build enables it, `prefetcht0` otherwise): the next object of a class was last written
+/// long ago, and a copy into cold memory stalls the put that makes it (the next locked
+/// instruction waits for every missed store). Prefetching it one put of that class ahead
+/// hides the misses behind the compression of the pages between.
 fn prefetch_for_write(addr: usize, len: usize) {
     #[cfg(target_arch = "x86_64")]
     for line in (addr..addr + len).step_by(64) {

@@ -70,12 +70,6 @@ impl KeyedState {
             k: r.hash_one(2u64) | 1,
         }
     }
-
-    /// One keyed fold of a word: for choices that need spreading but no collision resistance
-    /// (a pool's shard: a guest aiming its keys at one shard only slows its own pool).
-    pub(super) fn spread(&self, x: u64) -> u64 {
-        fold(self.seed ^ x, self.k)
-    }
 }
 
 impl BuildHasher for KeyedState {

@@ -13,7 +13,7 @@
 //! return what they freed, for the caller to release once the lock is dropped.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 
@@ -264,11 +264,10 @@ pub(super) struct Pool {
 
 impl Pool {
     pub(super) fn shard(&self, key: &RunKey) -> &Mutex<Shard> {
-        // One fold, not a full key hash: this only spreads a pool's runs over its shards.
-        let [a, b, c] = key.oid;
-        let h = self
-            .hasher
-            .spread(a ^ b.rotate_left(21) ^ c.rotate_left(42) ^ key.run);
+        // The full keyed hash: in a shared pool, keys one member could aim at one shard
+        // would make the others wait on its lock.
+        let h = self.hasher.hash_one(key);
+        // High bits: hashbrown uses the low ones for buckets and the top 7 for tags.
         &self.shards[(h >> 40) as usize & (SHARDS - 1)]
     }
 }

@@ -174,7 +174,8 @@ pub(super) fn write_part<M: GuestMemoryBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+    use vm_memory::{GuestMemoryMmap, GuestMemoryRegion};
 
     /// Bytes inside one region take the one-slice path; bytes across two adjacent regions, or
     /// split over descriptors, the general one; bytes partly outside memory are refused.
@@ -202,6 +203,26 @@ mod tests {
             read_part(&mem, &segs, 0, &mut got).unwrap();
             assert_eq!(got[..], data[..], "read at {addr:#x}");
         }
+        // Both paths mark what they write in the dirty log, as `write_slice` does.
+        let logged: GuestMemoryMmap<AtomicBitmap> = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x2000),
+            (GuestAddress(0x2000), 0x2000),
+        ])
+        .unwrap();
+        for addr in [0x100, 0x2000 - 24] {
+            let segs = [Seg { addr, len: 48 }];
+            write_part(&logged, &segs, 0, &data).unwrap();
+            for a in [addr, addr + 47] {
+                let (region, off) = logged.to_region_addr(GuestAddress(a)).unwrap();
+                assert!(
+                    region.bitmap().dirty_at(off.0 as usize),
+                    "{a:#x} not logged"
+                );
+            }
+        }
+        let (region, off) = logged.to_region_addr(GuestAddress(0x3000)).unwrap();
+        assert!(!region.bitmap().dirty_at(off.0 as usize));
+
         let outside = [Seg {
             addr: 0x2000 - 8,
             len: 48,

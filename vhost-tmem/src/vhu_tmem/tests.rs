@@ -1151,17 +1151,9 @@ fn rings_outside_guest_memory_break_the_queue() {
     r.kick().unwrap();
 }
 
-/// Rings found valid are checked again under a new memory table (a worker keeps its verdict
-/// only while the rings and the table stay): here the new table has a hole over the second
-/// half of the descriptor table, so the queue breaks instead of serving on with the verdict
-/// of the old table.
-#[test]
-fn rings_are_checked_again_under_a_new_memory_table() {
-    let mut r = RingEnv::new();
-    r.publish(0);
-    r.kick().unwrap();
-    assert_eq!(r.used_idx(), 1);
-    // The same bytes, but none for descriptors 128-255 (the rings follow the table).
+/// A copy of `r`'s memory with a hole over the second half of the descriptor table (the
+/// rings follow the table): rings valid in `r.mem` are not in it.
+fn table_with_a_hole(r: &RingEnv) -> Mem {
     let table = 16 * QSIZE as u64;
     assert_eq!(r.avail, table, "the mock queue's layout changed");
     let ranges = [(0, table / 2), (table, r.used + 0x1000)];
@@ -1174,6 +1166,26 @@ fn rings_are_checked_again_under_a_new_memory_table() {
         r.mem.read_slice(&mut bytes, GuestAddress(start)).unwrap();
         small.write_slice(&bytes, GuestAddress(start)).unwrap();
     }
+    small
+}
+
+/// The used index in `mem` (the vring's own map may be an older one).
+fn used_idx_in(r: &RingEnv, mem: &Mem) -> u16 {
+    u16::from_le(mem.read_obj(GuestAddress(r.used + 2)).unwrap())
+}
+
+/// Rings found valid are checked again when the memory table or the rings change (a worker
+/// keeps its verdict only while both stay): a new table with a hole under the descriptor
+/// table, a new table that arrives in the middle of a pass (between the worker's reads of the
+/// generation and of the map), and rings moved under the same table must each break the
+/// queue instead of being served with the old verdict.
+#[test]
+fn rings_are_checked_again_under_a_new_memory_table() {
+    let mut r = RingEnv::new();
+    r.publish(0);
+    r.kick().unwrap();
+    assert_eq!(r.used_idx(), 1);
+    let small = table_with_a_hole(&r);
     r.dev
         .update_memory(GuestMemoryAtomic::new(small.clone()))
         .unwrap();
@@ -1182,12 +1194,40 @@ fn rings_are_checked_again_under_a_new_memory_table() {
     // answer and move the used index.
     r.publish_chain(2);
     r.kick().unwrap();
-    // Read in the new table (the vring's own map is still the old one).
-    let used_idx = u16::from_le(r.mem.read_obj(GuestAddress(r.used + 2)).unwrap());
     assert_eq!(
-        used_idx, 1,
+        used_idx_in(&r, &r.mem),
+        1,
         "a chain was taken from rings outside the memory table"
     );
+
+    // The new table lands between the pass's generation and map reads.
+    let mut r = RingEnv::new();
+    r.publish(0);
+    r.kick().unwrap();
+    let small = table_with_a_hole(&r);
+    let map = small.clone();
+    *r.dev.pass_hook.lock() = Some(Box::new(move |dev| {
+        dev.update_memory(GuestMemoryAtomic::new(map)).unwrap();
+    }));
+    r.mem = small;
+    r.publish_chain(2);
+    r.kick().unwrap();
+    assert!(r.dev.pass_hook.lock().is_none(), "the hook did not run");
+    assert_eq!(
+        used_idx_in(&r, &r.mem),
+        1,
+        "a chain was taken under a table that arrived mid-pass"
+    );
+
+    // Same table, the used ring moved over the available index.
+    let r = RingEnv::new();
+    r.publish(0);
+    r.kick().unwrap();
+    r.set_rings(r.desc, r.avail, r.avail);
+    r.vrings[1].set_queue_next_used(5);
+    r.publish(2);
+    r.kick().unwrap();
+    assert_eq!(r.avail_idx(), 2, "a chain was taken from overlapping rings");
 }
 
 /// A used ring laid over the available ring (found by the `device` fuzz target): every chain
