@@ -143,10 +143,14 @@ pub(super) fn read_part<M: GuestMemoryBackend>(
     for_each_piece(segs, offset, buf.len(), |a, r| {
         let b = &mut buf[r];
         // One region look-up and one copy for a piece inside one region (every header the
-        // usual way); vm-memory's general path, which walks regions, for the rest.
+        // usual way: `get_slice` gives exactly that many bytes or fails); vm-memory's general
+        // path, which walks regions, for the rest.
         match mem.get_slice(a, b.len()) {
-            Ok(v) if v.copy_to(b) == b.len() => Ok(()),
-            _ => mem.read_slice(b, a).map_err(|_| ()),
+            Ok(v) => {
+                v.copy_to(b);
+                Ok(())
+            }
+            Err(_) => mem.read_slice(b, a).map_err(|_| ()),
         }
     })
 }
@@ -162,11 +166,11 @@ pub(super) fn write_part<M: GuestMemoryBackend>(
         let b = &buf[r];
         // As in `read_part`; `copy_from` marks the bytes dirty as `write_slice` does.
         match mem.get_slice(a, b.len()) {
-            Ok(v) if v.len() == b.len() => {
+            Ok(v) => {
                 v.copy_from(b);
                 Ok(())
             }
-            _ => mem.write_slice(b, a).map_err(|_| ()),
+            Err(_) => mem.write_slice(b, a).map_err(|_| ()),
         }
     })
 }
