@@ -36,6 +36,8 @@ pub(crate) struct Vmm {
     per_queue: u64,
     /// Guest-physical base of the scratch area for raw chains.
     pub(crate) raw_area: u64,
+    /// Guest-physical base of the caller's page frames ([`crate::GuestOptions::page_frames`]).
+    pub(crate) frames: u64,
     /// The features acked, for SET_FEATURES again with VHOST_F_LOG_ALL.
     features: u64,
     /// The dirty-page log, once started: one bit per 4 KiB guest page.
@@ -123,7 +125,8 @@ impl Vmm {
         // Layout: per queue, rings (one 64 KiB block) then its request slots; then a raw area.
         let per_queue = RING_BLOCK + slot_bytes;
         let raw_area = nq as u64 * per_queue;
-        let total = (raw_area + RAW_AREA_BYTES).next_multiple_of(0x20_0000);
+        let frames = raw_area + RAW_AREA_BYTES;
+        let total = (frames + opts.page_frames as u64 * 4096).next_multiple_of(0x20_0000);
         let file = memfd(total, opts.ram != RamBacking::UnsealedMemfd)?;
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
             GuestAddress(0),
@@ -176,6 +179,7 @@ impl Vmm {
             mem,
             per_queue,
             raw_area,
+            frames,
             features,
             log: None,
         };

@@ -22,7 +22,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use shared_proto::{Config, Status};
+use shared_proto::{Config, Status, PAGE_SIZE};
 
 pub mod daemon;
 mod frontend;
@@ -92,6 +92,10 @@ pub struct GuestOptions {
     /// a dirty-page log under the device as QEMU does for live migration (the daemon offers it
     /// only with `--migration` on).
     pub dirty_log: bool,
+    /// Page frames of guest RAM for the caller's own pages ([`Guest::write_frame`]), which
+    /// [`Req::PutFrame`] stores in place, as a kernel driver hands the device the page it
+    /// swaps out instead of copying it into a request buffer.
+    pub page_frames: usize,
 }
 
 /// What the VMM hands the device as a request queue's call or kick file descriptor (the
@@ -134,6 +138,7 @@ impl Default for GuestOptions {
             kick_fd: NotifyFd::default(),
             session: false,
             dirty_log: false,
+            page_frames: 0,
         }
     }
 }
@@ -146,6 +151,8 @@ pub struct Guest {
     slots: Vec<ops::Slots>,
     config: Config,
     timeout: Duration,
+    /// Page frames for the caller's pages ([`GuestOptions::page_frames`]).
+    frames: usize,
 }
 
 impl std::fmt::Debug for Guest {
@@ -176,6 +183,7 @@ impl Guest {
             slots,
             config,
             timeout: opts.timeout,
+            frames: opts.page_frames,
         })
     }
 
@@ -217,6 +225,22 @@ impl Guest {
     pub fn slot_addrs(&self, q: usize, s: usize) -> (u64, u64, u64) {
         let (h, p, r, _) = self.slots[q].addrs(s);
         (h, p, r)
+    }
+
+    /// Guest-physical address of page frame `i` ([`GuestOptions::page_frames`]).
+    pub fn frame_addr(&self, i: usize) -> Option<u64> {
+        (i < self.frames).then(|| self.vmm.frames + i as u64 * PAGE_SIZE as u64)
+    }
+
+    /// Writes `page` (4096 bytes) into page frame `i`.
+    pub fn write_frame(&self, i: usize, page: &[u8]) -> Result<()> {
+        let addr = self
+            .frame_addr(i)
+            .ok_or(Error::Invalid("no such page frame"))?;
+        if page.len() != PAGE_SIZE {
+            return Err(Error::Invalid("page must be 4096 bytes"));
+        }
+        self.vmm.write(addr, page)
     }
 
     /// Guest-physical address of queue `q`'s used ring.

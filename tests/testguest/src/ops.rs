@@ -27,6 +27,14 @@ pub enum Req<'a> {
         index: u64,
         page: &'a [u8],
     },
+    /// A put of the page already in page frame `frame` ([`crate::GuestOptions::page_frames`]):
+    /// the chain points at the frame, as a kernel driver's points at the page it swaps out.
+    PutFrame {
+        pool: u32,
+        oid: Oid,
+        index: u64,
+        frame: usize,
+    },
     Get {
         pool: u32,
         oid: Oid,
@@ -131,7 +139,7 @@ fn status(raw: u32) -> Result<Status> {
 impl Guest {
     /// Encodes `req` into slot `s` of queue `q` and chains its descriptors; returns the head.
     fn submit(&mut self, q: usize, s: usize, req: &Req<'_>) -> Result<(u16, Op)> {
-        let (h, p, r, _) = self.slots[q].addrs(s);
+        let (h, mut p, r, _) = self.slots[q].addrs(s);
         let (op, pool, oid, index, flags) = match *req {
             Req::Put {
                 pool,
@@ -143,6 +151,17 @@ impl Guest {
                     return Err(Error::Invalid("page must be 4096 bytes"));
                 }
                 self.vmm.write(p, page)?;
+                (Op::Put, pool, oid, index, 0)
+            }
+            Req::PutFrame {
+                pool,
+                oid,
+                index,
+                frame,
+            } => {
+                p = self
+                    .frame_addr(frame)
+                    .ok_or(Error::Invalid("no such page frame"))?;
                 (Op::Put, pool, oid, index, 0)
             }
             Req::Get {

@@ -310,6 +310,60 @@ fn the_pipeline_takes_a_request_only_when_it_can_send_it() {
 }
 
 #[test]
+fn puts_from_page_frames_store_the_frames_in_place() {
+    let d = Daemon::start(&["--socket-path", "{dir}/vm.sock"]).unwrap();
+    let opts = GuestOptions {
+        page_frames: 8,
+        ..GuestOptions::default()
+    };
+    let mut g = Guest::connect(d.path("vm.sock"), opts).unwrap();
+    let pool = g.create_pool(true, None).unwrap();
+    for i in 0..8 {
+        g.write_frame(i, &pages::page(100 + i as u64)).unwrap();
+    }
+    // The frames lie inside guest RAM, past everything else the guest uses.
+    let last = g.frame_addr(7).unwrap();
+    assert!(last + PAGE_SIZE as u64 <= g.ram_size());
+    assert!(g.frame_addr(0).unwrap() > g.used_ring(1));
+    assert_eq!(g.frame_addr(8), None);
+    let reqs = (0..8usize).map(|i| {
+        let req = tmem_testguest::Req::PutFrame {
+            pool,
+            oid: [4, 0, 0],
+            index: i as u64,
+            frame: i,
+        };
+        (i, req)
+    });
+    let mut ok = 0;
+    g.pipeline(0, 4, reqs, |d| {
+        assert_eq!(d.status, Status::Ok);
+        ok += 1;
+    })
+    .unwrap();
+    assert_eq!(ok, 8);
+    let mut out = vec![0u8; PAGE_SIZE];
+    for i in 0..8u64 {
+        g.get(pool, [4, 0, 0], i, false, &mut out).unwrap();
+        assert_eq!(out, pages::page(100 + i), "page {i}");
+    }
+    let bad = tmem_testguest::Req::PutFrame {
+        pool,
+        oid: [4, 0, 0],
+        index: 9,
+        frame: 8,
+    };
+    assert!(matches!(
+        g.pipeline(0, 1, [(0, bad)], |_| {}),
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        g.write_frame(8, &pages::page(1)),
+        Err(Error::Invalid(_))
+    ));
+}
+
+#[test]
 fn flush_object_and_batched_flushes() {
     let d = Daemon::start(&["--socket-path", "{dir}/vm.sock"]).unwrap();
     let mut g = connect(&d, "vm.sock");
