@@ -53,7 +53,7 @@ mod memory;
 mod transfer;
 mod vring;
 pub use chain::MAX_SEGMENTS;
-use chain::{contiguous, read_part, write_part, Chain, ChainError};
+use chain::{contiguous, read_part, write_part, Chain, ChainError, DescTable};
 pub use dirty::{DirtyLog, GuestBitmap};
 pub use memory::MemoryError;
 use transfer::Transfers;
@@ -611,8 +611,16 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                 Err(e) => bad = Some(Broken::AvailRing(queue_error(&e))),
             }
             chains.clear();
+            // Descriptors read straight from the table when it is one slice of host memory.
+            let table = mem
+                .get_slice(GuestAddress(desc_table), usize::from(size) * 16)
+                .ok()
+                .and_then(|s| DescTable::new(s, size));
             chains.extend(raw[..n].iter_mut().filter_map(Option::take).map(|c| {
-                let chain = Chain::parse(c);
+                let fast = table
+                    .as_ref()
+                    .and_then(|t| Chain::parse_in(t, c.head_index()));
+                let chain = fast.unwrap_or_else(|| Chain::parse(c));
                 if let Some(s) = chain.as_ref().ok().and_then(|c| c.readable().first()) {
                     prefetch(&mem, s.addr);
                 }
