@@ -53,7 +53,7 @@ mod memory;
 mod transfer;
 mod vring;
 pub use chain::MAX_SEGMENTS;
-use chain::{contiguous, read_part, write_part, Chain, ChainError, DescTable};
+use chain::{contiguous, desc_table_bytes, read_part, write_part, Chain, ChainError, DescTable};
 pub use dirty::{DirtyLog, GuestBitmap};
 pub use memory::MemoryError;
 use transfer::Transfers;
@@ -612,9 +612,9 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
             }
             chains.clear();
             // Descriptors read straight from the table when it is one slice of host memory.
-            let table = mem
-                .get_slice(GuestAddress(desc_table), usize::from(size) * 16)
-                .ok()
+            let table = (n > 0)
+                .then(|| mem.get_slice(GuestAddress(desc_table), desc_table_bytes(size)))
+                .and_then(Result::ok)
                 .and_then(|s| DescTable::new(s, size));
             chains.extend(raw[..n].iter_mut().filter_map(Option::take).map(|c| {
                 let fast = table

@@ -45,6 +45,11 @@ pub(super) struct DescTable<'a, B> {
     size: u16,
 }
 
+/// Bytes of a descriptor table of `size` entries.
+pub(super) fn desc_table_bytes(size: u16) -> usize {
+    usize::from(size) * DESC_SIZE
+}
+
 impl<'a, B: BitmapSlice> DescTable<'a, B> {
     /// The table of `size` descriptors in `slice` (what `get_slice` gave for the table's
     /// guest range), if a descriptor can be loaded whole there: the ring is 16-byte aligned in
@@ -52,8 +57,7 @@ impl<'a, B: BitmapSlice> DescTable<'a, B> {
     pub(super) fn new(slice: VolatileSlice<'a, B>, size: u16) -> Option<Self> {
         let aligned = (slice.ptr_guard().as_ptr() as usize)
             .is_multiple_of(std::mem::align_of::<Descriptor>());
-        (aligned && slice.len() == usize::from(size) * DESC_SIZE)
-            .then_some(DescTable { slice, size })
+        (aligned && slice.len() == desc_table_bytes(size)).then_some(DescTable { slice, size })
     }
 }
 
