@@ -5,7 +5,9 @@ use super::*;
 use crate::store::{
     ClientConfig, Engine, EngineConfig, GetHit, PageDst, PageSrc, PoolId, PoolSpec,
 };
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::bindings::virtio_ring::{
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::Bytes;
@@ -418,6 +420,98 @@ fn bursts_serve_every_chain_in_order() {
             assert_eq!(len, 16);
             assert_eq!(e.status(r), Some(Status::Ok), "put {i}");
         }
+    }
+}
+
+/// Chains the worker does not read straight from the descriptor table still go through
+/// virtio-queue: a put through an indirect table, and, with the table across two memory
+/// regions, every chain. The get after the put returns its page.
+#[test]
+fn chains_off_the_direct_table_path_are_served_too() {
+    for split in [false, true] {
+        let mut e = env();
+        if split {
+            // The table below runs from 0x800 to 0x1800, across this boundary.
+            e.mem = GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(0), 0x1000),
+                (GuestAddress(0x1000), MEM_SIZE as usize - 0x1000),
+            ])
+            .unwrap();
+        }
+        let pool = e.create_pool(req_flags::POOL_PERSISTENT, [0; 16]).value as u32;
+        let vq = MockSplitQueue::create(&e.mem, GuestAddress(0x800), 256);
+        let header = |op: Op| ReqHeader {
+            op: op as u32,
+            flags: 0,
+            pool_id: pool,
+            count: 0,
+            oid: [1, 2, 3],
+            index: 5,
+        };
+        let (put_hdr, get_hdr) = (HDR, HDR + 64);
+        let (put_data, get_data) = (DATA, DATA + 4096);
+        let (put_resp, get_resp) = (RESP, RESP + 32);
+        e.write(put_hdr, &header(Op::Put).encode());
+        e.write(get_hdr, &header(Op::Get).encode());
+        e.write(put_data, &page(42));
+        e.write(put_resp, &[0xff; 16]);
+        e.write(get_resp, &[0xff; 16]);
+        let (n, w) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+        let desc = |a, l, f, next| RawDescriptor::from(SplitDescriptor::new(a, l, f, next));
+        // Chain 0, the put: one indirect descriptor naming a table of three.
+        let indirect = MEM_SIZE - 0x1000;
+        for (i, d) in [
+            desc(put_hdr, 48, n, 1),
+            desc(put_data, 4096, n, 2),
+            desc(put_resp, 16, w, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            e.mem
+                .write_obj(d, GuestAddress(indirect + 16 * i as u64))
+                .unwrap();
+        }
+        let table = vq.desc_table();
+        table
+            .store(0, desc(indirect, 48, VRING_DESC_F_INDIRECT as u16, 0))
+            .unwrap();
+        // Chain 1, the get: three descriptors in the table.
+        table.store(1, desc(get_hdr, 48, n, 2)).unwrap();
+        table.store(2, desc(get_data, 4096, w | n, 3)).unwrap();
+        table.store(3, desc(get_resp, 16, w, 0)).unwrap();
+        for (slot, head) in [0u16, 1].into_iter().enumerate() {
+            vq.avail().ring().ref_at(slot).unwrap().store(head);
+        }
+        vq.avail().idx().store(2);
+
+        let atomic = GuestMemoryAtomic::new(e.mem.clone());
+        e.dev.update_memory(atomic.clone()).unwrap();
+        let vring = Vring::new(atomic, 256).unwrap();
+        vring.set_queue_size(256);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+        let mut wk = e.dev.workers[0].lock();
+        assert_eq!(
+            e.dev.process_queue(&vring, 1, false, &mut wk).unwrap(),
+            Pass::Served,
+            "split: {split}"
+        );
+        drop(wk);
+        assert_eq!(vring.queue_used_idx().unwrap(), 2);
+        let used = |i: usize| {
+            let elem = vq.used().ring().ref_at(i).unwrap().load();
+            (elem.id(), elem.len())
+        };
+        assert_eq!(used(0), (0, 16), "the indirect put, split: {split}");
+        assert_eq!(used(1), (1, 4096 + 16), "the get, split: {split}");
+        assert_eq!(e.status(put_resp), Some(Status::Ok));
+        assert_eq!(e.status(get_resp), Some(Status::Ok));
+        let mut got = vec![0u8; 4096];
+        e.mem.read_slice(&mut got, GuestAddress(get_data)).unwrap();
+        assert_eq!(got, page(42), "split: {split}");
     }
 }
 
