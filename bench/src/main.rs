@@ -132,7 +132,7 @@ fn run(args: &Args) -> Result<Report, Error> {
     }
     // Rounds of the multi-thread store runs; store/limit pairs of the one-thread figures.
     let rounds = if args.quick { 1 } else { 3 };
-    let pairs = if args.quick { 2 } else { 5 };
+    let pairs = if args.quick { 2 } else { 9 };
     // Pages stored for the memory figures: a multiple of every corpus's length (n, the mixed
     // one 2 n), so a corpus repeats whole.
     let fp_pages = (if args.quick { 4096usize } else { 131_072 }).div_ceil(2 * n) * 2 * n;
