@@ -39,7 +39,7 @@ pub(super) struct Chain {
 const DESC_SIZE: usize = std::mem::size_of::<Descriptor>();
 
 /// A split ring's descriptor table seen as one slice of host memory, when it lies in one
-/// memory region at a host address where a descriptor can be loaded whole.
+/// memory region at a host address aligned for a descriptor.
 pub(super) struct DescTable<'a, B> {
     slice: VolatileSlice<'a, B>,
     size: u16,
