@@ -62,6 +62,19 @@ fn env() -> Env {
 type D = (u64, u32, bool);
 
 impl Env {
+    /// Gives the device this memory and returns a ready vring of 256 entries on `vq`'s rings.
+    fn vring(&self, vq: &MockSplitQueue<'_, Mem>) -> Vring {
+        let atomic = GuestMemoryAtomic::new(self.mem.clone());
+        self.dev.update_memory(atomic.clone()).unwrap();
+        let vring = Vring::new(atomic, 256).unwrap();
+        vring.set_queue_size(256);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+        vring
+    }
+
     /// Serves one chain; returns the used length.
     fn run(&self, descs: &[D], control: bool) -> u32 {
         let q = MockSplitQueue::new(&self.mem, 64);
@@ -383,14 +396,7 @@ fn bursts_serve_every_chain_in_order() {
     }
     vq.add_desc_chains(&descs, 0).unwrap();
 
-    let atomic = GuestMemoryAtomic::new(e.mem.clone());
-    e.dev.update_memory(atomic.clone()).unwrap();
-    let vring = Vring::new(atomic, 256).unwrap();
-    vring.set_queue_size(256);
-    vring
-        .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
-        .unwrap();
-    vring.set_queue_ready(true);
+    let vring = e.vring(&vq);
     let mut w = e.dev.workers[0].lock();
     assert_eq!(
         e.dev.process_queue(&vring, 1, false, &mut w).unwrap(),
@@ -485,14 +491,7 @@ fn chains_off_the_direct_table_path_are_served_too() {
         }
         vq.avail().idx().store(2);
 
-        let atomic = GuestMemoryAtomic::new(e.mem.clone());
-        e.dev.update_memory(atomic.clone()).unwrap();
-        let vring = Vring::new(atomic, 256).unwrap();
-        vring.set_queue_size(256);
-        vring
-            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
-            .unwrap();
-        vring.set_queue_ready(true);
+        let vring = e.vring(&vq);
         let mut wk = e.dev.workers[0].lock();
         assert_eq!(
             e.dev.process_queue(&vring, 1, false, &mut wk).unwrap(),
