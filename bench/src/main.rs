@@ -7,6 +7,7 @@ mod corpus;
 mod e2e;
 mod footprint;
 mod instr;
+mod probe;
 mod report;
 mod stats;
 mod store;
@@ -112,6 +113,7 @@ fn machine(cores: usize) -> Machine {
         memory_gib: (mem_kib / 1048576.0 * 10.0).round() / 10.0,
         kernel,
         timer_overhead_ns: h.value_at_quantile(0.5),
+        cross_cpu_round_trip_ns: Vec::new(),
     }
 }
 
@@ -327,6 +329,8 @@ fn run(args: &Args) -> Result<Report, Error> {
     let rss = footprints[0].rss_bytes_per_page;
 
     let mut e2e_rows = Vec::new();
+    // What moving a cache line between CPUs costs around the end-to-end rows (see probe.rs).
+    let mut round_trips = vec![probe::line_round_trip_ns()];
     let depths = [1, 16, 64];
     let queue_counts: Vec<usize> = (1..=e2e::MAX_QUEUES).collect();
     let e2e_rounds = if args.quick { 1 } else { 2 };
@@ -407,11 +411,15 @@ fn run(args: &Args) -> Result<Report, Error> {
             });
         }
     }
+    round_trips.push(probe::line_round_trip_ns());
 
     let mut r = Report {
         mode: if args.quick { "quick" } else { "full" }.into(),
         paired: paired_rows,
-        machine: machine(cores),
+        machine: Machine {
+            cross_cpu_round_trip_ns: round_trips.into_iter().flatten().collect(),
+            ..machine(cores)
+        },
         corpora: corpora
             .iter()
             .map(|c| CorpusRow {

@@ -62,6 +62,9 @@ pub struct Report {
 pub struct Machine {
     pub cores: usize,
     pub cpu_model: String,
+    /// A cache line's round trip between two CPUs, before and after the end-to-end rows
+    /// (empty with one CPU): what every end-to-end request pays several times over.
+    pub cross_cpu_round_trip_ns: Vec<u64>,
     pub kernel: String,
     pub memory_gib: f64,
     /// Two clock reads, as every timed operation has.
@@ -519,8 +522,16 @@ fn kops(v: f64) -> String {
 
 fn machine_line(r: &Report) -> String {
     let m = &r.machine;
+    let trips = match m.cross_cpu_round_trip_ns.as_slice() {
+        [] => String::new(),
+        [a, b] => format!(
+            ", a cache line between two CPUs and back {a} ns before the end-to-end rows and \
+             {b} ns after"
+        ),
+        v => format!(", a cache line between two CPUs and back {v:?} ns"),
+    };
     format!(
-        "{} ({} cores, {:.0} GiB), Linux {}, timer overhead {} ns; {} run",
+        "{} ({} cores, {:.0} GiB), Linux {}, timer overhead {} ns{trips}; {} run",
         m.cpu_model, m.cores, m.memory_gib, m.kernel, m.timer_overhead_ns, r.mode
     )
 }
@@ -1150,6 +1161,7 @@ mod tests {
             machine: Machine {
                 cores: 2,
                 cpu_model: "test".into(),
+                cross_cpu_round_trip_ns: vec![90, 360],
                 kernel: "6.12".into(),
                 memory_gib: 4.0,
                 timer_overhead_ns: 20,
@@ -1263,6 +1275,11 @@ mod tests {
         let line = c.lines().find(|l| l.contains("metadata bytes")).unwrap();
         assert!(line.contains(" - "), "{line}");
         assert!(c.lines().count() <= 24, "one screen: {c}");
+        // The header says what a cache line between CPUs cost around the end-to-end rows.
+        assert!(
+            c.contains("90 ns before the end-to-end rows and 360 ns after"),
+            "{c}"
+        );
     }
 
     /// report.json keeps its layout: keys in sorted order at every level, as it had when it
