@@ -330,7 +330,7 @@ fn run(args: &Args) -> Result<Report, Error> {
 
     let mut e2e_rows = Vec::new();
     // What moving a cache line between CPUs costs around the end-to-end rows (see probe.rs).
-    let mut round_trips = vec![probe::line_round_trip_ns()];
+    let mut round_trips = vec![probe::line_round_trip_ns(probe::ROUND_TRIPS)];
     let depths = [1, 16, 64];
     let queue_counts: Vec<usize> = (1..=e2e::MAX_QUEUES).collect();
     let e2e_rounds = if args.quick { 1 } else { 2 };
@@ -411,7 +411,7 @@ fn run(args: &Args) -> Result<Report, Error> {
             });
         }
     }
-    round_trips.push(probe::line_round_trip_ns());
+    round_trips.push(probe::line_round_trip_ns(probe::ROUND_TRIPS));
 
     let mut r = Report {
         mode: if args.quick { "quick" } else { "full" }.into(),
