@@ -84,7 +84,8 @@ const COMPRESSORS: [Compressor; 4] = [
     Compressor::Zstd(1),
 ];
 
-fn machine(cores: usize) -> Machine {
+/// The machine's description; `round_trips`: see [`Machine::cross_cpu_round_trip_ns`].
+fn machine(cores: usize, round_trips: Vec<u64>) -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
@@ -113,7 +114,7 @@ fn machine(cores: usize) -> Machine {
         memory_gib: (mem_kib / 1048576.0 * 10.0).round() / 10.0,
         kernel,
         timer_overhead_ns: h.value_at_quantile(0.5),
-        cross_cpu_round_trip_ns: Vec::new(),
+        cross_cpu_round_trip_ns: round_trips,
     }
 }
 
@@ -416,10 +417,7 @@ fn run(args: &Args) -> Result<Report, Error> {
     let mut r = Report {
         mode: if args.quick { "quick" } else { "full" }.into(),
         paired: paired_rows,
-        machine: Machine {
-            cross_cpu_round_trip_ns: round_trips.into_iter().flatten().collect(),
-            ..machine(cores)
-        },
+        machine: machine(cores, round_trips.into_iter().flatten().collect()),
         corpora: corpora
             .iter()
             .map(|c| CorpusRow {

@@ -8,7 +8,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
 
-use shared_proto::{feature, Config};
+use shared_proto::{feature, Config, PAGE_SIZE};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostUserDirtyLogRegion;
@@ -126,7 +126,7 @@ impl Vmm {
         let per_queue = RING_BLOCK + slot_bytes;
         let raw_area = nq as u64 * per_queue;
         let frames = raw_area + RAW_AREA_BYTES;
-        let total = (frames + opts.page_frames as u64 * 4096).next_multiple_of(0x20_0000);
+        let total = (frames + (opts.page_frames * PAGE_SIZE) as u64).next_multiple_of(0x20_0000);
         let file = memfd(total, opts.ram != RamBacking::UnsealedMemfd)?;
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files(&[(
             GuestAddress(0),

@@ -314,7 +314,7 @@ mod tests {
             vq.avail().idx().store(size);
             let mut q: Queue = vq.create_queue().expect("queue");
             let slice = mem
-                .get_slice(vq.desc_table_addr(), usize::from(size) * DESC_SIZE)
+                .get_slice(vq.desc_table_addr(), desc_table_bytes(size))
                 .expect("one region");
             let table = DescTable::new(slice, size).expect("aligned");
             for c in q.iter(&mem).expect("ring") {
@@ -360,8 +360,8 @@ mod tests {
         assert!(same > 10_000 && errors > 1000 && cut > 1000 && declined > 500);
     }
 
-    /// A table whose host address cannot hold a descriptor whole, or of another length than
-    /// its size says, is not read directly.
+    /// A table at a host address not aligned for a descriptor, or of another length than its
+    /// size says, is not read directly.
     #[test]
     fn a_table_is_read_directly_only_aligned_and_whole() {
         let mem: GuestMemoryMmap =
