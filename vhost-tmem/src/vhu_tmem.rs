@@ -20,6 +20,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{
     fence, AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+    Ordering::SeqCst,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -37,8 +38,9 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -50,12 +52,14 @@ use crate::store::{PageDst, PageKey, PageSrc, PoolSpec, Tmem};
 mod chain;
 mod dirty;
 mod memory;
+mod rings;
 mod transfer;
 mod vring;
 pub use chain::MAX_SEGMENTS;
 use chain::{contiguous, desc_table_bytes, read_part, write_part, Chain, ChainError, DescTable};
 pub use dirty::{DirtyLog, GuestBitmap};
 pub use memory::MemoryError;
+use rings::{avail_ring_bytes, needs_notification, used_event_offset, used_ring_bytes, Rings};
 use transfer::Transfers;
 pub use transfer::{Migration, TransferError, STALL_TIMEOUT};
 pub use vring::{fd_dir, Vring};
@@ -230,6 +234,79 @@ fn used_ring_covers_avail_index(q: &Queue) -> bool {
     idx < used.saturating_add(used_len) && used < idx.saturating_add(2)
 }
 
+/// Asks for the cache line of a parsed chain's request header (see `process_queue`).
+fn prefetch_header<B: GuestBitmap>(mem: &Mem<B>, chain: &Result<Chain, (u16, ChainError)>) {
+    if let Some(s) = chain.as_ref().ok().and_then(|c| c.readable().first()) {
+        prefetch(mem, s.addr);
+    }
+}
+
+/// Takes up to [`BURST`] chains from the available ring into `chains`, reading the ring and
+/// the descriptors straight from their slices, with virtio-queue's checks: an index more than
+/// a queue ahead or a head past the queue breaks the queue (the chains before it are still
+/// served). A chain that reaches an indirect table is walked by virtio-queue: the queue is
+/// set back to its position for one step of its iterator.
+fn take_direct<B: GuestBitmap, S: BitmapSlice>(
+    queue: &mut Queue,
+    mem: &Mem<B>,
+    rings: &Rings<'_, S>,
+    table: &DescTable<'_, S>,
+    chains: &mut Vec<Result<Chain, (u16, ChainError)>>,
+) -> Option<Broken> {
+    let size = queue.size();
+    let start = queue.next_avail();
+    let Some(idx) = rings.avail_idx() else {
+        return Some(Broken::AvailRing(queue_error(
+            &virtio_queue::Error::QueueNotReady,
+        )));
+    };
+    let pending = idx.wrapping_sub(start);
+    if pending > size {
+        return Some(Broken::AvailRing(queue_error(
+            &virtio_queue::Error::InvalidAvailRingIndex,
+        )));
+    }
+    let mut heads = [0u16; BURST];
+    let mut n = 0;
+    let mut bad = None;
+    for (k, slot) in heads.iter_mut().enumerate().take(usize::from(pending)) {
+        let Some(h) = rings.head(start.wrapping_add(k as u16)) else {
+            bad = Some(Broken::AvailRing("available ring unreadable"));
+            break;
+        };
+        if h >= size {
+            bad = Some(Broken::HeadOutOfRange(h));
+            break;
+        }
+        prefetch(mem, queue.desc_table().wrapping_add(16 * u64::from(h)));
+        *slot = h;
+        n += 1;
+    }
+    // Past the chains taken; and past a head out of range, as virtio-queue's iterator takes
+    // it before the check (the broken mark records the position).
+    let end = start.wrapping_add(n as u16 + u16::from(bad.is_some()));
+    for (k, &head) in heads[..n].iter().enumerate() {
+        let chain = match Chain::parse_in(table, head) {
+            Some(c) => c,
+            None => {
+                let at = start.wrapping_add(k as u16);
+                queue.set_next_avail(at);
+                let Some(c) = queue.iter(mem).ok().and_then(|mut it| it.next()) else {
+                    // The driver moved its index back meanwhile (no driver does): the chains
+                    // before this one are served, this one is not taken.
+                    queue.set_next_avail(at);
+                    return Some(Broken::AvailRing("available index moved back"));
+                };
+                Chain::parse(c)
+            }
+        };
+        prefetch_header(mem, &chain);
+        chains.push(chain);
+    }
+    queue.set_next_avail(end);
+    bad
+}
+
 /// A short name for a virtqueue error, for the log.
 fn queue_error(e: &virtio_queue::Error) -> &'static str {
     match e {
@@ -248,6 +325,10 @@ struct WorkerState<W> {
     /// Per queue, the setup (`next_avail` 0) its rings were last found valid in: passes skip
     /// the checks, a region look-up per ring, until the rings or the memory table change.
     valid: Vec<Option<RingSetup>>,
+    /// Per queue, chains returned to the used ring since the guest was last considered for a
+    /// notification: EVENT_IDX's decision needs the count, and virtio-queue keeps one only
+    /// for its own `add_used`.
+    unsignalled: Vec<u64>,
 }
 
 /// Why a queue is broken: a ring state that no correct driver produces.
@@ -380,6 +461,7 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                     bounce: Box::new([0u8; PAGE_SIZE]),
                     chains: Vec::with_capacity(BURST),
                     valid: Vec::new(),
+                    unsignalled: vec![0; threads + 1],
                 }))
             })
             .collect::<Result<_, Error>>()?;
@@ -591,41 +673,54 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
             }
             let desc_table = queue.desc_table();
             let size = queue.size();
-            let mut raw: [Option<DescriptorChain<&Mem<B>>>; BURST] = Default::default();
-            let mut n = 0;
-            let mut bad = None;
-            match queue.iter(&*mem) {
-                Ok(iter) => {
-                    // `raw` first: zip stops when it runs out without taking a chain from
-                    // the ring that it would then drop.
-                    for (slot, c) in raw.iter_mut().zip(iter) {
-                        if c.head_index() >= size {
-                            bad = Some(Broken::HeadOutOfRange(c.head_index()));
-                            break;
-                        }
-                        prefetch(&mem, desc_table.wrapping_add(16 * c.head_index() as u64));
-                        *slot = Some(c);
-                        n += 1;
-                    }
-                }
-                Err(e) => bad = Some(Broken::AvailRing(queue_error(&e))),
-            }
-            chains.clear();
-            // Descriptors read straight from the table when it is one slice of host memory.
-            let table = (n > 0)
-                .then(|| mem.get_slice(GuestAddress(desc_table), desc_table_bytes(size)))
-                .and_then(Result::ok)
+            // The rings and the descriptor table straight as slices of host memory when each
+            // lies in one region (the usual case); else through virtio-queue's accessors.
+            let avail = mem.get_slice(GuestAddress(queue.avail_ring()), avail_ring_bytes(size));
+            let used = mem.get_slice(GuestAddress(queue.used_ring()), used_ring_bytes(size));
+            let rings = avail
+                .ok()
+                .zip(used.ok())
+                .and_then(|(a, u)| Rings::new(a, u, size));
+            let table = mem
+                .get_slice(GuestAddress(desc_table), desc_table_bytes(size))
+                .ok()
                 .and_then(|s| DescTable::new(s, size));
-            chains.extend(raw[..n].iter_mut().filter_map(Option::take).map(|c| {
-                let fast = table
-                    .as_ref()
-                    .and_then(|t| Chain::parse_in(t, c.head_index()));
-                let chain = fast.unwrap_or_else(|| Chain::parse(c));
-                if let Some(s) = chain.as_ref().ok().and_then(|c| c.readable().first()) {
-                    prefetch(&mem, s.addr);
+            let mut bad = None;
+            chains.clear();
+            match (&rings, &table) {
+                (Some(r), Some(t)) => {
+                    bad = take_direct(queue, &mem, r, t, &mut chains);
                 }
-                chain
-            }));
+                _ => {
+                    let mut raw: [Option<DescriptorChain<&Mem<B>>>; BURST] = Default::default();
+                    let mut n = 0;
+                    match queue.iter(&*mem) {
+                        Ok(iter) => {
+                            // `raw` first: zip stops when it runs out without taking a chain
+                            // from the ring that it would then drop.
+                            for (slot, c) in raw.iter_mut().zip(iter) {
+                                if c.head_index() >= size {
+                                    bad = Some(Broken::HeadOutOfRange(c.head_index()));
+                                    break;
+                                }
+                                prefetch(&mem, desc_table.wrapping_add(16 * c.head_index() as u64));
+                                *slot = Some(c);
+                                n += 1;
+                            }
+                        }
+                        Err(e) => bad = Some(Broken::AvailRing(queue_error(&e))),
+                    }
+                    chains.extend(raw[..n].iter_mut().filter_map(Option::take).map(|c| {
+                        let fast = table
+                            .as_ref()
+                            .and_then(|t| Chain::parse_in(t, c.head_index()));
+                        let chain = fast.unwrap_or_else(|| Chain::parse(c));
+                        prefetch_header(&mem, &chain);
+                        chain
+                    }));
+                }
+            }
+            let n = chains.len();
             for chain in &chains {
                 let (head, len) = match chain {
                     Ok(c) => (c.head, self.serve_chain(&mem, c, control, w)),
@@ -634,9 +729,19 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                         (*head, 0)
                     }
                 };
-                if queue.add_used(&*mem, head, len).is_err() {
+                let next_used = queue.next_used();
+                let returned = match &rings {
+                    Some(r) => r
+                        .push_used(next_used, head, len)
+                        .map(|()| queue.set_next_used(next_used.wrapping_add(1))),
+                    None => queue.add_used(&*mem, head, len).ok(),
+                };
+                if returned.is_none() {
                     bad = Some(Broken::UsedRing);
                     break;
+                }
+                if let Some(u) = w.unsignalled.get_mut(i) {
+                    *u = u.saturating_add(1);
                 }
                 pass = Pass::Served;
             }
@@ -1215,7 +1320,7 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
             }
             let mut used = pass == Pass::Served;
             if used {
-                self.signal(vring, queue)?;
+                self.signal(vring, queue, w)?;
             }
             // After a burst, poll briefly before sleeping: a driver with requests in flight
             // refills the ring within microseconds, and a wakeup costs more than that.
@@ -1225,7 +1330,7 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                 std::hint::spin_loop();
                 match self.process_queue(vring, queue, control, w)? {
                     Pass::Served => {
-                        self.signal(vring, queue)?;
+                        self.signal(vring, queue, w)?;
                         deadline = Instant::now() + poll;
                     }
                     Pass::Stopped => return Ok(()),
@@ -1291,12 +1396,39 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
 
     /// Signals the guest if it asked for it. A call eventfd that cannot be written is the
     /// frontend's problem, not the ring's: logged, and serving goes on.
-    fn signal(&self, vring: &Vring<B>, queue: u16) -> Result<(), Broken> {
-        if self.notification(
-            vring,
-            queue,
-            self.ring_op(vring, |q, m| q.needs_notification(m)),
-        )? {
+    /// The decision is `Queue::needs_notification`'s on the worker's count of chains returned
+    /// since the last one (see `WorkerState::unsignalled`).
+    fn signal(
+        &self,
+        vring: &Vring<B>,
+        queue: u16,
+        w: &mut WorkerState<S::Worker>,
+    ) -> Result<(), Broken> {
+        // A queue without a count (none: every queue the worker serves has one) notifies.
+        let added = w
+            .unsignalled
+            .get_mut(queue as usize)
+            .map_or(u64::MAX, std::mem::take);
+        let notify = self.ring_op(vring, |q, m| {
+            // The used ring's writes complete before used_event is read.
+            fence(SeqCst);
+            if !q.event_idx_enabled() {
+                return Ok(true);
+            }
+            let at = q
+                .avail_ring()
+                .checked_add(used_event_offset(q.size()))
+                .ok_or(virtio_queue::Error::AddressOverflow)?;
+            let used_event = m
+                .load::<u16>(GuestAddress(at), Relaxed)
+                .map_err(virtio_queue::Error::GuestMemory)?;
+            Ok(needs_notification(
+                q.next_used(),
+                u16::from_le(used_event),
+                added,
+            ))
+        });
+        if self.notification(vring, queue, notify)? {
             if let Err(e) = vring.signal_used_queue() {
                 self.warn(format_args!("cannot signal queue {queue}: {e}"));
             }

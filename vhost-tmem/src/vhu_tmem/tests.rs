@@ -430,22 +430,30 @@ fn bursts_serve_every_chain_in_order() {
 }
 
 /// Chains the worker does not read straight from the descriptor table still go through
-/// virtio-queue: a put through an indirect table, and, with the table across two memory
-/// regions, every chain. The get after the put returns its page.
+/// virtio-queue: a put through an indirect table, and every chain when the table, the
+/// available ring or the used ring lies across two memory regions (the rings then go through
+/// virtio-queue too). The get after the put returns its page.
 #[test]
 fn chains_off_the_direct_table_path_are_served_too() {
-    for split in [false, true] {
+    // (where the queue starts, where a second region starts): a 256-entry queue at 0x800 has
+    // its table at 0x800-0x1800 and its used ring at 0x1a08-0x220e; at 0xff0, its available
+    // ring at 0x1ff0-0x21f6.
+    for (base, split) in [
+        (0x800, None),
+        (0x800, Some(0x1000)),
+        (0xff0, Some(0x2000)),
+        (0x800, Some(0x2000)),
+    ] {
         let mut e = env();
-        if split {
-            // The table below runs from 0x800 to 0x1800, across this boundary.
+        if let Some(at) = split {
             e.mem = GuestMemoryMmap::from_ranges(&[
-                (GuestAddress(0), 0x1000),
-                (GuestAddress(0x1000), MEM_SIZE as usize - 0x1000),
+                (GuestAddress(0), at),
+                (GuestAddress(at as u64), MEM_SIZE as usize - at),
             ])
             .unwrap();
         }
         let pool = e.create_pool(req_flags::POOL_PERSISTENT, [0; 16]).value as u32;
-        let vq = MockSplitQueue::create(&e.mem, GuestAddress(0x800), 256);
+        let vq = MockSplitQueue::create(&e.mem, GuestAddress(base), 256);
         let header = |op: Op| ReqHeader {
             op: op as u32,
             flags: 0,
@@ -496,7 +504,7 @@ fn chains_off_the_direct_table_path_are_served_too() {
         assert_eq!(
             e.dev.process_queue(&vring, 1, false, &mut wk).unwrap(),
             Pass::Served,
-            "split: {split}"
+            "split: {split:?}"
         );
         drop(wk);
         assert_eq!(vring.queue_used_idx().unwrap(), 2);
@@ -504,13 +512,13 @@ fn chains_off_the_direct_table_path_are_served_too() {
             let elem = vq.used().ring().ref_at(i).unwrap().load();
             (elem.id(), elem.len())
         };
-        assert_eq!(used(0), (0, 16), "the indirect put, split: {split}");
-        assert_eq!(used(1), (1, 4096 + 16), "the get, split: {split}");
+        assert_eq!(used(0), (0, 16), "the indirect put, split: {split:?}");
+        assert_eq!(used(1), (1, 4096 + 16), "the get, split: {split:?}");
         assert_eq!(e.status(put_resp), Some(Status::Ok));
         assert_eq!(e.status(get_resp), Some(Status::Ok));
         let mut got = vec![0u8; 4096];
         e.mem.read_slice(&mut got, GuestAddress(get_data)).unwrap();
-        assert_eq!(got, page(42), "split: {split}");
+        assert_eq!(got, page(42), "split: {split:?}");
     }
 }
 
@@ -979,6 +987,49 @@ impl<S: Tmem> RingEnv<S> {
         v.set_queue_next_avail(next_avail);
         v.set_queue_ready(true);
     }
+}
+
+/// With EVENT_IDX the device notifies the guest when, and only when, the chains it returned
+/// since its last decision pass the used_event the guest set: one chain short is quiet, the
+/// chain that passes it notifies, and a burst that passes it notifies once.
+#[test]
+fn the_guest_is_notified_when_its_used_event_is_passed() {
+    use std::os::fd::FromRawFd;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let r = RingEnv::new();
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    // SAFETY: dup returns a fresh descriptor (checked), owned by nobody else.
+    let fd = unsafe { libc::dup(call.as_raw_fd()) };
+    assert!(fd >= 0);
+    // SAFETY: see above.
+    r.vrings[1].set_call(Some(unsafe { std::fs::File::from_raw_fd(fd) }));
+    let used_event = |v: u16| {
+        r.mem
+            .write_obj(u16::to_le(v), GuestAddress(r.avail + 4 + 2 * QSIZE as u64))
+            .unwrap();
+    };
+    // Notifications the device sent since the last look (0 if none).
+    let calls = || call.read().unwrap_or(0);
+    used_event(2);
+    r.publish(0);
+    r.publish(2);
+    r.kick().unwrap();
+    assert_eq!((r.used_idx(), calls()), (2, 0));
+    r.publish(4);
+    r.kick().unwrap();
+    assert_eq!((r.used_idx(), calls()), (3, 1));
+    // Three chains in one pass that pass used_event 4: one notification.
+    used_event(4);
+    for d in [6, 8, 10] {
+        r.publish(d);
+    }
+    r.kick().unwrap();
+    assert_eq!((r.used_idx(), calls()), (6, 1));
+    // A used_event already behind: quiet.
+    used_event(1);
+    r.publish(12);
+    r.kick().unwrap();
+    assert_eq!((r.used_idx(), calls()), (7, 0));
 }
 
 /// A driver that moves the available index more than a queue size ahead puts the ring in an
