@@ -255,10 +255,15 @@ fn take_direct<B: GuestBitmap, S: BitmapSlice>(
 ) -> Option<Broken> {
     let size = queue.size();
     let start = queue.next_avail();
-    let Some(idx) = rings.avail_idx() else {
+    // virtio-queue's iterator refuses an available ring at address 0 as not ready; so does
+    // this path, which needs that iterator for indirect chains.
+    if queue.avail_ring() == 0 {
         return Some(Broken::AvailRing(queue_error(
             &virtio_queue::Error::QueueNotReady,
         )));
+    }
+    let Some(idx) = rings.avail_idx() else {
+        return Some(Broken::AvailRing("available ring unreadable"));
     };
     let pending = idx.wrapping_sub(start);
     if pending > size {
@@ -268,27 +273,36 @@ fn take_direct<B: GuestBitmap, S: BitmapSlice>(
     }
     let mut heads = [0u16; BURST];
     let mut n = 0;
+    // Where the ring stands after this burst: past the chains taken, and past a head out of
+    // range, as virtio-queue's iterator takes one before the check (the broken mark records
+    // the position, which GET_VRING_BASE reports).
+    let mut end = None;
     let mut bad = None;
     for (k, slot) in heads.iter_mut().enumerate().take(usize::from(pending)) {
-        let Some(h) = rings.head(start.wrapping_add(k as u16)) else {
-            bad = Some(Broken::AvailRing("available ring unreadable"));
+        let pos = start.wrapping_add(k as u16);
+        let Some(h) = rings.head(pos) else {
+            (bad, end) = (
+                Some(Broken::AvailRing("available ring unreadable")),
+                Some(pos),
+            );
             break;
         };
         if h >= size {
-            bad = Some(Broken::HeadOutOfRange(h));
+            (bad, end) = (Some(Broken::HeadOutOfRange(h)), Some(pos.wrapping_add(1)));
             break;
         }
         prefetch(mem, queue.desc_table().wrapping_add(16 * u64::from(h)));
         *slot = h;
         n += 1;
     }
-    // Past the chains taken; and past a head out of range, as virtio-queue's iterator takes
-    // it before the check (the broken mark records the position).
-    let end = start.wrapping_add(n as u16 + u16::from(bad.is_some()));
+    let end = end.unwrap_or(start.wrapping_add(n as u16));
     for (k, &head) in heads[..n].iter().enumerate() {
         let chain = match Chain::parse_in(table, head) {
             Some(c) => c,
             None => {
+                // An indirect chain: virtio-queue walks it, one step of its iterator from
+                // this chain's position. The iterator reads the entry again; a driver that
+                // changed it meanwhile (none does) gets what the entry says now, checked.
                 let at = start.wrapping_add(k as u16);
                 queue.set_next_avail(at);
                 let Some(c) = queue.iter(mem).ok().and_then(|mut it| it.next()) else {
@@ -297,6 +311,10 @@ fn take_direct<B: GuestBitmap, S: BitmapSlice>(
                     queue.set_next_avail(at);
                     return Some(Broken::AvailRing("available index moved back"));
                 };
+                if c.head_index() >= size {
+                    queue.set_next_avail(at.wrapping_add(1));
+                    return Some(Broken::HeadOutOfRange(c.head_index()));
+                }
                 Chain::parse(c)
             }
         };
@@ -1405,10 +1423,8 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
         w: &mut WorkerState<S::Worker>,
     ) -> Result<(), Broken> {
         // A queue without a count (none: every queue the worker serves has one) notifies.
-        let added = w
-            .unsignalled
-            .get_mut(queue as usize)
-            .map_or(u64::MAX, std::mem::take);
+        let i = queue as usize;
+        let added = w.unsignalled.get_mut(i).map_or(u64::MAX, std::mem::take);
         let notify = self.ring_op(vring, |q, m| {
             // The used ring's writes complete before used_event is read.
             fence(SeqCst);
@@ -1428,6 +1444,12 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                 added,
             ))
         });
+        if notify.is_err() {
+            // Kept for the next decision, should the queue be repaired.
+            if let Some(u) = w.unsignalled.get_mut(i) {
+                *u = added;
+            }
+        }
         if self.notification(vring, queue, notify)? {
             if let Err(e) = vring.signal_used_queue() {
                 self.warn(format_args!("cannot signal queue {queue}: {e}"));

@@ -302,4 +302,38 @@ mod tests {
         )
         .is_none());
     }
+
+    /// The used ring's entry and index written through the slice are marked dirty for live
+    /// migration, at the right offsets of their region (the ring in the second region, its
+    /// index and the entry on different pages).
+    #[test]
+    fn used_ring_writes_are_logged() {
+        use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+        use vm_memory::GuestMemoryRegion;
+        let mem: GuestMemoryMmap<AtomicBitmap> = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x1_0000),
+            (GuestAddress(0x1_0000), 0x1_0000),
+        ])
+        .unwrap();
+        let size = 256u16;
+        let (avail, used) = (0x1_1000u64, 0x1_2ff8u64);
+        let r = Rings::new(
+            mem.get_slice(GuestAddress(avail), avail_ring_bytes(size))
+                .unwrap(),
+            mem.get_slice(GuestAddress(used), used_ring_bytes(size))
+                .unwrap(),
+            size,
+        )
+        .unwrap();
+        let dirty = |a: u64| {
+            let (reg, off) = mem.to_region_addr(GuestAddress(a)).unwrap();
+            reg.bitmap().dirty_at(off.0 as usize)
+        };
+        assert!(!dirty(used + 2) && !dirty(used + 4 + 8 * 10));
+        r.push_used(10, 3, 77).unwrap();
+        assert!(dirty(used + 2), "used index not logged");
+        assert!(dirty(used + 4 + 8 * 10), "used entry not logged");
+        assert!(!dirty(0x1_5000));
+        assert!(!dirty(0x2000));
+    }
 }
