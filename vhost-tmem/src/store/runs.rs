@@ -452,9 +452,9 @@ pub(super) struct Runs {
     /// The last object id hashed and its hash: a swap device is one object, so nearly every
     /// look-up repeats the last one's.
     last_oid: Cell<(Oid, u64)>,
-    /// The last run found and where it is: consecutive pages of an object (swap-in
-    /// readahead, a file read in order) fall in one run 15 times in 16. Forgotten before
-    /// anything moves (`run_or_insert` and `remove` are the only changes of position).
+    /// The last run found or made and where it is: consecutive pages of an object (swap-in
+    /// readahead, swap-out, a file read in order) fall in one run 15 times in 16. Forgotten
+    /// before anything moves (`run_or_insert` and `remove` are the only changes of position).
     last_loc: Cell<Option<(RunKey, Loc)>>,
     /// By object id: a position in `ones`, or `NODE |` one in `nodes`.
     index: HashTable<u32>,
@@ -519,9 +519,21 @@ impl Runs {
 
     /// Where run `key` is, if it is the last one found.
     fn remembered(&self, key: &RunKey) -> Option<Loc> {
-        self.last_loc
+        let loc = self
+            .last_loc
             .get()
-            .and_then(|(k, loc)| (k == *key).then_some(loc))
+            .and_then(|(k, loc)| (k == *key).then_some(loc))?;
+        debug_assert!(
+            match loc {
+                Loc::One(i) => self.ones[i].oid == key.oid && self.ones[i].run == key.run,
+                Loc::Node(n, i) =>
+                    self.many[i].run == key.run
+                        && self.many[i].node as usize == n
+                        && self.nodes[n].oid == key.oid,
+            },
+            "a remembered position that moved"
+        );
+        Some(loc)
     }
 
     fn locate(&self, key: &RunKey) -> Option<Loc> {
@@ -614,11 +626,7 @@ impl Runs {
     /// constants). `None` if the shard can take no more entries.
     pub(super) fn run_or_insert(&mut self, key: &RunKey) -> Option<(&mut Run, u64)> {
         if let Some(loc) = self.remembered(key) {
-            let run = match loc {
-                Loc::One(i) => &mut self.ones[i].data,
-                Loc::Node(_, i) => &mut self.many[i].data,
-            };
-            return Some((run, 0));
+            return Some((self.run_at(loc), 0));
         }
         self.last_loc.set(None);
         let h = self.oid_hash(&key.oid);
@@ -629,7 +637,7 @@ impl Runs {
             .copied();
         // Totals: a node going back to one run moves its last run into `ones`.
         let full = self.ones.len() + self.many.len() + 2 > MAX_ENTRIES;
-        match found {
+        let (loc, charge) = match found {
             None => {
                 if full {
                     return None;
@@ -642,10 +650,10 @@ impl Runs {
                 let (hs, ones, nodes) = (&self.hasher, &self.ones, &self.nodes);
                 self.index
                     .insert_unique(h, i as u32, |&e| hash_oid(hs, Self::oid_of(ones, nodes, e)));
-                Some((&mut self.ones[i].data, ONE_META))
+                (Loc::One(i), ONE_META)
             }
             Some(e) if e & NODE == 0 && self.ones[e as usize].run == key.run => {
-                Some((&mut self.ones[e as usize].data, 0))
+                (Loc::One(e as usize), 0)
             }
             Some(e) if e & NODE == 0 => {
                 // A second run: the object gets a node, and its first run moves there.
@@ -661,10 +669,7 @@ impl Runs {
                 let first = self.remove_one(e as usize);
                 self.push_many(n, first.run, first.data);
                 let i = self.push_many(n, key.run, Run::Empty);
-                Some((
-                    &mut self.many[i].data,
-                    NODE_META + 2 * NODE_RUN_META - ONE_META,
-                ))
+                (Loc::Node(n, i), NODE_META + 2 * NODE_RUN_META - ONE_META)
             }
             Some(e) => {
                 let n = (e & !NODE) as usize;
@@ -676,14 +681,24 @@ impl Runs {
                     })
                     .copied();
                 match at {
-                    Some(i) => Some((&mut self.many[i as usize].data, 0)),
-                    None if full => None,
-                    None => {
-                        let i = self.push_many(n, key.run, Run::Empty);
-                        Some((&mut self.many[i].data, NODE_RUN_META))
-                    }
+                    Some(i) => (Loc::Node(n, i as usize), 0),
+                    None if full => return None,
+                    None => (
+                        Loc::Node(n, self.push_many(n, key.run, Run::Empty)),
+                        NODE_RUN_META,
+                    ),
                 }
             }
+        };
+        // Every move is done: the position holds until the next change.
+        self.last_loc.set(Some((*key, loc)));
+        Some((self.run_at(loc), charge))
+    }
+
+    fn run_at(&mut self, loc: Loc) -> &mut Run {
+        match loc {
+            Loc::One(i) => &mut self.ones[i].data,
+            Loc::Node(_, i) => &mut self.many[i].data,
         }
     }
 
@@ -1034,9 +1049,13 @@ mod tests {
             x
         };
         let mut charged = 0u64;
+        let mut prev = key(0, 0);
         for step in 0..40_000u64 {
             // Few objects and runs: objects keep moving between one run and a node.
             let k = key(next() % 40, next() % 12);
+            // The previous key is looked up (and remembered) before the change, and again
+            // after it: a position the change moved must not be used.
+            let _ = word(&r, &prev, 0);
             if next() % 3 == 0 {
                 let had = model.remove(&(k.oid[0], k.run));
                 let got = r.remove(&k).map(|(run, f)| {
@@ -1051,7 +1070,13 @@ mod tests {
                 charged += put(&mut r, &k, 0, step);
                 model.insert((k.oid[0], k.run), step);
             }
+            assert_eq!(
+                word(&r, &prev, 0),
+                model.get(&(prev.oid[0], prev.run)).copied(),
+                "{prev:?} after a change to {k:?} at step {step}"
+            );
             assert_eq!(word(&r, &k, 0), model.get(&(k.oid[0], k.run)).copied());
+            prev = k;
             if step % 1000 == 0 {
                 assert_eq!(r.len(), model.len());
                 for (key, run) in r.iter() {
