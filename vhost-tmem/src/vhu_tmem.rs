@@ -212,16 +212,22 @@ fn prefetch_page(p: *const u8) {
 /// Asks the CPU to start loading the cache line of guest address `addr`, if it is in guest
 /// memory. A hint only: it never faults and changes no state the program can observe.
 fn prefetch<B: GuestBitmap>(mem: &Mem<B>, addr: u64) {
-    #[cfg(target_arch = "x86_64")]
     if let Ok(p) = mem.get_host_address(GuestAddress(addr)) {
-        // SAFETY: SSE is part of the x86_64 baseline, and a prefetch does not access memory
-        // as far as the program is concerned: it cannot fault, even on a bad address.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8);
-        }
+        prefetch_ptr(p);
+    }
+}
+
+/// Asks the CPU to start loading the cache line at `p`. A hint only: it never faults and
+/// changes no state the program can observe.
+fn prefetch_ptr(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of the x86_64 baseline, and a prefetch does not access memory as
+    // far as the program is concerned: it cannot fault, even on a bad address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (mem, addr);
+    let _ = p;
 }
 
 /// Whether the used ring, which the device writes, covers the available index, which it
@@ -235,13 +241,44 @@ fn used_ring_covers_avail_index(q: &Queue) -> bool {
 }
 
 /// Asks for the cache line of a parsed chain's request header (see `process_queue`).
-fn prefetch_header<B: GuestBitmap>(mem: &Mem<B>, chain: &Result<Chain, (u16, ChainError)>) {
-    if let Some(s) = chain.as_ref().ok().and_then(|c| c.readable().first()) {
+fn prefetch_header<B: GuestBitmap>(mem: &Mem<B>, chain: &Chain) {
+    if let Some(s) = chain.readable().first() {
         prefetch(mem, s.addr);
     }
 }
 
-/// Takes up to [`BURST`] chains from the available ring into `chains`, reading the ring and
+/// The chains of one burst, parsed in place into room allocated once per worker (a chain is
+/// a few hundred bytes: moving each one would copy it twice).
+struct Burst {
+    chains: Vec<Chain>,
+    /// Per chain, why it could not be parsed.
+    errors: [Option<ChainError>; BURST],
+    /// Chains taken.
+    n: usize,
+}
+
+impl Burst {
+    fn new() -> Burst {
+        Burst {
+            chains: (0..BURST).map(|_| Chain::empty(0)).collect(),
+            errors: [None; BURST],
+            n: 0,
+        }
+    }
+
+    /// The room for the next chain.
+    fn next(&mut self) -> &mut Chain {
+        &mut self.chains[self.n]
+    }
+
+    /// Counts the chain just parsed into [`Burst::next`], with what parsing found.
+    fn took(&mut self, parsed: Result<(), ChainError>) {
+        self.errors[self.n] = parsed.err();
+        self.n += 1;
+    }
+}
+
+/// Takes up to [`BURST`] chains from the available ring into `burst`, reading the ring and
 /// the descriptors straight from their slices, with virtio-queue's checks: an index more than
 /// a queue ahead or a head past the queue breaks the queue (the chains before it are still
 /// served). A chain that reaches an indirect table is walked by virtio-queue: the queue is
@@ -251,7 +288,7 @@ fn take_direct<B: GuestBitmap, S: BitmapSlice>(
     mem: &Mem<B>,
     rings: &Rings<'_, S>,
     table: &DescTable<'_, S>,
-    chains: &mut Vec<Result<Chain, (u16, ChainError)>>,
+    burst: &mut Burst,
 ) -> Option<Broken> {
     let size = queue.size();
     let start = queue.next_avail();
@@ -291,14 +328,15 @@ fn take_direct<B: GuestBitmap, S: BitmapSlice>(
             (bad, end) = (Some(Broken::HeadOutOfRange(h)), Some(pos.wrapping_add(1)));
             break;
         }
-        prefetch(mem, queue.desc_table().wrapping_add(16 * u64::from(h)));
+        table.prefetch(h);
         *slot = h;
         n += 1;
     }
     let end = end.unwrap_or(start.wrapping_add(n as u16));
     for (k, &head) in heads[..n].iter().enumerate() {
-        let chain = match Chain::parse_in(table, head) {
-            Some(c) => c,
+        let chain = burst.next();
+        let parsed = match chain.parse_in_place(table, head) {
+            Some(r) => r,
             None => {
                 // An indirect chain: virtio-queue walks it, one step of its iterator from
                 // this chain's position. The iterator reads the entry again; a driver that
@@ -315,11 +353,11 @@ fn take_direct<B: GuestBitmap, S: BitmapSlice>(
                     queue.set_next_avail(at.wrapping_add(1));
                     return Some(Broken::HeadOutOfRange(c.head_index()));
                 }
-                Chain::parse(c)
+                chain.parse_from(c)
             }
         };
-        prefetch_header(mem, &chain);
-        chains.push(chain);
+        prefetch_header(mem, chain);
+        burst.took(parsed);
     }
     queue.set_next_avail(end);
     bad
@@ -339,7 +377,7 @@ fn queue_error(e: &virtio_queue::Error) -> &'static str {
 struct WorkerState<W> {
     store: W,
     bounce: Box<[u8; PAGE_SIZE]>,
-    chains: Vec<Result<Chain, (u16, ChainError)>>,
+    burst: Option<Box<Burst>>,
     /// Per queue, the setup (`next_avail` 0) its rings were last found valid in: passes skip
     /// the checks, a region look-up per ring, until the rings or the memory table change.
     valid: Vec<Option<RingSetup>>,
@@ -477,7 +515,7 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                 Ok(Mutex::new(WorkerState {
                     store: store.new_worker().map_err(Error::Worker)?,
                     bounce: Box::new([0u8; PAGE_SIZE]),
-                    chains: Vec::with_capacity(BURST),
+                    burst: Some(Box::new(Burst::new())),
                     valid: Vec::new(),
                     unsignalled: vec![0; threads + 1],
                 }))
@@ -654,7 +692,8 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
         fence(Acquire);
         let mem_generation = self.mem_generation.load(Relaxed);
         let stable = before == mem_generation && mem_generation.is_multiple_of(2);
-        let mut chains = std::mem::take(&mut w.chains);
+        // Out of the worker while its chains are served (serving borrows the worker).
+        let mut burst = w.burst.take().unwrap_or_else(|| Box::new(Burst::new()));
         let mut pass = Pass::Empty;
         let result = loop {
             let mut state = vring.get_mut();
@@ -704,10 +743,10 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                 .ok()
                 .and_then(|s| DescTable::new(s, size));
             let mut bad = None;
-            chains.clear();
+            burst.n = 0;
             match (&rings, &table) {
                 (Some(r), Some(t)) => {
-                    bad = take_direct(queue, &mem, r, t, &mut chains);
+                    bad = take_direct(queue, &mem, r, t, &mut burst);
                 }
                 _ => {
                     let mut raw: [Option<DescriptorChain<&Mem<B>>>; BURST] = Default::default();
@@ -728,25 +767,27 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                         }
                         Err(e) => bad = Some(Broken::AvailRing(queue_error(&e))),
                     }
-                    chains.extend(raw[..n].iter_mut().filter_map(Option::take).map(|c| {
+                    for c in raw[..n].iter_mut().filter_map(Option::take) {
+                        let chain = burst.next();
                         let fast = table
                             .as_ref()
-                            .and_then(|t| Chain::parse_in(t, c.head_index()));
-                        let chain = fast.unwrap_or_else(|| Chain::parse(c));
-                        prefetch_header(&mem, &chain);
-                        chain
-                    }));
+                            .and_then(|t| chain.parse_in_place(t, c.head_index()));
+                        let parsed = fast.unwrap_or_else(|| chain.parse_from(c));
+                        prefetch_header(&mem, chain);
+                        burst.took(parsed);
+                    }
                 }
             }
-            let n = chains.len();
-            for chain in &chains {
-                let (head, len) = match chain {
-                    Ok(c) => (c.head, self.serve_chain(&mem, c, control, w)),
-                    Err((head, e)) => {
+            let n = burst.n;
+            for (c, error) in burst.chains[..n].iter().zip(&burst.errors) {
+                let len = match error {
+                    None => self.serve_chain(&mem, c, control, w),
+                    Some(e) => {
                         self.warn(format_args!("{e:?}"));
-                        (*head, 0)
+                        0
                     }
                 };
+                let head = c.head;
                 let next_used = queue.next_used();
                 let returned = match &rings {
                     Some(r) => r
@@ -771,7 +812,7 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                 break Ok(pass);
             }
         };
-        w.chains = chains;
+        w.burst = Some(burst);
         result
     }
 

@@ -62,6 +62,19 @@ impl<'a, B: BitmapSlice> DescTable<'a, B> {
             .is_multiple_of(std::mem::align_of::<Descriptor>());
         (aligned && slice.len() == desc_table_bytes(size)).then_some(DescTable { slice, size })
     }
+
+    /// Asks for the cache line of descriptor `index` (a hint; an index past the table is
+    /// ignored).
+    pub(super) fn prefetch(&self, index: u16) {
+        if index < self.size {
+            super::prefetch_ptr(
+                self.slice
+                    .ptr_guard()
+                    .as_ptr()
+                    .wrapping_add(usize::from(index) * DESC_SIZE),
+            );
+        }
+    }
 }
 
 /// Why a chain could not be parsed.
@@ -72,7 +85,9 @@ pub(super) enum ChainError {
 }
 
 impl Chain {
-    fn empty(head: u16) -> Chain {
+    /// A chain with no descriptors, the room for the most a chain may have (the worker keeps
+    /// a burst of them and parses into them in place: a chain is a few hundred bytes).
+    pub(super) fn empty(head: u16) -> Chain {
         Chain {
             head,
             segs: [Seg::default(); MAX_SEGMENTS],
@@ -81,6 +96,15 @@ impl Chain {
             read_len: 0,
             write_len: 0,
         }
+    }
+
+    /// Forgets the descriptors, to parse the chain at `head` into this room.
+    fn reset(&mut self, head: u16) {
+        self.head = head;
+        self.n_read = 0;
+        self.n = 0;
+        self.read_len = 0;
+        self.write_len = 0;
     }
 
     /// Appends the next descriptor of the chain.
@@ -105,7 +129,21 @@ impl Chain {
         Ok(())
     }
 
+    /// Parses `chain` into this room (its head included, also on failure).
+    pub(super) fn parse_from<M>(&mut self, chain: DescriptorChain<M>) -> Result<(), ChainError>
+    where
+        M: std::ops::Deref,
+        M::Target: GuestMemory,
+    {
+        self.reset(chain.head_index());
+        for d in chain {
+            self.push(&d)?;
+        }
+        Ok(())
+    }
+
     /// Parses a chain; on failure, returns its head with the reason.
+    #[cfg(test)]
     pub(super) fn parse<M>(chain: DescriptorChain<M>) -> Result<Chain, (u16, ChainError)>
     where
         M: std::ops::Deref,
@@ -113,21 +151,21 @@ impl Chain {
     {
         let head = chain.head_index();
         let mut c = Chain::empty(head);
-        for d in chain {
-            c.push(&d).map_err(|e| (head, e))?;
-        }
+        c.parse_from(chain).map_err(|e| (head, e))?;
         Ok(c)
     }
 
-    /// Parses the chain at `head` straight from `table`, descriptor for descriptor as
-    /// [`Chain::parse`] does through virtio-queue (the same end conditions: an index past the
-    /// table, `size` descriptors, 4 GiB in total), without a region look-up per descriptor.
-    /// `None` when the chain goes through an indirect table: that walk is left to `parse`.
-    pub(super) fn parse_in<B: BitmapSlice>(
+    /// Parses the chain at `head` straight from `table` into this room, descriptor for
+    /// descriptor as [`Chain::parse_from`] does through virtio-queue (the same end conditions:
+    /// an index past the table, `size` descriptors, 4 GiB in total), without a region look-up
+    /// per descriptor. `None` when the chain goes through an indirect table: that walk is left
+    /// to `parse_from`.
+    pub(super) fn parse_in_place<B: BitmapSlice>(
+        &mut self,
         table: &DescTable<'_, B>,
         head: u16,
-    ) -> Option<Result<Chain, (u16, ChainError)>> {
-        let mut c = Chain::empty(head);
+    ) -> Option<Result<(), ChainError>> {
+        self.reset(head);
         let (mut next, mut ttl, mut bytes) = (head, table.size, 0u32);
         while ttl != 0 && next < table.size {
             let d: Descriptor = table
@@ -148,11 +186,11 @@ impl Chain {
             } else {
                 ttl = 0;
             }
-            if let Err(e) = c.push(&d) {
-                return Some(Err((head, e)));
+            if let Err(e) = self.push(&d) {
+                return Some(Err(e));
             }
         }
-        Some(Ok(c))
+        Some(Ok(()))
     }
 
     pub(super) fn readable(&self) -> &[Seg] {
@@ -268,9 +306,22 @@ mod tests {
     /// Random descriptor tables (flags, next indices in and past the table, lengths up to
     /// 4 GiB, loops): every head parses the same read straight from the table as through
     /// virtio-queue's walk, same segments or same error, and the direct walk declines only
-    /// chains that reach an indirect descriptor (those left to virtio-queue).
+    /// chains that reach an indirect descriptor (those left to virtio-queue). The direct walk
+    /// parses into one room over and over, as a worker's burst does.
     #[test]
     fn chains_read_from_the_table_parse_as_virtio_queue_walks_them() {
+        // What a parsed chain says (segments past its end are left over from the last one).
+        let view = |c: &Chain| {
+            format!(
+                "{} {:?} {:?} {} {}",
+                c.head,
+                c.readable(),
+                c.writable(),
+                c.read_len,
+                c.write_len
+            )
+        };
+        let mut room = Chain::empty(0);
         let mem: GuestMemoryMmap =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).expect("guest memory");
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -319,8 +370,10 @@ mod tests {
             let table = DescTable::new(slice, size).expect("aligned");
             for c in q.iter(&mem).expect("ring") {
                 let head = c.head_index();
-                let direct = Chain::parse_in(&table, head);
-                let walked = Chain::parse(c);
+                let direct = room
+                    .parse_in_place(&table, head)
+                    .map(|r| r.map(|()| view(&room)).map_err(|e| (head, e)));
+                let walked = Chain::parse(c).map(|c| view(&c));
                 // What virtio-queue's walk from `head` meets before it ends: an indirect
                 // descriptor, or more than 4 GiB.
                 let (mut i, mut steps, mut indirect, mut over, mut total) =
