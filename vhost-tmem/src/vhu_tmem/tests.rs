@@ -962,6 +962,45 @@ impl<S: Tmem> RingEnv<S> {
         self.publish_head(desc);
     }
 
+    /// Publishes the request of [`RingEnv::publish`] as descriptor `desc`, an indirect one
+    /// naming a table of two (the header, then a 16-byte response at `resp`).
+    fn publish_indirect(&self, desc: u16, resp: u64) {
+        let indirect = MEM_SIZE - 0x1000;
+        let descs = [
+            SplitDescriptor::new(HDR, 48, VRING_DESC_F_NEXT as u16, 1),
+            SplitDescriptor::new(resp, 16, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        for (i, d) in descs.into_iter().enumerate() {
+            self.mem
+                .write_obj(
+                    RawDescriptor::from(d),
+                    GuestAddress(indirect + 16 * i as u64),
+                )
+                .unwrap();
+        }
+        let d = SplitDescriptor::new(indirect, 32, VRING_DESC_F_INDIRECT as u16, 0);
+        self.mem
+            .write_obj(
+                RawDescriptor::from(d),
+                GuestAddress(self.desc + 16 * desc as u64),
+            )
+            .unwrap();
+        self.publish_head(desc);
+    }
+
+    /// Gives the device a call eventfd for queue 1 and returns it, to count notifications.
+    fn call_eventfd(&self) -> vmm_sys_util::eventfd::EventFd {
+        use std::os::fd::FromRawFd;
+        let call =
+            vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        // SAFETY: dup returns a fresh descriptor (checked), owned by nobody else.
+        let fd = unsafe { libc::dup(call.as_raw_fd()) };
+        assert!(fd >= 0);
+        // SAFETY: see above.
+        self.vrings[1].set_call(Some(unsafe { std::fs::File::from_raw_fd(fd) }));
+        call
+    }
+
     fn used_idx(&self) -> u16 {
         self.vrings[1].queue_used_idx().unwrap()
     }
@@ -994,15 +1033,8 @@ impl<S: Tmem> RingEnv<S> {
 /// chain that passes it notifies, and a burst that passes it notifies once.
 #[test]
 fn the_guest_is_notified_when_its_used_event_is_passed() {
-    use std::os::fd::FromRawFd;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     let r = RingEnv::new();
-    let call = EventFd::new(EFD_NONBLOCK).unwrap();
-    // SAFETY: dup returns a fresh descriptor (checked), owned by nobody else.
-    let fd = unsafe { libc::dup(call.as_raw_fd()) };
-    assert!(fd >= 0);
-    // SAFETY: see above.
-    r.vrings[1].set_call(Some(unsafe { std::fs::File::from_raw_fd(fd) }));
+    let call = r.call_eventfd();
     let used_event = |v: u16| {
         r.mem
             .write_obj(u16::to_le(v), GuestAddress(r.avail + 4 + 2 * QSIZE as u64))
@@ -1546,31 +1578,7 @@ fn an_indirect_chain_inside_a_burst_is_taken_at_its_position() {
     // A burst: direct (head 0), indirect (head 2), direct (head 4).
     r.publish(0);
     let resp2 = RESP + 0x100;
-    let indirect = MEM_SIZE - 0x1000;
-    let descs = [
-        SplitDescriptor::new(HDR, 48, VRING_DESC_F_NEXT as u16, 1),
-        SplitDescriptor::new(resp2, 16, VRING_DESC_F_WRITE as u16, 0),
-    ];
-    for (i, d) in descs.into_iter().enumerate() {
-        r.mem
-            .write_obj(
-                RawDescriptor::from(d),
-                GuestAddress(indirect + 16 * i as u64),
-            )
-            .unwrap();
-    }
-    r.mem
-        .write_obj(
-            RawDescriptor::from(SplitDescriptor::new(
-                indirect,
-                32,
-                VRING_DESC_F_INDIRECT as u16,
-                0,
-            )),
-            GuestAddress(r.desc + 16 * 2),
-        )
-        .unwrap();
-    r.publish_head(2);
+    r.publish_indirect(2, resp2);
     r.publish(4);
     r.kick().unwrap();
     assert_eq!(r.used_idx(), 8);
@@ -1609,31 +1617,7 @@ fn an_available_ring_at_address_0_is_not_served() {
     r.publish(0);
     r.kick().unwrap();
     let direct = r.used_idx();
-    let indirect = MEM_SIZE - 0x1000;
-    let descs = [
-        SplitDescriptor::new(HDR, 48, VRING_DESC_F_NEXT as u16, 1),
-        SplitDescriptor::new(RESP, 16, VRING_DESC_F_WRITE as u16, 0),
-    ];
-    for (i, d) in descs.into_iter().enumerate() {
-        r.mem
-            .write_obj(
-                RawDescriptor::from(d),
-                GuestAddress(indirect + 16 * i as u64),
-            )
-            .unwrap();
-    }
-    r.mem
-        .write_obj(
-            RawDescriptor::from(SplitDescriptor::new(
-                indirect,
-                32,
-                VRING_DESC_F_INDIRECT as u16,
-                0,
-            )),
-            GuestAddress(r.desc + 16 * 2),
-        )
-        .unwrap();
-    r.publish_head(2);
+    r.publish_indirect(2, RESP);
     r.kick().unwrap();
     assert_eq!((direct, r.used_idx()), (0, 0));
 }
@@ -1642,8 +1626,6 @@ fn an_available_ring_at_address_0_is_not_served() {
 /// returns are counted for the notification all the same.
 #[test]
 fn the_guest_is_notified_when_its_used_ring_crosses_regions() {
-    use std::os::fd::FromRawFd;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     let mem: Mem = GuestMemoryMmap::from_ranges(&[
         (GuestAddress(0), 0x1800),
         (GuestAddress(0x1800), MEM_SIZE as usize - 0x1800),
@@ -1651,12 +1633,7 @@ fn the_guest_is_notified_when_its_used_ring_crosses_regions() {
     .unwrap();
     let r = RingEnv::with_device(mem, env().dev);
     assert!(r.used < 0x1800 && r.used + 6 + 8 * QSIZE as u64 > 0x1800);
-    let call = EventFd::new(EFD_NONBLOCK).unwrap();
-    // SAFETY: dup returns a fresh descriptor (checked), owned by nobody else.
-    let fd = unsafe { libc::dup(call.as_raw_fd()) };
-    assert!(fd >= 0);
-    // SAFETY: see above.
-    r.vrings[1].set_call(Some(unsafe { std::fs::File::from_raw_fd(fd) }));
+    let call = r.call_eventfd();
     r.mem
         .write_obj(u16::to_le(0), GuestAddress(r.avail + 4 + 2 * QSIZE as u64))
         .unwrap();
