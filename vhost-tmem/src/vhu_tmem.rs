@@ -212,9 +212,13 @@ fn prefetch_page(p: *const u8) {
 /// Asks the CPU to start loading the cache line of guest address `addr`, if it is in guest
 /// memory. A hint only: it never faults and changes no state the program can observe.
 fn prefetch<B: GuestBitmap>(mem: &Mem<B>, addr: u64) {
+    // Where prefetch_ptr does nothing, neither does the look-up.
+    #[cfg(target_arch = "x86_64")]
     if let Ok(p) = mem.get_host_address(GuestAddress(addr)) {
         prefetch_ptr(p);
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (mem, addr);
 }
 
 /// Asks the CPU to start loading the cache line at `p`. A hint only: it never faults and
