@@ -282,16 +282,18 @@ impl Burst {
     }
 }
 
-/// Takes up to [`BURST`] chains from the available ring into `burst`, reading the ring and
-/// the descriptors straight from their slices, with virtio-queue's checks: an index more than
-/// a queue ahead or a head past the queue breaks the queue (the chains before it are still
-/// served). A chain that reaches an indirect table is walked by virtio-queue: the queue is
-/// set back to its position for one step of its iterator.
-fn take_direct<B: GuestBitmap, S: BitmapSlice>(
+/// Takes up to [`BURST`] chains from the available ring into `burst`, reading the ring
+/// straight from its slice, with virtio-queue's checks: an index more than a queue ahead or a
+/// head past the queue breaks the queue (the chains before it are still served). Descriptors
+/// are read straight from the table `table()` gives, when there are chains and it is one
+/// slice; a chain that reaches an indirect table, or every chain when the table is not one
+/// slice, is walked by virtio-queue: the queue is set back to the chain's position for one
+/// step of its iterator.
+fn take_direct<'m, B: GuestBitmap, S: BitmapSlice>(
     queue: &mut Queue,
     mem: &Mem<B>,
     rings: &Rings<'_, S>,
-    table: &DescTable<'_, S>,
+    table: impl FnOnce() -> Option<DescTable<'m, S>>,
     burst: &mut Burst,
 ) -> Option<Broken> {
     let size = queue.size();
@@ -312,6 +314,10 @@ fn take_direct<B: GuestBitmap, S: BitmapSlice>(
             &virtio_queue::Error::InvalidAvailRingIndex,
         )));
     }
+    if pending == 0 {
+        return None;
+    }
+    let table = table();
     let mut heads = [0u16; BURST];
     let mut n = 0;
     // Where the ring stands after this burst: past the chains taken, and past a head out of
@@ -332,18 +338,21 @@ fn take_direct<B: GuestBitmap, S: BitmapSlice>(
             (bad, end) = (Some(Broken::HeadOutOfRange(h)), Some(pos.wrapping_add(1)));
             break;
         }
-        table.prefetch(h);
+        match &table {
+            Some(t) => t.prefetch(h),
+            None => prefetch(mem, queue.desc_table().wrapping_add(16 * u64::from(h))),
+        }
         *slot = h;
         n += 1;
     }
     let end = end.unwrap_or(start.wrapping_add(n as u16));
     for (k, &head) in heads[..n].iter().enumerate() {
         let chain = burst.next();
-        let parsed = match chain.parse_in_place(table, head) {
+        let parsed = match table.as_ref().and_then(|t| chain.parse_in_place(t, head)) {
             Some(r) => r,
             None => {
-                // An indirect chain: virtio-queue walks it, one step of its iterator from
-                // this chain's position. The iterator reads the entry again; a driver that
+                // An indirect chain, or a table across regions: virtio-queue walks it, one
+                // step of its iterator from this chain's position. The iterator reads the entry again; a driver that
                 // changed it meanwhile (none does) gets what the entry says now, checked.
                 let at = start.wrapping_add(k as u16);
                 queue.set_next_avail(at);
@@ -742,17 +751,19 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                 .ok()
                 .zip(used.ok())
                 .and_then(|(a, u)| Rings::new(a, u, size));
-            let table = mem
-                .get_slice(GuestAddress(desc_table), desc_table_bytes(size))
-                .ok()
-                .and_then(|s| DescTable::new(s, size));
+            // Looked up only when there are chains to read (most polling passes find none).
+            let table = || {
+                mem.get_slice(GuestAddress(desc_table), desc_table_bytes(size))
+                    .ok()
+                    .and_then(|s| DescTable::new(s, size))
+            };
             let mut bad = None;
             burst.n = 0;
-            match (&rings, &table) {
-                (Some(r), Some(t)) => {
-                    bad = take_direct(queue, &mem, r, t, &mut burst);
+            match &rings {
+                Some(r) => {
+                    bad = take_direct(queue, &mem, r, table, &mut burst);
                 }
-                _ => {
+                None => {
                     let mut raw: [Option<DescriptorChain<&Mem<B>>>; BURST] = Default::default();
                     let mut n = 0;
                     match queue.iter(&*mem) {
@@ -771,6 +782,7 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                         }
                         Err(e) => bad = Some(Broken::AvailRing(queue_error(&e))),
                     }
+                    let table = if n > 0 { table() } else { None };
                     for c in raw[..n].iter_mut().filter_map(Option::take) {
                         let chain = burst.next();
                         let fast = table

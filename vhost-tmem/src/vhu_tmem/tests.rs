@@ -430,9 +430,10 @@ fn bursts_serve_every_chain_in_order() {
 }
 
 /// Chains the worker does not read straight from the descriptor table still go through
-/// virtio-queue: a put through an indirect table, and every chain when the table, the
-/// available ring or the used ring lies across two memory regions (the rings then go through
-/// virtio-queue too). The get after the put returns its page.
+/// virtio-queue: a put through an indirect table, and every chain when the table (walked by
+/// virtio-queue from each chain's position), the available ring or the used ring (the rings
+/// then go through virtio-queue too) lies across two memory regions. The get after the put
+/// returns its page.
 #[test]
 fn chains_off_the_direct_table_path_are_served_too() {
     // (where the queue starts, where a second region starts): a 256-entry queue at 0x800 has
