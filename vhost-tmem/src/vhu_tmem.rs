@@ -352,8 +352,9 @@ fn take_direct<'m, B: GuestBitmap, S: BitmapSlice>(
             Some(r) => r,
             None => {
                 // An indirect chain, or a table across regions: virtio-queue walks it, one
-                // step of its iterator from this chain's position. The iterator reads the entry again; a driver that
-                // changed it meanwhile (none does) gets what the entry says now, checked.
+                // step of its iterator from this chain's position. The iterator reads the
+                // entry again; a driver that changed it meanwhile (none does) gets what the
+                // entry says now, checked.
                 let at = start.wrapping_add(k as u16);
                 queue.set_next_avail(at);
                 let Some(c) = queue.iter(mem).ok().and_then(|mut it| it.next()) else {
