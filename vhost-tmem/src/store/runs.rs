@@ -566,10 +566,8 @@ impl Runs {
     }
 
     pub(super) fn get_mut(&mut self, key: &RunKey) -> Option<&mut Run> {
-        Some(match self.locate(key)? {
-            Loc::One(i) => &mut self.ones[i].data,
-            Loc::Node(_, i) => &mut self.many[i].data,
-        })
+        let loc = self.locate(key)?;
+        Some(self.run_at(loc))
     }
 
     /// Repoints `index`'s entry `from` (for object `oid`) to `to`.

@@ -264,43 +264,30 @@ mod tests {
         let mem: GuestMemoryMmap =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).expect("guest memory");
         let s = |a: u64, n: usize| mem.get_slice(GuestAddress(a), n).expect("slice");
-        let size = 8;
-        assert!(Rings::new(
-            s(0x100, avail_ring_bytes(size)),
-            s(0x200, used_ring_bytes(size)),
-            size
-        )
-        .is_some());
-        assert!(Rings::new(
-            s(0x100, avail_ring_bytes(size) - 1),
-            s(0x200, used_ring_bytes(size)),
-            size
-        )
-        .is_none());
-        assert!(Rings::new(
-            s(0x100, avail_ring_bytes(size)),
-            s(0x200, used_ring_bytes(size) - 2),
-            size
-        )
-        .is_none());
-        assert!(Rings::new(
-            s(0x101, avail_ring_bytes(size)),
-            s(0x200, used_ring_bytes(size)),
-            size
-        )
-        .is_none());
-        assert!(Rings::new(
-            s(0x100, avail_ring_bytes(size)),
-            s(0x202, used_ring_bytes(size)),
-            size
-        )
-        .is_none());
-        assert!(Rings::new(
-            s(0x100, avail_ring_bytes(0)),
-            s(0x200, used_ring_bytes(0)),
-            0
-        )
-        .is_none());
+        let (a, u) = (avail_ring_bytes(8), used_ring_bytes(8));
+        // (available ring at, its length, used ring at, its length, queue size, direct)
+        for (at_a, len_a, at_u, len_u, size, direct) in [
+            (0x100, a, 0x200, u, 8, true),
+            (0x100, a - 1, 0x200, u, 8, false),
+            (0x100, a, 0x200, u - 2, 8, false),
+            (0x101, a, 0x200, u, 8, false),
+            (0x100, a, 0x202, u, 8, false),
+            (
+                0x100,
+                avail_ring_bytes(0),
+                0x200,
+                used_ring_bytes(0),
+                0,
+                false,
+            ),
+        ] {
+            let r = Rings::new(s(at_a, len_a), s(at_u, len_u), size);
+            assert_eq!(
+                r.is_some(),
+                direct,
+                "{at_a:#x} {len_a} {at_u:#x} {len_u} {size}"
+            );
+        }
     }
 
     /// The used ring's entry and index written through the slice are marked dirty for live
