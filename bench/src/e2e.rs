@@ -57,6 +57,8 @@ pub struct RoundFigures {
 pub struct Pair {
     pub e2e: RoundFigures,
     pub in_process: RoundFigures,
+    /// A cache line's round trip between the two CPUs just before the end-to-end round.
+    pub round_trip_ns: Option<u64>,
 }
 
 /// Which figures alternate with in-process rounds, and how: after each of their `rounds` timed
@@ -67,6 +69,9 @@ pub struct Pairing<'a> {
     pub rounds: usize,
     pub in_process: &'a mut dyn FnMut() -> Result<[RoundFigures; 2], crate::store::Error>,
 }
+
+/// Round trips of the line probed before each paired round: a few milliseconds.
+const PAIR_ROUND_TRIPS: u32 = 20_000;
 
 /// Most request queues the daemon offers in these runs.
 pub const MAX_QUEUES: usize = 2;
@@ -126,6 +131,13 @@ pub fn run(
             // unread, as a guest's driver does (the device writes into the guest's page).
             for round in 0..=rounds {
                 let check = round == 0;
+                // Where the host runs the two vCPUs can change within a run, and it moves the
+                // end-to-end figures (see probe.rs): each pair carries it.
+                let round_trip_ns = if paired.is_some() && !check {
+                    crate::probe::line_round_trip_ns(PAIR_ROUND_TRIPS)
+                } else {
+                    None
+                };
                 let n = corpus.len() as u64;
                 let (h, secs, bad) = phase(&mut g, &qs, depth, corpus, false, |i| Req::PutFrame {
                     pool,
@@ -158,10 +170,12 @@ pub fn run(
                         put_pairs.push(Pair {
                             e2e: put_round,
                             in_process: ip_put,
+                            round_trip_ns,
                         });
                         get_pairs.push(Pair {
                             e2e: get_round,
                             in_process: ip_get,
+                            round_trip_ns,
                         });
                     }
                 }

@@ -84,6 +84,15 @@ const COMPRESSORS: [Compressor; 4] = [
     Compressor::Zstd(1),
 ];
 
+/// The probe's figure of each pair, or none if any pair lacks it (one CPU).
+fn round_trips_of(pairs: &[e2e::Pair]) -> Vec<u64> {
+    pairs
+        .iter()
+        .map(|p| p.round_trip_ns)
+        .collect::<Option<Vec<u64>>>()
+        .unwrap_or_default()
+}
+
 /// The machine's description; `round_trips`: see [`Machine::cross_cpu_round_trip_ns`].
 fn machine(cores: usize, round_trips: Vec<u64>) -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -369,13 +378,16 @@ fn run(args: &Args) -> Result<Report, Error> {
                     .iter()
                     .map(|p| (p.e2e.p50_ns / 1000.0, p.in_process.p50_ns / 1000.0))
                     .unzip();
-                paired_rows.push(PairedRatio::difference(
-                    &c.to_string(),
-                    "mixed",
-                    &report::qd1_what(r.op),
-                    &a,
-                    &b,
-                ));
+                paired_rows.push(
+                    PairedRatio::difference(
+                        &c.to_string(),
+                        "mixed",
+                        &report::qd1_what(r.op),
+                        &a,
+                        &b,
+                    )
+                    .with_round_trips(round_trips_of(&r.pairs)),
+                );
             }
             let mut ratio = if r.pairs.is_empty() || r.depth == 1 {
                 let base = engine_rows.iter().find(|e| {
@@ -393,7 +405,8 @@ fn run(args: &Args) -> Result<Report, Error> {
                     .iter()
                     .map(|p| (p.e2e.ops_per_s, p.in_process.ops_per_s))
                     .unzip();
-                let p = PairedRatio::new(&c.to_string(), "mixed", &report::e2e_what(r.op), &a, &b);
+                let p = PairedRatio::new(&c.to_string(), "mixed", &report::e2e_what(r.op), &a, &b)
+                    .with_round_trips(round_trips_of(&r.pairs));
                 let m = p.median;
                 paired_rows.push(p);
                 m

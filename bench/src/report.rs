@@ -202,6 +202,11 @@ pub struct PairedRatio {
     pub min: f64,
     /// One ratio per pair, in the order measured.
     pub per_pair: Vec<f64>,
+    /// End to end only: per pair, a cache line's round trip between the two CPUs measured
+    /// just before its end-to-end round (see probe.rs), so that a pair's value can be read
+    /// with where the host ran the vCPUs at the time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub round_trip_ns: Vec<u64>,
     /// What over what, e.g. `put p50 / compress p50`.
     pub what: String,
 }
@@ -228,8 +233,15 @@ impl PairedRatio {
             median: stats::round3(stats::median(&v)),
             min: stats::round3(min),
             per_pair: v.into_iter().map(stats::round3).collect(),
+            round_trip_ns: Vec::new(),
             what: what.into(),
         }
+    }
+
+    /// With the round trip measured before each pair's end-to-end round.
+    pub fn with_round_trips(mut self, round_trip_ns: Vec<u64>) -> Self {
+        self.round_trip_ns = round_trip_ns;
+        self
     }
 }
 
@@ -249,6 +261,9 @@ pub struct Target {
     pub min: f64,
     /// The per-pair values; empty for a counted figure (memory, sizes).
     pub per_pair: Vec<f64>,
+    /// End to end only: see [`PairedRatio::round_trip_ns`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub round_trip_ns: Vec<u64>,
     pub target: String,
 }
 
@@ -316,6 +331,7 @@ pub fn targets(r: &Report) -> Vec<Target> {
                 min: p.min,
                 max: p.max,
                 per_pair: p.per_pair,
+                round_trip_ns: p.round_trip_ns,
                 bound,
                 kind: if at_most { "at most" } else { "at least" }.to_string(),
                 met,
@@ -333,6 +349,7 @@ pub fn targets(r: &Report) -> Vec<Target> {
             median: v,
             min: v,
             per_pair: Vec::new(),
+            round_trip_ns: Vec::new(),
             what: String::new(),
         })
     };
@@ -529,6 +546,17 @@ fn machine_line(r: &Report) -> String {
              {b} ns after"
         ),
         v => format!(", a cache line between two CPUs and back {v:?} ns"),
+    };
+    // The host may move the vCPUs during the run: the range over the end-to-end pairs of the
+    // targets shows whether it did while they were measured.
+    let paired: Vec<u64> = r
+        .targets
+        .iter()
+        .flat_map(|t| t.round_trip_ns.iter().copied())
+        .collect();
+    let trips = match (paired.iter().min(), paired.iter().max()) {
+        (Some(lo), Some(hi)) => format!("{trips} ({lo}-{hi} ns before the paired rounds)"),
+        _ => trips,
     };
     format!(
         "{} ({} cores, {:.0} GiB), Linux {}, timer overhead {} ns{trips}; {} run",
@@ -1168,13 +1196,23 @@ mod tests {
             },
             metadata_bytes_per_page: 29.5,
             mode: "quick".into(),
-            paired: vec![PairedRatio::new(
-                "lz4",
-                "mixed",
-                "put p50 / compress p50",
-                &[1100.0, 990.0, 2000.0],
-                &[1000.0, 900.0, 1000.0],
-            )],
+            paired: vec![
+                PairedRatio::new(
+                    "lz4",
+                    "mixed",
+                    "put p50 / compress p50",
+                    &[1100.0, 990.0, 2000.0],
+                    &[1000.0, 900.0, 1000.0],
+                ),
+                PairedRatio::difference(
+                    "lz4",
+                    "mixed",
+                    &qd1_what("get"),
+                    &[3.0, 3.1, 5.0],
+                    &[2.0, 2.0, 2.0],
+                )
+                .with_round_trips(vec![88, 340, 90]),
+            ],
             rss_bytes_per_stored_page: 1800.0,
             seconds: 5,
             targets: Vec::new(),
@@ -1280,6 +1318,14 @@ mod tests {
             c.contains("90 ns before the end-to-end rows and 360 ns after"),
             "{c}"
         );
+        // And what it cost just before the end-to-end rounds that the targets judge.
+        let qd1 = r
+            .targets
+            .iter()
+            .find(|t| t.target.contains("QD 1"))
+            .unwrap();
+        assert_eq!(qd1.round_trip_ns, [88, 340, 90]);
+        assert!(c.contains("(88-340 ns before the paired rounds)"), "{c}");
     }
 
     /// report.json keeps its layout: keys in sorted order at every level, as it had when it
