@@ -825,6 +825,24 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                 self.mark_broken_in(index, queue, why, before);
                 break Err(why);
             }
+            // Decided and signalled before this burst lets go of the ring: GET_VRING_BASE
+            // waits for it, stops the ring and drops the call eventfd, so a signal after the
+            // release could find none, and the guest would wait for chains it has back.
+            if n > 0 {
+                match self.needs_signal(queue, &mem, w, i) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        if let Err(e) = state.signal_used_queue() {
+                            self.warn(format_args!("cannot signal queue {index}: {e}"));
+                        }
+                    }
+                    Err(_) => {
+                        let queue = state.get_queue();
+                        self.mark_broken_in(index, queue, Broken::Notification, before);
+                        break Err(Broken::Notification);
+                    }
+                }
+            }
             if n == 0 || self.stopping.load(Relaxed) {
                 break Ok(pass);
             }
@@ -1394,10 +1412,8 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
             if pass == Pass::Stopped {
                 return Ok(());
             }
+            // Served chains were signalled as their burst returned them (see process_queue).
             let mut used = pass == Pass::Served;
-            if used {
-                self.signal(vring, queue, w)?;
-            }
             // After a burst, poll briefly before sleeping: a driver with requests in flight
             // refills the ring within microseconds, and a wakeup costs more than that.
             let poll = self.cfg.poll;
@@ -1405,10 +1421,7 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
             while used && !control && !poll.is_zero() && !self.stopping.load(Relaxed) {
                 std::hint::spin_loop();
                 match self.process_queue(vring, queue, control, w)? {
-                    Pass::Served => {
-                        self.signal(vring, queue, w)?;
-                        deadline = Instant::now() + poll;
-                    }
+                    Pass::Served => deadline = Instant::now() + poll,
                     Pass::Stopped => return Ok(()),
                     Pass::Empty if Instant::now() >= deadline => used = false,
                     Pass::Empty => {}
@@ -1470,50 +1483,40 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
         })
     }
 
-    /// Signals the guest if it asked for it. A call eventfd that cannot be written is the
-    /// frontend's problem, not the ring's: logged, and serving goes on.
-    /// The decision is `Queue::needs_notification`'s on the worker's count of chains returned
-    /// since the last one (see `WorkerState::unsignalled`).
-    fn signal(
+    /// Whether the guest asked to be signalled for the chains returned since the last
+    /// decision: `Queue::needs_notification`'s test on the worker's count of them (see
+    /// `WorkerState::unsignalled`). The count is kept if the decision fails.
+    fn needs_signal(
         &self,
-        vring: &Vring<B>,
-        queue: u16,
+        q: &Queue,
+        m: &Mem<B>,
         w: &mut WorkerState<S::Worker>,
-    ) -> Result<(), Broken> {
+        i: usize,
+    ) -> Result<bool, virtio_queue::Error> {
         // A queue without a count (none: every queue the worker serves has one) notifies.
-        let i = queue as usize;
         let added = w.unsignalled.get_mut(i).map_or(u64::MAX, std::mem::take);
-        let notify = self.ring_op(vring, |q, m| {
-            // The used ring's writes complete before used_event is read.
-            fence(SeqCst);
-            if !q.event_idx_enabled() {
-                return Ok(true);
-            }
-            let at = q
-                .avail_ring()
-                .checked_add(used_event_offset(q.size()))
-                .ok_or(virtio_queue::Error::AddressOverflow)?;
-            let used_event = m
-                .load::<u16>(GuestAddress(at), Relaxed)
-                .map_err(virtio_queue::Error::GuestMemory)?;
-            Ok(needs_notification(
-                q.next_used(),
-                u16::from_le(used_event),
-                added,
-            ))
-        });
-        if notify.is_err() {
-            // Kept for the next decision, should the queue be repaired.
-            if let Some(u) = w.unsignalled.get_mut(i) {
-                *u = added;
+        // The used ring's writes complete before used_event is read.
+        fence(SeqCst);
+        if !q.event_idx_enabled() {
+            return Ok(true);
+        }
+        let used_event = q
+            .avail_ring()
+            .checked_add(used_event_offset(q.size()))
+            .ok_or(virtio_queue::Error::AddressOverflow)
+            .and_then(|at| {
+                m.load::<u16>(GuestAddress(at), Relaxed)
+                    .map_err(virtio_queue::Error::GuestMemory)
+            });
+        match used_event {
+            Ok(e) => Ok(needs_notification(q.next_used(), u16::from_le(e), added)),
+            Err(e) => {
+                if let Some(u) = w.unsignalled.get_mut(i) {
+                    *u = added;
+                }
+                Err(e)
             }
         }
-        if self.notification(vring, queue, notify)? {
-            if let Err(e) = vring.signal_used_queue() {
-                self.warn(format_args!("cannot signal queue {queue}: {e}"));
-            }
-        }
-        Ok(())
     }
 }
 

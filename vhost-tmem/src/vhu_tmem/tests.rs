@@ -1065,6 +1065,32 @@ fn the_guest_is_notified_when_its_used_event_is_passed() {
     assert_eq!((r.used_idx(), calls()), (7, 0));
 }
 
+/// GET_VRING_BASE stops a ring as soon as the worker lets go of it and then drops its call
+/// eventfd (vhost-user-backend's handler). The chains a pass returned are signalled before
+/// then: a signal left for after the pass found no eventfd, and a guest that waits for them
+/// (one swap-in, nothing else in flight) hung across a migration or reconnection.
+#[test]
+fn chains_returned_are_signalled_before_the_ring_can_be_stopped() {
+    let r = RingEnv::new();
+    let call = r.call_eventfd();
+    // used_event 0: the first chain returned passes it.
+    r.publish(0);
+    let pass = {
+        let mut w = r.dev.workers[0].lock();
+        r.dev.process_queue(&r.vrings[1], 1, false, &mut w)
+    };
+    assert_eq!(pass.unwrap(), Pass::Served);
+    // What GET_VRING_BASE does right after the pass.
+    r.vrings[1].set_queue_ready(false);
+    r.vrings[1].set_call(None);
+    assert_eq!(r.used_idx(), 1);
+    assert_eq!(
+        call.read().unwrap_or(0),
+        1,
+        "a chain returned to a ring about to be stopped was not signalled"
+    );
+}
+
 /// A driver that moves the available index more than a queue size ahead puts the ring in an
 /// impossible state: the queue is broken (not served, no spinning) until the frontend restarts
 /// it, and the worker returns.
