@@ -796,6 +796,7 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                 }
             }
             let n = burst.n;
+            let mut returned_now = 0;
             for (c, error) in burst.chains[..n].iter().zip(&burst.errors) {
                 let len = match error {
                     None => self.serve_chain(&mem, c, control, w),
@@ -819,16 +820,14 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                 if let Some(u) = w.unsignalled.get_mut(i) {
                     *u = u.saturating_add(1);
                 }
+                returned_now += 1;
                 pass = Pass::Served;
-            }
-            if let Some(why) = bad {
-                self.mark_broken_in(index, queue, why, before);
-                break Err(why);
             }
             // Decided and signalled before this burst lets go of the ring: GET_VRING_BASE
             // waits for it, stops the ring and drops the call eventfd, so a signal after the
-            // release could find none, and the guest would wait for chains it has back.
-            if n > 0 {
+            // release could find none, and the guest would wait for chains it has back. The
+            // chains returned before a bad entry too: the queue stays broken until a restart.
+            if returned_now > 0 {
                 match self.needs_signal(queue, &mem, w, i) {
                     Ok(false) => {}
                     Ok(true) => {
@@ -837,11 +836,15 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                         }
                     }
                     Err(_) => {
-                        let queue = state.get_queue();
-                        self.mark_broken_in(index, queue, Broken::Notification, before);
-                        break Err(Broken::Notification);
+                        let why = bad.unwrap_or(Broken::Notification);
+                        self.mark_broken_in(index, state.get_queue(), why, before);
+                        break Err(why);
                     }
                 }
+            }
+            if let Some(why) = bad {
+                self.mark_broken_in(index, state.get_queue(), why, before);
+                break Err(why);
             }
             if n == 0 || self.stopping.load(Relaxed) {
                 break Ok(pass);

@@ -1071,24 +1071,56 @@ fn the_guest_is_notified_when_its_used_event_is_passed() {
 /// (one swap-in, nothing else in flight) hung across a migration or reconnection.
 #[test]
 fn chains_returned_are_signalled_before_the_ring_can_be_stopped() {
+    for event_idx in [true, false] {
+        let r = RingEnv::new();
+        r.dev.set_event_idx(event_idx);
+        r.vrings[1].set_queue_event_idx(event_idx);
+        let call = r.call_eventfd();
+        // The first chain returned passes used_event 0.
+        r.mem
+            .write_obj(0u16, GuestAddress(r.avail + 4 + 2 * QSIZE as u64))
+            .unwrap();
+        r.publish(0);
+        let pass = {
+            let mut w = r.dev.workers[0].lock();
+            r.dev.process_queue(&r.vrings[1], 1, false, &mut w)
+        };
+        assert_eq!(pass.unwrap(), Pass::Served);
+        // What GET_VRING_BASE does right after the pass.
+        r.vrings[1].set_queue_ready(false);
+        r.vrings[1].set_call(None);
+        assert_eq!(r.used_idx(), 1);
+        assert_eq!(
+            call.read().unwrap_or(0),
+            1,
+            "a chain returned to a ring about to be stopped was not signalled \
+             (EVENT_IDX {event_idx})"
+        );
+    }
+}
+
+/// A pass of two bursts decides once per burst, each on the chains that burst returned: a
+/// used_event passed in the first burst notifies once (not again for the second), one passed
+/// only in the second notifies once too.
+#[test]
+fn a_pass_of_two_bursts_notifies_once_for_a_used_event_in_either() {
     let r = RingEnv::new();
     let call = r.call_eventfd();
-    // used_event 0: the first chain returned passes it.
-    r.publish(0);
-    let pass = {
-        let mut w = r.dev.workers[0].lock();
-        r.dev.process_queue(&r.vrings[1], 1, false, &mut w)
-    };
-    assert_eq!(pass.unwrap(), Pass::Served);
-    // What GET_VRING_BASE does right after the pass.
-    r.vrings[1].set_queue_ready(false);
-    r.vrings[1].set_call(None);
-    assert_eq!(r.used_idx(), 1);
-    assert_eq!(
-        call.read().unwrap_or(0),
-        1,
-        "a chain returned to a ring about to be stopped was not signalled"
-    );
+    let n = BURST as u16 + 9;
+    for (used_event, start) in [(5, 0), (n + BURST as u16 + 3, n)] {
+        r.mem
+            .write_obj(used_event, GuestAddress(r.avail + 4 + 2 * QSIZE as u64))
+            .unwrap();
+        for k in 0..n {
+            r.publish(2 * k);
+        }
+        r.kick().unwrap();
+        assert_eq!(
+            (r.used_idx(), call.read().unwrap_or(0)),
+            (start + n, 1),
+            "used_event {used_event}"
+        );
+    }
 }
 
 /// A driver that moves the available index more than a queue size ahead puts the ring in an
@@ -1306,11 +1338,18 @@ fn a_stopped_worker_returns_after_its_burst_however_full_the_ring() {
 #[test]
 fn head_index_beyond_the_queue_breaks_the_queue() {
     let r = RingEnv::new();
+    let call = r.call_eventfd();
     r.publish(0);
     r.publish_head(QSIZE + 44);
     r.publish(2);
     r.kick().expect("the worker failed (its thread would end)");
     assert_eq!(r.used_idx(), 1);
+    // The chain before the bad head is the guest's again, and it is told so (used_event 0).
+    assert_eq!(
+        call.read().unwrap_or(0),
+        1,
+        "the chain served was not signalled"
+    );
     // The ring stands past the bad head (what GET_VRING_BASE reports), not past the chain
     // after it, which is not served.
     assert_eq!(r.vrings[1].queue_next_avail(), 2);
