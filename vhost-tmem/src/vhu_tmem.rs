@@ -827,6 +827,14 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
             // waits for it, stops the ring and drops the call eventfd, so a signal after the
             // release could find none, and the guest would wait for chains it has back. The
             // chains returned before a bad entry too: the queue stays broken until a restart.
+            // Nothing more available: the pass ends here, after the decision below, rather
+            // than in an empty burst of its own (a lock cycle more per pass: 4 % on QD 1 gets).
+            let drained = returned_now > 0
+                && bad.is_none()
+                && match &rings {
+                    Some(r) => r.avail_idx(),
+                    None => queue.avail_idx(&*mem, Acquire).ok().map(|w| w.0),
+                } == Some(queue.next_avail());
             if returned_now > 0 {
                 match self.needs_signal(queue, &mem, w, i) {
                     Ok(false) => {}
@@ -846,7 +854,7 @@ impl<S: Tmem, B: GuestBitmap> TmemDevice<S, B> {
                 self.mark_broken_in(index, state.get_queue(), why, before);
                 break Err(why);
             }
-            if n == 0 || self.stopping.load(Relaxed) {
+            if drained || n == 0 || self.stopping.load(Relaxed) {
                 break Ok(pass);
             }
         };
